@@ -1,0 +1,91 @@
+"""The agent: a bundle, a source and a link, run until the source ends or it is told to stop."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from edge_agent.bundle import Bundle
+from edge_agent.config import AgentConfig
+from edge_agent.link import DeviceLink
+from edge_agent.model import LoadedModel
+from edge_agent.outbox import Outbox
+from edge_agent.pipeline import run_pipeline
+from edge_agent.sources import NpzReplay
+from edge_agent.telemetry import PipelineStats, device_health
+
+__all__ = ["Agent", "AgentReport"]
+
+log = logging.getLogger("medge.agent")
+
+
+@dataclass(frozen=True)
+class AgentReport:
+    device: str
+    sent: int
+    acked: int
+    pending: int
+    errors: dict[str, int]
+
+
+class Agent:
+    """Loads and verifies everything up front: a bad bundle stops it before it starts."""
+
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.bundle = Bundle.load(cfg.bundle)
+        self.model = LoadedModel(self.bundle, cfg.runtime, cfg.threads)
+        s = cfg.source
+        self.source = NpzReplay(s.path, s.split, s.rate_hz, s.loop, s.limit)
+        self.stats = PipelineStats()
+        self.sent = 0
+        self._link: DeviceLink | None = None
+
+    def run(self, stop: threading.Event, drain_timeout: float = 10.0) -> AgentReport:
+        """Stream until the source ends or ``stop`` is set, then wait for acks to drain."""
+        cfg = self.cfg
+        with Outbox(cfg.outbox.path, cfg.site, cfg.device) as outbox, DeviceLink(
+            outbox, cfg.broker.host, cfg.broker.port, cfg.broker.protocol, cfg.broker.keepalive,
+            cfg.outbox.resend_after_s, self.bundle.id,
+        ) as link:
+            self._link = link
+            done = threading.Event()
+            ticker = threading.Thread(
+                target=self._telemetry_loop, args=(link, outbox, done), daemon=True,
+                name=f"telemetry-{cfg.device}",
+            )
+            ticker.start()
+
+            def emit(kind: str, body: dict[str, Any]) -> None:
+                outbox.put(kind, body)
+                self.sent += 1
+                link.notify()
+
+            log.info("%s: running %s on %s", cfg.device, self.bundle.id, self.source.name)
+            run_pipeline(self.source.stream(stop), self.model, emit, self.stats)
+            drained = link.drain(drain_timeout)
+            if not drained:
+                log.warning("%s: %d result(s) not yet acknowledged; they stay in the outbox",
+                            cfg.device, outbox.depth())
+            done.set()
+            ticker.join(timeout=2)
+            self._publish_telemetry(link, outbox)
+            return AgentReport(cfg.device, self.sent, link.acked, outbox.depth(),
+                               dict(self.stats.errors))
+
+    def telemetry(self, outbox: Outbox) -> dict[str, Any]:
+        body = self.stats.snapshot()
+        body.update(device_health())
+        body["outbox_depth"] = outbox.depth()
+        body["sent"] = self.sent
+        body["bundle"] = self.bundle.id
+        return body
+
+    def _publish_telemetry(self, link: DeviceLink, outbox: Outbox) -> None:
+        link.publish_direct("telemetry", self.telemetry(outbox))
+
+    def _telemetry_loop(self, link: DeviceLink, outbox: Outbox, done: threading.Event) -> None:
+        while not done.wait(self.cfg.telemetry_interval_s):
+            self._publish_telemetry(link, outbox)

@@ -1,0 +1,240 @@
+"""The bundle: one directory holding everything a device needs to run a model, and nothing else.
+
+The format has one definition, here; the converter writes it and the agent reads it.
+See docs/bundle.md. A device refuses a bundle whose schema major version, hashes or file list
+do not check out, and says which.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edge_agent.errors import BundleError
+
+__all__ = [
+    "MANIFEST_NAME",
+    "SCHEMA_VERSION",
+    "Artifact",
+    "Bundle",
+    "Decode",
+    "FileEntry",
+    "Manifest",
+    "Preprocess",
+    "Provenance",
+    "Quantization",
+    "TensorSpec",
+    "file_entry",
+    "write_manifest",
+]
+
+SCHEMA_VERSION = "1.0"
+MANIFEST_NAME = "manifest.json"
+
+DType = Literal["float32", "float16", "int8", "uint8", "int16", "int32"]
+
+
+class _Model(BaseModel):
+    # Minor schema versions only add optional fields; an older agent ignores what it does not know.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Quantization(_Model):
+    """Affine quantization of a tensor: real = scale * (q - zero_point)."""
+
+    scale: float = Field(gt=0, description="Real value of one quantization step.")
+    zero_point: int = Field(description="Integer that represents real 0.")
+
+
+class TensorSpec(_Model):
+    """One model input or output as the artifact sees it."""
+
+    name: str
+    shape: list[int] = Field(description="Shape including the batch axis, e.g. [1, 28, 28, 1].")
+    dtype: DType
+    layout: str | None = Field(default=None, description="Axis names, e.g. NHWC or NTC.")
+    quantization: Quantization | None = None
+
+
+class Preprocess(_Model):
+    """How a raw sample becomes the model's real-valued input (before quantization).
+
+    kinds: ``none`` (cast to float32), ``scale01`` (x / 255), ``zscore`` (per window, per
+    channel over the time axis), ``mean_std`` (fixed per-channel (x - mean) / std).
+    """
+
+    kind: Literal["none", "scale01", "zscore", "mean_std"]
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+
+class Decode(_Model):
+    """How the model's output becomes a result."""
+
+    kind: Literal["classification"] = "classification"
+    activation: Literal["softmax", "sigmoid", "none"] = Field(
+        default="softmax", description="What the model's last layer already applied."
+    )
+    threshold: float | None = Field(
+        default=None,
+        description="For two classes: the positive class is predicted when its score >= threshold.",
+    )
+
+
+class FileEntry(_Model):
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
+
+
+class Artifact(_Model):
+    """One runnable model file in the bundle."""
+
+    file: str
+    runtime: Literal["litert", "onnx"]
+    precision: Literal["fp32", "fp16", "int8", "int16x8", "dynamic"]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+class Provenance(_Model):
+    source_sha256: str
+    source_format: str
+    converter_version: str
+    calibration_sha256: str | None = None
+    calibration_count: int | None = None
+    strategy: str | None = Field(default=None, description="Which conversion strategy won.")
+
+
+class Manifest(_Model):
+    schema_version: str = Field(description="major.minor; a device refuses another major.")
+    name: str
+    version: str
+    created: str
+    task: Literal["classification"]
+    profile: str
+    preprocess: Preprocess
+    decode: Decode
+    labels: list[str] = Field(min_length=1)
+    positive_label: str | None = Field(
+        default=None, description="The clinically positive class, for sensitivity/specificity."
+    )
+    artifacts: list[Artifact] = Field(min_length=1)
+    files: dict[str, FileEntry] = Field(description="Every file of the bundle but the manifest.")
+    metrics: dict[str, dict[str, float | None]] = Field(
+        default_factory=dict, description="Validation metrics per model variant (float, int8...)."
+    )
+    provenance: Provenance
+
+    @property
+    def positive_index(self) -> int | None:
+        return self.labels.index(self.positive_label) if self.positive_label else None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_entry(path: Path) -> FileEntry:
+    """Hash and size of one file, as the manifest records it."""
+    return FileEntry(sha256=_sha256(path), bytes=path.stat().st_size)
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> Path:
+    """Write ``manifest.json`` into a bundle directory."""
+    out = directory / MANIFEST_NAME
+    out.write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+class Bundle:
+    """A verified bundle on disk. Construct with :meth:`load`."""
+
+    def __init__(self, directory: Path, manifest: Manifest, manifest_sha256: str) -> None:
+        self.directory = directory
+        self.manifest = manifest
+        self.manifest_sha256 = manifest_sha256
+
+    @property
+    def id(self) -> str:
+        """Short identity of this exact bundle: name@version#hash-prefix."""
+        return f"{self.manifest.name}@{self.manifest.version}#{self.manifest_sha256[:12]}"
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Bundle:
+        """Read and verify a bundle; raise :class:`BundleError` naming what failed."""
+        root = Path(directory)
+        path = root / MANIFEST_NAME
+        if not path.is_file():
+            raise BundleError(f"{root}: not a bundle (no {MANIFEST_NAME})")
+        raw = path.read_bytes()
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BundleError(f"{path}: manifest is not valid JSON ({exc})") from exc
+        if not isinstance(data, dict):
+            raise BundleError(f"{path}: manifest must be a JSON object")
+        version = str(data.get("schema_version", ""))
+        if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+            raise BundleError(
+                f"{path}: schema version {version or '(missing)'} is not supported "
+                f"(this agent reads {SCHEMA_VERSION.split('.')[0]}.x)"
+            )
+        try:
+            manifest = Manifest.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise BundleError(f"{path}: manifest field '{where}': {first['msg']}") from exc
+        _verify_files(root, manifest)
+        _verify_consistency(path, manifest)
+        return cls(root, manifest, hashlib.sha256(raw).hexdigest())
+
+    def artifact(self, runtime: str, precision: str | None = None) -> Artifact:
+        """The artifact for a runtime (the first listed, or the one of that precision)."""
+        for art in self.manifest.artifacts:
+            if art.runtime == runtime and (precision is None or art.precision == precision):
+                return art
+        have = ", ".join(f"{a.runtime}/{a.precision}" for a in self.manifest.artifacts)
+        raise BundleError(f"{self.directory}: no {runtime} {precision or ''} artifact (has {have})")
+
+    def path_of(self, artifact: Artifact) -> Path:
+        return self.directory / artifact.file
+
+
+def _verify_files(root: Path, manifest: Manifest) -> None:
+    for name, entry in manifest.files.items():
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise BundleError(f"{root}: file name '{name}' escapes the bundle")
+        p = root / name
+        if not p.is_file():
+            raise BundleError(f"{root}: file '{name}' listed in the manifest is missing")
+        got = file_entry(p)
+        if got.sha256 != entry.sha256 or got.bytes != entry.bytes:
+            raise BundleError(f"{root}: file '{name}' does not match its hash in the manifest")
+    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    extra = sorted(present - set(manifest.files) - {MANIFEST_NAME})
+    if extra:
+        raise BundleError(f"{root}: file '{extra[0]}' is not listed in the manifest")
+
+
+def _verify_consistency(path: Path, manifest: Manifest) -> None:
+    for art in manifest.artifacts:
+        if art.file not in manifest.files:
+            raise BundleError(f"{path}: artifact '{art.file}' is not among the hashed files")
+    if manifest.positive_label is not None and manifest.positive_label not in manifest.labels:
+        raise BundleError(f"{path}: positive_label '{manifest.positive_label}' is not a label")
+    for art in manifest.artifacts:
+        classes = art.outputs[0].shape[-1] if art.outputs else 0
+        n = len(manifest.labels)
+        if classes != n and not (classes == 1 and n == 2):
+            raise BundleError(
+                f"{path}: {art.file} has {classes} outputs but the manifest lists {n} labels"
+            )

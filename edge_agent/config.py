@@ -1,0 +1,109 @@
+"""The agent's one strict configuration tree, loaded from YAML. See docs/config.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from edge_agent.errors import ConfigError
+from edge_agent.topics import check_name
+
+__all__ = ["AgentConfig", "BrokerConfig", "OutboxConfig", "SourceConfig", "load_config"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BrokerConfig(_Strict):
+    host: str = Field(default="127.0.0.1", description="MQTT broker host.")
+    port: int = Field(default=1883, ge=1, le=65535, description="MQTT broker port.")
+    protocol: Literal["5", "3.1.1"] = Field(
+        default="5", description="MQTT protocol version; 3.1.1 for brokers without MQTT 5."
+    )
+    keepalive: int = Field(default=10, ge=2, le=3600, description="Keep-alive in seconds.")
+
+
+class SourceConfig(_Strict):
+    kind: Literal["npz"] = Field(default="npz", description="Source plug-in.")
+    path: Path = Field(description="Recorded data to replay.")
+    split: str | None = Field(default=None, description="MedMNIST split (val, test, train).")
+    rate_hz: float = Field(default=5.0, ge=0, description="Replay rate; 0 = as fast as possible.")
+    loop: bool = Field(default=False, description="Start again at the end.")
+    limit: int | None = Field(default=None, ge=1, description="Stop after this many samples.")
+
+
+class OutboxConfig(_Strict):
+    path: Path = Field(default=Path("outbox.sqlite"), description="SQLite file of the outbox.")
+    resend_after_s: float = Field(
+        default=5.0, gt=0, description="Resend what the gateway has not acknowledged after this."
+    )
+
+
+class AgentConfig(_Strict):
+    site: str = Field(description="Site (hospital, ward) this device belongs to.")
+    device: str = Field(description="This device's name, unique in its site.")
+    bundle: Path = Field(description="Directory of the bundle to run.")
+    runtime: Literal["litert"] = Field(default="litert", description="Inference backend.")
+    threads: int = Field(default=1, ge=1, le=64, description="Inference threads.")
+    broker: BrokerConfig = Field(default_factory=BrokerConfig)
+    source: SourceConfig
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig)
+    telemetry_interval_s: float = Field(default=2.0, gt=0, description="Telemetry period.")
+
+    @field_validator("site", "device")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        try:
+            return check_name("name", v)
+        except Exception as exc:
+            raise ValueError(str(exc)) from exc
+
+
+def load_config(path: str | Path) -> AgentConfig:
+    """Load and validate a YAML file; errors name the field and its line."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+        node = yaml.compose(text)
+        data: Any = yaml.safe_load(text)
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read ({exc.strerror})") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML ({exc})".replace("\n", " ")) from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping")
+    try:
+        cfg = AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = [str(x) for x in err["loc"]]
+        line = _line_of(node, loc)
+        where = f"{p}:{line}" if line else str(p)
+        raise ConfigError(f"{where}: {'.'.join(loc)}: {err['msg']}") from exc
+    base = p.parent
+    return cfg.model_copy(
+        update={
+            "bundle": base / cfg.bundle,
+            "source": cfg.source.model_copy(update={"path": base / cfg.source.path}),
+            "outbox": cfg.outbox.model_copy(update={"path": base / cfg.outbox.path}),
+        }
+    )
+
+
+def _line_of(node: Any, loc: list[str]) -> int | None:
+    """1-based line of the deepest YAML node along ``loc``."""
+    line = None
+    for key in loc:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        for k, v in node.value:
+            if k.value == key:
+                line, node = k.start_mark.line + 1, v
+                break
+        else:
+            break
+    return line

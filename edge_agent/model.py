@@ -1,0 +1,66 @@
+"""A bundle opened on a backend: preprocess, infer and decode as three separate steps."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edge_agent.backends import Backend, open_backend
+from edge_agent.bundle import Artifact, Bundle
+from edge_agent.decode import Classification, classify
+from edge_agent.errors import BundleError
+from edge_agent.preprocess import dequantize, normalize, to_input
+
+__all__ = ["LoadedModel"]
+
+
+class LoadedModel:
+    """The runnable form of a bundle on this device."""
+
+    def __init__(self, bundle: Bundle, runtime: str = "litert", threads: int = 1) -> None:
+        self.bundle = bundle
+        self.artifact: Artifact = bundle.artifact(runtime)
+        self.backend: Backend = open_backend(runtime, bundle.path_of(self.artifact), threads)
+        _check_matches(self.artifact, self.backend)
+        m = bundle.manifest
+        self._positive = m.positive_index
+        self._input = self.artifact.inputs[0]
+        self._output = self.artifact.outputs[0]
+
+    def prepare(self, sample: np.ndarray) -> np.ndarray:
+        """Raw sample -> input tensor (normalized, shaped, quantized)."""
+        return to_input(normalize(self.bundle.manifest.preprocess, sample), self._input)
+
+    def infer(self, tensor: np.ndarray) -> np.ndarray:
+        """Input tensor -> real-valued first output row."""
+        raw = self.backend.invoke([tensor])[0]
+        return dequantize(raw, self._output.quantization).reshape(-1)
+
+    def decode(self, output: np.ndarray) -> Classification:
+        m = self.bundle.manifest
+        return classify(output, m.decode, m.labels, self._positive)
+
+    def predict(self, sample: np.ndarray) -> Classification:
+        return self.decode(self.infer(self.prepare(sample)))
+
+
+def _check_matches(artifact: Artifact, backend: Backend) -> None:
+    pairs = [("input", artifact.inputs, backend.inputs), ("output", artifact.outputs, backend.outputs)]
+    for what, declared, actual in pairs:
+        if len(declared) != len(actual):
+            raise BundleError(
+                f"{artifact.file}: manifest declares {len(declared)} {what}s, model has {len(actual)}"
+            )
+        for d, a in zip(declared, actual, strict=True):
+            if d.shape != a.shape or d.dtype != a.dtype:
+                raise BundleError(
+                    f"{artifact.file}: {what} '{d.name}' is {d.dtype}{d.shape} in the manifest "
+                    f"but {a.dtype}{a.shape} in the model"
+                )
+            dq, aq = d.quantization, a.quantization
+            if (dq is None) != (aq is None) or (
+                dq and aq and (abs(dq.scale - aq.scale) > 1e-9 * max(1.0, aq.scale)
+                               or dq.zero_point != aq.zero_point)
+            ):
+                raise BundleError(
+                    f"{artifact.file}: {what} '{d.name}' quantization differs from the model"
+                )

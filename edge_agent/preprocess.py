@@ -1,0 +1,65 @@
+"""Preprocessing as the manifest says: plain numpy functions, one sample at a time.
+
+A sample has no batch axis: an image is (H, W) or (H, W, C); a signal window is (T, C).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edge_agent.bundle import Preprocess, Quantization, TensorSpec
+from edge_agent.errors import MedgeError
+
+__all__ = ["dequantize", "normalize", "quantize", "to_input"]
+
+_EPS = 1e-6
+_INT_RANGE = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767)}
+
+
+def normalize(spec: Preprocess, sample: np.ndarray) -> np.ndarray:
+    """Map a raw sample to the model's real-valued input space (float32)."""
+    x = np.asarray(sample, dtype=np.float32)
+    if spec.kind == "none":
+        return x
+    if spec.kind == "scale01":
+        return x * np.float32(1.0 / 255.0)
+    if spec.kind == "zscore":
+        # per window, per channel, over time (axis 0)
+        mean = x.mean(axis=0, keepdims=True)
+        std = x.std(axis=0, keepdims=True)
+        return (x - mean) / (std + np.float32(_EPS))
+    if spec.kind == "mean_std":
+        if spec.mean is None or spec.std is None:
+            raise MedgeError("preprocess mean_std needs both 'mean' and 'std'")
+        mean = np.asarray(spec.mean, dtype=np.float32)
+        std = np.asarray(spec.std, dtype=np.float32)
+        return (x - mean) / std
+    raise MedgeError(f"unknown preprocess kind '{spec.kind}'")
+
+
+def quantize(x: np.ndarray, q: Quantization, dtype: str) -> np.ndarray:
+    """Real values to integers of ``dtype`` with round-half-to-even and saturation."""
+    lo, hi = _INT_RANGE[dtype]
+    return np.clip(np.rint(x / q.scale) + q.zero_point, lo, hi).astype(dtype)
+
+
+def dequantize(x: np.ndarray, q: Quantization | None) -> np.ndarray:
+    """Integers back to real values; float tensors pass through."""
+    if q is None:
+        return np.asarray(x, dtype=np.float32)
+    return (np.asarray(x, dtype=np.float32) - np.float32(q.zero_point)) * np.float32(q.scale)
+
+
+def to_input(x: np.ndarray, tensor: TensorSpec) -> np.ndarray:
+    """Shape a normalized sample as the input tensor (batch of one) and quantize it if needed."""
+    want = tuple(tensor.shape)
+    if int(np.prod(want)) != x.size:
+        raise MedgeError(
+            f"sample of shape {tuple(x.shape)} does not fit input '{tensor.name}' of shape {want}"
+        )
+    x = x.reshape(want)
+    if tensor.dtype in _INT_RANGE:
+        if tensor.quantization is None:
+            raise MedgeError(f"input '{tensor.name}' is {tensor.dtype} without quantization")
+        return quantize(x, tensor.quantization, tensor.dtype)
+    return x.astype(tensor.dtype)

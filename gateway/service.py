@@ -1,0 +1,140 @@
+"""The gateway service: subscribe, open and check device messages, store each result once,
+acknowledge what is stored, and track device state.
+
+Order matters for no loss: a result is committed to the store before its ack is published, and
+a duplicate is acknowledged again (its first ack may have been lost) but not stored again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_agent.envelope import decode, encode_ack
+from edge_agent.errors import EnvelopeError
+from edge_agent.topics import ROOT, parse, topic
+from gateway.store import Store
+
+__all__ = ["Gateway", "GatewayStats"]
+
+log = logging.getLogger("medge.gateway")
+
+_UP = ("result", "event", "state", "telemetry")
+
+
+@dataclass
+class GatewayStats:
+    received: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    acks: int = 0
+
+
+class Gateway:
+    """One gateway worker. With MQTT 5 and ``share_group`` set, several workers split the load
+    of one site through a shared subscription."""
+
+    def __init__(
+        self,
+        store: Store,
+        host: str = "127.0.0.1",
+        port: int = 1883,
+        protocol: str = "5",
+        client_id: str = "medge-gateway",
+        share_group: str | None = None,
+    ) -> None:
+        self.store = store
+        self.host, self.port = host, port
+        self.stats = GatewayStats()
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self._v5 = protocol == "5"
+        prefix = f"$share/{share_group}/" if share_group and self._v5 else ""
+        self._subs = [(f"{prefix}{ROOT}/+/+/{kind}", 1) for kind in _UP]
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id,
+            protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311,
+        )
+        self._client.reconnect_delay_set(min_delay=1, max_delay=10)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+
+    def __enter__(self) -> Gateway:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 10.0) -> Gateway:
+        self._client.connect_async(self.host, self.port, keepalive=10)
+        self._client.loop_start()
+        if not self._connected.wait(timeout):
+            self.stop()
+            raise TimeoutError(f"gateway could not connect to {self.host}:{self.port}")
+        return self
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any = None) -> None:
+        if rc.is_failure:
+            log.error("broker refused the gateway: %s", rc)
+            return
+        client.subscribe(self._subs)
+        self._connected.set()
+        log.info("gateway connected to %s:%d", self.host, self.port)
+
+    def _on_disconnect(self, _c: Any, _u: Any, _f: Any, rc: Any, _p: Any = None) -> None:
+        self._connected.clear()
+
+    def _reject(self, where: str, why: str, site: str | None = None,
+                device: str | None = None) -> None:
+        with self._lock:
+            self.stats.rejected += 1
+        log.warning("rejected message on %s: %s", where, why)
+        if site and device:
+            self.store.count_rejected(site, device)
+
+    def _on_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self.stats.received += 1
+        try:
+            parts = parse(msg.topic)
+        except EnvelopeError as exc:
+            self._reject(msg.topic, str(exc))
+            return
+        try:
+            env = decode(msg.payload)
+            env.check_topic(parts)
+        except EnvelopeError as exc:
+            self._reject(msg.topic, str(exc), parts.site, parts.device)
+            return
+        if env.kind in ("result", "event"):
+            new = self.store.add_result(env, time.time())
+            with self._lock:
+                if new:
+                    self.stats.stored += 1
+                else:
+                    self.stats.duplicates += 1
+                self.stats.acks += 1
+            client.publish(topic(env.site, env.device, "ack"), encode_ack([env.seq]), qos=1)
+        elif env.kind == "state":
+            state = env.body.get("state")
+            if state not in ("online", "offline"):
+                self._reject(msg.topic, f"state {state!r} is not online/offline",
+                             env.site, env.device)
+                return
+            bundle = env.body.get("bundle")
+            self.store.set_state(env.site, env.device, state, env.time,
+                                 bundle if isinstance(bundle, str) and bundle else None)
+        else:
+            self.store.set_telemetry(env.site, env.device, env.body)

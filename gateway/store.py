@@ -1,0 +1,212 @@
+"""The gateway's store: devices and results in SQLite, each result exactly once.
+
+Results are idempotent by (site, device, seq): a resend after a lost ack is counted as a
+duplicate and not stored again. Schema changes go through numbered migrations.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from edge_agent.envelope import Envelope
+
+__all__ = ["Store"]
+
+_MIGRATIONS: list[str] = [
+    # 1: devices and results
+    """
+    CREATE TABLE devices (
+        site TEXT NOT NULL,
+        device TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'unknown',
+        state_since REAL,
+        last_seen REAL,
+        bundle TEXT,
+        telemetry TEXT,
+        stored INTEGER NOT NULL DEFAULT 0,
+        duplicates INTEGER NOT NULL DEFAULT 0,
+        rejected INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (site, device)
+    );
+    CREATE TABLE results (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        site TEXT NOT NULL,
+        device TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        time REAL NOT NULL,
+        received REAL NOT NULL,
+        input TEXT,
+        label INTEGER,
+        label_name TEXT,
+        pred INTEGER,
+        pred_label TEXT,
+        score REAL,
+        body TEXT NOT NULL,
+        UNIQUE (site, device, seq)
+    );
+    CREATE INDEX results_device ON results (site, device, id);
+    """,
+]
+
+
+class Store:
+    """One SQLite connection; safe to share between threads of one process. Open one per
+    process (the gateway writes, dashboards read); WAL lets them work side by side."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
+                                   timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._migrate()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _migrate(self) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER)")
+                row = self._db.execute("SELECT max(version) FROM schema_version").fetchone()
+                have = row[0] or 0
+                for number, sql in enumerate(_MIGRATIONS[have:], start=have + 1):
+                    for statement in filter(str.strip, sql.split(";")):
+                        self._db.execute(statement)
+                    self._db.execute("INSERT INTO schema_version VALUES (?)", (number,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    @property
+    def schema_version(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT max(version) FROM schema_version").fetchone()[0])
+
+    # -- writes (gateway) ------------------------------------------------------------------
+    def _touch(self, site: str, device: str, now: float) -> None:
+        self._db.execute(
+            "INSERT INTO devices (site, device, last_seen) VALUES (?,?,?) "
+            "ON CONFLICT (site, device) DO UPDATE SET last_seen=excluded.last_seen",
+            (site, device, now),
+        )
+
+    def add_result(self, env: Envelope, received: float | None = None) -> bool:
+        """Store a result or event once; False (and a duplicate counted) if already stored."""
+        now = received or time.time()
+        b = env.body
+        score = None
+        if isinstance(b.get("scores"), list) and isinstance(b.get("pred"), int):
+            scores, pred = b["scores"], b["pred"]
+            score = float(scores[pred]) if 0 <= pred < len(scores) else None
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._touch(env.site, env.device, now)
+                cur = self._db.execute(
+                    "INSERT INTO results (site, device, seq, kind, time, received, input, label,"
+                    " label_name, pred, pred_label, score, body) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+                    " ON CONFLICT (site, device, seq) DO NOTHING",
+                    (env.site, env.device, env.seq, env.kind, env.time, now, _s(b.get("input")),
+                     _i(b.get("label")), _s(b.get("label_name")), _i(b.get("pred")),
+                     _s(b.get("pred_label")), score, json.dumps(b)),
+                )
+                new = cur.rowcount == 1
+                column = "stored" if new else "duplicates"
+                self._db.execute(
+                    f"UPDATE devices SET {column}={column}+1 WHERE site=? AND device=?",
+                    (env.site, env.device),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return new
+
+    def set_state(self, site: str, device: str, state: str, at: float,
+                  bundle: str | None = None) -> None:
+        with self._lock:
+            self._touch(site, device, time.time())
+            self._db.execute(
+                "UPDATE devices SET state=?, state_since=?, bundle=coalesce(?, bundle) "
+                "WHERE site=? AND device=?",
+                (state, at, bundle, site, device),
+            )
+
+    def set_telemetry(self, site: str, device: str, body: dict[str, Any]) -> None:
+        with self._lock:
+            self._touch(site, device, time.time())
+            self._db.execute(
+                "UPDATE devices SET telemetry=?, bundle=coalesce(?, bundle) "
+                "WHERE site=? AND device=?",
+                (json.dumps(body), _s(body.get("bundle")), site, device),
+            )
+
+    def count_rejected(self, site: str, device: str) -> None:
+        with self._lock:
+            self._touch(site, device, time.time())
+            self._db.execute(
+                "UPDATE devices SET rejected=rejected+1 WHERE site=? AND device=?", (site, device)
+            )
+
+    # -- reads (dashboard, demo summary) ---------------------------------------------------
+    def devices(self) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM devices ORDER BY site, device").fetchall()
+        out = []
+        for r in rows:
+            d = dict(r)
+            d["telemetry"] = json.loads(d["telemetry"]) if d["telemetry"] else None
+            out.append(d)
+        return out
+
+    def results(self, after_id: int = 0, limit: int = 100, site: str | None = None,
+                device: str | None = None) -> list[dict[str, Any]]:
+        """Results with id > after_id, oldest first; with after_id=0, the newest ``limit``."""
+        where, args = ["id > ?"], [after_id]
+        if site:
+            where.append("site = ?")
+            args.append(site)
+        if device:
+            where.append("device = ?")
+            args.append(device)
+        order = "ASC" if after_id else "DESC"
+        sql = (f"SELECT id, site, device, seq, kind, time, received, input, label, label_name, "
+               f"pred, pred_label, score FROM results WHERE {' AND '.join(where)} "
+               f"ORDER BY id {order} LIMIT ?")
+        with self._lock:
+            rows = [dict(r) for r in self._db.execute(sql, (*args, limit)).fetchall()]
+        return rows if after_id else rows[::-1]
+
+    def result_count(self, site: str | None = None, device: str | None = None) -> int:
+        sql, args = "SELECT count(*) FROM results", []
+        if site and device:
+            sql, args = sql + " WHERE site=? AND device=?", [site, device]
+        with self._lock:
+            return int(self._db.execute(sql, args).fetchone()[0])
+
+
+def _s(v: Any) -> str | None:
+    return v if isinstance(v, str) else None
+
+
+def _i(v: Any) -> int | None:
+    return v if type(v) is int else None
