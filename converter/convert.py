@@ -51,6 +51,7 @@ log = logging.getLogger("medge.convert")
 PROFILES = ("rpi4", "rpi5", "jetson", "x86")
 MIN_CALIBRATION = 100
 CHILD_TIMEOUT_S = 600
+BUDGET_METRICS = ("accuracy", "sensitivity", "specificity", "precision", "f1", "auc")
 
 
 @dataclass
@@ -68,6 +69,7 @@ class ConvertRequest:
     calib_split: str | None = None
     eval_split: str | None = None
     force: bool = False
+    budget: dict[str, float] = field(default_factory=dict)
 
 
 def _medge_version() -> str:
@@ -95,10 +97,16 @@ def _run_child(job: dict[str, Any], workdir: Path) -> None:
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "converter.litert_child", str(job_file)],
-            capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, env=env, check=False,
+            capture_output=True,
+            text=True,
+            timeout=CHILD_TIMEOUT_S,
+            env=env,
+            check=False,
         )
     except subprocess.TimeoutExpired as exc:
-        raise ConversionError(f"LiteRT int8 conversion timed out after {CHILD_TIMEOUT_S} s") from exc
+        raise ConversionError(
+            f"LiteRT int8 conversion timed out after {CHILD_TIMEOUT_S} s"
+        ) from exc
     if proc.returncode == 0:
         return
     if proc.returncode < 0:
@@ -114,6 +122,11 @@ def convert(req: ConvertRequest) -> Bundle:
         raise ConversionError(f"unknown profile '{req.profile}' (one of {', '.join(PROFILES)})")
     if not req.model.is_file():
         raise ConversionError(f"{req.model}: no such model file")
+    unknown = sorted(set(req.budget) - set(BUDGET_METRICS))
+    if unknown:
+        raise ConversionError(
+            f"budget metric '{unknown[0]}' is not one of {', '.join(BUDGET_METRICS)}"
+        )
     if req.out.exists() and any(req.out.iterdir()) and not req.force:
         raise ConversionError(f"{req.out} exists and is not empty (use --force to replace it)")
     xc, _, _ = load_labelled(req.calib, req.calib_split, prefer=("train", "val", "test"))
@@ -127,12 +140,15 @@ def convert(req: ConvertRequest) -> Bundle:
     if req.positive_label is not None and req.positive_label not in labels:
         raise ConversionError(f"positive label '{req.positive_label}' is not one of {labels}")
     if int(ye.max()) >= len(labels) or int(ye.min()) < 0:
-        raise ConversionError(f"evaluation labels run 0..{int(ye.max())} but {len(labels)} "
-                              "class names were given")
+        raise ConversionError(
+            f"evaluation labels run 0..{int(ye.max())} but {len(labels)} class names were given"
+        )
     warnings: list[str] = []
     if len(xc) < MIN_CALIBRATION:
-        warnings.append(f"calibration set has only {len(xc)} samples (< {MIN_CALIBRATION}); "
-                        "int8 ranges may not represent the data")
+        warnings.append(
+            f"calibration set has only {len(xc)} samples (< {MIN_CALIBRATION}); "
+            "int8 ranges may not represent the data"
+        )
 
     req.out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{req.out.name}.", dir=req.out.parent))
@@ -144,9 +160,14 @@ def convert(req: ConvertRequest) -> Bundle:
         artifact_name = "model_int8.tflite"
         t0 = time.monotonic()
         _run_child(
-            {"model": str(req.model), "calib": str(work / "calib.npy"),
-             "eval": str(work / "eval.npy"), "tflite_out": str(stage / artifact_name),
-             "float_out": str(work / "float.npy"), "n_labels": len(labels)},
+            {
+                "model": str(req.model),
+                "calib": str(work / "calib.npy"),
+                "eval": str(work / "eval.npy"),
+                "tflite_out": str(stage / artifact_name),
+                "float_out": str(work / "float.npy"),
+                "n_labels": len(labels),
+            },
             work,
         )
         convert_s = time.monotonic() - t0
@@ -154,25 +175,43 @@ def convert(req: ConvertRequest) -> Bundle:
         backend = open_backend("litert", stage / artifact_name)
         layout = {4: "NHWC", 3: "NTC", 2: "NC"}.get(len(backend.inputs[0].shape))
         inputs = [t.model_copy(update={"layout": layout}) for t in backend.inputs]
-        artifact = Artifact(file=artifact_name, runtime="litert", precision="int8",
-                            inputs=inputs, outputs=backend.outputs)
+        artifact = Artifact(
+            file=artifact_name,
+            runtime="litert",
+            precision="int8",
+            inputs=inputs,
+            outputs=backend.outputs,
+        )
         positive = labels.index(req.positive_label) if req.positive_label else None
         decode = Decode(kind="classification", activation="softmax", threshold=req.threshold)
 
         def manifest(metrics: dict[str, Any]) -> Manifest:
-            files = {p.name: file_entry(p) for p in sorted(stage.iterdir()) if p.is_file()
-                     and p.name != "manifest.json"}
+            files = {
+                p.name: file_entry(p)
+                for p in sorted(stage.iterdir())
+                if p.is_file() and p.name != "manifest.json"
+            }
             return Manifest(
-                schema_version=SCHEMA_VERSION, name=req.name or req.model.stem,
+                schema_version=SCHEMA_VERSION,
+                name=req.name or req.model.stem,
                 version=datetime.now(timezone.utc).strftime("%Y%m%d.%H%M%S"),
                 created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                task="classification", profile=req.profile, preprocess=req.preprocess,
-                decode=decode, labels=labels, positive_label=req.positive_label,
-                artifacts=[artifact], files=files, metrics=metrics,
+                task="classification",
+                profile=req.profile,
+                preprocess=req.preprocess,
+                decode=decode,
+                labels=labels,
+                positive_label=req.positive_label,
+                artifacts=[artifact],
+                files=files,
+                metrics=metrics,
                 provenance=Provenance(
-                    source_sha256=file_entry(req.model).sha256, source_format="keras",
-                    converter_version=_medge_version(), calibration_sha256=_sha256_bytes(xc),
-                    calibration_count=len(xc), strategy="litert full-int8 (TFLiteConverter)",
+                    source_sha256=file_entry(req.model).sha256,
+                    source_format="keras",
+                    converter_version=_medge_version(),
+                    calibration_sha256=_sha256_bytes(xc),
+                    calibration_count=len(xc),
+                    strategy="litert full-int8 (TFLiteConverter)",
                 ),
             )
 
@@ -189,16 +228,28 @@ def convert(req: ConvertRequest) -> Bundle:
         float_m = classification_metrics(ye, _class_scores(float_scores), float_pred, positive)
         int8_m = classification_metrics(ye, np.array(int8_scores), np.array(int8_pred), positive)
         report = {
-            "model": req.model.name, "profile": req.profile, "labels": labels,
-            "positive_label": req.positive_label, "eval": {"file": req.eval.name, "n": len(xe)},
-            "float": float_m, "litert-int8": int8_m,
+            "model": req.model.name,
+            "profile": req.profile,
+            "labels": labels,
+            "positive_label": req.positive_label,
+            "eval": {"file": req.eval.name, "n": len(xe)},
+            "float": float_m,
+            "litert-int8": int8_m,
             "agreement": {"litert-int8": agreement(float_pred, int8_pred)},
-            "size_bytes": {"keras": req.model.stat().st_size,
-                           "litert-int8": (stage / artifact_name).stat().st_size},
-            "latency_ms": {"litert-int8": {"p50": float(np.percentile(latencies, 50) * 1e3),
-                                           "p99": float(np.percentile(latencies, 99) * 1e3)}},
-            "convert_seconds": round(convert_s, 1), "warnings": warnings,
+            "size_bytes": {
+                "keras": req.model.stat().st_size,
+                "litert-int8": (stage / artifact_name).stat().st_size,
+            },
+            "latency_ms": {
+                "litert-int8": {
+                    "p50": float(np.percentile(latencies, 50) * 1e3),
+                    "p99": float(np.percentile(latencies, 99) * 1e3),
+                }
+            },
+            "convert_seconds": round(convert_s, 1),
+            "warnings": warnings,
         }
+        _check_budget(req.budget, float_m, int8_m)
         (stage / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         write_markdown(stage / "report.md", report)
         summary = {k: _scalars(report[k]) for k in ("float", "litert-int8")}
@@ -215,10 +266,25 @@ def convert(req: ConvertRequest) -> Bundle:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def _check_budget(budget: dict[str, float], ref: dict[str, Any], got: dict[str, Any]) -> None:
+    for metric, allowed in budget.items():
+        a, b = ref.get(metric), got.get(metric)
+        if a is None or b is None:
+            raise ConversionError(f"budget metric '{metric}' is undefined on this data")
+        if a - b > allowed + 1e-12:
+            raise ConversionError(
+                f"accuracy budget not met: {metric} dropped {a - b:.4f} > {allowed} "
+                f"(float {a:.4f}, int8 {b:.4f}); no bundle written"
+            )
+
+
 def _class_scores(probs: np.ndarray) -> np.ndarray:
     return np.column_stack([1 - probs[:, 0], probs[:, 0]]) if probs.shape[1] == 1 else probs
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float | None]:
-    return {k: v for k, v in metrics.items() if isinstance(v, float | int | None)
-            and not isinstance(v, bool)}
+    return {
+        k: v
+        for k, v in metrics.items()
+        if isinstance(v, float | int | None) and not isinstance(v, bool)
+    }

@@ -26,7 +26,9 @@ def evaluate_bundle(
         raise ConversionError(f"{data}: evaluation needs labels (y or <split>_labels)")
     n = len(bundle.manifest.labels)
     if int(y.max()) >= n:
-        raise ConversionError(f"{data}: labels run to {int(y.max())} but the bundle has {n} classes")
+        raise ConversionError(
+            f"{data}: labels run to {int(y.max())} but the bundle has {n} classes"
+        )
     results = [model.predict(s) for s in x]
     scores = np.array([r.scores for r in results])
     pred = np.array([r.pred for r in results])

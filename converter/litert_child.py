@@ -31,7 +31,7 @@ def main(job_path: str) -> None:
 
     try:
         model = keras.saving.load_model(job["model"], compile=False)
-    except Exception as exc:  # noqa: BLE001 - any load failure is one line for the user
+    except Exception as exc:
         _fail(f"cannot load Keras model {Path(job['model']).name}: {type(exc).__name__}: {exc}")
     in_shape = tuple(int(d) for d in model.inputs[0].shape[1:])
     calib = np.load(job["calib"])
@@ -42,7 +42,11 @@ def main(job_path: str) -> None:
     calib = calib.reshape((-1, *in_shape)).astype(np.float32)
     evalx = evalx.reshape((-1, *in_shape)).astype(np.float32)
     n_out = int(model.outputs[0].shape[-1])
-    if job.get("n_labels") and job["n_labels"] != n_out and not (n_out == 1 and job["n_labels"] == 2):
+    if (
+        job.get("n_labels")
+        and job["n_labels"] != n_out
+        and not (n_out == 1 and job["n_labels"] == 2)
+    ):
         _fail(f"model has {n_out} outputs but {job['n_labels']} labels were given")
 
     probs = model.predict(evalx, batch_size=64, verbose=0)
@@ -60,7 +64,7 @@ def main(job_path: str) -> None:
     converter.inference_output_type = tf.int8
     try:
         flat = converter.convert()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         _fail(f"TFLite converter refused the model: {first}")
     Path(job["tflite_out"]).write_bytes(flat)

@@ -53,7 +53,7 @@ def classification_metrics(
     n_classes = scores.shape[1]
     cm = confusion(y_true, y_pred, n_classes)
     out: dict[str, Any] = {
-        "n": int(len(y_true)),
+        "n": len(y_true),
         "accuracy": _ratio(np.trace(cm), cm.sum()),
         "confusion": cm.tolist(),
     }

@@ -34,12 +34,21 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
     lines += ["", f"Agreement with float: {report['agreement']['litert-int8']:.4f}", ""]
     labels = report["labels"]
     for v in variants:
-        lines += [f"## Confusion matrix, {v} (rows: truth, columns: prediction)", "",
-                  "| | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+        lines += [
+            f"## Confusion matrix, {v} (rows: truth, columns: prediction)",
+            "",
+            "| | " + " | ".join(labels) + " |",
+            "|---|" + "---|" * len(labels),
+        ]
         for name, row in zip(labels, report[v]["confusion"], strict=True):
             lines.append(f"| {name} | " + " | ".join(str(c) for c in row) + " |")
         lines.append("")
-    lines += ["## Size and latency", "", "| artifact | bytes | p50 ms | p99 ms |", "|---|---|---|---|"]
+    lines += [
+        "## Size and latency",
+        "",
+        "| artifact | bytes | p50 ms | p99 ms |",
+        "|---|---|---|---|",
+    ]
     for k, b in report["size_bytes"].items():
         lat = report["latency_ms"].get(k, {})
         lines.append(f"| {k} | {b} | {_fmt(lat.get('p50'))} | {_fmt(lat.get('p99'))} |")

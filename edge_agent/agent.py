@@ -41,19 +41,30 @@ class Agent:
         self.source = NpzReplay(s.path, s.split, s.rate_hz, s.loop, s.limit)
         self.stats = PipelineStats()
         self.sent = 0
+        self.pending = 0
         self._link: DeviceLink | None = None
 
     def run(self, stop: threading.Event, drain_timeout: float = 10.0) -> AgentReport:
         """Stream until the source ends or ``stop`` is set, then wait for acks to drain."""
         cfg = self.cfg
-        with Outbox(cfg.outbox.path, cfg.site, cfg.device) as outbox, DeviceLink(
-            outbox, cfg.broker.host, cfg.broker.port, cfg.broker.protocol, cfg.broker.keepalive,
-            cfg.outbox.resend_after_s, self.bundle.id,
-        ) as link:
+        with (
+            Outbox(cfg.outbox.path, cfg.site, cfg.device) as outbox,
+            DeviceLink(
+                outbox,
+                cfg.broker.host,
+                cfg.broker.port,
+                cfg.broker.protocol,
+                cfg.broker.keepalive,
+                cfg.outbox.resend_after_s,
+                self.bundle.id,
+            ) as link,
+        ):
             self._link = link
             done = threading.Event()
             ticker = threading.Thread(
-                target=self._telemetry_loop, args=(link, outbox, done), daemon=True,
+                target=self._telemetry_loop,
+                args=(link, outbox, done),
+                daemon=True,
                 name=f"telemetry-{cfg.device}",
             )
             ticker.start()
@@ -67,13 +78,18 @@ class Agent:
             run_pipeline(self.source.stream(stop), self.model, emit, self.stats)
             drained = link.drain(drain_timeout)
             if not drained:
-                log.warning("%s: %d result(s) not yet acknowledged; they stay in the outbox",
-                            cfg.device, outbox.depth())
+                log.warning(
+                    "%s: %d result(s) not yet acknowledged; they stay in the outbox",
+                    cfg.device,
+                    outbox.depth(),
+                )
             done.set()
             ticker.join(timeout=2)
             self._publish_telemetry(link, outbox)
-            return AgentReport(cfg.device, self.sent, link.acked, outbox.depth(),
-                               dict(self.stats.errors))
+            self.pending = outbox.depth()
+            return AgentReport(
+                cfg.device, self.sent, link.acked, self.pending, dict(self.stats.errors)
+            )
 
     def telemetry(self, outbox: Outbox) -> dict[str, Any]:
         body = self.stats.snapshot()

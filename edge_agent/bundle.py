@@ -182,10 +182,10 @@ class Bundle:
         if not isinstance(data, dict):
             raise BundleError(f"{path}: manifest must be a JSON object")
         version = str(data.get("schema_version", ""))
-        if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+        if version.split(".", maxsplit=1)[0] != SCHEMA_VERSION.split(".", maxsplit=1)[0]:
             raise BundleError(
                 f"{path}: schema version {version or '(missing)'} is not supported "
-                f"(this agent reads {SCHEMA_VERSION.split('.')[0]}.x)"
+                f"(this agent reads {SCHEMA_VERSION.split('.', maxsplit=1)[0]}.x)"
             )
         try:
             manifest = Manifest.model_validate(data)

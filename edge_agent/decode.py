@@ -8,7 +8,7 @@ import numpy as np
 
 from edge_agent.bundle import Decode
 
-__all__ = ["Classification", "classify", "class_scores"]
+__all__ = ["Classification", "class_scores", "classify"]
 
 
 @dataclass(frozen=True)

@@ -109,8 +109,10 @@ def decode_ack(payload: bytes) -> list[int]:
         data = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise EnvelopeError(f"not a JSON ack ({exc})") from exc
-    if not isinstance(data, dict) or data.get("v") != VERSION or not isinstance(
-        data.get("seqs"), list
+    if (
+        not isinstance(data, dict)
+        or data.get("v") != VERSION
+        or not isinstance(data.get("seqs"), list)
     ):
         raise EnvelopeError("ack must be {'v': 1, 'seqs': [...]}")
     seqs = data["seqs"]

@@ -50,7 +50,8 @@ class DeviceLink:
         self._connected = threading.Event()
         proto = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
         self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"medge-{self.site}-{self.device}",
+            CallbackAPIVersion.VERSION2,
+            client_id=f"medge-{self.site}-{self.device}",
             protocol=proto,
         )
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
@@ -58,10 +59,14 @@ class DeviceLink:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.will_set(
-            topic(self.site, self.device, "state"), self._state_payload("offline"), qos=1,
+            topic(self.site, self.device, "state"),
+            self._state_payload("offline"),
+            qos=1,
             retain=True,
         )
-        self._pump = threading.Thread(target=self._run_pump, name=f"pump-{self.device}", daemon=True)
+        self._pump = threading.Thread(
+            target=self._run_pump, name=f"pump-{self.device}", daemon=True
+        )
 
     # -- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> DeviceLink:
@@ -81,7 +86,9 @@ class DeviceLink:
         self._pump.join(timeout=5)
         if self._connected.is_set():
             info = self._client.publish(
-                topic(self.site, self.device, "state"), self._state_payload("offline"), qos=1,
+                topic(self.site, self.device, "state"),
+                self._state_payload("offline"),
+                qos=1,
                 retain=True,
             )
             info.wait_for_publish(timeout=2)
@@ -113,10 +120,8 @@ class DeviceLink:
         """Telemetry and state: sent when connected, never queued (a fresher one follows)."""
         if not self._connected.is_set():
             return
-        env = Envelope(kind, self.site, self.device, self.outbox.reserve_seq(), time.time(),
-                       body)
-        self._client.publish(topic(self.site, self.device, kind), encode(env), qos=0,
-                             retain=retain)
+        env = Envelope(kind, self.site, self.device, self.outbox.reserve_seq(), time.time(), body)
+        self._client.publish(topic(self.site, self.device, kind), encode(env), qos=0, retain=retain)
 
     # -- paho callbacks (network thread) ---------------------------------------------------
     def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any = None) -> None:
@@ -124,8 +129,12 @@ class DeviceLink:
             log.warning("%s: broker refused the connection: %s", self.device, rc)
             return
         client.subscribe(topic(self.site, self.device, "ack"), qos=1)
-        client.publish(topic(self.site, self.device, "state"), self._state_payload("online"),
-                       qos=1, retain=True)
+        client.publish(
+            topic(self.site, self.device, "state"),
+            self._state_payload("online"),
+            qos=1,
+            retain=True,
+        )
         self._connected.set()
         self.outbox.unsend_all()  # anything in flight on the old connection goes again
         self._wake.set()
@@ -168,6 +177,12 @@ class DeviceLink:
                     break
 
     def _state_payload(self, state: str) -> bytes:
-        env = Envelope("state", self.site, self.device, self.outbox.reserve_seq(),
-                       time.time(), {"state": state, "bundle": self.bundle_id})
+        env = Envelope(
+            "state",
+            self.site,
+            self.device,
+            self.outbox.reserve_seq(),
+            time.time(),
+            {"state": state, "bundle": self.bundle_id},
+        )
         return encode(env)

@@ -44,11 +44,15 @@ class LoadedModel:
 
 
 def _check_matches(artifact: Artifact, backend: Backend) -> None:
-    pairs = [("input", artifact.inputs, backend.inputs), ("output", artifact.outputs, backend.outputs)]
+    pairs = [
+        ("input", artifact.inputs, backend.inputs),
+        ("output", artifact.outputs, backend.outputs),
+    ]
     for what, declared, actual in pairs:
         if len(declared) != len(actual):
             raise BundleError(
-                f"{artifact.file}: manifest declares {len(declared)} {what}s, model has {len(actual)}"
+                f"{artifact.file}: manifest declares {len(declared)} {what}s, "
+                f"model has {len(actual)}"
             )
         for d, a in zip(declared, actual, strict=True):
             if d.shape != a.shape or d.dtype != a.dtype:
@@ -58,8 +62,12 @@ def _check_matches(artifact: Artifact, backend: Backend) -> None:
                 )
             dq, aq = d.quantization, a.quantization
             if (dq is None) != (aq is None) or (
-                dq and aq and (abs(dq.scale - aq.scale) > 1e-9 * max(1.0, aq.scale)
-                               or dq.zero_point != aq.zero_point)
+                dq
+                and aq
+                and (
+                    abs(dq.scale - aq.scale) > 1e-9 * max(1.0, aq.scale)
+                    or dq.zero_point != aq.zero_point
+                )
             ):
                 raise BundleError(
                     f"{artifact.file}: {what} '{d.name}' quantization differs from the model"

@@ -71,9 +71,15 @@ class Outbox:
                 (seq,) = self._db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
                 env = Envelope(kind, self.site, self.device, seq, at or time.time(), body)
                 self._db.execute(
-                    "INSERT INTO outbox (seq, priority, topic, payload, created) VALUES (?,?,?,?,?)",
-                    (seq, _PRIORITY.get(kind, 1), topic(self.site, self.device, kind),
-                     encode(env), time.time()),
+                    "INSERT INTO outbox (seq, priority, topic, payload, created) "
+                    "VALUES (?,?,?,?,?)",
+                    (
+                        seq,
+                        _PRIORITY.get(kind, 1),
+                        topic(self.site, self.device, kind),
+                        encode(env),
+                        time.time(),
+                    ),
                 )
                 self._db.execute("UPDATE meta SET value=? WHERE key='next_seq'", (seq + 1,))
                 self._db.execute("COMMIT")
@@ -128,7 +134,9 @@ class Outbox:
 
     def next_seq(self) -> int:
         with self._lock:
-            return int(self._db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()[0])
+            return int(
+                self._db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()[0]
+            )
 
     def close(self) -> None:
         with self._lock:

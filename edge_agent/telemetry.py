@@ -41,9 +41,7 @@ class PipelineStats:
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            lat = {
-                s: {"p50": _pct(v, 50), "p99": _pct(v, 99)} for s, v in self._lat.items() if v
-            }
+            lat = {s: {"p50": _pct(v, 50), "p99": _pct(v, 99)} for s, v in self._lat.items() if v}
             now = time.monotonic()
             recent = [t for t in self._done if now - t <= 5.0]
             fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 else 0.0

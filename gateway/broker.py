@@ -16,7 +16,7 @@ from typing import Literal
 
 from edge_agent.errors import MedgeError
 
-__all__ = ["RunningBroker", "free_port", "start_broker"]
+__all__ = ["RunningBroker", "free_port", "mosquitto_path", "start_broker"]
 
 log = logging.getLogger("medge.broker")
 
@@ -86,17 +86,27 @@ class RunningBroker:
             self._workdir = None
 
 
-def start_broker(kind: BrokerKind = "auto", host: str = "127.0.0.1", port: int = 0) -> RunningBroker:
+def mosquitto_path() -> str | None:
+    """The mosquitto executable, also where /usr/sbin is not on PATH."""
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    return "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+
+
+def start_broker(
+    kind: BrokerKind = "auto", host: str = "127.0.0.1", port: int = 0
+) -> RunningBroker:
     """Start a broker and return once it accepts connections."""
     port = port or free_port(host)
-    if kind == "mosquitto" or (kind == "auto" and shutil.which("mosquitto")):
+    if kind == "mosquitto" or (kind == "auto" and mosquitto_path()):
         return _start_mosquitto(host, port)
     return _start_amqtt(host, port)
 
 
 def _start_mosquitto(host: str, port: int) -> RunningBroker:
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not Path(exe).exists():
+    exe = mosquitto_path()
+    if exe is None:
         raise MedgeError("mosquitto is not installed (apt-get install mosquitto)")
     workdir = Path(tempfile.mkdtemp(prefix="medge-mosquitto-"))
     conf = workdir / "mosquitto.conf"
@@ -109,8 +119,9 @@ def _start_mosquitto(host: str, port: int) -> RunningBroker:
         f"log_dest file {workdir / 'mosquitto.log'}\n"
         "log_type error\nlog_type warning\n"
     )
-    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     broker = RunningBroker("mosquitto", host, port, "5")
     broker._proc, broker._workdir = proc, workdir
     if not _wait_listening(host, port, 10, lambda: proc.poll() is None):
@@ -137,8 +148,9 @@ def _start_amqtt(host: str, port: int) -> RunningBroker:
         broker._stopped = asyncio.Event()
         config = {
             "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin":
-                        {"allow_anonymous": True}},
+            "plugins": {
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+            },
         }
         server = Broker(config)
         try:

@@ -59,7 +59,8 @@ class Gateway:
         prefix = f"$share/{share_group}/" if share_group and self._v5 else ""
         self._subs = [(f"{prefix}{ROOT}/+/+/{kind}", 1) for kind in _UP]
         self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id,
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
             protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311,
         )
         self._client.reconnect_delay_set(min_delay=1, max_delay=10)
@@ -96,8 +97,9 @@ class Gateway:
     def _on_disconnect(self, _c: Any, _u: Any, _f: Any, rc: Any, _p: Any = None) -> None:
         self._connected.clear()
 
-    def _reject(self, where: str, why: str, site: str | None = None,
-                device: str | None = None) -> None:
+    def _reject(
+        self, where: str, why: str, site: str | None = None, device: str | None = None
+    ) -> None:
         with self._lock:
             self.stats.rejected += 1
         log.warning("rejected message on %s: %s", where, why)
@@ -130,11 +132,17 @@ class Gateway:
         elif env.kind == "state":
             state = env.body.get("state")
             if state not in ("online", "offline"):
-                self._reject(msg.topic, f"state {state!r} is not online/offline",
-                             env.site, env.device)
+                self._reject(
+                    msg.topic, f"state {state!r} is not online/offline", env.site, env.device
+                )
                 return
             bundle = env.body.get("bundle")
-            self.store.set_state(env.site, env.device, state, env.time,
-                                 bundle if isinstance(bundle, str) and bundle else None)
+            self.store.set_state(
+                env.site,
+                env.device,
+                state,
+                env.time,
+                bundle if isinstance(bundle, str) and bundle else None,
+            )
         else:
             self.store.set_telemetry(env.site, env.device, env.body)

@@ -63,8 +63,9 @@ class Store:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
-                                   timeout=30)
+        self._db = sqlite3.connect(
+            self.path, check_same_thread=False, isolation_level=None, timeout=30
+        )
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -125,9 +126,21 @@ class Store:
                     "INSERT INTO results (site, device, seq, kind, time, received, input, label,"
                     " label_name, pred, pred_label, score, body) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
                     " ON CONFLICT (site, device, seq) DO NOTHING",
-                    (env.site, env.device, env.seq, env.kind, env.time, now, _s(b.get("input")),
-                     _i(b.get("label")), _s(b.get("label_name")), _i(b.get("pred")),
-                     _s(b.get("pred_label")), score, json.dumps(b)),
+                    (
+                        env.site,
+                        env.device,
+                        env.seq,
+                        env.kind,
+                        env.time,
+                        now,
+                        _s(b.get("input")),
+                        _i(b.get("label")),
+                        _s(b.get("label_name")),
+                        _i(b.get("pred")),
+                        _s(b.get("pred_label")),
+                        score,
+                        json.dumps(b),
+                    ),
                 )
                 new = cur.rowcount == 1
                 column = "stored" if new else "duplicates"
@@ -141,8 +154,9 @@ class Store:
                 raise
         return new
 
-    def set_state(self, site: str, device: str, state: str, at: float,
-                  bundle: str | None = None) -> None:
+    def set_state(
+        self, site: str, device: str, state: str, at: float, bundle: str | None = None
+    ) -> None:
         with self._lock:
             self._touch(site, device, time.time())
             self._db.execute(
@@ -178,8 +192,13 @@ class Store:
             out.append(d)
         return out
 
-    def results(self, after_id: int = 0, limit: int = 100, site: str | None = None,
-                device: str | None = None) -> list[dict[str, Any]]:
+    def results(
+        self,
+        after_id: int = 0,
+        limit: int = 100,
+        site: str | None = None,
+        device: str | None = None,
+    ) -> list[dict[str, Any]]:
         """Results with id > after_id, oldest first; with after_id=0, the newest ``limit``."""
         where, args = ["id > ?"], [after_id]
         if site:
@@ -189,9 +208,11 @@ class Store:
             where.append("device = ?")
             args.append(device)
         order = "ASC" if after_id else "DESC"
-        sql = (f"SELECT id, site, device, seq, kind, time, received, input, label, label_name, "
-               f"pred, pred_label, score FROM results WHERE {' AND '.join(where)} "
-               f"ORDER BY id {order} LIMIT ?")
+        sql = (
+            f"SELECT id, site, device, seq, kind, time, received, input, label, label_name, "
+            f"pred, pred_label, score FROM results WHERE {' AND '.join(where)} "
+            f"ORDER BY id {order} LIMIT ?"
+        )
         with self._lock:
             rows = [dict(r) for r in self._db.execute(sql, (*args, limit)).fetchall()]
         return rows if after_id else rows[::-1]

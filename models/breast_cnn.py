@@ -61,8 +61,10 @@ def train(out: Path = WEIGHTS, epochs: int = 60, seed: int = 0) -> dict[str, flo
         y_val = d["val_labels"].astype("int64")
     # Flip and shift augmentation: ultrasound has no canonical left/right.
     aug = keras.Sequential(
-        [keras.layers.RandomFlip("horizontal", seed=seed),
-         keras.layers.RandomTranslation(0.1, 0.1, seed=seed)]
+        [
+            keras.layers.RandomFlip("horizontal", seed=seed),
+            keras.layers.RandomTranslation(0.1, 0.1, seed=seed),
+        ]
     )
     model = build()
     inp = keras.Input((28, 28, 1))
@@ -75,8 +77,13 @@ def train(out: Path = WEIGHTS, epochs: int = 60, seed: int = 0) -> dict[str, flo
     counts = np.bincount(y_train, minlength=2)
     class_weight = {i: float(len(y_train) / (2 * c)) for i, c in enumerate(counts)}
     trainer.fit(
-        x_train, y_train, batch_size=32, epochs=epochs, shuffle=True,
-        class_weight=class_weight, verbose=0,
+        x_train,
+        y_train,
+        batch_size=32,
+        epochs=epochs,
+        shuffle=True,
+        class_weight=class_weight,
+        verbose=0,
         callbacks=[keras.callbacks.ReduceLROnPlateau("loss", factor=0.5, patience=6)],
     )
     probs = model.predict(x_val, verbose=0)

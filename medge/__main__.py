@@ -1,0 +1,5 @@
+import sys
+
+from medge.cli import main
+
+sys.exit(main())

@@ -1,0 +1,376 @@
+"""The ``medge`` command. Subcommands import their part of medge only when they run, so the
+device's ``medge agent`` never imports the converter (or TensorFlow)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from edge_agent.errors import MedgeError
+from medge import __version__
+
+__all__ = ["main"]
+
+EXIT_ERROR = 2
+
+
+def _common(p: argparse.ArgumentParser, json_flag: bool = False) -> None:
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="how much to log on stderr (default: info)",
+    )
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+
+
+def _preprocess(spec: str) -> Any:
+    from edge_agent.bundle import Preprocess
+
+    kind, _, rest = spec.partition(":")
+    if kind == "mean_std":
+        try:
+            mean_s, std_s = rest.split("/")
+            mean = [float(v) for v in mean_s.split(",")]
+            std = [float(v) for v in std_s.split(",")]
+        except ValueError as exc:
+            raise MedgeError("--preprocess mean_std:M1,M2,../S1,S2,.. (per channel)") from exc
+        return Preprocess(kind="mean_std", mean=mean, std=std)
+    if kind not in ("none", "scale01", "zscore") or rest:
+        raise MedgeError(f"--preprocess '{spec}': one of none, scale01, zscore, mean_std:M/S")
+    return Preprocess(kind=kind)
+
+
+def _budget(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        metric, _, drop = item.partition("=")
+        try:
+            out[metric] = float(drop)
+        except ValueError as exc:
+            raise MedgeError(f"--budget '{item}': use METRIC=DROP, e.g. sensitivity=0.005") from exc
+    return out
+
+
+def cmd_convert(a: argparse.Namespace) -> int:
+    from converter import ConvertRequest, convert
+
+    bundle = convert(
+        ConvertRequest(
+            model=a.model,
+            calib=a.calib,
+            eval=a.eval,
+            out=a.out,
+            profile=a.profile,
+            preprocess=_preprocess(a.preprocess),
+            labels=a.labels.split(",") if a.labels else None,
+            positive_label=a.positive,
+            threshold=a.threshold,
+            name=a.name,
+            calib_split=a.calib_split,
+            eval_split=a.eval_split,
+            force=a.force,
+            budget=_budget(a.budget),
+        )
+    )
+    m = bundle.manifest
+    if a.json:
+        print(
+            json.dumps(
+                {"bundle": bundle.id, "path": str(bundle.directory), "metrics": m.metrics}, indent=2
+            )
+        )
+    else:
+        print(f"wrote {bundle.directory} ({bundle.id})")
+        for variant, metrics in m.metrics.items():
+            shown = ", ".join(
+                f"{k} {v:.4f}"
+                for k, v in metrics.items()
+                if k in ("accuracy", "sensitivity", "specificity", "auc") and v is not None
+            )
+            print(f"  {variant:12s} {shown}")
+        print(f"  report: {bundle.directory / 'report.md'}")
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from converter import evaluate_bundle
+
+    result = evaluate_bundle(a.bundle, a.data, a.split)
+    if a.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for k, v in result.items():
+            if k != "confusion":
+                print(f"{k:14s} {v:.4f}" if isinstance(v, float) else f"{k:14s} {v}")
+    return 0
+
+
+def cmd_agent_run(a: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from edge_agent import Agent, load_config
+
+    agent = Agent(load_config(a.config))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    report = agent.run(stop, drain_timeout=a.drain_timeout)
+    print(
+        json.dumps(report.__dict__)
+        if a.json
+        else f"{report.device}: sent {report.sent}, acknowledged {report.acked}, "
+        f"still in the outbox {report.pending}"
+    )
+    return 0
+
+
+def cmd_agent_check(a: argparse.Namespace) -> int:
+    from edge_agent import load_config
+
+    cfg = load_config(a.config)
+    print(f"{a.config}: OK (site {cfg.site}, device {cfg.device}, bundle {cfg.bundle})")
+    return 0
+
+
+def cmd_gateway_run(a: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from gateway import Gateway, Store
+
+    host, _, port = a.broker.rpartition(":")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with (
+        Store(a.db) as store,
+        Gateway(
+            store,
+            host or "127.0.0.1",
+            int(port),
+            a.protocol,
+            client_id=a.client_id,
+            share_group=a.share_group,
+        ) as gw,
+    ):
+        logging.getLogger("medge.gateway").info("storing into %s; Ctrl-C to stop", a.db)
+        stop.wait()
+        print(json.dumps(gw.stats.__dict__))
+    return 0
+
+
+def cmd_dashboard(a: argparse.Namespace) -> int:
+    from gateway.dashboard import run_dashboard
+
+    run_dashboard(a.db, a.host, a.port)
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from medge.demo import DemoOptions, run_demo
+
+    summary = run_demo(
+        DemoOptions(
+            duration=a.duration,
+            devices=a.devices,
+            broker=a.broker,
+            host=a.host,
+            port=a.port,
+            rate_hz=a.rate,
+            bundle=a.bundle,
+            workdir=a.workdir,
+        )
+    )
+    ok = all(s.ok for s in summary)
+    if a.json:
+        print(json.dumps({"ok": ok, "devices": [s.__dict__ for s in summary]}, indent=2))
+    else:
+        print(f"{'device':10s} {'sent':>6s} {'stored':>7s} {'duplicates':>11s} {'pending':>8s}")
+        for s in summary:
+            print(f"{s.device:10s} {s.sent:6d} {s.stored:7d} {s.duplicates:11d} {s.pending:8d}")
+        print("every result sent was stored" if ok else "LOSS: some results were not stored")
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="medge",
+        description="Take medical deep-learning models to edge devices and watch them work.",
+        epilog="Start with 'medge demo' to see the whole chain on this machine.",
+    )
+    p.add_argument("--version", action="version", version=f"medge {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser(
+        "convert",
+        help="quantize a trained model into a verified bundle",
+        description="Convert a Keras model to a full-int8 LiteRT bundle for a "
+        "device profile, and report float vs int8 on the evaluation data.",
+    )
+    c.add_argument("model", type=Path, help="trained model (.keras)")
+    c.add_argument(
+        "--calib", type=Path, required=True, help="calibration data: npz with x (or <split>_images)"
+    )
+    c.add_argument(
+        "--eval",
+        type=Path,
+        required=True,
+        help="labelled evaluation data: npz with x/y (or <split>_images/_labels)",
+    )
+    c.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    c.add_argument(
+        "--profile",
+        default="x86",
+        choices=["rpi4", "rpi5", "jetson", "x86"],
+        help="target device profile (default: x86)",
+    )
+    c.add_argument(
+        "--preprocess",
+        default="none",
+        help="how raw samples become model input: none, scale01 (x/255), zscore "
+        "(per window, per channel), mean_std:M1,M2/S1,S2 (default: none)",
+    )
+    c.add_argument(
+        "--labels",
+        help="class names in output order, comma-separated (default: the npz's 'labels' array)",
+    )
+    c.add_argument("--positive", help="the clinically positive class, for sensitivity")
+    c.add_argument(
+        "--threshold",
+        type=float,
+        help="binary models: predict the positive class when its score >= this",
+    )
+    c.add_argument("--name", help="bundle name (default: the model file's stem)")
+    c.add_argument(
+        "--calib-split", help="split of a MedMNIST-style calibration npz (default train)"
+    )
+    c.add_argument("--eval-split", help="split of a MedMNIST-style evaluation npz (default val)")
+    c.add_argument(
+        "--budget",
+        action="append",
+        default=[],
+        metavar="METRIC=DROP",
+        help="largest allowed drop from float, e.g. sensitivity=0.005 (repeatable); "
+        "exceeded: no bundle, exit 2",
+    )
+    c.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    _common(c, json_flag=True)
+    c.set_defaults(func=cmd_convert)
+
+    e = sub.add_parser(
+        "evaluate",
+        help="measure a bundle on labelled data",
+        description="Run a bundle's artifact with the device runtime and its own "
+        "preprocessing over labelled data; print accuracy, sensitivity, "
+        "specificity, precision, F1 and AUC.",
+    )
+    e.add_argument("bundle", type=Path, help="bundle directory")
+    e.add_argument("--data", type=Path, required=True, help="labelled npz")
+    e.add_argument("--split", help="split of a MedMNIST-style npz (default: x/y, else val)")
+    _common(e, json_flag=True)
+    e.set_defaults(func=cmd_evaluate)
+
+    ag = sub.add_parser(
+        "agent",
+        help="the on-device runtime",
+        description="Run the edge agent, or check its configuration file.",
+    )
+    agsub = ag.add_subparsers(dest="agent_command", required=True, metavar="ACTION")
+    r = agsub.add_parser(
+        "run",
+        help="run the agent with a YAML config",
+        description="Load and verify the bundle, replay the source, publish "
+        "results through the disk outbox until the source ends or Ctrl-C.",
+    )
+    r.add_argument("--config", type=Path, required=True, help="agent YAML (see docs/config.md)")
+    r.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=10.0,
+        help="seconds to wait for acks before exiting (default 10)",
+    )
+    _common(r, json_flag=True)
+    r.set_defaults(func=cmd_agent_run)
+    k = agsub.add_parser("check-config", help="validate an agent YAML and point at the bad line")
+    k.add_argument("config", type=Path)
+    _common(k)
+    k.set_defaults(func=cmd_agent_check)
+
+    g = sub.add_parser(
+        "gateway",
+        help="the fog-node service",
+        description="Subscribe to devices, store each result once, acknowledge.",
+    )
+    gsub = g.add_subparsers(dest="gateway_command", required=True, metavar="ACTION")
+    gr = gsub.add_parser("run", help="run the gateway against a broker")
+    gr.add_argument("--broker", default="127.0.0.1:1883", help="HOST:PORT (default 127.0.0.1:1883)")
+    gr.add_argument("--protocol", default="5", choices=["5", "3.1.1"], help="MQTT version")
+    gr.add_argument("--db", type=Path, default=Path("gateway.sqlite"), help="SQLite store")
+    gr.add_argument("--client-id", default="medge-gateway", help="MQTT client id of this worker")
+    gr.add_argument("--share-group", help="MQTT 5 shared-subscription group for several workers")
+    _common(gr)
+    gr.set_defaults(func=cmd_gateway_run)
+
+    d = sub.add_parser(
+        "dashboard",
+        help="serve the live web dashboard of a gateway store",
+        description="Serve the fleet and the live results of a gateway store.",
+    )
+    d.add_argument("--db", type=Path, default=Path("gateway.sqlite"), help="SQLite store")
+    d.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
+    d.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    _common(d)
+    d.set_defaults(func=cmd_dashboard)
+
+    m = sub.add_parser(
+        "demo",
+        help="the whole chain on this machine, on real recorded data",
+        description="Start a broker (Mosquitto if installed, else embedded), the "
+        "gateway, the dashboard and simulated devices replaying BreastMNIST "
+        "ultrasound images through the zoo's int8 CNN. Ctrl-C stops it; with "
+        "--duration it stops by itself, prints per-device sent/stored/duplicates "
+        "and exits 1 if anything sent was not stored.",
+    )
+    m.add_argument("--duration", type=float, help="seconds to run (default: until Ctrl-C)")
+    m.add_argument("--devices", type=int, default=2, help="simulated devices (default 2)")
+    m.add_argument(
+        "--broker",
+        default="auto",
+        choices=["auto", "mosquitto", "embedded"],
+        help="which broker to start (default: mosquitto if installed)",
+    )
+    m.add_argument("--host", default="127.0.0.1", help="dashboard address (default loopback)")
+    m.add_argument("--port", type=int, default=8080, help="dashboard port (0: any free one)")
+    m.add_argument("--rate", type=float, default=4.0, help="images per second per device")
+    m.add_argument("--bundle", type=Path, help="use this bundle instead of the zoo's CNN")
+    m.add_argument("--workdir", type=Path, help="where stores and outboxes go (default: temp)")
+    _common(m, json_flag=True)
+    m.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except MedgeError as exc:
+        print(f"medge: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

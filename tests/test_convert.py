@@ -1,0 +1,136 @@
+"""The converter and `medge evaluate`, through the real command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_agent.bundle import Bundle
+from models import breast_cnn
+
+pytestmark = pytest.mark.slow
+
+DATA = str(breast_cnn.DATA)
+
+
+def medge(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "medge", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_int8_keeps_the_float_models_clinical_performance(bundle_dir: Path) -> None:
+    report = json.loads((bundle_dir / "report.json").read_text())
+    fl, q = report["float"], report["litert-int8"]
+    assert report["eval"]["n"] == 78
+    assert report["agreement"]["litert-int8"] >= 0.97
+    for metric in ("accuracy", "sensitivity", "specificity"):
+        assert fl[metric] - q[metric] <= 0.03, metric
+    assert fl["auc"] - q["auc"] <= 0.03
+    assert q["auc"] > 0.8, "the zoo CNN must actually detect malignancy"
+    assert report["size_bytes"]["litert-int8"] < 0.5 * report["size_bytes"]["keras"]
+    md = (bundle_dir / "report.md").read_text()
+    assert "| sensitivity |" in md and "Confusion matrix" in md
+
+
+def test_evaluate_cli_reproduces_the_bundles_own_int8_metrics(bundle_dir: Path) -> None:
+    r = medge("evaluate", str(bundle_dir), "--data", DATA, "--split", "val", "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    want = Bundle.load(bundle_dir).manifest.metrics["litert-int8"]
+    assert got["n"] == 78 and got["artifact"] == "litert-int8"
+    for k in ("accuracy", "sensitivity", "specificity", "auc"):
+        assert got[k] == pytest.approx(want[k], abs=1e-12), k
+
+
+def test_evaluate_reads_plain_x_y_npz(bundle_dir: Path, tmp_path: Path) -> None:
+    with np.load(DATA) as d:
+        np.savez(tmp_path / "xy.npz", x=d["val_images"][:20], y=d["val_labels"][:20])
+    r = medge("evaluate", str(bundle_dir), "--data", str(tmp_path / "xy.npz"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["n"] == 20
+
+
+def test_budget_not_met_exits_nonzero_and_leaves_no_bundle(tmp_path: Path) -> None:
+    out = tmp_path / "b"
+    r = medge(
+        "convert",
+        str(breast_cnn.WEIGHTS),
+        "--calib",
+        DATA,
+        "--calib-split",
+        "train",
+        "--eval",
+        DATA,
+        "--eval-split",
+        "val",
+        "--preprocess",
+        "scale01",
+        "--labels",
+        "malignant,benign",
+        "--positive",
+        "malignant",
+        "--out",
+        str(out),
+        "--budget",
+        "auc=0",
+        "--budget",
+        "accuracy=0.5",
+    )
+    # int8 output quantization coarsens the scores, so AUC cannot stay exactly equal
+    assert r.returncode == 2
+    assert "accuracy budget not met: auc dropped" in r.stderr
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == [], "no partial bundle or staging directory left"
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        ("corrupt-model", "cannot load Keras model"),
+        ("wrong-shape", "do not fit model input"),
+        ("wrong-labels", "model has 2 outputs but 3 labels"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path: Path, make: str, message: str) -> None:
+    model, calib, labels = str(breast_cnn.WEIGHTS), DATA, "malignant,benign"
+    if make == "corrupt-model":
+        bad = tmp_path / "bad.keras"
+        bad.write_bytes(breast_cnn.WEIGHTS.read_bytes()[:5000])
+        model = str(bad)
+    elif make == "wrong-shape":
+        np.savez(tmp_path / "c.npz", x=np.zeros((8, 30, 30), np.uint8))
+        calib = str(tmp_path / "c.npz")
+    else:
+        labels = "a,b,c"
+    out = tmp_path / "out"
+    r = medge(
+        "convert",
+        model,
+        "--calib",
+        calib,
+        "--eval",
+        DATA,
+        "--eval-split",
+        "val",
+        "--labels",
+        labels,
+        "--out",
+        str(out),
+        "--preprocess",
+        "scale01",
+    )
+    assert r.returncode == 2
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("medge: error:")]
+    assert len(errors) == 1 and message in errors[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists()

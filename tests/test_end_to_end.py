@@ -1,0 +1,139 @@
+"""The whole chain against real brokers: every image sent is stored exactly once."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_agent import Agent, AgentConfig, Bundle, LoadedModel
+from edge_agent.envelope import Envelope, decode_ack, encode
+from edge_agent.topics import topic
+from gateway import Gateway, Store
+from gateway.broker import RunningBroker
+from models import breast_cnn
+
+pytestmark = pytest.mark.slow
+
+
+def _config(bundle: Path, broker: RunningBroker, tmp: Path, **source: object) -> AgentConfig:
+    return AgentConfig(
+        site="ward-a",
+        device="us-01",
+        bundle=bundle,
+        broker={"host": broker.host, "port": broker.port, "protocol": broker.protocol},
+        source={"path": breast_cnn.DATA, "split": "val", "rate_hz": 0, **source},
+        outbox={"path": tmp / "outbox.sqlite", "resend_after_s": 0.5},
+        telemetry_interval_s=0.2,
+    )
+
+
+def _expected(bundle: Path) -> tuple[np.ndarray, list[int]]:
+    with np.load(breast_cnn.DATA) as d:
+        x, y = d["val_images"], d["val_labels"].astype(int)
+    model = LoadedModel(Bundle.load(bundle))
+    return y, [model.predict(s).pred for s in x]
+
+
+def _check_exactly_once(store: Store, bundle: Path) -> None:
+    y, preds = _expected(bundle)
+    rows = store.results(limit=1000)
+    assert len(rows) == len(y) == 78
+    assert len({r["seq"] for r in rows}) == 78, "no (device, seq) stored twice"
+    by_index = {int(r["input"].rsplit("#", 1)[1]): r for r in rows}
+    assert sorted(by_index) == list(range(78)), "every image arrived"
+    for i, r in by_index.items():
+        assert r["label"] == y[i], f"image {i}: ground truth"
+        assert r["pred"] == preds[i], f"image {i}: prediction equals the device's model"
+        assert r["label_name"] == breast_cnn.CLASS_NAMES[y[i]]
+        assert r["pred_label"] == breast_cnn.CLASS_NAMES[preds[i]]
+
+
+@pytest.mark.parametrize("broker_fixture", ["mosquitto", "embedded_broker"])
+def test_every_image_is_stored_exactly_once(
+    bundle_dir: Path, tmp_path: Path, broker_fixture: str, request: pytest.FixtureRequest
+) -> None:
+    broker: RunningBroker = request.getfixturevalue(broker_fixture)
+    with (
+        Store(tmp_path / "gw.sqlite") as store,
+        Gateway(store, broker.host, broker.port, broker.protocol) as gw,
+    ):
+        report = Agent(_config(bundle_dir, broker, tmp_path)).run(threading.Event())
+        assert (report.sent, report.acked, report.pending) == (78, 78, 0)
+        _check_exactly_once(store, bundle_dir)
+        assert gw.stats.rejected == 0
+        deadline = time.monotonic() + 5
+        while store.devices()[0]["state"] != "offline" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        dev = store.devices()[0]
+        assert dev["state"] == "offline", "a clean stop is announced on the retained state topic"
+        assert dev["bundle"] == Bundle.load(bundle_dir).id
+        assert dev["telemetry"]["results"] == 78 and dev["telemetry"]["outbox_depth"] == 0
+
+
+def test_results_wait_in_the_outbox_until_a_gateway_stores_them(
+    bundle_dir: Path, tmp_path: Path, mosquitto: RunningBroker
+) -> None:
+    """The broker takes every message (PUBACK) while no gateway listens; none is deleted
+    until the gateway, started later, acknowledges it."""
+    agent = Agent(_config(bundle_dir, mosquitto, tmp_path))
+    result: list[object] = []
+    t = threading.Thread(target=lambda: result.append(agent.run(threading.Event(), 30.0)))
+    t.start()
+    deadline = time.monotonic() + 10
+    while agent.sent < 78 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert agent.sent == 78
+    from edge_agent.outbox import Outbox
+
+    with Outbox(tmp_path / "outbox.sqlite", "ward-a", "us-01") as box:
+        assert box.depth() == 78, "nothing acknowledged while no gateway runs"
+    with Store(tmp_path / "gw.sqlite") as store, Gateway(store, mosquitto.host, mosquitto.port):
+        t.join(timeout=40)
+        assert result and result[0].pending == 0  # type: ignore[attr-defined]
+        _check_exactly_once(store, bundle_dir)
+
+
+def test_duplicates_are_acked_not_stored_and_bad_messages_rejected(
+    tmp_path: Path, mosquitto: RunningBroker
+) -> None:
+    acks: list[int] = []
+    got_ack = threading.Event()
+
+    def on_message(_c, _u, msg):  # type: ignore[no-untyped-def]
+        acks.extend(decode_ack(msg.payload))
+        got_ack.set()
+
+    with (
+        Store(tmp_path / "gw.sqlite") as store,
+        Gateway(store, mosquitto.host, mosquitto.port) as gw,
+    ):
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        c.on_message = on_message
+        c.connect(mosquitto.host, mosquitto.port)
+        c.loop_start()
+        c.subscribe(topic("ward-a", "us-09", "ack"), qos=1)
+        time.sleep(0.3)
+        t_result = topic("ward-a", "us-09", "result")
+        env = Envelope("result", "ward-a", "us-09", 42, time.time(), {"pred": 1, "label": 1})
+        c.publish(t_result, b"\x00garbage", qos=1)
+        c.publish(t_result, encode(Envelope("result", "ward-a", "us-08", 1, 1.0, {})), qos=1)
+        c.publish(topic("ward-a", "us-09", "event"), encode(env), qos=1)  # kind != topic
+        for _ in range(2):
+            c.publish(t_result, encode(env), qos=1).wait_for_publish(5)
+        deadline = time.monotonic() + 5
+        while len(acks) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        c.loop_stop()
+        c.disconnect()
+        assert acks == [42, 42], "the resend is acknowledged again: its first ack may be lost"
+        assert store.result_count() == 1
+        dev = next(d for d in store.devices() if d["device"] == "us-09")
+        assert (dev["stored"], dev["duplicates"], dev["rejected"]) == (1, 1, 3)
+        assert (gw.stats.stored, gw.stats.duplicates, gw.stats.rejected) == (1, 1, 3)

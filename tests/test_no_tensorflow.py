@@ -1,0 +1,72 @@
+"""The device never imports TensorFlow, Keras, or another medge package."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from gateway import Gateway, Store
+from gateway.broker import RunningBroker
+
+FORBIDDEN = ("tensorflow", "keras", "tf_keras", "torch", "converter", "models", "gateway")
+
+pytestmark = pytest.mark.slow
+
+
+def test_running_the_agent_imports_no_tensorflow(
+    bundle_dir: Path, mosquitto: RunningBroker, tmp_path: Path
+) -> None:
+    from models import breast_cnn
+
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        textwrap.dedent(f"""\
+        site: ward-a
+        device: us-01
+        bundle: {bundle_dir}
+        broker: {{host: {mosquitto.host}, port: {mosquitto.port}, protocol: "5"}}
+        source: {{path: {breast_cnn.DATA}, split: val, rate_hz: 0, limit: 10}}
+        outbox: {{path: {tmp_path / "outbox.sqlite"}}}
+        """)
+    )
+    with Store(tmp_path / "gw.sqlite") as store, Gateway(store, mosquitto.host, mosquitto.port):
+        # -X importtime lists every module the real entry point imports
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-X",
+                "importtime",
+                "-m",
+                "medge",
+                "agent",
+                "run",
+                "--config",
+                str(config),
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert '"acked": 10' in r.stdout
+        assert store.result_count() == 10
+    imported = {
+        m.group(1).strip().split(".")[0]
+        for m in re.finditer(r"^import time:\s+\d+ \|\s+\d+ \|\s+(\S.*)$", r.stderr, re.M)
+    }
+    assert "ai_edge_litert" in imported and "edge_agent" in imported
+    assert not imported & set(FORBIDDEN), sorted(imported & set(FORBIDDEN))
+
+
+def test_edge_agent_source_has_no_forbidden_imports() -> None:
+    root = Path(__file__).parent.parent / "edge_agent"
+    pattern = re.compile(rf"^\s*(import|from)\s+({'|'.join(FORBIDDEN)})\b", re.M)
+    offenders = [str(p) for p in root.rglob("*.py") if pattern.search(p.read_text())]
+    assert offenders == []
