@@ -223,3 +223,42 @@ def test_page_counts_a_duplicate_without_a_new_row(store: Store, page: Any) -> N
         expect(page.locator("tr.result").first.locator(".check")).to_have_text("—")
         expect(page.locator("#result-count")).to_have_text("2 shown")
         shoot(page, "duplicate")
+
+
+@pytest.mark.slow
+def test_whole_chain_as_a_person_watches_it(
+    bundle_dir: Path, mosquitto: Any, tmp_path: Path, page: Any
+) -> None:
+    """A real device, through a real Mosquitto and gateway, on the page a person opens."""
+    import threading
+
+    from edge_agent import Agent, AgentConfig
+    from gateway import Gateway
+    from models import breast_cnn
+
+    cfg = AgentConfig(
+        site="icu-2", device="us-07", bundle=bundle_dir,
+        broker={"host": mosquitto.host, "port": mosquitto.port},
+        source={"path": breast_cnn.DATA, "split": "val", "rate_hz": 15, "limit": 40},
+        outbox={"path": tmp_path / "outbox.sqlite"}, telemetry_interval_s=0.3,
+    )
+    db = tmp_path / "gw.sqlite"
+    with Store(db) as gw_store, Gateway(gw_store, mosquitto.host, mosquitto.port), \
+            DashboardServer(db, port=0) as dash:
+        page.goto(dash.url)
+        agent = Agent(cfg)
+        runner = threading.Thread(target=agent.run, args=(threading.Event(),))
+        runner.start()
+        row = page.locator('tr[data-device="icu-2/us-07"]')
+        expect(row.locator(".state")).to_have_text("online", timeout=TIMEOUT_MS)
+        expect(page.locator("tr.result").first).to_be_visible(timeout=TIMEOUT_MS)
+        expect(row.locator(".fps")).not_to_have_text("—", timeout=TIMEOUT_MS)
+        assert float(row.locator(".fps").inner_text()) > 0
+        runner.join(timeout=30)
+        expect(page.locator("tr.result")).to_have_count(40, timeout=TIMEOUT_MS)
+        expect(row.locator(".stored")).to_have_text("40", timeout=TIMEOUT_MS)
+        expect(row.locator(".state")).to_have_text("offline", timeout=TIMEOUT_MS)
+        expect(row.locator(".bundle")).to_contain_text("breast-cnn@")
+        truths = page.locator("tr.result .truth").all_inner_texts()
+        assert set(truths) <= {"malignant", "benign"} and len(truths) == 40
+        shoot(page, "whole-chain")
