@@ -1,8 +1,10 @@
-"""Keras model + calibration and evaluation data -> a verified full-int8 LiteRT bundle.
+"""Keras model + calibration and evaluation data -> a verified bundle: full-int8 LiteRT, plus
+ONNX fp32 and QDQ int8 for ONNX Runtime / TensorRT (converter.onnx_artifacts).
 
-TensorFlow runs only in a child process (converter.litert_child); this process prepares the
-data with the agent's own preprocessing, evaluates the result with the agent's own runtime,
-and writes the bundle into a temporary directory that is renamed into place only when complete.
+TensorFlow runs only in child processes (converter.litert_child, converter.onnx_child); this
+process prepares the data with the agent's own preprocessing, evaluates every artifact with
+the agent's own runtime, and writes the bundle into a temporary directory that is renamed
+into place only when complete.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -27,6 +30,7 @@ import numpy as np
 
 from converter.errors import ConversionError
 from converter.metrics import agreement, classification_metrics
+from converter.onnx_artifacts import onnx_artifacts
 from converter.report import write_markdown
 from edge_agent.backends import open_backend
 from edge_agent.bundle import (
@@ -38,8 +42,10 @@ from edge_agent.bundle import (
     Preprocess,
     Provenance,
     file_entry,
+    sign_bundle,
     write_manifest,
 )
+from edge_agent.keys import load_signer_key
 from edge_agent.model import LoadedModel
 from edge_agent.preprocess import normalize
 from edge_agent.sources.npz import load_labelled
@@ -70,6 +76,7 @@ class ConvertRequest:
     eval_split: str | None = None
     force: bool = False
     budget: dict[str, float] = field(default_factory=dict)
+    sign_key: Path | None = None
 
 
 def _medge_version() -> str:
@@ -90,13 +97,19 @@ def _prepare(x: np.ndarray, spec: Preprocess) -> np.ndarray:
     return np.stack([normalize(spec, s) for s in x]).astype(np.float32)
 
 
-def _run_child(job: dict[str, Any], workdir: Path) -> None:
-    job_file = workdir / "job.json"
+def _run_child(
+    job: dict[str, Any],
+    workdir: Path,
+    module: str = "converter.litert_child",
+    what: str = "LiteRT int8 conversion",
+    args: Sequence[str] = (),
+) -> None:
+    job_file = workdir / f"job-{module.rsplit('.', 1)[-1]}{''.join('-' + a for a in args)}.json"
     job_file.write_text(json.dumps(job))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "converter.litert_child", str(job_file)],
+            [sys.executable, "-m", module, *args, str(job_file)],
             capture_output=True,
             text=True,
             timeout=CHILD_TIMEOUT_S,
@@ -104,16 +117,14 @@ def _run_child(job: dict[str, Any], workdir: Path) -> None:
             check=False,
         )
     except subprocess.TimeoutExpired as exc:
-        raise ConversionError(
-            f"LiteRT int8 conversion timed out after {CHILD_TIMEOUT_S} s"
-        ) from exc
+        raise ConversionError(f"{what} timed out after {CHILD_TIMEOUT_S} s") from exc
     if proc.returncode == 0:
         return
     if proc.returncode < 0:
         sig = signal.Signals(-proc.returncode).name
-        raise ConversionError(f"LiteRT int8 conversion crashed the converter process ({sig})")
+        raise ConversionError(f"{what} crashed the converter process ({sig})")
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    raise ConversionError(lines[-1] if lines else f"LiteRT conversion failed ({proc.returncode})")
+    raise ConversionError(lines[-1] if lines else f"{what} failed ({proc.returncode})")
 
 
 def convert(req: ConvertRequest) -> Bundle:
@@ -127,6 +138,8 @@ def convert(req: ConvertRequest) -> Bundle:
         raise ConversionError(
             f"budget metric '{unknown[0]}' is not one of {', '.join(BUDGET_METRICS)}"
         )
+    if req.sign_key is not None:
+        load_signer_key(req.sign_key)  # fail before the long work, not after
     if req.out.exists() and any(req.out.iterdir()) and not req.force:
         raise ConversionError(f"{req.out} exists and is not empty (use --force to replace it)")
     xc, _, _ = load_labelled(req.calib, req.calib_split, prefer=("train", "val", "test"))
@@ -182,6 +195,16 @@ def convert(req: ConvertRequest) -> Bundle:
             inputs=inputs,
             outputs=backend.outputs,
         )
+        onnx = onnx_artifacts(
+            req.model, work / "calib.npy", stage, work, req.profile, layout, _run_child
+        )
+        warnings += onnx.warnings
+        artifacts = [artifact, *onnx.artifacts]
+        strategy = "litert full-int8 (TFLiteConverter)"
+        if onnx.artifacts:
+            strategy += f"; onnx fp32 ({onnx.info['route']}, opset {onnx.info['opset']})"
+        if "scheme" in onnx.info:
+            strategy += f"; onnx int8 ({onnx.info['scheme']})"
         positive = labels.index(req.positive_label) if req.positive_label else None
         decode = Decode(kind="classification", activation="softmax", threshold=req.threshold)
 
@@ -202,7 +225,7 @@ def convert(req: ConvertRequest) -> Bundle:
                 decode=decode,
                 labels=labels,
                 positive_label=req.positive_label,
-                artifacts=[artifact],
+                artifacts=artifacts,
                 files=files,
                 metrics=metrics,
                 provenance=Provenance(
@@ -211,50 +234,65 @@ def convert(req: ConvertRequest) -> Bundle:
                     converter_version=_medge_version(),
                     calibration_sha256=_sha256_bytes(xc),
                     calibration_count=len(xc),
-                    strategy="litert full-int8 (TFLiteConverter)",
+                    strategy=strategy,
                 ),
             )
 
         write_manifest(stage, manifest({}))
-        model = LoadedModel(Bundle.load(stage))
-        int8_scores, int8_pred, latencies = [], [], []
-        for s in xe:
-            t = time.perf_counter()
-            c = model.predict(s)
-            latencies.append(time.perf_counter() - t)
-            int8_scores.append(c.scores)
-            int8_pred.append(c.pred)
+        staged = Bundle.load(stage)
+        model = LoadedModel(staged)
+        # every artifact, run by the agent's own code: variant -> (scores, predictions, latencies)
+        runs = {
+            f"{a.runtime}-{a.precision}": _run_variant(
+                LoadedModel(staged, a.runtime, precision=a.precision), xe
+            )
+            for a in artifacts
+        }
+        files = {f"{a.runtime}-{a.precision}": a.file for a in artifacts}
         float_pred = np.array([model.decode(row).pred for row in float_scores])
         float_m = classification_metrics(ye, _class_scores(float_scores), float_pred, positive)
-        int8_m = classification_metrics(ye, np.array(int8_scores), np.array(int8_pred), positive)
+        variant_m = {
+            k: classification_metrics(ye, scores, pred, positive)
+            for k, (scores, pred, _) in runs.items()
+        }
         report = {
             "model": req.model.name,
             "profile": req.profile,
             "labels": labels,
             "positive_label": req.positive_label,
             "eval": {"file": req.eval.name, "n": len(xe)},
+            "variants": ["float", *runs],
             "float": float_m,
-            "litert-int8": int8_m,
-            "agreement": {"litert-int8": agreement(float_pred, int8_pred)},
+            **variant_m,
+            "agreement": {k: agreement(float_pred, pred) for k, (_, pred, _) in runs.items()},
             "size_bytes": {
                 "keras": req.model.stat().st_size,
-                "litert-int8": (stage / artifact_name).stat().st_size,
+                **{k: (stage / f).stat().st_size for k, f in files.items()},
             },
             "latency_ms": {
-                "litert-int8": {
-                    "p50": float(np.percentile(latencies, 50) * 1e3),
-                    "p99": float(np.percentile(latencies, 99) * 1e3),
+                k: {
+                    "p50": float(np.percentile(lat, 50) * 1e3),
+                    "p99": float(np.percentile(lat, 99) * 1e3),
                 }
+                for k, (_, _, lat) in runs.items()
             },
             "convert_seconds": round(convert_s, 1),
+            "onnx": onnx.info,
             "warnings": warnings,
         }
-        _check_budget(req.budget, float_m, int8_m)
+        _check_budget(req.budget, float_m, variant_m["litert-int8"])
         (stage / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         write_markdown(stage / "report.md", report)
-        summary = {k: _scalars(report[k]) for k in ("float", "litert-int8")}
+        summary = {k: _scalars(report[k]) for k in report["variants"]}
         write_manifest(stage, manifest(summary))
-        Bundle.load(stage)  # the bundle we ship must pass the device's own checks
+        trusted = None
+        if req.sign_key is not None:
+            key = load_signer_key(req.sign_key)
+            sign_bundle(stage, key)
+            trusted = [key.public_key()]
+        else:
+            log.warning("bundle is not signed (no --sign-key): devices will refuse it")
+        Bundle.load(stage, trusted)  # the bundle we ship must pass the device's own checks
         if req.out.exists():
             shutil.rmtree(req.out)
         stage.rename(req.out)
@@ -276,6 +314,20 @@ def _check_budget(budget: dict[str, float], ref: dict[str, Any], got: dict[str, 
                 f"accuracy budget not met: {metric} dropped {a - b:.4f} > {allowed} "
                 f"(float {a:.4f}, int8 {b:.4f}); no bundle written"
             )
+
+
+def _run_variant(
+    model: LoadedModel, samples: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """Predict every sample one at a time, as a device does; time each whole prediction."""
+    scores, pred, latencies = [], [], []
+    for s in samples:
+        t = time.perf_counter()
+        c = model.predict(s)
+        latencies.append(time.perf_counter() - t)
+        scores.append(c.scores)
+        pred.append(c.pred)
+    return np.array(scores), np.array(pred), latencies
 
 
 def _class_scores(probs: np.ndarray) -> np.ndarray:

@@ -17,10 +17,15 @@ __all__ = ["evaluate_bundle"]
 
 
 def evaluate_bundle(
-    bundle_dir: str | Path, data: str | Path, split: str | None = None, runtime: str = "litert"
+    bundle_dir: str | Path,
+    data: str | Path,
+    split: str | None = None,
+    runtime: str = "litert",
+    precision: str | None = None,
 ) -> dict[str, Any]:
+    """Metrics of one artifact: the first of ``runtime``, or the one of ``precision``."""
     bundle = Bundle.load(bundle_dir)
-    model = LoadedModel(bundle, runtime)
+    model = LoadedModel(bundle, runtime, precision=precision)
     x, y, _ = load_labelled(data, split)
     if y is None:
         raise ConversionError(f"{data}: evaluation needs labels (y or <split>_labels)")

@@ -9,11 +9,13 @@ from typing import Any
 
 from edge_agent.bundle import Bundle
 from edge_agent.config import AgentConfig
+from edge_agent.envelope import Sealer
+from edge_agent.identity import DEVICE_CERT, DEVICE_KEY, SITE_CA, DeviceIdentity
 from edge_agent.link import DeviceLink
 from edge_agent.model import LoadedModel
 from edge_agent.outbox import Outbox
 from edge_agent.pipeline import run_pipeline
-from edge_agent.sources import NpzReplay
+from edge_agent.sources import open_source
 from edge_agent.telemetry import PipelineStats, device_health
 
 __all__ = ["Agent", "AgentReport"]
@@ -35,10 +37,10 @@ class Agent:
 
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
-        self.bundle = Bundle.load(cfg.bundle)
+        self.identity = DeviceIdentity.load(cfg.identity, cfg.site, cfg.device)
+        self.bundle = Bundle.load(cfg.bundle, trusted=self.identity.signers)
         self.model = LoadedModel(self.bundle, cfg.runtime, cfg.threads)
-        s = cfg.source
-        self.source = NpzReplay(s.path, s.split, s.rate_hz, s.loop, s.limit)
+        self.source = open_source(cfg.source)
         self.stats = PipelineStats()
         self.sent = 0
         self.pending = 0
@@ -47,49 +49,60 @@ class Agent:
     def run(self, stop: threading.Event, drain_timeout: float = 10.0) -> AgentReport:
         """Stream until the source ends or ``stop`` is set, then wait for acks to drain."""
         cfg = self.cfg
-        with (
-            Outbox(cfg.outbox.path, cfg.site, cfg.device) as outbox,
-            DeviceLink(
-                outbox,
-                cfg.broker.host,
-                cfg.broker.port,
-                cfg.broker.protocol,
-                cfg.broker.keepalive,
-                cfg.outbox.resend_after_s,
-                self.bundle.id,
-            ) as link,
-        ):
-            self._link = link
-            done = threading.Event()
-            ticker = threading.Thread(
-                target=self._telemetry_loop,
-                args=(link, outbox, done),
-                daemon=True,
-                name=f"telemetry-{cfg.device}",
+        ident = self.identity
+        with Outbox(cfg.outbox.path, cfg.site, cfg.device) as outbox:
+            outbox.sealer = Sealer(
+                cfg.site,
+                cfg.device,
+                ident.key,
+                ident.recipient,
+                outbox.next_epoch,
+                cfg.epoch_messages,
             )
-            ticker.start()
-
-            def emit(kind: str, body: dict[str, Any]) -> None:
-                outbox.put(kind, body)
-                self.sent += 1
-                link.notify()
-
-            log.info("%s: running %s on %s", cfg.device, self.bundle.id, self.source.name)
-            run_pipeline(self.source.stream(stop), self.model, emit, self.stats)
-            drained = link.drain(drain_timeout)
-            if not drained:
-                log.warning(
-                    "%s: %d result(s) not yet acknowledged; they stay in the outbox",
-                    cfg.device,
-                    outbox.depth(),
-                )
-            done.set()
-            ticker.join(timeout=2)
-            self._publish_telemetry(link, outbox)
-            self.pending = outbox.depth()
-            return AgentReport(
-                cfg.device, self.sent, link.acked, self.pending, dict(self.stats.errors)
+            tls = None
+            if cfg.broker.tls:
+                d = ident.directory
+                tls = (d / SITE_CA, d / DEVICE_CERT, d / DEVICE_KEY)
+            link = DeviceLink(
+                outbox, cfg.broker.host, cfg.broker.port, cfg.broker.protocol,
+                cfg.broker.keepalive, cfg.outbox.resend_after_s, self.bundle.id, tls,
             )
+            with link:
+                return self._run(stop, drain_timeout, outbox, link)
+
+    def _run(
+        self, stop: threading.Event, drain_timeout: float, outbox: Outbox, link: DeviceLink
+    ) -> AgentReport:
+        cfg = self.cfg
+        self._link = link
+        done = threading.Event()
+        ticker = threading.Thread(
+            target=self._telemetry_loop,
+            args=(link, outbox, done),
+            daemon=True,
+            name=f"telemetry-{cfg.device}",
+        )
+        ticker.start()
+
+        def emit(kind: str, body: dict[str, Any]) -> None:
+            outbox.put(kind, body)
+            self.sent += 1
+            link.notify()
+
+        log.info("%s: running %s on %s", cfg.device, self.bundle.id, self.source.name)
+        run_pipeline(self.source.stream(stop), self.model, emit, self.stats)
+        drained = link.drain(drain_timeout)
+        if not drained:
+            log.warning(
+                "%s: %d result(s) not yet acknowledged; they stay in the outbox",
+                cfg.device,
+                outbox.depth(),
+            )
+        done.set()
+        ticker.join(timeout=2)
+        self._publish_telemetry(link, outbox)
+        self.pending = outbox.depth()
+        return AgentReport(cfg.device, self.sent, link.acked, self.pending, dict(self.stats.errors))
 
     def telemetry(self, outbox: Outbox) -> dict[str, Any]:
         body = self.stats.snapshot()

@@ -7,18 +7,23 @@ do not check out, and says which.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from pathlib import Path
 from typing import Literal
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edge_agent.errors import BundleError
+from edge_agent.keys import key_id
 
 __all__ = [
     "MANIFEST_NAME",
     "SCHEMA_VERSION",
+    "SIGNATURE_NAME",
     "Artifact",
     "Bundle",
     "Decode",
@@ -27,13 +32,16 @@ __all__ = [
     "Preprocess",
     "Provenance",
     "Quantization",
+    "TensorRTBuild",
     "TensorSpec",
     "file_entry",
+    "sign_bundle",
     "write_manifest",
 ]
 
 SCHEMA_VERSION = "1.0"
 MANIFEST_NAME = "manifest.json"
+SIGNATURE_NAME = "manifest.sig"
 
 DType = Literal["float32", "float16", "int8", "uint8", "int16", "int32"]
 
@@ -90,6 +98,22 @@ class FileEntry(_Model):
     bytes: int = Field(ge=0)
 
 
+class TensorRTBuild(_Model):
+    """How a Jetson builds a TensorRT engine from an ONNX artifact, on the device itself.
+
+    An engine is specific to its GPU and TensorRT version, so a bundle never ships one; the
+    engine goes outside the bundle directory (an unlisted file would fail verification).
+    """
+
+    precision: Literal["int8", "fp16", "fp32"] = Field(
+        description="Engine precision; int8 comes from the artifact's own Q/DQ nodes."
+    )
+    workspace_mib: int = Field(gt=0, description="Builder workspace memory pool, MiB.")
+    command: str = Field(
+        description="trtexec command line; $BUNDLE is the bundle directory, $ENGINE the engine."
+    )
+
+
 class Artifact(_Model):
     """One runnable model file in the bundle."""
 
@@ -98,6 +122,9 @@ class Artifact(_Model):
     precision: Literal["fp32", "fp16", "int8", "int16x8", "dynamic"]
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    tensorrt: TensorRTBuild | None = Field(
+        default=None, description="Jetson profile, ONNX artifacts: how to build the engine."
+    )
 
 
 class Provenance(_Model):
@@ -154,13 +181,54 @@ def write_manifest(directory: Path, manifest: Manifest) -> Path:
     return out
 
 
+def _signer_id(public: ed25519.Ed25519PublicKey) -> str:
+    return key_id(public.public_bytes_raw())
+
+
+def sign_bundle(directory: Path, key: ed25519.Ed25519PrivateKey) -> str:
+    """Sign the manifest (which hashes every file) with Ed25519; returns the signer's key id."""
+    raw = (Path(directory) / MANIFEST_NAME).read_bytes()
+    signer = _signer_id(key.public_key())
+    doc = {
+        "alg": "Ed25519",
+        "key_id": signer,
+        "signature": base64.b64encode(key.sign(raw)).decode(),
+    }
+    (Path(directory) / SIGNATURE_NAME).write_text(json.dumps(doc, indent=2) + "\n")
+    return signer
+
+
+def _verify_signature(root: Path, raw: bytes, trusted: list[ed25519.Ed25519PublicKey]) -> str:
+    path = root / SIGNATURE_NAME
+    if not path.is_file():
+        raise BundleError(f"{root}: bundle is not signed (no {SIGNATURE_NAME})")
+    try:
+        doc = json.loads(path.read_bytes())
+        alg, signer, sig = doc["alg"], doc["key_id"], base64.b64decode(doc["signature"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BundleError(f"{path}: malformed signature file") from exc
+    if alg != "Ed25519":
+        raise BundleError(f"{path}: signature algorithm {alg!r} is not accepted")
+    by_id = {_signer_id(k): k for k in trusted}
+    if signer not in by_id:
+        raise BundleError(f"{root}: signed by key {signer}, which this device does not trust")
+    try:
+        by_id[signer].verify(sig, raw)
+    except InvalidSignature as exc:
+        raise BundleError(f"{root}: signature does not match the manifest") from exc
+    return str(signer)
+
+
 class Bundle:
     """A verified bundle on disk. Construct with :meth:`load`."""
 
-    def __init__(self, directory: Path, manifest: Manifest, manifest_sha256: str) -> None:
+    def __init__(
+        self, directory: Path, manifest: Manifest, manifest_sha256: str, signer: str | None = None
+    ) -> None:
         self.directory = directory
         self.manifest = manifest
         self.manifest_sha256 = manifest_sha256
+        self.signer = signer
 
     @property
     def id(self) -> str:
@@ -168,13 +236,20 @@ class Bundle:
         return f"{self.manifest.name}@{self.manifest.version}#{self.manifest_sha256[:12]}"
 
     @classmethod
-    def load(cls, directory: str | Path) -> Bundle:
-        """Read and verify a bundle; raise :class:`BundleError` naming what failed."""
+    def load(
+        cls, directory: str | Path, trusted: list[ed25519.Ed25519PublicKey] | None = None
+    ) -> Bundle:
+        """Read and verify a bundle; raise :class:`BundleError` naming what failed.
+
+        With ``trusted`` (a device always passes it), the manifest must carry a valid Ed25519
+        signature by one of those keys; without it only the hashes and schema are checked.
+        """
         root = Path(directory)
         path = root / MANIFEST_NAME
         if not path.is_file():
             raise BundleError(f"{root}: not a bundle (no {MANIFEST_NAME})")
         raw = path.read_bytes()
+        signer = _verify_signature(root, raw, trusted) if trusted is not None else None
         try:
             data = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -195,7 +270,7 @@ class Bundle:
             raise BundleError(f"{path}: manifest field '{where}': {first['msg']}") from exc
         _verify_files(root, manifest)
         _verify_consistency(path, manifest)
-        return cls(root, manifest, hashlib.sha256(raw).hexdigest())
+        return cls(root, manifest, hashlib.sha256(raw).hexdigest(), signer)
 
     def artifact(self, runtime: str, precision: str | None = None) -> Artifact:
         """The artifact for a runtime (the first listed, or the one of that precision)."""
@@ -203,7 +278,8 @@ class Bundle:
             if art.runtime == runtime and (precision is None or art.precision == precision):
                 return art
         have = ", ".join(f"{a.runtime}/{a.precision}" for a in self.manifest.artifacts)
-        raise BundleError(f"{self.directory}: no {runtime} {precision or ''} artifact (has {have})")
+        wanted = f"{runtime} {precision}" if precision else runtime
+        raise BundleError(f"{self.directory}: no {wanted} artifact (has {have})")
 
     def path_of(self, artifact: Artifact) -> Path:
         return self.directory / artifact.file
@@ -220,7 +296,7 @@ def _verify_files(root: Path, manifest: Manifest) -> None:
         if got.sha256 != entry.sha256 or got.bytes != entry.bytes:
             raise BundleError(f"{root}: file '{name}' does not match its hash in the manifest")
     present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
-    extra = sorted(present - set(manifest.files) - {MANIFEST_NAME})
+    extra = sorted(present - set(manifest.files) - {MANIFEST_NAME, SIGNATURE_NAME})
     if extra:
         raise BundleError(f"{root}: file '{extra[0]}' is not listed in the manifest")
 

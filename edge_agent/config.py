@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edge_agent.errors import ConfigError
+from edge_agent.sources import SOURCE_KINDS, SourceConfig
 from edge_agent.topics import check_name
 
 __all__ = ["AgentConfig", "BrokerConfig", "OutboxConfig", "SourceConfig", "load_config"]
@@ -25,15 +26,14 @@ class BrokerConfig(_Strict):
         default="5", description="MQTT protocol version; 3.1.1 for brokers without MQTT 5."
     )
     keepalive: int = Field(default=10, ge=2, le=3600, description="Keep-alive in seconds.")
+    tls: bool = Field(
+        default=False,
+        description="TLS with the identity's device certificate (the site broker requires it).",
+    )
 
 
-class SourceConfig(_Strict):
-    kind: Literal["npz"] = Field(default="npz", description="Source plug-in.")
-    path: Path = Field(description="Recorded data to replay.")
-    split: str | None = Field(default=None, description="MedMNIST split (val, test, train).")
-    rate_hz: float = Field(default=5.0, ge=0, description="Replay rate; 0 = as fast as possible.")
-    loop: bool = Field(default=False, description="Start again at the end.")
-    limit: int | None = Field(default=None, ge=1, description="Stop after this many samples.")
+# The source: a union of plug-in configs discriminated by ``kind`` (no kind: npz), each model
+# living next to its plug-in in edge_agent/sources/. See docs/config.md.
 
 
 class OutboxConfig(_Strict):
@@ -46,7 +46,14 @@ class OutboxConfig(_Strict):
 class AgentConfig(_Strict):
     site: str = Field(description="Site (hospital, ward) this device belongs to.")
     device: str = Field(description="This device's name, unique in its site.")
-    bundle: Path = Field(description="Directory of the bundle to run.")
+    bundle: Path = Field(
+        description="Directory of the bundle to run (must be signed by a "
+        "key in the identity's bundle-signers/)."
+    )
+    identity: Path = Field(description="Identity directory from 'medge device provision'.")
+    epoch_messages: int = Field(
+        default=100_000, ge=1, description="Rotate the envelope key after this many messages."
+    )
     runtime: Literal["litert"] = Field(default="litert", description="Inference backend.")
     threads: int = Field(default=1, ge=1, le=64, description="Inference threads.")
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
@@ -81,6 +88,8 @@ def load_config(path: str | Path) -> AgentConfig:
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = [str(x) for x in err["loc"]]
+        if loc[:1] == ["source"] and len(loc) > 2 and loc[1] in SOURCE_KINDS:
+            del loc[1]  # the union's tag: the YAML has no such key
         line = _line_of(node, loc)
         where = f"{p}:{line}" if line else str(p)
         raise ConfigError(f"{where}: {'.'.join(loc)}: {err['msg']}") from exc
@@ -88,7 +97,8 @@ def load_config(path: str | Path) -> AgentConfig:
     return cfg.model_copy(
         update={
             "bundle": base / cfg.bundle,
-            "source": cfg.source.model_copy(update={"path": base / cfg.source.path}),
+            "identity": base / cfg.identity,
+            "source": cfg.source.resolve(base),
             "outbox": cfg.outbox.model_copy(update={"path": base / cfg.outbox.path}),
         }
     )

@@ -1,44 +1,62 @@
 """The envelope every device message travels in. One definition; see docs/envelope.md.
 
-Version 1 is a JSON object with a header (``v``, ``kind``, ``site``, ``device``, ``seq``,
-``time``) and a ``body`` object. The receiver checks the header against the topic it came on and
-deduplicates by (site, device, seq). Acknowledgements from the gateway are also defined here.
+Version 2: a JSON object whose header is in the clear and authenticated, and whose body is
+encrypted. Per epoch the device draws a fresh AES-256-GCM key, seals it to the recipient's public
+key with HPKE (RFC 9180; X25519 or the ML-KEM-768+X25519 hybrid) and signs that binding with its
+own ECDSA P-256 device key; each message then costs one AES-GCM operation. The nonce is the
+device's sequence number, which never repeats, and every epoch has a fresh key.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import math
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes, hpke
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
 from edge_agent.errors import EnvelopeError
+from edge_agent.keys import RecipientKey
 from edge_agent.topics import UP_KINDS, TopicParts, check_name
 
 __all__ = [
     "MAX_BYTES",
     "VERSION",
     "Envelope",
-    "decode",
+    "Opener",
+    "Sealer",
     "decode_ack",
-    "encode",
     "encode_ack",
 ]
 
-VERSION = 1
+VERSION = 2
 MAX_BYTES = 256 * 1024
-_HEADER = ("v", "kind", "site", "device", "seq", "time")
 _MAX_SEQ = 2**63 - 1
+_HEADER = ("v", "kind", "site", "device", "seq", "time", "kid", "suite", "epoch", "ek", "es")
+_KEMS = {"x25519": hpke.KEM.X25519, "mlkem768-x25519": hpke.KEM.MLKEM768_X25519}
 
 
 @dataclass(frozen=True)
 class Envelope:
+    """An opened message: the header fields and the plaintext body."""
+
     kind: str
     site: str
     device: str
     seq: int
     time: float
     body: dict[str, Any] = field(default_factory=dict)
+    epoch: int = 0
 
     def check_topic(self, parts: TopicParts) -> None:
         """The header must name the same site, device and kind as the topic it arrived on."""
@@ -49,54 +67,220 @@ class Envelope:
             )
 
 
-def encode(env: Envelope) -> bytes:
-    data = {
+def _canon(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _suite(name: str) -> hpke.Suite:
+    return hpke.Suite(_KEMS[name], hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+
+
+def _binding(site: str, device: str, epoch: int, kid: str, suite: str) -> dict[str, Any]:
+    return {
         "v": VERSION,
-        "kind": env.kind,
-        "site": env.site,
-        "device": env.device,
-        "seq": env.seq,
-        "time": env.time,
-        "body": env.body,
+        "site": site,
+        "device": device,
+        "epoch": epoch,
+        "kid": kid,
+        "suite": suite,
     }
-    out = json.dumps(data, separators=(",", ":"), allow_nan=False).encode()
-    if len(out) > MAX_BYTES:
-        raise EnvelopeError(f"envelope of {len(out)} bytes exceeds {MAX_BYTES}")
-    return out
 
 
-def decode(payload: bytes) -> Envelope:
-    """Parse and validate strictly; every failure is one EnvelopeError line."""
+def _nonce(seq: int) -> bytes:
+    return b"\x00\x00\x00\x00" + seq.to_bytes(8, "big")
+
+
+class Sealer:
+    """Device side: seals envelopes for one recipient under rotating epoch keys. Thread-safe."""
+
+    def __init__(
+        self,
+        site: str,
+        device: str,
+        device_key: ec.EllipticCurvePrivateKey,
+        recipient: RecipientKey,
+        next_epoch: Callable[[], int],
+        rotate_after: int = 100_000,
+    ) -> None:
+        self.site, self.device = check_name("site", site), check_name("device", device)
+        self._key = device_key
+        self._recipient = recipient
+        self._next_epoch = next_epoch
+        self._rotate_after = rotate_after
+        self._lock = threading.Lock()
+        self._start_epoch(next_epoch())
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def _start_epoch(self, epoch: int) -> None:
+        r = self._recipient
+        binding = _binding(self.site, self.device, epoch, r.kid, r.suite)
+        key = AESGCM.generate_key(bit_length=256)
+        ek = _suite(r.suite).encrypt(key, r.public, info=_canon(binding))
+        es = self._key.sign(
+            _canon({**binding, "ek": base64.b64encode(ek).decode()}), ec.ECDSA(hashes.SHA256())
+        )
+        self._epoch, self._aead, self._used = epoch, AESGCM(key), 0
+        self._ek = base64.b64encode(ek).decode()
+        self._es = base64.b64encode(es).decode()
+
+    def rotate(self) -> int:
+        """Start the next epoch now (a fresh key); returns its number."""
+        with self._lock:
+            self._start_epoch(self._next_epoch())
+            return self._epoch
+
+    def seal(self, env: Envelope) -> bytes:
+        if (env.site, env.device) != (self.site, self.device):
+            raise EnvelopeError(f"this sealer is {self.site}/{self.device}, not {env.device}")
+        if env.kind not in UP_KINDS or not 0 < env.seq <= _MAX_SEQ:
+            raise EnvelopeError(f"cannot seal kind {env.kind!r} seq {env.seq!r}")
+        with self._lock:
+            if self._used >= self._rotate_after:
+                self._start_epoch(self._next_epoch())
+            self._used += 1
+            r = self._recipient
+            header = {
+                "v": VERSION,
+                "kind": env.kind,
+                "site": env.site,
+                "device": env.device,
+                "seq": env.seq,
+                "time": env.time,
+                "kid": r.kid,
+                "suite": r.suite,
+                "epoch": self._epoch,
+                "ek": self._ek,
+                "es": self._es,
+            }
+            ct = self._aead.encrypt(_nonce(env.seq), _canon(env.body), _canon(header))
+        out = _canon({**header, "ct": base64.b64encode(ct).decode()})
+        if len(out) > MAX_BYTES:
+            raise EnvelopeError(f"envelope of {len(out)} bytes exceeds {MAX_BYTES}")
+        return out
+
+
+DeviceKeyLookup = Callable[[str, str], ec.EllipticCurvePublicKey]
+
+
+class Opener:
+    """Receiver side: checks and opens envelopes. ``device_key(site, device)`` returns the
+    device's trusted public key or raises EnvelopeError (unknown, revoked...)."""
+
+    def __init__(
+        self, recipients: list[RecipientKey], device_key: DeviceKeyLookup, cache_size: int = 4096
+    ) -> None:
+        self._recipients = {r.kid: r for r in recipients if r.private is not None}
+        self._device_key = device_key
+        self._epochs: OrderedDict[bytes, tuple[bytes, AESGCM]] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    def open(self, payload: bytes) -> Envelope:
+        data = _parse(payload)
+        kid = data["kid"]
+        recipient = self._recipients.get(kid)
+        if recipient is None:
+            raise EnvelopeError(f"unknown key id {kid!r}")
+        if data["suite"] != recipient.suite:
+            raise EnvelopeError(f"suite {data['suite']!r} does not match key {kid}")
+        aead = self._epoch_key(data, recipient)
+        header = {k: data[k] for k in _HEADER}
+        try:
+            plain = aead.decrypt(_nonce(data["seq"]), _unb64(data["ct"], "ct"), _canon(header))
+        except InvalidTag as exc:
+            raise EnvelopeError("header or body fails authentication (tampered?)") from exc
+        try:
+            body = json.loads(plain)
+        except ValueError as exc:
+            raise EnvelopeError("body is not JSON") from exc
+        if not isinstance(body, dict):
+            raise EnvelopeError("body must be a JSON object")
+        return Envelope(
+            kind=data["kind"],
+            site=data["site"],
+            device=data["device"],
+            seq=data["seq"],
+            time=float(data["time"]),
+            body=body,
+            epoch=data["epoch"],
+        )
+
+    def _epoch_key(self, data: dict[str, Any], recipient: RecipientKey) -> AESGCM:
+        binding = _binding(data["site"], data["device"], data["epoch"], data["kid"], data["suite"])
+        signed = _canon({**binding, "ek": data["ek"]})
+        cache_key = hashlib.sha256(signed + data["es"].encode()).digest()
+        # the device's key is looked up on every message, so a revocation applies at once
+        public = self._device_key(data["site"], data["device"])
+        fingerprint = public.public_bytes(Encoding.X962, PublicFormat.CompressedPoint)
+        with self._lock:
+            hit = self._epochs.get(cache_key)
+            if hit is not None and hit[0] == fingerprint:
+                self._epochs.move_to_end(cache_key)
+                return hit[1]
+        try:
+            public.verify(_unb64(data["es"], "es"), signed, ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature as exc:
+            raise EnvelopeError(
+                f"epoch key of {data['site']}/{data['device']} is not signed by that device"
+            ) from exc
+        try:
+            key = _suite(recipient.suite).decrypt(
+                _unb64(data["ek"], "ek"), recipient.private, info=_canon(binding)
+            )
+        except Exception as exc:  # the HPKE layer raises several types for a bad blob
+            raise EnvelopeError(f"epoch key cannot be opened with key {recipient.kid}") from exc
+        aead = AESGCM(key)
+        with self._lock:
+            self._epochs[cache_key] = (fingerprint, aead)
+            if len(self._epochs) > self._cache_size:
+                self._epochs.popitem(last=False)
+        return aead
+
+
+def _unb64(s: str, name: str) -> bytes:
+    try:
+        return base64.b64decode(s, validate=True)
+    except (ValueError, TypeError) as exc:
+        raise EnvelopeError(f"field {name} is not base64") from exc
+
+
+def _parse(payload: bytes) -> dict[str, Any]:
+    """Strict structural checks of the clear header; every failure is one EnvelopeError."""
     if len(payload) > MAX_BYTES:
         raise EnvelopeError(f"message of {len(payload)} bytes exceeds {MAX_BYTES}")
     try:
         data = json.loads(payload, parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
-        raise EnvelopeError(f"not a JSON envelope ({exc})") from exc
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise EnvelopeError(f"not a JSON envelope ({type(exc).__name__})") from exc
     if not isinstance(data, dict):
         raise EnvelopeError("envelope must be a JSON object")
-    missing = [k for k in (*_HEADER, "body") if k not in data]
+    if data.get("v") != VERSION:
+        raise EnvelopeError(f"envelope version {data.get('v')!r} is not supported (want {VERSION})")
+    missing = [k for k in (*_HEADER, "ct") if k not in data]
     if missing:
         raise EnvelopeError(f"envelope lacks {', '.join(missing)}")
-    unknown = sorted(set(data) - {*_HEADER, "body"})
+    unknown = sorted(set(data) - {*_HEADER, "ct"})
     if unknown:
         raise EnvelopeError(f"envelope has unknown field(s) {', '.join(unknown)}")
-    if data["v"] != VERSION:
-        raise EnvelopeError(f"envelope version {data['v']!r} is not supported (want {VERSION})")
-    kind, site, device, seq, t = (data[k] for k in ("kind", "site", "device", "seq", "time"))
-    if kind not in UP_KINDS:
-        raise EnvelopeError(f"envelope kind {kind!r} is not one a device sends")
-    if not isinstance(site, str) or not isinstance(device, str):
-        raise EnvelopeError("site and device must be strings")
-    check_name("site", site)
-    check_name("device", device)
-    if type(seq) is not int or not 0 < seq <= _MAX_SEQ:
-        raise EnvelopeError(f"seq {seq!r} must be an integer in 1..2^63-1")
+    if data["kind"] not in UP_KINDS:
+        raise EnvelopeError(f"envelope kind {data['kind']!r} is not one a device sends")
+    for k in ("site", "device", "kid", "suite", "ek", "es", "ct"):
+        if not isinstance(data[k], str):
+            raise EnvelopeError(f"field {k} must be a string")
+    check_name("site", data["site"])
+    check_name("device", data["device"])
+    for k in ("seq", "epoch"):
+        if type(data[k]) is not int or not 0 <= data[k] <= _MAX_SEQ or (k == "seq" and not data[k]):
+            raise EnvelopeError(f"{k} {data[k]!r} must be an integer in {int(k == 'seq')}..2^63-1")
+    t = data["time"]
     if type(t) not in (int, float) or not math.isfinite(t) or t < 0:
         raise EnvelopeError(f"time {t!r} must be a non-negative number of seconds")
-    if not isinstance(data["body"], dict):
-        raise EnvelopeError("body must be a JSON object")
-    return Envelope(kind=kind, site=site, device=device, seq=seq, time=float(t), body=data["body"])
+    if data["suite"] not in _KEMS:
+        raise EnvelopeError(f"suite {data['suite']!r} is not supported")
+    return data
 
 
 def encode_ack(seqs: list[int]) -> bytes:
@@ -114,7 +298,7 @@ def decode_ack(payload: bytes) -> list[int]:
         or data.get("v") != VERSION
         or not isinstance(data.get("seqs"), list)
     ):
-        raise EnvelopeError("ack must be {'v': 1, 'seqs': [...]}")
+        raise EnvelopeError(f"ack must be {{'v': {VERSION}, 'seqs': [...]}}")
     seqs = data["seqs"]
     if not all(type(s) is int and s > 0 for s in seqs):
         raise EnvelopeError("ack seqs must be positive integers")

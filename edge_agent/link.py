@@ -9,12 +9,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_agent.envelope import Envelope, decode_ack, encode
+from edge_agent.envelope import decode_ack
 from edge_agent.errors import EnvelopeError
 from edge_agent.outbox import Outbox
 from edge_agent.topics import topic
@@ -36,7 +37,10 @@ class DeviceLink:
         keepalive: int = 10,
         resend_after: float = 5.0,
         bundle_id: str = "",
+        tls: tuple[Path, Path, Path] | None = None,
     ) -> None:
+        """``tls``: (CA certificate, device certificate, device key) for a TLS listener that
+        requires client certificates (see ``medge gateway broker-config``)."""
         self.outbox = outbox
         self.site, self.device = outbox.site, outbox.device
         self.host, self.port, self.keepalive = host, port, keepalive
@@ -45,6 +49,7 @@ class DeviceLink:
         self.acked = 0
         self.published = 0
         self.bad_acks = 0
+        self.denied = 0
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._connected = threading.Event()
@@ -58,6 +63,10 @@ class DeviceLink:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_publish = self._on_publish
+        if tls is not None:
+            ca, cert, key = tls
+            self._client.tls_set(ca_certs=str(ca), certfile=str(cert), keyfile=str(key))
         self._client.will_set(
             topic(self.site, self.device, "state"),
             self._state_payload("offline"),
@@ -120,8 +129,8 @@ class DeviceLink:
         """Telemetry and state: sent when connected, never queued (a fresher one follows)."""
         if not self._connected.is_set():
             return
-        env = Envelope(kind, self.site, self.device, self.outbox.reserve_seq(), time.time(), body)
-        self._client.publish(topic(self.site, self.device, kind), encode(env), qos=0, retain=retain)
+        payload = self.outbox.make(kind, body)
+        self._client.publish(topic(self.site, self.device, kind), payload, qos=0, retain=retain)
 
     # -- paho callbacks (network thread) ---------------------------------------------------
     def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any = None) -> None:
@@ -144,6 +153,12 @@ class DeviceLink:
         self._connected.clear()
         if not self._stop.is_set():
             log.warning("%s: disconnected (%s); will reconnect", self.device, rc)
+
+    def _on_publish(self, _c: Any, _u: Any, mid: int, rc: Any, _p: Any = None) -> None:
+        # MQTT 5 brokers say no instead of dropping silently (e.g. 0x87 not authorized)
+        if getattr(rc, "is_failure", False):
+            self.denied += 1
+            log.warning("%s: broker refused message %d: %s", self.device, mid, rc)
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         try:
@@ -177,12 +192,4 @@ class DeviceLink:
                     break
 
     def _state_payload(self, state: str) -> bytes:
-        env = Envelope(
-            "state",
-            self.site,
-            self.device,
-            self.outbox.reserve_seq(),
-            time.time(),
-            {"state": state, "bundle": self.bundle_id},
-        )
-        return encode(env)
+        return self.outbox.make("state", {"state": state, "bundle": self.bundle_id})

@@ -16,9 +16,15 @@ __all__ = ["LoadedModel"]
 class LoadedModel:
     """The runnable form of a bundle on this device."""
 
-    def __init__(self, bundle: Bundle, runtime: str = "litert", threads: int = 1) -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        runtime: str = "litert",
+        threads: int = 1,
+        precision: str | None = None,
+    ) -> None:
         self.bundle = bundle
-        self.artifact: Artifact = bundle.artifact(runtime)
+        self.artifact: Artifact = bundle.artifact(runtime, precision)
         self.backend: Backend = open_backend(runtime, bundle.path_of(self.artifact), threads)
         _check_matches(self.artifact, self.backend)
         m = bundle.manifest

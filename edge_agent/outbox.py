@@ -2,7 +2,9 @@
 gateway acknowledges that it has stored it (never on the broker's PUBACK).
 
 SQLite in WAL mode with synchronous=FULL; sequence numbers are assigned in the same transaction
-that stores the message, so they survive restarts and never repeat.
+that stores the message, so they survive restarts and never repeat. Messages are stored sealed
+(encrypted envelopes), so the outbox on disk holds no readable patient-derived data. The epoch
+counter of the sealer lives here too, so a restart always starts a fresh epoch key.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_agent.envelope import Envelope, encode
+from edge_agent.envelope import Envelope, Sealer
+from edge_agent.errors import MedgeError
 from edge_agent.topics import topic
 
 __all__ = ["Outbox", "Pending"]
@@ -56,6 +59,26 @@ class Outbox:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('next_seq', 1)")
+        self._db.execute("INSERT OR IGNORE INTO meta VALUES ('epoch', 0)")
+        self.sealer: Sealer | None = None
+
+    def next_epoch(self) -> int:
+        """Persist and return the next epoch number (for the sealer)."""
+        with self._lock:
+            self._db.execute("UPDATE meta SET value=value+1 WHERE key='epoch'")
+            return int(self._db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()[0])
+
+    def _seal(self, env: Envelope) -> bytes:
+        if self.sealer is None:
+            raise MedgeError("outbox has no sealer: set outbox.sealer before putting messages")
+        return self.sealer.seal(env)
+
+    def make(self, kind: str, body: dict[str, Any]) -> bytes:
+        """A sealed message with a fresh sequence number that does not go through the outbox
+        (telemetry, state): the number is never reused, so (device, seq) stays unique."""
+        return self._seal(
+            Envelope(kind, self.site, self.device, self.reserve_seq(), time.time(), body)
+        )
 
     def __enter__(self) -> Outbox:
         return self
@@ -77,7 +100,7 @@ class Outbox:
                         seq,
                         _PRIORITY.get(kind, 1),
                         topic(self.site, self.device, kind),
-                        encode(env),
+                        self._seal(env),
                         time.time(),
                     ),
                 )

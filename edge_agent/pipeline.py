@@ -6,10 +6,13 @@ A sample that a stage rejects is reported in one line, counted, and the stream g
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
+
+import numpy as np
 
 from edge_agent.errors import MedgeError
 from edge_agent.model import LoadedModel
@@ -58,6 +61,8 @@ def result_body(
     truth = sample.label if sample.label is not None and 0 <= sample.label < len(labels) else None
     return {
         "input": sample.id,
+        # audit: which exact input produced this result (never the input itself)
+        "input_sha256": hashlib.sha256(np.ascontiguousarray(sample.data).tobytes()).hexdigest(),
         "pred": pred,
         "pred_label": pred_label,
         "scores": [round(s, 6) for s in scores],

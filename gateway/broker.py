@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -16,7 +17,13 @@ from typing import Literal
 
 from edge_agent.errors import MedgeError
 
-__all__ = ["RunningBroker", "free_port", "mosquitto_path", "start_broker"]
+__all__ = [
+    "RunningBroker",
+    "free_port",
+    "mosquitto_path",
+    "start_broker",
+    "start_mosquitto_conf",
+]
 
 log = logging.getLogger("medge.broker")
 
@@ -105,9 +112,6 @@ def start_broker(
 
 
 def _start_mosquitto(host: str, port: int) -> RunningBroker:
-    exe = mosquitto_path()
-    if exe is None:
-        raise MedgeError("mosquitto is not installed (apt-get install mosquitto)")
     workdir = Path(tempfile.mkdtemp(prefix="medge-mosquitto-"))
     conf = workdir / "mosquitto.conf"
     conf.write_text(
@@ -119,11 +123,26 @@ def _start_mosquitto(host: str, port: int) -> RunningBroker:
         f"log_dest file {workdir / 'mosquitto.log'}\n"
         "log_type error\nlog_type warning\n"
     )
+    broker = start_mosquitto_conf(conf, host, port)
+    broker._workdir = workdir
+    return broker
+
+
+def start_mosquitto_conf(conf: Path, host: str, port: int) -> RunningBroker:
+    """Start Mosquitto on a configuration file (e.g. from broker-config) that listens on
+    ``host:port``; return once it accepts TCP connections."""
+    exe = mosquitto_path()
+    if exe is None:
+        raise MedgeError("mosquitto is not installed (apt-get install mosquitto)")
+    text = conf.read_text()
+    if os.geteuid() == 0 and "\nuser " not in text:
+        # as root Mosquitto would switch to the 'mosquitto' user, who cannot read our files
+        conf.write_text("user root\n" + text)
     proc = subprocess.Popen(
         [exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     broker = RunningBroker("mosquitto", host, port, "5")
-    broker._proc, broker._workdir = proc, workdir
+    broker._proc = proc
     if not _wait_listening(host, port, 10, lambda: proc.poll() is None):
         err = proc.stderr.read().decode(errors="replace").strip() if proc.poll() is not None else ""
         broker.stop()

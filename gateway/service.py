@@ -11,12 +11,13 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_agent.envelope import decode, encode_ack
+from edge_agent.envelope import Opener, encode_ack
 from edge_agent.errors import EnvelopeError
 from edge_agent.topics import ROOT, parse, topic
 from gateway.store import Store
@@ -44,13 +45,17 @@ class Gateway:
     def __init__(
         self,
         store: Store,
+        opener: Opener,
         host: str = "127.0.0.1",
         port: int = 1883,
         protocol: str = "5",
         client_id: str = "medge-gateway",
         share_group: str | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
     ) -> None:
         self.store = store
+        self.opener = opener
+        self.max_skew_s = 300.0
         self.host, self.port = host, port
         self.stats = GatewayStats()
         self._lock = threading.Lock()
@@ -67,6 +72,9 @@ class Gateway:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        if tls is not None:
+            ca, cert, key = tls
+            self._client.tls_set(ca_certs=str(ca), certfile=str(cert), keyfile=str(key))
 
     def __enter__(self) -> Gateway:
         return self.start()
@@ -103,8 +111,7 @@ class Gateway:
         with self._lock:
             self.stats.rejected += 1
         log.warning("rejected message on %s: %s", where, why)
-        if site and device:
-            self.store.count_rejected(site, device)
+        self.store.count_rejected(site, device, why)
 
     def _on_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         with self._lock:
@@ -115,9 +122,21 @@ class Gateway:
             self._reject(msg.topic, str(exc))
             return
         try:
-            env = decode(msg.payload)
+            env = self.opener.open(msg.payload)
             env.check_topic(parts)
+            if env.time > time.time() + self.max_skew_s:
+                raise EnvelopeError(
+                    f"time {env.time:.0f} is more than {self.max_skew_s:.0f} s "
+                    "ahead of the gateway's clock"
+                )
+            if env.kind in ("state", "telemetry") and not self.store.advance(
+                env.site, env.device, env.kind, env.seq
+            ):
+                raise EnvelopeError(
+                    f"{env.kind} seq {env.seq} is not newer than the last one (replayed or stale)"
+                )
         except EnvelopeError as exc:
+            # only authenticated headers get their device charged; the rest is counted globally
             self._reject(msg.topic, str(exc), parts.site, parts.device)
             return
         if env.kind in ("result", "event"):

@@ -52,6 +52,24 @@ _MIGRATIONS: list[str] = [
     );
     CREATE INDEX results_device ON results (site, device, id);
     """,
+    # 2: replay protection for the kinds that are not stored by seq; audit log
+    """
+    ALTER TABLE devices ADD COLUMN last_state_seq INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE devices ADD COLUMN last_telemetry_seq INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        time REAL NOT NULL,
+        site TEXT,
+        device TEXT,
+        action TEXT NOT NULL,
+        detail TEXT
+    );
+    """,
+    # 3: audit links of each result: the exact bundle and input that produced it
+    """
+    ALTER TABLE results ADD COLUMN bundle TEXT;
+    ALTER TABLE results ADD COLUMN input_sha256 TEXT;
+    """,
 ]
 
 
@@ -124,7 +142,8 @@ class Store:
                 self._touch(env.site, env.device, now)
                 cur = self._db.execute(
                     "INSERT INTO results (site, device, seq, kind, time, received, input, label,"
-                    " label_name, pred, pred_label, score, body) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+                    " label_name, pred, pred_label, score, body, bundle, input_sha256)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
                     " ON CONFLICT (site, device, seq) DO NOTHING",
                     (
                         env.site,
@@ -140,6 +159,8 @@ class Store:
                         _s(b.get("pred_label")),
                         score,
                         json.dumps(b),
+                        _s(b.get("bundle")),
+                        _s(b.get("input_sha256")),
                     ),
                 )
                 new = cur.rowcount == 1
@@ -174,12 +195,39 @@ class Store:
                 (json.dumps(body), _s(body.get("bundle")), site, device),
             )
 
-    def count_rejected(self, site: str, device: str) -> None:
+    def count_rejected(self, site: str | None, device: str | None, reason: str) -> None:
+        """Count a rejection against a registered device (never create one from a rejected
+        message) and write it to the audit log."""
+        with self._lock:
+            if site and device:
+                self._db.execute(
+                    "UPDATE devices SET rejected=rejected+1 WHERE site=? AND device=?",
+                    (site, device),
+                )
+            self._db.execute(
+                "INSERT INTO audit (time, site, device, action, detail) VALUES (?,?,?,?,?)",
+                (time.time(), site, device, "reject", reason[:500]),
+            )
+
+    def audit(self, action: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM audit" + (" WHERE action=?" if action else "")
+        with self._lock:
+            rows = self._db.execute(
+                sql + " ORDER BY id DESC LIMIT ?", ((action, limit) if action else (limit,))
+            ).fetchall()
+        return [dict(r) for r in rows]
+
+    def advance(self, site: str, device: str, kind: str, seq: int) -> bool:
+        """Record ``seq`` as the newest ``kind`` (state/telemetry) message of a device; False if
+        it is not newer than the last one (a replay or a stale message)."""
+        column = {"state": "last_state_seq", "telemetry": "last_telemetry_seq"}[kind]
         with self._lock:
             self._touch(site, device, time.time())
-            self._db.execute(
-                "UPDATE devices SET rejected=rejected+1 WHERE site=? AND device=?", (site, device)
+            cur = self._db.execute(
+                f"UPDATE devices SET {column}=? WHERE site=? AND device=? AND {column} < ?",
+                (seq, site, device, seq),
             )
+            return cur.rowcount == 1
 
     # -- reads (dashboard, demo summary) ---------------------------------------------------
     def devices(self) -> list[dict[str, Any]]:
@@ -210,7 +258,8 @@ class Store:
         order = "ASC" if after_id else "DESC"
         sql = (
             f"SELECT id, site, device, seq, kind, time, received, input, label, label_name, "
-            f"pred, pred_label, score FROM results WHERE {' AND '.join(where)} "
+            f"pred, pred_label, score, bundle, input_sha256 FROM results "
+            f"WHERE {' AND '.join(where)} "
             f"ORDER BY id {order} LIMIT ?"
         )
         with self._lock:

@@ -76,6 +76,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
             eval_split=a.eval_split,
             force=a.force,
             budget=_budget(a.budget),
+            sign_key=a.sign_key,
         )
     )
     m = bundle.manifest
@@ -101,7 +102,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from converter import evaluate_bundle
 
-    result = evaluate_bundle(a.bundle, a.data, a.split)
+    result = evaluate_bundle(a.bundle, a.data, a.split, a.runtime, a.precision)
     if a.json:
         print(json.dumps(result, indent=2))
     else:
@@ -144,7 +145,10 @@ def cmd_gateway_run(a: argparse.Namespace) -> int:
     import threading
 
     from gateway import Gateway, Store
+    from gateway.broker_config import gateway_client_files
+    from gateway.site import opener_for
 
+    opener = opener_for(a.site_dir)
     host, _, port = a.broker.rpartition(":")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -153,11 +157,13 @@ def cmd_gateway_run(a: argparse.Namespace) -> int:
         Store(a.db) as store,
         Gateway(
             store,
+            opener,
             host or "127.0.0.1",
             int(port),
             a.protocol,
             client_id=a.client_id,
             share_group=a.share_group,
+            tls=gateway_client_files(a.site_dir) if a.tls else None,
         ) as gw,
     ):
         logging.getLogger("medge.gateway").info("storing into %s; Ctrl-C to stop", a.db)
@@ -260,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest allowed drop from float, e.g. sensitivity=0.005 (repeatable); "
         "exceeded: no bundle, exit 2",
     )
+    c.add_argument(
+        "--sign-key",
+        type=Path,
+        help="Ed25519 key that signs the bundle (a site's bundle-signer.key); "
+        "devices refuse unsigned bundles",
+    )
     c.add_argument("--force", action="store_true", help="replace an existing --out directory")
     _common(c, json_flag=True)
     c.set_defaults(func=cmd_convert)
@@ -274,6 +286,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("bundle", type=Path, help="bundle directory")
     e.add_argument("--data", type=Path, required=True, help="labelled npz")
     e.add_argument("--split", help="split of a MedMNIST-style npz (default: x/y, else val)")
+    e.add_argument(
+        "--runtime",
+        default="litert",
+        choices=["litert", "onnx"],
+        help="which runtime's artifact to run (default: litert)",
+    )
+    e.add_argument(
+        "--precision",
+        choices=["int8", "fp32", "fp16", "int16x8", "dynamic"],
+        help="which artifact of that runtime (default: the first listed)",
+    )
     _common(e, json_flag=True)
     e.set_defaults(func=cmd_evaluate)
 
@@ -312,11 +335,23 @@ def build_parser() -> argparse.ArgumentParser:
     gr = gsub.add_parser("run", help="run the gateway against a broker")
     gr.add_argument("--broker", default="127.0.0.1:1883", help="HOST:PORT (default 127.0.0.1:1883)")
     gr.add_argument("--protocol", default="5", choices=["5", "3.1.1"], help="MQTT version")
+    gr.add_argument(
+        "--site-dir",
+        type=Path,
+        required=True,
+        help="site directory (from 'medge site init'): keys and registered devices",
+    )
     gr.add_argument("--db", type=Path, default=Path("gateway.sqlite"), help="SQLite store")
     gr.add_argument("--client-id", default="medge-gateway", help="MQTT client id of this worker")
     gr.add_argument("--share-group", help="MQTT 5 shared-subscription group for several workers")
+    gr.add_argument("--tls", action="store_true",
+                    help="connect with the site's gateway certificate (site broker from "
+                    "'medge gateway broker-config')")
     _common(gr)
     gr.set_defaults(func=cmd_gateway_run)
+    from medge.cli_site import register_broker_config
+
+    register_broker_config(gsub, _common)
 
     d = sub.add_parser(
         "dashboard",
@@ -328,6 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     _common(d)
     d.set_defaults(func=cmd_dashboard)
+
+    from medge.cli_site import register
+
+    register(sub, _common)
 
     m = sub.add_parser(
         "demo",
@@ -370,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `medge evaluate ... --json | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

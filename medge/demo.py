@@ -7,6 +7,7 @@ devices running the zoo's int8 CNN on BreastMNIST ultrasound validation images.
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 import tempfile
 import threading
@@ -16,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent import Agent, AgentConfig, Bundle
+from edge_agent.bundle import SIGNATURE_NAME, sign_bundle
 from gateway import Gateway, Store, start_broker
 from gateway.dashboard import DashboardServer
+from gateway.site import init_site, opener_for, provision_device, signer_key
 
 __all__ = ["DemoOptions", "DeviceSummary", "run_demo"]
 
@@ -62,6 +65,9 @@ def run_demo(opts: DemoOptions, announce: Any = print) -> list[DeviceSummary]:
     base = opts.workdir or Path(tempfile.mkdtemp(prefix="medge-demo-"))
     run = base / time.strftime("run-%Y%m%d-%H%M%S")
     run.mkdir(parents=True, exist_ok=False)
+    site_dir = run / "site"
+    init_site(site_dir, SITE)  # throwaway keys for this run
+    bundle = _signed_copy(bundle, run / "bundle", site_dir)
     stop = threading.Event()
     previous = _install_signal_handlers(stop)
     agents: list[Agent] = []
@@ -69,17 +75,19 @@ def run_demo(opts: DemoOptions, announce: Any = print) -> list[DeviceSummary]:
         with (
             start_broker(opts.broker) as broker,
             Store(run / "gateway.sqlite") as store,
-            Gateway(store, broker.host, broker.port, broker.protocol),
+            Gateway(store, opener_for(site_dir), broker.host, broker.port, broker.protocol),
             DashboardServer(
                 run / "gateway.sqlite", opts.host, opts.port, title="medge demo"
             ) as dash,
         ):
             threads = []
             for i in range(opts.devices):
+                name = f"us-{i + 1:02d}"
                 cfg = AgentConfig(
                     site=SITE,
-                    device=f"us-{i + 1:02d}",
+                    device=name,
                     bundle=bundle.directory,
+                    identity=provision_device(site_dir, name, run / "identities" / name),
                     broker={"host": broker.host, "port": broker.port, "protocol": broker.protocol},
                     source={"path": data, "split": "val", "rate_hz": opts.rate_hz, "loop": True},
                     outbox={"path": run / f"outbox-us-{i + 1:02d}.sqlite"},
@@ -110,6 +118,14 @@ def run_demo(opts: DemoOptions, announce: Any = print) -> list[DeviceSummary]:
             return _summary(store, agents)
     finally:
         _restore_signal_handlers(previous)
+
+
+def _signed_copy(bundle: Bundle, dst: Path, site_dir: Path) -> Bundle:
+    """The bundle as this site's devices will accept it: signed by the site's bundle signer."""
+    shutil.copytree(bundle.directory, dst, ignore=shutil.ignore_patterns(SIGNATURE_NAME))
+    key = signer_key(site_dir)
+    sign_bundle(dst, key)
+    return Bundle.load(dst, trusted=[key.public_key()])
 
 
 def _summary(store: Store, agents: list[Agent]) -> list[DeviceSummary]:

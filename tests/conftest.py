@@ -15,9 +15,46 @@ from models import breast_cnn
 DATA = breast_cnn.DATA
 
 
+SITE = "ward-a"
+
+
 @pytest.fixture(scope="session")
-def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The BreastMNIST CNN as a full-int8 LiteRT bundle, built by the real converter."""
+def site_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A site with its device CA, the gateway's HPKE key and the bundle signer (throwaway keys
+    generated for this test session)."""
+    from gateway.site import init_site
+
+    d = tmp_path_factory.mktemp("site") / SITE
+    init_site(d, SITE)
+    return d
+
+
+@pytest.fixture(scope="session")
+def identity(site_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """identity(device) -> the device's provisioned identity directory (made once)."""
+    from gateway.site import provision_device
+
+    made: dict[str, Path] = {}
+    root = tmp_path_factory.mktemp("identities")
+
+    def get(device: str) -> Path:
+        if device not in made:
+            made[device] = provision_device(site_dir, device, root / device)
+        return made[device]
+
+    return get
+
+
+@pytest.fixture
+def opener(site_dir: Path):  # type: ignore[no-untyped-def]
+    from gateway.site import opener_for
+
+    return opener_for(site_dir)
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory, site_dir: Path) -> Path:
+    """The BreastMNIST CNN as a full-int8 LiteRT bundle, built and signed by the real converter."""
     from converter import ConvertRequest, convert
 
     out = tmp_path_factory.mktemp("bundle") / "breast-cnn"
@@ -34,6 +71,7 @@ def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             calib_split="train",
             eval_split="val",
             name="breast-cnn",
+            sign_key=site_dir / "bundle-signer.key",
         )
     )
     return out
@@ -66,3 +104,19 @@ def embedded_broker() -> Iterator[RunningBroker]:
     """The embedded amqtt broker, MQTT 3.1.1 only."""
     with start_broker("embedded") as broker:
         yield broker
+
+
+@pytest.fixture(scope="session")
+def sealer(identity):  # type: ignore[no-untyped-def]
+    """sealer(device) -> a Sealer with the device's provisioned key, as its agent would have."""
+    import itertools
+
+    from edge_agent.envelope import Sealer
+    from edge_agent.identity import DeviceIdentity
+
+    def make(device: str, site: str = SITE, rotate_after: int = 100_000) -> Sealer:
+        ident = DeviceIdentity.load(identity(device), SITE, device)
+        epochs = itertools.count(1)
+        return Sealer(site, device, ident.key, ident.recipient, lambda: next(epochs), rotate_after)
+
+    return make

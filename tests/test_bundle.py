@@ -25,7 +25,13 @@ def test_a_good_bundle_loads_and_describes_itself(bundle_dir: Path) -> None:
     assert art.precision == "int8"
     assert art.inputs[0].dtype == "int8" and art.inputs[0].quantization is not None
     assert art.inputs[0].shape == [1, 28, 28, 1] and art.inputs[0].layout == "NHWC"
-    assert set(m.files) == {"model_int8.tflite", "report.json", "report.md"}
+    assert set(m.files) == {
+        "model_int8.tflite",
+        "model_fp32.onnx",
+        "model_int8.onnx",
+        "report.json",
+        "report.md",
+    }
     assert m.metrics["litert-int8"]["auc"] is not None
 
 

@@ -227,7 +227,7 @@ def test_page_counts_a_duplicate_without_a_new_row(store: Store, page: Any) -> N
 
 @pytest.mark.slow
 def test_whole_chain_as_a_person_watches_it(
-    bundle_dir: Path, mosquitto: Any, tmp_path: Path, page: Any
+    bundle_dir: Path, mosquitto: Any, tmp_path: Path, page: Any, identity: Any, opener: Any
 ) -> None:
     """A real device, through a real Mosquitto and gateway, on the page a person opens."""
     import threading
@@ -237,19 +237,19 @@ def test_whole_chain_as_a_person_watches_it(
     from models import breast_cnn
 
     cfg = AgentConfig(
-        site="icu-2", device="us-07", bundle=bundle_dir,
+        site="ward-a", device="us-07", bundle=bundle_dir, identity=identity("us-07"),
         broker={"host": mosquitto.host, "port": mosquitto.port},
         source={"path": breast_cnn.DATA, "split": "val", "rate_hz": 15, "limit": 40},
         outbox={"path": tmp_path / "outbox.sqlite"}, telemetry_interval_s=0.3,
     )
     db = tmp_path / "gw.sqlite"
-    with Store(db) as gw_store, Gateway(gw_store, mosquitto.host, mosquitto.port), \
+    with Store(db) as gw_store, Gateway(gw_store, opener, mosquitto.host, mosquitto.port), \
             DashboardServer(db, port=0) as dash:
         page.goto(dash.url)
         agent = Agent(cfg)
         runner = threading.Thread(target=agent.run, args=(threading.Event(),))
         runner.start()
-        row = page.locator('tr[data-device="icu-2/us-07"]')
+        row = page.locator('tr[data-device="ward-a/us-07"]')
         expect(row.locator(".state")).to_have_text("online", timeout=TIMEOUT_MS)
         expect(page.locator("tr.result").first).to_be_visible(timeout=TIMEOUT_MS)
         expect(row.locator(".fps")).not_to_have_text("—", timeout=TIMEOUT_MS)

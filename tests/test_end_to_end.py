@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent import Agent, AgentConfig, Bundle, LoadedModel
-from edge_agent.envelope import Envelope, decode_ack, encode
+from edge_agent.envelope import Envelope, decode_ack
 from edge_agent.topics import topic
 from gateway import Gateway, Store
 from gateway.broker import RunningBroker
@@ -21,11 +22,14 @@ from models import breast_cnn
 pytestmark = pytest.mark.slow
 
 
-def _config(bundle: Path, broker: RunningBroker, tmp: Path, **source: object) -> AgentConfig:
+def _config(
+    bundle: Path, broker: RunningBroker, tmp: Path, identity: Path, **source: object
+) -> AgentConfig:
     return AgentConfig(
         site="ward-a",
         device="us-01",
         bundle=bundle,
+        identity=identity,
         broker={"host": broker.host, "port": broker.port, "protocol": broker.protocol},
         source={"path": breast_cnn.DATA, "split": "val", "rate_hz": 0, **source},
         outbox={"path": tmp / "outbox.sqlite", "resend_after_s": 0.5},
@@ -33,15 +37,16 @@ def _config(bundle: Path, broker: RunningBroker, tmp: Path, **source: object) ->
     )
 
 
-def _expected(bundle: Path) -> tuple[np.ndarray, list[int]]:
+def _expected(bundle: Path) -> tuple[np.ndarray, np.ndarray, list[int]]:
     with np.load(breast_cnn.DATA) as d:
         x, y = d["val_images"], d["val_labels"].astype(int)
     model = LoadedModel(Bundle.load(bundle))
-    return y, [model.predict(s).pred for s in x]
+    return x, y, [model.predict(s).pred for s in x]
 
 
 def _check_exactly_once(store: Store, bundle: Path) -> None:
-    y, preds = _expected(bundle)
+    x, y, preds = _expected(bundle)
+    bundle_id = Bundle.load(bundle).id
     rows = store.results(limit=1000)
     assert len(rows) == len(y) == 78
     assert len({r["seq"] for r in rows}) == 78, "no (device, seq) stored twice"
@@ -52,18 +57,27 @@ def _check_exactly_once(store: Store, bundle: Path) -> None:
         assert r["pred"] == preds[i], f"image {i}: prediction equals the device's model"
         assert r["label_name"] == breast_cnn.CLASS_NAMES[y[i]]
         assert r["pred_label"] == breast_cnn.CLASS_NAMES[preds[i]]
+        # audit: each stored result names the exact bundle and input behind it
+        assert r["bundle"] == bundle_id
+        assert r["input_sha256"] == hashlib.sha256(x[i].tobytes()).hexdigest()
 
 
 @pytest.mark.parametrize("broker_fixture", ["mosquitto", "embedded_broker"])
-def test_every_image_is_stored_exactly_once(
-    bundle_dir: Path, tmp_path: Path, broker_fixture: str, request: pytest.FixtureRequest
+def test_every_image_is_stored_exactly_once(  # type: ignore[no-untyped-def]
+    bundle_dir: Path,
+    tmp_path: Path,
+    broker_fixture: str,
+    request: pytest.FixtureRequest,
+    identity,
+    opener,
 ) -> None:
     broker: RunningBroker = request.getfixturevalue(broker_fixture)
     with (
         Store(tmp_path / "gw.sqlite") as store,
-        Gateway(store, broker.host, broker.port, broker.protocol) as gw,
+        Gateway(store, opener, broker.host, broker.port, broker.protocol) as gw,
     ):
-        report = Agent(_config(bundle_dir, broker, tmp_path)).run(threading.Event())
+        cfg = _config(bundle_dir, broker, tmp_path, identity("us-01"))
+        report = Agent(cfg).run(threading.Event())
         assert (report.sent, report.acked, report.pending) == (78, 78, 0)
         _check_exactly_once(store, bundle_dir)
         assert gw.stats.rejected == 0
@@ -76,12 +90,12 @@ def test_every_image_is_stored_exactly_once(
         assert dev["telemetry"]["results"] == 78 and dev["telemetry"]["outbox_depth"] == 0
 
 
-def test_results_wait_in_the_outbox_until_a_gateway_stores_them(
-    bundle_dir: Path, tmp_path: Path, mosquitto: RunningBroker
+def test_results_wait_in_the_outbox_until_a_gateway_stores_them(  # type: ignore[no-untyped-def]
+    bundle_dir: Path, tmp_path: Path, mosquitto: RunningBroker, identity, opener
 ) -> None:
     """The broker takes every message (PUBACK) while no gateway listens; none is deleted
     until the gateway, started later, acknowledges it."""
-    agent = Agent(_config(bundle_dir, mosquitto, tmp_path))
+    agent = Agent(_config(bundle_dir, mosquitto, tmp_path, identity("us-01")))
     result: list[object] = []
     t = threading.Thread(target=lambda: result.append(agent.run(threading.Event(), 30.0)))
     t.start()
@@ -94,25 +108,27 @@ def test_results_wait_in_the_outbox_until_a_gateway_stores_them(
 
     with Outbox(tmp_path / "outbox.sqlite", "ward-a", "us-01") as box:
         assert box.depth() == 78, "nothing acknowledged while no gateway runs"
-    with Store(tmp_path / "gw.sqlite") as store, Gateway(store, mosquitto.host, mosquitto.port):
+    with (
+        Store(tmp_path / "gw.sqlite") as store,
+        Gateway(store, opener, mosquitto.host, mosquitto.port),
+    ):
         t.join(timeout=40)
         assert result and result[0].pending == 0  # type: ignore[attr-defined]
         _check_exactly_once(store, bundle_dir)
 
 
-def test_duplicates_are_acked_not_stored_and_bad_messages_rejected(
-    tmp_path: Path, mosquitto: RunningBroker
+def test_duplicates_are_acked_not_stored_and_bad_messages_rejected(  # type: ignore[no-untyped-def]
+    tmp_path: Path, mosquitto: RunningBroker, sealer, opener
 ) -> None:
     acks: list[int] = []
-    got_ack = threading.Event()
 
     def on_message(_c, _u, msg):  # type: ignore[no-untyped-def]
         acks.extend(decode_ack(msg.payload))
-        got_ack.set()
 
+    s09, s08 = sealer("us-09"), sealer("us-08")
     with (
         Store(tmp_path / "gw.sqlite") as store,
-        Gateway(store, mosquitto.host, mosquitto.port) as gw,
+        Gateway(store, opener, mosquitto.host, mosquitto.port) as gw,
     ):
         c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         c.on_message = on_message
@@ -120,20 +136,37 @@ def test_duplicates_are_acked_not_stored_and_bad_messages_rejected(
         c.loop_start()
         c.subscribe(topic("ward-a", "us-09", "ack"), qos=1)
         time.sleep(0.3)
+
+        def send(t: str, payload: bytes) -> None:
+            c.publish(t, payload, qos=1).wait_for_publish(5)
+
         t_result = topic("ward-a", "us-09", "result")
         env = Envelope("result", "ward-a", "us-09", 42, time.time(), {"pred": 1, "label": 1})
-        c.publish(t_result, b"\x00garbage", qos=1)
-        c.publish(t_result, encode(Envelope("result", "ward-a", "us-08", 1, 1.0, {})), qos=1)
-        c.publish(topic("ward-a", "us-09", "event"), encode(env), qos=1)  # kind != topic
-        for _ in range(2):
-            c.publish(t_result, encode(env), qos=1).wait_for_publish(5)
+        sealed = s09.seal(env)
+        for _ in range(2):  # the second is what a device resends when an ack was lost
+            send(t_result, sealed)
+        now = time.time()
+        send(t_result, b"\x00garbage")
+        send(t_result, s08.seal(Envelope("result", "ward-a", "us-08", 1, now, {})))  # topic swap
+        send(topic("ward-a", "us-09", "event"), sealed)  # kind of the topic != header
+        state = topic("ward-a", "us-09", "state")
+        send(state, s09.seal(Envelope("state", "ward-a", "us-09", 50, now, {"state": "online"})))
+        send(state, s09.seal(Envelope("state", "ward-a", "us-09", 49, now, {"state": "offline"})))
+        send(state, s09.seal(Envelope("state", "ward-a", "us-09", 51, now + 3600, {"state": "x"})))
         deadline = time.monotonic() + 5
-        while len(acks) < 2 and time.monotonic() < deadline:
+        while (len(acks) < 2 or gw.stats.rejected < 5) and time.monotonic() < deadline:
             time.sleep(0.05)
         c.loop_stop()
         c.disconnect()
         assert acks == [42, 42], "the resend is acknowledged again: its first ack may be lost"
         assert store.result_count() == 1
         dev = next(d for d in store.devices() if d["device"] == "us-09")
-        assert (dev["stored"], dev["duplicates"], dev["rejected"]) == (1, 1, 3)
-        assert (gw.stats.stored, gw.stats.duplicates, gw.stats.rejected) == (1, 1, 3)
+        assert (dev["stored"], dev["duplicates"], dev["rejected"]) == (1, 1, 5)
+        assert dev["state"] == "online", "a replayed older 'offline' must not win"
+        assert (gw.stats.stored, gw.stats.duplicates, gw.stats.rejected) == (1, 1, 5)
+        reasons = [a["detail"] for a in store.audit("reject")]
+        assert any("not a JSON envelope" in r for r in reasons)
+        assert any("does not match topic" in r for r in reasons)
+        assert any("not newer than the last one" in r for r in reasons)
+        assert any("ahead of the gateway's clock" in r for r in reasons)
+        assert "us-08" not in {d["device"] for d in store.devices()}

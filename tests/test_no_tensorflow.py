@@ -18,8 +18,8 @@ FORBIDDEN = ("tensorflow", "keras", "tf_keras", "torch", "converter", "models", 
 pytestmark = pytest.mark.slow
 
 
-def test_running_the_agent_imports_no_tensorflow(
-    bundle_dir: Path, mosquitto: RunningBroker, tmp_path: Path
+def test_running_the_agent_imports_no_tensorflow(  # type: ignore[no-untyped-def]
+    bundle_dir: Path, mosquitto: RunningBroker, tmp_path: Path, identity, opener
 ) -> None:
     from models import breast_cnn
 
@@ -29,12 +29,16 @@ def test_running_the_agent_imports_no_tensorflow(
         site: ward-a
         device: us-01
         bundle: {bundle_dir}
+        identity: {identity("us-01")}
         broker: {{host: {mosquitto.host}, port: {mosquitto.port}, protocol: "5"}}
         source: {{path: {breast_cnn.DATA}, split: val, rate_hz: 0, limit: 10}}
         outbox: {{path: {tmp_path / "outbox.sqlite"}}}
         """)
     )
-    with Store(tmp_path / "gw.sqlite") as store, Gateway(store, mosquitto.host, mosquitto.port):
+    with (
+        Store(tmp_path / "gw.sqlite") as store,
+        Gateway(store, opener, mosquitto.host, mosquitto.port),
+    ):
         # -X importtime lists every module the real entry point imports
         r = subprocess.run(
             [

@@ -26,9 +26,13 @@ class Backend(Protocol):
 
 
 def open_backend(runtime: str, model: Path, threads: int = 1) -> Backend:
-    """Load ``model`` with the backend for ``runtime`` ('litert')."""
+    """Load ``model`` with the backend for ``runtime`` ('litert' or 'onnx')."""
     if runtime == "litert":
         from edge_agent.backends.litert import LiteRTBackend
 
         return LiteRTBackend(model, threads=threads)
-    raise BackendError(f"no backend for runtime '{runtime}' (available: litert)")
+    if runtime == "onnx":
+        from edge_agent.backends.onnx import OnnxBackend
+
+        return OnnxBackend(model, threads=threads)
+    raise BackendError(f"no backend for runtime '{runtime}' (available: litert, onnx)")

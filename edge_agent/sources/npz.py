@@ -11,15 +11,28 @@ import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
 from edge_agent.errors import SourceError
-from edge_agent.sources.base import Sample
+from edge_agent.sources.base import Sample, SourceSettings
 
-__all__ = ["NpzReplay", "load_labelled"]
+__all__ = ["NpzReplay", "NpzSettings", "load_labelled"]
 
 _PREFERRED = ("val", "test", "train")
+
+
+class NpzSettings(SourceSettings):
+    kind: Literal["npz"] = Field(
+        default="npz", description="Source plug-in: labelled arrays in an npz (the default)."
+    )
+    path: Path = Field(description="Recorded data to replay.")
+    split: str | None = Field(default=None, description="MedMNIST split (val, test, train).")
+    rate_hz: float = Field(default=5.0, ge=0, description="Replay rate; 0 = as fast as possible.")
+    loop: bool = Field(default=False, description="Start again at the end.")
+    limit: int | None = Field(default=None, ge=1, description="Stop after this many samples.")
 
 
 def load_labelled(
@@ -72,6 +85,7 @@ class NpzReplay:
         self.x, self.y, _ = load_labelled(path, split)
         self.name = Path(path).stem + (f":{split}" if split else "")
         self.rate_hz, self.loop, self.limit = rate_hz, loop, limit
+        self.errors: dict[str, int] = {}  # nothing to count: the whole file is checked up front
 
     def __len__(self) -> int:
         return len(self.x)

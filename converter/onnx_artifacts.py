@@ -1,0 +1,119 @@
+"""The ONNX artifacts of a bundle: fp32 (tf2onnx) and QDQ int8 (ONNX Runtime), each made in a
+child process, each read back through the agent's own ONNX backend.
+
+A failure here never costs the LiteRT bundle: it comes back as a one-line warning, and the
+artifacts made before it are kept (an fp32 model whose int8 quantization failed still ships).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge_agent.backends import open_backend
+from edge_agent.bundle import Artifact, TensorRTBuild
+from edge_agent.errors import MedgeError
+
+__all__ = ["FP32_NAME", "INT8_NAME", "OnnxOutcome", "onnx_artifacts", "tensorrt_build"]
+
+FP32_NAME = "model_fp32.onnx"
+INT8_NAME = "model_int8.onnx"
+TRT_WORKSPACE_MIB = 256
+CHILD = "converter.onnx_child"
+
+# (job, workdir, module, what, args) -> None; raises ConversionError with one line.
+RunChild = Callable[[dict[str, Any], Path, str, str, Sequence[str]], None]
+
+
+@dataclass
+class OnnxOutcome:
+    artifacts: list[Artifact] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def tensorrt_build(file: str, precision: str) -> TensorRTBuild:
+    """trtexec settings for a Jetson: int8 from the model's Q/DQ nodes, fp16 for a float model.
+
+    ``--int8`` (with ``--fp16`` for the layers left in float) works on TensorRT 8.5 (JetPack 5)
+    and 10.x (JetPack 6); ``--memPoolSize=workspace:N`` is in MiB on both.
+    """
+    flags = "--int8 --fp16" if precision == "int8" else "--fp16"
+    return TensorRTBuild(
+        precision="int8" if precision == "int8" else "fp16",
+        workspace_mib=TRT_WORKSPACE_MIB,
+        command=(
+            f'trtexec --onnx="$BUNDLE/{file}" --saveEngine="$ENGINE" {flags} '
+            f"--memPoolSize=workspace:{TRT_WORKSPACE_MIB}"
+        ),
+    )
+
+
+def _artifact(stage: Path, file: str, precision: str, layout: str | None, jetson: bool) -> Artifact:
+    backend = open_backend("onnx", stage / file)
+    return Artifact(
+        file=file,
+        runtime="onnx",
+        precision=precision,  # type: ignore[arg-type]
+        inputs=[t.model_copy(update={"layout": layout}) for t in backend.inputs],
+        outputs=backend.outputs,
+        tensorrt=tensorrt_build(file, precision) if jetson else None,
+    )
+
+
+def onnx_artifacts(
+    model: Path,
+    calib_npy: Path,
+    stage: Path,
+    work: Path,
+    profile: str,
+    layout: str | None,
+    run_child: RunChild,
+) -> OnnxOutcome:
+    """Write model_fp32.onnx and model_int8.onnx into ``stage``; describe what was made."""
+    got = OnnxOutcome()
+    jetson = profile == "jetson"
+    t0 = time.monotonic()
+    try:
+        run_child(
+            {
+                "model": str(model),
+                "onnx_out": str(stage / FP32_NAME),
+                "result_out": str(work / "onnx-export.json"),
+            },
+            work,
+            CHILD,
+            "ONNX export",
+            ["export"],
+        )
+        got.info.update(json.loads((work / "onnx-export.json").read_text()))
+        got.artifacts.append(_artifact(stage, FP32_NAME, "fp32", layout, jetson))
+    except MedgeError as exc:
+        (stage / FP32_NAME).unlink(missing_ok=True)
+        got.warnings.append(f"ONNX artifacts skipped: {exc}")
+        return got
+    try:
+        run_child(
+            {
+                "fp32": str(stage / FP32_NAME),
+                "int8_out": str(stage / INT8_NAME),
+                "calib": str(calib_npy),
+                "symmetric": jetson,  # TensorRT takes only symmetric int8 Q/DQ
+                "result_out": str(work / "onnx-quantize.json"),
+            },
+            work,
+            CHILD,
+            "ONNX int8 quantization",
+            ["quantize"],
+        )
+        got.info.update(json.loads((work / "onnx-quantize.json").read_text()))
+        got.artifacts.append(_artifact(stage, INT8_NAME, "int8", layout, jetson))
+    except MedgeError as exc:
+        (stage / INT8_NAME).unlink(missing_ok=True)
+        got.warnings.append(f"ONNX int8 artifact skipped: {exc}")
+    got.info["seconds"] = round(time.monotonic() - t0, 1)
+    return got

@@ -1,0 +1,170 @@
+"""ECG records as windows: fixed windows with a hop, or one window centred on each R peak.
+
+Reads an npz record (``signal``, ``fs``, ``r_peaks``, ``pvc_peaks``, as in the MIT-BIH subset)
+or a native WFDB record (``.hea`` + signal files, beat annotations from ``.atr`` when present).
+Windows are (length, C) float32 in the record's physical units (mV). With annotations, a beat
+window is labelled 1 when its beat is a PVC, else 0; a fixed window 1 when it holds a PVC's R peak.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from edge_agent.errors import SourceError
+from edge_agent.sources.base import Problems, Sample, SourceSettings, pace
+from edge_agent.sources.wfdb_io import BEAT_CODES, PVC, read_annotations, read_record
+
+__all__ = ["EcgRecord", "EcgSettings", "EcgSource", "load_ecg"]
+
+log = logging.getLogger("medge.agent.source.ecg")
+
+
+class EcgSettings(SourceSettings):
+    kind: Literal["ecg"] = Field(default="ecg", description="Source plug-in: ECG record.")
+    path: Path = Field(description="An npz record, or a WFDB header (.hea) with its files.")
+    leads: list[int | str] | None = Field(
+        default=None, description="WFDB leads by number or name ('MLII'); default: the first."
+    )
+    annotator: str = Field(
+        default="atr", description="WFDB annotation file extension for beats ('atr')."
+    )
+    mode: Literal["fixed", "beats"] = Field(
+        default="beats", description="fixed: windows every hop; beats: centred on each R peak."
+    )
+    length: int = Field(default=260, ge=2, description="Window length in samples.")
+    hop: int | None = Field(default=None, ge=1, description="Fixed mode hop; default: length.")
+    realtime: bool = Field(
+        default=False, description="Emit each window when the recording reaches its end."
+    )
+    loop: bool = Field(default=False, description="Start again at the end of the record.")
+    limit: int | None = Field(default=None, ge=1, description="Stop after this many windows.")
+
+
+class EcgRecord:
+    """A whole record in memory: signal (N, C) float32, fs, and beats when annotated."""
+
+    def __init__(
+        self,
+        name: str,
+        signal: np.ndarray,
+        fs: float,
+        r_peaks: np.ndarray | None,
+        pvc: np.ndarray | None,
+        problems: list[str] | None = None,
+    ) -> None:
+        self.name, self.signal, self.fs = name, signal, fs
+        self.r_peaks, self.pvc = r_peaks, pvc
+        self.problems = problems or []
+
+
+def load_ecg(path: Path, leads: list[int | str] | None = None, annotator: str = "atr") -> EcgRecord:
+    """Read an npz or WFDB record (see the module docstring)."""
+    if path.suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as d:
+                if "signal" not in d.files or "fs" not in d.files:
+                    raise SourceError(f"{path}: an ECG npz needs 'signal' and 'fs'")
+                sig = np.asarray(d["signal"], np.float32)
+                sig = sig[:, None] if sig.ndim == 1 else sig
+                if leads:
+                    idx = [x for x in leads if isinstance(x, int)]
+                    if len(idx) != len(leads) or max(idx) >= sig.shape[1]:
+                        raise SourceError(f"{path}: leads {leads} not in {sig.shape[1]} column(s)")
+                    sig = sig[:, idx]
+                r = np.asarray(d["r_peaks"], np.int64) if "r_peaks" in d.files else None
+                v = np.asarray(d["pvc_peaks"], np.int64) if "pvc_peaks" in d.files else None
+                return EcgRecord(path.stem, sig, float(d["fs"]), r, v)
+        except FileNotFoundError as exc:
+            raise SourceError(f"{path}: no such file") from exc
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+            raise SourceError(f"{path}: not a readable npz ({exc})") from exc
+    hea = path if path.suffix == ".hea" else path.with_suffix(".hea")
+    head, sig, problems = read_record(hea, leads or [0])
+    atr = hea.with_suffix(f".{annotator}")
+    r = v = None
+    if atr.is_file():
+        samples, codes = read_annotations(atr)
+        beats = np.isin(codes, list(BEAT_CODES))
+        r, v = samples[beats], samples[beats & (codes == PVC)]
+    return EcgRecord(head.name, sig, head.fs, r, v, problems)
+
+
+class EcgSource:
+    def __init__(self, cfg: EcgSettings) -> None:
+        self.cfg = cfg
+        self.record = load_ecg(cfg.path, cfg.leads, cfg.annotator)
+        self.name = f"{self.record.name}:{cfg.mode}"
+        self._problems = Problems(self.name, log)
+        for p in self.record.problems:
+            self._problems.add("record", "%s", p)
+        if cfg.mode == "beats" and self.record.r_peaks is None:
+            raise SourceError(
+                f"{cfg.path}: beat windows need R peaks (r_peaks or .{cfg.annotator})"
+            )
+        self.edge_beats = 0  # beats too near either end for a whole window
+
+    @property
+    def errors(self) -> dict[str, int]:
+        return self._problems.snapshot()
+
+    def windows(self) -> Iterator[tuple[int, int | None, int | None]]:
+        """(start sample, label, R peak) of each window, in order."""
+        rec, n, half = self.record, self.cfg.length, self.cfg.length // 2
+        total = len(rec.signal)
+        pvc = set(rec.pvc.tolist()) if rec.pvc is not None else None
+        if self.cfg.mode == "beats" and rec.r_peaks is not None:
+            self.edge_beats = 0
+            for r in rec.r_peaks.tolist():
+                start = r - half
+                if start < 0 or start + n > total:
+                    self.edge_beats += 1
+                    continue
+                yield start, (int(r in pvc) if pvc is not None else None), r
+            return
+        hop = self.cfg.hop or n
+        for start in range(0, total - n + 1, hop):
+            label = None
+            if rec.pvc is not None:
+                label = int(bool(((rec.pvc >= start) & (rec.pvc < start + n)).any()))
+            yield start, label, None
+
+    def stream(self, stop: threading.Event) -> Iterator[Sample]:
+        rec, n, emitted = self.record, self.cfg.length, 0
+        try:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                for start, label, r in self.windows():
+                    if stop.is_set():
+                        return
+                    if self.cfg.realtime and not pace(stop, t0, (start + n) / rec.fs):
+                        return
+                    data = rec.signal[start : start + n]
+                    if not np.isfinite(data).all():
+                        self._problems.add(
+                            "invalid",
+                            "window at %d has invalid samples; skipped",
+                            start,
+                            every=False,
+                        )
+                        continue
+                    meta: dict[str, object] = {"start": start, "fs": rec.fs}
+                    if r is not None:
+                        meta["r_peak"] = r
+                    wid = f"{rec.name}@{r if r is not None else start}"
+                    yield Sample(wid, np.array(data), label, start / rec.fs, meta)
+                    emitted += 1
+                    if self.cfg.limit is not None and emitted >= self.cfg.limit:
+                        return
+                if not self.cfg.loop:
+                    return
+        finally:
+            self._problems.summary()

@@ -1,0 +1,162 @@
+"""Windowing in plain numpy: sliding (L, C) windows over (C,) samples; (K, H, W, C) frame clips.
+
+The array functions work on a whole recording; :class:`Windower` does the same one sample at a
+time for a live stream; :func:`windowed` turns a stream of samples into a stream of windows.
+Windows are never dropped: every ``hop`` samples one comes out, once ``length`` are in.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:  # edge_agent.sources imports this module: no import cycle at run time
+    from edge_agent.sources.base import Sample, Source
+
+__all__ = [
+    "LabelRule",
+    "WindowSettings",
+    "WindowedSource",
+    "Windower",
+    "clips",
+    "sliding_windows",
+    "window_label",
+    "windowed",
+]
+
+LabelRule = Literal["last", "majority", "max"]
+
+
+def sliding_windows(x: np.ndarray, length: int, hop: int) -> np.ndarray:
+    """(T, ...) -> (N, length, ...) windows starting at 0, hop, 2*hop, ... (a read-only view).
+
+    N = 1 + (T - length) // hop, or 0 when T < length; a short tail is left out.
+    """
+    if length < 1 or hop < 1:
+        raise ValueError(f"length and hop must be >= 1, got {length} and {hop}")
+    x = np.asarray(x)
+    if x.shape[0] < length:
+        return np.empty((0, length, *x.shape[1:]), dtype=x.dtype)
+    view = np.lib.stride_tricks.sliding_window_view(x, length, axis=0)[::hop]
+    return np.moveaxis(view, -1, 1)  # sliding_window_view puts the window axis last
+
+
+def window_label(labels: Iterable[int | None], rule: LabelRule = "last") -> int | None:
+    """One label for a window: its last sample's, the most common (ties: smallest), or the max
+    (for 0/1 labels: positive if any sample is). None when any sample has no label."""
+    ys = list(labels)
+    if not ys or any(y is None for y in ys):
+        return None
+    vals = [int(y) for y in ys if y is not None]
+    if rule == "last":
+        return vals[-1]
+    if rule == "max":
+        return max(vals)
+    if rule == "majority":
+        counts = np.bincount(np.asarray(vals) - min(vals))
+        return int(np.argmax(counts)) + min(vals)
+    raise ValueError(f"unknown label rule '{rule}'")
+
+
+class Windower:
+    """Push samples one at a time; every ``hop`` samples, once ``length`` are in, get a window
+    stacked on a new first axis: (C,) -> (L, C), (H, W, C) -> (L, H, W, C)."""
+
+    def __init__(self, length: int, hop: int) -> None:
+        if length < 1 or hop < 1:
+            raise ValueError(f"length and hop must be >= 1, got {length} and {hop}")
+        self.length, self.hop = length, hop
+        self._buf: deque[np.ndarray] = deque(maxlen=length)
+        self._since, self._fresh = 0, True
+
+    def reset(self) -> None:
+        """Forget what was pushed (after a gap: no window spans it)."""
+        self._buf.clear()
+        self._since, self._fresh = 0, True
+
+    def push(self, x: np.ndarray) -> np.ndarray | None:
+        x = np.asarray(x)
+        if self._buf and x.shape != self._buf[0].shape:
+            raise ValueError(f"sample of shape {x.shape} after samples of {self._buf[0].shape}")
+        self._buf.append(x)
+        self._since += 1
+        if len(self._buf) == self.length and (self._fresh or self._since >= self.hop):
+            self._since, self._fresh = 0, False
+            return np.stack(self._buf)
+        return None
+
+
+def windowed(
+    samples: Iterable[Sample],
+    length: int,
+    hop: int,
+    label: LabelRule = "last",
+    reset_on_gap: bool = True,
+) -> Iterator[Sample]:
+    """Samples in, windows out. A sample whose ``meta['gap']`` is set starts a fresh window when
+    ``reset_on_gap``; the window's label follows ``label`` (see :func:`window_label`)."""
+    from edge_agent.sources.base import Sample
+
+    win = Windower(length, hop)
+    held: deque[Sample] = deque(maxlen=length)
+    for s in samples:
+        if reset_on_gap and s.meta.get("gap"):
+            win.reset()
+            held.clear()
+        held.append(s)
+        data = win.push(s.data)
+        if data is None:
+            continue
+        first, last = held[0], held[-1]
+        yield Sample(
+            id=f"{first.id}+{length}",
+            data=data,
+            label=window_label((h.label for h in held), label),
+            time=first.time,
+            meta={"first": first.id, "last": last.id},
+        )
+
+
+def clips(
+    samples: Iterable[Sample], frames: int, hop: int, label: LabelRule = "max"
+) -> Iterator[Sample]:
+    """K consecutive frames -> one (K, H, W, C) clip, for CNN-LSTM models; a new clip every ``hop``
+    frames. The clip's label is positive when any frame is (``max``) unless told otherwise."""
+    return windowed(samples, frames, hop, label, reset_on_gap=True)
+
+
+class WindowSettings(BaseModel):
+    """Windowing done at the source, for models that take (L, C) windows or (K, H, W, C) clips."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    length: int = Field(ge=1, description="Samples (or frames) per window.")
+    hop: int = Field(ge=1, description="Samples between the starts of two windows.")
+    label: LabelRule = Field(
+        default="last",
+        description="Window label: the last sample's, the majority, or the max (any positive).",
+    )
+    reset_on_gap: bool = Field(
+        default=True, description="Start a fresh window after a gap the source reported."
+    )
+
+
+class WindowedSource:
+    """A source whose samples are windows of another's."""
+
+    def __init__(self, inner: Source, settings: WindowSettings) -> None:
+        self.inner, self.settings = inner, settings
+        self.name = f"{inner.name}[{settings.length}/{settings.hop}]"
+
+    @property
+    def errors(self) -> dict[str, int]:
+        return self.inner.errors
+
+    def stream(self, stop: threading.Event) -> Iterator[Sample]:
+        s = self.settings
+        return windowed(self.inner.stream(stop), s.length, s.hop, s.label, s.reset_on_gap)

@@ -1,0 +1,154 @@
+"""`medge gateway broker-config`: a Mosquitto configuration for one site.
+
+TLS with client certificates from the site's device CA; the certificate's CN is the MQTT user
+name (``use_identity_as_username``) and the client id (``use_username_as_clientid``, so no client
+can take over another's session by choosing its client id); ACLs keyed on ``%u`` let a device
+publish only under its own topics and read only its own acks and commands; the site's CRL;
+queues raised above Mosquitto's default of 1000 messages, with a byte limit; persistence on.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from edge_agent.keys import load_certificate, load_device_key, write_private_pem
+from edge_agent.topics import DOWN_KINDS, ROOT, UP_KINDS
+from gateway.site import site_name
+
+__all__ = ["GATEWAY_CN", "BrokerFiles", "gateway_client_files", "write_broker_config"]
+
+GATEWAY_CN = "medge-gateway"
+_UTC = dt.timezone.utc
+
+
+@dataclass(frozen=True)
+class BrokerFiles:
+    conf: Path
+    acl: Path
+    server_cert: Path
+    server_key: Path
+    port: int
+
+
+def _issue(
+    site_dir: Path, cn: str, key_path: Path, cert_path: Path, server: bool, names: list[str]
+) -> None:
+    ca_key = load_device_key(site_dir / "ca.key")
+    ca = load_certificate(site_dir / "ca.crt")
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(_UTC)
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, site_name(site_dir)),
+                    x509.NameAttribute(NameOID.COMMON_NAME, cn),
+                ]
+            )
+        )
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=825))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+    )
+    if names:
+        alt: list[x509.GeneralName] = []
+        for n in names:
+            try:
+                alt.append(x509.IPAddress(ipaddress.ip_address(n)))
+            except ValueError:
+                alt.append(x509.DNSName(n))
+        b = b.add_extension(x509.SubjectAlternativeName(alt), critical=False)
+    cert = b.sign(ca_key, hashes.SHA256())
+    write_private_pem(key_path, key)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def gateway_client_files(site_dir: Path) -> tuple[Path, Path, Path]:
+    """(ca, cert, key) the gateway connects to the site broker with; issued on first use."""
+    cert, key = site_dir / "gateway.crt", site_dir / "gateway.key"
+    if not cert.exists():
+        _issue(site_dir, GATEWAY_CN, key, cert, server=False, names=[])
+    return site_dir / "ca.crt", cert, key
+
+
+def write_broker_config(
+    site_dir: Path,
+    out: Path,
+    port: int = 8883,
+    bind: str = "127.0.0.1",
+    names: tuple[str, ...] = ("localhost", "127.0.0.1"),
+    max_queued_messages: int = 100_000,
+    max_queued_bytes: int = 256 * 2**20,
+) -> BrokerFiles:
+    """Write mosquitto.conf, the ACL file and the broker's server certificate into ``out``."""
+    site = site_name(site_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    server_cert, server_key = out / "server.crt", out / "server.key"
+    _issue(site_dir, names[0], server_key, server_cert, server=True, names=list(names))
+    gateway_client_files(site_dir)
+    base = f"{ROOT}/{site}"
+    acl_lines = [
+        "# Written by 'medge gateway broker-config'. %u is the client certificate's CN.",
+        f"user {GATEWAY_CN}",
+        *[f"topic read {base}/+/{k}" for k in UP_KINDS],
+        *[f"topic write {base}/+/{k}" for k in DOWN_KINDS],
+        "",
+        "# every device: its own topics only",
+        *[f"pattern write {base}/%u/{k}" for k in UP_KINDS],
+        *[f"pattern read {base}/%u/{k}" for k in DOWN_KINDS],
+        "",
+    ]
+    acl = out / "acl"
+    acl.write_text("\n".join(acl_lines))
+    (out / "data").mkdir(exist_ok=True)
+    conf = out / "mosquitto.conf"
+    conf.write_text(
+        "\n".join(
+            [
+                f"# medge site {site}: written by 'medge gateway broker-config'",
+                "per_listener_settings false",
+                "allow_anonymous false",
+                f"acl_file {acl}",
+                "persistence true",
+                f"persistence_location {out / 'data'}/",
+                "autosave_interval 30",
+                f"max_queued_messages {max_queued_messages}",
+                f"max_queued_bytes {max_queued_bytes}",
+                "max_inflight_messages 100",
+                f"log_dest file {out / 'mosquitto.log'}",
+                "log_type error",
+                "log_type warning",
+                "log_type notice",
+                "",
+                f"listener {port} {bind}",
+                f"cafile {site_dir / 'ca.crt'}",
+                f"certfile {server_cert}",
+                f"keyfile {server_key}",
+                f"crlfile {site_dir / 'crl.pem'}",
+                "require_certificate true",
+                "use_identity_as_username true",
+                "use_username_as_clientid true",
+                "tls_version tlsv1.2",
+                "",
+            ]
+        )
+    )
+    return BrokerFiles(conf, acl, server_cert, server_key, port)

@@ -1,0 +1,283 @@
+"""A site's trust anchor on the fog node: device CA, revocations, the gateway's HPKE key,
+the bundle signer, and the registered devices. `medge site init` / `medge device provision`.
+
+    site/
+      site.json                 {"site": NAME}
+      ca.key, ca.crt            device CA (ECDSA P-256); ca.key mode 0600
+      crl.pem                   revoked device certificates, signed by the CA
+      recipient.json            the gateway's HPKE private key (mode 0600); its kid names it
+      recipients/<kid>.json     earlier recipient keys, kept for a grace period after rotation
+      bundle-signer.key, .pem   Ed25519 key that signs bundles for this site's devices
+      devices/<device>.crt      registered device certificates
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import threading
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import NameOID
+
+from edge_agent import identity as idn
+from edge_agent.envelope import Opener
+from edge_agent.errors import EnvelopeError, MedgeError
+from edge_agent.keys import (
+    RecipientKey,
+    Suite,
+    generate_recipient,
+    load_certificate,
+    load_recipient,
+    load_signer_key,
+    write_private_pem,
+    write_public_pem,
+    write_secret,
+)
+from edge_agent.topics import check_name
+
+__all__ = [
+    "DeviceRegistry",
+    "init_site",
+    "opener_for",
+    "provision_device",
+    "recipients",
+    "revoke_device",
+    "rotate_recipient",
+    "signer_key",
+    "site_name",
+]
+
+_UTC = dt.timezone.utc
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(_UTC)
+
+
+def site_name(site_dir: Path) -> str:
+    try:
+        return str(json.loads((site_dir / "site.json").read_text())["site"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise MedgeError(f"{site_dir}: not a medge site directory (run 'medge site init')") from exc
+
+
+def init_site(site_dir: Path, site: str, suite: Suite = "x25519") -> None:
+    """Create the CA, the gateway's recipient key and the bundle signer of a new site."""
+    check_name("site", site)
+    if (site_dir / "site.json").exists():
+        raise MedgeError(f"{site_dir}: a site already exists here")
+    site_dir.mkdir(parents=True, exist_ok=True)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, site),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"medge device CA {site}"),
+        ]
+    )
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_now() - dt.timedelta(minutes=5))
+        .not_valid_after(_now() + dt.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    write_private_pem(site_dir / "ca.key", ca_key)
+    (site_dir / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    _, private = generate_recipient(suite)
+    write_secret(site_dir / "recipient.json", json.dumps(private, indent=2).encode())
+    signer = ed25519.Ed25519PrivateKey.generate()
+    write_private_pem(site_dir / "bundle-signer.key", signer)
+    write_public_pem(site_dir / "bundle-signer.pem", signer.public_key())
+    (site_dir / "devices").mkdir(exist_ok=True)
+    (site_dir / "site.json").write_text(json.dumps({"site": site}) + "\n")
+    _write_crl(site_dir, [])
+
+
+def provision_device(site_dir: Path, device: str, out: Path, days: int = 825) -> Path:
+    """Key pair + certificate for a device, registered with the site; the identity directory
+    the device package needs is written to ``out``."""
+    site = site_name(site_dir)
+    check_name("device", device)
+    if device.startswith("medge-"):
+        raise MedgeError(f"device name '{device}': names starting with 'medge-' are reserved")
+    registered = site_dir / "devices" / f"{device}.crt"
+    if registered.exists():
+        raise MedgeError(f"device {site}/{device} is already provisioned (revoke it first)")
+    ca_key, ca = _ca(site_dir)
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, site),
+            x509.NameAttribute(NameOID.COMMON_NAME, device),
+        ]
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_now() - dt.timedelta(minutes=5))
+        .not_valid_after(_now() + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    out.mkdir(parents=True, exist_ok=True)
+    write_private_pem(out / idn.DEVICE_KEY, key)
+    (out / idn.DEVICE_CERT).write_bytes(pem)
+    shutil.copyfile(site_dir / "ca.crt", out / idn.SITE_CA)
+    recipient = load_recipient(site_dir / "recipient.json")
+    (out / idn.RECIPIENT).write_text(json.dumps(recipient.public_json(), indent=2) + "\n")
+    (out / idn.SIGNERS_DIR).mkdir(exist_ok=True)
+    shutil.copyfile(site_dir / "bundle-signer.pem", out / idn.SIGNERS_DIR / f"{site}.pem")
+    registered.write_bytes(pem)
+    return out
+
+
+def revoke_device(site_dir: Path, device: str) -> None:
+    """Add the device's certificate to the site's CRL; the gateway refuses it from then on."""
+    path = site_dir / "devices" / f"{device}.crt"
+    if not path.exists():
+        raise MedgeError(f"device {device} is not registered at {site_dir}")
+    serials = _revoked_serials(site_dir)
+    serials.add(load_certificate(path).serial_number)
+    _write_crl(site_dir, sorted(serials))
+
+
+def rotate_recipient(site_dir: Path, suite: Suite | None = None) -> str:
+    """A new gateway HPKE key; the old one moves to recipients/ and still opens messages."""
+    old = load_recipient(site_dir / "recipient.json")
+    (site_dir / "recipients").mkdir(exist_ok=True)
+    shutil.move(site_dir / "recipient.json", site_dir / "recipients" / f"{old.kid}.json")
+    new, private = generate_recipient(suite or old.suite)
+    write_secret(site_dir / "recipient.json", json.dumps(private, indent=2).encode())
+    return new.kid
+
+
+def recipients(site_dir: Path) -> list[RecipientKey]:
+    """The current recipient key and those kept from earlier rotations."""
+    keys = [load_recipient(site_dir / "recipient.json")]
+    keys += [load_recipient(p) for p in sorted((site_dir / "recipients").glob("*.json"))]
+    return keys
+
+
+def signer_key(site_dir: Path) -> ed25519.Ed25519PrivateKey:
+    return load_signer_key(site_dir / "bundle-signer.key")
+
+
+def _ca(site_dir: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    from edge_agent.keys import load_device_key  # same format: ECDSA P-256, mode 0600
+
+    return load_device_key(site_dir / "ca.key"), load_certificate(site_dir / "ca.crt")
+
+
+def _revoked_serials(site_dir: Path) -> set[int]:
+    try:
+        crl = x509.load_pem_x509_crl((site_dir / "crl.pem").read_bytes())
+    except (OSError, ValueError):
+        return set()
+    return {r.serial_number for r in crl}
+
+
+def _write_crl(site_dir: Path, serials: list[int]) -> None:
+    ca_key, ca = _ca(site_dir)
+    b = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.subject)
+        .last_update(_now())
+        .next_update(_now() + dt.timedelta(days=30))
+    )
+    for s in serials:
+        b = b.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(s).revocation_date(_now()).build()
+        )
+    (site_dir / "crl.pem").write_bytes(
+        b.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+    )
+
+
+class DeviceRegistry:
+    """Which devices may speak, and with which key: registered certificates issued by the site
+    CA, valid now, not on the CRL (re-read when the file changes)."""
+
+    def __init__(self, site_dir: Path) -> None:
+        self.site_dir = site_dir
+        self.site = site_name(site_dir)
+        self._ca = load_certificate(site_dir / "ca.crt")
+        self._lock = threading.Lock()
+        self._crl_mtime = -1.0
+        self._revoked: set[int] = set()
+        self._certs: dict[str, tuple[float, int, dt.datetime, ec.EllipticCurvePublicKey]] = {}
+
+    def _refresh_crl(self) -> None:
+        path = self.site_dir / "crl.pem"
+        mtime = path.stat().st_mtime if path.exists() else 0.0
+        if mtime != self._crl_mtime:
+            crl = x509.load_pem_x509_crl(path.read_bytes()) if path.exists() else None
+            if crl is not None and not crl.is_signature_valid(self._ca.public_key()):  # type: ignore[arg-type]
+                raise MedgeError(f"{path}: CRL is not signed by the site CA")
+            self._revoked = {r.serial_number for r in crl} if crl is not None else set()
+            self._crl_mtime = mtime
+
+    def key_for(self, site: str, device: str) -> ec.EllipticCurvePublicKey:
+        """The device's trusted key, checked on every call (cheap: two stats and a dict
+        lookup), so a revocation takes effect on the next message."""
+        if site != self.site:
+            raise EnvelopeError(f"device {site}/{device} is not of this site ({self.site})")
+        path = self.site_dir / "devices" / f"{device}.crt"
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            raise EnvelopeError(f"unknown device {site}/{device}") from None
+        with self._lock:
+            self._refresh_crl()
+            cached = self._certs.get(device)
+            if cached is None or cached[0] != mtime:
+                cached = (mtime, *self._check(site, device, load_certificate(path)))
+                self._certs[device] = cached
+            _, serial, not_after, key = cached
+            revoked = serial in self._revoked
+        if revoked:
+            raise EnvelopeError(f"device {site}/{device} is revoked")
+        if _now() > not_after:
+            raise EnvelopeError(f"certificate of {site}/{device} has expired")
+        return key
+
+    def _check(
+        self, site: str, device: str, cert: x509.Certificate
+    ) -> tuple[int, dt.datetime, ec.EllipticCurvePublicKey]:
+        try:
+            cert.verify_directly_issued_by(self._ca)
+        except Exception as exc:  # ValueError, TypeError, InvalidSignature
+            raise EnvelopeError(f"certificate of {site}/{device} is not from the site CA") from exc
+        if _now() < cert.not_valid_before_utc:
+            raise EnvelopeError(f"certificate of {site}/{device} is not valid yet")
+        if idn.cert_names(cert) != (site, device):
+            raise EnvelopeError(f"certificate registered for {device} names another device")
+        key = cert.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise EnvelopeError(f"certificate of {site}/{device} has no ECDSA key")
+        return cert.serial_number, cert.not_valid_after_utc, key
+
+
+def opener_for(site_dir: Path) -> Opener:
+    """What the gateway of this site opens device envelopes with."""
+    registry = DeviceRegistry(site_dir)
+    return Opener(recipients(site_dir), registry.key_for)

@@ -1,0 +1,215 @@
+"""The site broker as `medge gateway broker-config` writes it, attacked over MQTT 5 by clients
+holding real certificates: each attack is refused, and the refusal is visible."""
+
+from __future__ import annotations
+
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_agent.identity import DEVICE_CERT, DEVICE_KEY, SITE_CA
+from edge_agent.topics import topic
+from gateway import Gateway, Store
+from gateway.broker import RunningBroker, free_port, start_mosquitto_conf
+from gateway.broker_config import gateway_client_files, write_broker_config
+from gateway.site import init_site, provision_device, revoke_device
+
+pytestmark = pytest.mark.slow
+NOT_AUTHORIZED = 0x87
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    d = tmp_path / "site"
+    init_site(d, "ward-b")
+    return d
+
+
+def _start(site: Path, tmp: Path) -> RunningBroker:
+    port = free_port()
+    files = write_broker_config(site, tmp / "broker", port=port)
+    return start_mosquitto_conf(files.conf, "127.0.0.1", port)
+
+
+@pytest.fixture
+def broker(site: Path, tmp_path: Path) -> Iterator[RunningBroker]:
+    with _start(site, tmp_path) as b:
+        yield b
+
+
+def _client(
+    ident: Path | None, broker: RunningBroker, client_id: str = "", ca: Path | None = None
+) -> tuple[mqtt.Client, dict[str, Any]]:
+    seen: dict[str, Any] = {"pubacks": {}, "subacks": [], "disconnects": 0, "connack": None}
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    if ident is not None:
+        c.tls_set(
+            ca_certs=str(ca or ident / SITE_CA),
+            certfile=str(ident / DEVICE_CERT),
+            keyfile=str(ident / DEVICE_KEY),
+        )
+    else:
+        c.tls_set(ca_certs=str(ca))
+
+    def on_connect(_c, _u, _f, rc, _p=None):  # type: ignore[no-untyped-def]
+        seen["connack"] = rc
+
+    def on_publish(_c, _u, mid, rc, _p=None):  # type: ignore[no-untyped-def]
+        seen["pubacks"][mid] = rc
+
+    def on_subscribe(_c, _u, _mid, rcs, _p=None):  # type: ignore[no-untyped-def]
+        seen["subacks"].extend(rcs)
+
+    def on_disconnect(_c, _u, _f, _rc, _p=None):  # type: ignore[no-untyped-def]
+        seen["disconnects"] += 1
+
+    c.on_connect, c.on_publish = on_connect, on_publish
+    c.on_subscribe, c.on_disconnect = on_subscribe, on_disconnect
+    return c, seen
+
+
+def _wait(cond, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return bool(cond())
+
+
+def test_device_cannot_publish_or_read_as_another(  # type: ignore[no-untyped-def]
+    site: Path, broker: RunningBroker, tmp_path: Path
+) -> None:
+    a = provision_device(site, "us-01", tmp_path / "a")
+    b = provision_device(site, "us-02", tmp_path / "b")
+    ca, gw_cert, gw_key = gateway_client_files(site)
+    clients = []
+    try:
+        spy, spy_seen = _client(a, broker)
+        owner, owner_seen = _client(b, broker)
+        gateway = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        gateway.tls_set(ca_certs=str(ca), certfile=str(gw_cert), keyfile=str(gw_key))
+        got: dict[str, list[bytes]] = {"spy": [], "owner": []}
+        spy.on_message = lambda _c, _u, m: got["spy"].append(m.payload)
+        owner.on_message = lambda _c, _u, m: got["owner"].append(m.payload)
+        for c in (spy, owner, gateway):
+            c.connect(broker.host, broker.port)
+            c.loop_start()
+            clients.append(c)
+        assert _wait(lambda: spy_seen["connack"] is not None and owner_seen["connack"] is not None)
+        own = spy.publish(topic("ward-b", "us-01", "telemetry"), b"x", qos=1)
+        other = spy.publish(topic("ward-b", "us-02", "result"), b"x", qos=1)
+        assert _wait(lambda: len(spy_seen["pubacks"]) == 2)
+        assert not spy_seen["pubacks"][own.mid].is_failure
+        assert spy_seen["pubacks"][other.mid].value == NOT_AUTHORIZED, "the denial is visible"
+        # reading another device's acks: Mosquitto grants the SUBSCRIBE but delivers nothing
+        ack_b = topic("ward-b", "us-02", "ack")
+        spy.subscribe(ack_b, qos=1)
+        owner.subscribe(ack_b, qos=1)
+        assert _wait(lambda: spy_seen["subacks"] and owner_seen["subacks"])
+        gateway.publish(ack_b, b"for us-02 only", qos=1).wait_for_publish(5)
+        assert _wait(lambda: got["owner"] == [b"for us-02 only"])
+        time.sleep(0.5)
+        assert got["spy"] == []
+    finally:
+        for c in clients:
+            c.loop_stop()
+            c.disconnect()
+
+
+def test_client_id_of_another_device_does_not_take_over_its_session(  # type: ignore[no-untyped-def]
+    site: Path, broker: RunningBroker, tmp_path: Path
+) -> None:
+    a = provision_device(site, "us-01", tmp_path / "a")
+    b = provision_device(site, "us-02", tmp_path / "b")
+    victim, v_seen = _client(b, broker, client_id="us-02")
+    victim.connect(broker.host, broker.port)
+    victim.loop_start()
+    attacker, a_seen = _client(a, broker, client_id="us-02")  # B's client id, A's certificate
+    attacker.connect(broker.host, broker.port)
+    attacker.loop_start()
+    try:
+        assert _wait(lambda: v_seen["connack"] is not None and a_seen["connack"] is not None)
+        time.sleep(1.0)
+        assert v_seen["disconnects"] == 0, "the victim keeps its session"
+        assert victim.is_connected()
+    finally:
+        for c in (attacker, victim):
+            c.loop_stop()
+            c.disconnect()
+
+
+def test_rogue_ca_no_certificate_and_revoked_device_cannot_connect(  # type: ignore[no-untyped-def]
+    site: Path, tmp_path: Path
+) -> None:
+    rogue_site = tmp_path / "rogue"
+    init_site(rogue_site, "ward-b")
+    rogue = provision_device(rogue_site, "us-01", tmp_path / "rogue-id")
+    revoked = provision_device(site, "us-09", tmp_path / "revoked")
+    revoke_device(site, "us-09")
+    with _start(site, tmp_path) as broker:  # Mosquitto reads the CRL when it starts
+        ok = provision_device(site, "us-04", tmp_path / "ok")
+        assert not _refused(ok, site / "ca.crt", broker), "a good device gets in"
+        assert _refused(rogue, site / "ca.crt", broker), "certificate from a rogue CA"
+        assert _refused(None, site / "ca.crt", broker), "no client certificate"
+        assert _refused(revoked, site / "ca.crt", broker), "revoked device"
+
+
+def _refused(ident: Path | None, ca: Path, broker: RunningBroker) -> bool:
+    c, seen = _client(ident, broker, ca=ca)
+    try:
+        c.connect(broker.host, broker.port)
+    except (ssl.SSLError, OSError):
+        return True
+    c.loop_start()
+    try:
+        accepted = _wait(
+            lambda: seen["connack"] is not None and not seen["connack"].is_failure, 2.0
+        )
+        return not accepted
+    finally:
+        c.loop_stop()
+        c.disconnect()
+
+
+def test_whole_chain_over_tls_with_acls(  # type: ignore[no-untyped-def]
+    site: Path, broker: RunningBroker, tmp_path: Path, bundle_dir: Path
+) -> None:
+    """The signed bundle from the session site is re-signed by this site's signer."""
+    import shutil
+
+    from edge_agent import Agent, AgentConfig
+    from edge_agent.bundle import SIGNATURE_NAME, sign_bundle
+    from gateway.site import opener_for, signer_key
+    from models import breast_cnn
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, bundle, ignore=shutil.ignore_patterns(SIGNATURE_NAME))
+    sign_bundle(bundle, signer_key(site))
+    ident = provision_device(site, "us-03", tmp_path / "id")
+    cfg = AgentConfig(
+        site="ward-b",
+        device="us-03",
+        bundle=bundle,
+        identity=ident,
+        broker={"host": broker.host, "port": broker.port, "tls": True},
+        source={"path": breast_cnn.DATA, "split": "val", "rate_hz": 0, "limit": 20},
+        outbox={"path": tmp_path / "outbox.sqlite"},
+    )
+    with (
+        Store(tmp_path / "gw.sqlite") as store,
+        Gateway(
+            store, opener_for(site), broker.host, broker.port, tls=gateway_client_files(site)
+        ) as gw,
+    ):
+        report = Agent(cfg).run(threading.Event())
+        assert (report.sent, report.acked, report.pending) == (20, 20, 0)
+        assert store.result_count() == 20
+        assert gw.stats.rejected == 0

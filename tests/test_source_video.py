@@ -1,0 +1,143 @@
+"""The video source on a real fall clip (GMDCSA24 Subject_2-Fall-13, re-encoded 160x120)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from edge_agent.errors import SourceError
+from edge_agent.sources import VideoSettings, VideoSource, open_source
+from edge_agent.sources.video import load_intervals
+
+DATA = Path(__file__).parent / "data" / "video"
+CLIP = DATA / "Subject_2-Fall-13.mp4"
+LABELS = DATA / "Subject_2-Fall.csv"
+FRAMES = 133  # the clip's frame count, at 14.95 fps
+
+
+def _source(**kw: object) -> VideoSource:
+    return VideoSource(VideoSettings.model_validate({"path": CLIP, **kw}))
+
+
+def test_a_file_yields_every_frame_with_labels_from_the_csv() -> None:
+    src = _source(labels=LABELS)
+    out = list(src.stream(threading.Event()))
+    assert len(out) == FRAMES and src.errors == {}
+    assert out[0].data.shape == (120, 160, 3) and out[0].data.dtype == np.uint8
+    # "Falling (BW)[2.5 to 8]; Standing[0 to 2.5]": frames 38..119 (t = i / 14.95) fall
+    falling = [s.meta["frame"] for s in out if s.label == 1]
+    assert falling == list(range(38, 120))
+    assert out[10].meta["classes"] == ["Standing"] and out[125].meta["classes"] == []
+    assert out[37].time == pytest.approx(37 / src.fps) and out[37].id == "Subject_2-Fall-13#37"
+
+
+def test_colour_order_grey_resize_and_step() -> None:
+    rgb = next(_source().stream(threading.Event())).data
+    bgr = next(_source(color="bgr").stream(threading.Event())).data
+    np.testing.assert_array_equal(rgb, bgr[..., ::-1])
+    out = list(_source(color="grey", size=(60, 80), step=4).stream(threading.Event()))
+    assert len(out) == 34 and out[0].data.shape == (60, 80)
+    assert [s.meta["frame"] for s in out[:3]] == [0, 4, 8]
+
+
+def test_realtime_replay_keeps_the_recorded_rate() -> None:
+    t0 = time.monotonic()
+    out = list(_source(realtime=True, limit=10, step=2).stream(threading.Event()))
+    took = time.monotonic() - t0
+    assert len(out) == 10
+    assert took >= 18 / 14.95 - 0.05  # the 10th kept frame is frame 18
+    assert took < 5
+
+
+def test_live_mode_drops_the_oldest_under_a_slow_consumer_and_counts_it() -> None:
+    src = _source(live=True, queue=2)
+    got = []
+    for s in src.stream(threading.Event()):
+        got.append(s.meta["frame"])
+        time.sleep(0.01)  # a slow model
+    assert src.errors["dropped"] == src.dropped > 0
+    assert len(got) + src.dropped == FRAMES  # nothing lost silently, nothing twice
+    assert got == sorted(set(got)) and got[-1] == FRAMES - 1  # the newest frame always wins
+
+
+def test_a_file_never_drops_under_a_slow_consumer() -> None:
+    src = _source(limit=20)
+    got = []
+    for s in src.stream(threading.Event()):
+        got.append(s.meta["frame"])
+        time.sleep(0.01)
+    assert got == list(range(20)) and src.errors == {}
+
+
+def test_live_stream_stops_on_the_event() -> None:
+    stop = threading.Event()
+    src = _source(live=True, realtime=True)
+    n = 0
+    for _ in src.stream(stop):
+        n += 1
+        if n == 3:
+            stop.set()
+    assert n == 3
+
+
+def test_frames_that_fail_to_decode_are_counted_and_the_stream_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the real clip as Motion-JPEG, two frames' JPEG data blanked out
+    avi = tmp_path / "clip.avi"
+    cap = cv2.VideoCapture(str(CLIP))
+    out = cv2.VideoWriter(str(avi), cv2.VideoWriter_fourcc(*"MJPG"), 14.95, (160, 120))
+    while (frame := cap.read())[0]:
+        out.write(frame[1])
+    out.release()
+    raw = bytearray(avi.read_bytes())
+    soi = [i for i in range(len(raw) - 2) if raw[i : i + 3] == b"\xff\xd8\xff"]
+    assert len(soi) == FRAMES
+    for k in (50, 90):
+        raw[soi[k] : soi[k + 1] - 16] = bytes(soi[k + 1] - 16 - soi[k])
+    avi.write_bytes(bytes(raw))
+    src = VideoSource(VideoSettings(path=avi))
+    with caplog.at_level(logging.WARNING, "medge.agent.source.video"):
+        got = [s.meta["frame"] for s in src.stream(threading.Event())]
+    assert src.errors == {"decode": 2}
+    assert len(got) == FRAMES - 2 and 50 not in got and 90 not in got and got[-1] == FRAMES - 1
+    told = [r.getMessage() for r in caplog.records if "failed to decode" in r.getMessage()]
+    assert len(told) == 2 and "frame 50" in told[0]
+
+
+def test_clip_assembly_from_config() -> None:
+    src = open_source(
+        VideoSettings(path=CLIP, labels=LABELS, size=(32, 32), clip={"length": 8, "hop": 8})
+    )
+    out = list(src.stream(threading.Event()))
+    assert len(out) == FRAMES // 8 and out[0].data.shape == (8, 32, 32, 3)
+    assert [c.label for c in out[:6]] == [0, 0, 0, 0, 1, 1]  # clip 4 holds frames 32..39
+
+
+def test_config_needs_exactly_one_input_and_a_real_file() -> None:
+    with pytest.raises(ValueError, match="exactly one of path, camera, url"):
+        VideoSettings(path=CLIP, camera=0)
+    with pytest.raises(ValueError, match="exactly one"):
+        VideoSettings()
+    with pytest.raises(SourceError, match="no such video file"):
+        VideoSource(VideoSettings(path=DATA / "missing.mp4"))
+    assert VideoSource(VideoSettings(url="rtsp://user:secret@cam/1")).name == "rtsp://cam/1"
+
+
+def test_interval_parser_reads_the_dataset_quirks(tmp_path: Path) -> None:
+    csv = tmp_path / "x.csv"
+    csv.write_text(
+        "File Name,Length (seconds),Time of Recording,Attire,Description, Classes\n"
+        "11.mp4,10,Night,J,Falling from bed, Falling (BW[5.9 to 10]; Walking[0 to 1.3]\n"
+        "06.mp4,10,Day,J,x, Standing[0 to 0.5; 4.2 to 6.5]; Walking[0.5 to 1.8]\n"
+    )
+    assert load_intervals(csv, "11.mp4") == [("Falling (BW", 5.9, 10.0), ("Walking", 0.0, 1.3)]
+    assert [i[1:] for i in load_intervals(csv, "06.mp4")[:2]] == [(0.0, 0.5), (4.2, 6.5)]
+    with pytest.raises(SourceError, match="no row"):
+        load_intervals(csv, "99.mp4")
