@@ -1,5 +1,7 @@
-"""Keras model + calibration and evaluation data -> a verified bundle: full-int8 LiteRT, plus
-ONNX fp32 and QDQ int8 for ONNX Runtime / TensorRT (converter.onnx_artifacts).
+"""Keras model + calibration and evaluation data -> a verified bundle: LiteRT (full int8 by the
+first conversion strategy that works, converter.strategies), plus ONNX fp32 and QDQ int8 for
+ONNX Runtime / TensorRT (converter.onnx_artifacts). A ready .tflite or .onnx model is wrapped
+instead (converter.wrap).
 
 TensorFlow runs only in child processes (converter.litert_child, converter.onnx_child); this
 process prepares the data with the agent's own preprocessing, evaluates every artifact with
@@ -30,13 +32,15 @@ import numpy as np
 
 from converter.errors import ConversionError
 from converter.metrics import agreement, classification_metrics
-from converter.onnx_artifacts import onnx_artifacts
+from converter.onnx_artifacts import OnnxOutcome, onnx_artifacts
 from converter.report import write_markdown
+from converter.strategies import MIN_AGREEMENT, STRATEGIES, convert_litert
 from edge_agent.backends import open_backend
 from edge_agent.bundle import (
     SCHEMA_VERSION,
     Artifact,
     Bundle,
+    CamSpec,
     Decode,
     Manifest,
     Preprocess,
@@ -50,11 +54,13 @@ from edge_agent.model import LoadedModel
 from edge_agent.preprocess import normalize
 from edge_agent.sources.npz import load_labelled
 
-__all__ = ["ConvertRequest", "convert"]
+__all__ = ["ConvertRequest", "convert", "publish"]
 
 log = logging.getLogger("medge.convert")
 
 PROFILES = ("rpi4", "rpi5", "jetson", "x86")
+LAYOUTS = {5: "NTHWC", 4: "NHWC", 3: "NTC", 2: "NC"}
+WRAPPED = (".tflite", ".onnx")  # ready artifacts: wrapped as they are (converter.wrap)
 MIN_CALIBRATION = 100
 CHILD_TIMEOUT_S = 600
 BUDGET_METRICS = ("accuracy", "sensitivity", "specificity", "precision", "f1", "auc")
@@ -77,6 +83,12 @@ class ConvertRequest:
     force: bool = False
     budget: dict[str, float] = field(default_factory=dict)
     sign_key: Path | None = None
+    cam: bool = False  # add the class activation map as a second output (GAP -> Dense heads)
+    cam_layer: str | None = None  # the feature layer; found from the head when None
+    strategies: list[str] | None = None  # LiteRT strategies to try, in order (default: all)
+    min_agreement: float = MIN_AGREEMENT  # a LiteRT artifact must agree with float this often
+    onnx: bool = True  # also make the ONNX artifacts (Keras models only)
+    activation: str = "softmax"  # what the model's last layer applies: softmax, sigmoid, none
 
 
 def _medge_version() -> str:
@@ -142,6 +154,11 @@ def convert(req: ConvertRequest) -> Bundle:
         load_signer_key(req.sign_key)  # fail before the long work, not after
     if req.out.exists() and any(req.out.iterdir()) and not req.force:
         raise ConversionError(f"{req.out} exists and is not empty (use --force to replace it)")
+    keys = req.strategies or [s.key for s in STRATEGIES]
+    known = {s.key for s in STRATEGIES}
+    if set(keys) - known:
+        bad = sorted(set(keys) - known)[0]
+        raise ConversionError(f"unknown strategy '{bad}' (one of {', '.join(sorted(known))})")
     xc, _, _ = load_labelled(req.calib, req.calib_split, prefer=("train", "val", "test"))
     xe, ye, names = load_labelled(req.eval, req.eval_split)
     if ye is None:
@@ -157,6 +174,10 @@ def convert(req: ConvertRequest) -> Bundle:
             f"evaluation labels run 0..{int(ye.max())} but {len(labels)} class names were given"
         )
     warnings: list[str] = []
+    if req.model.suffix.lower() in WRAPPED:
+        from converter.wrap import wrap
+
+        return wrap(req, xc, xe, ye, labels)
     if len(xc) < MIN_CALIBRATION:
         warnings.append(
             f"calibration set has only {len(xc)} samples (< {MIN_CALIBRATION}); "
@@ -170,43 +191,67 @@ def convert(req: ConvertRequest) -> Bundle:
         calib, evalx = _prepare(xc, req.preprocess), _prepare(xe, req.preprocess)
         np.save(work / "calib.npy", calib)
         np.save(work / "eval.npy", evalx)
-        artifact_name = "model_int8.tflite"
         t0 = time.monotonic()
-        _run_child(
+        litert = convert_litert(
             {
                 "model": str(req.model),
                 "calib": str(work / "calib.npy"),
                 "eval": str(work / "eval.npy"),
-                "tflite_out": str(stage / artifact_name),
+                "tflite_out": str(work / "model.tflite"),
                 "float_out": str(work / "float.npy"),
                 "n_labels": len(labels),
+                "min_agreement": req.min_agreement,
+                "cam": {"layer": req.cam_layer} if req.cam else None,
+                "cam_model_out": str(work / "model_cam.keras"),
+                "cam_info_out": str(work / "cam.json"),
             },
             work,
+            keys,
+            CHILD_TIMEOUT_S,
         )
         convert_s = time.monotonic() - t0
+        precision = litert.winner.precision
+        artifact_name = f"model_{precision}.tflite"
+        shutil.copyfile(work / "model.tflite", stage / artifact_name)
         float_scores = np.load(work / "float.npy")
         backend = open_backend("litert", stage / artifact_name)
-        layout = {4: "NHWC", 3: "NTC", 2: "NC"}.get(len(backend.inputs[0].shape))
+        layout = LAYOUTS.get(len(backend.inputs[0].shape))
         inputs = [t.model_copy(update={"layout": layout}) for t in backend.inputs]
         artifact = Artifact(
             file=artifact_name,
             runtime="litert",
-            precision="int8",
+            precision=precision,  # type: ignore[arg-type]
             inputs=inputs,
             outputs=backend.outputs,
         )
-        onnx = onnx_artifacts(
-            req.model, work / "calib.npy", stage, work, req.profile, layout, _run_child
-        )
+        cam = None
+        if req.cam:
+            info = json.loads((work / "cam.json").read_text())
+            cam = CamSpec(output=1, layer=info["layer"], upsample_to=info["size"])
+        onnx = OnnxOutcome()
+        if req.onnx:
+            source = work / "model_cam.keras" if req.cam else req.model
+            onnx = onnx_artifacts(
+                source, work / "calib.npy", stage, work, req.profile, layout, _run_child
+            )
         warnings += onnx.warnings
         artifacts = [artifact, *onnx.artifacts]
-        strategy = "litert full-int8 (TFLiteConverter)"
+        if cam is not None and any(len(a.outputs) <= cam.output for a in onnx.artifacts):
+            warnings.append("ONNX artifacts skipped: their export lost the cam output")
+            for a in onnx.artifacts:
+                (stage / a.file).unlink(missing_ok=True)
+            artifacts = [artifact]
+        strategy = f"litert {litert.winner.key}"
         if onnx.artifacts:
             strategy += f"; onnx fp32 ({onnx.info['route']}, opset {onnx.info['opset']})"
         if "scheme" in onnx.info:
             strategy += f"; onnx int8 ({onnx.info['scheme']})"
         positive = labels.index(req.positive_label) if req.positive_label else None
-        decode = Decode(kind="classification", activation="softmax", threshold=req.threshold)
+        decode = Decode(
+            kind="classification",
+            activation=req.activation,  # type: ignore[arg-type]
+            threshold=req.threshold,
+        )
 
         def manifest(metrics: dict[str, Any]) -> Manifest:
             files = {
@@ -236,6 +281,7 @@ def convert(req: ConvertRequest) -> Bundle:
                     calibration_count=len(xc),
                     strategy=strategy,
                 ),
+                cam=cam,
             )
 
         write_manifest(stage, manifest({}))
@@ -277,31 +323,37 @@ def convert(req: ConvertRequest) -> Bundle:
                 for k, (_, _, lat) in runs.items()
             },
             "convert_seconds": round(convert_s, 1),
+            "litert": litert.as_report(),
             "onnx": onnx.info,
             "warnings": warnings,
         }
-        _check_budget(req.budget, float_m, variant_m["litert-int8"])
+        _check_budget(req.budget, float_m, variant_m[f"litert-{precision}"])
         (stage / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         write_markdown(stage / "report.md", report)
         summary = {k: _scalars(report[k]) for k in report["variants"]}
         write_manifest(stage, manifest(summary))
-        trusted = None
-        if req.sign_key is not None:
-            key = load_signer_key(req.sign_key)
-            sign_bundle(stage, key)
-            trusted = [key.public_key()]
-        else:
-            log.warning("bundle is not signed (no --sign-key): devices will refuse it")
-        Bundle.load(stage, trusted)  # the bundle we ship must pass the device's own checks
-        if req.out.exists():
-            shutil.rmtree(req.out)
-        stage.rename(req.out)
-        for w in warnings:
-            log.warning("%s", w)
-        return Bundle.load(req.out)
+        return publish(stage, req, warnings)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def publish(stage: Path, req: ConvertRequest, warnings: list[str]) -> Bundle:
+    """Sign the staged bundle, check it as a device would, and rename it into place."""
+    trusted = None
+    if req.sign_key is not None:
+        key = load_signer_key(req.sign_key)
+        sign_bundle(stage, key)
+        trusted = [key.public_key()]
+    else:
+        log.warning("bundle is not signed (no --sign-key): devices will refuse it")
+    Bundle.load(stage, trusted)  # the bundle we ship must pass the device's own checks
+    if req.out.exists():
+        shutil.rmtree(req.out)
+    stage.rename(req.out)
+    for w in warnings:
+        log.warning("%s", w)
+    return Bundle.load(req.out)
 
 
 def _check_budget(budget: dict[str, float], ref: dict[str, Any], got: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 from edge_agent.bundle import Bundle
 from edge_agent.config import AgentConfig
 from edge_agent.envelope import Sealer
+from edge_agent.errors import MedgeError
 from edge_agent.identity import DEVICE_CERT, DEVICE_KEY, SITE_CA, DeviceIdentity
 from edge_agent.link import DeviceLink
 from edge_agent.model import LoadedModel
@@ -39,7 +40,7 @@ class Agent:
         self.cfg = cfg
         self.identity = DeviceIdentity.load(cfg.identity, cfg.site, cfg.device)
         self.bundle = Bundle.load(cfg.bundle, trusted=self.identity.signers)
-        self.model = LoadedModel(self.bundle, cfg.runtime, cfg.threads)
+        self.model = LoadedModel(self.bundle, cfg.runtime, cfg.threads, cfg.precision)
         self.source = open_source(cfg.source)
         self.stats = PipelineStats()
         self.sent = 0
@@ -58,14 +59,35 @@ class Agent:
                 ident.recipient,
                 outbox.next_epoch,
                 cfg.epoch_messages,
+                end_to_end=cfg.end_to_end,
             )
+            if cfg.end_to_end:
+                if ident.gateway_recipient is None:
+                    raise MedgeError(
+                        f"{ident.directory}: end_to_end needs gateway-recipient.json (provision "
+                        "the device with --recipient CLOUD.pub.json)"
+                    )
+                outbox.status_sealer = Sealer(
+                    cfg.site,
+                    cfg.device,
+                    ident.key,
+                    ident.gateway_recipient,
+                    outbox.next_epoch,
+                    cfg.epoch_messages,
+                )
             tls = None
             if cfg.broker.tls:
                 d = ident.directory
                 tls = (d / SITE_CA, d / DEVICE_CERT, d / DEVICE_KEY)
             link = DeviceLink(
-                outbox, cfg.broker.host, cfg.broker.port, cfg.broker.protocol,
-                cfg.broker.keepalive, cfg.outbox.resend_after_s, self.bundle.id, tls,
+                outbox,
+                cfg.broker.host,
+                cfg.broker.port,
+                cfg.broker.protocol,
+                cfg.broker.keepalive,
+                cfg.outbox.resend_after_s,
+                self.bundle.id,
+                tls,
             )
             with link:
                 return self._run(stop, drain_timeout, outbox, link)
@@ -108,6 +130,7 @@ class Agent:
         body = self.stats.snapshot()
         body.update(device_health())
         body["outbox_depth"] = outbox.depth()
+        body["source_errors"] = dict(getattr(self.source, "errors", {}) or {})
         body["sent"] = self.sent
         body["bundle"] = self.bundle.id
         return body

@@ -11,7 +11,7 @@ import base64
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -26,6 +26,7 @@ __all__ = [
     "SIGNATURE_NAME",
     "Artifact",
     "Bundle",
+    "CamSpec",
     "Decode",
     "FileEntry",
     "Manifest",
@@ -62,7 +63,11 @@ class TensorSpec(_Model):
     """One model input or output as the artifact sees it."""
 
     name: str
-    shape: list[int] = Field(description="Shape including the batch axis, e.g. [1, 28, 28, 1].")
+    shape: list[Annotated[int, Field(ge=-1)]] = Field(
+        min_length=1,
+        max_length=8,
+        description="Shape including the batch axis, e.g. [1, 28, 28, 1]; -1 = dynamic.",
+    )
     dtype: DType
     layout: str | None = Field(default=None, description="Axis names, e.g. NHWC or NTC.")
     quantization: Quantization | None = None
@@ -120,10 +125,25 @@ class Artifact(_Model):
     file: str
     runtime: Literal["litert", "onnx"]
     precision: Literal["fp32", "fp16", "int8", "int16x8", "dynamic"]
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
+    inputs: list[TensorSpec] = Field(min_length=1)
+    outputs: list[TensorSpec] = Field(min_length=1)
     tensorrt: TensorRTBuild | None = Field(
         default=None, description="Jetson profile, ONNX artifacts: how to build the engine."
+    )
+
+
+class CamSpec(_Model):
+    """An artifact output that holds the class activation map (schema 1.x, optional).
+
+    The output is (1, h, w, classes): for each class c, sum_k A[h, w, k] * W[k, c] over the
+    feature maps A of ``layer`` and the classifier's weights W; ReLU and upsampling are the
+    device's (edge_agent.cam.cam_heatmap).
+    """
+
+    output: int = Field(ge=1, description="Index of the CAM among every artifact's outputs.")
+    layer: str = Field(description="The model layer whose feature maps the map weighs.")
+    upsample_to: list[Annotated[int, Field(ge=1)]] = Field(
+        min_length=2, max_length=2, description="Input height and width the map is shown at."
     )
 
 
@@ -155,6 +175,9 @@ class Manifest(_Model):
         default_factory=dict, description="Validation metrics per model variant (float, int8...)."
     )
     provenance: Provenance
+    cam: CamSpec | None = Field(
+        default=None, description="Optional: which output is a class activation map."
+    )
 
     @property
     def positive_index(self) -> int | None:
@@ -302,6 +325,10 @@ def _verify_files(root: Path, manifest: Manifest) -> None:
 
 
 def _verify_consistency(path: Path, manifest: Manifest) -> None:
+    if manifest.cam is not None:
+        for art in manifest.artifacts:
+            if len(art.outputs) <= manifest.cam.output:
+                raise BundleError(f"{path}: {art.file} has no output {manifest.cam.output} (cam)")
     for art in manifest.artifacts:
         if art.file not in manifest.files:
             raise BundleError(f"{path}: artifact '{art.file}' is not among the hashed files")

@@ -51,10 +51,20 @@ class AgentConfig(_Strict):
         "key in the identity's bundle-signers/)."
     )
     identity: Path = Field(description="Identity directory from 'medge device provision'.")
+    end_to_end: bool = Field(
+        default=False,
+        description="Seal bodies to the cloud key in the identity (recipient.json); the fog "
+        "gateway relays them unread and routes on the signed header (docs/security.md).",
+    )
     epoch_messages: int = Field(
         default=100_000, ge=1, description="Rotate the envelope key after this many messages."
     )
-    runtime: Literal["litert"] = Field(default="litert", description="Inference backend.")
+    runtime: Literal["litert", "onnx"] = Field(
+        default="litert", description="Inference backend: LiteRT (XNNPACK) or ONNX Runtime."
+    )
+    precision: Literal["fp32", "fp16", "int8", "int16x8", "dynamic"] | None = Field(
+        default=None, description="Which artifact of that runtime (default: the first listed)."
+    )
     threads: int = Field(default=1, ge=1, le=64, description="Inference threads.")
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
     source: SourceConfig

@@ -13,6 +13,7 @@ import base64
 import hashlib
 import json
 import math
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -42,7 +43,21 @@ __all__ = [
 VERSION = 2
 MAX_BYTES = 256 * 1024
 _MAX_SEQ = 2**63 - 1
-_HEADER = ("v", "kind", "site", "device", "seq", "time", "kid", "suite", "epoch", "ek", "es")
+_HEADER = (
+    "v",
+    "kind",
+    "site",
+    "device",
+    "seq",
+    "time",
+    "kid",
+    "suite",
+    "epoch",
+    "ek",
+    "es",
+    "alert",
+)
+_ALERT = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 _KEMS = {"x25519": hpke.KEM.X25519, "mlkem768-x25519": hpke.KEM.MLKEM768_X25519}
 
 
@@ -57,6 +72,11 @@ class Envelope:
     time: float
     body: dict[str, Any] = field(default_factory=dict)
     epoch: int = 0
+    alert: str | None = None
+    """The minimal event field carried in the clear header (e.g. "fall"), for routing and
+    alerts by a relay that cannot read the body."""
+    sealed: bytes | None = None
+    """End-to-end mode, at a relay: the whole message, whose body only its recipient opens."""
 
     def check_topic(self, parts: TopicParts) -> None:
         """The header must name the same site, device and kind as the topic it arrived on."""
@@ -101,8 +121,13 @@ class Sealer:
         recipient: RecipientKey,
         next_epoch: Callable[[], int],
         rotate_after: int = 100_000,
+        end_to_end: bool = False,
     ) -> None:
+        """``end_to_end``: the recipient is the cloud and the fog gateway only relays, so every
+        message also carries ``hs``, the device's signature over its header and ciphertext,
+        which the relay checks without being able to read the body."""
         self.site, self.device = check_name("site", site), check_name("device", device)
+        self._end_to_end = end_to_end
         self._key = device_key
         self._recipient = recipient
         self._next_epoch = next_epoch
@@ -137,6 +162,8 @@ class Sealer:
             raise EnvelopeError(f"this sealer is {self.site}/{self.device}, not {env.device}")
         if env.kind not in UP_KINDS or not 0 < env.seq <= _MAX_SEQ:
             raise EnvelopeError(f"cannot seal kind {env.kind!r} seq {env.seq!r}")
+        if env.alert is not None and not _ALERT.match(env.alert):
+            raise EnvelopeError(f"alert {env.alert!r} must be 1-32 of [a-z0-9_-]")
         with self._lock:
             if self._used >= self._rotate_after:
                 self._start_epoch(self._next_epoch())
@@ -154,9 +181,14 @@ class Sealer:
                 "epoch": self._epoch,
                 "ek": self._ek,
                 "es": self._es,
+                "alert": env.alert,
             }
             ct = self._aead.encrypt(_nonce(env.seq), _canon(env.body), _canon(header))
-        out = _canon({**header, "ct": base64.b64encode(ct).decode()})
+        message: dict[str, Any] = {**header, "ct": base64.b64encode(ct).decode()}
+        if self._end_to_end:
+            sig = self._key.sign(_relay_signed(header, ct), ec.ECDSA(hashes.SHA256()))
+            message["hs"] = base64.b64encode(sig).decode()
+        out = _canon(message)
         if len(out) > MAX_BYTES:
             raise EnvelopeError(f"envelope of {len(out)} bytes exceeds {MAX_BYTES}")
         return out
@@ -170,11 +202,18 @@ class Opener:
     device's trusted public key or raises EnvelopeError (unknown, revoked...)."""
 
     def __init__(
-        self, recipients: list[RecipientKey], device_key: DeviceKeyLookup, cache_size: int = 4096
+        self,
+        recipients: list[RecipientKey],
+        device_key: DeviceKeyLookup,
+        cache_size: int = 4096,
+        relay_kids: tuple[str, ...] = (),
     ) -> None:
+        """``relay_kids``: recipient keys (e.g. the cloud's) whose messages this receiver
+        accepts without opening them, checking the device's per-message signature instead."""
         self._recipients = {r.kid: r for r in recipients if r.private is not None}
+        self._relay_kids = set(relay_kids) - set(self._recipients)
         self._device_key = device_key
-        self._epochs: OrderedDict[bytes, tuple[bytes, AESGCM]] = OrderedDict()
+        self._epochs: OrderedDict[bytes, tuple[Any, AESGCM]] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
@@ -182,6 +221,8 @@ class Opener:
         data = _parse(payload)
         kid = data["kid"]
         recipient = self._recipients.get(kid)
+        if recipient is None and kid in self._relay_kids:
+            return self._relay(data, payload)
         if recipient is None:
             raise EnvelopeError(f"unknown key id {kid!r}")
         if data["suite"] != recipient.suite:
@@ -206,6 +247,33 @@ class Opener:
             time=float(data["time"]),
             body=body,
             epoch=data["epoch"],
+            alert=data["alert"],
+        )
+
+    def _relay(self, data: dict[str, Any], payload: bytes) -> Envelope:
+        if "hs" not in data:
+            raise EnvelopeError("end-to-end message lacks the device's header signature (hs)")
+        public = self._device_key(data["site"], data["device"])
+        header = {k: data[k] for k in _HEADER}
+        try:
+            public.verify(
+                _unb64(data["hs"], "hs"),
+                _relay_signed(header, _unb64(data["ct"], "ct")),
+                ec.ECDSA(hashes.SHA256()),
+            )
+        except InvalidSignature as exc:
+            raise EnvelopeError(
+                f"header of {data['site']}/{data['device']} is not signed by that device"
+            ) from exc
+        return Envelope(
+            kind=data["kind"],
+            site=data["site"],
+            device=data["device"],
+            seq=data["seq"],
+            time=float(data["time"]),
+            epoch=data["epoch"],
+            alert=data["alert"],
+            sealed=payload,
         )
 
     def _epoch_key(self, data: dict[str, Any], recipient: RecipientKey) -> AESGCM:
@@ -214,12 +282,12 @@ class Opener:
         cache_key = hashlib.sha256(signed + data["es"].encode()).digest()
         # the device's key is looked up on every message, so a revocation applies at once
         public = self._device_key(data["site"], data["device"])
-        fingerprint = public.public_bytes(Encoding.X962, PublicFormat.CompressedPoint)
         with self._lock:
             hit = self._epochs.get(cache_key)
-            if hit is not None and hit[0] == fingerprint:
+        if hit is not None and (hit[0] is public or _fingerprint(hit[0]) == _fingerprint(public)):
+            with self._lock:
                 self._epochs.move_to_end(cache_key)
-                return hit[1]
+            return hit[1]
         try:
             public.verify(_unb64(data["es"], "es"), signed, ec.ECDSA(hashes.SHA256()))
         except InvalidSignature as exc:
@@ -234,10 +302,19 @@ class Opener:
             raise EnvelopeError(f"epoch key cannot be opened with key {recipient.kid}") from exc
         aead = AESGCM(key)
         with self._lock:
-            self._epochs[cache_key] = (fingerprint, aead)
+            self._epochs[cache_key] = (public, aead)
             if len(self._epochs) > self._cache_size:
                 self._epochs.popitem(last=False)
         return aead
+
+
+def _relay_signed(header: dict[str, Any], ct: bytes) -> bytes:
+    """What the device signs per message in end-to-end mode: the header and the ciphertext."""
+    return _canon({**header, "ct_sha256": hashlib.sha256(ct).hexdigest()})
+
+
+def _fingerprint(key: ec.EllipticCurvePublicKey) -> bytes:
+    return key.public_bytes(Encoding.X962, PublicFormat.CompressedPoint)
 
 
 def _unb64(s: str, name: str) -> bytes:
@@ -262,14 +339,17 @@ def _parse(payload: bytes) -> dict[str, Any]:
     missing = [k for k in (*_HEADER, "ct") if k not in data]
     if missing:
         raise EnvelopeError(f"envelope lacks {', '.join(missing)}")
-    unknown = sorted(set(data) - {*_HEADER, "ct"})
+    unknown = sorted(set(data) - {*_HEADER, "ct", "hs"})
     if unknown:
         raise EnvelopeError(f"envelope has unknown field(s) {', '.join(unknown)}")
     if data["kind"] not in UP_KINDS:
         raise EnvelopeError(f"envelope kind {data['kind']!r} is not one a device sends")
-    for k in ("site", "device", "kid", "suite", "ek", "es", "ct"):
-        if not isinstance(data[k], str):
+    for k in ("site", "device", "kid", "suite", "ek", "es", "ct", "hs"):
+        if k in data and not isinstance(data[k], str):
             raise EnvelopeError(f"field {k} must be a string")
+    alert = data["alert"]
+    if alert is not None and (not isinstance(alert, str) or not _ALERT.match(alert)):
+        raise EnvelopeError(f"alert {alert!r} must be null or 1-32 of [a-z0-9_-]")
     check_name("site", data["site"])
     check_name("device", data["device"])
     for k in ("seq", "epoch"):

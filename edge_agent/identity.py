@@ -5,6 +5,7 @@ identity/
   device.crt          X.509 certificate from the site's device CA: CN=<device>, O=<site>
   ca.crt              the site's device CA (to check the broker and peers)
   recipient.json      the HPKE public key messages are sealed to (gateway or cloud)
+  gateway-recipient.json  end-to-end mode: the site gateway's key, for state and telemetry
   bundle-signers/     Ed25519 public keys (*.pem) whose bundles this device runs
 """
 
@@ -27,12 +28,21 @@ from edge_agent.keys import (
     load_signer_public,
 )
 
-__all__ = ["DEVICE_CERT", "DEVICE_KEY", "RECIPIENT", "SIGNERS_DIR", "SITE_CA", "DeviceIdentity"]
+__all__ = [
+    "DEVICE_CERT",
+    "DEVICE_KEY",
+    "GATEWAY_RECIPIENT",
+    "RECIPIENT",
+    "SIGNERS_DIR",
+    "SITE_CA",
+    "DeviceIdentity",
+]
 
 DEVICE_KEY = "device.key"
 DEVICE_CERT = "device.crt"
 SITE_CA = "ca.crt"
 RECIPIENT = "recipient.json"
+GATEWAY_RECIPIENT = "gateway-recipient.json"
 SIGNERS_DIR = "bundle-signers"
 
 
@@ -56,6 +66,7 @@ class DeviceIdentity:
     recipient: RecipientKey
     signers: list[ed25519.Ed25519PublicKey]
     directory: Path
+    gateway_recipient: RecipientKey | None = None
 
     @classmethod
     def load(cls, directory: Path, site: str, device: str) -> DeviceIdentity:
@@ -80,4 +91,6 @@ class DeviceIdentity:
         recipient = load_recipient(d / RECIPIENT)
         signers_dir = d / SIGNERS_DIR
         signers = [load_signer_public(p) for p in sorted(signers_dir.glob("*.pem"))]
-        return cls(site, device, key, cert, ca, recipient, signers, d)
+        gw = d / GATEWAY_RECIPIENT
+        gateway = load_recipient(gw) if gw.exists() else None
+        return cls(site, device, key, cert, ca, recipient, signers, d, gateway)

@@ -67,12 +67,8 @@ class DeviceLink:
         if tls is not None:
             ca, cert, key = tls
             self._client.tls_set(ca_certs=str(ca), certfile=str(cert), keyfile=str(key))
-        self._client.will_set(
-            topic(self.site, self.device, "state"),
-            self._state_payload("offline"),
-            qos=1,
-            retain=True,
-        )
+        self._online = b""
+        self._arm_state()
         self._pump = threading.Thread(
             target=self._run_pump, name=f"pump-{self.device}", daemon=True
         )
@@ -138,19 +134,28 @@ class DeviceLink:
             log.warning("%s: broker refused the connection: %s", self.device, rc)
             return
         client.subscribe(topic(self.site, self.device, "ack"), qos=1)
-        client.publish(
-            topic(self.site, self.device, "state"),
-            self._state_payload("online"),
-            qos=1,
-            retain=True,
-        )
+        client.publish(topic(self.site, self.device, "state"), self._online, qos=1, retain=True)
         self._connected.set()
         self.outbox.unsend_all()  # anything in flight on the old connection goes again
         self._wake.set()
         log.info("%s: connected to %s:%s", self.device, self.host, self.port)
 
+    def _arm_state(self) -> None:
+        """Seal the 'online' message and then the Last Will 'offline', in that order, before
+        every (re)connect: the gateway accepts a state only with a newer sequence number than
+        the last, so the Will must be numbered after the 'online' it follows."""
+        self._online = self._state_payload("online")
+        self._client.will_set(
+            topic(self.site, self.device, "state"),
+            self._state_payload("offline"),
+            qos=1,
+            retain=True,
+        )
+
     def _on_disconnect(self, _c: Any, _u: Any, _f: Any, rc: Any, _p: Any = None) -> None:
         self._connected.clear()
+        if not self._stop.is_set():
+            self._arm_state()  # the next connect carries a fresh pair
         if not self._stop.is_set():
             log.warning("%s: disconnected (%s); will reconnect", self.device, rc)
 

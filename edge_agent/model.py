@@ -41,6 +41,14 @@ class LoadedModel:
         raw = self.backend.invoke([tensor])[0]
         return dequantize(raw, self._output.quantization).reshape(-1)
 
+    def infer_outputs(self, tensor: np.ndarray) -> list[np.ndarray]:
+        """Input tensor -> every output, real-valued, in the artifact's shapes (e.g. the CAM)."""
+        raw = self.backend.invoke([tensor])
+        return [
+            dequantize(r, spec.quantization).reshape(spec.shape)
+            for r, spec in zip(raw, self.artifact.outputs, strict=True)
+        ]
+
     def decode(self, output: np.ndarray) -> Classification:
         m = self.bundle.manifest
         return classify(output, m.decode, m.labels, self._positive)

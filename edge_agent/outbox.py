@@ -61,6 +61,7 @@ class Outbox:
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('next_seq', 1)")
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('epoch', 0)")
         self.sealer: Sealer | None = None
+        self.status_sealer: Sealer | None = None  # end-to-end mode: state/telemetry to the gateway
 
     def next_epoch(self) -> int:
         """Persist and return the next epoch number (for the sealer)."""
@@ -76,9 +77,8 @@ class Outbox:
     def make(self, kind: str, body: dict[str, Any]) -> bytes:
         """A sealed message with a fresh sequence number that does not go through the outbox
         (telemetry, state): the number is never reused, so (device, seq) stays unique."""
-        return self._seal(
-            Envelope(kind, self.site, self.device, self.reserve_seq(), time.time(), body)
-        )
+        env = Envelope(kind, self.site, self.device, self.reserve_seq(), time.time(), body)
+        return self.status_sealer.seal(env) if self.status_sealer else self._seal(env)
 
     def __enter__(self) -> Outbox:
         return self
@@ -92,7 +92,16 @@ class Outbox:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 (seq,) = self._db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
-                env = Envelope(kind, self.site, self.device, seq, at or time.time(), body)
+                event = body.get("event") if kind == "event" else None
+                env = Envelope(
+                    kind,
+                    self.site,
+                    self.device,
+                    seq,
+                    at or time.time(),
+                    body,
+                    alert=event if isinstance(event, str) else None,
+                )
                 self._db.execute(
                     "INSERT INTO outbox (seq, priority, topic, payload, created) "
                     "VALUES (?,?,?,?,?)",

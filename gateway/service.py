@@ -1,5 +1,7 @@
 """The gateway service: subscribe, open and check device messages, store each result once,
-acknowledge what is stored, and track device state.
+acknowledge what is stored, track device state, raise alerts (gateway.alerts: evaluated as
+each message is accepted, and by a silence watchdog thread between start() and stop()) and
+count it all (gateway.metrics).
 
 Order matters for no loss: a result is committed to the store before its ack is published, and
 a duplicate is acknowledged again (its first ack may have been lost) but not stored again.
@@ -17,9 +19,11 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_agent.envelope import Opener, encode_ack
+from edge_agent.envelope import Envelope, Opener, encode_ack
 from edge_agent.errors import EnvelopeError
 from edge_agent.topics import ROOT, parse, topic
+from gateway.alerts import AlertEngine, AlertRules
+from gateway.metrics import GatewayMetrics
 from gateway.store import Store
 
 __all__ = ["Gateway", "GatewayStats"]
@@ -52,12 +56,15 @@ class Gateway:
         client_id: str = "medge-gateway",
         share_group: str | None = None,
         tls: tuple[Path, Path, Path] | None = None,
+        rules: AlertRules | None = None,
     ) -> None:
         self.store = store
         self.opener = opener
         self.max_skew_s = 300.0
         self.host, self.port = host, port
         self.stats = GatewayStats()
+        self.metrics = GatewayMetrics(store)
+        self.alerts = AlertEngine(store, rules, on_raise=self.metrics.alert)
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._v5 = protocol == "5"
@@ -88,9 +95,11 @@ class Gateway:
         if not self._connected.wait(timeout):
             self.stop()
             raise TimeoutError(f"gateway could not connect to {self.host}:{self.port}")
+        self.alerts.start()  # the silence watchdog
         return self
 
     def stop(self) -> None:
+        self.alerts.stop()
         self._client.disconnect()
         self._client.loop_stop()
 
@@ -110,12 +119,14 @@ class Gateway:
     ) -> None:
         with self._lock:
             self.stats.rejected += 1
+        self.metrics.reject(why)
         log.warning("rejected message on %s: %s", where, why)
         self.store.count_rejected(site, device, why)
 
     def _on_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         with self._lock:
             self.stats.received += 1
+        self.metrics.received.inc()
         try:
             parts = parse(msg.topic)
         except EnvelopeError as exc:
@@ -140,14 +151,21 @@ class Gateway:
             self._reject(msg.topic, str(exc), parts.site, parts.device)
             return
         if env.kind in ("result", "event"):
-            new = self.store.add_result(env, time.time())
+            with self.metrics.store_write.labels(env.kind).time():
+                new = self.store.add_result(env, time.time())
             with self._lock:
                 if new:
                     self.stats.stored += 1
                 else:
                     self.stats.duplicates += 1
                 self.stats.acks += 1
+            if new:
+                self.metrics.stored.labels(env.kind).inc()
+            else:
+                self.metrics.duplicates.inc()
+            self._evaluate_alerts(env, new)
             client.publish(topic(env.site, env.device, "ack"), encode_ack([env.seq]), qos=1)
+            self.metrics.acks.inc()
         elif env.kind == "state":
             state = env.body.get("state")
             if state not in ("online", "offline"):
@@ -156,12 +174,23 @@ class Gateway:
                 )
                 return
             bundle = env.body.get("bundle")
-            self.store.set_state(
-                env.site,
-                env.device,
-                state,
-                env.time,
-                bundle if isinstance(bundle, str) and bundle else None,
-            )
+            with self.metrics.store_write.labels(env.kind).time():
+                self.store.set_state(
+                    env.site,
+                    env.device,
+                    state,
+                    env.time,
+                    bundle if isinstance(bundle, str) and bundle else None,
+                )
+            self._evaluate_alerts(env, True)
         else:
-            self.store.set_telemetry(env.site, env.device, env.body)
+            with self.metrics.store_write.labels(env.kind).time():
+                self.store.set_telemetry(env.site, env.device, env.body)
+            self._evaluate_alerts(env, True)
+
+    def _evaluate_alerts(self, env: Envelope, new: bool) -> None:
+        # a failing rule is logged, never allowed to stop storing and acknowledging
+        try:
+            self.alerts.on_envelope(env, new)
+        except Exception:
+            log.exception("alert rules failed on %s/%s seq %d", env.site, env.device, env.seq)

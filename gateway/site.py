@@ -17,6 +17,7 @@ import datetime as dt
 import json
 import shutil
 import threading
+import time
 from pathlib import Path
 
 from cryptography import x509
@@ -50,6 +51,7 @@ __all__ = [
     "rotate_recipient",
     "signer_key",
     "site_name",
+    "write_recipient",
 ]
 
 _UTC = dt.timezone.utc
@@ -106,9 +108,12 @@ def init_site(site_dir: Path, site: str, suite: Suite = "x25519") -> None:
     _write_crl(site_dir, [])
 
 
-def provision_device(site_dir: Path, device: str, out: Path, days: int = 825) -> Path:
+def provision_device(
+    site_dir: Path, device: str, out: Path, days: int = 825, recipient: Path | None = None
+) -> Path:
     """Key pair + certificate for a device, registered with the site; the identity directory
-    the device package needs is written to ``out``."""
+    the device package needs is written to ``out``. ``recipient``: seal to this public key (the
+    cloud's, for end-to-end mode) instead of the site gateway's."""
     site = site_name(site_dir)
     check_name("device", device)
     if device.startswith("medge-"):
@@ -143,8 +148,11 @@ def provision_device(site_dir: Path, device: str, out: Path, days: int = 825) ->
     write_private_pem(out / idn.DEVICE_KEY, key)
     (out / idn.DEVICE_CERT).write_bytes(pem)
     shutil.copyfile(site_dir / "ca.crt", out / idn.SITE_CA)
-    recipient = load_recipient(site_dir / "recipient.json")
-    (out / idn.RECIPIENT).write_text(json.dumps(recipient.public_json(), indent=2) + "\n")
+    own = load_recipient(site_dir / "recipient.json").public_json()
+    sealed_to = load_recipient(recipient).public_json() if recipient else own
+    (out / idn.RECIPIENT).write_text(json.dumps(sealed_to, indent=2) + "\n")
+    if recipient:  # state and telemetry still go to the site gateway, which must read them
+        (out / idn.GATEWAY_RECIPIENT).write_text(json.dumps(own, indent=2) + "\n")
     (out / idn.SIGNERS_DIR).mkdir(exist_ok=True)
     shutil.copyfile(site_dir / "bundle-signer.pem", out / idn.SIGNERS_DIR / f"{site}.pem")
     registered.write_bytes(pem)
@@ -159,6 +167,16 @@ def revoke_device(site_dir: Path, device: str) -> None:
     serials = _revoked_serials(site_dir)
     serials.add(load_certificate(path).serial_number)
     _write_crl(site_dir, sorted(serials))
+
+
+def write_recipient(out: Path, suite: Suite = "x25519") -> Path:
+    """A recipient key pair for a receiver outside the site (the cloud): the private JSON at
+    ``out`` (mode 0600) and the public JSON beside it as ``<stem>.pub.json``."""
+    key, private = generate_recipient(suite)
+    write_secret(out, json.dumps(private, indent=2).encode())
+    public = out.with_name(out.stem + ".pub.json")
+    public.write_text(json.dumps(key.public_json(), indent=2) + "\n")
+    return public
 
 
 def rotate_recipient(site_dir: Path, suite: Suite | None = None) -> str:
@@ -213,6 +231,10 @@ def _write_crl(site_dir: Path, serials: list[int]) -> None:
     )
 
 
+# (checked at, certificate file mtime, serial, not valid after, public key)
+_Entry = tuple[float, float, int, dt.datetime, ec.EllipticCurvePublicKey]
+
+
 class DeviceRegistry:
     """Which devices may speak, and with which key: registered certificates issued by the site
     CA, valid now, not on the CRL (re-read when the file changes)."""
@@ -224,7 +246,8 @@ class DeviceRegistry:
         self._lock = threading.Lock()
         self._crl_mtime = -1.0
         self._revoked: set[int] = set()
-        self._certs: dict[str, tuple[float, int, dt.datetime, ec.EllipticCurvePublicKey]] = {}
+        self._certs: dict[str, _Entry] = {}
+        self.recheck_s = 1.0
 
     def _refresh_crl(self) -> None:
         path = self.site_dir / "crl.pem"
@@ -237,28 +260,42 @@ class DeviceRegistry:
             self._crl_mtime = mtime
 
     def key_for(self, site: str, device: str) -> ec.EllipticCurvePublicKey:
-        """The device's trusted key, checked on every call (cheap: two stats and a dict
-        lookup), so a revocation takes effect on the next message."""
+        """The device's trusted key. Registration and the CRL are re-read from disk at most
+        once per ``recheck_s`` (1 s), so a revocation takes effect within a second."""
         if site != self.site:
             raise EnvelopeError(f"device {site}/{device} is not of this site ({self.site})")
-        path = self.site_dir / "devices" / f"{device}.crt"
-        try:
-            mtime = path.stat().st_mtime
-        except OSError:
-            raise EnvelopeError(f"unknown device {site}/{device}") from None
+        now = time.monotonic()
         with self._lock:
-            self._refresh_crl()
             cached = self._certs.get(device)
-            if cached is None or cached[0] != mtime:
-                cached = (mtime, *self._check(site, device, load_certificate(path)))
-                self._certs[device] = cached
-            _, serial, not_after, key = cached
+        if cached is None or now - cached[0] >= self.recheck_s:
+            cached = self._reload(site, device, now)
+        _, _, serial, not_after, key = cached
+        with self._lock:
             revoked = serial in self._revoked
         if revoked:
             raise EnvelopeError(f"device {site}/{device} is revoked")
         if _now() > not_after:
             raise EnvelopeError(f"certificate of {site}/{device} has expired")
         return key
+
+    def _reload(self, site: str, device: str, now: float) -> _Entry:
+        path = self.site_dir / "devices" / f"{device}.crt"
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            with self._lock:
+                self._certs.pop(device, None)
+            raise EnvelopeError(f"unknown device {site}/{device}") from None
+        with self._lock:
+            self._refresh_crl()
+            old = self._certs.get(device)
+        if old is not None and old[1] == mtime:
+            entry: _Entry = (now, *old[1:])
+        else:
+            entry = (now, mtime, *self._check(site, device, load_certificate(path)))
+        with self._lock:
+            self._certs[device] = entry
+        return entry
 
     def _check(
         self, site: str, device: str, cert: x509.Certificate
@@ -277,7 +314,11 @@ class DeviceRegistry:
         return cert.serial_number, cert.not_valid_after_utc, key
 
 
-def opener_for(site_dir: Path) -> Opener:
-    """What the gateway of this site opens device envelopes with."""
+def opener_for(site_dir: Path, recheck_s: float = 1.0, relay_for: tuple[Path, ...] = ()) -> Opener:
+    """What the gateway of this site opens device envelopes with. Registrations and the CRL
+    are re-read at most every ``recheck_s`` seconds. ``relay_for``: public keys (the cloud's)
+    whose end-to-end messages the gateway relays without reading them."""
     registry = DeviceRegistry(site_dir)
-    return Opener(recipients(site_dir), registry.key_for)
+    registry.recheck_s = recheck_s
+    relay = tuple(load_recipient(p).kid for p in relay_for)
+    return Opener(recipients(site_dir), registry.key_for, relay_kids=relay)

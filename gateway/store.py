@@ -6,10 +6,12 @@ duplicate and not stored again. Schema changes go through numbered migrations.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +72,50 @@ _MIGRATIONS: list[str] = [
     ALTER TABLE results ADD COLUMN bundle TEXT;
     ALTER TABLE results ADD COLUMN input_sha256 TEXT;
     """,
+    # 4: alerts (gateway.alerts) and telemetry history (dashboard charts)
+    """
+    CREATE TABLE alerts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        site TEXT NOT NULL,
+        device TEXT NOT NULL,
+        rule TEXT NOT NULL,
+        severity TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'open',
+        message TEXT NOT NULL,
+        detail TEXT,
+        count INTEGER NOT NULL DEFAULT 1,
+        opened REAL NOT NULL,
+        updated REAL NOT NULL,
+        acked_by TEXT,
+        acked_at REAL,
+        resolved_at REAL
+    );
+    CREATE UNIQUE INDEX alerts_one_open ON alerts (site, device, rule) WHERE state = 'open';
+    CREATE INDEX alerts_state ON alerts (state, id);
+    CREATE TABLE telemetry_history (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        site TEXT NOT NULL,
+        device TEXT NOT NULL,
+        time REAL NOT NULL,
+        fps REAL,
+        latency_p50 REAL,
+        results INTEGER,
+        cpu_percent REAL,
+        outbox_depth INTEGER
+    );
+    CREATE INDEX telemetry_history_device ON telemetry_history (site, device, time);
+    CREATE INDEX results_received ON results (site, device, received);
+    """,
+    # 5: end-to-end mode: the whole sealed message, kept for the cloud; the clear alert field
+    """
+    ALTER TABLE results ADD COLUMN sealed BLOB;
+    ALTER TABLE results ADD COLUMN alert TEXT;
+    """,
 ]
+
+HISTORY_MAX_AGE_S = 24 * 3600.0  # telemetry history older than this is pruned
+HISTORY_MAX_ROWS = 20_000  # and at most this many points per device
+_PRUNE_EVERY = 200  # history inserts between two prunes
 
 
 class Store:
@@ -87,6 +132,7 @@ class Store:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        self._history_inserts: dict[tuple[str, str], int] = {}  # per device, for pruning
         self._migrate()
 
     def __enter__(self) -> Store:
@@ -142,8 +188,8 @@ class Store:
                 self._touch(env.site, env.device, now)
                 cur = self._db.execute(
                     "INSERT INTO results (site, device, seq, kind, time, received, input, label,"
-                    " label_name, pred, pred_label, score, body, bundle, input_sha256)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+                    " label_name, pred, pred_label, score, body, bundle, input_sha256, sealed,"
+                    " alert) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
                     " ON CONFLICT (site, device, seq) DO NOTHING",
                     (
                         env.site,
@@ -161,6 +207,8 @@ class Store:
                         json.dumps(b),
                         _s(b.get("bundle")),
                         _s(b.get("input_sha256")),
+                        env.sealed,
+                        env.alert,
                     ),
                 )
                 new = cur.rowcount == 1
@@ -187,13 +235,50 @@ class Store:
             )
 
     def set_telemetry(self, site: str, device: str, body: dict[str, Any]) -> None:
+        """The device's latest telemetry, and a point of its bounded history (for charts)."""
+        now = time.time()
+        latency = body.get("latency_ms")
+        total = latency.get("total") if isinstance(latency, dict) else None
+        p50 = total.get("p50") if isinstance(total, dict) else None
         with self._lock:
-            self._touch(site, device, time.time())
-            self._db.execute(
-                "UPDATE devices SET telemetry=?, bundle=coalesce(?, bundle) "
-                "WHERE site=? AND device=?",
-                (json.dumps(body), _s(body.get("bundle")), site, device),
-            )
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._touch(site, device, now)
+                self._db.execute(
+                    "UPDATE devices SET telemetry=?, bundle=coalesce(?, bundle) "
+                    "WHERE site=? AND device=?",
+                    (json.dumps(body), _s(body.get("bundle")), site, device),
+                )
+                self._db.execute(
+                    "INSERT INTO telemetry_history (site, device, time, fps, latency_p50, results,"
+                    " cpu_percent, outbox_depth) VALUES (?,?,?,?,?,?,?,?)",
+                    (
+                        site,
+                        device,
+                        now,
+                        _f(body.get("fps")),
+                        _f(p50),
+                        _i(body.get("results")),
+                        _f(body.get("cpu_percent")),
+                        _i(body.get("outbox_depth")),
+                    ),
+                )
+                n = self._history_inserts.get((site, device), 0)
+                self._history_inserts[(site, device)] = n + 1
+                if n % _PRUNE_EVERY == 0:
+                    self._prune_history(site, device, now)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def _prune_history(self, site: str, device: str, now: float) -> None:
+        self._db.execute(
+            "DELETE FROM telemetry_history WHERE time < ? OR (site=? AND device=? AND id <= "
+            "(SELECT id FROM telemetry_history WHERE site=? AND device=? "
+            "ORDER BY id DESC LIMIT 1 OFFSET ?))",
+            (now - HISTORY_MAX_AGE_S, site, device, site, device, HISTORY_MAX_ROWS),
+        )
 
     def count_rejected(self, site: str | None, device: str | None, reason: str) -> None:
         """Count a rejection against a registered device (never create one from a rejected
@@ -209,6 +294,57 @@ class Store:
                 (time.time(), site, device, "reject", reason[:500]),
             )
 
+    def add_audit(
+        self, action: str, detail: str, site: str | None = None, device: str | None = None
+    ) -> None:
+        """Write one line to the audit log (logins, acknowledgements, ...)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO audit (time, site, device, action, detail) VALUES (?,?,?,?,?)",
+                (time.time(), site, device, action, detail[:500]),
+            )
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """The connection inside BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error), under the
+        store's lock: for the modules that own tables of their own (gateway.alerts)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def query(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Rows of one read-only statement, as dicts."""
+        with self._lock:
+            return [dict(r) for r in self._db.execute(sql, args).fetchall()]
+
+    def telemetry_history(
+        self, site: str, device: str, since: float, limit: int = 2000
+    ) -> list[dict[str, Any]]:
+        """Telemetry points of a device received after ``since``, oldest first (at most the
+        newest ``limit``)."""
+        rows = self.query(
+            "SELECT time, fps, latency_p50, results, cpu_percent, outbox_depth "
+            "FROM telemetry_history WHERE site=? AND device=? AND time > ? "
+            "ORDER BY time DESC LIMIT ?",
+            (site, device, since, limit),
+        )
+        return rows[::-1]
+
+    def results_per_minute(self, site: str, device: str, since: float) -> list[dict[str, Any]]:
+        """Results and events stored per minute of receipt since ``since`` (minutes with none
+        are absent), oldest first."""
+        return self.query(
+            "SELECT CAST(received / 60 AS INTEGER) * 60 AS minute, count(*) AS count "
+            "FROM results WHERE site=? AND device=? AND received > ? "
+            "GROUP BY minute ORDER BY minute",
+            (site, device, since),
+        )
+
     def audit(self, action: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         sql = "SELECT * FROM audit" + (" WHERE action=?" if action else "")
         with self._lock:
@@ -222,7 +358,12 @@ class Store:
         it is not newer than the last one (a replay or a stale message)."""
         column = {"state": "last_state_seq", "telemetry": "last_telemetry_seq"}[kind]
         with self._lock:
-            self._touch(site, device, time.time())
+            # the row must exist; last_seen is not touched: a stale replay is not the device
+            # speaking (set_state/set_telemetry touch it once the message is accepted)
+            self._db.execute(
+                "INSERT INTO devices (site, device) VALUES (?,?) ON CONFLICT DO NOTHING",
+                (site, device),
+            )
             cur = self._db.execute(
                 f"UPDATE devices SET {column}=? WHERE site=? AND device=? AND {column} < ?",
                 (seq, site, device, seq),
@@ -266,6 +407,16 @@ class Store:
             rows = [dict(r) for r in self._db.execute(sql, (*args, limit)).fetchall()]
         return rows if after_id else rows[::-1]
 
+    def sealed_results(self, after_id: int = 0, limit: int = 500) -> list[tuple[int, bytes]]:
+        """End-to-end messages kept for the cloud, oldest first: (id, the whole message)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, sealed FROM results WHERE sealed IS NOT NULL AND id > ? "
+                "ORDER BY id LIMIT ?",
+                (after_id, limit),
+            ).fetchall()
+        return [(int(i), bytes(b)) for i, b in rows]
+
     def result_count(self, site: str | None = None, device: str | None = None) -> int:
         sql, args = "SELECT count(*) FROM results", []
         if site and device:
@@ -280,3 +431,8 @@ def _s(v: Any) -> str | None:
 
 def _i(v: Any) -> int | None:
     return v if type(v) is int else None
+
+
+def _f(v: Any) -> float | None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < float("inf")
+    return float(v) if ok else None

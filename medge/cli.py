@@ -77,6 +77,12 @@ def cmd_convert(a: argparse.Namespace) -> int:
             force=a.force,
             budget=_budget(a.budget),
             sign_key=a.sign_key,
+            cam=a.cam is not None,
+            cam_layer=a.cam or None,
+            strategies=a.strategy or None,
+            min_agreement=a.min_agreement,
+            onnx=not a.no_onnx,
+            activation=a.activation,
         )
     )
     m = bundle.manifest
@@ -145,10 +151,13 @@ def cmd_gateway_run(a: argparse.Namespace) -> int:
     import threading
 
     from gateway import Gateway, Store
+    from gateway.alerts import AlertRules
     from gateway.broker_config import gateway_client_files
+    from gateway.metrics import MetricsServer
     from gateway.site import opener_for
 
-    opener = opener_for(a.site_dir)
+    opener = opener_for(a.site_dir, relay_for=tuple(a.relay_for))
+    rules = AlertRules(silence_after=a.silence_after)
     host, _, port = a.broker.rpartition(":")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -164,10 +173,18 @@ def cmd_gateway_run(a: argparse.Namespace) -> int:
             client_id=a.client_id,
             share_group=a.share_group,
             tls=gateway_client_files(a.site_dir) if a.tls else None,
+            rules=rules,
         ) as gw,
     ):
-        logging.getLogger("medge.gateway").info("storing into %s; Ctrl-C to stop", a.db)
-        stop.wait()
+        metrics = None
+        if a.metrics_port is not None:
+            metrics = MetricsServer(gw.metrics, a.metrics_host, a.metrics_port).start()
+        try:
+            logging.getLogger("medge.gateway").info("storing into %s; Ctrl-C to stop", a.db)
+            stop.wait()
+        finally:
+            if metrics is not None:
+                metrics.stop()
         print(json.dumps(gw.stats.__dict__))
     return 0
 
@@ -175,7 +192,24 @@ def cmd_gateway_run(a: argparse.Namespace) -> int:
 def cmd_dashboard(a: argparse.Namespace) -> int:
     from gateway.dashboard import run_dashboard
 
-    run_dashboard(a.db, a.host, a.port)
+    run_dashboard(a.db, a.host, a.port, a.title, users=a.users,
+                  allow_anonymous=a.allow_anonymous)
+    return 0
+
+
+def cmd_dashboard_add_user(a: argparse.Namespace) -> int:
+    import getpass
+
+    from gateway.dashboard import add_user
+
+    if a.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass(f"password for {a.name}: ")
+        if getpass.getpass("again: ") != password:
+            raise MedgeError("the passwords differ")
+    add_user(a.users, a.name, password)
+    print(f"{a.users}: user {a.name} added (mode 0600)")
     return 0
 
 
@@ -217,10 +251,16 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser(
         "convert",
         help="quantize a trained model into a verified bundle",
-        description="Convert a Keras model to a full-int8 LiteRT bundle for a "
-        "device profile, and report float vs int8 on the evaluation data.",
+        description="Convert a trained model into a bundle for a device profile: LiteRT full "
+        "int8, ONNX fp32 and ONNX int8 (QDQ), each evaluated with the device runtime against the "
+        "float model on the evaluation data (report.md / report.json in the bundle), checked "
+        "against --budget, and signed with --sign-key. LiteRT conversion strategies are tried "
+        "in order until one works (docs/convert.md); a ready .tflite or .onnx model is wrapped "
+        "as it is and evaluated with the device runtime.",
     )
-    c.add_argument("model", type=Path, help="trained model (.keras)")
+    c.add_argument(
+        "model", type=Path, help="trained model (.keras), or a ready .tflite/.onnx to wrap"
+    )
     c.add_argument(
         "--calib", type=Path, required=True, help="calibration data: npz with x (or <split>_images)"
     )
@@ -273,6 +313,35 @@ def build_parser() -> argparse.ArgumentParser:
         "devices refuse unsigned bundles",
     )
     c.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    c.add_argument(
+        "--cam",
+        nargs="?",
+        const="",
+        metavar="LAYER",
+        help="add the class activation map as a second output (CNNs with a global-average-"
+        "pooling head; LAYER: the feature layer, found from the head by default)",
+    )
+    c.add_argument(
+        "--strategy",
+        action="append",
+        metavar="NAME",
+        help="LiteRT conversion strategy to try (repeatable, in order; default all: "
+        "full-int8, unrolled-int8, legacy-lstm-int8, mixed-int8, dynamic-range)",
+    )
+    c.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.9,
+        help="a LiteRT artifact must agree with float on this fraction of the evaluation "
+        "samples, else the next strategy is tried (default 0.9)",
+    )
+    c.add_argument("--no-onnx", action="store_true", help="make the LiteRT artifact only")
+    c.add_argument(
+        "--activation",
+        default="softmax",
+        choices=["softmax", "sigmoid", "none"],
+        help="what the model's last layer applies (default softmax; none = logits)",
+    )
     _common(c, json_flag=True)
     c.set_defaults(func=cmd_convert)
 
@@ -344,9 +413,18 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--db", type=Path, default=Path("gateway.sqlite"), help="SQLite store")
     gr.add_argument("--client-id", default="medge-gateway", help="MQTT client id of this worker")
     gr.add_argument("--share-group", help="MQTT 5 shared-subscription group for several workers")
+    gr.add_argument("--relay-for", type=Path, action="append", default=[],
+                    help="end-to-end mode: accept messages sealed to this public key (the "
+                    "cloud's) unread, checking each device signature (repeatable)")
     gr.add_argument("--tls", action="store_true",
                     help="connect with the site's gateway certificate (site broker from "
                     "'medge gateway broker-config')")
+    gr.add_argument("--silence-after", type=float, default=30.0, metavar="SECONDS",
+                    help="alert when a device sends nothing for this long (default 30)")
+    gr.add_argument("--metrics-port", type=int, metavar="N",
+                    help="serve Prometheus metrics at http://HOST:N/metrics (0: any free port)")
+    gr.add_argument("--metrics-host", default="127.0.0.1",
+                    help="address of the metrics endpoint (default loopback)")
     _common(gr)
     gr.set_defaults(func=cmd_gateway_run)
     from medge.cli_site import register_broker_config
@@ -356,13 +434,28 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser(
         "dashboard",
         help="serve the live web dashboard of a gateway store",
-        description="Serve the fleet and the live results of a gateway store.",
+        description="Serve the alerts, the fleet and the live results of a gateway store to "
+        "signed-in users (docs/dashboard.md); 'medge dashboard add-user' creates them.",
     )
     d.add_argument("--db", type=Path, default=Path("gateway.sqlite"), help="SQLite store")
     d.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
     d.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    d.add_argument("--users", type=Path, help="users file (from 'medge dashboard add-user')")
+    d.add_argument("--allow-anonymous", action="store_true",
+                   help="serve without login (local tests only: the data is patient-derived)")
+    d.add_argument("--title", default="medge", help="title shown on the page")
     _common(d)
     d.set_defaults(func=cmd_dashboard)
+    dsub = d.add_subparsers(dest="dashboard_command", metavar="ACTION")
+    du = dsub.add_parser("add-user", help="add a dashboard user (or set a new password)",
+                         description="Add a user to a users file (created mode 0600); the "
+                         "password is stored as scrypt with a random salt.")
+    du.add_argument("name", help="user name: 1-64 of [A-Za-z0-9_.@-]")
+    du.add_argument("--users", type=Path, required=True, help="users file")
+    du.add_argument("--password-stdin", action="store_true",
+                    help="read the password from the first line of stdin instead of a prompt")
+    _common(du)
+    du.set_defaults(func=cmd_dashboard_add_user)
 
     from medge.cli_site import register
 

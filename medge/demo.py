@@ -20,6 +20,7 @@ from edge_agent import Agent, AgentConfig, Bundle
 from edge_agent.bundle import SIGNATURE_NAME, sign_bundle
 from gateway import Gateway, Store, start_broker
 from gateway.dashboard import DashboardServer
+from gateway.dashboard.auth import add_user
 from gateway.site import init_site, opener_for, provision_device, signer_key
 
 __all__ = ["DemoOptions", "DeviceSummary", "run_demo"]
@@ -68,6 +69,8 @@ def run_demo(opts: DemoOptions, announce: Any = print) -> list[DeviceSummary]:
     site_dir = run / "site"
     init_site(site_dir, SITE)  # throwaway keys for this run
     bundle = _signed_copy(bundle, run / "bundle", site_dir)
+    users = run / "dashboard-users.json"
+    password = add_user(users, "demo")  # a throwaway login for this run only
     stop = threading.Event()
     previous = _install_signal_handlers(stop)
     agents: list[Agent] = []
@@ -77,7 +80,7 @@ def run_demo(opts: DemoOptions, announce: Any = print) -> list[DeviceSummary]:
             Store(run / "gateway.sqlite") as store,
             Gateway(store, opener_for(site_dir), broker.host, broker.port, broker.protocol),
             DashboardServer(
-                run / "gateway.sqlite", opts.host, opts.port, title="medge demo"
+                run / "gateway.sqlite", opts.host, opts.port, title="medge demo", users=users
             ) as dash,
         ):
             threads = []
@@ -104,7 +107,7 @@ def run_demo(opts: DemoOptions, announce: Any = print) -> list[DeviceSummary]:
                 f"{broker.kind} (MQTT {broker.protocol}) at {broker.host}:{broker.port}"
             )
             announce(f"medge demo: bundle {bundle.id}")
-            announce(f"medge demo: dashboard at {dash.url}")
+            announce(f"medge demo: dashboard at {dash.url} (user 'demo', password {password})")
             announce(
                 "medge demo: press Ctrl-C to stop"
                 if opts.duration is None

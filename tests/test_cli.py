@@ -32,6 +32,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
         ["demo"],
         ["site", "init"],
         ["site", "rotate-key"],
+        ["site", "cloud-key"],
         ["device", "provision"],
         ["device", "revoke"],
     ],
@@ -101,3 +102,28 @@ def test_agent_refuses_to_start_on_a_bad_bundle(  # type: ignore[no-untyped-def]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"medge: error: {bundle_copy}: "), r.stderr
     assert last.endswith(message), r.stderr
+
+
+def test_agent_refuses_a_device_key_others_can_read(  # type: ignore[no-untyped-def]
+    bundle_dir: Path, tmp_path: Path, site_dir: Path
+) -> None:
+    import shutil
+
+    from gateway.site import provision_device
+
+    ident = provision_device(site_dir, "us-44", tmp_path / "id")
+    assert (ident / "device.key").stat().st_mode & 0o777 == 0o600
+    loose = tmp_path / "loose"
+    shutil.copytree(ident, loose)
+    (loose / "device.key").chmod(0o644)
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(
+        f"site: ward-a\ndevice: us-44\nbundle: {bundle_dir}\nidentity: {loose}\n"
+        f"source: {{path: {tmp_path / 'x.npz'}}}\n"
+    )
+    r = _run("agent", "run", "--config", str(cfg))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"medge: error: {loose / 'device.key'}: private key is readable by others "
+        f"(chmod 600 {loose / 'device.key'})"
+    )

@@ -1,4 +1,5 @@
-"""The dashboard: its JSON API and event stream over HTTP, and the page as a browser shows it."""
+"""The dashboard: login, its JSON API and event stream over HTTP, and the page as a browser
+shows it (alerts, charts, live results)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 import shutil
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,9 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from edge_agent.envelope import Envelope
-from gateway.dashboard import DashboardServer
+from edge_agent.errors import MedgeError
+from gateway.alerts import AlertEngine, AlertRules, list_alerts
+from gateway.dashboard import DashboardServer, add_user
 from gateway.store import Store
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -26,6 +30,7 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
 TIMEOUT_MS = 10_000
+USER, PASSWORD = "alice", "correct horse battery"
 
 
 def result(seq: int, pred: int, label: int | None, device: str = DEVICE) -> Envelope:
@@ -53,69 +58,228 @@ def store(tmp_path: Path) -> Iterator[Store]:
         yield s
 
 
-def get(port: int, path: str) -> tuple[int, str, str]:
+@pytest.fixture
+def users(tmp_path: Path) -> Path:
+    path = tmp_path / "users.json"
+    add_user(path, USER, PASSWORD)
+    return path
+
+
+def request(port: int, method: str, path: str, cookie: str | None = None,
+            body: str | None = None, headers: dict[str, str] | None = None
+            ) -> tuple[int, dict[str, str], str]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    head = dict(headers or {})
+    if cookie:
+        head["Cookie"] = cookie
+    if body is not None:
+        head.setdefault("Content-Type", "application/x-www-form-urlencoded")
     try:
-        conn.request("GET", path)
+        conn.request(method, path, body=body, headers=head)
         response = conn.getresponse()
-        return response.status, response.headers["Content-Type"], response.read().decode()
+        all_headers = {k.lower(): v for k, v in response.getheaders()}
+        return response.status, all_headers, response.read().decode()
     finally:
         conn.close()
 
 
-def get_json(port: int, path: str) -> Any:
-    status, content_type, text = get(port, path)
+def get(port: int, path: str, cookie: str | None = None) -> tuple[int, str, str]:
+    status, headers, text = request(port, "GET", path, cookie)
+    return status, headers.get("content-type", ""), text
+
+
+def get_json(port: int, path: str, cookie: str | None = None) -> Any:
+    status, content_type, text = get(port, path, cookie)
     assert status == 200
     assert content_type.startswith("application/json")
     return json.loads(text)
 
 
+def login(port: int, name: str = USER, password: str = PASSWORD) -> str:
+    """Sign in over HTTP; the session cookie as a Cookie header value."""
+    form = urllib.parse.urlencode({"name": name, "password": password})
+    status, headers, _ = request(port, "POST", "/login", body=form)
+    assert status == 303, status
+    cookie = headers["set-cookie"]
+    return cookie.split(";", 1)[0]
+
+
 # -- plain HTTP ------------------------------------------------------------------------------
-def test_api_devices_results_and_stream(store: Store) -> None:
+def test_api_devices_results_and_stream(store: Store, users: Path) -> None:
     store.set_state(SITE, DEVICE, "online", time.time(), BUNDLE)
     store.set_telemetry(SITE, DEVICE, {**telemetry(), "cpu_percent": float("nan")})
     for seq in (1, 2, 3):
         store.add_result(result(seq, pred=0, label=seq % 2))
     store.add_result(result(1, pred=0, label=1, device="us-02"))
 
-    with DashboardServer(store.path, port=0, title="Ward <A>") as dash:
+    with DashboardServer(store.path, port=0, title="Ward <A>", users=users) as dash:
         assert dash.url == f"http://127.0.0.1:{dash.port}/"
-        status, _, page = get(dash.port, "/")
+        cookie = login(dash.port)
+        status, _, page = get(dash.port, "/", cookie)
         assert status == 200
         assert "Ward &lt;A&gt;" in page
         assert "<A>" not in page
 
-        devices = get_json(dash.port, "/api/devices")
+        devices = get_json(dash.port, "/api/devices", cookie)
         assert [(d["site"], d["device"]) for d in devices] == [(SITE, DEVICE), (SITE, "us-02")]
         first = devices[0]
         assert (first["state"], first["stored"], first["bundle"]) == ("online", 3, BUNDLE)
         assert first["telemetry"]["fps"] == 5.0
         assert first["telemetry"]["cpu_percent"] is None  # NaN is sent as null
 
-        rows = get_json(dash.port, "/api/results?limit=10")
+        rows = get_json(dash.port, "/api/results?limit=10", cookie)
         assert [r["id"] for r in rows] == [1, 2, 3, 4]
         assert rows[0]["pred_label"] == "malignant"
         assert rows[0]["score"] == pytest.approx(0.9)
-        assert [r["id"] for r in get_json(dash.port, "/api/results?limit=2")] == [3, 4]
-        assert [r["id"] for r in get_json(dash.port, "/api/results?after=2")] == [3, 4]
-        only = get_json(dash.port, f"/api/results?device={SITE}/us-02")
+        assert [r["id"] for r in get_json(dash.port, "/api/results?limit=2", cookie)] == [3, 4]
+        assert [r["id"] for r in get_json(dash.port, "/api/results?after=2", cookie)] == [3, 4]
+        only = get_json(dash.port, f"/api/results?device={SITE}/us-02", cookie)
         assert [(r["device"], r["seq"]) for r in only] == [("us-02", 1)]
-        assert get(dash.port, "/api/results?limit=many")[0] == 400
+        assert get(dash.port, "/api/results?limit=many", cookie)[0] == 400
         assert get(dash.port, "/static/app.js")[0] == 200
+
+        history = get_json(dash.port, f"/api/history?device={SITE}/{DEVICE}", cookie)
+        [point] = history["devices"][f"{SITE}/{DEVICE}"]["telemetry"]
+        assert point["fps"] == 5.0 and point["latency_p50"] == 0.4
+        [minute] = history["devices"][f"{SITE}/{DEVICE}"]["results_per_minute"]
+        assert minute["count"] == 3
 
         # The stream resumes after the id the client last saw, then sends what is new.
         conn = http.client.HTTPConnection("127.0.0.1", dash.port, timeout=5)
-        conn.request("GET", "/api/stream", headers={"Last-Event-ID": "2"})
+        conn.request("GET", "/api/stream", headers={"Last-Event-ID": "2", "Cookie": cookie})
         response = conn.getresponse()
         assert response.headers["Content-Type"].startswith("text/event-stream")
         store.add_result(result(4, pred=1, label=1))
         seen = read_events(response, want_results=3)
         assert [e["id"] for e in seen if e["event"] == "result"] == ["3", "4", "5"]
-        assert seen[0]["event"] == "devices"
+        assert [e["event"] for e in seen[:2]] == ["devices", "alerts"]
         # stop() must not wait for the open stream
         started = time.monotonic()
     assert time.monotonic() - started < 2.5
     conn.close()
+
+
+def test_no_anonymous_access_and_logins_are_audited(store: Store, users: Path) -> None:
+    store.add_result(result(1, pred=0, label=0))
+    with DashboardServer(store.path, port=0, users=users) as dash:
+        status, headers, _ = request(dash.port, "GET", "/")
+        assert (status, headers["location"]) == (303, "login")
+        for path in ("/api/devices", "/api/results", "/api/alerts", "/api/history",
+                     "/api/stream", "/api/me"):
+            status, headers, text = request(dash.port, "GET", path)
+            assert status == 401, path
+            assert "breastmnist" not in text
+        assert request(dash.port, "POST", "/api/alerts/1/ack")[0] == 401
+        assert get(dash.port, "/login")[0] == 200
+
+        bad = urllib.parse.urlencode({"name": USER, "password": "wrong password"})
+        status, headers, page = request(dash.port, "POST", "/login", body=bad)
+        assert status == 401 and "set-cookie" not in headers
+        assert "Wrong name or password." in page
+        nobody = urllib.parse.urlencode({"name": "mallory", "password": PASSWORD})
+        assert request(dash.port, "POST", "/login", body=nobody)[0] == 401
+
+        cookie = login(dash.port)
+        token = cookie.split("=", 1)[1]
+        assert len(token) >= 40, "a random token (secrets.token_urlsafe(32))"
+        _, headers, _ = request(dash.port, "POST", "/login",
+                                body=urllib.parse.urlencode({"name": USER, "password": PASSWORD}))
+        flags = [f.strip().lower() for f in headers["set-cookie"].split(";")]
+        assert "httponly" in flags and "samesite=strict" in flags and "path=/" in flags
+        assert get_json(dash.port, "/api/me", cookie) == {"user": USER, "anonymous": False}
+        assert request(dash.port, "GET", "/api/devices", "medge_session=forged")[0] == 401
+        # a state-changing request from another site's page is refused outright
+        status, _, _ = request(dash.port, "POST", "/api/alerts/1/ack", cookie,
+                               headers={"Origin": "http://evil.example"})
+        assert status == 403
+        assert request(dash.port, "POST", "/api/alerts/1/ack", cookie)[0] == 404
+
+        # logout ends the session on the server, not only in the browser
+        status, headers, _ = request(dash.port, "POST", "/logout", cookie)
+        assert (status, headers["location"]) == (303, "login")
+        assert request(dash.port, "GET", "/api/devices", cookie)[0] == 401
+
+    failed = store.audit("login-failed")
+    assert [a["detail"].split(" from ")[0] for a in failed] == ["user 'mallory'", "user 'alice'"]
+    assert len(store.audit("login")) == 2
+    assert "alice" in store.audit("logout")[0]["detail"]
+
+
+def test_the_users_file_and_refusing_to_start_without_it(store: Store, tmp_path: Path) -> None:
+    with pytest.raises(MedgeError, match="users file"):
+        DashboardServer(store.path, port=0)
+    path = tmp_path / "users.json"
+    with pytest.raises(MedgeError, match="no users file"):
+        DashboardServer(store.path, port=0, users=path)
+    with pytest.raises(MedgeError, match="at least"):
+        add_user(path, "bob", "short")
+    generated = add_user(path, "bob")  # what a demo does: a throwaway user, a random password
+    assert len(generated) >= 20
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    text = path.read_text()
+    assert generated not in text and '"salt"' in text
+    os.chmod(path, 0o644)
+    with pytest.raises(MedgeError, match="readable by others"):
+        DashboardServer(store.path, port=0, users=path)
+    os.chmod(path, 0o600)
+    # anonymous only when asked for explicitly
+    with DashboardServer(store.path, port=0, allow_anonymous=True) as dash:
+        assert get_json(dash.port, "/api/me") == {"user": "anonymous", "anonymous": True}
+
+
+def test_cli_add_user_and_refusal(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from gateway.dashboard.auth import Users
+
+    path = tmp_path / "users.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "medge", "dashboard", "add-user", "nurse.kim", "--users",
+         str(path), "--password-stdin"],
+        input="a long pass phrase\n", capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 0, run.stderr
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    users = Users(path)
+    assert users.verify("nurse.kim", "a long pass phrase")
+    assert not users.verify("nurse.kim", "a long pass phrase ")
+    assert not users.verify("nobody", "a long pass phrase")
+    run = subprocess.run(
+        [sys.executable, "-m", "medge", "dashboard", "--db", str(tmp_path / "gw.sqlite"),
+         "--port", "0"], capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 2
+    assert run.stderr.startswith("medge: error: the dashboard shows patient-derived data")
+
+
+def test_an_expired_session_is_refused_and_its_stream_ends(store: Store, users: Path) -> None:
+    with DashboardServer(store.path, port=0, users=users, session_ttl_s=1.0) as dash:
+        cookie = login(dash.port)
+        conn = http.client.HTTPConnection("127.0.0.1", dash.port, timeout=5)
+        conn.request("GET", "/api/stream", headers={"Cookie": cookie})
+        response = conn.getresponse()
+        assert response.status == 200
+        started = time.monotonic()
+        body = response.read()  # returns when the server ends the stream
+        assert time.monotonic() - started < 3
+        assert b"event: devices" in body
+        assert request(dash.port, "GET", "/api/devices", cookie)[0] == 401
+        conn.close()
+
+
+def test_telemetry_history_is_bounded(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gateway.store as store_module
+
+    monkeypatch.setattr(store_module, "HISTORY_MAX_ROWS", 5)
+    monkeypatch.setattr(store_module, "_PRUNE_EVERY", 1)
+    for i in range(12):
+        store.set_telemetry(SITE, DEVICE, telemetry(fps=float(i)))
+    store.set_telemetry(SITE, "us-02", telemetry())
+    points = store.telemetry_history(SITE, DEVICE, since=0)
+    assert [p["fps"] for p in points] == [7.0, 8.0, 9.0, 10.0, 11.0], "the newest N per device"
+    with store.transaction() as db:  # a point from yesterday
+        db.execute("UPDATE telemetry_history SET time=time-90000 WHERE device='us-02'")
+    store.set_telemetry(SITE, DEVICE, telemetry(fps=12.0))
+    assert store.telemetry_history(SITE, "us-02", since=0) == [], "older than 24 h: gone"
 
 
 def read_events(response: http.client.HTTPResponse, want_results: int) -> list[dict[str, str]]:
@@ -164,14 +328,22 @@ def shoot(page: Any, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"dashboard-{name}.png"), full_page=True)
 
 
+def sign_in(page: Any, dash: DashboardServer, password: str = PASSWORD) -> None:
+    page.goto(dash.url)
+    expect(page).to_have_url(f"{dash.url}login")
+    page.fill("#name", USER)
+    page.fill("#password", password)
+    page.click("#sign-in")
+
+
 @pytest.mark.slow
-def test_page_shows_devices_and_live_results(store: Store, page: Any) -> None:
+def test_page_shows_devices_and_live_results(store: Store, page: Any, users: Path) -> None:
     store.set_state(SITE, DEVICE, "online", time.time(), BUNDLE)
     store.set_telemetry(SITE, DEVICE, telemetry(fps=5.0))
     store.add_result(result(1, pred=0, label=0))
 
-    with DashboardServer(store.path, port=0, title="medge · Ward A") as dash:
-        page.goto(dash.url)
+    with DashboardServer(store.path, port=0, title="medge · Ward A", users=users) as dash:
+        sign_in(page, dash)
         expect(page.locator("h1")).to_have_text("medge · Ward A")
         row = page.locator(f'tr[data-device="{SITE}/{DEVICE}"]')
         expect(row.locator(".state")).to_have_text("online", timeout=TIMEOUT_MS)
@@ -204,10 +376,10 @@ def test_page_shows_devices_and_live_results(store: Store, page: Any) -> None:
 
 
 @pytest.mark.slow
-def test_page_counts_a_duplicate_without_a_new_row(store: Store, page: Any) -> None:
+def test_page_counts_a_duplicate_without_a_new_row(store: Store, page: Any, users: Path) -> None:
     store.set_state(SITE, DEVICE, "online", time.time(), BUNDLE)
-    with DashboardServer(store.path, port=0) as dash:
-        page.goto(dash.url)
+    with DashboardServer(store.path, port=0, users=users) as dash:
+        sign_in(page, dash)
         row = page.locator(f'tr[data-device="{SITE}/{DEVICE}"]')
         expect(row.locator(".duplicates")).to_have_text("0", timeout=TIMEOUT_MS)
         expect(page.locator("#connection")).to_have_text("live", timeout=TIMEOUT_MS)
@@ -227,7 +399,8 @@ def test_page_counts_a_duplicate_without_a_new_row(store: Store, page: Any) -> N
 
 @pytest.mark.slow
 def test_whole_chain_as_a_person_watches_it(
-    bundle_dir: Path, mosquitto: Any, tmp_path: Path, page: Any, identity: Any, opener: Any
+    bundle_dir: Path, mosquitto: Any, tmp_path: Path, page: Any, identity: Any, opener: Any,
+    users: Path,
 ) -> None:
     """A real device, through a real Mosquitto and gateway, on the page a person opens."""
     import threading
@@ -244,8 +417,8 @@ def test_whole_chain_as_a_person_watches_it(
     )
     db = tmp_path / "gw.sqlite"
     with Store(db) as gw_store, Gateway(gw_store, opener, mosquitto.host, mosquitto.port), \
-            DashboardServer(db, port=0) as dash:
-        page.goto(dash.url)
+            DashboardServer(db, port=0, users=users) as dash:
+        sign_in(page, dash)
         agent = Agent(cfg)
         runner = threading.Thread(target=agent.run, args=(threading.Event(),))
         runner.start()
@@ -261,4 +434,79 @@ def test_whole_chain_as_a_person_watches_it(
         expect(row.locator(".bundle")).to_contain_text("breast-cnn@")
         truths = page.locator("tr.result .truth").all_inner_texts()
         assert set(truths) <= {"malignant", "benign"} and len(truths) == 40
+        # its charts, drawn from the telemetry history the gateway kept
+        fps = page.locator('.device-charts[data-device="ward-a/us-07"] .chart-fps polyline')
+        expect(fps).to_have_count(1, timeout=TIMEOUT_MS)
+        assert len(fps.get_attribute("points").split()) >= 2
+        # a clean stop says "offline": a warning alert (docs/dashboard.md)
+        expect(page.locator('tr.alert[data-rule="offline"] .message')).to_have_text(
+            "ward-a/us-07 went offline", timeout=TIMEOUT_MS)
         shoot(page, "whole-chain")
+
+
+@pytest.mark.slow
+def test_login_alert_acknowledge_and_charts(store: Store, page: Any, users: Path) -> None:
+    """A person signs in (after a typo), sees a fall alert arrive live, acknowledges it, and
+    sees the device's charts."""
+    now = time.time()
+    store.set_state(SITE, "wr-01", "online", now, BUNDLE)
+    for i in range(8):  # telemetry history: the charts' lines
+        store.set_telemetry(SITE, "wr-01", {**telemetry(fps=4.0 + i % 3), "results": i})
+    for seq in range(1, 6):
+        store.add_result(result(seq, pred=0, label=0, device="wr-01"))
+    engine = AlertEngine(store, AlertRules())
+
+    with DashboardServer(store.path, port=0, title="Ward A", users=users) as dash:
+        sign_in(page, dash, "not the password")
+        expect(page.locator("#login-message")).to_have_text("Wrong name or password.")
+        expect(page).to_have_url(f"{dash.url}login")
+        shoot(page, "login-failed")
+        assert "user 'alice'" in store.audit("login-failed")[0]["detail"]
+        page.fill("#name", USER)
+        page.fill("#password", PASSWORD)
+        page.click("#sign-in")
+        expect(page).to_have_url(dash.url)
+        expect(page.locator("#user")).to_have_text(USER)
+        expect(page.locator("#connection")).to_have_text("live", timeout=TIMEOUT_MS)
+        expect(page.locator("#alerts-empty")).to_be_visible()
+
+        # A fall arrives (as the gateway handles it): the alert shows up without a reload.
+        event = Envelope("event", SITE, "wr-01", 6, time.time(),
+                         {"event": "fall", "score": 0.97, "input": "imu:s07#6", "bundle": BUNDLE})
+        assert store.add_result(event)
+        alert_id = engine.on_envelope(event)
+        row = page.locator(f'tr.alert[data-alert-id="{alert_id}"]')
+        expect(row).to_be_visible(timeout=TIMEOUT_MS)
+        expect(row).to_have_attribute("data-state", "open")
+        expect(row.locator(".sev")).to_have_text("critical")
+        expect(row.locator(".message")).to_have_text("fall on ward-a/wr-01 (score 0.97)")
+        expect(page.locator("#alerts-summary")).to_have_text("1 open (1 critical) · 0 acknowledged")
+        expect(page).to_have_title("(1) Ward A · dashboard")
+
+        # Charts: lines for fps and latency, bars for results per minute.
+        charts = page.locator('.device-charts[data-device="ward-a/wr-01"]')
+        expect(charts.locator("svg.chart")).to_have_count(3, timeout=TIMEOUT_MS)
+        fps_line = charts.locator(".chart-fps polyline.line")
+        expect(fps_line).to_have_count(1)
+        assert len(fps_line.get_attribute("points").split()) == 8
+        assert charts.locator(".chart-fps svg").get_attribute("data-points") == "8"
+        expect(charts.locator(".chart-latency polyline.line")).to_have_count(1)
+        assert charts.locator(".chart-results rect.bar").count() >= 1
+        box = charts.locator(".chart-fps svg").bounding_box()
+        assert box is not None and box["width"] > 100 and box["height"] > 20
+        shoot(page, "alert-open")
+
+        row.locator("button.ack").click()
+        expect(row).to_have_attribute("data-state", "acknowledged", timeout=TIMEOUT_MS)
+        expect(row.locator(".alert-state")).to_contain_text(f"acknowledged by {USER}")
+        expect(row.locator("button.ack")).to_have_count(0)
+        expect(page.locator("#alerts-summary")).to_have_text("0 open · 1 acknowledged")
+        shoot(page, "alert-acknowledged")
+        [audit] = store.audit("ack-alert")
+        assert f"acknowledged by {USER}" in audit["detail"] and audit["device"] == "wr-01"
+        [alert] = list_alerts(store)
+        assert (alert["state"], alert["acked_by"]) == ("acknowledged", USER)
+
+        page.click("#sign-out")
+        expect(page).to_have_url(f"{dash.url}login")
+        assert page.goto(f"{dash.url}api/alerts").status == 401

@@ -170,3 +170,110 @@ def test_duplicates_are_acked_not_stored_and_bad_messages_rejected(  # type: ign
         assert any("not newer than the last one" in r for r in reasons)
         assert any("ahead of the gateway's clock" in r for r in reasons)
         assert "us-08" not in {d["device"] for d in store.devices()}
+
+
+def test_the_agent_runs_the_onnx_int8_artifact_too(  # type: ignore[no-untyped-def]
+    bundle_dir: Path, tmp_path: Path, mosquitto: RunningBroker, identity, opener
+) -> None:
+    cfg = _config(bundle_dir, mosquitto, tmp_path, identity("us-01"), limit=20)
+    cfg = cfg.model_copy(update={"runtime": "onnx", "precision": "int8"})
+    agent = Agent(cfg)
+    assert agent.model.artifact.file == "model_int8.onnx"
+    with (
+        Store(tmp_path / "gw.sqlite") as store,
+        Gateway(store, opener, mosquitto.host, mosquitto.port),
+    ):
+        assert agent.run(threading.Event()).acked == 20
+        rows = store.results(limit=100)
+    with np.load(breast_cnn.DATA) as d:
+        x = d["val_images"][:20]
+    onnx = LoadedModel(Bundle.load(bundle_dir), "onnx", precision="int8")
+    want = {f"breastmnist_dev:val#{i}": onnx.predict(s).pred for i, s in enumerate(x)}
+    assert {r["input"]: r["pred"] for r in rows} == want
+
+
+def test_kill_9_loses_nothing_and_the_last_will_says_offline(  # type: ignore[no-untyped-def]
+    bundle_dir: Path, tmp_path: Path, mosquitto: RunningBroker, identity, opener
+) -> None:
+    """The agent process is SIGKILLed mid-stream: the broker publishes its Last Will, the
+    gateway marks it offline; restarted on the same outbox, it delivers what was not yet
+    acknowledged, and the store holds each result exactly once."""
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        f"site: ward-a\ndevice: us-30\nbundle: {bundle_dir}\nidentity: {identity('us-30')}\n"
+        f"broker: {{host: {mosquitto.host}, port: {mosquitto.port}}}\n"
+        f"source: {{path: {breast_cnn.DATA}, split: val, rate_hz: 40, loop: true}}\n"
+        f"outbox: {{path: {tmp_path / 'outbox.sqlite'}, resend_after_s: 0.5}}\n"
+    )
+    run = [sys.executable, "-m", "medge", "agent", "run", "--config", str(config)]
+    with (
+        Store(tmp_path / "gw.sqlite") as store,
+        Gateway(store, opener, mosquitto.host, mosquitto.port),
+    ):
+        proc = subprocess.Popen(run, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def state() -> str | None:
+            devs = [d for d in store.devices() if d["device"] == "us-30"]
+            return devs[0]["state"] if devs else None
+
+        deadline = time.monotonic() + 30
+        while (state() != "online" or store.result_count() < 20) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while state() != "offline" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert state() == "offline", "the Last Will reached the gateway"
+        stored = {r["seq"] for r in store.results(limit=100_000)}
+        with sqlite3.connect(tmp_path / "outbox.sqlite") as db:
+            pending = {s for (s,) in db.execute("SELECT seq FROM outbox")}
+        assert stored, "some results were stored before the kill"
+        # restart on the same outbox: one more image, and everything still pending
+        config.write_text(config.read_text().replace("loop: true", "limit: 1"))
+        r = subprocess.run(run, capture_output=True, text=True, timeout=60, check=False)
+        assert r.returncode == 0, r.stderr[-2000:]
+        rows = store.results(limit=100_000)
+        seqs = [row["seq"] for row in rows]
+        assert len(seqs) == len(set(seqs)), "nothing stored twice"
+        assert stored | pending <= set(seqs), "nothing lost"
+        assert len(seqs) == len(stored | pending) + 1
+        assert state() == "offline"  # the clean stop of the second run
+
+
+def test_end_to_end_mode_through_the_chain(  # type: ignore[no-untyped-def]
+    bundle_dir: Path, tmp_path: Path, mosquitto: RunningBroker, site_dir: Path
+) -> None:
+    """Devices seal to the cloud's key; the fog gateway stores, deduplicates and acknowledges
+    without reading a single body; the cloud key opens every kept message."""
+    from edge_agent.envelope import Opener
+    from edge_agent.keys import load_recipient
+    from gateway.site import DeviceRegistry, opener_for, provision_device, write_recipient
+
+    cloud_pub = write_recipient(tmp_path / "cloud.json")
+    ident = provision_device(site_dir, "us-40", tmp_path / "id", recipient=cloud_pub)
+    cfg = _config(bundle_dir, mosquitto, tmp_path, ident, limit=20)
+    cfg = cfg.model_copy(update={"device": "us-40", "end_to_end": True})
+    relay = opener_for(site_dir, relay_for=(cloud_pub,))
+    with (
+        Store(tmp_path / "gw.sqlite") as store,
+        Gateway(store, relay, mosquitto.host, mosquitto.port) as gw,
+    ):
+        report = Agent(cfg).run(threading.Event())
+        assert (report.sent, report.acked, report.pending) == (20, 20, 0)
+        assert gw.stats.rejected == 0
+        rows = store.results(limit=100)
+        kept = store.sealed_results()
+    assert len(rows) == 20 and all(r["pred"] is None for r in rows), "the relay read nothing"
+    cloud = Opener([load_recipient(tmp_path / "cloud.json")], DeviceRegistry(site_dir).key_for)
+    opened = [cloud.open(payload) for _, payload in kept]
+    assert sorted(e.seq for e in opened) == sorted(r["seq"] for r in rows)
+    _, _, preds = _expected(bundle_dir)
+    for e in opened:
+        i = int(e.body["input"].rsplit("#", 1)[1])
+        assert e.body["pred"] == preds[i]

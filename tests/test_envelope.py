@@ -95,7 +95,7 @@ def test_unknown_device_rogue_ca_revoked_device_and_unknown_key(  # type: ignore
     from edge_agent.keys import generate_recipient
     from gateway.site import init_site, opener_for, provision_device, revoke_device
 
-    opener = opener_for(site_dir)
+    opener = opener_for(site_dir, recheck_s=0.0)  # re-read the CRL on every message
     # a certificate from a rogue CA that claims our site and a device name we do not know
     rogue_site = tmp_path / "rogue"
     init_site(rogue_site, "ward-a")
@@ -278,3 +278,55 @@ def test_topics() -> None:
     for bad in ("medge/v2/a/b/result", "medge/v1/a/b/c/result", "medge/v1/a/b/secret"):
         with pytest.raises(EnvelopeError):
             parse(bad)
+
+
+def test_end_to_end_mode_relay_routes_unread_and_cloud_opens(  # type: ignore[no-untyped-def]
+    identity, site_dir: Path, tmp_path: Path
+) -> None:
+    """The fog gateway checks the device's per-message signature and routes on the clear
+    header (device, seq, alert) without a key to the body; only the cloud key opens it."""
+    from edge_agent.envelope import Opener, Sealer
+    from edge_agent.identity import DeviceIdentity
+    from edge_agent.keys import load_recipient
+    from gateway.site import DeviceRegistry, opener_for, provision_device, write_recipient
+
+    cloud_pub = write_recipient(tmp_path / "cloud.json")
+    ident = DeviceIdentity.load(
+        provision_device(site_dir, "us-20", tmp_path / "id", recipient=cloud_pub),
+        "ward-a", "us-20",
+    )
+    assert ident.recipient.kid == load_recipient(cloud_pub).kid
+    s = Sealer("ward-a", "us-20", ident.key, ident.recipient, lambda: 1, end_to_end=True)
+    fall = Envelope("event", "ward-a", "us-20", 3, time.time(), {"event": "fall", "score": 0.97},
+                    alert="fall")
+    payload = s.seal(fall)
+    relay = opener_for(site_dir, relay_for=(cloud_pub,))
+    seen = relay.open(payload)
+    assert (seen.device, seen.seq, seen.alert, seen.body) == ("us-20", 3, "fall", {})
+    assert seen.sealed == payload
+    cloud = Opener([load_recipient(tmp_path / "cloud.json")], DeviceRegistry(site_dir).key_for)
+    assert cloud.open(payload).body == {"event": "fall", "score": 0.97}
+    # the site gateway without relay_for refuses it: it is not sealed to the site's key
+    with pytest.raises(EnvelopeError, match="unknown key id"):
+        opener_for(site_dir).open(payload)
+    # the relay checks every message: header, alert and ciphertext are all signed
+    for field, value in (("alert", "none"), ("seq", 4), ("device", "us-01")):
+        data = json.loads(payload)
+        data[field] = value
+        with pytest.raises(EnvelopeError, match="not signed by that device"):
+            relay.open(json.dumps(data).encode())
+    for field in ("ct", "hs"):
+        with pytest.raises(EnvelopeError, match="not signed by that device"):
+            relay.open(_flip(payload, field) if field == "ct" else _flip_b64(payload, "hs"))
+    no_sig = json.loads(payload)
+    del no_sig["hs"]
+    with pytest.raises(EnvelopeError, match="lacks the device's header signature"):
+        relay.open(json.dumps(no_sig).encode())
+
+
+def _flip_b64(payload: bytes, field: str) -> bytes:
+    data = json.loads(payload)
+    raw = bytearray(base64.b64decode(data[field]))
+    raw[len(raw) // 2] ^= 0x01
+    data[field] = base64.b64encode(bytes(raw)).decode()
+    return json.dumps(data).encode()

@@ -58,6 +58,9 @@ class LiteRTBackend:
         self.outputs = [_spec(d) for d in self._out]
 
     def invoke(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        # Each call is one independent sample. LiteRT's fused LSTM/RNN ops keep their state in
+        # variable tensors across invokes; zero them so no sample sees the one before it.
+        self._interp.reset_all_variables()
         for detail, x in zip(self._in, inputs, strict=True):
             self._interp.set_tensor(detail["index"], x)
         self._interp.invoke()

@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, PositiveInt
 
-__all__ = ["Problems", "Sample", "Source", "SourceSettings", "pace", "require"]
+__all__ = ["Problems", "Sample", "Size", "Source", "SourceSettings", "pace", "require"]
+
+Size = tuple[PositiveInt, PositiveInt]  # (height, width), as numpy shapes read
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import numpy as np
 from pydantic import Field
 
 from edge_agent.errors import SourceError
-from edge_agent.sources.base import Problems, Sample, SourceSettings, pace, require
+from edge_agent.sources.base import Problems, Sample, Size, SourceSettings, pace, require
 from edge_agent.window import WindowSettings
 
 __all__ = ["DicomSettings", "DicomSource", "apply_window", "to_rgb_grey"]
@@ -56,7 +56,7 @@ class DicomSettings(SourceSettings):
     color: Literal["keep", "grey", "rgb"] = Field(
         default="keep", description="keep: HxW grey / HxWx3 RGB; grey or rgb: convert all."
     )
-    size: tuple[int, int] | None = Field(
+    size: Size | None = Field(
         default=None, description="Resize every frame to (height, width) (needs OpenCV)."
     )
     realtime: bool = Field(

@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import Field
 
 from edge_agent.errors import SourceError
-from edge_agent.sources.base import Problems, Sample, SourceSettings, pace, require
+from edge_agent.sources.base import Problems, Sample, Size, SourceSettings, pace, require
 
 __all__ = ["IMAGE_SUFFIXES", "ImagesSettings", "ImagesSource"]
 
@@ -37,7 +37,7 @@ class ImagesSettings(SourceSettings):
         default="rgb",
         description="HxW grey or HxWx3 RGB uint8; unchanged keeps depth/channels as stored.",
     )
-    size: tuple[int, int] | None = Field(
+    size: Size | None = Field(
         default=None, description="Resize every image to (height, width); none keeps it."
     )
     labels: Literal["none", "folder"] = Field(

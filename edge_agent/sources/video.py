@@ -15,7 +15,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +23,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from edge_agent.errors import SourceError
-from edge_agent.sources.base import Problems, Sample, SourceSettings, pace, require
+from edge_agent.sources.base import Problems, Sample, Size, SourceSettings, pace, require
 from edge_agent.window import WindowSettings
 
 __all__ = ["VideoSettings", "VideoSource", "frame_labels", "load_intervals"]
@@ -46,7 +46,7 @@ class VideoSettings(SourceSettings):
     color: Literal["rgb", "bgr", "grey"] = Field(
         default="rgb", description="Frame layout: HxWx3 RGB or BGR, or HxW grey (uint8)."
     )
-    size: tuple[int, int] | None = Field(
+    size: Size | None = Field(
         default=None, description="Resize every frame to (height, width); none keeps it."
     )
     step: int = Field(default=1, ge=1, description="Keep every step-th frame.")
@@ -142,8 +142,8 @@ class VideoSource:
         self.fps = float(cap.get(cv2.CAP_PROP_FPS)) or 0.0
         return cap
 
-    def _frames(self, stop: threading.Event) -> Iterator[tuple[int, float, np.ndarray]]:
-        """(index, time, frame) of every step-th readable frame; decode failures counted."""
+    def _frames(self, stop: threading.Event) -> Generator[tuple[int, float, np.ndarray]]:
+        """(index, time, BGR frame) of every step-th readable frame; decode failures counted."""
         cv2 = require("cv2")
         c, recorded = self.cfg, self.cfg.path is not None
         lost, opened = 0, False
@@ -182,7 +182,7 @@ class VideoSource:
                     t = index / self.fps if recorded and self.fps > 0 else time.time()
                     if recorded and c.realtime and self.fps > 0 and not pace(stop, start, t):
                         return
-                    yield index, t, self._shape(frame)
+                    yield index, t, frame
             finally:
                 cap.release()
             if recorded and not c.loop:
@@ -206,7 +206,7 @@ class VideoSource:
             return cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
         return frame
 
-    def _live(self, stop: threading.Event) -> Iterator[tuple[int, float, np.ndarray]]:
+    def _live(self, stop: threading.Event) -> Generator[tuple[int, float, np.ndarray]]:
         """Frames from a reader thread through a queue that drops the oldest when full."""
         q: deque[tuple[int, float, np.ndarray]] = deque()
         cond, done = threading.Condition(), threading.Event()
@@ -252,12 +252,14 @@ class VideoSource:
     def stream(self, stop: threading.Event) -> Iterator[Sample]:
         frames = self._live(stop) if self.live else self._frames(stop)
         emitted, limit = 0, self.cfg.limit
+        meta: dict[str, Any]
         try:
             for index, t, frame in frames:
                 label, meta = None, {"frame": index}
                 if self.intervals:
                     label, meta["classes"] = frame_labels(self.intervals, t, self.cfg.positive)
-                yield Sample(id=f"{self.name}#{index}", data=frame, label=label, time=t, meta=meta)
+                data = self._shape(frame)  # after the queue: no work spent on dropped frames
+                yield Sample(id=f"{self.name}#{index}", data=data, label=label, time=t, meta=meta)
                 emitted += 1
                 if limit is not None and emitted >= limit:
                     break

@@ -37,6 +37,7 @@ def video(src: Path) -> None:
     lines = (src / "video/gmdcsa24/Subject_2-Fall.csv").read_text(encoding="utf-8").splitlines()
     keep = [lines[0], *[ln for ln in lines if ln.startswith("13.mp4,")]]
     (out / "Subject_2-Fall.csv").write_text("\n".join(keep) + "\n", encoding="utf-8")
+    shutil.copyfile(src / "video/gmdcsa24/LICENSE", out / "LICENSE")
 
 
 def dicom(src: Path) -> None:
@@ -49,6 +50,7 @@ def dicom(src: Path) -> None:
         "JPEG2000.dcm",
         "ExplVR_BigEnd.dcm",
         "examples_palette.dcm",
+        "LICENSE",
     ):
         shutil.copyfile(src / "formats/dicom" / name, out / name)
 
@@ -60,8 +62,9 @@ def imu(src: Path) -> None:
     wisdm = src / "wearable/wisdm2019_watch"
     with gzip.open(wisdm / "data_1600_accel_watch.txt.gz", "rt") as f:
         rows = f.read().splitlines()
-    with gzip.open(out / "1600_accel_AB.txt.gz", "wt") as f:  # A->B: the clock goes back 400 s
-        f.write("\n".join(rows[3405:3805]) + "\n")
+    text = "\n".join(rows[3405:3805]) + "\n"  # A->B: the clock goes back 400 s
+    with gzip.GzipFile(out / "1600_accel_AB.txt.gz", "wb", mtime=0) as g:  # reproducible bytes
+        g.write(text.encode())
     with gzip.open(wisdm / "data_1601_gyro_watch.txt.gz", "rt") as f:
         rows = f.read().splitlines()
     (out / "1601_gyro_DE.txt").write_text("\n".join(rows[14306:14506]) + "\n")  # D->E: +36 s
@@ -101,6 +104,34 @@ def ecg(src: Path) -> None:
     (out / "100.atr").write_bytes(_cut_annotations((wfdb / "100.atr").read_bytes(), n))
 
 
+# (record, first beat, beats): 300 beats of 106 and 100 of 108 (its beat 0 is too early)
+ECG_BEATS = (("106", 900, 300), ("108", 1, 100))
+
+
+def ecg_beats(src: Path) -> None:
+    """Beat windows for the wrapped ECG beat classifier (tests/test_wrap.py): lead MLII from
+    R-90 to R+170 samples (the window its authors trained on), in mV as float16 (MIT-BIH's
+    resolution is 0.005 mV). Labels: 2 (V) for the PVC peaks, 0 (N) for every other beat;
+    the data set here marks PVCs only, so S, F and Q beats (if any) are labelled N."""
+    xs, ys, recs, peaks = [], [], [], []
+    for rec, first, n in ECG_BEATS:
+        with np.load(src / f"ecg/mitbih/{rec}.npz") as d:
+            sig, r, v = d["signal"], d["r_peaks"], set(d["pvc_peaks"].tolist())
+        for p in r[first : first + n]:
+            xs.append(sig[p - 90 : p + 170])
+            ys.append(2 if int(p) in v else 0)
+            recs.append(int(rec))
+            peaks.append(int(p))
+    np.savez_compressed(
+        HERE / "ecg_beats.npz",
+        x=np.asarray(xs, np.float16),
+        y=np.asarray(ys, np.int64),
+        labels=np.array(["N", "S", "V", "F", "Q"]),
+        record=np.asarray(recs, np.int16),
+        r_peak=np.asarray(peaks, np.int64),
+    )
+
+
 def _cut_annotations(data: bytes, n: int) -> bytes:
     """The MIT annotation stream up to the first annotation at or after sample ``n``, ended."""
     words = np.frombuffer(data, "<u2").tolist()
@@ -132,6 +163,7 @@ def main() -> None:
     dicom(src)
     imu(src)
     ecg(src)
+    ecg_beats(src)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
-// medge dashboard: devices and live results, from /api/* and the /api/stream event source.
-// All data goes into the page as text (textContent), never as HTML.
+// medge dashboard: alerts, devices, charts and live results, from /api/* and the /api/stream
+// event source. All data goes into the page as text (textContent), never as HTML.
 "use strict";
 
 (() => {
   const MAX_ROWS = 200;
   const RETRY_MS = 3000;
+  const CHART_MS = 5000;    // how often the charts are read again
+  const CHART_MIN = 60;     // the charts' window, minutes
   const DASH = "—";
+  const SVG_NS = "http://www.w3.org/2000/svg";
 
   const state = {
     skew: 0,          // server clock minus ours, seconds
@@ -16,6 +19,9 @@
     source: null,
     stored: null,     // results stored, all devices together
     live: false,      // true once the first load is drawn: later rows are highlighted
+    baseTitle: "",    // the page's title without the open-alert count
+    chartTimer: null,
+    chartKeys: "",    // the devices the charts were drawn for
   };
 
   const $ = (id) => document.getElementById(id);
@@ -50,6 +56,168 @@
   function noteServerTime(response) {
     const t = parseFloat(response.headers.get("X-Server-Time"));
     if (Number.isFinite(t)) state.skew = t - Date.now() / 1000;
+  }
+
+  // A 401 means the session ended (logout elsewhere, expiry, server restart): sign in again.
+  function checkSession(response) {
+    if (response.status === 401) {
+      window.location.assign("login");
+      throw new Error("signed out");
+    }
+    return response;
+  }
+
+  // -- alerts ----------------------------------------------------------------------------
+  function alertState(a) {
+    if (a.state === "acknowledged") {
+      return `acknowledged by ${a.acked_by || "?"} ${isNum(a.acked_at) ? clockTime(a.acked_at) : ""}`;
+    }
+    if (a.state === "resolved") {
+      const by = a.acked_by ? ` (ack. ${a.acked_by})` : "";
+      return `resolved ${isNum(a.resolved_at) ? clockTime(a.resolved_at) : ""}${by}`;
+    }
+    return "open";
+  }
+
+  function alertRow(a) {
+    const action = el("td", { cls: "action" });
+    if (a.state === "open") {
+      const button = el("button", { cls: "ack", text: "Acknowledge" });
+      button.type = "button";
+      button.addEventListener("click", () => acknowledge(a.id, button));
+      action.append(button);
+    }
+    return el("tr", {
+      cls: `alert alert-${a.state} sev-${a.severity}`,
+      data: { alertId: a.id, state: a.state, severity: a.severity, rule: a.rule },
+    }, [
+      el("td", {}, [el("span", { cls: `sev sev-badge-${a.severity}`, text: a.severity })]),
+      el("td", { cls: "message", text: a.message }),
+      el("td", { cls: "device", text: `${a.site}/${a.device}` }),
+      el("td", { cls: "since" }, [
+        el("span", { cls: "ago", text: ago(a.opened), title: stamp(a.opened),
+          data: { t: isNum(a.opened) ? a.opened : "" } }),
+      ]),
+      el("td", { cls: "num count", text: a.count ?? 1 }),
+      el("td", { cls: "alert-state", text: alertState(a) }),
+      action,
+    ]);
+  }
+
+  function renderAlerts(list) {
+    $("alerts-body").replaceChildren(...list.map(alertRow));
+    $("alerts-empty").hidden = list.length > 0;
+    const open = list.filter((a) => a.state === "open");
+    const critical = open.filter((a) => a.severity === "critical").length;
+    const acked = list.filter((a) => a.state === "acknowledged").length;
+    $("alerts-summary").textContent =
+      `${open.length} open${critical ? ` (${critical} critical)` : ""} · ${acked} acknowledged`;
+    document.title = `${open.length ? `(${open.length}) ` : ""}${state.baseTitle}`;
+  }
+
+  async function acknowledge(id, button) {
+    button.disabled = true;
+    try {
+      const response = checkSession(await fetch(`api/alerts/${id}/ack`, {
+        method: "POST", cache: "no-store", headers: { "Content-Type": "application/json" },
+      }));
+      if (!response.ok && response.status !== 409) throw new Error(`HTTP ${response.status}`);
+      const alerts = checkSession(await fetch("api/alerts", { cache: "no-store" }));
+      if (alerts.ok) renderAlerts(await alerts.json());
+    } catch (err) {
+      button.disabled = false;
+    }
+  }
+
+  // -- charts ----------------------------------------------------------------------------
+  function svgEl(tag, attrs = {}, text = null) {
+    const node = document.createElementNS(SVG_NS, tag);
+    for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
+    if (text !== null) node.textContent = text;
+    return node;
+  }
+
+  // One small chart: a line (points of [time, value]) or bars (one per minute).
+  function chart(kind, label, points, since, until, digits) {
+    const W = 300; const H = 96; const L = 40; const R = 6; const T = 8; const B = 16;
+    const values = points.map((p) => p[1]).filter(isNum);
+    const top = Math.max(...values, 0) * 1.15 || 1;
+    const x = (t) => L + ((t - since) / Math.max(until - since, 1)) * (W - L - R);
+    const y = (v) => T + (1 - v / top) * (H - T - B);
+    const svg = svgEl("svg", { viewBox: `0 0 ${W} ${H}`, class: `chart chart-${kind}`,
+      role: "img", "aria-label": label, "data-points": values.length });
+    svg.append(
+      svgEl("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, class: "axis" }),
+      svgEl("line", { x1: L, y1: T, x2: L, y2: H - B, class: "axis" }),
+      svgEl("text", { x: L - 4, y: T + 8, class: "tick", "text-anchor": "end" },
+        top.toFixed(digits)),
+      svgEl("text", { x: L - 4, y: H - B, class: "tick", "text-anchor": "end" }, "0"),
+      svgEl("text", { x: L, y: H - 3, class: "tick" }, `-${CHART_MIN} min`),
+      svgEl("text", { x: W - R, y: H - 3, class: "tick", "text-anchor": "end" }, "now"),
+    );
+    if (!values.length) {
+      svg.append(svgEl("text", { x: (L + W) / 2, y: H / 2, class: "nodata",
+        "text-anchor": "middle" }, "no data yet"));
+    } else if (kind === "bars") {
+      const width = Math.max(((W - L - R) / CHART_MIN) - 1, 1);
+      for (const [t, v] of points) {
+        svg.append(svgEl("rect", { x: x(t), y: y(v), width, height: H - B - y(v),
+          class: "bar" }, null));
+      }
+    } else {
+      const drawn = points.filter((p) => isNum(p[1]));
+      const coords = drawn.map(([t, v]) => `${x(t).toFixed(1)},${y(v).toFixed(1)}`).join(" ");
+      const [lt, lv] = drawn[drawn.length - 1];
+      svg.append(svgEl("polyline", { points: coords, class: "line" }),
+        svgEl("circle", { cx: x(lt).toFixed(1), cy: y(lv).toFixed(1), r: 2.5, class: "dot" }));
+    }
+    const last = values.length ? values[values.length - 1].toFixed(digits) : DASH;
+    return el("figure", { cls: `chart-box chart-${label.split(" ")[0].toLowerCase()}` }, [
+      el("figcaption", {}, [el("span", { text: label }), el("strong", { text: last })]),
+      svg,
+    ]);
+  }
+
+  function renderCharts(history) {
+    const box = $("charts");
+    const names = Object.keys(history.devices).sort();
+    $("charts-empty").hidden = names.length > 0;
+    const cards = names.map((name) => {
+      const h = history.devices[name];
+      const tel = h.telemetry;
+      const perMin = h.results_per_minute.map((r) => [r.minute, r.count]);
+      return el("div", { cls: "device-charts", data: { device: name } }, [
+        el("h3", { text: name }),
+        el("div", { cls: "chart-row" }, [
+          chart("line", "FPS", tel.map((p) => [p.time, p.fps]), history.since, history.now, 1),
+          chart("line", "Latency p50 (ms)", tel.map((p) => [p.time, p.latency_p50]),
+            history.since, history.now, 2),
+          chart("bars", "Results per minute", perMin, history.since, history.now, 0),
+        ]),
+      ]);
+    });
+    box.replaceChildren($("charts-empty"), ...cards);
+  }
+
+  function scheduleCharts(delay) {
+    if (state.chartTimer !== null) clearTimeout(state.chartTimer);
+    state.chartTimer = setTimeout(loadCharts, delay);
+  }
+
+  async function loadCharts() {
+    state.chartTimer = null;
+    try {
+      const response = checkSession(
+        await fetch(`api/history?minutes=${CHART_MIN}`, { cache: "no-store" }));
+      if (response.ok) {
+        const history = await response.json();
+        state.chartKeys = Object.keys(history.devices).sort().join(" ");
+        renderCharts(history);
+      }
+    } catch (err) {
+      // the next round tries again
+    }
+    if (state.chartTimer === null) scheduleCharts(CHART_MS);
   }
 
   // -- devices ---------------------------------------------------------------------------
@@ -99,6 +267,8 @@
       `${list.length} device${list.length === 1 ? "" : "s"} · ${online} online`;
     state.stored = stored;
     updateCounter();
+    const keys = list.map((d) => `${d.site}/${d.device}`).sort().join(" ");
+    if (keys !== state.chartKeys) scheduleCharts(100);  // a new device: its charts now
   }
 
   // -- results ---------------------------------------------------------------------------
@@ -184,11 +354,14 @@
     state.source = source;
     source.addEventListener("open", () => setConnection("live", "live"));
     source.addEventListener("devices", (e) => renderDevices(JSON.parse(e.data)));
+    source.addEventListener("alerts", (e) => renderAlerts(JSON.parse(e.data)));
     source.addEventListener("result", (e) => queueResults([JSON.parse(e.data)]));
     source.addEventListener("error", () => {
       if (source.readyState === EventSource.CLOSED) {
-        // The browser gave up (e.g. the server answered with an error): start again.
+        // The browser gave up (e.g. the server answered with an error): start again,
+        // unless the session ended.
         setConnection("down", "disconnected");
+        fetch("api/me", { cache: "no-store" }).then(checkSession).catch(() => {});
         setTimeout(connect, RETRY_MS);
       } else {
         setConnection("connecting", "reconnecting…");
@@ -198,13 +371,17 @@
 
   async function load() {
     try {
-      const [devices, results] = await Promise.all([
+      const [devices, results, alerts] = (await Promise.all([
         fetch("api/devices", { cache: "no-store" }),
         fetch(`api/results?limit=${MAX_ROWS}`, { cache: "no-store" }),
-      ]);
-      if (!devices.ok || !results.ok) throw new Error(`HTTP ${devices.status}/${results.status}`);
+        fetch("api/alerts", { cache: "no-store" }),
+      ])).map(checkSession);
+      if (!devices.ok || !results.ok || !alerts.ok) {
+        throw new Error(`HTTP ${devices.status}/${results.status}/${alerts.status}`);
+      }
       noteServerTime(devices);
       renderDevices(await devices.json());
+      renderAlerts(await alerts.json());
       queueResults(await results.json());
       flushResults();
     } catch (err) {
@@ -225,8 +402,10 @@
   }
 
   document.addEventListener("DOMContentLoaded", () => {
+    state.baseTitle = document.title;
     tick();
     setInterval(tick, 1000);
     load();
+    scheduleCharts(0);
   });
 })();

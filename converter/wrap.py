@@ -1,0 +1,194 @@
+"""A ready third-party LiteRT (.tflite) or ONNX (.onnx) model, wrapped into a bundle as it is.
+
+No conversion and no TensorFlow: the file is copied, its tensors are read with the agent's own
+backend (a model the runtime refuses is one clear line), and it is evaluated on the evaluation
+data with the agent's own preprocessing and runtime, exactly as a device will run it. There is
+no float model to compare with, so a wrapped bundle reports its own metrics only (no
+agreement, no --budget). The preprocessing and labels are the user's: they must be the ones
+the model was trained with, which only its authors can say.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from converter.convert import (
+    LAYOUTS,
+    ConvertRequest,
+    _medge_version,
+    _prepare,
+    _run_variant,
+    _scalars,
+    _sha256_bytes,
+    publish,
+)
+from converter.errors import ConversionError
+from converter.metrics import classification_metrics
+from converter.report import write_markdown
+from edge_agent.backends import open_backend
+from edge_agent.bundle import (
+    SCHEMA_VERSION,
+    Artifact,
+    Bundle,
+    Decode,
+    Manifest,
+    Provenance,
+    file_entry,
+    write_manifest,
+)
+from edge_agent.model import LoadedModel
+
+__all__ = ["RUNTIMES", "artifact_precision", "wrap"]
+
+RUNTIMES = {".tflite": "litert", ".onnx": "onnx"}
+_ONNX_INT8_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
+                  "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"}  # fmt: skip
+
+
+def artifact_precision(runtime: str, path: Path, backend: Any) -> str:
+    """The manifest precision of a ready model: int8/int16x8 from its input tensor, else
+    ``dynamic`` (int8 weights, float activations), ``fp16`` or ``fp32`` from its tensors.
+    An ONNX model with Q/DQ nodes keeps float inputs: it reads as ``int8``, as ours do."""
+    dtype = backend.inputs[0].dtype
+    if dtype in ("int8", "uint8"):
+        return "int8"
+    if dtype == "int16":
+        return "int16x8"
+    kinds = _litert_dtypes(path) if runtime == "litert" else _onnx_dtypes(path)
+    if "int8" in kinds:
+        return "dynamic" if runtime == "litert" else "int8"
+    return "fp16" if "float16" in kinds else "fp32"
+
+
+def _litert_dtypes(path: Path) -> set[str]:
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:  # tflite-runtime only: the precision reads fp32
+        return set()
+    return {np.dtype(t["dtype"]).name for t in Interpreter(str(path)).get_tensor_details()}
+
+
+def _onnx_dtypes(path: Path) -> set[str]:
+    try:
+        import onnx
+    except ImportError:
+        return set()
+    graph = onnx.load(str(path), load_external_data=False).graph
+    kinds = {"int8"} if {n.op_type for n in graph.node} & _ONNX_INT8_OPS else set()
+    if any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.initializer):
+        kinds.add("float16")
+    return kinds
+
+
+def wrap(
+    req: ConvertRequest,
+    xc: np.ndarray,
+    xe: np.ndarray,
+    ye: np.ndarray,
+    labels: list[str],
+) -> Bundle:
+    """Copy, check, evaluate and sign a ready .tflite/.onnx model as a bundle."""
+    suffix = req.model.suffix.lower()
+    runtime = RUNTIMES[suffix]
+    if req.budget:
+        raise ConversionError("--budget compares with a float model, which a wrapped model lacks")
+    if req.cam:
+        raise ConversionError("--cam adds an output to a Keras model; a wrapped model has none")
+    backend = open_backend(runtime, req.model)  # the agent's runtime: refuses in one line
+    in_spec = backend.inputs[0]
+    want = int(np.prod(in_spec.shape[1:]))
+    for what, x in (("calibration", xc), ("evaluation", xe)):
+        got = _prepare(x[:1], req.preprocess)
+        if int(np.prod(got.shape[1:])) != want:
+            raise ConversionError(
+                f"{what} samples of shape {tuple(x.shape[1:])} do not fit model input "
+                f"{tuple(in_spec.shape)}"
+            )
+    n_out = backend.outputs[0].shape[-1]
+    if n_out != len(labels) and not (n_out == 1 and len(labels) == 2):
+        raise ConversionError(f"model has {n_out} outputs but {len(labels)} labels were given")
+    precision = artifact_precision(runtime, req.model, backend)
+    file = f"model_{precision}{suffix}"
+    layout = LAYOUTS.get(len(in_spec.shape))
+    artifact = Artifact(
+        file=file,
+        runtime=runtime,  # type: ignore[arg-type]
+        precision=precision,  # type: ignore[arg-type]
+        inputs=[t.model_copy(update={"layout": layout}) for t in backend.inputs],
+        outputs=backend.outputs,
+    )
+    variant = f"{runtime}-{precision}"
+    req.out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{req.out.name}.", dir=req.out.parent))
+    try:
+        shutil.copyfile(req.model, stage / file)
+
+        def manifest(metrics: dict[str, Any]) -> Manifest:
+            now = datetime.now(timezone.utc)
+            return Manifest(
+                schema_version=SCHEMA_VERSION,
+                name=req.name or req.model.stem,
+                version=now.strftime("%Y%m%d.%H%M%S"),
+                created=now.isoformat(timespec="seconds"),
+                task="classification",
+                profile=req.profile,
+                preprocess=req.preprocess,
+                decode=Decode(activation=req.activation, threshold=req.threshold),  # type: ignore[arg-type]
+                labels=labels,
+                positive_label=req.positive_label,
+                artifacts=[artifact],
+                files={
+                    p.name: file_entry(p)
+                    for p in sorted(stage.iterdir())
+                    if p.is_file() and p.name != "manifest.json"
+                },
+                metrics=metrics,
+                provenance=Provenance(
+                    source_sha256=file_entry(req.model).sha256,
+                    source_format=suffix[1:],
+                    converter_version=_medge_version(),
+                    calibration_sha256=_sha256_bytes(xc),
+                    calibration_count=len(xc),
+                    strategy="wrapped",
+                ),
+            )
+
+        write_manifest(stage, manifest({}))
+        t0 = time.monotonic()
+        scores, pred, lat = _run_variant(LoadedModel(Bundle.load(stage), runtime), xe)
+        positive = labels.index(req.positive_label) if req.positive_label else None
+        report = {
+            "model": req.model.name,
+            "profile": req.profile,
+            "labels": labels,
+            "positive_label": req.positive_label,
+            "eval": {"file": req.eval.name, "n": len(xe)},
+            "variants": [variant],
+            variant: classification_metrics(ye, scores, pred, positive),
+            "agreement": {},
+            "size_bytes": {variant: (stage / file).stat().st_size},
+            "latency_ms": {
+                variant: {
+                    "p50": float(np.percentile(lat, 50) * 1e3),
+                    "p99": float(np.percentile(lat, 99) * 1e3),
+                }
+            },
+            "convert_seconds": round(time.monotonic() - t0, 1),
+            "strategy": "wrapped",
+            "wrapped": {"source_format": suffix[1:], "runtime": runtime, "precision": precision},
+            "warnings": [],
+        }
+        (stage / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_markdown(stage / "report.md", report)
+        write_manifest(stage, manifest({variant: _scalars(report[variant])}))
+        return publish(stage, req, [])
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

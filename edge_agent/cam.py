@@ -1,0 +1,58 @@
+"""Class activation maps: a small heatmap of the image regions behind a decision.
+
+A bundle converted with ``medge convert --cam`` carries the map as an extra output of every
+artifact (manifest ``cam``: which output, from which layer, at which size to show it). These
+are plain numpy functions; the heatmap is an 8-bit image of the map, never the input frame.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edge_agent.decode import Classification
+from edge_agent.errors import BundleError
+from edge_agent.model import LoadedModel
+
+__all__ = ["cam_heatmap", "explain", "resize_bilinear"]
+
+
+def resize_bilinear(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a 2-D map to (height, width), pixel centres aligned as in OpenCV's
+    INTER_LINEAR (half-pixel offsets, edges clamped)."""
+    a = np.asarray(a, dtype=np.float32)
+
+    def axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pos = (np.arange(n_out, dtype=np.float32) + 0.5) * (n_in / n_out) - 0.5
+        pos = np.clip(pos, 0, n_in - 1)
+        lo = np.floor(pos).astype(int)
+        hi = np.minimum(lo + 1, n_in - 1)
+        return lo, hi, (pos - lo).astype(np.float32)
+
+    (y0, y1, fy), (x0, x1, fx) = axis(a.shape[0], size[0]), axis(a.shape[1], size[1])
+    rows = a[y0] * (1 - fy)[:, None] + a[y1] * fy[:, None]
+    return rows[:, x0] * (1 - fx)[None, :] + rows[:, x1] * fx[None, :]
+
+
+def cam_heatmap(cam: np.ndarray, class_index: int, size: tuple[int, int]) -> np.ndarray:
+    """One class's map as a uint8 (height, width) heatmap: ReLU (only evidence for the class),
+    bilinear upsampling to ``size``, scaled so its maximum is 255 (all zero: no evidence)."""
+    m = np.asarray(cam, dtype=np.float32)
+    m = m.reshape(m.shape[-3:])
+    # one sigmoid unit: its map is evidence for class 1, its negative for class 0
+    m = (m[..., 0] if class_index else -m[..., 0]) if m.shape[-1] == 1 else m[..., class_index]
+    m = resize_bilinear(np.maximum(m, 0.0), size)
+    peak = float(m.max())
+    if peak <= 0:
+        return np.zeros(size, dtype=np.uint8)
+    return np.clip(np.rint(m * (255.0 / peak)), 0, 255).astype(np.uint8)
+
+
+def explain(model: LoadedModel, sample: np.ndarray) -> tuple[Classification, np.ndarray]:
+    """Classify one sample and return the heatmap of the predicted class."""
+    spec = model.bundle.manifest.cam
+    if spec is None:
+        raise BundleError(f"{model.bundle.directory}: bundle has no cam output (convert --cam)")
+    outputs = model.infer_outputs(model.prepare(sample))
+    result = model.decode(outputs[0].reshape(-1))
+    h, w = spec.upsample_to
+    return result, cam_heatmap(outputs[spec.output], result.pred, (h, w))

@@ -1,0 +1,147 @@
+"""Running the dashboard: in a background thread (:class:`DashboardServer`) or in the
+foreground until Ctrl-C (:func:`run_dashboard`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from gateway.dashboard.app import check_access, create_app
+from gateway.dashboard.auth import SESSION_TTL_S
+
+__all__ = ["DashboardServer", "run_dashboard"]
+
+log = logging.getLogger("medge.gateway.dashboard")
+
+SHUTDOWN_S = 1.0  # how long stop() lets requests finish before they are cancelled
+
+
+async def _start(db_path: Path, host: str, port: int, **app_args: Any) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(create_app(Path(db_path), **app_args), shutdown_timeout=SHUTDOWN_S)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound_port = runner.addresses[0][1]
+    shown = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # noqa: S104
+    if ":" in shown:
+        shown = f"[{shown}]"
+    return runner, f"http://{shown}:{bound_port}/"
+
+
+class DashboardServer:
+    """The dashboard served from a background thread with its own event loop.
+
+    ``with DashboardServer(db, users=users_file) as dash: open(dash.url)``; ``port=0`` picks a
+    free port. Without ``users`` it refuses to start unless ``allow_anonymous=True``.
+    """
+
+    def __init__(self, db_path: Path, host: str = "127.0.0.1", port: int = 0,
+                 title: str = "medge", users: Path | None = None, allow_anonymous: bool = False,
+                 session_ttl_s: float = SESSION_TTL_S) -> None:
+        check_access(users, allow_anonymous)  # refuse at once, not in the server's thread
+        self.db_path, self.host, self.port, self.title = Path(db_path), host, port, title
+        self._app_args: dict[str, Any] = {"title": title, "users": users,
+                                          "allow_anonymous": allow_anonymous,
+                                          "session_ttl_s": session_ttl_s}
+        self.url = ""  # set by start(), with the port actually bound
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    def __enter__(self) -> DashboardServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> DashboardServer:
+        """Serve; returns once the server accepts connections (raises if it cannot bind)."""
+        if self._thread is not None:
+            raise RuntimeError("dashboard already started")
+        self._ready.clear()
+        self._error = None
+        self._thread = threading.Thread(target=self._run, name="medge-dashboard", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            self._thread.join()
+            self._thread = None
+            raise self._error
+        log.info("dashboard on %s (database %s)", self.url, self.db_path)
+        return self
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self._loop = loop
+        try:
+            try:
+                self._runner, self.url = loop.run_until_complete(
+                    _start(self.db_path, self.host, self.port, **self._app_args))
+                self.port = int(self.url.rsplit(":", 1)[1].rstrip("/"))
+            except BaseException as exc:
+                self._error = exc
+                return
+            finally:
+                self._ready.set()
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    def stop(self) -> None:
+        """Close open streams and the server, and join the thread (about a second at most)."""
+        thread, loop, runner = self._thread, self._loop, self._runner
+        if thread is None or loop is None:
+            return
+        if runner is not None and not loop.is_closed():
+            try:
+                asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(SHUTDOWN_S + 3)
+            except Exception:  # a stop must not raise; say what went wrong
+                log.warning("dashboard did not shut down cleanly", exc_info=True)
+            loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+        if thread.is_alive():
+            log.warning("dashboard thread still running after stop()")
+        self._thread, self._loop, self._runner = None, None, None
+        log.info("dashboard stopped")
+
+
+def run_dashboard(db_path: Path, host: str, port: int, title: str = "medge",
+                  users: Path | None = None, allow_anonymous: bool = False) -> None:
+    """Serve the dashboard until SIGINT (Ctrl-C) or SIGTERM."""
+    check_access(users, allow_anonymous)
+
+    async def main() -> None:
+        runner, url = await _start(Path(db_path), host, port, title=title, users=users,
+                                   allow_anonymous=allow_anonymous)
+        log.info("dashboard on %s (database %s)", url, db_path)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        handled: list[signal.Signals] = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, stop.set)
+                handled.append(sig)
+        try:
+            await stop.wait()
+        finally:
+            for sig in handled:
+                loop.remove_signal_handler(sig)
+            await runner.cleanup()
+            log.info("dashboard stopped")
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
