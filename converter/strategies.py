@@ -225,6 +225,7 @@ def convert_litert(
                   "seconds": round(time.monotonic() - t0, 1)}  # fmt: skip
         with progress.open("a", encoding="utf-8") as f:  # read back with the child's lines
             f.write(json.dumps(record) + "\n")
+        running.outcome, running.reason, running.seconds = "crashed", reason, record["seconds"]
         remaining = remaining[remaining.index(running.strategy) + 1 :]
     reasons = "; ".join(
         f"{a.strategy}: {a.outcome}" + (f" ({a.reason})" if a.reason else "")

@@ -18,6 +18,7 @@ from edge_agent.outbox import Outbox
 from edge_agent.pipeline import run_pipeline
 from edge_agent.sources import open_source
 from edge_agent.telemetry import PipelineStats, device_health
+from edge_agent.update import ModelSlot, Updater
 
 __all__ = ["Agent", "AgentReport"]
 
@@ -111,8 +112,29 @@ class Agent:
             self.sent += 1
             link.notify()
 
+        def swapped(old: LoadedModel, new: LoadedModel) -> None:  # between two samples
+            self.model, self.bundle = new, new.bundle
+            link.bundle_id = new.bundle.id
+            emit("event", {"update": "applied", "bundle": new.bundle.id, "previous": old.bundle.id})
+            link.publish_direct("state", {"state": "online", "bundle": new.bundle.id}, True)
+            log.info("%s: now running %s (was %s)", cfg.device, new.bundle.id, old.bundle.id)
+
+        slot = ModelSlot(self.model, swapped)
+        updater = Updater(
+            slot,
+            self.identity.signers,
+            cfg.site,
+            cfg.device,
+            cfg.outbox.path.parent,
+            lambda body: emit("event", body),
+            lambda b: LoadedModel(b, cfg.runtime, cfg.threads, cfg.precision),
+            current_link=cfg.bundle,
+        )
+        link.on_command = updater.submit
         log.info("%s: running %s on %s", cfg.device, self.bundle.id, self.source.name)
-        run_pipeline(self.source.stream(stop), self.model, emit, self.stats)
+        with updater:
+            run_pipeline(slot.samples(self.source.stream(stop)), slot, emit, self.stats)  # type: ignore[arg-type]
+        link.on_command = None
         drained = link.drain(drain_timeout)
         if not drained:
             log.warning(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,8 @@ class DeviceLink:
         self.published = 0
         self.bad_acks = 0
         self.denied = 0
+        # commands from the gateway on .../cmd (bundle updates): handed over as they arrive
+        self.on_command: Callable[[bytes], None] | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._connected = threading.Event()
@@ -134,6 +137,7 @@ class DeviceLink:
             log.warning("%s: broker refused the connection: %s", self.device, rc)
             return
         client.subscribe(topic(self.site, self.device, "ack"), qos=1)
+        client.subscribe(topic(self.site, self.device, "cmd"), qos=1)
         client.publish(topic(self.site, self.device, "state"), self._online, qos=1, retain=True)
         self._connected.set()
         self.outbox.unsend_all()  # anything in flight on the old connection goes again
@@ -166,6 +170,10 @@ class DeviceLink:
             log.warning("%s: broker refused message %d: %s", self.device, mid, rc)
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic.endswith("/cmd"):
+            if self.on_command is not None:
+                self.on_command(msg.payload)
+            return
         try:
             seqs = decode_ack(msg.payload)
         except EnvelopeError as exc:

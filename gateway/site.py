@@ -314,11 +314,18 @@ class DeviceRegistry:
         return cert.serial_number, cert.not_valid_after_utc, key
 
 
-def opener_for(site_dir: Path, recheck_s: float = 1.0, relay_for: tuple[Path, ...] = ()) -> Opener:
+def opener_for(
+    site_dir: Path,
+    recheck_s: float = 1.0,
+    relay_for: tuple[Path, ...] = (),
+    keys: tuple[Path, ...] = (),
+) -> Opener:
     """What the gateway of this site opens device envelopes with. Registrations and the CRL
     are re-read at most every ``recheck_s`` seconds. ``relay_for``: public keys (the cloud's)
-    whose end-to-end messages the gateway relays without reading them."""
+    whose end-to-end messages the gateway relays without reading them. ``keys``: further
+    private recipient keys to open with (the cloud tier's own key, docs/forwarding.md)."""
     registry = DeviceRegistry(site_dir)
     registry.recheck_s = recheck_s
     relay = tuple(load_recipient(p).kid for p in relay_for)
-    return Opener(recipients(site_dir), registry.key_for, relay_kids=relay)
+    own = recipients(site_dir) + [load_recipient(p) for p in keys]
+    return Opener(own, registry.key_for, relay_kids=relay)

@@ -111,6 +111,11 @@ _MIGRATIONS: list[str] = [
     ALTER TABLE results ADD COLUMN sealed BLOB;
     ALTER TABLE results ADD COLUMN alert TEXT;
     """,
+    # 6: the original device message of every default-mode result (end-to-end ones are in
+    # `sealed`), so a cloud tier can verify the device itself (gateway.forward)
+    """
+    ALTER TABLE results ADD COLUMN raw BLOB;
+    """,
 ]
 
 HISTORY_MAX_AGE_S = 24 * 3600.0  # telemetry history older than this is pruned
@@ -174,53 +179,70 @@ class Store:
             (site, device, now),
         )
 
-    def add_result(self, env: Envelope, received: float | None = None) -> bool:
-        """Store a result or event once; False (and a duplicate counted) if already stored."""
+    def add_result(
+        self, env: Envelope, received: float | None = None, raw: bytes | None = None
+    ) -> bool:
+        """Store a result or event once; False (and a duplicate counted) if already stored.
+        ``raw``: the original device message (default mode; end-to-end keeps ``env.sealed``)."""
+        return self.add_results([(env, raw)], received)[0]
+
+    def add_results(
+        self, items: Sequence[tuple[Envelope, bytes | None]], received: float | None = None
+    ) -> list[bool]:
+        """add_result for several (envelope, raw) in ONE transaction (one fsync): what the
+        gateway's writer does with what arrived within a few milliseconds."""
         now = received or time.time()
+        out = []
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for env, raw in items:
+                    out.append(self._insert_result(env, now, raw))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return out
+
+    def _insert_result(self, env: Envelope, now: float, raw: bytes | None) -> bool:
         b = env.body
         score = None
         if isinstance(b.get("scores"), list) and isinstance(b.get("pred"), int):
             scores, pred = b["scores"], b["pred"]
             score = float(scores[pred]) if 0 <= pred < len(scores) else None
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._touch(env.site, env.device, now)
-                cur = self._db.execute(
-                    "INSERT INTO results (site, device, seq, kind, time, received, input, label,"
-                    " label_name, pred, pred_label, score, body, bundle, input_sha256, sealed,"
-                    " alert) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-                    " ON CONFLICT (site, device, seq) DO NOTHING",
-                    (
-                        env.site,
-                        env.device,
-                        env.seq,
-                        env.kind,
-                        env.time,
-                        now,
-                        _s(b.get("input")),
-                        _i(b.get("label")),
-                        _s(b.get("label_name")),
-                        _i(b.get("pred")),
-                        _s(b.get("pred_label")),
-                        score,
-                        json.dumps(b),
-                        _s(b.get("bundle")),
-                        _s(b.get("input_sha256")),
-                        env.sealed,
-                        env.alert,
-                    ),
-                )
-                new = cur.rowcount == 1
-                column = "stored" if new else "duplicates"
-                self._db.execute(
-                    f"UPDATE devices SET {column}={column}+1 WHERE site=? AND device=?",
-                    (env.site, env.device),
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        self._touch(env.site, env.device, now)
+        cur = self._db.execute(
+            "INSERT INTO results (site, device, seq, kind, time, received, input, label,"
+            " label_name, pred, pred_label, score, body, bundle, input_sha256, sealed,"
+            " alert, raw) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT (site, device, seq) DO NOTHING",
+            (
+                env.site,
+                env.device,
+                env.seq,
+                env.kind,
+                env.time,
+                now,
+                _s(b.get("input")),
+                _i(b.get("label")),
+                _s(b.get("label_name")),
+                _i(b.get("pred")),
+                _s(b.get("pred_label")),
+                score,
+                json.dumps(b),
+                _s(b.get("bundle")),
+                _s(b.get("input_sha256")),
+                env.sealed,
+                env.alert,
+                raw,
+            ),
+        )
+        new = cur.rowcount == 1
+        column = "stored" if new else "duplicates"
+        self._db.execute(
+            f"UPDATE devices SET {column}={column}+1 WHERE site=? AND device=?",
+            (env.site, env.device),
+        )
         return new
 
     def set_state(

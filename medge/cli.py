@@ -146,6 +146,26 @@ def cmd_agent_check(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_agent_package(a: argparse.Namespace) -> int:
+    from medge.package import build_package
+
+    report = build_package(
+        a.config,
+        a.out,
+        platforms=a.platform,
+        python_version=a.python_version,
+        wheel_cache=a.wheel_cache,
+        tarball=not a.no_tarball,
+    )
+    if a.json:
+        print(json.dumps(report.to_json()))
+    else:
+        print(f"{report.directory}: {len(report.wheels)} wheels, bundle {report.bundle}")
+        if report.tarball:
+            print(f"{report.tarball}: copy it to the device, unpack, sudo ./install.sh")
+    return 0
+
+
 def cmd_gateway_run(a: argparse.Namespace) -> int:
     import signal
     import threading
@@ -153,10 +173,24 @@ def cmd_gateway_run(a: argparse.Namespace) -> int:
     from gateway import Gateway, Store
     from gateway.alerts import AlertRules
     from gateway.broker_config import gateway_client_files
+    from gateway.forward import Forwarder, ForwardOutbox
     from gateway.metrics import MetricsServer
     from gateway.site import opener_for
 
-    opener = opener_for(a.site_dir, relay_for=tuple(a.relay_for))
+    if a.tier == "cloud" and (a.relay_for or a.forward_to):
+        raise MedgeError("--tier cloud opens every message itself: no --relay-for/--forward-to")
+    opener = opener_for(a.site_dir, relay_for=tuple(a.relay_for), keys=tuple(a.cloud_key))
+    forward = None
+    if a.forward_to:
+        fhost, _, fport = a.forward_to.rpartition(":")
+        forward = Forwarder(
+            ForwardOutbox(a.forward_outbox or a.db.with_name(a.db.stem + ".forward.sqlite")),
+            fhost or "127.0.0.1",
+            int(fport),
+            client_id=f"{a.client_id}-forward",
+            resend_after=a.forward_resend_after,
+            tls=tuple(a.forward_tls) if a.forward_tls else None,  # type: ignore[arg-type]
+        )
     rules = AlertRules(silence_after=a.silence_after)
     host, _, port = a.broker.rpartition(":")
     stop = threading.Event()
@@ -174,6 +208,7 @@ def cmd_gateway_run(a: argparse.Namespace) -> int:
             share_group=a.share_group,
             tls=gateway_client_files(a.site_dir) if a.tls else None,
             rules=rules,
+            forward=forward,
         ) as gw,
     ):
         metrics = None
@@ -394,6 +429,30 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("config", type=Path)
     _common(k)
     k.set_defaults(func=cmd_agent_check)
+    pk = agsub.add_parser(
+        "package",
+        help="build a self-contained device package (wheels, bundle, identity, systemd unit)",
+        description="Build a directory and .tar.gz that install the agent on a device with no "
+        "network: wheels of medge[device] for the target, the signed bundle, the config, the "
+        "identity, a systemd unit and install.sh (docs/device.md).",
+    )
+    pk.add_argument("--config", type=Path, required=True, help="agent YAML (see docs/config.md)")
+    pk.add_argument("--out", type=Path, required=True, help="package directory to create")
+    pk.add_argument(
+        "--platform",
+        action="append",
+        help="target wheel platform, repeatable (e.g. manylinux2014_aarch64 and "
+        "manylinux_2_28_aarch64 for a Raspberry Pi; default: this machine)",
+    )
+    pk.add_argument("--python-version", help="target Python, e.g. 3.11 (default: this one)")
+    pk.add_argument(
+        "--wheel-cache",
+        type=Path,
+        help="reuse downloaded wheels from here (default ~/.cache/medge-wheels)",
+    )
+    pk.add_argument("--no-tarball", action="store_true", help="only the directory")
+    _common(pk, json_flag=True)
+    pk.set_defaults(func=cmd_agent_package)
 
     g = sub.add_parser(
         "gateway",
@@ -419,6 +478,21 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--tls", action="store_true",
                     help="connect with the site's gateway certificate (site broker from "
                     "'medge gateway broker-config')")
+    gr.add_argument("--tier", choices=["fog", "cloud"], default="fog",
+                    help="fog: the site's gateway (default); cloud: the cloud tier that stores "
+                    "what fog gateways forward and acks them (docs/forwarding.md)")
+    gr.add_argument("--cloud-key", type=Path, action="append", default=[], metavar="FILE",
+                    help="also open messages sealed to this private key (the cloud's, from "
+                    "'medge site cloud-key'; end-to-end mode) (repeatable)")
+    gr.add_argument("--forward-to", metavar="HOST:PORT",
+                    help="forward every stored result/event to this cloud broker through an "
+                    "outbox on disk, deleted only on the cloud gateway's ack")
+    gr.add_argument("--forward-outbox", type=Path, metavar="FILE",
+                    help="the forward outbox (default: DB.forward.sqlite beside --db)")
+    gr.add_argument("--forward-tls", type=Path, nargs=3, metavar=("CA", "CERT", "KEY"),
+                    help="TLS to the cloud broker: CA certificate, client certificate, key")
+    gr.add_argument("--forward-resend-after", type=float, default=10.0, metavar="SECONDS",
+                    help="resend to the cloud what it has not acknowledged (default 10)")
     gr.add_argument("--silence-after", type=float, default=30.0, metavar="SECONDS",
                     help="alert when a device sends nothing for this long (default 30)")
     gr.add_argument("--metrics-port", type=int, metavar="N",

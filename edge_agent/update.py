@@ -1,0 +1,324 @@
+"""Over-the-air bundle updates, without stopping the stream. See docs/device.md.
+
+The gateway publishes on the device's ``cmd`` topic a command signed with the site's bundle
+signer (Ed25519, the key whose public half is in the identity's ``bundle-signers/``)::
+
+    {"v": 2, "cmd": "update-bundle", "site": S, "device": D, "url": "http://fog/x.tar.gz",
+     "sha256": "<of the archive>", "issued_ms": 1764000000000, "key_id": K, "sig": "<b64>"}
+
+The signature covers the canonical JSON of every other field (sorted keys, no spaces), so a
+command is bound to one device and cannot be replayed: ``issued_ms`` must be newer than the
+last applied command's. The agent downloads the archive (a tar.gz of the bundle's files),
+checks its SHA-256, unpacks it beside the current bundle, verifies it exactly as at start
+(signature + every hash), self-tests it on recent inputs, and swaps it in between two samples.
+The previous bundle stays on disk; a bundle that fails any step is deleted and the old one
+keeps running. Each outcome is an ``event`` through the outbox:
+``{"update": "applied"|"rejected", "bundle": id, "previous": id, "reason": ...}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import hashlib
+import json
+import logging
+import os
+import queue
+import shutil
+import tarfile
+import threading
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from edge_agent.bundle import Bundle
+from edge_agent.decode import Classification
+from edge_agent.errors import MedgeError
+from edge_agent.keys import key_id
+from edge_agent.model import LoadedModel
+from edge_agent.sources.base import Sample
+
+__all__ = [
+    "COMMAND_VERSION",
+    "ModelSlot",
+    "UpdateCommand",
+    "UpdateError",
+    "Updater",
+    "sign_command",
+    "verify_command",
+]
+
+log = logging.getLogger("medge.agent.update")
+
+COMMAND_VERSION = 2
+MAX_ARCHIVE_BYTES = 512 << 20
+_RECENT = 4
+
+
+class UpdateError(MedgeError):
+    """An update command or bundle was refused; the message is the reason reported."""
+
+
+class UpdateCommand:
+    def __init__(self, url: str, sha256: str, issued_ms: int, signer: str) -> None:
+        self.url, self.sha256, self.issued_ms, self.signer = url, sha256, issued_ms, signer
+
+
+def _canonical(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def sign_command(body: dict[str, Any], key: ed25519.Ed25519PrivateKey) -> bytes:
+    """The wire form of a command: ``body`` plus ``key_id`` and its Ed25519 ``sig``."""
+    doc = {**body, "key_id": key_id(key.public_key().public_bytes_raw())}
+    doc["sig"] = base64.b64encode(key.sign(_canonical(doc))).decode()
+    return _canonical(doc)
+
+
+def verify_command(
+    payload: bytes, trusted: list[ed25519.Ed25519PublicKey], site: str, device: str
+) -> UpdateCommand:
+    """Parse and authenticate an update command for this device; UpdateError says why not."""
+    try:
+        doc = json.loads(payload)
+        sig = base64.b64decode(doc.pop("sig"), validate=True)
+        signer = str(doc["key_id"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UpdateError(f"malformed command ({exc.__class__.__name__})") from exc
+    by_id = {key_id(k.public_bytes_raw()): k for k in trusted}
+    if signer not in by_id:
+        raise UpdateError(f"command signed by key {signer}, which this device does not trust")
+    try:
+        by_id[signer].verify(sig, _canonical(doc))
+    except InvalidSignature as exc:
+        raise UpdateError("command signature does not verify") from exc
+    if doc.get("v") != COMMAND_VERSION or doc.get("cmd") != "update-bundle":
+        raise UpdateError(f"unsupported command {doc.get('cmd')!r} version {doc.get('v')!r}")
+    if (doc.get("site"), doc.get("device")) != (site, device):
+        raise UpdateError(f"command is for {doc.get('site')}/{doc.get('device')}, not this device")
+    url, digest, issued = doc.get("url"), doc.get("sha256"), doc.get("issued_ms")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise UpdateError("command url must be http:// or https://")
+    if not isinstance(digest, str) or len(digest) != 64:
+        raise UpdateError("command sha256 must be 64 hex digits")
+    if not isinstance(issued, int):
+        raise UpdateError("command issued_ms must be an integer")
+    return UpdateCommand(url, digest.lower(), issued, signer)
+
+
+class ModelSlot:
+    """The model the pipeline runs. It quacks like LoadedModel; a new one is swapped in only
+    in :meth:`samples`, between two samples, so no sample ever sees two models."""
+
+    def __init__(self, model: LoadedModel, on_swap: Callable[[LoadedModel, LoadedModel], None]):
+        self.current = model
+        self._on_swap = on_swap
+        self._pending: LoadedModel | None = None
+        self._lock = threading.Lock()
+        self._recent: collections.deque[np.ndarray] = collections.deque(maxlen=_RECENT)
+
+    @property
+    def bundle(self) -> Bundle:
+        return self.current.bundle
+
+    def prepare(self, sample: np.ndarray) -> np.ndarray:
+        return self.current.prepare(sample)
+
+    def infer(self, tensor: np.ndarray) -> np.ndarray:
+        return self.current.infer(tensor)
+
+    def decode(self, output: np.ndarray) -> Classification:
+        return self.current.decode(output)
+
+    def recent(self) -> list[np.ndarray]:
+        with self._lock:
+            return list(self._recent)
+
+    def offer(self, model: LoadedModel) -> None:
+        with self._lock:
+            self._pending = model
+
+    def samples(self, stream: Iterable[Sample]) -> Iterator[Sample]:
+        for sample in stream:
+            with self._lock:
+                new, self._pending = self._pending, None
+                self._recent.append(sample.data)
+            if new is not None:
+                old, self.current = self.current, new
+                self._on_swap(old, new)
+            yield sample
+
+
+class Updater:
+    """Runs update commands one at a time in its own thread. Use as a context manager."""
+
+    def __init__(
+        self,
+        slot: ModelSlot,
+        trusted: list[ed25519.Ed25519PublicKey],
+        site: str,
+        device: str,
+        state_dir: Path,
+        report: Callable[[dict[str, Any]], None],
+        load: Callable[[Bundle], LoadedModel],
+        current_link: Path | None = None,
+    ) -> None:
+        """``state_dir``: where bundles/ and update.json live; ``current_link``: the
+        configured bundle path, repointed after a swap when it is a symlink (the packaged
+        layout), so a restart runs the new bundle too."""
+        self.slot, self.trusted, self.site, self.device = slot, trusted, site, device
+        self.bundles = state_dir / "bundles"
+        self._state = state_dir / "update.json"
+        self.report, self.load, self.current_link = report, load, current_link
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
+        self._thread = threading.Thread(target=self._run, name=f"update-{device}", daemon=True)
+
+    def __enter__(self) -> Updater:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def submit(self, payload: bytes) -> None:
+        """From the MQTT thread: queue a command (a full queue drops it, and says so)."""
+        try:
+            self._queue.put_nowait(payload)
+        except queue.Full:
+            self.report({"update": "rejected", "bundle": None, "reason": "update queue full"})
+
+    def _run(self) -> None:
+        while (payload := self._queue.get()) is not None:
+            try:
+                self.handle(payload)
+            except UpdateError as exc:
+                log.warning("%s: update rejected: %s", self.device, exc)
+                self.report(
+                    {
+                        "update": "rejected",
+                        "bundle": getattr(exc, "bundle", None),
+                        "running": self.slot.bundle.id,
+                        "reason": str(exc),
+                    }
+                )
+
+    def handle(self, payload: bytes) -> None:
+        cmd = verify_command(payload, self.trusted, self.site, self.device)
+        if cmd.issued_ms <= self._last_issued():
+            raise UpdateError("command is not newer than the last applied one (replayed?)")
+        self.bundles.mkdir(parents=True, exist_ok=True)
+        incoming = self.bundles / f".incoming-{cmd.sha256[:16]}"
+        shutil.rmtree(incoming, ignore_errors=True)
+        try:
+            archive = self._fetch(cmd, incoming.with_suffix(".tar.gz"))
+            _unpack(archive, incoming)
+            archive.unlink()
+            bundle = Bundle.load(incoming, trusted=self.trusted)  # exactly as at start
+            if bundle.id == self.slot.bundle.id:
+                raise UpdateError(f"bundle {bundle.id} is already running")
+            final = self.bundles / f"{bundle.manifest.name}-{bundle.manifest_sha256[:12]}"
+            shutil.rmtree(final, ignore_errors=True)
+            incoming.rename(final)
+            bundle = Bundle.load(final, trusted=self.trusted)
+            model = self._self_test(bundle)
+        except UpdateError:
+            shutil.rmtree(incoming, ignore_errors=True)
+            incoming.with_suffix(".tar.gz").unlink(missing_ok=True)
+            raise
+        except MedgeError as exc:  # BundleError, BackendError: the bundle's own fault
+            shutil.rmtree(incoming, ignore_errors=True)
+            raise UpdateError(str(exc)) from exc
+        self._state.write_text(json.dumps({"issued_ms": cmd.issued_ms, "bundle": bundle.id}))
+        self.slot.offer(model)  # the pipeline swaps it in before its next sample
+        self._persist(final)
+
+    def _fetch(self, cmd: UpdateCommand, dest: Path) -> Path:
+        h = hashlib.sha256()
+        n = 0
+        try:
+            with urllib.request.urlopen(cmd.url, timeout=30) as resp, dest.open("wb") as f:  # noqa: S310 (scheme checked)
+                while chunk := resp.read(1 << 16):
+                    n += len(chunk)
+                    if n > MAX_ARCHIVE_BYTES:
+                        raise UpdateError(f"archive larger than {MAX_ARCHIVE_BYTES >> 20} MiB")
+                    h.update(chunk)
+                    f.write(chunk)
+        except OSError as exc:
+            raise UpdateError(f"cannot fetch {cmd.url}: {exc}") from exc
+        if h.hexdigest() != cmd.sha256:
+            raise UpdateError(f"archive sha256 {h.hexdigest()[:16]}... does not match the command")
+        return dest
+
+    def _self_test(self, bundle: Bundle) -> LoadedModel:
+        """Open it on this device's backend and run it on the last few inputs (or a zero input
+        of the declared shape before any): every sample prepares, outputs are finite and as
+        wide as the labels."""
+        try:
+            model = self.load(bundle)
+            inputs = self.slot.recent()
+            if not inputs:
+                spec = model.artifact.inputs[0]
+                inputs = [np.zeros([max(d, 1) for d in spec.shape[1:]], np.float32)]
+            labels = bundle.manifest.labels
+            for x in inputs:
+                c = model.predict(x)
+                if len(c.scores) != len(labels) or not 0 <= c.pred < len(labels):
+                    raise UpdateError(f"self-test: {len(c.scores)} scores for {len(labels)} labels")
+                if not np.all(np.isfinite(c.scores)):
+                    raise UpdateError("self-test: non-finite scores")
+        except UpdateError as exc:
+            exc.bundle = bundle.id  # type: ignore[attr-defined]
+            shutil.rmtree(bundle.directory, ignore_errors=True)
+            raise
+        except (MedgeError, ValueError) as exc:
+            shutil.rmtree(bundle.directory, ignore_errors=True)
+            err = UpdateError(f"self-test: {exc}")
+            err.bundle = bundle.id  # type: ignore[attr-defined]
+            raise err from exc
+        return model
+
+    def _persist(self, final: Path) -> None:
+        link = self.current_link
+        if link is None or not link.is_symlink():
+            log.info("%s: bundle is not a link: the update lasts until restart", self.device)
+            return
+        previous = link.resolve()
+        tmp = link.with_name(f".{link.name}.new")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(os.path.relpath(final, link.parent))
+        tmp.replace(link)  # atomic: a restart runs the old or the new, never neither
+        keep = {final.resolve(), previous}
+        for old in self.bundles.iterdir():  # keep the current and the previous one
+            if old.is_dir() and old.resolve() not in keep and not old.name.startswith("."):
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _last_issued(self) -> int:
+        try:
+            return int(json.loads(self._state.read_text())["issued_ms"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
+
+def _unpack(archive: Path, dest: Path) -> None:
+    """Unpack a bundle archive; links, devices and names outside ``dest`` are refused."""
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            for m in tar.getmembers():
+                if not (m.isfile() or m.isdir()):
+                    raise UpdateError(f"archive member {m.name!r} is not a file")
+                if Path(m.name).is_absolute() or ".." in Path(m.name).parts:
+                    raise UpdateError(f"archive member {m.name!r} escapes the bundle")
+            dest.mkdir(parents=True)
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(dest, filter="data")
+            else:  # pragma: no cover - Python < 3.10.12; members checked above
+                tar.extractall(dest)  # noqa: S202
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise UpdateError(f"archive is not a readable tar.gz ({exc})") from exc

@@ -1,0 +1,177 @@
+"""Fog -> cloud forwarding (gateway.forward) and shared-subscription workers, against real
+Mosquitto processes: every result reaches the cloud store exactly once, across a SIGKILLed
+cloud broker and a stopped cloud gateway; end-to-end bodies are opened only by the cloud."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from edge_agent.envelope import Sealer
+from edge_agent.identity import DeviceIdentity
+from edge_agent.link import DeviceLink
+from edge_agent.outbox import Outbox
+from gateway import Gateway, Store
+from gateway.broker import RunningBroker, start_broker
+from gateway.forward import Forwarder, ForwardOutbox
+from gateway.site import opener_for, provision_device, write_recipient
+
+SITE = "ward-a"
+
+
+def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@contextmanager
+def _device(
+    tmp: Path, broker: RunningBroker, ident: Path, device: str, end_to_end: bool = False
+) -> Iterator[tuple[Outbox, DeviceLink]]:
+    """A device as its agent runs it: sealed results in a disk outbox, pumped by DeviceLink,
+    deleted only on the gateway's ack, resent after 0.5 s without one."""
+    idn = DeviceIdentity.load(ident, SITE, device)
+    epochs = itertools.count(1)
+    box = Outbox(tmp / f"{device}.outbox.sqlite", SITE, device)
+    box.sealer = Sealer(SITE, device, idn.key, idn.recipient, lambda: next(epochs),
+                        end_to_end=end_to_end)
+    if end_to_end:
+        assert idn.gateway_recipient is not None
+        box.status_sealer = Sealer(SITE, device, idn.key, idn.gateway_recipient,
+                                   lambda: next(epochs))
+    with box, DeviceLink(box, broker.host, broker.port, resend_after=0.5) as link:
+        assert link.wait_connected(10)
+        yield box, link
+
+
+def _send(box: Outbox, link: DeviceLink, n: int, start: int = 0) -> list[int]:
+    """Queue n results; their sequence numbers (state messages take numbers too)."""
+    seqs = []
+    for i in range(start, start + n):
+        env = box.put("result", {"input": f"sample#{i}", "pred": i % 2, "scores": [0.3, 0.7]})
+        seqs.append(env.seq)
+        link.notify()
+    return seqs
+
+
+def _seqs(store: Store, device: str) -> list[int]:
+    return [r["seq"] for r in store.results(limit=100_000, device=device)]
+
+
+def _fog(tmp: Path, fog: RunningBroker, cloud: RunningBroker, opener, name: str = "fog"):  # type: ignore[no-untyped-def]
+    fwd = Forwarder(ForwardOutbox(tmp / f"{name}.forward.sqlite"), cloud.host, cloud.port,
+                    client_id=f"{name}-forward", resend_after=1.0)
+    return Gateway(Store(tmp / f"{name}.sqlite"), opener, fog.host, fog.port,
+                   client_id=name, forward=fwd)
+
+
+def _cloud(tmp: Path, cloud: RunningBroker, opener) -> Gateway:  # type: ignore[no-untyped-def]
+    return Gateway(Store(tmp / "cloud.sqlite"), opener, cloud.host, cloud.port,
+                   client_id="cloud")
+
+
+def test_every_result_reaches_the_cloud_once_across_crashes(  # type: ignore[no-untyped-def]
+    tmp_path: Path, mosquitto: RunningBroker, site_dir: Path, identity
+) -> None:
+    cloud_broker = start_broker("mosquitto")
+    cloud_key = tmp_path / "cloud.json"
+    write_recipient(cloud_key)
+    cloud_opener = opener_for(site_dir, keys=(cloud_key,))
+    cloud = _cloud(tmp_path, cloud_broker, cloud_opener).start()
+    fog = _fog(tmp_path, mosquitto, cloud_broker, opener_for(site_dir)).start()
+    try:
+        with _device(tmp_path, mosquitto, identity("fw-01"), "fw-01") as (box, link):
+            sent = _send(box, link, 40)
+            _wait(lambda: len(_seqs(cloud.store, "fw-01")) >= 10, 20, "first results in cloud")
+            cloud_broker.kill()  # SIGKILL: forgets everything it PUBACKed
+            cloud_broker.stop()  # only removes its work directory
+            sent += _send(box, link, 40, 40)
+            time.sleep(0.5)
+            cloud_broker = start_broker("mosquitto", port=cloud_broker.port)
+            _wait(lambda: len(_seqs(cloud.store, "fw-01")) >= 60, 30, "cloud after broker kill")
+            cloud.stop()  # the cloud gateway goes away mid-stream; its broker drops for it
+            cloud.store.close()
+            sent += _send(box, link, 40, 80)
+            assert link.drain(20), "the fog acknowledges the device without the cloud"
+            time.sleep(0.5)
+            cloud = _cloud(tmp_path, cloud_broker, cloud_opener).start()  # same store file
+            _wait(lambda: fog.forward.outbox.depth() == 0, 30, "the forward outbox to drain")
+        assert fog.forward is not None
+        seqs = _seqs(cloud.store, "fw-01")
+        assert len(sent) == 120
+        assert sorted(seqs) == sorted(sent), "every result in the cloud, exactly once"
+        assert sorted(_seqs(fog.store, "fw-01")) == sorted(sent)
+        rows = {r["seq"]: r for r in cloud.store.results(limit=1000, device="fw-01")}
+        assert rows[sent[6]]["input"] == "sample#6" and rows[sent[6]]["pred"] == 0, "opened"
+        assert cloud.stats.rejected == 0 and fog.stats.rejected == 0
+        raw = fog.store.query("SELECT count(*) AS n FROM results WHERE raw IS NOT NULL")
+        assert raw[0]["n"] == 120, "the fog keeps every original message"
+    finally:
+        fog.stop()
+        cloud.stop()
+        fog.store.close()
+        cloud.store.close()
+        cloud_broker.stop()
+
+
+def test_end_to_end_bodies_are_opened_only_in_the_cloud(  # type: ignore[no-untyped-def]
+    tmp_path: Path, mosquitto: RunningBroker, site_dir: Path
+) -> None:
+    cloud_broker = start_broker("mosquitto")
+    cloud_key = tmp_path / "cloud.json"
+    cloud_pub = write_recipient(cloud_key)
+    ident = provision_device(site_dir, "fw-e2e", tmp_path / "id", recipient=cloud_pub)
+    relay = opener_for(site_dir, relay_for=(cloud_pub,))
+    with (
+        cloud_broker,
+        _cloud(tmp_path, cloud_broker, opener_for(site_dir, keys=(cloud_key,))) as cloud,
+        _fog(tmp_path, mosquitto, cloud_broker, relay) as fog,
+        _device(tmp_path, mosquitto, ident, "fw-e2e", end_to_end=True) as (box, link),
+    ):
+        sent = _send(box, link, 20)
+        assert link.drain(20)
+        assert fog.forward is not None
+        _wait(lambda: fog.forward.outbox.depth() == 0, 20, "the cloud to ack everything")
+        fog_rows = fog.store.results(limit=100, device="fw-e2e")
+        cloud_rows = cloud.store.results(limit=100, device="fw-e2e")
+        assert len(fog_rows) == 20 and all(r["pred"] is None for r in fog_rows), "fog read nothing"
+        assert sorted(r["seq"] for r in cloud_rows) == sent
+        assert {r["input"] for r in cloud_rows} == {f"sample#{i}" for i in range(20)}
+    fog.store.close()
+    cloud.store.close()
+
+
+def test_shared_subscription_workers_split_and_survive_a_stop(  # type: ignore[no-untyped-def]
+    tmp_path: Path, mosquitto: RunningBroker, site_dir: Path, identity
+) -> None:
+    """Two workers on one $share group and one SQLite file: both store some, every result is
+    stored once, and stopping one mid-stream loses nothing (the device resends)."""
+    db = tmp_path / "shared.sqlite"
+    workers = [
+        Gateway(Store(db), opener_for(site_dir), mosquitto.host, mosquitto.port,
+                client_id=f"w{i}", share_group="g").start()
+        for i in range(2)
+    ]
+    try:
+        with _device(tmp_path, mosquitto, identity("fw-sh"), "fw-sh") as (box, link):
+            sent = _send(box, link, 60)
+            _wait(lambda: workers[0].stats.stored + workers[1].stats.stored >= 30, 20, "half")
+            workers[1].stop()  # in-flight messages of this worker are never acked: resent
+            sent += _send(box, link, 60, 60)
+            assert link.drain(30), "everything acknowledged by the remaining worker"
+        assert workers[0].stats.stored > 0 and workers[1].stats.stored > 0, "both got some"
+        with Store(db) as store:
+            seqs = _seqs(store, "fw-sh")
+        assert sorted(seqs) == sorted(sent), "every result stored exactly once"
+    finally:
+        for w in workers:
+            w.stop()
+            w.store.close()

@@ -1,0 +1,133 @@
+"""`medge agent package`: build the device package for this machine, install it into a temp
+prefix with its own install.sh (a fresh venv from the shipped wheels only), and run the
+installed agent against a real Mosquitto and gateway.
+
+Downloads wheels from PyPI on the first run; they are kept in ~/.cache/medge-wheels
+($MEDGE_WHEEL_CACHE), so later runs are offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from edge_agent.bundle import Bundle
+from gateway import Gateway, Store
+from gateway.broker import RunningBroker
+from medge.package import build_package
+from models import breast_cnn
+
+pytestmark = pytest.mark.slow
+
+LIMIT = 6
+
+
+def _du_mb(path: Path) -> float:
+    out = subprocess.run(["du", "-sb", str(path)], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[0]) / 1e6
+
+
+def test_package_installs_and_runs(  # type: ignore[no-untyped-def]
+    bundle_dir: Path, identity, opener, mosquitto: RunningBroker, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "site": "ward-a",
+                "device": "pkg-01",
+                "bundle": str(bundle_dir),
+                "identity": str(identity("pkg-01")),
+                "broker": {"host": mosquitto.host, "port": mosquitto.port},
+                "source": {"path": str(breast_cnn.DATA), "split": "val", "rate_hz": 0},
+                "outbox": {"path": "outbox.sqlite", "resend_after_s": 0.5},
+                "telemetry_interval_s": 0.5,
+            }
+        )
+    )
+    t0 = time.monotonic()
+    report = build_package(cfg, tmp_path / "pkg")
+    built = time.monotonic() - t0
+    pkg = report.directory
+
+    # what is inside
+    names = {w.lower() for w in report.wheels}
+    assert any(n.startswith("medge-") for n in names)
+    assert not [n for n in names if n.startswith(("tensorflow", "keras", "tf_keras"))]
+    shipped = yaml.safe_load((pkg / "agent.yaml").read_text())
+    assert shipped["bundle"] == f"bundle/{bundle_dir.name}"
+    assert shipped["identity"] == "identity"
+    assert stat.S_IMODE((pkg / "identity" / "device.key").stat().st_mode) == 0o600
+    unit = (pkg / "medge-agent.service").read_text()
+    for line in ("Restart=always", "ProtectSystem=strict", "NoNewPrivileges=true", "User=@USER@"):
+        assert line in unit
+    assert "StateDirectory=medge-agent" in unit
+    assert "--no-index" in (pkg / "install.sh").read_text()
+    meta = json.loads((pkg / "package.json").read_text())
+    assert meta["bundle"] == Bundle.load(bundle_dir).id
+    assert report.tarball is not None
+    with tarfile.open(report.tarball) as tar:
+        key = tar.getmember(f"{pkg.name}/identity/device.key")
+        assert stat.S_IMODE(key.mode) == 0o600
+
+    # install from the package alone: a fresh venv, no index
+    prefix = tmp_path / "root"
+    t1 = time.monotonic()
+    env = {**os.environ, "PYTHON": sys.executable, "PIP_NO_INDEX": "1"}
+    done = subprocess.run(
+        ["sh", str(pkg / "install.sh"), "--prefix", str(prefix), "--no-systemd"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    installed = time.monotonic() - t1
+    assert done.returncode == 0, done.stderr[-2000:]
+    venv = prefix / "opt" / "medge-agent" / "venv"
+    site_packages = next((venv / "lib").glob("python3*/site-packages"))
+    assert not list(site_packages.glob("tensorflow*")), "no TensorFlow on a device"
+    assert not list(site_packages.glob("keras*"))
+    state = prefix / "var" / "lib" / "medge-agent"
+    assert (state / "bundle").is_symlink()
+    key_mode = (prefix / "etc" / "medge-agent" / "identity" / "device.key").stat().st_mode
+    assert stat.S_IMODE(key_mode) == 0o600
+    size = _du_mb(venv)
+    biggest = sorted(
+        ((_du_mb(p), p.name) for p in site_packages.iterdir() if p.is_dir()), reverse=True
+    )[:6]
+    print(f"\nvenv {size:.0f} MB; biggest: {biggest}")
+    print(f"build {built:.1f} s, install {installed:.1f} s")
+    (tmp_path / "sizes.json").write_text(json.dumps({"venv_mb": size, "biggest": biggest}))
+
+    # run the installed agent, bounded by source.limit, against the gateway in this process
+    conf = prefix / "etc" / "medge-agent" / "agent.yaml"
+    data = yaml.safe_load(conf.read_text())
+    data["source"]["limit"] = LIMIT
+    conf.write_text(yaml.safe_dump(data))
+    with (
+        Store(tmp_path / "gw.sqlite") as store,
+        Gateway(store, opener, mosquitto.host, mosquitto.port, mosquitto.protocol),
+    ):
+        run = subprocess.run(
+            [str(venv / "bin" / "medge"), "agent", "run", "--config", str(conf), "--json"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            cwd=tmp_path,
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        out = json.loads(run.stdout)
+        assert out["sent"] == LIMIT and out["pending"] == 0, out
+        rows = store.results(device="pkg-01", limit=100)
+    assert len(rows) == LIMIT
+    assert {r["bundle"] for r in rows} == {Bundle.load(bundle_dir).id}

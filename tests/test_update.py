@@ -1,0 +1,185 @@
+"""Over-the-air bundle updates: signed command on ``cmd``, archive over HTTP, verified,
+self-tested and swapped in between two samples while the stream goes on."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from edge_agent import Agent, AgentConfig, Bundle
+from edge_agent.bundle import MANIFEST_NAME, SIGNATURE_NAME, Manifest, sign_bundle, write_manifest
+from gateway import Gateway, Store
+from gateway.broker import RunningBroker
+from gateway.ota import BundleServer, pack_bundle, publish_command, update_command
+from gateway.site import signer_key
+from models import breast_cnn
+
+pytestmark = pytest.mark.slow
+
+
+def _variant(src: Path, dst: Path, version: str, key: ed25519.Ed25519PrivateKey | None) -> Path:
+    """The same model as a new bundle version, signed by ``key`` (None: unsigned)."""
+    shutil.copytree(src, dst)
+    m = Manifest.model_validate_json((dst / MANIFEST_NAME).read_text())
+    write_manifest(dst, m.model_copy(update={"version": version}))
+    (dst / SIGNATURE_NAME).unlink()
+    if key is not None:
+        sign_bundle(dst, key)
+    return dst
+
+
+def _config(
+    bundle: Path, broker: RunningBroker, tmp: Path, ident: Path, device: str
+) -> AgentConfig:
+    return AgentConfig(
+        site="ward-a",
+        device=device,
+        bundle=bundle,
+        identity=ident,
+        broker={"host": broker.host, "port": broker.port, "protocol": broker.protocol},
+        source={"path": breast_cnn.DATA, "split": "val", "rate_hz": 15},
+        outbox={"path": tmp / "state" / "outbox.sqlite", "resend_after_s": 0.5},
+        telemetry_interval_s=0.5,
+    )
+
+
+def _wait(pred, timeout: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _events(store: Store, device: str) -> list[dict]:  # type: ignore[type-arg]
+    rows = store.query(
+        "SELECT body FROM results WHERE device=? AND kind='event' ORDER BY seq", (device,)
+    )
+    return [json.loads(r["body"]) for r in rows]
+
+
+def _results(store: Store, device: str) -> list[dict]:  # type: ignore[type-arg]
+    return [r for r in store.results(device=device, limit=1000) if r["kind"] == "result"]
+
+
+def test_signed_bundle_is_applied_mid_stream(  # type: ignore[no-untyped-def]
+    bundle_dir: Path, site_dir: Path, identity, opener, mosquitto: RunningBroker, tmp_path: Path
+) -> None:
+    device = "ota-01"
+    new = _variant(bundle_dir, tmp_path / "v2", "v2", signer_key(site_dir))
+    new_id, old_id = Bundle.load(new).id, Bundle.load(bundle_dir).id
+    archive, digest = pack_bundle(new, tmp_path / "served")
+    cfg = _config(bundle_dir, mosquitto, tmp_path, identity(device), device)
+    with (
+        Store(tmp_path / "gw.sqlite") as store,
+        Gateway(store, opener, mosquitto.host, mosquitto.port, mosquitto.protocol),
+        BundleServer(archive.parent) as server,
+    ):
+        agent = Agent(cfg)
+        box: dict[str, object] = {}
+        t = threading.Thread(target=lambda: box.update(r=agent.run(threading.Event())))
+        t.start()
+        assert _wait(lambda: len(_results(store, device)) >= 10)
+        cmd = update_command(
+            signer_key(site_dir), "ward-a", device, server.url(archive.name), digest
+        )
+        publish_command(mosquitto.host, mosquitto.port, "ward-a", device, cmd)
+        assert _wait(lambda: len(_events(store, device)) >= 1)
+        publish_command(mosquitto.host, mosquitto.port, "ward-a", device, cmd)  # a replay
+        assert _wait(lambda: len(_events(store, device)) >= 2)
+        t.join(timeout=60)
+        assert not t.is_alive()
+        assert box["r"].pending == 0  # type: ignore[attr-defined]
+        rows = _results(store, device)
+        events = _events(store, device)
+    assert len(rows) == 78, "no result lost"
+    assert len({r["seq"] for r in rows}) == 78
+    by_index = sorted(rows, key=lambda r: int(r["input"].rsplit("#", 1)[1]))
+    bundles = [r["bundle"] for r in by_index]
+    switch = bundles.index(new_id)
+    assert switch >= 10
+    assert bundles[:switch] == [old_id] * switch, "before: the old bundle"
+    assert bundles[switch:] == [new_id] * (78 - switch), "after: the new one, never back"
+    assert events[0] == {"update": "applied", "bundle": new_id, "previous": old_id}
+    assert events[1]["update"] == "rejected"
+    assert "not newer" in events[1]["reason"]
+    assert events[1]["running"] == new_id
+    assert agent.bundle.id == new_id
+
+
+def test_bad_bundles_are_rejected_and_the_old_one_keeps_running(  # type: ignore[no-untyped-def]
+    bundle_dir: Path, site_dir: Path, identity, opener, mosquitto: RunningBroker, tmp_path: Path
+) -> None:
+    device = "ota-02"
+    key = signer_key(site_dir)
+    stranger = ed25519.Ed25519PrivateKey.generate()
+    served = tmp_path / "served"
+    tampered = _variant(bundle_dir, tmp_path / "tampered", "t", key)
+    art = next(tampered.glob("*.tflite"))
+    data = bytearray(art.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    art.write_bytes(bytes(data))
+    cases = {
+        "tampered": (tampered, "does not match its hash"),
+        "unsigned": (_variant(bundle_dir, tmp_path / "unsigned", "u", None), "not signed"),
+        "untrusted": (
+            _variant(bundle_dir, tmp_path / "untrusted", "x", stranger),
+            "does not trust",
+        ),
+    }
+    served.mkdir()
+    packed = {}
+    for name, (d, _) in cases.items():  # by hand: pack_bundle refuses a broken bundle
+        out = served / f"{name}.tar.gz"
+        with tarfile.open(out, "w:gz") as tar:
+            for p in sorted(d.iterdir()):
+                tar.add(p, arcname=p.name)
+        packed[name] = (out, hashlib.sha256(out.read_bytes()).hexdigest())
+    good, good_sha = pack_bundle(_variant(bundle_dir, tmp_path / "good", "g", key), served)
+    cfg = _config(bundle_dir, mosquitto, tmp_path, identity(device), device)
+    old_id = Bundle.load(bundle_dir).id
+    with (
+        Store(tmp_path / "gw.sqlite") as store,
+        Gateway(store, opener, mosquitto.host, mosquitto.port, mosquitto.protocol),
+        BundleServer(served) as server,
+    ):
+        agent = Agent(cfg)
+        t = threading.Thread(target=agent.run, args=(threading.Event(),))
+        t.start()
+        assert _wait(lambda: len(_results(store, device)) >= 5)
+        for out, sha in packed.values():
+            cmd = update_command(key, "ward-a", device, server.url(out.name), sha)
+            publish_command(mosquitto.host, mosquitto.port, "ward-a", device, cmd)
+        # the archive does not match the signed command (swapped on the server)
+        cmd = update_command(key, "ward-a", device, server.url(good.name), "0" * 64)
+        publish_command(mosquitto.host, mosquitto.port, "ward-a", device, cmd)
+        # a command signed by someone else, and one for another device
+        for k, dev in ((stranger, device), (key, "ota-99")):
+            cmd = update_command(k, "ward-a", dev, server.url(good.name), good_sha)
+            publish_command(mosquitto.host, mosquitto.port, "ward-a", device, cmd)
+        assert _wait(lambda: len(_events(store, device)) >= 6), _events(store, device)
+        t.join(timeout=60)
+        assert not t.is_alive()
+        events = _events(store, device)
+        rows = _results(store, device)
+    assert [e["update"] for e in events] == ["rejected"] * 6
+    reasons = [e["reason"] for e in events]
+    for (_, why), reason in zip(cases.values(), reasons[:3], strict=True):
+        assert why in reason
+    assert "does not match the command" in reasons[3]
+    assert "does not trust" in reasons[4]
+    assert "not this device" in reasons[5]
+    assert all(e["running"] == old_id for e in events)
+    assert len(rows) == 78
+    assert {r["bundle"] for r in rows} == {old_id}, "the old bundle kept running"
+    left = [p.name for p in (tmp_path / "state" / "bundles").iterdir()]
+    assert left == [], f"rejected bundles are deleted: {left}"
