@@ -3,7 +3,8 @@
     python bench/agent_throughput.py [--bundle DIR] [--n 3000]
 
 Same artifact, same real BreastMNIST images, one thread. Prints samples/s and the ratios.
-The outbox column includes the durable SQLite write (WAL, synchronous=FULL) per result.
+The last line includes sealing (AES-GCM) and the durable SQLite write (WAL, synchronous=FULL)
+per result.
 """
 
 from __future__ import annotations
@@ -15,9 +16,19 @@ import time
 from pathlib import Path
 
 from edge_agent import Bundle, LoadedModel, Outbox
+from edge_agent.envelope import Sealer
+from edge_agent.identity import DeviceIdentity
 from edge_agent.pipeline import run_pipeline
 from edge_agent.sources import NpzReplay
 from edge_agent.telemetry import PipelineStats
+
+
+def _throwaway_sealer(tmp: Path, box: Outbox) -> Sealer:
+    from gateway.site import init_site, provision_device
+
+    init_site(tmp / "site", "b")
+    ident = DeviceIdentity.load(provision_device(tmp / "site", "d", tmp / "id"), "b", "d")
+    return Sealer("b", "d", ident.key, ident.recipient, box.next_epoch)
 
 
 def main() -> None:
@@ -48,6 +59,7 @@ def main() -> None:
     pipe = args.n / (time.perf_counter() - t)
 
     with tempfile.TemporaryDirectory() as tmp, Outbox(Path(tmp) / "o.sqlite", "b", "d") as box:
+        box.sealer = _throwaway_sealer(Path(tmp), box)
         t = time.perf_counter()
         run_pipeline(source.stream(threading.Event()), model, box.put, PipelineStats())
         durable = args.n / (time.perf_counter() - t)
@@ -55,7 +67,7 @@ def main() -> None:
     print(f"bundle {bundle.id}, {args.n} samples, 1 thread")
     print(f"{'bare invoke() loop':34s} {bare:9.0f} /s   1.00x")
     print(f"{'pipeline (pre+infer+decode)':34s} {pipe:9.0f} /s   {pipe / bare:.2f}x")
-    print(f"{'pipeline + durable outbox write':34s} {durable:9.0f} /s   {durable / bare:.2f}x")
+    print(f"{'pipeline + seal + durable outbox':34s} {durable:9.0f} /s   {durable / bare:.2f}x")
     lat = stats.snapshot()["latency_ms"]
     print("stage p50 ms: " + ", ".join(f"{k} {v['p50']:.3f}" for k, v in lat.items()))
 

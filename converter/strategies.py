@@ -228,7 +228,9 @@ def convert_litert(
         running.outcome, running.reason, running.seconds = "crashed", reason, record["seconds"]
         remaining = remaining[remaining.index(running.strategy) + 1 :]
     reasons = "; ".join(
-        f"{a.strategy}: {a.outcome}" + (f" ({a.reason})" if a.reason else "")
+        f"{a.strategy}: {a.reason}"  # "crashed the converter process (SIGSEGV)"
+        if a.outcome == "crashed"
+        else f"{a.strategy}: {a.outcome}" + (f" ({a.reason})" if a.reason else "")
         for a in attempts.values()
     )
     ops = sorted({m.group(1) for a in attempts.values() for m in _UNSUPPORTED.finditer(

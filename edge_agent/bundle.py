@@ -40,7 +40,7 @@ __all__ = [
     "write_manifest",
 ]
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1 added the optional artifact.tensorrt and cam fields
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
 
