@@ -20,7 +20,7 @@ from edge_agent.envelope import Envelope, Sealer
 from edge_agent.errors import MedgeError
 from edge_agent.topics import topic
 
-__all__ = ["Outbox", "Pending"]
+__all__ = ["Outbox", "Pending", "durable_sqlite"]
 
 _PRIORITY = {"event": 0, "result": 1}
 _SCHEMA = """
@@ -38,6 +38,16 @@ CREATE INDEX IF NOT EXISTS outbox_order ON outbox (priority, seq);
 """
 
 
+def durable_sqlite(path: Path, timeout: float = 5.0) -> sqlite3.Connection:
+    """The one way medge opens a file that must survive a power loss: WAL, synchronous=FULL,
+    autocommit (explicit transactions), usable from several threads behind the caller's lock."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=timeout)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    return db
+
+
 @dataclass(frozen=True)
 class Pending:
     seq: int
@@ -52,11 +62,8 @@ class Outbox:
     def __init__(self, path: str | Path, site: str, device: str) -> None:
         self.path = Path(path)
         self.site, self.device = site, device
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = durable_sqlite(self.path)
         self._db.executescript(_SCHEMA)
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('next_seq', 1)")
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('epoch', 0)")

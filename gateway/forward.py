@@ -12,7 +12,6 @@ the cloud store is idempotent by (site, device, seq), so a resend is never store
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.envelope import decode_ack
 from edge_agent.errors import EnvelopeError
+from edge_agent.outbox import durable_sqlite
 from edge_agent.topics import ROOT, parse
 
 __all__ = ["ForwardOutbox", "Forwarder", "Forwarding"]
@@ -63,13 +63,8 @@ class ForwardOutbox:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(
-            self.path, check_same_thread=False, isolation_level=None, timeout=30
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = durable_sqlite(self.path, timeout=30)
         self._db.executescript(_SCHEMA)
 
     def __enter__(self) -> ForwardOutbox:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.envelope import Envelope
+from edge_agent.outbox import durable_sqlite
 
 __all__ = ["Store"]
 
@@ -129,14 +130,9 @@ class Store:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(
-            self.path, check_same_thread=False, isolation_level=None, timeout=30
-        )
+        self._db = durable_sqlite(self.path, timeout=30)
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
         self._history_inserts: dict[tuple[str, str], int] = {}  # per device, for pruning
         self._migrate()
 
