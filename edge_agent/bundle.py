@@ -28,6 +28,7 @@ __all__ = [
     "Bundle",
     "CamSpec",
     "Decode",
+    "EventRule",
     "FileEntry",
     "Manifest",
     "Preprocess",
@@ -35,12 +36,15 @@ __all__ = [
     "Quantization",
     "TensorRTBuild",
     "TensorSpec",
+    "WindowSpec",
     "file_entry",
     "sign_bundle",
     "write_manifest",
 ]
 
-SCHEMA_VERSION = "1.1"  # 1.1 added the optional artifact.tensorrt and cam fields
+# 1.1 added the optional artifact.tensorrt and cam fields; 1.2 the segmentation and
+# image-to-image tasks, decode.events and window (all optional, defaults as in 1.1)
+SCHEMA_VERSION = "1.2"
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
 
@@ -85,10 +89,30 @@ class Preprocess(_Model):
     std: list[float] | None = None
 
 
+Task = Literal["classification", "segmentation", "image_to_image"]
+
+
+class EventRule(_Model):
+    """Turns a stream of per-window scores into events (schema 1.2): one fall is one event.
+
+    An event starts when the score of ``label`` has been >= ``on`` for ``min_windows``
+    consecutive windows, ends when it drops below ``off`` (hysteresis: off <= on), and no new
+    event of this rule starts within ``refractory_s`` of the last one's start.
+    """
+
+    name: str = Field(min_length=1, description="Event name, e.g. 'fall' or 'pvc_run'.")
+    label: str = Field(description="The class whose score signals the event.")
+    on: float = Field(ge=0, le=1, description="Score that starts an event.")
+    off: float = Field(ge=0, le=1, description="Score below which an event ends.")
+    min_windows: int = Field(default=1, ge=1, description="Consecutive windows >= on to start.")
+    refractory_s: float = Field(default=0.0, ge=0, description="Dead time after an event starts.")
+    alert: bool = Field(default=True, description="Mark the event message as an alert.")
+
+
 class Decode(_Model):
     """How the model's output becomes a result."""
 
-    kind: Literal["classification"] = "classification"
+    kind: Task = "classification"
     activation: Literal["softmax", "sigmoid", "none"] = Field(
         default="softmax", description="What the model's last layer already applied."
     )
@@ -96,6 +120,27 @@ class Decode(_Model):
         default=None,
         description="For two classes: the positive class is predicted when its score >= threshold.",
     )
+    mask_threshold: float = Field(
+        default=0.5, ge=0, le=1, description="Segmentation: a pixel is foreground at >= this."
+    )
+    events: list[EventRule] = Field(
+        default_factory=list, description="Classification over a stream: events from scores."
+    )
+
+
+class WindowSpec(_Model):
+    """How the agent cuts a stream into the model's inputs (schema 1.2, optional).
+
+    ``length`` samples (or frames, for clips) per window, one window every ``hop``; a source's
+    own ``window``/``clip`` setting overrides it. ``rate_hz`` is the rate the model was trained
+    at; ``centre`` = ``beat`` asks an ECG source for windows centred on each R peak.
+    """
+
+    length: int = Field(ge=1)
+    hop: int = Field(ge=1)
+    rate_hz: float | None = Field(default=None, gt=0)
+    label: Literal["last", "majority", "max"] = "last"
+    centre: Literal["none", "beat"] = "none"
 
 
 class FileEntry(_Model):
@@ -161,7 +206,7 @@ class Manifest(_Model):
     name: str
     version: str
     created: str
-    task: Literal["classification"]
+    task: Task
     profile: str
     preprocess: Preprocess
     decode: Decode
@@ -177,6 +222,9 @@ class Manifest(_Model):
     provenance: Provenance
     cam: CamSpec | None = Field(
         default=None, description="Optional: which output is a class activation map."
+    )
+    window: WindowSpec | None = Field(
+        default=None, description="Optional: how a stream is cut into inputs (schema 1.2)."
     )
 
     @property
@@ -334,6 +382,17 @@ def _verify_consistency(path: Path, manifest: Manifest) -> None:
             raise BundleError(f"{path}: artifact '{art.file}' is not among the hashed files")
     if manifest.positive_label is not None and manifest.positive_label not in manifest.labels:
         raise BundleError(f"{path}: positive_label '{manifest.positive_label}' is not a label")
+    if manifest.decode.kind != manifest.task:
+        raise BundleError(
+            f"{path}: decode.kind '{manifest.decode.kind}' does not match task '{manifest.task}'"
+        )
+    for rule in manifest.decode.events:
+        if rule.label not in manifest.labels:
+            raise BundleError(f"{path}: event '{rule.name}' names unknown label '{rule.label}'")
+        if rule.off > rule.on:
+            raise BundleError(f"{path}: event '{rule.name}' has off {rule.off} > on {rule.on}")
+    if manifest.task != "classification":
+        return
     for art in manifest.artifacts:
         classes = art.outputs[0].shape[-1] if art.outputs else 0
         n = len(manifest.labels)
