@@ -7,8 +7,15 @@
 2. gateway: results sealed by real Sealers (sealed before the clock starts, so the generator
    is not the bottleneck), published to Mosquitto; `medge gateway run` (its own process) opens,
    stores (SQLite WAL, synchronous=FULL) and acks; the clock stops at the last ack;
-3. latency at a fixed offered rate: publish -> subscriber (raw) vs publish -> ack (gateway);
-4. the gateway with 1 and 2 workers on an MQTT 5 shared subscription ($share/g/...).
+3. latency at two offered rates (--rate, --low-rate): publish -> subscriber (raw) vs
+   publish -> ack (gateway), with three ways to batch store commits: the old fixed 5 ms window
+   (--batch-when-idle), pure group commit (--batch-window 0: commit at once, whatever queued
+   during a commit goes into the next) and adaptive (the default: at once when idle, a 5 ms
+   window only when more results are already waiting);
+4. the gateway with 1, 2 and 4 workers on an MQTT 5 shared subscription ($share/g/...), with
+   the CPU seconds each process used per 1,000 messages, to name the bottleneck.
+
+Flood limiting is turned off (--device-rate 0): the generator is a flood by design.
 """
 
 from __future__ import annotations
@@ -16,11 +23,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -32,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from edge_agent.envelope import Envelope, Sealer, decode_ack  # noqa: E402
 from edge_agent.identity import DeviceIdentity  # noqa: E402
 from edge_agent.topics import topic  # noqa: E402
-from gateway.broker import start_broker  # noqa: E402
+from gateway.broker import free_port, start_broker  # noqa: E402
 from gateway.site import init_site, provision_device  # noqa: E402
 
 SITE = "bench"
@@ -55,6 +64,14 @@ def _client(cid: str) -> mqtt.Client:
     return c
 
 
+def _no_delay(c: mqtt.Client) -> None:
+    """TCP_NODELAY, as the gateway sets it: without it a small publish can wait ~40 ms for a
+    delayed TCP ACK (Nagle), which would be measured as gateway latency."""
+    sock = c.socket()
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class Counter:
     """Subscribes and records the arrival time of each message key."""
 
@@ -65,6 +82,7 @@ class Counter:
         self.c = _client(f"counter-{os.getpid()}-{time.monotonic_ns()}")
         self.c.on_message = self._on
         self.c.connect("127.0.0.1", port)
+        _no_delay(self.c)
         self.c.subscribe(sub, qos=1)
         self.c.loop_start()
         time.sleep(0.3)
@@ -90,6 +108,7 @@ def _publish(port: int, msgs: list[tuple[str, bytes, object]], rate: float | Non
     """Publish (topic, payload, key) at ``rate`` msg/s (None: as fast as possible)."""
     pub = _client(f"gen-{time.monotonic_ns()}")
     pub.connect("127.0.0.1", port)
+    _no_delay(pub)
     pub.loop_start()
     sent: dict[object, float] = {}
     t0 = time.perf_counter()
@@ -136,17 +155,37 @@ def _gateway(port: int, msgs: list, rate: float | None) -> tuple[float, list[flo
     return len(msgs) / (t_end - pub["t0"]), lat
 
 
-def _workers(site: Path, port: int, tmp: Path, n: int, tag: str) -> list[subprocess.Popen]:  # type: ignore[type-arg]
+def _cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _workers(site: Path, port: int, tmp: Path, n: int, tag: str, window: float = 0.005,
+             when_idle: bool = False) -> list[subprocess.Popen]:  # type: ignore[type-arg]
     db = tmp / f"gw-{tag}.sqlite"
     procs = []
+    ports = [free_port() for _ in range(n)]
     for i in range(n):
         cmd = [sys.executable, "-m", "medge", "gateway", "run", "--site-dir", str(site),
                "--broker", f"127.0.0.1:{port}", "--db", str(db), "--client-id",
-               f"gw-{tag}-{i}", "--log-level", "warning"]
+               f"gw-{tag}-{i}", "--log-level", "warning", "--device-rate", "0",
+               "--batch-window", str(window), "--metrics-port", str(ports[i])]
         if n > 1:
             cmd += ["--share-group", "g"]
+        if when_idle:
+            cmd += ["--batch-when-idle"]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL))
-    time.sleep(2.5)  # imports, connect, subscribe
+    deadline = time.monotonic() + 120
+    for p, port_ in zip(procs, ports, strict=True):  # the metrics endpoint starts once subscribed
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port_}/metrics", timeout=1).close()
+                break
+            except OSError:
+                assert p.poll() is None and time.monotonic() < deadline, "a worker did not start"
+                time.sleep(0.1)
+    time.sleep(0.5)
     return procs
 
 
@@ -167,7 +206,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=4000, help="messages per throughput run")
     ap.add_argument("--devices", type=int, default=4)
     ap.add_argument("--rate", type=float, default=1000.0, help="offered rate of the latency run")
-    ap.add_argument("--seconds", type=float, default=3.0, help="length of the latency run")
+    ap.add_argument("--low-rate", type=float, default=100.0,
+                    help="offered rate of the light-load latency run")
+    ap.add_argument("--seconds", type=float, default=3.0, help="length of each latency run")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="medge-bench-"))
     site = tmp / "site"
@@ -190,46 +231,67 @@ def main() -> None:
         return out
 
     broker = start_broker("mosquitto")
+    assert broker.pid is not None
+    n_lat, n_low = int(a.rate * a.seconds), int(a.low_rate * a.seconds)
+    lat: dict[str, list[float]] = {}
+    low: dict[str, list[float]] = {}
+    tp: dict[str, float] = {}
+    cpu: dict[str, tuple[float, float]] = {}  # gateway, broker CPU s per 1,000 messages
+    fixed, group, adaptive = "fixed 5 ms window", "group commit (0 ms)", "adaptive, 1 worker"
+    runs = [(fixed, 1, 0.005, True), (group, 1, 0.0, False), (adaptive, 1, 0.005, False),
+            ("adaptive, 2 workers", 2, 0.005, False), ("adaptive, 4 workers", 4, 0.005, False)]
     try:
         sample = batch(1)[0][1]
-        n_lat = int(a.rate * a.seconds)
-        raw_tp, _ = _raw(broker.port, batch(a.n), None)
-        _, raw_lat = _raw(broker.port, batch(n_lat), a.rate)
-        procs = _workers(site, broker.port, tmp, 1, "one")
-        try:
-            gw_tp, _ = _gateway(broker.port, batch(a.n), None)
-            _, gw_lat = _gateway(broker.port, batch(n_lat), a.rate)
-        finally:
-            _stop(procs)
-        procs = _workers(site, broker.port, tmp, 2, "two")
-        try:
-            gw2_tp, _ = _gateway(broker.port, batch(a.n), None)
-        finally:
-            _stop(procs)
+        tp["raw"], _ = _raw(broker.port, batch(a.n), None)
+        _, low["raw"] = _raw(broker.port, batch(n_low), a.low_rate)
+        _, lat["raw"] = _raw(broker.port, batch(n_lat), a.rate)
+        for i, (name, n, window, when_idle) in enumerate(runs):
+            print(f"running: {name}", file=sys.stderr, flush=True)
+            procs = _workers(site, broker.port, tmp, n, f"run{i}", window, when_idle)
+            try:
+                _, low[name] = _gateway(broker.port, batch(n_low), a.low_rate)
+                _, lat[name] = _gateway(broker.port, batch(n_lat), a.rate)
+                before = sum(_cpu(p.pid) for p in procs), _cpu(broker.pid)
+                tp[name], _ = _gateway(broker.port, batch(a.n), None)
+                after = sum(_cpu(p.pid) for p in procs), _cpu(broker.pid)
+                cpu[name] = ((after[0] - before[0]) * 1000 / a.n,
+                             (after[1] - before[1]) * 1000 / a.n)
+            finally:
+                _stop(procs)
     finally:
         broker.stop()
     cores = os.cpu_count()
+    lo, hi = f"{a.low_rate:.0f}/s", f"{a.rate:.0f}/s"
     print(f"payload {len(sample)} B sealed result, QoS 1, {a.devices} devices, {a.n} msgs/run,"
           f" {cores} cores (generator, Mosquitto and gateway share them)")
-    print(f"raw paho->mosquitto->paho      {raw_tp:8.0f} msg/s")
-    print(f"gateway, 1 worker (open+store+ack) {gw_tp:8.0f} msg/s   "
-          f"= {gw_tp / raw_tp:.2f} of raw")
-    print(f"gateway, 2 workers ($share/g)  {gw2_tp:8.0f} msg/s   = {gw2_tp / gw_tp:.2f}x 1 worker")
-    print(f"latency at {a.rate:.0f} msg/s offered for {a.seconds:.0f} s:")
-    print(f"  raw publish->subscriber       p50 {_pct(raw_lat, .5):6.2f} ms  "
-          f"p99 {_pct(raw_lat, .99):6.2f} ms")
-    print(f"  gateway publish->ack          p50 {_pct(gw_lat, .5):6.2f} ms  "
-          f"p99 {_pct(gw_lat, .99):6.2f} ms")
-    print(f"  gateway-added (p50 difference) {_pct(gw_lat, .5) - _pct(raw_lat, .5):6.2f} ms"
-          f"   (ack path includes one more broker hop back)")
-    print("What this means: every figure is measured with the load generator, Mosquitto and "
-          "the gateway(s) on the same cores, so each steals CPU from the others; on a "
-          f"{cores}-core machine a second worker competes with the broker and generator rather "
-          "than adding a free core, and two workers contend for one SQLite file's write lock "
-          "(results are committed in batches of up to 5 ms, one fsync each). "
-          "A fog node with its own cores for the gateway does better; the ratio to raw is "
-          "the portable figure.")
+    print(f"{'':26s} {'msg/s':>7s} {'of raw':>6s}  {lo + ' p50':>10s} {'p99':>7s}"
+          f"  {hi + ' p50':>11s} {'p99':>7s}  {'gw CPU s/1k':>11s} {'broker':>6s}")
 
+    def row(name: str) -> str:
+        c = f"{cpu[name][0]:11.3f} {cpu[name][1]:6.3f}" if name in cpu else ""
+        return (f"{name:26s} {tp[name]:7.0f} {tp[name] / tp['raw']:6.2f}"
+                f"  {_pct(low[name], .5):10.2f} {_pct(low[name], .99):7.2f}"
+                f"  {_pct(lat[name], .5):11.2f} {_pct(lat[name], .99):7.2f}  {c}")
+
+    print(row("raw") + "  (raw: publish->subscriber; gateway: publish->ack, one more hop)")
+    for name, _, _, _ in runs:
+        print(row(name))
+    for name in (group, adaptive):
+        print(f"{name} vs fixed window: p50 at {lo} "
+              f"{_pct(low[name], .5) / _pct(low[fixed], .5):.2f}x, at {hi} "
+              f"{_pct(lat[name], .5) / _pct(lat[fixed], .5):.2f}x; p99 at {hi} "
+              f"{_pct(lat[name], .99) / _pct(lat[fixed], .99):.2f}x; "
+              f"throughput {tp[name] / tp[fixed]:.2f}x")
+    print(f"workers: 2 = {tp['adaptive, 2 workers'] / tp[adaptive]:.2f}x 1 worker, "
+          f"4 = {tp['adaptive, 4 workers'] / tp[adaptive]:.2f}x 1 worker")
+    busy = cpu[adaptive][0] * tp[adaptive] / 1000  # CPU s per second of one worker, flat out
+    print(f"one worker at full speed uses {busy:.2f} CPU cores of {cores} (1.0: its GIL-bound "
+          "Python is the bottleneck; the rest of the machine runs the broker and generator)")
+    print("What this means: the load generator, Mosquitto and the gateway(s) share the same "
+          f"{cores} cores, so a second or fourth worker competes with the broker and the "
+          "generator for CPU rather than adding a free core, and every worker takes one "
+          "SQLite file's write lock (an fsync) for each commit. A fog node with its own cores "
+          "for the gateway does better; the ratio to raw is the portable figure.")
 
 if __name__ == "__main__":
     main()

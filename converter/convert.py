@@ -1,7 +1,11 @@
-"""Keras model + calibration and evaluation data -> a verified bundle: LiteRT (full int8 by the
-first conversion strategy that works, converter.strategies), plus ONNX fp32 and QDQ int8 for
-ONNX Runtime / TensorRT (converter.onnx_artifacts). A ready .tflite or .onnx model is wrapped
-instead (converter.wrap).
+"""Trained model + calibration and evaluation data -> a verified bundle.
+
+Sources (converter.inputs): Keras ``.keras``, legacy ``.h5``, a SavedModel directory — LiteRT
+(full int8 by the first conversion strategy that works, converter.strategies; with --budget
+the cheapest artifact that meets it, converter.budget) plus ONNX fp32 and QDQ int8 for ONNX
+Runtime / TensorRT (converter.onnx_artifacts) — or an ONNX model (ONNX fp32 and int8 only).
+A ready .tflite (or an .onnx with ``onnx_input="wrap"``) is wrapped instead (converter.wrap).
+Tasks: classification, segmentation (masks as targets), image_to_image (images as targets).
 
 TensorFlow runs only in child processes (converter.litert_child, converter.onnx_child); this
 process prepares the data with the agent's own preprocessing, evaluates every artifact with
@@ -14,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -30,9 +35,11 @@ from typing import Any
 
 import numpy as np
 
+from converter import budget as B
 from converter.errors import ConversionError
-from converter.metrics import agreement, classification_metrics
-from converter.onnx_artifacts import OnnxOutcome, onnx_artifacts
+from converter.inputs import load_targets, source_bytes, source_format, source_sha256
+from converter.metrics import agreement, output_snr_db, roc_curve
+from converter.onnx_artifacts import OnnxOutcome, onnx_artifacts, onnx_source_artifacts
 from converter.report import write_markdown
 from converter.strategies import MIN_AGREEMENT, STRATEGIES, convert_litert
 from edge_agent.backends import open_backend
@@ -59,11 +66,13 @@ __all__ = ["ConvertRequest", "convert", "publish"]
 log = logging.getLogger("medge.convert")
 
 PROFILES = ("rpi4", "rpi5", "jetson", "x86")
+TASKS = tuple(B.TASK_METRICS)
 LAYOUTS = {5: "NTHWC", 4: "NHWC", 3: "NTC", 2: "NC"}
 WRAPPED = (".tflite", ".onnx")  # ready artifacts: wrapped as they are (converter.wrap)
 MIN_CALIBRATION = 100
 CHILD_TIMEOUT_S = 600
-BUDGET_METRICS = ("accuracy", "sensitivity", "specificity", "precision", "f1", "auc")
+BUDGET_METRICS = B.TASK_METRICS["classification"]
+DEFAULT_LABELS = {"segmentation": ["background", "foreground"], "image_to_image": ["image"]}
 
 
 @dataclass
@@ -89,6 +98,27 @@ class ConvertRequest:
     min_agreement: float = MIN_AGREEMENT  # a LiteRT artifact must agree with float this often
     onnx: bool = True  # also make the ONNX artifacts (Keras models only)
     activation: str = "softmax"  # what the model's last layer applies: softmax, sigmoid, none
+    task: str = "classification"  # classification | segmentation | image_to_image
+    onnx_input: str = "wrap"  # an .onnx model: wrap it as it is, or quantize it (fp32 + int8)
+    mask_threshold: float = 0.5  # segmentation: a pixel is foreground at >= this
+    fallback: list[str] | None = None  # --budget rungs after int8 (None: all; []: none)
+
+
+@dataclass
+class _Data:
+    """What the evaluation needs: the samples, their targets and how outputs decode."""
+
+    task: str
+    xc: np.ndarray
+    xe: np.ndarray
+    y: np.ndarray
+    labels: list[str]
+    positive: int | None
+    decode: Decode
+    yc: np.ndarray | None = None  # calibration labels, when the data has them
+
+    def metrics(self, outs: np.ndarray) -> dict[str, Any]:
+        return B.task_metrics(self.task, outs, self.y, self.decode, self.labels, self.positive)
 
 
 def _medge_version() -> str:
@@ -139,17 +169,25 @@ def _run_child(
     raise ConversionError(lines[-1] if lines else f"{what} failed ({proc.returncode})")
 
 
-def convert(req: ConvertRequest) -> Bundle:
-    """Convert, evaluate and write one bundle; return it, loaded and verified."""
+def _validate(req: ConvertRequest) -> str:
+    """Check the request before any long work; return the model's source format."""
     if req.profile not in PROFILES:
         raise ConversionError(f"unknown profile '{req.profile}' (one of {', '.join(PROFILES)})")
-    if not req.model.is_file():
-        raise ConversionError(f"{req.model}: no such model file")
-    unknown = sorted(set(req.budget) - set(BUDGET_METRICS))
+    if req.task not in TASKS:
+        raise ConversionError(f"unknown task '{req.task}' (one of {', '.join(TASKS)})")
+    fmt = source_format(req.model)
+    allowed = B.TASK_METRICS[req.task]
+    unknown = sorted(set(req.budget) - set(allowed))
     if unknown:
         raise ConversionError(
-            f"budget metric '{unknown[0]}' is not one of {', '.join(BUDGET_METRICS)}"
+            f"budget metric '{unknown[0]}' is not one of {', '.join(allowed)} ({req.task})"
         )
+    B.rungs(req.fallback)  # unknown names fail here
+    if req.onnx_input not in ("wrap", "quantize"):
+        raise ConversionError(f"unknown onnx input mode '{req.onnx_input}' (wrap or quantize)")
+    wrapped = fmt == "tflite" or (fmt == "onnx" and req.onnx_input == "wrap")
+    if req.cam and not wrapped and (req.task != "classification" or fmt not in ("keras", "h5")):
+        raise ConversionError("--cam needs a Keras (.keras/.h5) classification model")
     if req.sign_key is not None:
         load_signer_key(req.sign_key)  # fail before the long work, not after
     if req.out.exists() and any(req.out.iterdir()) and not req.force:
@@ -159,183 +197,366 @@ def convert(req: ConvertRequest) -> Bundle:
     if set(keys) - known:
         bad = sorted(set(keys) - known)[0]
         raise ConversionError(f"unknown strategy '{bad}' (one of {', '.join(sorted(known))})")
-    xc, _, _ = load_labelled(req.calib, req.calib_split, prefer=("train", "val", "test"))
+    return fmt
+
+
+def _load_data(req: ConvertRequest) -> _Data:
+    decode = Decode(
+        kind=req.task,  # type: ignore[arg-type]
+        activation=req.activation,  # type: ignore[arg-type]
+        threshold=req.threshold,
+        mask_threshold=req.mask_threshold,
+    )
+    if req.task != "classification":
+        xe, y = load_targets(req.eval, req.eval_split, req.task)
+        try:
+            xc = load_targets(req.calib, req.calib_split, req.task)[0]
+        except ConversionError:  # calibration needs no targets
+            xc = load_labelled(req.calib, req.calib_split, prefer=("train", "val", "test"))[0]
+        labels = req.labels or DEFAULT_LABELS[req.task]
+        return _Data(req.task, xc, xe, y, labels, None, decode)
+    xc, yc, _ = load_labelled(req.calib, req.calib_split, prefer=("train", "val", "test"))
     xe, ye, names = load_labelled(req.eval, req.eval_split)
     if ye is None:
         raise ConversionError(f"{req.eval}: evaluation data needs labels (y or <split>_labels)")
     labels = req.labels or names
     if not labels:
-        n = int(ye.max()) + 1
-        labels = [str(i) for i in range(n)]
+        labels = [str(i) for i in range(int(ye.max()) + 1)]
     if req.positive_label is not None and req.positive_label not in labels:
         raise ConversionError(f"positive label '{req.positive_label}' is not one of {labels}")
     if int(ye.max()) >= len(labels) or int(ye.min()) < 0:
         raise ConversionError(
             f"evaluation labels run 0..{int(ye.max())} but {len(labels)} class names were given"
         )
-    warnings: list[str] = []
-    if req.model.suffix.lower() in WRAPPED:
+    positive = labels.index(req.positive_label) if req.positive_label else None
+    if yc is not None and (int(yc.max()) >= len(labels) or int(yc.min()) < 0):
+        yc = None  # not class indices of these labels: class coverage is not checked
+    return _Data("classification", xc, xe, ye, labels, positive, decode, yc)
+
+
+def convert(req: ConvertRequest) -> Bundle:
+    """Convert, evaluate and write one bundle; return it, loaded and verified."""
+    fmt = _validate(req)
+    wrap_it = fmt == "tflite" or (fmt == "onnx" and req.onnx_input == "wrap")
+    if wrap_it and req.task != "classification":
+        raise ConversionError("a wrapped model is evaluated as a classifier; use --onnx-input "
+                              "quantize for an ONNX segmentation or image model")  # fmt: skip
+    data = _load_data(req)
+    if wrap_it:
         from converter.wrap import wrap
 
-        return wrap(req, xc, xe, ye, labels)
-    if len(xc) < MIN_CALIBRATION:
+        return wrap(req, data.xc, data.xe, data.y, data.labels)
+    warnings: list[str] = []
+    if len(data.xc) < MIN_CALIBRATION:
         warnings.append(
-            f"calibration set has only {len(xc)} samples (< {MIN_CALIBRATION}); "
+            f"calibration set has only {len(data.xc)} samples (< {MIN_CALIBRATION}); "
             "int8 ranges may not represent the data"
         )
-
     req.out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{req.out.name}.", dir=req.out.parent))
     work = Path(tempfile.mkdtemp(prefix="medge-convert-"))
     try:
-        calib, evalx = _prepare(xc, req.preprocess), _prepare(xe, req.preprocess)
-        np.save(work / "calib.npy", calib)
-        np.save(work / "eval.npy", evalx)
+        np.save(work / "calib.npy", _prepare(data.xc, req.preprocess))
+        np.save(work / "eval.npy", _prepare(data.xe, req.preprocess))
         t0 = time.monotonic()
-        litert = convert_litert(
-            {
-                "model": str(req.model),
-                "calib": str(work / "calib.npy"),
-                "eval": str(work / "eval.npy"),
-                "tflite_out": str(work / "model.tflite"),
-                "float_out": str(work / "float.npy"),
-                "n_labels": len(labels),
-                "min_agreement": req.min_agreement,
-                "cam": {"layer": req.cam_layer} if req.cam else None,
-                "cam_model_out": str(work / "model_cam.keras"),
-                "cam_info_out": str(work / "cam.json"),
-            },
-            work,
-            keys,
-            CHILD_TIMEOUT_S,
-        )
-        convert_s = time.monotonic() - t0
-        precision = litert.winner.precision
-        artifact_name = f"model_{precision}.tflite"
-        shutil.copyfile(work / "model.tflite", stage / artifact_name)
-        float_scores = np.load(work / "float.npy")
-        backend = open_backend("litert", stage / artifact_name)
-        layout = LAYOUTS.get(len(backend.inputs[0].shape))
-        inputs = [t.model_copy(update={"layout": layout}) for t in backend.inputs]
-        artifact = Artifact(
-            file=artifact_name,
-            runtime="litert",
-            precision=precision,  # type: ignore[arg-type]
-            inputs=inputs,
-            outputs=backend.outputs,
-        )
-        cam = None
-        if req.cam:
-            info = json.loads((work / "cam.json").read_text())
-            cam = CamSpec(output=1, layer=info["layer"], upsample_to=info["size"])
-        onnx = OnnxOutcome()
-        if req.onnx:
-            source = work / "model_cam.keras" if req.cam else req.model
-            onnx = onnx_artifacts(
-                source, work / "calib.npy", stage, work, req.profile, layout, _run_child
-            )
-        warnings += onnx.warnings
-        artifacts = [artifact, *onnx.artifacts]
-        if cam is not None and any(len(a.outputs) <= cam.output for a in onnx.artifacts):
-            warnings.append("ONNX artifacts skipped: their export lost the cam output")
-            for a in onnx.artifacts:
-                (stage / a.file).unlink(missing_ok=True)
-            artifacts = [artifact]
-        strategy = f"litert {litert.winner.key}"
-        if onnx.artifacts:
-            strategy += f"; onnx fp32 ({onnx.info['route']}, opset {onnx.info['opset']})"
-        if "scheme" in onnx.info:
-            strategy += f"; onnx int8 ({onnx.info['scheme']})"
-        positive = labels.index(req.positive_label) if req.positive_label else None
-        decode = Decode(
-            kind="classification",
-            activation=req.activation,  # type: ignore[arg-type]
-            threshold=req.threshold,
-        )
-
-        def manifest(metrics: dict[str, Any]) -> Manifest:
-            files = {
-                p.name: file_entry(p)
-                for p in sorted(stage.iterdir())
-                if p.is_file() and p.name != "manifest.json"
-            }
-            return Manifest(
-                schema_version=SCHEMA_VERSION,
-                name=req.name or req.model.stem,
-                version=datetime.now(timezone.utc).strftime("%Y%m%d.%H%M%S"),
-                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                task="classification",
-                profile=req.profile,
-                preprocess=req.preprocess,
-                decode=decode,
-                labels=labels,
-                positive_label=req.positive_label,
-                artifacts=artifacts,
-                files=files,
-                metrics=metrics,
-                provenance=Provenance(
-                    source_sha256=file_entry(req.model).sha256,
-                    source_format="keras",
-                    converter_version=_medge_version(),
-                    calibration_sha256=_sha256_bytes(xc),
-                    calibration_count=len(xc),
-                    strategy=strategy,
-                ),
-                cam=cam,
-            )
-
-        write_manifest(stage, manifest({}))
-        staged = Bundle.load(stage)
-        model = LoadedModel(staged)
-        # every artifact, run by the agent's own code: variant -> (scores, predictions, latencies)
-        runs = {
-            f"{a.runtime}-{a.precision}": _run_variant(
-                LoadedModel(staged, a.runtime, precision=a.precision), xe
-            )
-            for a in artifacts
-        }
-        files = {f"{a.runtime}-{a.precision}": a.file for a in artifacts}
-        float_pred = np.array([model.decode(row).pred for row in float_scores])
-        float_m = classification_metrics(ye, _class_scores(float_scores), float_pred, positive)
-        variant_m = {
-            k: classification_metrics(ye, scores, pred, positive)
-            for k, (scores, pred, _) in runs.items()
-        }
-        report = {
-            "model": req.model.name,
-            "profile": req.profile,
-            "labels": labels,
-            "positive_label": req.positive_label,
-            "eval": {"file": req.eval.name, "n": len(xe)},
-            "variants": ["float", *runs],
-            "float": float_m,
-            **variant_m,
-            "agreement": {k: agreement(float_pred, pred) for k, (_, pred, _) in runs.items()},
-            "size_bytes": {
-                "keras": req.model.stat().st_size,
-                **{k: (stage / f).stat().st_size for k, f in files.items()},
-            },
-            "latency_ms": {
-                k: {
-                    "p50": float(np.percentile(lat, 50) * 1e3),
-                    "p99": float(np.percentile(lat, 99) * 1e3),
-                }
-                for k, (_, _, lat) in runs.items()
-            },
-            "convert_seconds": round(convert_s, 1),
-            "litert": litert.as_report(),
-            "onnx": onnx.info,
-            "warnings": warnings,
-        }
-        _check_budget(req.budget, float_m, variant_m[f"litert-{precision}"])
-        (stage / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        write_markdown(stage / "report.md", report)
-        summary = {k: _scalars(report[k]) for k in report["variants"]}
-        write_manifest(stage, manifest(summary))
-        return publish(stage, req, warnings)
+        if fmt == "onnx":
+            built = _from_onnx(req, data, stage, work, warnings)
+        else:
+            built = _from_tf(req, fmt, data, stage, work, warnings)
+        built.report["convert_seconds"] = round(time.monotonic() - t0, 1)
+        for w in _calibration_warnings(req, data, work):
+            if w not in warnings:
+                warnings.append(w)
+        return _finish(req, fmt, data, stage, built, warnings)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(stage, ignore_errors=True)
+
+
+@dataclass
+class _Built:
+    """The artifacts made and what they scored, before the manifest and report."""
+
+    artifacts: list[Artifact]
+    scored: dict[str, B.Scored]  # variant (runtime-precision) -> evaluated
+    float_outs: np.ndarray
+    float_metrics: dict[str, Any]
+    strategy: str
+    cam: CamSpec | None = None
+    report: dict[str, Any] = field(default_factory=dict)  # extra report sections
+
+
+def _score(path: Path, runtime: str, req: ConvertRequest, data: _Data) -> B.Scored:
+    outs, lat = B.run_artifact(path, runtime, req.preprocess, data.xe)
+    return B.Scored(data.metrics(outs), outs, lat)
+
+
+def _litert_artifact(stage: Path, file: str, precision: str) -> Artifact:
+    backend = open_backend("litert", stage / file)
+    layout = LAYOUTS.get(len(backend.inputs[0].shape))
+    return Artifact(
+        file=file,
+        runtime="litert",
+        precision=precision,  # type: ignore[arg-type]
+        inputs=[t.model_copy(update={"layout": layout}) for t in backend.inputs],
+        outputs=backend.outputs,
+    )
+
+
+def _from_tf(
+    req: ConvertRequest, fmt: str, data: _Data, stage: Path, work: Path, warnings: list[str]
+) -> _Built:
+    """Keras, h5 or SavedModel: LiteRT (strategies, then the budget search) and ONNX."""
+    job = {
+        "model": str(req.model),
+        "format": fmt,
+        "task": data.task,
+        "calib": str(work / "calib.npy"),
+        "eval": str(work / "eval.npy"),
+        "float_out": str(work / "float.npy"),
+        "n_labels": len(data.labels) if data.task == "classification" else 0,
+        "cam": {"layer": req.cam_layer} if req.cam else None,
+        "cam_model_out": str(work / "model_cam.keras"),
+        "cam_info_out": str(work / "cam.json"),
+    }
+    litert = convert_litert(
+        {
+            **job,
+            "tflite_out": str(work / "model.tflite"),
+            "min_agreement": req.min_agreement,
+            "extras": {p: str(work / f"extra-{p}.tflite") for p in ("fp16", "fp32")},
+        },
+        work,
+        req.strategies or [s.key for s in STRATEGIES],
+        CHILD_TIMEOUT_S,
+    )
+    float_outs = np.load(work / "float.npy")
+    float_m = data.metrics(float_outs)
+
+    def evaluate(p: Path) -> B.Scored:
+        return _score(p, "litert", req, data)
+
+    precision, path = litert.winner.precision, work / "model.tflite"
+    scored = evaluate(path)
+    report: dict[str, Any] = {"litert": litert.as_report()}
+    if req.budget:
+
+        def make(rung: B.Rung) -> tuple[Path, list[dict[str, Any]]]:
+            ready = work / f"extra-{rung.key}.tflite"  # fp16/fp32: made with the int8 one
+            if ready.exists():
+                return ready, []
+            out, layers = work / f"rung-{rung.key}.tflite", work / "layers.json"
+            _run_child({**job, "variant": rung.key, "out": str(out), "layers_out": str(layers)},
+                       work, what=f"LiteRT {rung.key} conversion", args=["variant"])  # fmt: skip
+            return out, json.loads(layers.read_text()) if rung.key == "mixed" else []
+
+        outcome = B.search(req.budget, float_m, (precision, path, scored), make, evaluate,
+                           B.rungs(req.fallback))  # fmt: skip
+        precision, path, scored = outcome.precision, outcome.path, outcome.scored
+        report["budget"] = B.describe(outcome, req.budget)
+        if outcome.per_layer:
+            report["per_layer_error"] = outcome.per_layer
+    file = f"model_{precision}.tflite"
+    shutil.copyfile(path, stage / file)
+    artifacts = [_litert_artifact(stage, file, precision)]
+    runs = {f"litert-{precision}": scored}
+    extra, decisions = B.float_payoff(req.profile, precision, scored, work, evaluate)
+    report["float_artifacts"] = decisions
+    if extra is not None:
+        shutil.copyfile(work / f"extra-{extra}.tflite", stage / f"model_{extra}.tflite")
+        artifacts.append(_litert_artifact(stage, f"model_{extra}.tflite", extra))
+        runs[f"litert-{extra}"] = evaluate(stage / f"model_{extra}.tflite")
+    cam = None
+    if req.cam:
+        info = json.loads((work / "cam.json").read_text())
+        cam = CamSpec(output=1, layer=info["layer"], upsample_to=info["size"])
+    strategy = f"litert {litert.winner.key}"
+    if report.get("budget", {}).get("winner", "int8") != "int8":
+        strategy += f" -> budget {report['budget']['winner']}"
+    onnx = OnnxOutcome()
+    if req.onnx:
+        source = work / "model_cam.keras" if req.cam else req.model
+        onnx = onnx_artifacts(source, work / "calib.npy", stage, work, req.profile,
+                              artifacts[0].inputs[0].layout, _run_child,
+                              source_format="keras" if req.cam else fmt)  # fmt: skip
+    warnings += onnx.warnings
+    if cam is not None and any(len(a.outputs) <= cam.output for a in onnx.artifacts):
+        warnings.append("ONNX artifacts skipped: their export lost the cam output")
+        for a in onnx.artifacts:
+            (stage / a.file).unlink(missing_ok=True)
+        onnx.artifacts = []
+    for a in onnx.artifacts:
+        runs[f"onnx-{a.precision}"] = _score(stage / a.file, "onnx", req, data)
+    if onnx.artifacts:
+        strategy += f"; onnx fp32 ({onnx.info['route']}, opset {onnx.info['opset']})"
+    if "scheme" in onnx.info:
+        strategy += f"; onnx int8 ({onnx.info['scheme']})"
+    report["onnx"] = onnx.info
+    return _Built([*artifacts, *onnx.artifacts], runs, float_outs, float_m, strategy, cam, report)
+
+
+def _from_onnx(
+    req: ConvertRequest, data: _Data, stage: Path, work: Path, warnings: list[str]
+) -> _Built:
+    """An ONNX model: itself as ONNX fp32 and its QDQ int8; no LiteRT (needs onnx2tf)."""
+    onnx = onnx_source_artifacts(req.model, work / "calib.npy", stage, work, req.profile,
+                                 _run_child)  # fmt: skip
+    warnings += onnx.warnings
+    warnings.append("no LiteRT artifact: converting ONNX to LiteRT needs onnx2tf, which is "
+                    "not installed")  # fmt: skip
+    runs = {f"onnx-{a.precision}": _score(stage / a.file, "onnx", req, data)
+            for a in onnx.artifacts}  # fmt: skip
+    ref = runs["onnx-fp32"]
+    artifacts = list(onnx.artifacts)
+    report: dict[str, Any] = {"onnx": onnx.info}
+    if req.budget and "onnx-int8" in runs:
+        missed = B.misses(req.budget, ref.metrics, runs["onnx-int8"].metrics)
+        attempts = [
+            {"rung": "int8", "precision": "int8", "met": not missed,
+             "reason": "; ".join(missed) or "meets every budgeted metric"},
+            {"rung": "fp32", "precision": "fp32", "met": True, "reason": "the source itself"},
+        ]  # fmt: skip
+        if missed:
+            (stage / "model_int8.onnx").unlink()
+            artifacts = [a for a in artifacts if a.precision != "int8"]
+            del runs["onnx-int8"]
+        report["budget"] = {
+            "budget": req.budget,
+            "attempts": attempts if missed else attempts[:1],
+            "winner": "fp32" if missed else "int8",
+            "why": "int8 missed the budget: the fp32 source ships alone"
+            if missed else "int8 meets the budget",
+        }  # fmt: skip
+    strategy = "onnx source fp32" + (f"; onnx int8 ({onnx.info['scheme']})" if "onnx-int8" in runs
+                                     else "")  # fmt: skip
+    return _Built(artifacts, runs, ref.outputs, ref.metrics, strategy, None, report)
+
+
+def _agreement(data: _Data, ref: np.ndarray, got: np.ndarray) -> float:
+    if data.task == "classification":
+        return agreement(_classes(data, ref)[1], _classes(data, got)[1])
+    from converter.litert_child import agreement as dense
+
+    n = len(ref)
+    return dense(got.reshape(n, -1), ref.reshape(n, -1), data.task)
+
+
+def _classes(data: _Data, outs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    from edge_agent.decode import classify
+
+    got = [classify(r.reshape(-1), data.decode, data.labels, data.positive) for r in outs]
+    return np.array([g.scores for g in got]), np.array([g.pred for g in got])
+
+
+def _finite(v: Any) -> Any:
+    """JSON has no inf/nan: they become None (an exact reproduction reads as SNR None)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_finite(x) for x in v]
+    return v
+
+
+def _finish(
+    req: ConvertRequest, fmt: str, data: _Data, stage: Path, built: _Built, warnings: list[str]
+) -> Bundle:
+    runs, arts = built.scored, built.artifacts
+    report: dict[str, Any] = {
+        "model": req.model.name,
+        "format": fmt,
+        "task": data.task,
+        "profile": req.profile,
+        "labels": data.labels,
+        "positive_label": req.positive_label,
+        "eval": {"file": req.eval.name, "n": len(data.xe)},
+        "variants": ["float", *runs],
+        "float": built.float_metrics,
+        **{k: s.metrics for k, s in runs.items()},
+        "agreement": {k: _agreement(data, built.float_outs, s.outputs) for k, s in runs.items()},
+        "output_snr_db": {k: output_snr_db(built.float_outs, s.outputs) for k, s in runs.items()},
+        "size_bytes": {
+            fmt: source_bytes(req.model),
+            **{f"{a.runtime}-{a.precision}": (stage / a.file).stat().st_size for a in arts},
+        },
+        "latency_ms": {
+            k: {"p50": s.p50_ms, "p99": float(np.percentile(s.latencies, 99) * 1e3)}
+            for k, s in runs.items()
+        },
+        **built.report,
+        "warnings": warnings,
+    }
+    if data.task == "classification" and data.positive is not None:
+        curves = {"float": built.float_outs, **{k: s.outputs for k, s in runs.items()}}
+        report["roc"] = {}
+        for k, outs in curves.items():
+            scores = _classes(data, outs)[0][:, data.positive]
+            fpr, tpr = roc_curve(data.y == data.positive, scores)
+            report["roc"][k] = {"fpr": fpr, "tpr": tpr}
+    report = _finite(report)
+    (stage / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_markdown(stage / "report.md", report)
+    B.append_markdown(stage / "report.md", report)
+    _write_html(stage / "report.html", report)
+
+    def manifest(metrics: dict[str, Any]) -> Manifest:
+        files = {
+            p.name: file_entry(p)
+            for p in sorted(stage.iterdir())
+            if p.is_file() and p.name != "manifest.json"
+        }
+        now = datetime.now(timezone.utc)
+        return Manifest(
+            schema_version=SCHEMA_VERSION,
+            name=req.name or (req.model.stem if req.model.is_file() else req.model.name),
+            version=now.strftime("%Y%m%d.%H%M%S"),
+            created=now.isoformat(timespec="seconds"),
+            task=data.task,  # type: ignore[arg-type]
+            profile=req.profile,
+            preprocess=req.preprocess,
+            decode=data.decode,
+            labels=data.labels,
+            positive_label=req.positive_label,
+            artifacts=built.artifacts,
+            files=files,
+            metrics=metrics,
+            provenance=Provenance(
+                source_sha256=source_sha256(req.model),
+                source_format=fmt,
+                converter_version=_medge_version(),
+                calibration_sha256=_sha256_bytes(data.xc),
+                calibration_count=len(data.xc),
+                strategy=built.strategy,
+            ),
+            cam=built.cam,
+        )
+
+    write_manifest(stage, manifest({k: _scalars(report[k]) for k in report["variants"]}))
+    return publish(stage, req, warnings)
+
+
+def _calibration_warnings(req: ConvertRequest, data: _Data, work: Path) -> list[str]:
+    """converter.calibration_check's warnings (a small or unrepresentative calibration set,
+    BatchNorm statistics against the data), run in its child process like all TensorFlow."""
+    job: dict[str, Any] = {"model": str(req.model), "calib": str(work / "calib.npy"),
+                           "eval": str(work / "eval.npy"), "out": str(work / "calib-check.json")}
+    if data.yc is not None:
+        np.save(work / "calib_y.npy", data.yc)
+        job.update(calib_y=str(work / "calib_y.npy"), n_classes=len(data.labels))
+    try:
+        _run_child(job, work, "converter.calibration_check", "calibration check")
+        return list(json.loads((work / "calib-check.json").read_text()))
+    except (ConversionError, OSError, ValueError) as exc:  # the check must not cost the bundle
+        return [f"calibration check failed: {exc}"]
+
+
+def _write_html(path: Path, report: dict[str, Any]) -> None:
+    from converter import report as reporting
+
+    write_html = getattr(reporting, "write_html", None)
+    if write_html is not None:
+        write_html(path, report)
 
 
 def publish(stage: Path, req: ConvertRequest, warnings: list[str]) -> Bundle:
@@ -356,18 +577,6 @@ def publish(stage: Path, req: ConvertRequest, warnings: list[str]) -> Bundle:
     return Bundle.load(req.out)
 
 
-def _check_budget(budget: dict[str, float], ref: dict[str, Any], got: dict[str, Any]) -> None:
-    for metric, allowed in budget.items():
-        a, b = ref.get(metric), got.get(metric)
-        if a is None or b is None:
-            raise ConversionError(f"budget metric '{metric}' is undefined on this data")
-        if a - b > allowed + 1e-12:
-            raise ConversionError(
-                f"accuracy budget not met: {metric} dropped {a - b:.4f} > {allowed} "
-                f"(float {a:.4f}, int8 {b:.4f}); no bundle written"
-            )
-
-
 def _run_variant(
     model: LoadedModel, samples: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, list[float]]:
@@ -380,10 +589,6 @@ def _run_variant(
         scores.append(c.scores)
         pred.append(c.pred)
     return np.array(scores), np.array(pred), latencies
-
-
-def _class_scores(probs: np.ndarray) -> np.ndarray:
-    return np.column_stack([1 - probs[:, 0], probs[:, 0]]) if probs.shape[1] == 1 else probs
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float | None]:

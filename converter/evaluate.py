@@ -1,4 +1,10 @@
-"""Evaluate a bundle on labelled data with the device's own runtime and preprocessing."""
+"""Evaluate a bundle on labelled data with the device's own runtime and preprocessing.
+
+The metrics follow the bundle's task: classification (accuracy, sensitivity, specificity,
+precision, F1, AUC with 95% intervals), segmentation (Dice, IoU, HD95 of the raw output
+thresholded at ``decode.mask_threshold``) and image_to_image (PSNR, SSIM against reference
+images). docs/report.md says what each number means.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +14,18 @@ from typing import Any
 import numpy as np
 
 from converter.errors import ConversionError
-from converter.metrics import classification_metrics
+from converter.inputs import load_targets
+from converter.metrics import (
+    classification_metrics,
+    image_metrics,
+    roc_curve,
+    segmentation_metrics,
+)
 from edge_agent.bundle import Bundle
 from edge_agent.model import LoadedModel
 from edge_agent.sources.npz import load_labelled
 
-__all__ = ["evaluate_bundle"]
+__all__ = ["evaluate_bundle", "foreground", "format_evaluation"]
 
 
 def evaluate_bundle(
@@ -22,14 +34,54 @@ def evaluate_bundle(
     split: str | None = None,
     runtime: str = "litert",
     precision: str | None = None,
+    roc: bool = False,
 ) -> dict[str, Any]:
-    """Metrics of one artifact: the first of ``runtime``, or the one of ``precision``."""
+    """Metrics of one artifact: the first of ``runtime``, or the one of ``precision``.
+    ``roc`` adds the ROC curve of the positive class (classification with a positive class)."""
     bundle = Bundle.load(bundle_dir)
+    m = bundle.manifest
     model = LoadedModel(bundle, runtime, precision=precision)
+    if m.task == "classification":
+        metrics = _classification(model, data, split, roc)
+    else:
+        x, y = load_targets(Path(data), split, m.task)
+        outs = np.stack([model.infer_outputs(model.prepare(s))[0][0] for s in x])
+        if m.task == "segmentation":
+            fg = foreground(outs, m.decode.activation)
+            if y.size != fg.size:
+                raise ConversionError(
+                    f"{data}: masks of shape {y.shape[1:]} do not match the model's output "
+                    f"{fg.shape[1:]}"
+                )
+            metrics = segmentation_metrics(y.reshape(fg.shape) != 0, fg, m.decode.mask_threshold)
+        else:
+            if y.size != outs.size:
+                raise ConversionError(
+                    f"{data}: reference images of shape {y.shape[1:]} do not match the "
+                    f"model's output {outs.shape[1:]}"
+                )
+            metrics = image_metrics(y, outs.reshape(y.shape))
+    art = model.artifact
+    return {
+        "bundle": bundle.id,
+        "task": m.task,
+        "artifact": f"{art.runtime}-{art.precision}",
+        "data": Path(data).name,
+        "split": split,
+        "labels": m.labels,
+        "positive_label": m.positive_label,
+        **metrics,
+    }
+
+
+def _classification(
+    model: LoadedModel, data: str | Path, split: str | None, roc: bool
+) -> dict[str, Any]:
+    m = model.bundle.manifest
     x, y, _ = load_labelled(data, split)
     if y is None:
         raise ConversionError(f"{data}: evaluation needs labels (y or <split>_labels)")
-    n = len(bundle.manifest.labels)
+    n = len(m.labels)
     if int(y.max()) >= n:
         raise ConversionError(
             f"{data}: labels run to {int(y.max())} but the bundle has {n} classes"
@@ -37,13 +89,52 @@ def evaluate_bundle(
     results = [model.predict(s) for s in x]
     scores = np.array([r.scores for r in results])
     pred = np.array([r.pred for r in results])
-    metrics = classification_metrics(y, scores, pred, bundle.manifest.positive_index)
-    art = model.artifact
-    return {
-        "bundle": bundle.id,
-        "artifact": f"{art.runtime}-{art.precision}",
-        "data": Path(data).name,
-        "split": split,
-        "positive_label": bundle.manifest.positive_label,
-        **metrics,
-    }
+    positive = m.positive_index
+    out = classification_metrics(y, scores, pred, positive)
+    if roc and positive is not None:
+        fpr, tpr = roc_curve(y == positive, scores[:, positive])
+        out["roc"] = {"fpr": fpr, "tpr": tpr}
+    return out
+
+
+def foreground(outs: np.ndarray, activation: str) -> np.ndarray:
+    """(N, H, W) foreground probability from (N, H, W[, K]) outputs: the one channel, or for K
+    classes 1 - p(background, channel 0); logits (activation ``none``) go through a sigmoid or
+    softmax first, as the device decodes them."""
+    a = np.asarray(outs, dtype=np.float64)
+    if a.ndim == 3:
+        a = a[..., None]
+    if a.ndim != 4:
+        raise ConversionError(f"segmentation output of shape {a.shape[1:]} is not (H, W[, K])")
+    if activation == "none":
+        if a.shape[-1] == 1:
+            a = 1.0 / (1.0 + np.exp(-a))
+        else:
+            e = np.exp(a - a.max(-1, keepdims=True))
+            a = e / e.sum(-1, keepdims=True)
+    return a[..., 0] if a.shape[-1] == 1 else 1.0 - a[..., 0]
+
+
+def format_evaluation(result: dict[str, Any]) -> str:
+    """:func:`evaluate_bundle`'s result for a person: one line per value, its 95% interval beside
+    it, then one line per class."""
+    lines = []
+    labels = result.get("labels") or []
+    for k, v in result.items():
+        if k in ("labels", "confusion", "ci", "per_class", "roc") or k.endswith("_ci"):
+            continue
+        ci = (result.get("ci") or {}).get(k) or result.get(f"{k}_ci")
+        text = f"{v:.4f}" if isinstance(v, float) else "n/a" if v is None else str(v)
+        if ci:
+            text += f"  (95% CI {ci[0]:.4f}-{ci[1]:.4f})"
+        lines.append(f"{k:22s} {text}")
+    for idx, c in (result.get("per_class") or {}).items():
+        name = labels[int(idx)] if int(idx) < len(labels) else f"class {idx}"
+        vals = ", ".join(
+            f"{m} {c[m]:.4f}" if c[m] is not None else f"{m} n/a"
+            for m in ("precision", "recall", "f1")
+        )
+        lines.append(f"{name:22s} {vals}, support {c['support']}")
+    if result.get("confusion"):
+        lines.append(f"{'confusion':22s} {result['confusion']} (rows: truth, columns: prediction)")
+    return "\n".join(lines)

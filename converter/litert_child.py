@@ -2,6 +2,8 @@
 
     python -m converter.litert_child JOB.json
 
+    python -m converter.litert_child variant JOB.json   # one rung of the --budget search
+
 The job names the conversion strategies to try, in order (converter.strategies). Before each
 attempt the child appends a "start" line to the job's progress file, after it the outcome, so a
 crash here (the TFLite converter can segfault on recurrent models) kills only this process and
@@ -50,8 +52,13 @@ def _log(progress: str | None, **record: Any) -> None:
 
 
 def _keras_model(model: Any, s: Strategy, float_probs: np.ndarray, evalx: np.ndarray) -> Any:
+    from converter.inputs import SavedModelSource
     from converter.rebuild import RebuildError, legacy_lstm, recurrent_layers, static_batch
 
+    if isinstance(model, SavedModelSource):
+        if s.rebuild in ("none", "batch1"):
+            return model
+        raise _Skip("not applicable: a SavedModel is converted as it is")
     recurrent = recurrent_layers(model)
     try:
         if s.rebuild == "none":
@@ -99,14 +106,27 @@ def _order_outputs(flat: bytes, names: dict[int, str]) -> bytes:
     return bytes(flatbuffer_utils.convert_object_to_bytearray(m))
 
 
-def _convert(model: Any, s: Strategy, calib: np.ndarray) -> bytes:
+def _converter(model: Any) -> Any:
     import tensorflow as tf
 
+    if hasattr(model, "tflite_converter"):  # converter.inputs.SavedModelSource
+        return model.tflite_converter()
+    return tf.lite.TFLiteConverter.from_keras_model(model)
+
+
+def _representative(calib: np.ndarray) -> Any:
     def representative():  # type: ignore[no-untyped-def]
         for i in range(len(calib)):
             yield [calib[i : i + 1]]
 
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    return representative
+
+
+def _convert(model: Any, s: Strategy, calib: np.ndarray) -> bytes:
+    import tensorflow as tf
+
+    representative = _representative(calib)
+    converter = _converter(model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if s.ops != "dynamic":
         converter.representative_dataset = representative
@@ -123,7 +143,25 @@ def _convert(model: Any, s: Strategy, calib: np.ndarray) -> bytes:
     return bytes(converter.convert())
 
 
-def _verify(path: Path, x: np.ndarray, float_probs: np.ndarray) -> tuple[float, list[str]]:
+def agreement(got: np.ndarray, ref: np.ndarray, task: str = "classification") -> float:
+    """How often an artifact's outputs (one row per sample) agree with float's: the predicted
+    class; for segmentation the foreground pixels at 0.5; for image_to_image the pixels within
+    5% of the reference's range."""
+    if task == "segmentation":
+        cut = 0.5 if ref.min() >= 0 and ref.max() <= 1 else 0.0
+        return float(np.mean((got >= cut) == (ref >= cut)))
+    if task == "image_to_image":
+        span = float(ref.max() - ref.min()) or 1.0
+        return float(np.mean(np.abs(got - ref) <= 0.05 * span))
+    if ref.shape[1] == 1:
+        cut = 0.5 if ref.min() >= 0 and ref.max() <= 1 else 0.0
+        return float(np.mean((got[:, 0] >= cut) == (ref[:, 0] >= cut)))
+    return float(np.mean(got.argmax(1) == ref.argmax(1)))
+
+
+def _verify(
+    path: Path, x: np.ndarray, float_probs: np.ndarray, task: str = "classification"
+) -> tuple[float, list[str]]:
     """Agreement of the artifact with float, run by the agent's own LiteRT backend."""
     from edge_agent.backends import open_backend
     from edge_agent.preprocess import dequantize, to_input
@@ -136,12 +174,7 @@ def _verify(path: Path, x: np.ndarray, float_probs: np.ndarray) -> tuple[float, 
             for s in x
         ]
     )
-    ref = float_probs[: len(x)].reshape(len(x), -1)
-    if ref.shape[1] == 1:
-        cut = 0.5 if ref.min() >= 0 and ref.max() <= 1 else 0.0
-        agree = float(np.mean((got[:, 0] >= cut) == (ref[:, 0] >= cut)))
-    else:
-        agree = float(np.mean(got.argmax(1) == ref.argmax(1)))
+    agree = agreement(got, float_probs[: len(x)].reshape(len(x), -1), task)
     try:
         ops = sorted({o["op_name"] for o in backend._interp._get_ops_details()})  # type: ignore[attr-defined]
     except Exception:  # an interpreter without the (private) op listing
@@ -149,28 +182,33 @@ def _verify(path: Path, x: np.ndarray, float_probs: np.ndarray) -> tuple[float, 
     return agree, [o for o in ops if o != "DELEGATE"]
 
 
-def main(job_path: str) -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    job = json.loads(Path(job_path).read_text())
-    import keras
+def _load(job: dict[str, Any]) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict[int, str]]:
+    """The model (with its CAM output if asked), calibration and evaluation samples shaped
+    for it, float predictions on the evaluation samples, and the names of extra outputs."""
+    from converter.inputs import load_model
 
+    fmt = job.get("format", "keras")
     try:
-        model = keras.saving.load_model(job["model"], compile=False)
+        model = load_model(job["model"], fmt)
     except Exception as exc:
-        _fail(f"cannot load Keras model {Path(job['model']).name}: {type(exc).__name__}: {exc}")
+        what = "Keras" if fmt in ("keras", "h5") else fmt
+        _fail(f"cannot load {what} model {Path(job['model']).name}: {type(exc).__name__}: {exc}")
     cam_names: dict[int, str] = {}
     if job.get("cam") is not None:
         from converter.rebuild import RebuildError, cam_model
 
+        if fmt == "savedmodel":
+            _fail("--cam needs a Keras model (.keras or .h5), not a SavedModel")
         try:
             model, head = cam_model(model, job["cam"].get("layer"))
         except RebuildError as exc:
             _fail(str(exc))
         cam_names = {1: "cam"}
-        if not Path(job["cam_model_out"]).exists():
+        if job.get("cam_model_out") and not Path(job["cam_model_out"]).exists():
             model.save(job["cam_model_out"])
         info = {"layer": head.layer, "size": list(head.size)}
-        Path(job["cam_info_out"]).write_text(json.dumps(info))
+        if job.get("cam_info_out"):
+            Path(job["cam_info_out"]).write_text(json.dumps(info))
     in_shape = tuple(int(d) for d in model.inputs[0].shape[1:])
     calib = np.load(job["calib"])
     evalx = np.load(job["eval"])
@@ -181,7 +219,8 @@ def main(job_path: str) -> None:
     evalx = evalx.reshape((-1, *in_shape)).astype(np.float32)
     n_out = int(model.outputs[0].shape[-1])
     if (
-        job.get("n_labels")
+        job.get("task", "classification") == "classification"
+        and job.get("n_labels")
         and job["n_labels"] != n_out
         and not (n_out == 1 and job["n_labels"] == 2)
     ):
@@ -194,7 +233,33 @@ def main(job_path: str) -> None:
         out = model.predict(evalx, batch_size=64, verbose=0)
         probs = np.asarray(out[0] if isinstance(out, list | tuple) else out, dtype=np.float32)
         np.save(float_out, probs)
+    return model, calib, evalx, probs, cam_names
 
+
+def _extras(model: Any, cam_names: dict[int, str], extras: dict[str, str]) -> None:
+    """Float LiteRT artifacts of the model as it is (fp32; fp16 weights), for the parent to
+    measure whether they pay off on the device; a failure leaves the file absent."""
+    import tensorflow as tf
+
+    for precision, path in extras.items():
+        try:
+            converter = _converter(model)
+            if precision == "fp16":
+                converter.optimizations = [tf.lite.Optimize.DEFAULT]
+                converter.target_spec.supported_types = [tf.float16]
+            flat = bytes(converter.convert())
+            if len(model.outputs) > 1:
+                flat = _order_outputs(flat, cam_names)
+            Path(path).write_bytes(flat)
+        except Exception as exc:  # recorded by the parent as a missing artifact
+            print(f"{precision}: {first_error_line(str(exc))}", file=sys.stderr)
+
+
+def main(job_path: str) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    job = json.loads(Path(job_path).read_text())
+    model, calib, evalx, probs, cam_names = _load(job)
+    task = job.get("task", "classification")
     progress = job.get("progress")
     min_agreement = float(job.get("min_agreement", MIN_AGREEMENT))
     gate = evalx[:GATE_SAMPLES]
@@ -208,7 +273,7 @@ def main(job_path: str) -> None:
             if len(model.outputs) > 1:
                 flat = _order_outputs(flat, cam_names)
             out_path.write_bytes(flat)
-            agree, ops = _verify(out_path, gate, probs)
+            agree, ops = _verify(out_path, gate, probs, task)
             if agree < min_agreement:
                 raise RuntimeError(
                     f"the artifact agrees with float on only {agree:.1%} of {len(gate)} "
@@ -228,9 +293,97 @@ def main(job_path: str) -> None:
             continue
         _log(progress, strategy=key, event="won", bytes=len(flat), agreement=agree, ops=ops,
              seconds=round(time.monotonic() - t0, 1))  # fmt: skip
+        if job.get("extras"):
+            _extras(model, cam_names, job["extras"])
         return
     sys.exit(EXIT_NONE_WORKED)
 
 
+def _per_layer(model: Any, calib: np.ndarray) -> list[dict[str, Any]]:
+    """Per-layer quantization error of full int8, from LiteRT's QuantizationDebugger: each
+    quantized op's output against the float op's on the calibration samples, as SNR in dB."""
+    import csv
+    import io
+
+    def snr_db(f: Any, q: Any, scale: float, zero_point: int) -> float:
+        f = np.asarray(f, np.float64)
+        err = f - (np.asarray(q, np.float64) - zero_point) * scale
+        return float(10 * np.log10(max((f**2).mean(), 1e-30) / max((err**2).mean(), 1e-30)))
+
+    debugger = _debugger(model, calib, [], {"snr_db": snr_db})
+    debugger.run()
+    buf = io.StringIO()
+    debugger.layer_statistics_dump(buf)
+    rows = list(csv.DictReader(io.StringIO(buf.getvalue())))
+    return [
+        {"layer": r["tensor_name"], "op": r["op_name"], "snr_db": round(float(r["snr_db"]), 2),
+         "kept_float": False}
+        for r in rows
+    ]  # fmt: skip
+
+
+def _debugger(model: Any, calib: np.ndarray, denylist: list[str], metrics: dict[str, Any]) -> Any:
+    import tensorflow as tf
+
+    sample = calib[: min(len(calib), 64)]
+    converter = _converter(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = _representative(calib)
+    options = tf.lite.experimental.QuantizationDebugOptions(
+        layer_direct_compare_metrics=metrics or None, denylisted_nodes=denylist or None
+    )
+    return tf.lite.experimental.QuantizationDebugger(
+        converter=converter, debug_dataset=_representative(sample), debug_options=options
+    )
+
+
+def variant(job_path: str) -> None:
+    """One rung of the --budget search (converter.budget): ``mixed`` (full int8 but the
+    layers with the most quantization error, and a final softmax/sigmoid, kept float),
+    ``int16x8``, ``fp16`` or ``fp32``."""
+    import tensorflow as tf
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    job = json.loads(Path(job_path).read_text())
+    model, calib, _, _, cam_names = _load(job)
+    kind = job["variant"]
+    try:
+        if kind == "mixed":
+            layers = _per_layer(model, calib)
+            worst = sorted(layers, key=lambda r: r["snr_db"])[: max(1, len(layers) // 5)]
+            for r in worst:
+                r["kept_float"], r["why"] = True, "among the worst fifth by SNR"
+            if layers and layers[-1]["op"] in ("SOFTMAX", "LOGISTIC"):
+                # 256 int8 levels of probability turn close scores into ties (AUC, thresholds)
+                worst.append(layers[-1])
+                layers[-1]["kept_float"], layers[-1]["why"] = True, "the final activation"
+            Path(job["layers_out"]).write_text(json.dumps(layers))
+            debugger = _debugger(model, calib, [r["layer"] for r in worst], {})
+            flat = bytes(debugger.get_nondebug_quantized_model())
+        else:
+            converter = _converter(model)
+            if kind == "int16x8":
+                converter.optimizations = [tf.lite.Optimize.DEFAULT]
+                converter.representative_dataset = _representative(calib)
+                converter.target_spec.supported_ops = [
+                    tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8,
+                    tf.lite.OpsSet.TFLITE_BUILTINS,
+                ]
+            elif kind == "fp16":
+                converter.optimizations = [tf.lite.Optimize.DEFAULT]
+                converter.target_spec.supported_types = [tf.float16]
+            elif kind != "fp32":
+                _fail(f"unknown variant '{kind}'")
+            flat = bytes(converter.convert())
+    except Exception as exc:
+        _fail(f"{kind}: {first_error_line(str(exc) or type(exc).__name__)}")
+    if len(model.outputs) > 1:
+        flat = _order_outputs(flat, cam_names)
+    Path(job["out"]).write_bytes(flat)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1] == "variant":
+        variant(sys.argv[2])
+    else:
+        main(sys.argv[1])

@@ -8,6 +8,7 @@ artifacts made before it are kept (an fp32 model whose int8 quantization failed 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,14 @@ from edge_agent.backends import open_backend
 from edge_agent.bundle import Artifact, TensorRTBuild
 from edge_agent.errors import MedgeError
 
-__all__ = ["FP32_NAME", "INT8_NAME", "OnnxOutcome", "onnx_artifacts", "tensorrt_build"]
+__all__ = [
+    "FP32_NAME",
+    "INT8_NAME",
+    "OnnxOutcome",
+    "onnx_artifacts",
+    "onnx_source_artifacts",
+    "tensorrt_build",
+]
 
 FP32_NAME = "model_fp32.onnx"
 INT8_NAME = "model_int8.onnx"
@@ -73,6 +81,7 @@ def onnx_artifacts(
     profile: str,
     layout: str | None,
     run_child: RunChild,
+    source_format: str = "keras",
 ) -> OnnxOutcome:
     """Write model_fp32.onnx and model_int8.onnx into ``stage``; describe what was made."""
     got = OnnxOutcome()
@@ -82,6 +91,7 @@ def onnx_artifacts(
         run_child(
             {
                 "model": str(model),
+                "format": source_format,
                 "onnx_out": str(stage / FP32_NAME),
                 "result_out": str(work / "onnx-export.json"),
             },
@@ -96,6 +106,47 @@ def onnx_artifacts(
         (stage / FP32_NAME).unlink(missing_ok=True)
         got.warnings.append(f"ONNX artifacts skipped: {exc}")
         return got
+    _quantize(stage, calib_npy, work, layout, jetson, run_child, got)
+    got.info["seconds"] = round(time.monotonic() - t0, 1)
+    return got
+
+
+def onnx_source_artifacts(
+    model: Path, calib_npy: Path, stage: Path, work: Path, profile: str, run_child: RunChild
+) -> OnnxOutcome:
+    """An ONNX model as a source: itself as model_fp32.onnx (read by the agent's ONNX backend,
+    which refuses it in one line if it cannot run it) and its QDQ int8 quantization."""
+    got = OnnxOutcome()
+    jetson = profile == "jetson"
+    t0 = time.monotonic()
+    shutil.copyfile(model, stage / FP32_NAME)
+    backend = open_backend("onnx", stage / FP32_NAME)  # MedgeError: one line, no bundle
+    layout = {5: "NTHWC", 4: "NHWC", 3: "NTC", 2: "NC"}.get(len(backend.inputs[0].shape))
+    got.artifacts.append(_artifact(stage, FP32_NAME, "fp32", layout, jetson))
+    got.info.update(route="source", opset=_opset(stage / FP32_NAME))
+    _quantize(stage, calib_npy, work, layout, jetson, run_child, got)
+    got.info["seconds"] = round(time.monotonic() - t0, 1)
+    return got
+
+
+def _opset(path: Path) -> int | None:
+    try:
+        import onnx
+    except ImportError:
+        return None
+    m = onnx.load(str(path), load_external_data=False)
+    return next((int(o.version) for o in m.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _quantize(
+    stage: Path,
+    calib_npy: Path,
+    work: Path,
+    layout: str | None,
+    jetson: bool,
+    run_child: RunChild,
+    got: OnnxOutcome,
+) -> None:
     try:
         run_child(
             {
@@ -115,5 +166,3 @@ def onnx_artifacts(
     except MedgeError as exc:
         (stage / INT8_NAME).unlink(missing_ok=True)
         got.warnings.append(f"ONNX int8 artifact skipped: {exc}")
-    got.info["seconds"] = round(time.monotonic() - t0, 1)
-    return got

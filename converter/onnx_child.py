@@ -1,4 +1,4 @@
-"""Runs in a child process: Keras model -> ONNX fp32, or ONNX fp32 -> QDQ int8.
+"""Runs in a child process: Keras/SavedModel -> ONNX fp32, or ONNX fp32 -> QDQ int8.
 
     python -m converter.onnx_child export JOB.json     # TensorFlow + tf2onnx
     python -m converter.onnx_child quantize JOB.json   # ONNX Runtime only, no TensorFlow
@@ -45,10 +45,14 @@ def export(job: dict[str, Any]) -> None:
     except Exception as exc:  # e.g. a protobuf it does not support
         _fail(f"tf2onnx cannot be imported: {_first(exc)}")
 
+    from converter.inputs import load_model
+
+    fmt = job.get("format", "keras")
     try:
-        model = keras.saving.load_model(job["model"], compile=False)
+        model = load_model(job["model"], fmt)
     except Exception as exc:
-        _fail(f"cannot load Keras model {Path(job['model']).name}: {_first(exc)}")
+        what = "Keras" if fmt in ("keras", "h5") else fmt
+        _fail(f"cannot load {what} model {Path(job['model']).name}: {_first(exc)}")
     if len(model.inputs) != 1:  # several outputs are fine: the CAM is the second one
         _fail("ONNX export handles models with one input")
     shape = (1, *(int(d) for d in model.inputs[0].shape[1:]))
@@ -58,6 +62,8 @@ def export(job: dict[str, Any]) -> None:
     # Route 1: tf2onnx's own Keras entry point (1.17 traces Keras 3 models through tf.function).
     # Route 2: trace model(x, training=False) ourselves, for models from_keras cannot walk.
     try:
+        if not isinstance(model, keras.Model):  # a SavedModel signature, a tf_keras model
+            raise TypeError(f"not a Keras 3 model ({fmt})")
         tf2onnx.convert.from_keras(model, input_signature=signature, opset=OPSET, output_path=out)
         route = "tf2onnx.convert.from_keras"
     except Exception as first_exc:

@@ -1,17 +1,71 @@
-"""The conversion report a person reads: Markdown beside report.json in the bundle."""
+"""The conversion report a person reads: Markdown and one self-contained HTML page beside
+report.json in the bundle. docs/report.md says what every number means."""
 
 from __future__ import annotations
 
+import html
+import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_markdown"]
+__all__ = ["render_html", "write_html", "write_markdown"]
 
 _METRICS = ("accuracy", "sensitivity", "specificity", "precision", "f1", "auc")
+_SEG = ("dice", "iou", "hd95")
+_IMG = ("psnr", "ssim")
+_OTHER = ("output_snr_db",)  # of each artifact's raw output against the float model's
+_LOWER_IS_BETTER = {"hd95"}
+_EVENT_KEYS = ("sensitivity", "precision", "false_alarms_per_hour", "tp", "fp", "fn")
+_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2")
 
 
 def _fmt(v: Any) -> str:
     return "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _ci(m: dict[str, Any], key: str) -> list[float] | None:
+    """The 95% interval of ``key``: ``m["ci"][key]`` (classification) or ``m[key + "_ci"]``."""
+    ci = (m.get("ci") or {}).get(key) or m.get(f"{key}_ci")
+    return ci if isinstance(ci, list | tuple) and len(ci) == 2 else None
+
+
+def _with_ci(m: dict[str, Any], key: str) -> str:
+    ci = _ci(m, key)
+    return _fmt(m.get(key)) + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
+
+
+def _variants(report: dict[str, Any]) -> list[str]:
+    return report.get("variants") or [k for k in ("float", "litert-int8") if k in report]
+
+
+def _metric_rows(report: dict[str, Any]) -> list[tuple[str, list[Any], Any]]:
+    """(metric, per-variant values, largest drop from the first variant) for each metric that
+    any variant has; for hd95 (lower is better) a drop is a rise."""
+    variants = _variants(report)
+    rows = []
+    for m in (*_METRICS, *_SEG, *_IMG, *_OTHER):
+        vals = [_section(report, v).get(m) for v in variants]
+        if all(v is None for v in vals):
+            continue
+        sign = -1.0 if m in _LOWER_IS_BETTER else 1.0
+        drops = [
+            sign * (vals[0] - v)
+            for v in vals[1:]
+            if None not in (vals[0], v) and math.isfinite(vals[0] - v)
+        ]
+        rows.append((m, vals, max(drops) if drops else None))
+    return rows
+
+
+def _section(report: dict[str, Any], variant: str) -> dict[str, Any]:
+    """One variant's metrics: its own dict, plus its optional segmentation and image sections."""
+    merged = dict(report.get(variant) or {})
+    for sec in ("segmentation", "image"):
+        merged.update((report.get(sec) or {}).get(variant) or {})
+    snr = (report.get("output_snr_db") or {}).get(variant)
+    if snr is not None:
+        merged["output_snr_db"] = snr
+    return merged
 
 
 def _wrapped(report: dict[str, Any]) -> str:
@@ -29,46 +83,69 @@ def _strategies(litert: dict[str, Any]) -> list[str]:
         return []
     lines = ["", f"## LiteRT conversion: strategy `{litert['strategy']}` won", ""]
     for a in litert["attempts"]:
-        detail = a.get("reason") or ""
-        if a["outcome"] == "won":
-            detail = f"{a['bytes']} bytes, agreement with float {a['agreement']:.4f}"
-            if a.get("ops"):
-                detail += f"; ops {', '.join(a['ops'])}"
         lines.append(f"- `{a['strategy']}` ({a['title']}): **{a['outcome']}**"
-                     + (f" — {detail}" if detail else ""))  # fmt: skip
+                     + (f" — {_attempt_detail(a)}" if _attempt_detail(a) else ""))  # fmt: skip
     return lines
 
 
+def _attempt_detail(a: dict[str, Any]) -> str:
+    if a["outcome"] != "won":
+        return a.get("reason") or ""
+    detail = f"{a['bytes']} bytes, agreement with float {a['agreement']:.4f}"
+    if a.get("ops"):
+        detail += f"; ops {', '.join(a['ops'])}"
+    return detail
+
+
 def write_markdown(path: Path, report: dict[str, Any]) -> None:
-    variants = report.get("variants") or [k for k in ("float", "litert-int8") if k in report]
+    variants = _variants(report)
+    ev = report["eval"]
     lines = [
         f"# Conversion report: {report['model']} for {report['profile']}",
         "",
-        f"Evaluated on `{report['eval']['file']}` ({report['eval']['n']} samples, validation "
-        f"data). Positive class: **{report.get('positive_label') or 'none'}**.",
+        f"Evaluated on `{ev['file']}` ({ev['n']} samples, validation data). Positive class: "
+        f"**{report.get('positive_label') or 'none'}**. Under each metric: its 95% confidence "
+        "interval (docs/report.md).",
         "",
         "| metric | " + " | ".join(variants) + " | largest drop |",
         "|---|" + "---|" * (len(variants) + 1),
     ]
-    for m in _METRICS:
-        vals = [report[v].get(m) for v in variants]
-        if all(v is None for v in vals):
-            continue
-        drops = [vals[0] - v for v in vals[1:] if None not in (vals[0], v)]
-        drop = max(drops) if drops else None
+    for m, vals, drop in _metric_rows(report):
         lines.append(f"| {m} | " + " | ".join(_fmt(v) for v in vals) + f" | {_fmt(drop)} |")
-    agree = ", ".join(f"{k} {v:.4f}" for k, v in report["agreement"].items())
+        cis = [_ci(_section(report, v), m) for v in variants]
+        if any(cis):
+            cells = " | ".join(f"{c[0]:.3f}–{c[1]:.3f}" if c else "" for c in cis)
+            lines.append(f"| *95% CI* | {cells} | |")
+    agree = ", ".join(f"{k} {v:.4f}" for k, v in (report.get("agreement") or {}).items())
     lines += ["", f"Agreement with float: {agree}" if agree else _wrapped(report), ""]
-    labels = report["labels"]
+    labels = report.get("labels") or []
     for v in variants:
+        cm = (report.get(v) or {}).get("confusion")
+        if not cm:
+            continue
         lines += [
             f"## Confusion matrix, {v} (rows: truth, columns: prediction)",
             "",
             "| | " + " | ".join(labels) + " |",
             "|---|" + "---|" * len(labels),
         ]
-        for name, row in zip(labels, report[v]["confusion"], strict=True):
+        for name, row in zip(labels, cm, strict=True):
             lines.append(f"| {name} | " + " | ".join(str(c) for c in row) + " |")
+        lines.append("")
+    events = report.get("events") or {}
+    if events:
+        lines += ["## Events", "", "| variant | " + " | ".join(_EVENT_KEYS) + " |"]
+        lines.append("|---|" + "---|" * len(_EVENT_KEYS))
+        for v, m in events.items():
+            lines.append(f"| {v} | " + " | ".join(_with_ci(m, k) for k in _EVENT_KEYS) + " |")
+        lines.append("")
+    layers = report.get("per_layer_error") or []
+    if layers:
+        lines += ["## Per-layer error of the int8 model (SNR against float, worst first)", ""]
+        lines += ["| layer | op | SNR dB | kept float |", "|---|---|---|---|"]
+        for r in sorted(layers, key=_snr_key):
+            kept = "yes" if r.get("kept_float") else "no"
+            lines.append(f"| {r['layer']} | {r.get('op', '')} | {_fmt(r.get('snr_db'))} | {kept} |")
         lines.append("")
     lines += [
         "## Size and latency",
@@ -88,3 +165,267 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
     if report.get("warnings"):
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in report["warnings"]]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _snr_key(r: dict[str, Any]) -> float:
+    v = r.get("snr_db")
+    return math.inf if v is None else float(v)
+
+
+# ---- HTML ----------------------------------------------------------------------------------
+
+_CSS = """
+body{font:15px/1.45 system-ui,sans-serif;margin:2em auto;max-width:70em;color:#222;padding:0 1em}
+h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.6em 0}th,td{border:1px solid #ccc;padding:.3em .6em;
+text-align:right}th{background:#f4f4f4}td.l,th.l{text-align:left}.ci{color:#666;font-size:.85em}
+.cm td{min-width:3.5em;text-align:center}.bad{background:#fde2e2}.warn li{color:#8a4b00}
+.grid{display:flex;flex-wrap:wrap;gap:1.5em}.note{color:#555}svg text{font:12px sans-serif}
+"""
+
+
+def _e(v: Any) -> str:
+    return html.escape(str(v), quote=True)
+
+
+def _cell(m: dict[str, Any], key: str) -> str:
+    ci = _ci(m, key)
+    extra = f'<br><span class="ci">{ci[0]:.3f}–{ci[1]:.3f}</span>' if ci else ""
+    return f"<td>{_e(_fmt(m.get(key)))}{extra}</td>"
+
+
+def _table(head: list[str], rows: list[str]) -> str:
+    th = "".join(f"<th{' class=l' if i == 0 else ''}>{_e(h)}</th>" for i, h in enumerate(head))
+    return f"<table><tr>{th}</tr>{''.join(rows)}</table>"
+
+
+def _summary_html(report: dict[str, Any]) -> list[str]:
+    variants = _variants(report)
+    rows = []
+    for m, _, drop in _metric_rows(report):
+        cells = "".join(_cell(_section(report, v), m) for v in variants)
+        rows.append(f'<tr><td class="l">{_e(m)}</td>{cells}<td>{_e(_fmt(drop))}</td></tr>')
+    agree = ", ".join(f"{k} {v:.4f}" for k, v in (report.get("agreement") or {}).items())
+    note = f"Agreement with float: {agree}" if agree else _wrapped(report)
+    return [
+        "<h2>Summary (95% confidence intervals under each value)</h2>",
+        _table(["metric", *variants, "largest drop"], rows),
+        f'<p class="note">{_e(note)}</p>',
+    ]
+
+
+def _confusion_html(report: dict[str, Any]) -> list[str]:
+    labels = report.get("labels") or []
+    blocks = []
+    for v in _variants(report):
+        m = report.get(v) or {}
+        cm = m.get("confusion")
+        if not cm:
+            continue
+        rows = []
+        for name, row in zip(labels, cm, strict=True):
+            total = sum(row) or 1
+            tds = "".join(
+                f'<td style="background:rgba(31,119,180,{0.08 + 0.6 * c / total:.2f})">{c}</td>'
+                for c in row
+            )
+            rows.append(f'<tr><th class="l">{_e(name)}</th>{tds}</tr>')
+        head = "".join(f"<th>{_e(n)}</th>" for n in labels)
+        blocks.append(
+            f'<div><h3>{_e(v)}</h3><table class="cm"><tr><th class="l">truth \\ prediction</th>'
+            f"{head}</tr>{''.join(rows)}</table>{_per_class_html(m, labels)}</div>"
+        )
+    if not blocks:
+        return []
+    return [
+        "<h2>Confusion matrices and per-class metrics</h2>",
+        '<div class="grid">',
+        *blocks,
+        "</div>",
+    ]
+
+
+def _per_class_html(m: dict[str, Any], labels: list[str]) -> str:
+    pc = m.get("per_class") or {}
+    rows = []
+    for idx, c in sorted(pc.items(), key=lambda kv: int(kv[0])):
+        name = labels[int(idx)] if int(idx) < len(labels) else idx
+        cells = "".join(_cell(c, k) for k in ("precision", "recall", "f1", "support"))
+        rows.append(f'<tr><td class="l">{_e(name)}</td>{cells}</tr>')
+    return _table(["class", "precision", "recall", "F1", "support"], rows) if rows else ""
+
+
+def roc_svg(curves: dict[str, dict[str, list[float]]], aucs: dict[str, Any]) -> str:
+    """ROC curves as one inline SVG: a polyline per variant, the chance diagonal, a legend."""
+    size, left, top = 300, 50, 15
+    width, height = left + size + 190, top + size + 45
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="ROC curves">',
+        f'<rect x="{left}" y="{top}" width="{size}" height="{size}" fill="none" stroke="#888"/>',
+        f'<line x1="{left}" y1="{top + size}" x2="{left + size}" y2="{top}" stroke="#bbb" '
+        'stroke-dasharray="4 4"/>',
+    ]
+    for t in (0.0, 0.5, 1.0):
+        parts.append(f'<text x="{left + t * size}" y="{top + size + 16}" '
+                     f'text-anchor="middle">{t:g}</text>')  # fmt: skip
+        parts.append(f'<text x="{left - 6}" y="{top + (1 - t) * size + 4}" '
+                     f'text-anchor="end">{t:g}</text>')  # fmt: skip
+    parts.append(f'<text x="{left + size / 2}" y="{top + size + 36}" text-anchor="middle">'
+                 "1 − specificity (false positive rate)</text>")  # fmt: skip
+    parts.append(f'<text x="14" y="{top + size / 2}" text-anchor="middle" '
+                 f'transform="rotate(-90 14 {top + size / 2})">sensitivity</text>')  # fmt: skip
+    for i, (variant, c) in enumerate(curves.items()):
+        colour = _COLOURS[i % len(_COLOURS)]
+        pts = " ".join(
+            f"{left + x * size:.1f},{top + (1 - y) * size:.1f}"
+            for x, y in zip(c.get("fpr") or [], c.get("tpr") or [], strict=True)
+        )
+        # dashed every other curve, and each thinner than the one before: identical curves
+        # (a lossless artifact) still show both
+        dash = ' stroke-dasharray="6 3"' if i % 2 else ""
+        wide = max(1.5, 4.0 - i)
+        parts.append(f'<polyline data-variant="{_e(variant)}" points="{pts}" fill="none" '
+                     f'stroke="{colour}" stroke-width="{wide}"{dash}/>')  # fmt: skip
+        ly = top + 14 + 18 * i
+        parts.append(f'<line x1="{left + size + 12}" y1="{ly - 4}" x2="{left + size + 36}" '
+                     f'y2="{ly - 4}" stroke="{colour}" stroke-width="2"{dash}/>')  # fmt: skip
+        a = aucs.get(variant)
+        label = f"{variant} (AUC {_fmt(a)})" if a is not None else str(variant)
+        parts.append(f'<text x="{left + size + 42}" y="{ly}">{_e(label)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _roc_html(report: dict[str, Any]) -> list[str]:
+    curves = {v: c for v, c in (report.get("roc") or {}).items() if c and c.get("fpr")}
+    if not curves:
+        return []
+    aucs = {v: (report.get(v) or {}).get("auc") for v in curves}
+    pos = report.get("positive_label") or "the positive class"
+    return [
+        f"<h2>ROC curves for {_e(pos)}</h2>",
+        roc_svg(curves, aucs),
+    ]
+
+
+def _layers_html(report: dict[str, Any]) -> list[str]:
+    layers = report.get("per_layer_error") or []
+    if not layers:
+        return []
+    rows = []
+    for r in sorted(layers, key=_snr_key):
+        snr = r.get("snr_db")
+        bad = ' class="bad"' if snr is not None and snr < 20 else ""
+        rows.append(
+            f'<tr{bad}><td class="l">{_e(r.get("layer"))}</td><td class="l">{_e(r.get("op", ""))}'
+            f"</td><td>{_e(_fmt(snr))}</td><td>{'yes' if r.get('kept_float') else 'no'}</td></tr>"
+        )
+    return [
+        "<h2>Per-layer error of the quantized model (worst first)</h2>",
+        '<p class="note">SNR of each layer\'s output against the float model on the evaluation '
+        "data; under 20 dB is shaded.</p>",
+        _table(["layer", "op", "SNR dB", "kept float"], rows),
+    ]
+
+
+def _events_html(report: dict[str, Any]) -> list[str]:
+    events = report.get("events") or {}
+    if not events:
+        return []
+    rows = [
+        f'<tr><td class="l">{_e(v)}</td>' + "".join(_cell(m, k) for k in _EVENT_KEYS) + "</tr>"
+        for v, m in events.items()
+    ]
+    return ["<h2>Events</h2>", _table(["variant", *_EVENT_KEYS], rows)]
+
+
+def _size_html(report: dict[str, Any]) -> list[str]:
+    rows = []
+    for k, b in (report.get("size_bytes") or {}).items():
+        lat = (report.get("latency_ms") or {}).get(k, {})
+        rows.append(
+            f'<tr><td class="l">{_e(k)}</td><td>{_e(b)}</td>'
+            f"<td>{_e(_fmt(lat.get('p50')))}</td><td>{_e(_fmt(lat.get('p99')))}</td></tr>"
+        )
+    return ["<h2>Size and latency</h2>", _table(["artifact", "bytes", "p50 ms", "p99 ms"], rows)]
+
+
+def _conversion_html(report: dict[str, Any]) -> list[str]:
+    out = []
+    litert = report.get("litert") or {}
+    if litert.get("attempts"):
+        out.append(f"<h2>LiteRT conversion: strategy {_e(litert.get('strategy'))} won</h2><ul>")
+        for a in litert["attempts"]:
+            detail = _attempt_detail(a)
+            out.append(
+                f"<li><code>{_e(a['strategy'])}</code> ({_e(a.get('title', ''))}): "
+                f"<b>{_e(a['outcome'])}</b>{' — ' + _e(detail) if detail else ''}</li>"
+            )
+        out.append("</ul>")
+    out += _budget_html(report)
+    onnx = report.get("onnx") or {}
+    if "route" in onnx:
+        out.append(f"<p>ONNX export: {_e(onnx['route'])}, opset {_e(onnx.get('opset'))}.</p>")
+    if "scheme" in onnx:
+        out.append(f"<p>ONNX int8: {_e(onnx['scheme'])}.</p>")
+    if report.get("warnings"):
+        out += ['<h2>Warnings</h2><ul class="warn">']
+        out += [f"<li>{_e(w)}</li>" for w in report["warnings"]]
+        out.append("</ul>")
+    return out
+
+
+def _budget_html(report: dict[str, Any]) -> list[str]:
+    """The accuracy-budget search and the float-artifact decisions, when the converter made them."""
+    out = []
+    budget = report.get("budget") or {}
+    if budget.get("attempts"):
+        wanted = ", ".join(f"{k}={v}" for k, v in (budget.get("budget") or {}).items())
+        out += [
+            f"<h2>Accuracy budget ({_e(wanted or 'none')}): {_e(budget.get('winner'))} won</h2>",
+            f"<p>Why: {_e(budget.get('why'))}.</p><ul>",
+        ]
+        for a in budget["attempts"]:
+            size = f", {a['bytes']} bytes, p50 {a.get('p50_ms')} ms" if "bytes" in a else ""
+            met = "met" if a.get("met") else "missed"
+            out.append(f"<li><code>{_e(a.get('rung'))}</code> ({_e(a.get('precision'))}"
+                       f"{_e(size)}): <b>{met}</b> {_e(a.get('reason') or '')}</li>")  # fmt: skip
+        out.append("</ul>")
+    floats = report.get("float_artifacts") or {}
+    if floats:
+        out.append("<h2>Float LiteRT artifacts: do they pay off?</h2><ul>")
+        for p, d in floats.items():
+            shipped = "shipped" if d.get("shipped") else "not shipped"
+            out.append(f"<li>{_e(p)}: <b>{shipped}</b> — {_e(d.get('why', ''))}</li>")
+        out.append("</ul>")
+    return out
+
+
+def render_html(report: dict[str, Any]) -> str:
+    """The report as one self-contained HTML page (inline CSS and SVG, no script, no links)."""
+    title = f"Conversion report: {report.get('model', '?')} for {report.get('profile', '?')}"
+    ev = report.get("eval") or {}
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{_e(title)}</h1>",
+        f"<p>Evaluated on <code>{_e(ev.get('file', '?'))}</code> ({_e(ev.get('n', '?'))} "
+        f"samples, validation data). Positive class: "
+        f"<b>{_e(report.get('positive_label') or 'none')}</b>.</p>",
+        *_summary_html(report),
+        *_roc_html(report),
+        *_confusion_html(report),
+        *_events_html(report),
+        *_layers_html(report),
+        *_size_html(report),
+        *_conversion_html(report),
+        "</body></html>",
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def write_html(path: Path, report: dict[str, Any]) -> None:
+    """Write :func:`render_html` of ``report`` to ``path`` (report.html in a bundle)."""
+    Path(path).write_text(render_html(report), encoding="utf-8")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from typing import Any
 
 from edge_agent.bundle import Bundle
 from edge_agent.config import AgentConfig
+from edge_agent.device_metrics import MetricsServer, device_families
 from edge_agent.envelope import Sealer
 from edge_agent.errors import MedgeError
 from edge_agent.identity import DEVICE_CERT, DEVICE_KEY, SITE_CA, DeviceIdentity
@@ -42,17 +44,27 @@ class Agent:
         self.identity = DeviceIdentity.load(cfg.identity, cfg.site, cfg.device)
         self.bundle = Bundle.load(cfg.bundle, trusted=self.identity.signers)
         self.model = LoadedModel(self.bundle, cfg.runtime, cfg.threads, cfg.precision)
-        self.source = open_source(cfg.source)
+        self.source = open_source(cfg.source, self.bundle.manifest.window)
         self.stats = PipelineStats()
         self.sent = 0
         self.pending = 0
         self._link: DeviceLink | None = None
+        self.metrics_port: int | None = None  # where the metrics endpoint listens, once running
 
     def run(self, stop: threading.Event, drain_timeout: float = 10.0) -> AgentReport:
         """Stream until the source ends or ``stop`` is set, then wait for acks to drain."""
         cfg = self.cfg
         ident = self.identity
-        with Outbox(cfg.outbox.path, cfg.site, cfg.device) as outbox:
+        ob = cfg.outbox
+        with Outbox(
+            ob.path,
+            cfg.site,
+            cfg.device,
+            batch_max=ob.batch_max,
+            batch_ms=ob.batch_ms,
+            max_messages=ob.max_messages,
+            max_bytes=int(ob.max_mb * 2**20) if ob.max_mb is not None else None,
+        ) as outbox:
             outbox.sealer = Sealer(
                 cfg.site,
                 cfg.device,
@@ -89,8 +101,17 @@ class Agent:
                 cfg.outbox.resend_after_s,
                 self.bundle.id,
                 tls,
+                cfg.broker.reconnect_min_s,
+                cfg.broker.reconnect_max_s,
             )
-            with link:
+            outbox.on_commit = link.notify  # a committed batch can go now
+            metrics = None
+            if cfg.metrics_port is not None:
+                metrics = MetricsServer(
+                    lambda: device_families(self, outbox, link), cfg.metrics_host, cfg.metrics_port
+                )
+            with link, metrics or contextlib.nullcontext():
+                self.metrics_port = metrics.port if metrics else None
                 return self._run(stop, drain_timeout, outbox, link)
 
     def _run(
@@ -108,9 +129,8 @@ class Agent:
         ticker.start()
 
         def emit(kind: str, body: dict[str, Any]) -> None:
-            outbox.put(kind, body)
+            outbox.put(kind, body)  # an event commits at once, a result with its batch
             self.sent += 1
-            link.notify()
 
         def swapped(old: LoadedModel, new: LoadedModel) -> None:  # between two samples
             self.model, self.bundle = new, new.bundle
@@ -119,7 +139,31 @@ class Agent:
             link.publish_direct("state", {"state": "online", "bundle": new.bundle.id}, True)
             log.info("%s: now running %s (was %s)", cfg.device, new.bundle.id, old.bundle.id)
 
-        slot = ModelSlot(self.model, swapped)
+        def rolled_back(bad: LoadedModel, good: LoadedModel, reason: str) -> None:
+            self.model, self.bundle = good, good.bundle
+            link.bundle_id = good.bundle.id
+            updater.rolled_back(bad.bundle, good.bundle)
+            emit(
+                "event",
+                {
+                    "update": "rolled_back",
+                    "bundle": bad.bundle.id,
+                    "running": good.bundle.id,
+                    "reason": reason,
+                },
+            )
+            link.publish_direct("state", {"state": "online", "bundle": good.bundle.id}, True)
+            log.warning(
+                "%s: rolled back from %s to %s: %s",
+                cfg.device,
+                bad.bundle.id,
+                good.bundle.id,
+                reason,
+            )
+
+        slot = ModelSlot(
+            self.model, swapped, rolled_back, cfg.rollback_failures, cfg.rollback_within
+        )
         updater = Updater(
             slot,
             self.identity.signers,
@@ -133,7 +177,13 @@ class Agent:
         link.on_command = updater.submit
         log.info("%s: running %s on %s", cfg.device, self.bundle.id, self.source.name)
         with updater:
-            run_pipeline(slot.samples(self.source.stream(stop)), slot, emit, self.stats)  # type: ignore[arg-type]
+            run_pipeline(
+                slot.samples(self.source.stream(stop)),
+                slot,  # type: ignore[arg-type]
+                emit,
+                self.stats,
+                cam=cfg.cam,
+            )
         link.on_command = None
         drained = link.drain(drain_timeout)
         if not drained:
@@ -152,6 +202,15 @@ class Agent:
         body = self.stats.snapshot()
         body.update(device_health())
         body["outbox_depth"] = outbox.depth()
+        body["outbox_bytes"] = outbox.size_bytes()
+        body["outbox_drops"] = dict(outbox.drops)
+        if self._link is not None:
+            body["mqtt"] = {
+                "connected": self._link.connected,
+                "protocol": self._link.protocol_in_use,
+                "connects": self._link.connects,
+                "connect_failures": self._link.connect_failures,
+            }
         body["source_errors"] = dict(getattr(self.source, "errors", {}) or {})
         body["sent"] = self.sent
         body["bundle"] = self.bundle.id

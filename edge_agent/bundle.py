@@ -141,6 +141,11 @@ class WindowSpec(_Model):
     rate_hz: float | None = Field(default=None, gt=0)
     label: Literal["last", "majority", "max"] = "last"
     centre: Literal["none", "beat"] = "none"
+    before: int | None = Field(
+        default=None,
+        ge=0,
+        description="centre beat: samples before the R peak (default length // 2).",
+    )
 
 
 class FileEntry(_Model):

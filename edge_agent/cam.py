@@ -2,18 +2,26 @@
 
 A bundle converted with ``medge convert --cam`` carries the map as an extra output of every
 artifact (manifest ``cam``: which output, from which layer, at which size to show it). These
-are plain numpy functions; the heatmap is an 8-bit image of the map, never the input frame.
+are plain numpy functions (no OpenCV); the heatmap is an 8-bit image of the map, never the
+input frame. :func:`cam_body` is what a result carries: that heatmap as a small grey PNG.
 """
 
 from __future__ import annotations
 
+import base64
+from typing import Any
+
 import numpy as np
 
-from edge_agent.decode import Classification
+from edge_agent.decode import Decoded
 from edge_agent.errors import BundleError
 from edge_agent.model import LoadedModel
+from edge_agent.png import encode_png
 
-__all__ = ["cam_heatmap", "explain", "resize_bilinear"]
+__all__ = ["MAX_CAM_SIDE", "cam_body", "cam_heatmap", "cam_size", "explain", "resize_bilinear"]
+
+MAX_CAM_SIDE = 64
+"""The heatmap in a result is at most this many pixels a side."""
 
 
 def resize_bilinear(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -47,7 +55,32 @@ def cam_heatmap(cam: np.ndarray, class_index: int, size: tuple[int, int]) -> np.
     return np.clip(np.rint(m * (255.0 / peak)), 0, 255).astype(np.uint8)
 
 
-def explain(model: LoadedModel, sample: np.ndarray) -> tuple[Classification, np.ndarray]:
+def cam_size(
+    upsample_to: list[int] | tuple[int, int], limit: int = MAX_CAM_SIDE
+) -> tuple[int, int]:
+    """The manifest's display size, shrunk (aspect kept) so that no side exceeds ``limit``."""
+    h, w = int(upsample_to[0]), int(upsample_to[1])
+    k = max(h, w) / limit
+    if k <= 1:
+        return h, w
+    return max(1, round(h / k)), max(1, round(w / k))
+
+
+def cam_body(
+    cam: np.ndarray, class_index: int, label: str, upsample_to: list[int] | tuple[int, int]
+) -> dict[str, Any]:
+    """The ``cam`` field of a result: the class's heatmap as a base64 grey PNG (white = most
+    evidence), at most 64 x 64, and the class it shows."""
+    size = cam_size(upsample_to)
+    heat = cam_heatmap(cam, class_index, size)
+    return {
+        "png": base64.b64encode(encode_png(heat)).decode("ascii"),
+        "label": label,
+        "size": [size[0], size[1]],
+    }
+
+
+def explain(model: LoadedModel, sample: np.ndarray) -> tuple[Decoded, np.ndarray]:
     """Classify one sample and return the heatmap of the predicted class."""
     spec = model.bundle.manifest.cam
     if spec is None:

@@ -22,8 +22,16 @@ class _Strict(BaseModel):
 class BrokerConfig(_Strict):
     host: str = Field(default="127.0.0.1", description="MQTT broker host.")
     port: int = Field(default=1883, ge=1, le=65535, description="MQTT broker port.")
-    protocol: Literal["5", "3.1.1"] = Field(
-        default="5", description="MQTT protocol version; 3.1.1 for brokers without MQTT 5."
+    protocol: Literal["5", "3.1.1", "auto"] = Field(
+        default="5",
+        description="MQTT protocol version; 3.1.1 for brokers without MQTT 5; auto: try 5, "
+        "fall back to 3.1.1 when the broker does not speak it.",
+    )
+    reconnect_min_s: float = Field(
+        default=0.5, gt=0, description="Reconnect back-off base (full jitter, doubling)."
+    )
+    reconnect_max_s: float = Field(
+        default=30.0, gt=0, description="Reconnect back-off cap: never wait longer than this."
     )
     keepalive: int = Field(default=10, ge=2, le=3600, description="Keep-alive in seconds.")
     tls: bool = Field(
@@ -40,6 +48,27 @@ class OutboxConfig(_Strict):
     path: Path = Field(default=Path("outbox.sqlite"), description="SQLite file of the outbox.")
     resend_after_s: float = Field(
         default=5.0, gt=0, description="Resend what the gateway has not acknowledged after this."
+    )
+    batch_max: int = Field(
+        default=64,
+        ge=1,
+        description="Group commit: results written in one transaction per batch of at most this "
+        "many (1: one transaction per result). Events always commit at once.",
+    )
+    batch_ms: float = Field(
+        default=50.0,
+        gt=0,
+        le=10_000,
+        description="Group commit: a batch closes after this many milliseconds at the latest.",
+    )
+    max_mb: float | None = Field(
+        default=None,
+        gt=0,
+        description="Quota of stored messages in MiB; over it the oldest routine results are "
+        "dropped (counted), never events. None: no quota.",
+    )
+    max_messages: int | None = Field(
+        default=None, ge=1, description="Quota in messages, same policy as max_mb."
     )
 
 
@@ -70,6 +99,29 @@ class AgentConfig(_Strict):
     source: SourceConfig
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     telemetry_interval_s: float = Field(default=2.0, gt=0, description="Telemetry period.")
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Serve Prometheus metrics on this port (0: any free port); None: off.",
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1", description="Address the metrics endpoint listens on."
+    )
+    rollback_failures: int = Field(
+        default=3,
+        ge=1,
+        description="After an update, go back to the previous bundle when the new one fails "
+        "on this many samples ...",
+    )
+    rollback_within: int = Field(
+        default=50, ge=1, description="... among the first this many samples after the swap."
+    )
+    cam: bool = Field(
+        default=True,
+        description="Add the class activation heatmap (a small PNG, never the frame) to each "
+        "result when the bundle has one (convert --cam); false: leave it out.",
+    )
 
     @field_validator("site", "device")
     @classmethod

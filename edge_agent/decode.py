@@ -1,14 +1,40 @@
-"""Decoding model outputs into results: plain functions over real-valued scores."""
+"""Decoding model outputs into results: plain functions over real-valued outputs.
+
+``classification``: class scores and the predicted class. ``segmentation``: a mask from the
+per-pixel output and what a clinician reads off it (area, bounding box, components, the largest
+contour as a short polygon), never the frame. ``image_to_image``: output statistics and a small
+PNG thumbnail. OpenCV is used for components and contours when it is installed; a numpy
+fallback gives the same fields without it.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import base64
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from edge_agent.bundle import Decode
+from edge_agent.png import encode_png, thumbnail
 
-__all__ = ["Classification", "class_scores", "classify"]
+__all__ = [
+    "MAX_POLYGON",
+    "Classification",
+    "Decoded",
+    "ImageResult",
+    "Segmentation",
+    "class_scores",
+    "classify",
+    "components",
+    "image_stats",
+    "segment",
+    "simplify_polygon",
+    "trace_contour",
+]
+
+MAX_POLYGON = 32
+"""At most this many vertices in a segmentation result's contour."""
 
 
 @dataclass(frozen=True)
@@ -16,6 +42,57 @@ class Classification:
     pred: int
     pred_label: str
     scores: list[float]
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """What a mask says, in pixels of the model's output: bbox is [x0, y0, x1, y1] inclusive."""
+
+    pred: int
+    pred_label: str
+    area_px: int
+    area_frac: float
+    bbox: list[int] | None
+    components: int
+    contour: list[list[int]]
+    size: list[int]  # [height, width] of the mask
+    class_px: dict[str, int] = field(default_factory=dict)
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "area_px": self.area_px,
+            "area_frac": round(self.area_frac, 6),
+            "bbox": self.bbox,
+            "components": self.components,
+            "contour": self.contour,
+            "size": self.size,
+            "class_px": self.class_px,
+        }
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """An image-to-image output, summarised: statistics and a small PNG of it."""
+
+    pred: int
+    pred_label: str
+    min: float
+    max: float
+    mean: float
+    size: list[int]
+    png: bytes
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "min": round(self.min, 6),
+            "max": round(self.max, 6),
+            "mean": round(self.mean, 6),
+            "size": self.size,
+            "png": base64.b64encode(self.png).decode("ascii"),
+        }
+
+
+Decoded = Classification | Segmentation | ImageResult
 
 
 def class_scores(raw: np.ndarray, activation: str) -> np.ndarray:
@@ -27,8 +104,6 @@ def class_scores(raw: np.ndarray, activation: str) -> np.ndarray:
     if activation == "none":
         e = np.exp(z - z.max())
         return e / e.sum()
-    if activation == "sigmoid":
-        return z
     return z
 
 
@@ -42,3 +117,223 @@ def classify(
     else:
         pred = int(np.argmax(scores))
     return Classification(pred=pred, pred_label=labels[pred], scores=[float(s) for s in scores])
+
+
+def _cv2() -> Any:
+    try:
+        import cv2
+    except ImportError:
+        return None
+    return cv2
+
+
+def _probabilities(out: np.ndarray, activation: str) -> np.ndarray:
+    """(H, W, K) per-pixel probabilities from a (1, H, W, K), (H, W, K) or (H, W) output."""
+    a = np.asarray(out, dtype=np.float32)
+    while a.ndim > 3 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.ndim != 3:
+        raise ValueError(f"segmentation output of shape {out.shape} is not (1, H, W, K)")
+    if activation == "none":  # logits
+        if a.shape[-1] == 1:
+            return 1.0 / (1.0 + np.exp(-a))
+        e = np.exp(a - a.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+    return a
+
+
+def components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """8-connected components of a boolean mask: (int32 label image, 0 = background; count)."""
+    mask = np.asarray(mask, dtype=bool)
+    cv2 = _cv2()
+    if cv2 is not None:
+        n, lab = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+        return lab.astype(np.int32), int(n) - 1
+    # numpy fallback: union-find over the runs of each row
+    runs: list[tuple[int, int, int]] = []  # (row, start, end exclusive)
+    row_runs: list[list[int]] = []
+    for y in range(mask.shape[0]):
+        d = np.diff(np.concatenate(([0], mask[y].view(np.int8), [0])))
+        starts, ends = np.flatnonzero(d == 1), np.flatnonzero(d == -1)
+        row_runs.append([])
+        for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+            row_runs[-1].append(len(runs))
+            runs.append((y, s, e))
+    parent = list(range(len(runs)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for y in range(1, len(row_runs)):
+        above, k = row_runs[y - 1], 0  # runs of a row are sorted and disjoint: two pointers
+        for i in row_runs[y]:
+            _, s, e = runs[i]
+            while k < len(above) and runs[above[k]][2] < s:
+                k += 1
+            m = k
+            while m < len(above) and runs[above[m]][1] <= e:  # touching, diagonals included
+                ri, rj = find(i), find(above[m])
+                if ri != rj:
+                    parent[max(ri, rj)] = min(ri, rj)
+                m += 1
+    lab = np.zeros(mask.shape, np.int32)
+    ids: dict[int, int] = {}
+    for i, (y, s, e) in enumerate(runs):
+        lab[y, s:e] = ids.setdefault(find(i), len(ids) + 1)
+    return lab, len(ids)
+
+
+# 8 neighbours clockwise on screen (x right, y down), starting east
+_DIRS = ((1, 0), (1, 1), (0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1))
+
+
+def trace_contour(mask: np.ndarray) -> list[list[int]]:
+    """The outer boundary of the (single) component in a boolean mask, as [x, y] pixels in
+    clockwise order (Moore-neighbour tracing); [] for an empty mask."""
+    m = np.pad(np.asarray(mask, dtype=bool), 1)
+    ys, xs = np.nonzero(m)
+    if ys.size == 0:
+        return []
+    start = (int(xs[0]), int(ys[0]))  # top-most, then left-most: its west neighbour is empty
+    out, p, back = [start], start, 4  # 'back': direction from p to the last background pixel
+    for _ in range(4 * int(ys.size) + 8):
+        for i in range(1, 9):
+            d = (back + i) % 8
+            q = (p[0] + _DIRS[d][0], p[1] + _DIRS[d][1])
+            if m[q[1], q[0]]:
+                prev = (back + i - 1) % 8  # background, seen from p
+                bx, by = p[0] + _DIRS[prev][0], p[1] + _DIRS[prev][1]
+                back = _DIRS.index((bx - q[0], by - q[1]))
+                p = q
+                break
+        else:
+            break  # a single pixel
+        if p == start:
+            break
+        out.append(p)
+    return [[x - 1, y - 1] for x, y in out]
+
+
+def simplify_polygon(points: list[list[int]], max_points: int = MAX_POLYGON) -> list[list[int]]:
+    """Douglas-Peucker on a closed polygon, with a tolerance raised until it has at most
+    ``max_points`` vertices."""
+    if len(points) <= 3:
+        return points
+    pts = np.asarray(points, dtype=np.float64)
+    span = float(np.ptp(pts, axis=0).max()) or 1.0
+    eps = 0.01 * span
+    while True:
+        keep = _dp_closed(pts, eps)
+        if len(keep) <= max_points:
+            return [points[i] for i in keep]
+        eps *= 1.5
+
+
+def _dp_closed(pts: np.ndarray, eps: float) -> list[int]:
+    far = int(np.argmax(((pts - pts[0]) ** 2).sum(axis=1)))
+    keep = {0, far}
+    for a, b in ((0, far), (far, len(pts))):
+        stack = [(a, b)]
+        while stack:
+            i, j = stack.pop()
+            if j - i < 2:
+                continue
+            p0, p1 = pts[i], pts[j % len(pts)]
+            seg = p1 - p0
+            inner = pts[i + 1 : j]
+            norm = float(np.hypot(*seg))
+            if norm == 0:
+                dist = np.hypot(*(inner - p0).T)
+            else:
+                dist = np.abs(seg[0] * (inner[:, 1] - p0[1]) - seg[1] * (inner[:, 0] - p0[0]))
+                dist = dist / norm
+            k = int(np.argmax(dist))
+            if dist[k] > eps:
+                keep.add(i + 1 + k)
+                stack += [(i, i + 1 + k), (i + 1 + k, j)]
+    return sorted(keep)
+
+
+def _largest_contour(lab: np.ndarray, n: int) -> list[list[int]]:
+    if n == 0:
+        return []
+    largest = int(np.argmax(np.bincount(lab.ravel())[1:])) + 1
+    blob = lab == largest
+    cv2 = _cv2()
+    if cv2 is not None:
+        found, _ = cv2.findContours(blob.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        c = max(found, key=len)
+        if len(c) <= 3:
+            return [[int(x), int(y)] for x, y in c.reshape(-1, 2)]
+        eps = 0.01 * float(np.ptp(c.reshape(-1, 2), axis=0).max() or 1)
+        while len(poly := cv2.approxPolyDP(c, eps, True)) > MAX_POLYGON:
+            eps *= 1.5  # the same tolerance rule as simplify_polygon
+        return [[int(x), int(y)] for x, y in poly.reshape(-1, 2)]
+    return simplify_polygon(trace_contour(blob))
+
+
+def segment(out: np.ndarray, spec: Decode, labels: list[str]) -> Segmentation:
+    """A segmentation output -> mask -> its area, bbox, components and largest contour.
+
+    One channel: foreground where the probability >= ``mask_threshold``. K channels: where the
+    most probable class is not the first (background) and its probability >= the threshold.
+    """
+    prob = _probabilities(out, spec.activation)
+    h, w, k = prob.shape
+    class_px: dict[str, int] = {}
+    if k == 1:
+        mask = prob[..., 0] >= spec.mask_threshold
+    else:
+        best = prob.argmax(axis=-1)
+        mask = (best > 0) & (prob.max(axis=-1) >= spec.mask_threshold)
+        counts = np.bincount(best[mask].ravel(), minlength=k)
+        class_px = {labels[i] if i < len(labels) else str(i): int(counts[i]) for i in range(1, k)}
+    area = int(mask.sum())
+    bbox = None
+    if area:
+        ys, xs = np.nonzero(mask)
+        bbox = [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())]
+    lab, n = components(mask)
+    if k == 1:
+        pred = 1 if area else 0
+    else:
+        pred = int(np.argmax([0, *list(class_px.values())])) if area else 0
+    pred_label = labels[pred] if pred < len(labels) else str(pred)
+    return Segmentation(
+        pred=pred,
+        pred_label=pred_label,
+        area_px=area,
+        area_frac=area / float(h * w),
+        bbox=bbox,
+        components=n,
+        contour=_largest_contour(lab, n),
+        size=[h, w],
+        class_px=class_px,
+    )
+
+
+def image_stats(out: np.ndarray, labels: list[str], max_side: int = 64) -> ImageResult:
+    """An image-to-image output: min/max/mean and a PNG thumbnail (min..max mapped to 0..255,
+    at most ``max_side`` pixels a side)."""
+    a = np.asarray(out, dtype=np.float32)
+    while a.ndim > 3 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim == 3 and a.shape[-1] not in (1, 3):
+        a = a[..., 0]
+    lo, hi = float(a.min()), float(a.max())
+    scaled = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    img = thumbnail(scaled, max_side)
+    return ImageResult(
+        pred=0,
+        pred_label=labels[0],
+        min=lo,
+        max=hi,
+        mean=float(a.mean()),
+        size=[int(a.shape[0]), int(a.shape[1])],
+        png=encode_png(img),
+    )

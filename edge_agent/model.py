@@ -6,7 +6,7 @@ import numpy as np
 
 from edge_agent.backends import Backend, open_backend
 from edge_agent.bundle import Artifact, Bundle
-from edge_agent.decode import Classification, classify
+from edge_agent.decode import Decoded, classify, image_stats, segment
 from edge_agent.errors import BundleError
 from edge_agent.preprocess import dequantize, normalize, to_input
 
@@ -45,15 +45,22 @@ class LoadedModel:
         """Input tensor -> every output, real-valued, in the artifact's shapes (e.g. the CAM)."""
         raw = self.backend.invoke([tensor])
         return [
-            dequantize(r, spec.quantization).reshape(spec.shape)
+            dequantize(r, spec.quantization).reshape(r.shape if -1 in spec.shape else spec.shape)
             for r, spec in zip(raw, self.artifact.outputs, strict=True)
         ]
 
-    def decode(self, output: np.ndarray) -> Classification:
+    def decode(self, output: np.ndarray) -> Decoded:
+        """The first output (flat or shaped) -> the result the manifest's task asks for."""
         m = self.bundle.manifest
-        return classify(output, m.decode, m.labels, self._positive)
+        if m.task == "classification":
+            return classify(output, m.decode, m.labels, self._positive)
+        shape = self._output.shape
+        out = np.asarray(output).reshape(shape) if -1 not in shape else np.asarray(output)
+        if m.task == "segmentation":
+            return segment(out, m.decode, m.labels)
+        return image_stats(out, m.labels)
 
-    def predict(self, sample: np.ndarray) -> Classification:
+    def predict(self, sample: np.ndarray) -> Decoded:
         return self.decode(self.infer(self.prepare(sample)))
 
 

@@ -6,12 +6,21 @@ import os
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["PipelineStats", "device_health"]
+__all__ = [
+    "STAGES",
+    "PipelineStats",
+    "StageLatency",
+    "cpu_seconds",
+    "device_health",
+    "rss_bytes",
+    "temperature_c",
+]
 
 STAGES = ("preprocess", "infer", "decode", "total")
 
@@ -21,8 +30,11 @@ class PipelineStats:
 
     def __init__(self, window: int = 1000) -> None:
         self._lock = threading.Lock()
+        self._window = window
         self._lat: dict[str, deque[float]] = {s: deque(maxlen=window) for s in STAGES}
         self._done: deque[float] = deque(maxlen=window)
+        self._sum = dict.fromkeys(STAGES, 0.0)  # seconds, since start (Prometheus summaries)
+        self._count = dict.fromkeys(STAGES, 0)
         self.results = 0
         self.errors: dict[str, int] = {}
         self.started = time.time()
@@ -30,7 +42,12 @@ class PipelineStats:
     def record(self, **seconds: float) -> None:
         with self._lock:
             for stage, s in seconds.items():
+                if stage not in self._lat:  # a stage a newer pipeline times
+                    self._lat[stage] = deque(maxlen=self._window)
+                    self._sum[stage], self._count[stage] = 0.0, 0
                 self._lat[stage].append(s * 1000.0)
+                self._sum[stage] += s
+                self._count[stage] += 1
             self._done.append(time.monotonic())
             self.results += 1
 
@@ -42,16 +59,41 @@ class PipelineStats:
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             lat = {s: {"p50": _pct(v, 50), "p99": _pct(v, 99)} for s, v in self._lat.items() if v}
-            now = time.monotonic()
-            recent = [t for t in self._done if now - t <= 5.0]
-            fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 else 0.0
             return {
-                "fps": round(fps, 2),
+                "fps": round(_fps(self._done), 2),
                 "latency_ms": lat,
                 "results": self.results,
                 "errors": dict(self.errors),
                 "uptime_s": round(time.time() - self.started, 1),
             }
+
+    def fps(self) -> float:
+        with self._lock:
+            return _fps(self._done)
+
+    def latencies(self, quantiles: tuple[float, ...] = (0.5, 0.9, 0.99)) -> list[StageLatency]:
+        """Per stage: quantiles (seconds) over the recent window, sum and count since start."""
+        with self._lock:
+            out = []
+            for s, v in self._lat.items():
+                arr = np.fromiter(v, float) / 1000.0 if v else None
+                qs = {q: float(np.quantile(arr, q)) if arr is not None else None for q in quantiles}
+                out.append(StageLatency(s, qs, self._sum[s], self._count[s]))
+            return out
+
+
+@dataclass(frozen=True)
+class StageLatency:
+    stage: str
+    quantiles: dict[float, float | None]
+    sum_s: float
+    count: int
+
+
+def _fps(done: deque[float]) -> float:
+    now = time.monotonic()
+    recent = [t for t in done if now - t <= 5.0]
+    return (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 else 0.0
 
 
 def _pct(values: deque[float], q: float) -> float:
@@ -68,20 +110,31 @@ class _CpuMeter:
         return round(100.0 * (cpu - c0) / max(now - t0, 1e-6), 1)
 
 
-def _cpu_seconds() -> float:
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process since it started."""
     t = os.times()
     return t.user + t.system
 
 
-def _rss_mb() -> float | None:
+_cpu_seconds = cpu_seconds
+
+
+def rss_bytes() -> int | None:
+    """Resident memory of this process (Linux /proc), None where unknown."""
     try:
         pages = int(Path("/proc/self/statm").read_text().split()[1])
     except (OSError, IndexError, ValueError):
         return None
-    return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
-def _temperature_c() -> float | None:
+def _rss_mb() -> float | None:
+    b = rss_bytes()
+    return None if b is None else round(b / 2**20, 1)
+
+
+def temperature_c() -> float | None:
+    """SoC temperature from thermal zone 0 (Raspberry Pi, Jetson), None where absent."""
     try:
         return round(int(Path("/sys/class/thermal/thermal_zone0/temp").read_text()) / 1000.0, 1)
     except (OSError, ValueError):
@@ -93,4 +146,4 @@ _cpu = _CpuMeter()
 
 def device_health() -> dict[str, Any]:
     """CPU (of this process, since the last call), resident memory, temperature if known."""
-    return {"cpu_percent": _cpu.percent(), "rss_mb": _rss_mb(), "temperature_c": _temperature_c()}
+    return {"cpu_percent": _cpu.percent(), "rss_mb": _rss_mb(), "temperature_c": temperature_c()}

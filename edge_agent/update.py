@@ -14,6 +14,13 @@ checks its SHA-256, unpacks it beside the current bundle, verifies it exactly as
 The previous bundle stays on disk; a bundle that fails any step is deleted and the old one
 keeps running. Each outcome is an ``event`` through the outbox:
 ``{"update": "applied"|"rejected", "bundle": id, "previous": id, "reason": ...}``.
+
+After the swap the new model is on probation for its first ``rollback_within`` samples: each
+one runs it end to end inside ``prepare`` (preprocess, infer, decode, finite scores of the
+right width: the self-test's checks, on live input), so a run-time failure rejects that one
+sample (counted, one log line) instead of ending the stream. ``rollback_failures`` such
+failures swap the previous model back in between two samples and report
+``{"update": "rolled_back", "bundle": bad, "running": previous, "reason": ...}``.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from edge_agent.sources.base import Sample
 __all__ = [
     "COMMAND_VERSION",
     "ModelSlot",
+    "ProbationError",
     "UpdateCommand",
     "UpdateError",
     "Updater",
@@ -112,13 +120,32 @@ def verify_command(
     return UpdateCommand(url, digest.lower(), issued, signer)
 
 
-class ModelSlot:
-    """The model the pipeline runs. It quacks like LoadedModel; a new one is swapped in only
-    in :meth:`samples`, between two samples, so no sample ever sees two models."""
+class ProbationError(MedgeError):
+    """A model on probation failed on a live sample (the sample is rejected and counted)."""
 
-    def __init__(self, model: LoadedModel, on_swap: Callable[[LoadedModel, LoadedModel], None]):
+
+class ModelSlot:
+    """The model the pipeline runs. It quacks like LoadedModel; a new one is swapped in (or
+    rolled back) only in :meth:`samples`, between two samples, so no sample sees two models."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        on_swap: Callable[[LoadedModel, LoadedModel], None],
+        on_rollback: Callable[[LoadedModel, LoadedModel, str], None] | None = None,
+        rollback_failures: int = 3,
+        rollback_within: int = 50,
+    ) -> None:
+        """``on_rollback(bad, restored, reason)``: called between two samples after the swap
+        back; ``rollback_failures`` failures among the first ``rollback_within`` samples
+        after a swap trigger it."""
         self.current = model
-        self._on_swap = on_swap
+        self.previous: LoadedModel | None = None  # kept while the current one is on probation
+        self._on_swap, self._on_rollback = on_swap, on_rollback
+        self.rollback_failures, self.rollback_within = rollback_failures, rollback_within
+        self.failures: list[str] = []  # of the model on probation
+        self._seen = 0
+        self._trial: tuple[np.ndarray, np.ndarray] | None = None
         self._pending: LoadedModel | None = None
         self._lock = threading.Lock()
         self._recent: collections.deque[np.ndarray] = collections.deque(maxlen=_RECENT)
@@ -127,11 +154,42 @@ class ModelSlot:
     def bundle(self) -> Bundle:
         return self.current.bundle
 
+    def __getattr__(self, name: str) -> Any:  # anything else a pipeline asks of the model
+        if name.startswith("_") or name == "current":
+            raise AttributeError(name)
+        return getattr(self.current, name)
+
+    @property
+    def on_probation(self) -> bool:
+        return self.previous is not None
+
     def prepare(self, sample: np.ndarray) -> np.ndarray:
-        return self.current.prepare(sample)
+        if self.previous is None:
+            return self.current.prepare(sample)
+        model = self.current  # on probation: the whole model runs here, checked
+        try:
+            x = model.prepare(sample)
+        except (MedgeError, ValueError) as exc:
+            self._fail(f"preprocess: {exc}")
+            raise
+        try:
+            y = model.infer(x)
+            _check_scores(model.decode(y), len(model.bundle.manifest.labels))
+        except Exception as exc:  # any run-time failure of the new model counts
+            why = _first_line(exc)
+            self._fail(f"infer: {why}")
+            raise ProbationError(f"bundle {model.bundle.id} (on probation): {why}") from exc
+        self._trial = (x, y)
+        return x
 
     def infer(self, tensor: np.ndarray) -> np.ndarray:
+        trial, self._trial = self._trial, None
+        if trial is not None and trial[0] is tensor:
+            return trial[1]  # computed and checked in prepare
         return self.current.infer(tensor)
+
+    def _fail(self, why: str) -> None:
+        self.failures.append(why)  # the pipeline says it in its one line per rejected sample
 
     def decode(self, output: np.ndarray) -> Classification:
         return self.current.decode(output)
@@ -149,9 +207,25 @@ class ModelSlot:
             with self._lock:
                 new, self._pending = self._pending, None
                 self._recent.append(sample.data)
+            if self.previous is not None and len(self.failures) >= self.rollback_failures:
+                bad, self.current, self.previous = self.current, self.previous, None
+                reason = (
+                    f"{len(self.failures)} run-time failures in the first {self._seen} samples "
+                    f"after the swap; last: {self.failures[-1]}"
+                )
+                if self._on_rollback is not None:
+                    self._on_rollback(bad, self.current, reason)
             if new is not None:
                 old, self.current = self.current, new
+                if self.previous is None:  # else keep the last confirmed one to go back to
+                    self.previous = old
+                self.failures, self._seen = [], 0
                 self._on_swap(old, new)
+            if self.previous is not None:
+                if self._seen >= self.rollback_within:
+                    self.previous = None  # confirmed: the old model can go
+                else:
+                    self._seen += 1
             yield sample
 
 
@@ -177,6 +251,7 @@ class Updater:
         self._state = state_dir / "update.json"
         self.report, self.load, self.current_link = report, load, current_link
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
+        self._before_swap: Path | None = None  # where the link pointed before the last swap
         self._thread = threading.Thread(target=self._run, name=f"update-{device}", daemon=True)
 
     def __enter__(self) -> Updater:
@@ -236,8 +311,8 @@ class Updater:
             shutil.rmtree(incoming, ignore_errors=True)
             raise UpdateError(str(exc)) from exc
         self._state.write_text(json.dumps({"issued_ms": cmd.issued_ms, "bundle": bundle.id}))
+        self._persist(final)  # first, so a quick rollback cannot be undone by it
         self.slot.offer(model)  # the pipeline swaps it in before its next sample
-        self._persist(final)
 
     def _fetch(self, cmd: UpdateCommand, dest: Path) -> Path:
         h = hashlib.sha256()
@@ -268,11 +343,10 @@ class Updater:
                 inputs = [np.zeros([max(d, 1) for d in spec.shape[1:]], np.float32)]
             labels = bundle.manifest.labels
             for x in inputs:
-                c = model.predict(x)
-                if len(c.scores) != len(labels) or not 0 <= c.pred < len(labels):
-                    raise UpdateError(f"self-test: {len(c.scores)} scores for {len(labels)} labels")
-                if not np.all(np.isfinite(c.scores)):
-                    raise UpdateError("self-test: non-finite scores")
+                try:
+                    _check_scores(model.predict(x), len(labels))
+                except UpdateError as exc:
+                    raise UpdateError(f"self-test: {exc}") from exc
         except UpdateError as exc:
             exc.bundle = bundle.id  # type: ignore[attr-defined]
             shutil.rmtree(bundle.directory, ignore_errors=True)
@@ -284,12 +358,28 @@ class Updater:
             raise err from exc
         return model
 
+    def rolled_back(self, bad: Bundle, restored: Bundle) -> None:
+        """After a rollback: point the configured link back at the restored bundle (if it is a
+        link) and delete the bad one, so a restart does not run it again."""
+        link = self.current_link
+        target = restored.directory
+        if link is not None and target.absolute() == link.absolute():
+            target = self._before_swap or target  # it was loaded through the link itself
+        if link is not None and link.is_symlink() and link.resolve() != target.resolve():
+            tmp = link.with_name(f".{link.name}.new")
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(os.path.relpath(target.resolve(), link.parent))
+            tmp.replace(link)
+        if self.bundles in bad.directory.resolve().parents:
+            shutil.rmtree(bad.directory, ignore_errors=True)
+
     def _persist(self, final: Path) -> None:
         link = self.current_link
         if link is None or not link.is_symlink():
             log.info("%s: bundle is not a link: the update lasts until restart", self.device)
             return
         previous = link.resolve()
+        self._before_swap = previous
         tmp = link.with_name(f".{link.name}.new")
         tmp.unlink(missing_ok=True)
         tmp.symlink_to(os.path.relpath(final, link.parent))
@@ -304,6 +394,22 @@ class Updater:
             return int(json.loads(self._state.read_text())["issued_ms"])
         except (OSError, ValueError, KeyError, TypeError):
             return 0
+
+
+def _check_scores(c: Any, n_labels: int) -> None:
+    """What the self-test checks of one output: as many scores as labels, all finite."""
+    scores = getattr(c, "scores", None)
+    if scores is None:  # not a classification: nothing more to check here
+        return
+    if len(scores) != n_labels or not 0 <= c.pred < n_labels:
+        raise UpdateError(f"{len(scores)} scores for {n_labels} labels")
+    if not np.all(np.isfinite(scores)):
+        raise UpdateError("non-finite scores")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _unpack(archive: Path, dest: Path) -> None:

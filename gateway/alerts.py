@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -34,6 +33,7 @@ from typing import Any
 
 from edge_agent.envelope import Envelope
 from edge_agent.errors import MedgeError
+from gateway.db import Database
 from gateway.store import Store
 
 __all__ = [
@@ -106,7 +106,7 @@ def open_alert(
 
 
 def _open(
-    db: sqlite3.Connection,
+    db: Database,
     site: str,
     device: str,
     rule: str,
@@ -288,7 +288,11 @@ class AlertEngine:
             kind = getattr(env, "alert", None)
         if not isinstance(kind, str) or kind not in self.rules.events:
             return None
-        score = env.body.get("score")
+        # an event tracker sends a start and an end message for one event: alert on the start;
+        # a rule marked alert: false is recorded, not raised
+        if env.body.get("state", "start") != "start" or env.body.get("alert") is False:
+            return None
+        score = env.body.get("score", env.body.get("peak"))
         shown = f" (score {score:.2f})" if isinstance(score, (int, float)) else ""
         detail = {"seq": env.seq, "time": env.time, "event": kind, "score": score,
                   "input": env.body.get("input"), "bundle": env.body.get("bundle")}

@@ -120,6 +120,7 @@ def _start_mosquitto(host: str, port: int) -> RunningBroker:
         "persistence false\n"
         "max_queued_messages 100000\n"
         "max_inflight_messages 100\n"
+        "set_tcp_nodelay true\n"
         f"log_dest file {workdir / 'mosquitto.log'}\n"
         "log_type error\nlog_type warning\n"
     )

@@ -5,6 +5,16 @@ name (``use_identity_as_username``) and the client id (``use_username_as_clienti
 can take over another's session by choosing its client id); ACLs keyed on ``%u`` let a device
 publish only under its own topics and read only its own acks and commands; the site's CRL;
 queues raised above Mosquitto's default of 1000 messages, with a byte limit; persistence on.
+
+Oversized messages are stopped at the broker before they cost the gateway anything:
+``message_size_limit`` refuses a payload over the envelope limit (256 KiB; an MQTT 5 publisher
+gets a failing PUBACK, the message goes nowhere) and ``max_packet_size`` disconnects a client
+that sends any packet over that plus room for the topic and properties. ``set_tcp_nodelay``:
+no Nagle delay on what the broker sends (an ack otherwise waits ~40 ms for a delayed TCP ACK).
+
+The same configuration serves a cloud broker: ``medge-forwarder`` (a fog gateway's forwarder,
+certificate from :func:`forwarder_client_files`) may publish device messages of the site and
+read the cloud gateway's acks.
 """
 
 from __future__ import annotations
@@ -19,13 +29,24 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from edge_agent.envelope import MAX_BYTES
 from edge_agent.keys import load_certificate, load_device_key, write_private_pem
 from edge_agent.topics import DOWN_KINDS, ROOT, UP_KINDS
 from gateway.site import site_name
 
-__all__ = ["GATEWAY_CN", "BrokerFiles", "gateway_client_files", "write_broker_config"]
+__all__ = [
+    "FORWARDER_CN",
+    "GATEWAY_CN",
+    "MAX_PACKET_BYTES",
+    "BrokerFiles",
+    "forwarder_client_files",
+    "gateway_client_files",
+    "write_broker_config",
+]
 
 GATEWAY_CN = "medge-gateway"
+FORWARDER_CN = "medge-forwarder"
+MAX_PACKET_BYTES = MAX_BYTES + 4096  # an envelope, its topic and MQTT 5 properties
 _UTC = dt.timezone.utc
 
 
@@ -89,6 +110,15 @@ def gateway_client_files(site_dir: Path) -> tuple[Path, Path, Path]:
     return site_dir / "ca.crt", cert, key
 
 
+def forwarder_client_files(site_dir: Path) -> tuple[Path, Path, Path]:
+    """(ca, cert, key) a fog gateway's forwarder connects to a cloud broker with (one written
+    by :func:`write_broker_config` for the same site); issued on first use."""
+    cert, key = site_dir / "forwarder.crt", site_dir / "forwarder.key"
+    if not cert.exists():
+        _issue(site_dir, FORWARDER_CN, key, cert, server=False, names=[])
+    return site_dir / "ca.crt", cert, key
+
+
 def write_broker_config(
     site_dir: Path,
     out: Path,
@@ -110,6 +140,11 @@ def write_broker_config(
         f"user {GATEWAY_CN}",
         *[f"topic read {base}/+/{k}" for k in UP_KINDS],
         *[f"topic write {base}/+/{k}" for k in DOWN_KINDS],
+        "",
+        "# a fog gateway forwarding to this broker as the cloud (docs/forwarding.md)",
+        f"user {FORWARDER_CN}",
+        *[f"topic write {base}/+/{k}" for k in UP_KINDS],
+        f"topic read {base}/+/ack",
         "",
         "# every device: its own topics only",
         *[f"pattern write {base}/%u/{k}" for k in UP_KINDS],
@@ -133,6 +168,9 @@ def write_broker_config(
                 f"max_queued_messages {max_queued_messages}",
                 f"max_queued_bytes {max_queued_bytes}",
                 "max_inflight_messages 100",
+                f"message_size_limit {MAX_BYTES}",
+                f"max_packet_size {MAX_PACKET_BYTES}",
+                "set_tcp_nodelay true",
                 f"log_dest file {out / 'mosquitto.log'}",
                 "log_type error",
                 "log_type warning",

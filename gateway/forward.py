@@ -7,26 +7,37 @@ leaves this outbox only when the cloud gateway acknowledges on ``medge/v1/<site>
 of the cloud broker that it has stored (site, device, seq) — never on the broker's PUBACK.
 Unacknowledged messages go again after ``resend_after`` seconds and after every reconnect;
 the cloud store is idempotent by (site, device, seq), so a resend is never stored twice.
+
+State and telemetry are forwarded too, so the cloud dashboard shows the fleet: the outbox keeps
+only the *latest* of each per device (a newer one replaces an older one not yet sent), sends it
+once, and forgets nothing else; the cloud does not acknowledge them (the next one replaces a
+lost one). :func:`backfill` queues results already stored, e.g. those stored before forwarding
+was turned on.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.envelope import decode_ack
-from edge_agent.errors import EnvelopeError
+from edge_agent.errors import EnvelopeError, MedgeError
+from edge_agent.link import no_delay
 from edge_agent.outbox import durable_sqlite
-from edge_agent.topics import ROOT, parse
+from edge_agent.topics import ROOT, parse, topic
 
-__all__ = ["ForwardOutbox", "Forwarder", "Forwarding"]
+if TYPE_CHECKING:
+    from gateway.store import Store
+
+__all__ = ["ForwardOutbox", "Forwarder", "Forwarding", "backfill", "parse_since"]
 
 log = logging.getLogger("medge.gateway.forward")
 
@@ -44,6 +55,16 @@ CREATE TABLE IF NOT EXISTS forward (
     PRIMARY KEY (site, device, seq)
 );
 CREATE INDEX IF NOT EXISTS forward_order ON forward (priority, created);
+CREATE TABLE IF NOT EXISTS latest (
+    site TEXT NOT NULL,
+    device TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    sent INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (site, device, kind)
+);
 """
 _PRIORITY = {"event": 0, "result": 1}
 
@@ -119,6 +140,43 @@ class ForwardOutbox:
                 [(site, device, s) for s in seqs],
             )
             return self._db.total_changes - before
+
+    def put_latest(
+        self, site: str, device: str, kind: str, seq: int, topic: str, payload: bytes
+    ) -> bool:
+        """Keep this state/telemetry message as the device's latest of its kind, to be sent
+        once; False if a newer one is already here."""
+        with self._lock:
+            before = self._db.total_changes
+            self._db.execute(
+                "INSERT INTO latest (site, device, kind, seq, topic, payload) VALUES (?,?,?,?,?,?)"
+                " ON CONFLICT (site, device, kind) DO UPDATE SET seq=excluded.seq,"
+                " topic=excluded.topic, payload=excluded.payload, sent=0"
+                " WHERE excluded.seq > latest.seq",
+                (site, device, kind, seq, topic, payload),
+            )
+            return self._db.total_changes > before
+
+    def due_latest(self, limit: int = 200) -> list[Forwarding]:
+        """Latest state/telemetry messages not sent yet."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT site, device, seq, topic, payload FROM latest WHERE sent=0 LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [Forwarding(s, d, int(q), t, bytes(p)) for s, d, q, t, p in rows]
+
+    def mark_latest_sent(self, items: list[Forwarding]) -> None:
+        """Sent; one replaced meanwhile by a newer message stays due."""
+        with self._lock:
+            self._db.executemany(
+                "UPDATE latest SET sent=1 WHERE site=? AND device=? AND seq=?",
+                [(f.site, f.device, f.seq) for f in items],
+            )
+
+    def latest_pending(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT count(*) FROM latest WHERE sent=0").fetchone()[0])
 
     def unsend_all(self) -> None:
         with self._lock:
@@ -203,11 +261,21 @@ class Forwarder:
         self.outbox.put_many(items)
         self._wake.set()
 
+    def put_latest(
+        self, site: str, device: str, kind: str, seq: int, topic: str, payload: bytes
+    ) -> bool:
+        """Queue a device's newest state/telemetry message (replacing an unsent older one)."""
+        queued = self.outbox.put_latest(site, device, kind, seq, topic, payload)
+        if queued:
+            self._wake.set()
+        return queued
+
     # -- paho callbacks (network thread) ---------------------------------------------------
     def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any = None) -> None:
         if rc.is_failure:
             log.error("cloud broker refused the forwarder: %s", rc)
             return
+        no_delay(client)  # no Nagle delay on what the pump writes
         client.subscribe(f"{ROOT}/+/+/ack", qos=1)
         self.outbox.unsend_all()  # anything in flight on the old connection goes again
         self._connected.set()
@@ -238,12 +306,80 @@ class Forwarder:
                 batch = self.outbox.due(self.resend_after)
                 if not batch:
                     break
-                sent = []
-                for f in batch:
-                    if self._client.publish(f.topic, f.payload, qos=1).rc != mqtt.MQTT_ERR_SUCCESS:
-                        break
-                    sent.append(f)
+                sent = self._publish(batch)
                 self.outbox.mark_sent(sent)
-                self.published += len(sent)
                 if len(sent) < len(batch):
                     break
+            if self._connected.is_set() and not self._stop.is_set():
+                latest = self.outbox.due_latest()
+                self.outbox.mark_latest_sent(self._publish(latest))
+
+    def _publish(self, batch: list[Forwarding]) -> list[Forwarding]:
+        sent = []
+        for f in batch:
+            if self._client.publish(f.topic, f.payload, qos=1).rc != mqtt.MQTT_ERR_SUCCESS:
+                break
+            sent.append(f)
+        self.published += len(sent)
+        return sent
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """A point in time for ``--backfill``: ``all``, seconds ago with a unit (``90s``, ``30m``,
+    ``24h``, ``7d``), an ISO 8601 date/time (UTC unless it says), or a Unix time."""
+    now = time.time() if now is None else now
+    t = text.strip()
+    if t == "all":
+        return 0.0
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if len(t) > 1 and t[-1] in units and t[:-1].replace(".", "", 1).isdigit():
+        return now - float(t[:-1]) * units[t[-1]]
+    try:
+        return float(t)
+    except ValueError:
+        pass
+    try:
+        when = dt.datetime.fromisoformat(t)
+    except ValueError as exc:
+        raise MedgeError(
+            f"--backfill {text!r}: use all, 90s/30m/24h/7d, an ISO date/time or a Unix time"
+        ) from exc
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when.timestamp()
+
+
+def backfill(store: Store, outbox: ForwardOutbox, since: float, page: int = 1000) -> int:
+    """Queue every result/event the store received at or after ``since`` for the cloud (its
+    original message: ``raw``, or ``sealed`` in end-to-end mode); returns how many. Rows
+    already queued stay as they are; the cloud acknowledges what it already has as a
+    duplicate. Rows stored without their original message (before store migration 6) cannot
+    be forwarded: counted in one log line."""
+    queued = missing = 0
+    last = 0
+    while True:
+        rows = store.query(
+            "SELECT id, site, device, seq, kind, raw, sealed FROM results "
+            "WHERE id > ? AND received >= ? ORDER BY id LIMIT ?",
+            (last, since, page),
+        )
+        if not rows:
+            break
+        last = int(rows[-1]["id"])
+        items = []
+        for r in rows:
+            message = r["raw"] if r["raw"] is not None else r["sealed"]
+            if message is None:
+                missing += 1
+                continue
+            items.append((r["site"], r["device"], int(r["seq"]), r["kind"],
+                          topic(r["site"], r["device"], r["kind"]), bytes(message)))
+        if items:
+            outbox.put_many(items)
+        queued += len(items)
+    if missing:
+        log.warning("backfill: %d stored result(s) have no original message to forward "
+                    "(stored before the gateway kept one)", missing)
+    log.info("backfill: %d result(s) since %s queued for the cloud", queued,
+             dt.datetime.fromtimestamp(since, dt.timezone.utc).isoformat())
+    return queued

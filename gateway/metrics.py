@@ -9,7 +9,11 @@ at each scrape, so they are right even when several workers share one database.
 - ``medge_gateway_messages_received_total``: messages that arrived, any kind, any fate
 - ``medge_gateway_messages_stored_total{kind}``: results/events stored (the first time)
 - ``medge_gateway_duplicates_total``: results/events already stored (acknowledged again)
-- ``medge_gateway_messages_rejected_total{reason}``: rejections by reason class (``REASONS``)
+- ``medge_gateway_messages_rejected_total{reason}``: rejections by reason class (``REASONS``,
+  and ``rate_limit``: over a device's flood limit, not acknowledged, resent by the device)
+- ``medge_gateway_cam_dropped_total{reason}``: CAM thumbnails removed from result bodies
+  before storing (``not_png``, ``too_large``, ``malformed``)
+- ``medge_gateway_forward_latest_total{kind}``: state/telemetry queued for the cloud
 - ``medge_gateway_acks_total``: acknowledgements published
 - ``medge_gateway_alerts_raised_total{rule,severity}``: alerts opened by this gateway
 - ``medge_gateway_store_write_seconds{kind}``: store commit latency (histogram)
@@ -97,7 +101,14 @@ class GatewayMetrics:
         self.store_write = pc.Histogram(
             "medge_gateway_store_write_seconds", "Time to commit one message to the store.",
             ["kind"], buckets=WRITE_BUCKETS, registry=reg)
-        for reason in (*REASONS, "other"):  # every class shows, at 0 until it happens
+        self.cam_dropped = pc.Counter(
+            "medge_gateway_cam_dropped", "CAM thumbnails removed from result bodies, by reason.",
+            ["reason"], registry=reg)
+        self.forward_latest = pc.Counter(
+            "medge_gateway_forward_latest",
+            "State and telemetry messages queued for the cloud (latest per device).",
+            ["kind"], registry=reg)
+        for reason in (*REASONS, "rate_limit", "other"):  # every class shows, at 0 until then
             self.rejected.labels(reason)
         if store is not None:
             reg.register(_FleetCollector(store, clock))

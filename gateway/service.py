@@ -5,6 +5,12 @@ count it all (gateway.metrics).
 
 Order matters for no loss: a result is committed to the store before its ack is published, and
 a duplicate is acknowledged again (its first ack may have been lost) but not stored again.
+
+Flood limiting: each (site, device) has a token bucket (``device_rate`` messages per second,
+``device_burst`` at once). A message over the limit is dropped before it is opened, counted
+(``reason="rate_limit"``) and logged once per ``limit_log_interval`` per device; it is never
+acknowledged, so a device's outbox sends it again later and nothing is lost. ``state`` messages
+(the Last Will, retained) are never limited.
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +29,15 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.envelope import Envelope, Opener, encode_ack
 from edge_agent.errors import EnvelopeError
+from edge_agent.link import no_delay
 from edge_agent.topics import ROOT, parse, topic
 from gateway.alerts import AlertEngine, AlertRules
+from gateway.dashboard.cam import check_cam
 from gateway.forward import Forwarder
 from gateway.metrics import GatewayMetrics
 from gateway.store import Store
 
-__all__ = ["Gateway", "GatewayStats"]
+__all__ = ["DeviceLimiter", "Gateway", "GatewayStats"]
 
 log = logging.getLogger("medge.gateway")
 
@@ -42,6 +51,44 @@ class GatewayStats:
     duplicates: int = 0
     rejected: int = 0
     acks: int = 0
+    rate_limited: int = 0  # also counted in ``rejected``
+
+
+class DeviceLimiter:
+    """A token bucket per (site, device): ``rate`` messages per second, ``burst`` at once;
+    ``rate <= 0`` turns limiting off. Thread-safe."""
+
+    def __init__(
+        self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate, self.burst = float(rate), max(float(burst), 1.0)
+        self._clock = clock
+        self.max_keys = 10_000  # devices tracked before refilled buckets are forgotten
+        self._buckets: dict[tuple[str, str], list[float]] = {}  # key -> [tokens, last refill]
+        self._lock = threading.Lock()
+
+    def allow(self, site: str, device: str) -> bool:
+        if self.rate <= 0:
+            return True
+        now = self._clock()
+        with self._lock:
+            bucket = self._buckets.get((site, device))
+            if bucket is None:
+                if len(self._buckets) >= self.max_keys:
+                    self._forget_full(now)
+                bucket = self._buckets[(site, device)] = [self.burst, now]
+            bucket[0] = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+            bucket[1] = now
+            if bucket[0] >= 1.0:
+                bucket[0] -= 1.0
+                return True
+            return False
+
+    def _forget_full(self, now: float) -> None:
+        """Drop the buckets that have refilled (forgetting them changes nothing), so names a
+        client makes up on an open broker cannot grow the table without end."""
+        refill = self.burst / self.rate
+        self._buckets = {k: b for k, b in self._buckets.items() if now - b[1] < refill}
 
 
 class Gateway:
@@ -60,9 +107,13 @@ class Gateway:
         tls: tuple[Path, Path, Path] | None = None,
         rules: AlertRules | None = None,
         forward: Forwarder | None = None,
+        device_rate: float = 100.0,
+        device_burst: float = 1000.0,
     ) -> None:
         """``forward``: also queue every stored result and event for the cloud (gateway.forward),
-        durably, before the device is acknowledged; the Gateway starts and stops it."""
+        durably, before the device is acknowledged, and the latest state and telemetry of each
+        device; the Gateway starts and stops it. ``device_rate``/``device_burst``: the flood
+        limit per device (messages per second, at once; rate 0: no limit)."""
         self.store = store
         self.forward = forward
         self.opener = opener
@@ -73,8 +124,16 @@ class Gateway:
         self.alerts = AlertEngine(store, rules, on_raise=self.metrics.alert)
         self._lock = threading.Lock()
         self._connected = threading.Event()
-        self.batch_window = 0.005  # seconds the writer gathers results into one commit
+        # adaptive batching: a result that finds the queue empty is committed at once; under
+        # load (more already waiting) the writer gathers for batch_window seconds, at most
+        # batch_max, into one commit. batch_when_idle: wait the window even when idle (the
+        # fixed window of earlier versions; for comparison in bench/gateway_throughput.py)
+        self.batch_window = 0.005
+        self.batch_when_idle = False
         self.batch_max = 500
+        self.limiter = DeviceLimiter(device_rate, device_burst)
+        self.limit_log_interval = 10.0  # seconds between two rate-limit lines of one device
+        self._limited: dict[tuple[str, str], list[float]] = {}  # -> [since last line, its time]
         self._pending: queue.Queue[tuple[Envelope, str, bytes]] = queue.Queue()
         self._writer_stop = threading.Event()
         self._writer = threading.Thread(target=self._run_writer, name="gateway-writer",
@@ -127,6 +186,7 @@ class Gateway:
         if rc.is_failure:
             log.error("broker refused the gateway: %s", rc)
             return
+        no_delay(client)
         client.subscribe(self._subs)
         self._connected.set()
         log.info("gateway connected to %s:%d", self.host, self.port)
@@ -145,6 +205,29 @@ class Gateway:
             self._pending.join()
         self.store.count_rejected(site, device, why)
 
+    def _rate_limited(self, site: str, device: str) -> None:
+        """Count a message over the device's limit; one log line per device and interval (a
+        flood must not flood the log or the audit table)."""
+        with self._lock:
+            self.stats.rejected += 1
+            self.stats.rate_limited += 1
+            if len(self._limited) >= self.limiter.max_keys and (site, device) not in self._limited:
+                self._limited.clear()  # only log pacing is lost
+            seen = self._limited.setdefault((site, device), [0.0, -1e18])
+            seen[0] += 1
+            now = time.monotonic()
+            due = now - seen[1] >= self.limit_log_interval
+            if due:
+                count, seen[0], seen[1] = int(seen[0]), 0.0, now
+        self.metrics.rejected.labels("rate_limit").inc()
+        if due:
+            log.warning(
+                "rate limit: %s/%s sends more than %g msg/s (burst %g); %d message(s) rejected "
+                "unacknowledged (the device resends them); next report in %g s",
+                site, device, self.limiter.rate, self.limiter.burst, count,
+                self.limit_log_interval,
+            )
+
     def _on_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         with self._lock:
             self.stats.received += 1
@@ -154,6 +237,9 @@ class Gateway:
         except EnvelopeError as exc:
             self._reject(msg.topic, str(exc))
             return
+        if parts.kind != "state" and not self.limiter.allow(parts.site, parts.device):
+            self._rate_limited(parts.site, parts.device)
+            return  # not acknowledged: the device's outbox sends it again
         try:
             env = self.opener.open(msg.payload)
             env.check_topic(parts)
@@ -173,6 +259,8 @@ class Gateway:
             self._reject(msg.topic, str(exc), parts.site, parts.device)
             return
         if env.kind in ("result", "event"):
+            if "cam" in env.body:
+                env = self._check_cam(env)
             self._pending.put((env, msg.topic, msg.payload))  # the writer commits, then acks
         elif env.kind == "state":
             state = env.body.get("state")
@@ -191,14 +279,42 @@ class Gateway:
                     bundle if isinstance(bundle, str) and bundle else None,
                 )
             self._evaluate_alerts(env, True)
+            self._forward_latest(env, msg)
         else:
             with self.metrics.store_write.labels(env.kind).time():
                 self.store.set_telemetry(env.site, env.device, env.body)
             self._evaluate_alerts(env, True)
+            self._forward_latest(env, msg)
+
+    def _forward_latest(self, env: Envelope, msg: mqtt.MQTTMessage) -> None:
+        """The cloud's fleet view: the device's newest state/telemetry, as the device sent it."""
+        if self.forward is None:
+            return
+        try:
+            if self.forward.put_latest(env.site, env.device, env.kind, env.seq, msg.topic,
+                                       msg.payload):
+                self.metrics.forward_latest.labels(env.kind).inc()
+        except Exception:  # the fleet view may lag; storing and acknowledging go on
+            log.exception("queueing %s of %s/%s for the cloud failed", env.kind, env.site,
+                          env.device)
+
+    def _check_cam(self, env: Envelope) -> Envelope:
+        """Keep a result's CAM thumbnail only if it is a small PNG (gateway.dashboard.cam);
+        otherwise store the result without it, count and log why (the original message, with
+        the CAM, is still kept as ``raw`` and forwarded)."""
+        _, why = check_cam(env.body["cam"])
+        if why is None:
+            return env
+        self.metrics.cam_dropped.labels(why).inc()
+        log.warning("CAM of %s/%s seq %d dropped (%s); the result is stored without it",
+                    env.site, env.device, env.seq, why)
+        return replace(env, body={k: v for k, v in env.body.items() if k != "cam"})
 
     def _run_writer(self) -> None:
-        """Commit what arrived within ``batch_window`` seconds in one transaction (one fsync
-        instead of one per result), queue it for the cloud, then acknowledge: commit before ack."""
+        """Commit a batch in one transaction (one fsync instead of one per result), queue it
+        for the cloud, then acknowledge: commit before ack. Idle (nothing else queued), a
+        result is committed alone at once; under load the writer gathers what arrives within
+        ``batch_window`` seconds, so a busy gateway spends fewer commits and acks per result."""
         while True:
             try:
                 first = self._pending.get(timeout=0.2)
@@ -207,10 +323,13 @@ class Gateway:
                     return
                 continue
             batch = [first]
-            deadline = time.monotonic() + self.batch_window
+            busy = self.batch_when_idle or not self._pending.empty()
+            deadline = time.monotonic() + (self.batch_window if busy else 0.0)
             while len(batch) < self.batch_max:
-                try:
-                    batch.append(self._pending.get(timeout=max(0.0, deadline - time.monotonic())))
+                try:  # what queued up during the last commit joins this one
+                    wait = deadline - time.monotonic()
+                    batch.append(self._pending.get(timeout=wait) if wait > 0
+                                 else self._pending.get_nowait())
                 except queue.Empty:
                     break
             try:

@@ -1,24 +1,30 @@
-"""The gateway's store: devices and results in SQLite, each result exactly once.
+"""The gateway's store: devices and results, each result exactly once, in SQLite by default
+or in PostgreSQL (``Store("postgresql://...")``) with the same code (gateway.db).
 
 Results are idempotent by (site, device, seq): a resend after a lost ack is counted as a
-duplicate and not stored again. Schema changes go through numbered migrations.
+duplicate and not stored again, also when several gateway workers share one PostgreSQL
+database. Schema changes go through numbered migrations, recorded in ``schema_version`` and
+applied one transaction each, one migrator at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import sqlite3
+import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from edge_agent.envelope import Envelope
-from edge_agent.outbox import durable_sqlite
+from gateway.db import Database, SQLiteDatabase, StoreError, connect
 
 __all__ = ["Store"]
+
+log = logging.getLogger("medge.gateway.store")
+T = TypeVar("T")
 
 _MIGRATIONS: list[str] = [
     # 1: devices and results
@@ -124,15 +130,25 @@ HISTORY_MAX_ROWS = 20_000  # and at most this many points per device
 _PRUNE_EVERY = 200  # history inserts between two prunes
 
 
-class Store:
-    """One SQLite connection; safe to share between threads of one process. Open one per
-    process (the gateway writes, dashboards read); WAL lets them work side by side."""
+_SERIAL_TABLES = ("results", "audit", "alerts", "telemetry_history")  # id is an identity
+_RETRIES = 5  # a PostgreSQL transaction chosen as a deadlock victim is run again
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+
+class Store:
+    """One database connection; safe to share between threads of one process. Open one per
+    process (the gateway writes, dashboards read): SQLite's WAL lets them work side by side;
+    on PostgreSQL any number of gateway workers and dashboards share one database.
+
+    ``target``: a file path or ``sqlite:///path`` (SQLite), or ``postgresql://user@host/db``."""
+
+    def __init__(self, target: str | Path) -> None:
         self._lock = threading.Lock()
-        self._db = durable_sqlite(self.path, timeout=30)
-        self._db.row_factory = sqlite3.Row
+        self._db: Database = connect(target, _SERIAL_TABLES, timeout=30)
+        self.dialect = self._db.dialect
+        self.location = self._db.location  # for log lines: no password
+        self.path: Path | None = (
+            self._db.path if isinstance(self._db, SQLiteDatabase) else None
+        )
         self._history_inserts: dict[tuple[str, str], int] = {}  # per device, for pruning
         self._migrate()
 
@@ -142,25 +158,54 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def __repr__(self) -> str:
+        return f"Store({self.location!r})"
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
     def _migrate(self) -> None:
+        """Apply the migrations this database lacks, each in one transaction (DDL included,
+        on both engines), one migrator at a time: workers starting together migrate once."""
+        number = 0
+        try:
+            while True:
+                with self._lock, self._db.transaction(exclusive=True) as db:
+                    db.execute(db.ddl("CREATE TABLE IF NOT EXISTS schema_version "
+                                      "(version INTEGER)"))
+                    row = db.execute("SELECT max(version) FROM schema_version").fetchone()
+                    number = (row[0] or 0) + 1
+                    if number > len(_MIGRATIONS):
+                        return
+                    for statement in filter(str.strip, _MIGRATIONS[number - 1].split(";")):
+                        db.execute(db.ddl(statement))
+                    db.execute("INSERT INTO schema_version VALUES (?)", (number,))
+                log.info("store %s: schema migrated to version %d", self.location, number)
+        except Exception as exc:
+            self.close()
+            raise StoreError(
+                f"store {self.location}: schema migration {number} failed, nothing of it "
+                f"applied: {_first_line(exc)}"
+            ) from exc
+
+    def _write(self, work: Callable[[Database], T]) -> T:
+        """Run ``work`` in one transaction under the store's lock; run it again if PostgreSQL
+        picked it as a deadlock (or serialization) victim."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER)")
-                row = self._db.execute("SELECT max(version) FROM schema_version").fetchone()
-                have = row[0] or 0
-                for number, sql in enumerate(_MIGRATIONS[have:], start=have + 1):
-                    for statement in filter(str.strip, sql.split(";")):
-                        self._db.execute(statement)
-                    self._db.execute("INSERT INTO schema_version VALUES (?)", (number,))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+            for attempt in range(1, _RETRIES + 1):
+                self._db.begin()
+                try:
+                    out = work(self._db)
+                    self._db.commit()
+                    return out
+                except BaseException as exc:
+                    self._db.rollback()
+                    if attempt == _RETRIES or not self._db.retryable(exc):
+                        raise
+                    log.warning("store %s: %s; transaction retried", self.location,
+                                type(exc).__name__)
+        raise AssertionError("unreachable")
 
     @property
     def schema_version(self) -> int:
@@ -168,8 +213,8 @@ class Store:
             return int(self._db.execute("SELECT max(version) FROM schema_version").fetchone()[0])
 
     # -- writes (gateway) ------------------------------------------------------------------
-    def _touch(self, site: str, device: str, now: float) -> None:
-        self._db.execute(
+    def _touch(self, db: Database, site: str, device: str, now: float) -> None:
+        db.execute(
             "INSERT INTO devices (site, device, last_seen) VALUES (?,?,?) "
             "ON CONFLICT (site, device) DO UPDATE SET last_seen=excluded.last_seen",
             (site, device, now),
@@ -188,26 +233,36 @@ class Store:
         """add_result for several (envelope, raw) in ONE transaction (one fsync): what the
         gateway's writer does with what arrived within a few milliseconds."""
         now = received or time.time()
-        out = []
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for env, raw in items:
-                    out.append(self._insert_result(env, now, raw))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-        return out
 
-    def _insert_result(self, env: Envelope, now: float, raw: bytes | None) -> bool:
+        def work(db: Database) -> list[bool]:
+            # Device rows first, in one global order: two workers storing overlapping batches
+            # then wait for each other at the first device they share, and never deadlock on
+            # the results' unique key (PostgreSQL; SQLite has a single writer anyway).
+            keys = sorted({(env.site, env.device) for env, _ in items})
+            for site, device in keys:
+                self._touch(db, site, device, now)
+            news = [self._insert_result(db, env, now, raw) for env, raw in items]
+            counts = dict.fromkeys(keys, 0)  # new results per device; the rest are duplicates
+            totals = dict.fromkeys(keys, 0)
+            for (env, _), new in zip(items, news, strict=True):
+                counts[(env.site, env.device)] += new
+                totals[(env.site, env.device)] += 1
+            db.executemany(
+                "UPDATE devices SET stored=stored+?, duplicates=duplicates+? "
+                "WHERE site=? AND device=?",
+                [(counts[k], totals[k] - counts[k], *k) for k in keys],
+            )
+            return news
+
+        return self._write(work)
+
+    def _insert_result(self, db: Database, env: Envelope, now: float, raw: bytes | None) -> bool:
         b = env.body
         score = None
         if isinstance(b.get("scores"), list) and isinstance(b.get("pred"), int):
             scores, pred = b["scores"], b["pred"]
             score = float(scores[pred]) if 0 <= pred < len(scores) else None
-        self._touch(env.site, env.device, now)
-        cur = self._db.execute(
+        cur = db.execute(
             "INSERT INTO results (site, device, seq, kind, time, received, input, label,"
             " label_name, pred, pred_label, score, body, bundle, input_sha256, sealed,"
             " alert, raw) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
@@ -233,24 +288,20 @@ class Store:
                 raw,
             ),
         )
-        new = cur.rowcount == 1
-        column = "stored" if new else "duplicates"
-        self._db.execute(
-            f"UPDATE devices SET {column}={column}+1 WHERE site=? AND device=?",
-            (env.site, env.device),
-        )
-        return new
+        return cur.rowcount == 1
 
     def set_state(
         self, site: str, device: str, state: str, at: float, bundle: str | None = None
     ) -> None:
-        with self._lock:
-            self._touch(site, device, time.time())
-            self._db.execute(
+        def work(db: Database) -> None:
+            self._touch(db, site, device, time.time())
+            db.execute(
                 "UPDATE devices SET state=?, state_since=?, bundle=coalesce(?, bundle) "
                 "WHERE site=? AND device=?",
                 (state, at, bundle, site, device),
             )
+
+        self._write(work)
 
     def set_telemetry(self, site: str, device: str, body: dict[str, Any]) -> None:
         """The device's latest telemetry, and a point of its bounded history (for charts)."""
@@ -258,40 +309,37 @@ class Store:
         latency = body.get("latency_ms")
         total = latency.get("total") if isinstance(latency, dict) else None
         p50 = total.get("p50") if isinstance(total, dict) else None
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._touch(site, device, now)
-                self._db.execute(
-                    "UPDATE devices SET telemetry=?, bundle=coalesce(?, bundle) "
-                    "WHERE site=? AND device=?",
-                    (json.dumps(body), _s(body.get("bundle")), site, device),
-                )
-                self._db.execute(
-                    "INSERT INTO telemetry_history (site, device, time, fps, latency_p50, results,"
-                    " cpu_percent, outbox_depth) VALUES (?,?,?,?,?,?,?,?)",
-                    (
-                        site,
-                        device,
-                        now,
-                        _f(body.get("fps")),
-                        _f(p50),
-                        _i(body.get("results")),
-                        _f(body.get("cpu_percent")),
-                        _i(body.get("outbox_depth")),
-                    ),
-                )
-                n = self._history_inserts.get((site, device), 0)
-                self._history_inserts[(site, device)] = n + 1
-                if n % _PRUNE_EVERY == 0:
-                    self._prune_history(site, device, now)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
 
-    def _prune_history(self, site: str, device: str, now: float) -> None:
-        self._db.execute(
+        def work(db: Database) -> None:
+            self._touch(db, site, device, now)
+            db.execute(
+                "UPDATE devices SET telemetry=?, bundle=coalesce(?, bundle) "
+                "WHERE site=? AND device=?",
+                (json.dumps(body), _s(body.get("bundle")), site, device),
+            )
+            db.execute(
+                "INSERT INTO telemetry_history (site, device, time, fps, latency_p50, results,"
+                " cpu_percent, outbox_depth) VALUES (?,?,?,?,?,?,?,?)",
+                (
+                    site,
+                    device,
+                    now,
+                    _f(body.get("fps")),
+                    _f(p50),
+                    _i(body.get("results")),
+                    _f(body.get("cpu_percent")),
+                    _i(body.get("outbox_depth")),
+                ),
+            )
+            if self._history_inserts.get((site, device), 0) % _PRUNE_EVERY == 0:
+                self._prune_history(db, site, device, now)
+
+        self._write(work)
+        key = (site, device)
+        self._history_inserts[key] = self._history_inserts.get(key, 0) + 1
+
+    def _prune_history(self, db: Database, site: str, device: str, now: float) -> None:
+        db.execute(
             "DELETE FROM telemetry_history WHERE time < ? OR (site=? AND device=? AND id <= "
             "(SELECT id FROM telemetry_history WHERE site=? AND device=? "
             "ORDER BY id DESC LIMIT 1 OFFSET ?))",
@@ -301,42 +349,43 @@ class Store:
     def count_rejected(self, site: str | None, device: str | None, reason: str) -> None:
         """Count a rejection against a registered device (never create one from a rejected
         message) and write it to the audit log."""
-        with self._lock:
+
+        def work(db: Database) -> None:
             if site and device:
-                self._db.execute(
+                db.execute(
                     "UPDATE devices SET rejected=rejected+1 WHERE site=? AND device=?",
                     (site, device),
                 )
-            self._db.execute(
+            db.execute(
                 "INSERT INTO audit (time, site, device, action, detail) VALUES (?,?,?,?,?)",
                 (time.time(), site, device, "reject", reason[:500]),
             )
+
+        self._write(work)
 
     def add_audit(
         self, action: str, detail: str, site: str | None = None, device: str | None = None
     ) -> None:
         """Write one line to the audit log (logins, acknowledgements, ...)."""
-        with self._lock:
-            self._db.execute(
+        self._write(
+            lambda db: db.execute(
                 "INSERT INTO audit (time, site, device, action, detail) VALUES (?,?,?,?,?)",
                 (time.time(), site, device, action, detail[:500]),
             )
+        )
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """The connection inside BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error), under the
-        store's lock: for the modules that own tables of their own (gateway.alerts)."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+    def transaction(self) -> Iterator[Database]:
+        """The connection inside one transaction (ROLLBACK on error), under the store's lock:
+        for the modules that own tables of their own (gateway.alerts). Such transactions run
+        one at a time across every process on the database (SQLite: BEGIN IMMEDIATE;
+        PostgreSQL: an advisory lock), so read-then-write logic in them stays correct. SQL
+        is written for SQLite, ``?`` placeholders; rows read by position or by name."""
+        with self._lock, self._db.transaction(exclusive=True) as db:
+            yield db
 
     def query(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        """Rows of one read-only statement, as dicts."""
+        """Rows of one read-only statement (SQLite dialect, ``?`` placeholders), as dicts."""
         with self._lock:
             return [dict(r) for r in self._db.execute(sql, args).fetchall()]
 
@@ -357,7 +406,7 @@ class Store:
         """Results and events stored per minute of receipt since ``since`` (minutes with none
         are absent), oldest first."""
         return self.query(
-            "SELECT CAST(received / 60 AS INTEGER) * 60 AS minute, count(*) AS count "
+            f"SELECT {self._db.floor_int('received / 60')} * 60 AS minute, count(*) AS count "
             "FROM results WHERE site=? AND device=? AND received > ? "
             "GROUP BY minute ORDER BY minute",
             (site, device, since),
@@ -375,18 +424,21 @@ class Store:
         """Record ``seq`` as the newest ``kind`` (state/telemetry) message of a device; False if
         it is not newer than the last one (a replay or a stale message)."""
         column = {"state": "last_state_seq", "telemetry": "last_telemetry_seq"}[kind]
-        with self._lock:
+
+        def work(db: Database) -> bool:
             # the row must exist; last_seen is not touched: a stale replay is not the device
             # speaking (set_state/set_telemetry touch it once the message is accepted)
-            self._db.execute(
+            db.execute(
                 "INSERT INTO devices (site, device) VALUES (?,?) ON CONFLICT DO NOTHING",
                 (site, device),
             )
-            cur = self._db.execute(
+            cur = db.execute(
                 f"UPDATE devices SET {column}=? WHERE site=? AND device=? AND {column} < ?",
                 (seq, site, device, seq),
             )
             return cur.rowcount == 1
+
+        return self._write(work)
 
     # -- reads (dashboard, demo summary) ---------------------------------------------------
     def devices(self) -> list[dict[str, Any]]:
@@ -441,6 +493,11 @@ class Store:
             sql, args = sql + " WHERE site=? AND device=?", [site, device]
         with self._lock:
             return int(self._db.execute(sql, args).fetchone()[0])
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _s(v: Any) -> str | None:

@@ -48,13 +48,16 @@ def _preprocess(spec: str) -> Any:
 
 def _budget(items: list[str]) -> dict[str, float]:
     out = {}
-    for item in items:
+    for item in (part.strip() for arg in items for part in arg.split(",") if part.strip()):
         metric, _, drop = item.partition("=")
         try:
             out[metric] = float(drop)
         except ValueError as exc:
             raise MedgeError(f"--budget '{item}': use METRIC=DROP, e.g. sensitivity=0.005") from exc
     return out
+
+
+_SHOWN = ("accuracy", "sensitivity", "specificity", "auc", "dice", "hd95", "psnr", "ssim")
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
@@ -83,6 +86,10 @@ def cmd_convert(a: argparse.Namespace) -> int:
             min_agreement=a.min_agreement,
             onnx=not a.no_onnx,
             activation=a.activation,
+            task=a.task,
+            onnx_input=a.onnx_input,
+            mask_threshold=a.mask_threshold,
+            fallback=a.fallback.split(",") if a.fallback is not None else None,
         )
     )
     m = bundle.manifest
@@ -98,7 +105,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
             shown = ", ".join(
                 f"{k} {v:.4f}"
                 for k, v in metrics.items()
-                if k in ("accuracy", "sensitivity", "specificity", "auc") and v is not None
+                if k in _SHOWN and v is not None
             )
             print(f"  {variant:12s} {shown}")
         print(f"  report: {bundle.directory / 'report.md'}")
@@ -166,6 +173,28 @@ def cmd_agent_package(a: argparse.Namespace) -> int:
     return 0
 
 
+_DB_HELP = (
+    "the store: a SQLite file (default gateway.sqlite; also sqlite:///FILE) or a PostgreSQL "
+    "URL postgresql://USER[:PASSWORD]@HOST[:PORT]/DB shared by several gateway workers "
+    "(docs/config.md, 'Gateway storage')"
+)
+
+
+def _db_arg(text: str) -> Path | str:
+    """--db: a postgresql:// URL, kept as text; otherwise a SQLite file (path or sqlite:///)."""
+    if text.startswith(("postgresql://", "postgres://")):
+        return text
+    return Path(text.removeprefix("sqlite:///"))
+
+
+def _forward_outbox_beside(db: Path | str) -> Path:
+    """The default forward outbox: DB.forward.sqlite beside a SQLite --db."""
+    if isinstance(db, str):
+        raise MedgeError("--forward-to with a PostgreSQL --db needs --forward-outbox FILE: the "
+                         "forward outbox is a file on this gateway's own disk")
+    return db.with_name(db.stem + ".forward.sqlite")
+
+
 def cmd_gateway_run(a: argparse.Namespace) -> int:
     import signal
     import threading
@@ -173,18 +202,21 @@ def cmd_gateway_run(a: argparse.Namespace) -> int:
     from gateway import Gateway, Store
     from gateway.alerts import AlertRules
     from gateway.broker_config import gateway_client_files
-    from gateway.forward import Forwarder, ForwardOutbox
+    from gateway.forward import Forwarder, ForwardOutbox, backfill, parse_since
     from gateway.metrics import MetricsServer
     from gateway.site import opener_for
 
     if a.tier == "cloud" and (a.relay_for or a.forward_to):
         raise MedgeError("--tier cloud opens every message itself: no --relay-for/--forward-to")
+    if a.backfill and not a.forward_to:
+        raise MedgeError("--backfill re-queues stored results for the cloud: add --forward-to")
+    since = parse_since(a.backfill) if a.backfill else None
     opener = opener_for(a.site_dir, relay_for=tuple(a.relay_for), keys=tuple(a.cloud_key))
     forward = None
     if a.forward_to:
         fhost, _, fport = a.forward_to.rpartition(":")
         forward = Forwarder(
-            ForwardOutbox(a.forward_outbox or a.db.with_name(a.db.stem + ".forward.sqlite")),
+            ForwardOutbox(a.forward_outbox or _forward_outbox_beside(a.db)),
             fhost or "127.0.0.1",
             int(fport),
             client_id=f"{a.client_id}-forward",
@@ -209,13 +241,19 @@ def cmd_gateway_run(a: argparse.Namespace) -> int:
             tls=gateway_client_files(a.site_dir) if a.tls else None,
             rules=rules,
             forward=forward,
+            device_rate=a.device_rate,
+            device_burst=a.device_burst,
         ) as gw,
     ):
+        gw.batch_window, gw.batch_when_idle = a.batch_window, a.batch_when_idle
+        if forward is not None and since is not None:
+            backfill(store, forward.outbox, since)
         metrics = None
         if a.metrics_port is not None:
             metrics = MetricsServer(gw.metrics, a.metrics_host, a.metrics_port).start()
         try:
-            logging.getLogger("medge.gateway").info("storing into %s; Ctrl-C to stop", a.db)
+            logging.getLogger("medge.gateway").info("storing into %s; Ctrl-C to stop",
+                                                    store.location)
             stop.wait()
         finally:
             if metrics is not None:
@@ -290,11 +328,16 @@ def build_parser() -> argparse.ArgumentParser:
         "int8, ONNX fp32 and ONNX int8 (QDQ), each evaluated with the device runtime against the "
         "float model on the evaluation data (report.md / report.json in the bundle), checked "
         "against --budget, and signed with --sign-key. LiteRT conversion strategies are tried "
-        "in order until one works (docs/convert.md); a ready .tflite or .onnx model is wrapped "
-        "as it is and evaluated with the device runtime.",
+        "in order until one works; with --budget the cheapest artifact that meets it wins "
+        "(full int8, int8 with the worst layers in float, 16x8, fp16, fp32; docs/convert.md). "
+        "A ready .tflite (or .onnx) model is wrapped as it is and evaluated with the device "
+        "runtime; --onnx-input quantize makes ONNX fp32 + int8 from an .onnx instead.",
     )
     c.add_argument(
-        "model", type=Path, help="trained model (.keras), or a ready .tflite/.onnx to wrap"
+        "model",
+        type=Path,
+        help="trained model: .keras, legacy .h5, a SavedModel directory, or .onnx; "
+        "or a ready .tflite to wrap",
     )
     c.add_argument(
         "--calib", type=Path, required=True, help="calibration data: npz with x (or <split>_images)"
@@ -338,8 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="METRIC=DROP",
-        help="largest allowed drop from float, e.g. sensitivity=0.005 (repeatable); "
-        "exceeded: no bundle, exit 2",
+        help="largest allowed drop from float, e.g. sensitivity=0.005,auc=0.005 (repeatable; "
+        "segmentation: dice, iou, hd95 (a rise); image_to_image: psnr, ssim); the cheapest "
+        "artifact that meets it wins; none does: no bundle, exit 2",
     )
     c.add_argument(
         "--sign-key",
@@ -376,6 +420,34 @@ def build_parser() -> argparse.ArgumentParser:
         default="softmax",
         choices=["softmax", "sigmoid", "none"],
         help="what the model's last layer applies (default softmax; none = logits)",
+    )
+    c.add_argument(
+        "--fallback",
+        metavar="RUNGS",
+        help="with --budget: what the search may fall back to when full int8 misses, in this "
+        "order: mixed (int8, worst layers float), int16x8, fp16, fp32 (default all; 'none': "
+        "full int8 or nothing)",
+    )
+    c.add_argument(
+        "--task",
+        default="classification",
+        choices=["classification", "segmentation", "image_to_image"],
+        help="what the model does (default classification); segmentation: the npz's y (or "
+        "<split>_masks) holds masks, scored by Dice/IoU/HD95; image_to_image: y (or "
+        "<split>_targets) holds the wanted images, scored by PSNR/SSIM",
+    )
+    c.add_argument(
+        "--mask-threshold",
+        type=float,
+        default=0.5,
+        help="segmentation: a pixel is foreground when its probability >= this (default 0.5)",
+    )
+    c.add_argument(
+        "--onnx-input",
+        default="wrap",
+        choices=["wrap", "quantize"],
+        help="an .onnx model: wrap it as it is (default), or quantize it: ONNX fp32 (the model) "
+        "and QDQ int8, both evaluated (no LiteRT artifact: that needs onnx2tf)",
     )
     _common(c, json_flag=True)
     c.set_defaults(func=cmd_convert)
@@ -469,7 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="site directory (from 'medge site init'): keys and registered devices",
     )
-    gr.add_argument("--db", type=Path, default=Path("gateway.sqlite"), help="SQLite store")
+    gr.add_argument("--db", type=_db_arg, default=Path("gateway.sqlite"), metavar="FILE|URL",
+                    help=_DB_HELP)
     gr.add_argument("--client-id", default="medge-gateway", help="MQTT client id of this worker")
     gr.add_argument("--share-group", help="MQTT 5 shared-subscription group for several workers")
     gr.add_argument("--relay-for", type=Path, action="append", default=[],
@@ -493,6 +566,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="TLS to the cloud broker: CA certificate, client certificate, key")
     gr.add_argument("--forward-resend-after", type=float, default=10.0, metavar="SECONDS",
                     help="resend to the cloud what it has not acknowledged (default 10)")
+    gr.add_argument("--backfill", metavar="SINCE",
+                    help="with --forward-to: also queue for the cloud the results already "
+                    "stored since SINCE (all, 30m, 24h, 7d, an ISO date/time or a Unix time); "
+                    "the cloud keeps each once")
+    gr.add_argument("--device-rate", type=float, default=100.0, metavar="MSG_PER_S",
+                    help="flood limit per device: messages per second (default 100; 0: no "
+                    "limit); messages over it are not acknowledged, so the device resends them")
+    gr.add_argument("--device-burst", type=float, default=1000.0, metavar="N",
+                    help="messages a device may send at once above its rate (default 1000)")
+    gr.add_argument("--batch-window", type=float, default=0.005, metavar="SECONDS",
+                    help="under load, gather results this long into one store commit (default "
+                    "0.005); a result that finds the gateway idle is committed at once")
+    gr.add_argument("--batch-when-idle", action="store_true",
+                    help="wait the batch window also when idle (a fixed window, as before "
+                    "adaptive batching; for comparison)")
     gr.add_argument("--silence-after", type=float, default=30.0, metavar="SECONDS",
                     help="alert when a device sends nothing for this long (default 30)")
     gr.add_argument("--metrics-port", type=int, metavar="N",
@@ -511,7 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve the alerts, the fleet and the live results of a gateway store to "
         "signed-in users (docs/dashboard.md); 'medge dashboard add-user' creates them.",
     )
-    d.add_argument("--db", type=Path, default=Path("gateway.sqlite"), help="SQLite store")
+    d.add_argument("--db", type=_db_arg, default=Path("gateway.sqlite"), metavar="FILE|URL",
+                   help=_DB_HELP)
     d.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
     d.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     d.add_argument("--users", type=Path, help="users file (from 'medge dashboard add-user')")

@@ -120,3 +120,17 @@ def sealer(identity):  # type: ignore[no-untyped-def]
         return Sealer(site, device, ident.key, ident.recipient, lambda: next(epochs), rotate_after)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL server for the session (tests/pg.py); its URL names the
+    maintenance database: make a fresh one per test with ``pg.new_database(postgres_url)``."""
+    from pg import PostgresMissing, require_postgres, start_postgres
+
+    try:
+        require_postgres()
+    except PostgresMissing as exc:
+        pytest.fail(str(exc))
+    with start_postgres() as server:
+        yield server.url

@@ -516,3 +516,107 @@ def test_login_alert_acknowledge_and_charts(store: Store, page: Any, users: Path
         page.click("#sign-out")
         expect(page).to_have_url(f"{dash.url}login")
         assert page.goto(f"{dash.url}api/alerts").status == 401
+
+
+# -- CAM thumbnails ----------------------------------------------------------------------------
+def cam_png(index: int = 0) -> str:
+    """A 28x28 colour-mapped heat map PNG (base64) made from a real BreastMNIST ultrasound
+    image of the zoo's development set (models/data): brighter tissue shows hotter."""
+    import base64
+    import struct
+    import zlib
+
+    import numpy as np
+
+    from models import breast_cnn
+
+    with np.load(breast_cnn.DATA) as data:
+        img = data["val_images"][index].astype(np.float32)
+    heat = (img - img.min()) / max(float(img.max() - img.min()), 1.0)
+    rgb = np.stack([heat, 1.0 - np.abs(heat - 0.5) * 2, 1.0 - heat], axis=-1)  # blue-green-red
+    raw = (rgb * 255).astype(np.uint8)
+    rows = b"".join(b"\x00" + raw[y].tobytes() for y in range(raw.shape[0]))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    png = (b"\x89PNG\r\n\x1a\n"
+           + chunk(b"IHDR", struct.pack(">IIBBBBB", raw.shape[1], raw.shape[0], 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return base64.b64encode(png).decode()
+
+
+def with_cam(seq: int, cam: Any) -> Envelope:
+    env = result(seq, pred=1, label=1)
+    return Envelope(env.kind, env.site, env.device, env.seq, env.time,
+                    {**env.body, "cam": cam})
+
+
+def test_check_cam_accepts_only_small_pngs() -> None:
+    import base64
+
+    from gateway.dashboard.cam import CAM_MAX_BYTES, check_cam
+
+    good = cam_png()
+    assert check_cam({"png": good, "label": "benign"}) == ({"png": good, "label": "benign"},
+                                                           None)
+    gif = base64.b64encode(b"GIF89a" + b"\x00" * 30).decode()
+    assert check_cam({"png": gif}) == (None, "not_png")
+    assert check_cam({"png": "iVBORw0KGgo=\"><script>"}) == (None, "malformed")
+    assert check_cam({"png": "not base64!"}) == (None, "malformed")
+    assert check_cam("iVBOR") == (None, "malformed")
+    assert check_cam({"png": "A" * (CAM_MAX_BYTES * 2)}) == (None, "too_large")
+    huge = base64.b64decode(good)
+    wide = huge[:16] + (4096).to_bytes(4, "big") + huge[20:]  # IHDR says 4096 px wide
+    assert check_cam({"png": base64.b64encode(wide).decode()}) == (None, "too_large")
+    assert check_cam({"png": good, "label": 7})[0] == {"png": good, "label": ""}
+
+
+def test_api_rows_carry_checked_cams_and_a_csp(store: Store, users: Path) -> None:
+    good = cam_png()
+    store.add_result(with_cam(1, {"png": good, "label": "benign"}))
+    store.add_result(with_cam(2, {"png": "PHN2ZyBvbmxvYWQ9YWxlcnQoMSk+", "label": "x"}))  # <svg..
+    store.add_result(result(3, pred=0, label=0))
+    with DashboardServer(store.path, port=0, users=users) as dash:
+        cookie = login(dash.port)
+        status, headers, _ = request(dash.port, "GET", "/", cookie)
+        assert status == 200
+        csp = headers["content-security-policy"]
+        assert "img-src 'self' data:" in csp and "script-src 'self'" in csp
+        assert "unsafe-inline" not in csp
+        rows = get_json(dash.port, "/api/results?limit=10", cookie)
+        assert rows[0]["cam"] == {"png": good, "label": "benign"}
+        assert "cam" not in rows[1], "an SVG passed off as a PNG is not shown"
+        assert "cam" not in rows[2]
+        conn = http.client.HTTPConnection("127.0.0.1", dash.port, timeout=5)
+        conn.request("GET", "/api/stream?after=0", headers={"Cookie": cookie})
+        events = read_events(conn.getresponse(), want_results=3)
+        conn.close()
+        cams = [json.loads(e["data"]).get("cam") for e in events if e["event"] == "result"]
+        assert cams == [{"png": good, "label": "benign"}, None, None]
+
+
+@pytest.mark.slow
+def test_page_shows_a_cam_thumbnail(store: Store, page: Any, users: Path) -> None:
+    store.set_state(SITE, DEVICE, "online", time.time(), BUNDLE)
+    store.add_result(result(1, pred=0, label=0))
+    with DashboardServer(store.path, port=0, users=users) as dash:
+        sign_in(page, dash)
+        expect(page.locator("#connection")).to_have_text("live", timeout=TIMEOUT_MS)
+        expect(page.locator("tr.result")).to_have_count(1, timeout=TIMEOUT_MS)
+        expect(page.locator("tr.result .cam-thumb")).to_have_count(0)
+        store.add_result(with_cam(2, {"png": cam_png(3), "label": "benign"}))  # arrives live
+        store.add_result(with_cam(3, {"png": "R0lGODlhAQABAAAAACw=", "label": "gif"}))
+        expect(page.locator("tr.result")).to_have_count(3, timeout=TIMEOUT_MS)
+        thumb = page.locator('tr.result[data-id="2"] img.cam-thumb')
+        expect(thumb).to_have_count(1)
+        expect(thumb).to_have_attribute("alt", "Class activation map: benign")
+        page.wait_for_function(
+            "() => { const i = document.querySelector('tr.result[data-id=\"2\"] img.cam-thumb');"
+            " return i && i.complete && i.naturalWidth > 0; }", timeout=TIMEOUT_MS)
+        size = thumb.evaluate("i => [i.naturalWidth, i.naturalHeight]")
+        assert size == [28, 28], size
+        expect(page.locator('tr.result[data-id="3"] .cam')).to_have_text("—")
+        expect(page.locator('tr.result[data-id="3"] img')).to_have_count(0)
+        shoot(page, "cam")

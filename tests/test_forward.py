@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 
 from edge_agent.envelope import Sealer
+from edge_agent.errors import MedgeError
 from edge_agent.identity import DeviceIdentity
 from edge_agent.link import DeviceLink
 from edge_agent.outbox import Outbox
 from gateway import Gateway, Store
-from gateway.broker import RunningBroker, start_broker
-from gateway.forward import Forwarder, ForwardOutbox
+from gateway.broker import RunningBroker, free_port, start_broker, start_mosquitto_conf
+from gateway.broker_config import forwarder_client_files, gateway_client_files, write_broker_config
+from gateway.forward import Forwarder, ForwardOutbox, backfill, parse_since
 from gateway.site import opener_for, provision_device, write_recipient
 
 SITE = "ward-a"
@@ -175,3 +177,93 @@ def test_shared_subscription_workers_split_and_survive_a_stop(  # type: ignore[n
         for w in workers:
             w.stop()
             w.store.close()
+
+
+def test_results_state_and_telemetry_forwarded_over_tls(  # type: ignore[no-untyped-def]
+    tmp_path: Path, mosquitto: RunningBroker, site_dir: Path, identity
+) -> None:
+    """The cloud broker as 'medge gateway broker-config' writes it (TLS, client certificates,
+    ACLs): the forwarder connects as medge-forwarder, the cloud gateway as medge-gateway; the
+    cloud's fleet view gets each device's latest state and telemetry."""
+    port = free_port()
+    files = write_broker_config(site_dir, tmp_path / "cloud-broker", port=port)
+    fwd = Forwarder(ForwardOutbox(tmp_path / "fog.forward.sqlite"), "127.0.0.1", port,
+                    client_id="fog-forward", resend_after=1.0,
+                    tls=forwarder_client_files(site_dir))
+    with (
+        start_mosquitto_conf(files.conf, "127.0.0.1", port) as cloud_broker,
+        Gateway(Store(tmp_path / "cloud.sqlite"), opener_for(site_dir), cloud_broker.host,
+                cloud_broker.port, client_id="cloud", tls=gateway_client_files(site_dir)) as cloud,
+        Gateway(Store(tmp_path / "fog.sqlite"), opener_for(site_dir), mosquitto.host,
+                mosquitto.port, client_id="fog", forward=fwd) as fog,
+        _device(tmp_path, mosquitto, identity("fw-tls"), "fw-tls") as (box, link),
+    ):
+        sent = _send(box, link, 30)
+        for fps in (4.0, 5.0, 6.0):
+            link.publish_direct("telemetry", {"fps": fps, "outbox_depth": 0})
+        assert link.drain(20)
+        _wait(lambda: fwd.outbox.depth() == 0, 20, "the cloud to ack every result")
+        assert fwd.connected
+        _wait(lambda: any(d["device"] == "fw-tls" and (d["telemetry"] or {}).get("fps") == 6.0
+                          and d["state"] == "online" for d in cloud.store.devices()),
+              20, "the cloud's fleet view: online, latest telemetry")
+        assert sorted(_seqs(cloud.store, "fw-tls")) == sent
+        assert fwd.outbox.latest_pending() == 0
+        assert cloud.stats.rejected == 0 and fog.stats.rejected == 0
+        latest = fog.metrics.registry.get_sample_value(
+            "medge_gateway_forward_latest_total", {"kind": "telemetry"})
+        assert latest == 3
+    cloud.store.close()
+    fog.store.close()
+
+
+def test_backfill_queues_what_was_stored_before_forwarding(  # type: ignore[no-untyped-def]
+    tmp_path: Path, mosquitto: RunningBroker, site_dir: Path, identity
+) -> None:
+    cloud_broker = start_broker("mosquitto")
+    db = tmp_path / "fog.sqlite"
+    with cloud_broker, _cloud(tmp_path, cloud_broker, opener_for(site_dir)) as cloud:
+        with (
+            Gateway(Store(db), opener_for(site_dir), mosquitto.host, mosquitto.port,
+                    client_id="fog") as fog,
+            _device(tmp_path, mosquitto, identity("fw-bf"), "fw-bf") as (box, link),
+        ):
+            sent = _send(box, link, 25)
+            assert link.drain(20)
+        fog.store.close()
+        assert _seqs(cloud.store, "fw-bf") == [], "nothing forwarded yet"
+        with _fog(tmp_path, mosquitto, cloud_broker, opener_for(site_dir)) as fog:
+            assert fog.forward is not None
+            assert backfill(fog.store, fog.forward.outbox, parse_since("1h")) == 25
+            fog.forward.put_many([])  # wakes the pump
+            _wait(lambda: fog.forward.outbox.depth() == 0, 20, "the backfill to be acked")
+            assert backfill(fog.store, fog.forward.outbox, parse_since("all")) == 25
+            _wait(lambda: fog.forward.outbox.depth() == 0, 20, "the second backfill")
+            _wait(lambda: cloud.stats.duplicates == 25, 10, "duplicates acked again")
+        fog.store.close()
+        assert sorted(_seqs(cloud.store, "fw-bf")) == sorted(sent), "each result once"
+        with Store(db) as store, ForwardOutbox(tmp_path / "x.sqlite") as outbox:
+            assert backfill(store, outbox, time.time() + 60) == 0, "nothing after SINCE"
+    cloud.store.close()
+
+
+def test_parse_since() -> None:
+    now = 1_700_000_000.0
+    assert parse_since("all", now) == 0.0
+    assert parse_since("30m", now) == now - 1800
+    assert parse_since("24h", now) == now - 86400
+    assert parse_since("1.5d", now) == now - 1.5 * 86400
+    assert parse_since("1700000000", now) == now
+    assert parse_since("2023-11-14T22:13:20", now) == now  # UTC unless it says
+    assert parse_since("2023-11-14T23:13:20+01:00", now) == now
+    with pytest.raises(MedgeError, match="--backfill 'yesterday'"):
+        parse_since("yesterday", now)
+
+
+def test_backfill_needs_forward_to(site_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from medge.cli import main
+
+    code = main(["gateway", "run", "--site-dir", str(site_dir), "--backfill", "all"])
+    assert code == 2
+    assert "--backfill re-queues stored results for the cloud: add --forward-to" in (
+        capsys.readouterr().err)

@@ -18,8 +18,10 @@ from edge_agent.sources import (
     EcgSource,
     ImagesSource,
     ImuSource,
+    MqttSensorSource,
     NpzReplay,
     NpzSettings,
+    SerialSource,
     SourceConfig,
     UdpSource,
     VideoSource,
@@ -39,6 +41,8 @@ EXAMPLES: dict[str, dict[str, object]] = {
     "imu": {"kind": "imu", "path": DATA / "imu/1601_gyro_DE.txt"},
     "udp": {"kind": "udp", "port": 0},
     "ecg": {"kind": "ecg", "path": DATA / "ecg/100.hea"},
+    "mqtt": {"kind": "mqtt", "site": "ward-a", "device": "wrist-01", "sensor": "accel"},
+    "serial": {"kind": "serial", "port": "/dev/ttyUSB0"},
 }
 CLASSES = {
     "npz": NpzReplay,
@@ -48,6 +52,8 @@ CLASSES = {
     "imu": ImuSource,
     "udp": UdpSource,
     "ecg": EcgSource,
+    "mqtt": MqttSensorSource,
+    "serial": SerialSource,
 }
 
 
@@ -127,3 +133,20 @@ def test_load_config_points_at_the_line_of_a_bad_source_field(tmp_path: Path) ->
 def test_public_names() -> None:
     assert sorted(sources.__all__) == sorted(set(sources.__all__))
     assert [n for n in sources.__all__ if not hasattr(sources, n)] == []
+
+
+def test_the_manifest_window_makes_clips_of_frames_and_leaves_the_voi_window_alone() -> None:
+    from edge_agent.bundle import WindowSpec
+
+    spec = WindowSpec(length=4, hop=2, label="max", rate_hz=50)  # no rate check for frames
+    dcm = open_source(ADAPTER.validate_python({**EXAMPLES["dicom"], "window": [40, 400]}), spec)
+    assert isinstance(dcm, WindowedSource) and isinstance(dcm.inner, DicomSource)
+    assert (dcm.settings.length, dcm.settings.hop, dcm.settings.label) == (4, 2, "max")
+    assert dcm.inner.cfg.window == (40.0, 400.0)
+    video = open_source(ADAPTER.validate_python(EXAMPLES["video"]), spec)
+    assert isinstance(video, WindowedSource) and isinstance(video.inner, VideoSource)
+    own = open_source(
+        ADAPTER.validate_python({**EXAMPLES["video"], "clip": {"length": 8, "hop": 8}}), spec
+    )
+    assert isinstance(own, WindowedSource) and own.settings.length == 8
+    assert isinstance(open_source(ADAPTER.validate_python(EXAMPLES["images"]), spec), ImagesSource)

@@ -183,3 +183,153 @@ def test_bad_bundles_are_rejected_and_the_old_one_keeps_running(  # type: ignore
     assert {r["bundle"] for r in rows} == {old_id}, "the old bundle kept running"
     left = [p.name for p in (tmp_path / "state" / "bundles").iterdir()]
     assert left == [], f"rejected bundles are deleted: {left}"
+
+
+def _lut_bundle(
+    src: Path, dst: Path, version: str, table: int, key: ed25519.Ed25519PrivateKey
+) -> Path:
+    """A bundle with an ONNX artifact that ONNX Runtime loads and runs, but whose invoke raises
+    on some real inputs: a brightness classifier that looks a factor up in a table indexed by
+    the image's mean intensity in tenths, a table only ``table`` long (as if sized from
+    calibration data that never saw brighter images). Brighter inputs make Gather index past
+    the end, which ONNX Runtime refuses at run time."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edge_agent.bundle import Artifact, TensorSpec, file_entry
+
+    shutil.copytree(src, dst)
+    f = TensorProto.FLOAT
+    nodes = [
+        helper.make_node("ReduceMean", ["image"], ["mean"], keepdims=0),
+        helper.make_node("Mul", ["mean", "ten"], ["tenths"]),
+        helper.make_node("Floor", ["tenths"], ["bin_f"]),
+        helper.make_node("Cast", ["bin_f"], ["bin"], to=TensorProto.INT64),
+        helper.make_node("Gather", ["table", "bin"], ["factor"], axis=0),
+        helper.make_node("Mul", ["mean", "w"], ["z0"]),
+        helper.make_node("Sub", ["z0", "b"], ["z"]),
+        helper.make_node("Neg", ["z"], ["nz"]),
+        helper.make_node("Reshape", ["z", "one_one"], ["z11"]),
+        helper.make_node("Reshape", ["nz", "one_one"], ["nz11"]),
+        helper.make_node("Concat", ["nz11", "z11"], ["logits"], axis=1),
+        helper.make_node("Mul", ["logits", "factor"], ["scaled"]),
+        helper.make_node("Softmax", ["scaled"], ["scores"], axis=1),
+    ]
+    init = [
+        helper.make_tensor("ten", f, [], [10.0]),
+        helper.make_tensor("table", f, [table], [1.0] * table),
+        helper.make_tensor("w", f, [], [12.0]),
+        helper.make_tensor("b", f, [], [4.0]),
+        helper.make_tensor("one_one", TensorProto.INT64, [2], [1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "brightness-lut",
+        [helper.make_tensor_value_info("image", f, [1, 28, 28, 1])],
+        [helper.make_tensor_value_info("scores", f, [1, 2])],
+        init,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, dst / "model_lut.onnx")
+    m = Manifest.model_validate_json((dst / MANIFEST_NAME).read_text())
+    art = Artifact(
+        file="model_lut.onnx",
+        runtime="onnx",
+        precision="fp32",
+        inputs=[TensorSpec(name="image", shape=[1, 28, 28, 1], dtype="float32")],
+        outputs=[TensorSpec(name="scores", shape=[1, 2], dtype="float32")],
+    )
+    files = {**m.files, "model_lut.onnx": file_entry(dst / "model_lut.onnx")}
+    m = m.model_copy(update={"version": version, "artifacts": [art], "files": files})
+    write_manifest(dst, m)
+    sign_bundle(dst, key)
+    return dst
+
+
+class _GatedReplay:
+    """Real BreastMNIST validation images: dim ones (mean below 0.4) over and over until the
+    test opens the gate, then ``bright`` bright ones and ``after`` dim ones, then the end."""
+
+    name = "gated breastmnist replay"
+
+    def __init__(self, gate: threading.Event, bright: int, after: int) -> None:
+        import numpy as np
+
+        with np.load(breast_cnn.DATA) as d:
+            x, y = d["val_images"], d["val_labels"].astype(int).reshape(-1)
+        tenths = np.floor(x.reshape(len(x), -1).mean(axis=1) / 255.0 * 10)
+        self.dim = [i for i in range(len(x)) if tenths[i] < 4]
+        self.bright = [i for i in range(len(x)) if tenths[i] >= 4][:bright]
+        self.x, self.y, self.gate, self.after = x, y, gate, after
+        self.errors: dict[str, int] = {}
+
+    def stream(self, stop: threading.Event):  # type: ignore[no-untyped-def]
+        from edge_agent.sources import Sample
+
+        n = 0
+        while not self.gate.is_set() and not stop.is_set():
+            i = self.dim[n % len(self.dim)]
+            yield Sample(f"gated#{n}:{i}", self.x[i], int(self.y[i]))
+            n += 1
+            time.sleep(0.05)
+        for i in self.bright + self.dim[: self.after]:
+            yield Sample(f"gated#{n}:{i}", self.x[i], int(self.y[i]))
+            n += 1
+            time.sleep(0.02)
+
+
+def test_a_bundle_that_fails_at_run_time_is_rolled_back(  # type: ignore[no-untyped-def]
+    bundle_dir: Path, site_dir: Path, identity, opener, mosquitto: RunningBroker, tmp_path: Path
+) -> None:
+    device = "ota-03"
+    key = signer_key(site_dir)
+    v1 = _lut_bundle(bundle_dir, tmp_path / "v1", "lut-wide", 11, key)
+    v2 = _lut_bundle(bundle_dir, tmp_path / "v2", "lut-short", 4, key)
+    v1_id, v2_id = Bundle.load(v1).id, Bundle.load(v2).id
+    archive, digest = pack_bundle(v2, tmp_path / "served")
+    state = tmp_path / "state"
+    state.mkdir()
+    link = state / "bundle"
+    link.symlink_to(v1)  # the packaged layout: the configured bundle is a link
+    cfg = _config(link, mosquitto, tmp_path, identity(device), device).model_copy(
+        update={"runtime": "onnx", "rollback_failures": 3, "rollback_within": 20}
+    )
+    gate = threading.Event()
+    with (
+        Store(tmp_path / "gw.sqlite") as store,
+        Gateway(store, opener, mosquitto.host, mosquitto.port, mosquitto.protocol),
+        BundleServer(archive.parent) as server,
+    ):
+        agent = Agent(cfg)
+        agent.source = _GatedReplay(gate, bright=12, after=10)
+        t = threading.Thread(target=agent.run, args=(threading.Event(),))
+        t.start()
+        assert _wait(lambda: len(_results(store, device)) >= 5)
+        cmd = update_command(key, "ward-a", device, server.url(archive.name), digest)
+        publish_command(mosquitto.host, mosquitto.port, "ward-a", device, cmd)
+        assert _wait(lambda: agent.bundle.id == v2_id), (
+            "the short-table bundle passed its self-test"
+        )
+        gate.set()  # now the bright images come
+        t.join(timeout=60)
+        assert not t.is_alive()
+        events = _events(store, device)
+        rows = _results(store, device)
+    assert [e["update"] for e in events] == ["applied", "rolled_back"], events
+    back = events[1]
+    assert (back["bundle"], back["running"]) == (v2_id, v1_id)
+    assert "3 run-time failures" in back["reason"] and "out of" in back["reason"], back["reason"]
+    assert agent.bundle.id == v1_id, "the previous bundle runs again"
+    assert agent.stats.errors.get("preprocess") == 3, "each failing sample rejected and counted"
+    seq_order = sorted(rows, key=lambda r: r["seq"])
+    bundles = [r["bundle"] for r in seq_order]
+    first_v2 = bundles.index(v2_id)
+    last_v2 = len(bundles) - 1 - bundles[::-1].index(v2_id)
+    assert set(bundles[first_v2 : last_v2 + 1]) == {v2_id}, "one swap each way, between samples"
+    assert bundles[last_v2 + 1 :] == [v1_id] * (len(bundles) - last_v2 - 1)
+    assert len(bundles) - last_v2 - 1 >= 12 + 10 - 3 - 1, "the rest ran on the restored bundle"
+    assert link.resolve() == v1.resolve(), "a restart runs the restored bundle"
+    left = [p.name for p in (state / "bundles").iterdir() if not p.name.startswith(".")]
+    assert left == [], f"the bad bundle is deleted: {left}"

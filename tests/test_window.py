@@ -77,3 +77,33 @@ def test_clips_stack_frames() -> None:
     assert [c.data.shape for c in out] == [(4, 6, 8, 3)] * 3
     assert [int(c.data[0, 0, 0, 0]) for c in out] == [0, 2, 4]
     assert [c.label for c in out] == [0, 1, 1]
+
+
+def test_manifest_window_cuts_a_real_imu_replay_when_the_config_has_none() -> None:
+    """WISDM 2019 gyroscope, sitting then standing with a 35.8 s gap: the bundle's window
+    (length 40, hop 20, majority label) applies; no window spans the gap."""
+    import threading
+    from pathlib import Path
+
+    from edge_agent.bundle import WindowSpec
+    from edge_agent.errors import SourceError
+    from edge_agent.sources import ImuSettings, NpzReplay, NpzSettings, open_source
+    from edge_agent.window import WindowedSource
+
+    de = Path(__file__).parent / "data" / "imu" / "1601_gyro_DE.txt"
+    spec = WindowSpec(length=40, hop=20, rate_hz=20, label="majority")
+    src = open_source(ImuSettings(path=de, activities="DE"), spec)
+    assert isinstance(src, WindowedSource) and src.settings.label == "majority"
+    out = list(src.stream(threading.Event()))
+    # 100 rows before the gap and 100 after: 1 + (100 - 40) // 20 = 4 windows each side
+    assert len(out) == 8 and all(w.data.shape == (40, 3) for w in out)
+    assert [w.label for w in out] == [0] * 4 + [1] * 4
+    assert src.errors == {"gap": 1}
+    # the source's own window wins; a model trained at another rate is refused in one line
+    own = open_source(ImuSettings(path=de, window={"length": 10, "hop": 10}), spec)
+    assert isinstance(own, WindowedSource) and own.settings.length == 10
+    with pytest.raises(SourceError, match=r"source rate 20 Hz does not match the model's "
+                       r"window rate_hz 50 Hz"):  # fmt: skip
+        open_source(ImuSettings(path=de), WindowSpec(length=40, hop=20, rate_hz=50))
+    npz = Path(__file__).parents[1] / "models" / "data" / "breastmnist_dev.npz"
+    assert isinstance(open_source(NpzSettings(path=npz), spec), NpzReplay)  # ready inputs

@@ -12,12 +12,16 @@ from typing import Annotated, Any, Union
 
 from pydantic import Discriminator, Tag
 
+from edge_agent.bundle import WindowSpec
+from edge_agent.errors import SourceError
 from edge_agent.sources.base import Problems, Sample, Source, SourceSettings
 from edge_agent.sources.dicom import DicomSettings, DicomSource
 from edge_agent.sources.ecg import EcgSettings, EcgSource
 from edge_agent.sources.images import ImagesSettings, ImagesSource
 from edge_agent.sources.imu import ImuSettings, ImuSource
+from edge_agent.sources.mqtt import MqttSensorSettings, MqttSensorSource
 from edge_agent.sources.npz import NpzReplay, NpzSettings, load_labelled
+from edge_agent.sources.serial import SerialSettings, SerialSource
 from edge_agent.sources.udp import UdpSettings, UdpSource
 from edge_agent.sources.video import VideoSettings, VideoSource
 from edge_agent.window import WindowedSource, WindowSettings
@@ -32,10 +36,14 @@ __all__ = [
     "ImagesSource",
     "ImuSettings",
     "ImuSource",
+    "MqttSensorSettings",
+    "MqttSensorSource",
     "NpzReplay",
     "NpzSettings",
     "Problems",
     "Sample",
+    "SerialSettings",
+    "SerialSource",
     "Source",
     "SourceConfig",
     "SourceSettings",
@@ -43,11 +51,13 @@ __all__ = [
     "UdpSource",
     "VideoSettings",
     "VideoSource",
+    "check_rate",
+    "ecg_from_manifest",
     "load_labelled",
     "open_source",
 ]
 
-SOURCE_KINDS = ("npz", "video", "images", "dicom", "imu", "udp", "ecg")
+SOURCE_KINDS = ("npz", "video", "images", "dicom", "imu", "udp", "ecg", "mqtt", "serial")
 
 
 def _kind(v: Any) -> str | None:
@@ -66,6 +76,8 @@ SourceConfig = Annotated[
         Annotated[ImuSettings, Tag("imu")],
         Annotated[UdpSettings, Tag("udp")],
         Annotated[EcgSettings, Tag("ecg")],
+        Annotated[MqttSensorSettings, Tag("mqtt")],
+        Annotated[SerialSettings, Tag("serial")],
     ],
     Discriminator(
         _kind,
@@ -82,20 +94,65 @@ _PLUGINS: dict[type[SourceSettings], Callable[[Any], Source]] = {
     ImuSettings: ImuSource,
     UdpSettings: UdpSource,
     EcgSettings: EcgSource,
+    MqttSensorSettings: MqttSensorSource,
+    SerialSettings: SerialSource,
 }
 
 
-def open_source(cfg: SourceSettings) -> Source:
+def open_source(cfg: SourceSettings, window: WindowSpec | None = None) -> Source:
     """The source plug-in for ``cfg.kind``, wrapped in windowing when its config asks
-    (``window`` for sensors, ``clip`` for frames)."""
-    if isinstance(cfg, NpzSettings):
+    (``window`` for sensors, ``clip`` for frames) or, when it does not, as the bundle's manifest
+    ``window`` says (an ECG source takes its length, hop and ``centre``). A manifest
+    ``rate_hz`` that differs from the source's rate is refused in one line (:class:`SourceError`).
+    """
+    if isinstance(cfg, NpzSettings):  # an npz holds ready inputs: never windowed
         return NpzReplay(cfg.path, cfg.split, cfg.rate_hz, cfg.loop, cfg.limit)
     make = _PLUGINS.get(type(cfg))
     if make is None:
         raise TypeError(f"no source plug-in for {type(cfg).__name__}")
+    if isinstance(cfg, EcgSettings) and window is not None:
+        cfg = ecg_from_manifest(cfg, window)
     src = make(cfg)
-    for key in ("window", "clip"):  # dicom's 'window' is a VOI window, not windowing
-        windows = getattr(cfg, key, None)
-        if isinstance(windows, WindowSettings):
-            return WindowedSource(src, windows)
-    return src
+    if isinstance(src, EcgSource):
+        if window is not None and window.rate_hz is not None:
+            check_rate(src.name, src.record.fs, window.rate_hz)
+        return src
+    fields = type(cfg).model_fields
+    # frames: 'clip' (dicom's 'window' is a VOI window, not windowing); sensors: 'window'
+    key = "clip" if "clip" in fields else "window" if "window" in fields else None
+    if key is None:
+        return src
+    own = getattr(cfg, key)
+    if isinstance(own, WindowSettings):
+        return WindowedSource(src, own)
+    if window is None:
+        return src
+    rate = getattr(cfg, "rate_hz", None)
+    if key == "window" and window.rate_hz is not None and rate:
+        check_rate(src.name, float(rate), window.rate_hz)
+    settings = WindowSettings(length=window.length, hop=window.hop, label=window.label)
+    return WindowedSource(src, settings)
+
+
+def check_rate(name: str, rate_hz: float, model_hz: float) -> None:
+    """Refuse a source whose sampling rate is not the one the model was trained at (1%)."""
+    if abs(rate_hz - model_hz) > 0.01 * model_hz:
+        raise SourceError(
+            f"{name}: source rate {rate_hz:g} Hz does not match the model's window rate_hz "
+            f"{model_hz:g} Hz (bundle manifest); resample the input or set the source's rate"
+        )
+
+
+def ecg_from_manifest(cfg: EcgSettings, window: WindowSpec) -> EcgSettings:
+    """The ECG settings with the manifest's window for what the config leaves unset."""
+    given = cfg.model_fields_set
+    update: dict[str, Any] = {}
+    if "length" not in given:
+        update["length"] = window.length
+    if "mode" not in given:
+        update["mode"] = "beats" if window.centre == "beat" else "fixed"
+    if "hop" not in given:
+        update["hop"] = window.hop
+    if "before" not in given and window.before is not None:
+        update["before"] = window.before
+    return cfg.model_copy(update=update)

@@ -101,5 +101,6 @@ def require(module: str, extra: str = "device") -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        pkg = {"cv2": "opencv-python-headless"}.get(module, module)
-        raise SourceError(f"this source needs {pkg}: pip install 'medge[{extra}]'") from exc
+        pkg = {"cv2": "opencv-python-headless", "serial": "pyserial"}.get(module, module)
+        hint = pkg if module == "cv2" else f"'medge[{extra}]'"
+        raise SourceError(f"this source needs {pkg}: pip install {hint}") from exc

@@ -41,6 +41,12 @@ class EcgSettings(SourceSettings):
         default="beats", description="fixed: windows every hop; beats: centred on each R peak."
     )
     length: int = Field(default=260, ge=2, description="Window length in samples.")
+    before: int | None = Field(
+        default=None,
+        ge=0,
+        description="Beat mode: samples before the R peak (e.g. 90 for R-90..R+170 windows); "
+        "default: length // 2, centred.",
+    )
     hop: int | None = Field(default=None, ge=1, description="Fixed mode hop; default: length.")
     realtime: bool = Field(
         default=False, description="Emit each window when the recording reaches its end."
@@ -118,7 +124,8 @@ class EcgSource:
 
     def windows(self) -> Iterator[tuple[int, int | None, int | None]]:
         """(start sample, label, R peak) of each window, in order."""
-        rec, n, half = self.record, self.cfg.length, self.cfg.length // 2
+        rec, n = self.record, self.cfg.length
+        half = self.cfg.before if self.cfg.before is not None else n // 2
         total = len(rec.signal)
         pvc = set(rec.pvc.tolist()) if rec.pvc is not None else None
         if self.cfg.mode == "beats" and rec.r_peaks is not None:

@@ -8,6 +8,10 @@ dashboard writes to the store is the audit log and acknowledgements of alerts. I
 ``alerts`` event (open alerts first) whenever either changes, and one ``result`` event per new
 row, in id order, with the row id as the event id. A browser that reconnects sends
 Last-Event-ID, any other client can pass ``?after=ID``; either way no row is missed.
+
+A result whose body carries a CAM thumbnail (``gateway.dashboard.cam``) gets ``cam: {png,
+label}`` in its row, checked again here; the page shows it as a data: URL image, which the
+Content-Security-Policy sent with every response allows for images and nothing else.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from edge_agent.errors import MedgeError
 from gateway.alerts import AlertError, UnknownAlert, acknowledge, list_alerts
 from gateway.dashboard import login
 from gateway.dashboard.auth import SESSION_TTL_S, Sessions, Users
+from gateway.dashboard.cam import check_cam
 from gateway.dashboard.keys import ANONYMOUS, INDEX, SESSIONS, STATIC, STOPPING, STORE, TITLE, USERS
 from gateway.store import Store
 
@@ -43,6 +48,9 @@ BATCH = 500  # rows read per query while a stream catches up
 MAX_LIMIT = 1000  # the most rows /api/results returns at once
 ALERTS_SHOWN = 50  # alerts in the panel: open and acknowledged first, then recently resolved
 MAX_HISTORY_MIN = 24 * 60  # the longest chart window (the store keeps 24 h)
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+_CAM_LOGGED_MAX = 10_000  # result ids whose dropped CAM was logged (one line each)
 
 
 def check_access(users: Path | None, allow_anonymous: bool) -> Users | None:
@@ -61,7 +69,7 @@ def check_access(users: Path | None, allow_anonymous: bool) -> Users | None:
 
 
 def create_app(
-    db_path: Path,
+    db_path: str | Path,
     title: str = "medge",
     users: Path | None = None,
     allow_anonymous: bool = False,
@@ -69,7 +77,7 @@ def create_app(
 ) -> web.Application:
     """The dashboard as an aiohttp application over the store at ``db_path``; ``users`` is the
     users file (see ``medge dashboard add-user``)."""
-    app = web.Application()
+    app = web.Application(middlewares=[_security_headers])
     app[USERS] = check_access(users, allow_anonymous)
     app[ANONYMOUS] = users is None
     app[SESSIONS] = Sessions(session_ttl_s)
@@ -126,9 +134,12 @@ async def _results(request: web.Request) -> web.Response:
     after = _int_param(query.get("after"), 0, "after")
     limit = min(max(_int_param(query.get("limit"), 100, "limit"), 1), MAX_LIMIT)
     site, device = _device_param(request)
-    rows = await asyncio.to_thread(request.app[STORE].results, max(after, 0), limit, site,
-                                   device)
-    return _json(rows)
+    store = request.app[STORE]
+
+    def read() -> list[dict[str, Any]]:
+        return _with_cams(store, store.results(max(after, 0), limit, site, device))
+
+    return _json(await asyncio.to_thread(read))
 
 
 async def _alerts(request: web.Request) -> web.Response:
@@ -213,10 +224,58 @@ async def _stream(request: web.Request) -> web.StreamResponse:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+@web.middleware
+async def _security_headers(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        exc.headers.setdefault("Content-Security-Policy", CSP)
+        raise
+    if not response.prepared:  # the event stream has sent its headers already
+        response.headers.setdefault("Content-Security-Policy", CSP)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    return response
+
+
 def _rows_after(store: Store, cursor: int, limit: int) -> list[dict[str, Any]]:
     # Store.results(0, ...) means "the newest rows"; ids start at 1, so -1 asks for the
     # oldest rows after nothing, in id order, which is what a stream must send.
-    return store.results(cursor if cursor > 0 else -1, limit)
+    return _with_cams(store, store.results(cursor if cursor > 0 else -1, limit))
+
+
+_cam_logged: set[int] = set()
+
+
+def _with_cams(store: Store, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add ``cam`` to the rows whose stored body carries a thumbnail that passes
+    :func:`check_cam` (one query over the rows' id range; only bodies that mention a CAM are
+    read). One that does not pass is left out and logged once."""
+    if not rows:
+        return rows
+    ids = {r["id"]: r for r in rows}
+    found = store.query(
+        "SELECT id, body FROM results WHERE id >= ? AND id <= ? AND CAST(body AS TEXT) LIKE ?",
+        (min(ids), max(ids), '%"cam"%'),
+    )
+    for f in found:
+        row = ids.get(f["id"])
+        if row is None:
+            continue
+        body = f["body"]
+        try:
+            body = json.loads(body) if isinstance(body, (str, bytes)) else body
+        except ValueError:
+            continue
+        if not isinstance(body, dict) or "cam" not in body:
+            continue
+        cam, why = check_cam(body["cam"])
+        if cam is not None:
+            row["cam"] = cam
+        elif f["id"] not in _cam_logged and len(_cam_logged) < _CAM_LOGGED_MAX:
+            _cam_logged.add(f["id"])
+            log.warning("result %d of %s/%s: CAM thumbnail not shown (%s)", f["id"],
+                        row["site"], row["device"], why)
+    return rows
 
 
 def _device_param(request: web.Request) -> tuple[str | None, str | None]:

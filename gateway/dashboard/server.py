@@ -15,6 +15,7 @@ from aiohttp import web
 
 from gateway.dashboard.app import check_access, create_app
 from gateway.dashboard.auth import SESSION_TTL_S
+from gateway.db import redact
 
 __all__ = ["DashboardServer", "run_dashboard"]
 
@@ -23,8 +24,10 @@ log = logging.getLogger("medge.gateway.dashboard")
 SHUTDOWN_S = 1.0  # how long stop() lets requests finish before they are cancelled
 
 
-async def _start(db_path: Path, host: str, port: int, **app_args: Any) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(create_app(Path(db_path), **app_args), shutdown_timeout=SHUTDOWN_S)
+async def _start(
+    db_path: str | Path, host: str, port: int, **app_args: Any
+) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(create_app(db_path, **app_args), shutdown_timeout=SHUTDOWN_S)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
@@ -45,11 +48,11 @@ class DashboardServer:
     free port. Without ``users`` it refuses to start unless ``allow_anonymous=True``.
     """
 
-    def __init__(self, db_path: Path, host: str = "127.0.0.1", port: int = 0,
+    def __init__(self, db_path: str | Path, host: str = "127.0.0.1", port: int = 0,
                  title: str = "medge", users: Path | None = None, allow_anonymous: bool = False,
                  session_ttl_s: float = SESSION_TTL_S) -> None:
         check_access(users, allow_anonymous)  # refuse at once, not in the server's thread
-        self.db_path, self.host, self.port, self.title = Path(db_path), host, port, title
+        self.db_path, self.host, self.port, self.title = db_path, host, port, title
         self._app_args: dict[str, Any] = {"title": title, "users": users,
                                           "allow_anonymous": allow_anonymous,
                                           "session_ttl_s": session_ttl_s}
@@ -79,7 +82,7 @@ class DashboardServer:
             self._thread.join()
             self._thread = None
             raise self._error
-        log.info("dashboard on %s (database %s)", self.url, self.db_path)
+        log.info("dashboard on %s (database %s)", self.url, redact(self.db_path))
         return self
 
     def _run(self) -> None:
@@ -119,15 +122,15 @@ class DashboardServer:
         log.info("dashboard stopped")
 
 
-def run_dashboard(db_path: Path, host: str, port: int, title: str = "medge",
+def run_dashboard(db_path: str | Path, host: str, port: int, title: str = "medge",
                   users: Path | None = None, allow_anonymous: bool = False) -> None:
     """Serve the dashboard until SIGINT (Ctrl-C) or SIGTERM."""
     check_access(users, allow_anonymous)
 
     async def main() -> None:
-        runner, url = await _start(Path(db_path), host, port, title=title, users=users,
+        runner, url = await _start(db_path, host, port, title=title, users=users,
                                    allow_anonymous=allow_anonymous)
-        log.info("dashboard on %s (database %s)", url, db_path)
+        log.info("dashboard on %s (database %s)", url, redact(db_path))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         handled: list[signal.Signals] = []

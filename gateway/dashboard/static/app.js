@@ -294,10 +294,33 @@
       el("td", { cls: "time", text: clockTime(r.time), title: stamp(r.time) }),
       el("td", { cls: "device", text: `${r.site}/${r.device}` }),
       el("td", { cls: "input", text: r.input || DASH, title: r.input || "" }),
+      camCell(r.cam),
       pred,
       el("td", { cls: "truth", text: truth }),
       mark,
     ]);
+  }
+
+  // The class activation map a device sent with a result, as a small image. The server has
+  // checked it is a small PNG; only plain base64 goes into the data: URL, set as a property.
+  const B64 = /^[A-Za-z0-9+/]+={0,2}$/;
+  function camCell(cam) {
+    const cell = el("td", { cls: "cam" });
+    if (!cam || typeof cam.png !== "string" || !B64.test(cam.png) || cam.png.length > 22000) {
+      cell.textContent = DASH;
+      return cell;
+    }
+    const label = typeof cam.label === "string" && cam.label ? cam.label : "predicted class";
+    const img = document.createElement("img");
+    img.className = "cam-thumb";
+    img.alt = `Class activation map: ${label}`;
+    img.title = `Where the model looked for "${label}"`;
+    img.width = 48;
+    img.height = 48;
+    img.decoding = "async";
+    img.src = `data:image/png;base64,${cam.png}`;
+    cell.append(img);
+    return cell;
   }
 
   function queueResults(rows) {

@@ -1,0 +1,312 @@
+"""Evaluating artifacts as a device runs them, and the accuracy-budget search.
+
+``--budget sensitivity=0.005,auc=0.005`` asks for the cheapest artifact whose metrics drop
+from the float model's by no more than that. The search (converter.convert calls
+:func:`search`) tries, in order, each rung made in its own child process
+(``python -m converter.litert_child variant JOB``):
+
+1. full int8 (the conversion strategy that won, converter.strategies);
+2. ``mixed``: full int8 with the layers of most quantization error kept in float, found with
+   LiteRT's QuantizationDebugger (per-layer SNR, the worst fifth of the layers);
+3. ``int16x8``: 16-bit activations, 8-bit weights;
+4. ``fp16``: float16 weights;
+5. ``fp32``.
+
+The first that meets every budgeted metric wins; the report lists what was tried, what each
+scored and why the winner won. When none meets it the conversion fails in one line and no
+bundle is written.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from converter.errors import ConversionError
+from converter.metrics import classification_metrics, image_metrics, segmentation_metrics
+from edge_agent.backends import open_backend
+from edge_agent.bundle import Decode, Preprocess
+from edge_agent.decode import classify
+from edge_agent.preprocess import dequantize, normalize, to_input
+
+__all__ = [
+    "FLOAT_PAYOFF",
+    "LOWER_IS_BETTER",
+    "RUNGS",
+    "TASK_METRICS",
+    "BudgetOutcome",
+    "Rung",
+    "Scored",
+    "append_markdown",
+    "describe",
+    "float_payoff",
+    "misses",
+    "run_artifact",
+    "rungs",
+    "search",
+    "task_metrics",
+]
+
+TASK_METRICS = {
+    "classification": ("accuracy", "sensitivity", "specificity", "precision", "f1", "auc"),
+    "segmentation": ("dice", "iou", "hd95"),
+    "image_to_image": ("psnr", "ssim"),
+}
+LOWER_IS_BETTER = {"hd95"}  # a drop in these is a rise
+FLOAT_PAYOFF = 2.0  # ship a float LiteRT artifact beside the winner only when this much faster
+
+
+@dataclass(frozen=True)
+class Rung:
+    key: str
+    precision: str
+    title: str
+
+
+RUNGS = (
+    Rung("mixed", "int8", "full int8, the layers with the most quantization error kept float"),
+    Rung("int16x8", "int16x8", "16-bit activations, 8-bit weights"),
+    Rung("fp16", "fp16", "float16 weights, float compute"),
+    Rung("fp32", "fp32", "float32"),
+)
+
+
+@dataclass
+class Scored:
+    """One artifact, evaluated: its metrics, outputs (one row per sample) and latencies."""
+
+    metrics: dict[str, Any]
+    outputs: np.ndarray
+    latencies: list[float]
+
+    @property
+    def p50_ms(self) -> float:
+        return float(np.percentile(self.latencies, 50) * 1e3)
+
+
+@dataclass
+class BudgetOutcome:
+    rung: str  # "int8" (the first artifact) or a Rung key
+    precision: str
+    path: Path
+    scored: Scored
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    per_layer: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_artifact(
+    path: Path, runtime: str, preprocess: Preprocess, samples: np.ndarray
+) -> tuple[np.ndarray, list[float]]:
+    """Every sample through the agent's own preprocessing and backend, one at a time as a
+    device runs them (1 thread); the real-valued first output of each, and each latency."""
+    backend = open_backend(runtime, path, 1)
+    spec_in, spec_out = backend.inputs[0], backend.outputs[0]
+    outs, lat = [], []
+    for s in samples:
+        t = time.perf_counter()
+        raw = backend.invoke([to_input(normalize(preprocess, s), spec_in)])[0]
+        outs.append(dequantize(raw, spec_out.quantization).reshape(spec_out.shape[1:]))
+        lat.append(time.perf_counter() - t)
+    return np.stack(outs), lat
+
+
+def _foreground(out: np.ndarray, activation: str) -> np.ndarray:
+    """(N, H, W) foreground probability from (N, H, W[, K]) outputs."""
+    a = np.asarray(out, dtype=np.float64)
+    if a.ndim == 3:
+        a = a[..., None]
+    if activation == "none":
+        if a.shape[-1] == 1:
+            a = 1.0 / (1.0 + np.exp(-a))
+        else:
+            e = np.exp(a - a.max(-1, keepdims=True))
+            a = e / e.sum(-1, keepdims=True)
+    return a[..., 0] if a.shape[-1] == 1 else 1.0 - a[..., 0]
+
+
+def task_metrics(
+    task: str,
+    outs: np.ndarray,
+    y: np.ndarray,
+    decode: Decode,
+    labels: list[str],
+    positive: int | None,
+) -> dict[str, Any]:
+    """The task's metrics of outputs ``outs`` (N, ...) against targets ``y``."""
+    if task == "classification":
+        got = [classify(row.reshape(-1), decode, labels, positive) for row in outs]
+        scores = np.array([g.scores for g in got])
+        pred = np.array([g.pred for g in got])
+        return classification_metrics(y, scores, pred, positive)
+    if task == "segmentation":
+        fg = _foreground(outs, decode.activation)
+        masks = np.asarray(y).reshape(fg.shape).astype(bool)
+        return segmentation_metrics(masks, fg, decode.mask_threshold)
+    ref = np.asarray(y, dtype=np.float64)
+    out = np.asarray(outs, dtype=np.float64).reshape(ref.shape)
+    return image_metrics(ref, out)
+
+
+def rungs(keys: list[str] | None) -> tuple[Rung, ...]:
+    """The fallback rungs named by ``keys`` (None: all; [] or ["none"]: int8 only)."""
+    if keys is None:
+        return RUNGS
+    names = [k for k in keys if k != "none"]
+    known = {r.key: r for r in RUNGS}
+    bad = [k for k in names if k not in known]
+    if bad:
+        raise ConversionError(f"unknown fallback '{bad[0]}' (one of {', '.join(known)}, none)")
+    return tuple(r for r in RUNGS if r.key in names)
+
+
+def misses(budget: dict[str, float], ref: dict[str, Any], got: dict[str, Any]) -> list[str]:
+    """The budgeted metrics ``got`` loses more of than allowed, as 'metric dropped D > A'."""
+    out = []
+    for metric, allowed in budget.items():
+        a, b = ref.get(metric), got.get(metric)
+        if a is None or b is None:
+            raise ConversionError(f"budget metric '{metric}' is undefined on this data")
+        drop = (b - a) if metric in LOWER_IS_BETTER else (a - b)
+        if math.isinf(a) and math.isinf(b):
+            drop = 0.0
+        if drop > allowed + 1e-12:
+            out.append(f"{metric} dropped {drop:.4f} > {allowed}")
+    return out
+
+
+def _attempt(rung: str, precision: str, path: Path | None, scored: Scored | None,
+             budget: dict[str, float], ref: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    rec: dict[str, Any] = {"rung": rung, "precision": precision}
+    if scored is None or path is None:
+        return rec
+    missed = misses(budget, ref, scored.metrics)
+    rec.update(
+        bytes=path.stat().st_size,
+        p50_ms=round(scored.p50_ms, 4),
+        metrics={m: scored.metrics.get(m) for m in budget},
+        met=not missed,
+        reason="; ".join(missed) if missed else "meets every budgeted metric",
+    )
+    return rec
+
+
+def search(
+    budget: dict[str, float],
+    ref: dict[str, Any],
+    first: tuple[str, Path, Scored],
+    make: Callable[[Rung], tuple[Path, list[dict[str, Any]]]],
+    evaluate: Callable[[Path], Scored],
+    rungs: tuple[Rung, ...] = RUNGS,
+) -> BudgetOutcome:
+    """Walk the rungs from ``first`` (the full-int8 artifact, evaluated) until one meets
+    ``budget``. ``make(rung)`` writes that rung's artifact in a child process and returns it
+    with the per-layer errors it measured (or raises ConversionError, recorded as failed).
+    ``rungs``: those the search may fall back to (all by default)."""
+    precision, path, scored = first
+    attempts = [_attempt("int8", precision, path, scored, budget, ref)]
+    per_layer: list[dict[str, Any]] = []
+    if attempts[0]["met"]:
+        return BudgetOutcome("int8", precision, path, scored, attempts)
+    for rung in rungs:
+        try:
+            got, layers = make(rung)
+        except ConversionError as exc:
+            attempts.append({"rung": rung.key, "precision": rung.precision, "met": False,
+                             "reason": f"failed: {exc}"})  # fmt: skip
+            continue
+        per_layer = layers or per_layer
+        s = evaluate(got)
+        attempts.append(_attempt(rung.key, rung.precision, got, s, budget, ref))
+        if attempts[-1]["met"]:
+            return BudgetOutcome(rung.key, rung.precision, got, s, attempts, per_layer)
+    tried = "; ".join(f"{a['rung']}: {a.get('reason', 'not made')}" for a in attempts)
+    wanted = ", ".join(f"{k}={v}" for k, v in budget.items())
+    raise ConversionError(
+        f"accuracy budget not met by any artifact ({wanted}) — {tried}; no bundle written"
+    )
+
+
+def describe(outcome: BudgetOutcome, budget: dict[str, float]) -> dict[str, Any]:
+    """The report's ``budget`` section: what was tried, what each scored, which won and why."""
+    cheaper = [a["rung"] for a in outcome.attempts if a["rung"] != outcome.rung]
+    why = (
+        "full int8 meets the budget: the cheapest artifact"
+        if outcome.rung == "int8"
+        else f"the cheapest rung that meets the budget ({', '.join(cheaper)} did not)"
+    )
+    return {
+        "budget": budget,
+        "attempts": outcome.attempts,
+        "winner": outcome.rung,
+        "precision": outcome.precision,
+        "why": why,
+    }
+
+
+def float_payoff(
+    profile: str,
+    precision: str,
+    winner: Scored,
+    work: Path,
+    evaluate: Callable[[Path], Scored],
+) -> tuple[str | None, dict[str, Any]]:
+    """Whether a float LiteRT artifact (fp16, fp32) pays off beside the winner: shipped only
+    for the x86 profile (timed here, on x86 with XNNPACK, 1 thread) and only when it is at
+    least FLOAT_PAYOFF times faster; the smaller of those that qualify."""
+    decisions: dict[str, Any] = {}
+    ship = []
+    for p in ("fp16", "fp32"):
+        path = work / f"extra-{p}.tflite"
+        if p == precision:
+            continue
+        if not path.exists():
+            decisions[p] = {"shipped": False, "why": "the converter could not make it"}
+            continue
+        s = evaluate(path)
+        speedup = winner.p50_ms / s.p50_ms if s.p50_ms else 0.0
+        rec = {"bytes": path.stat().st_size, "p50_ms": round(s.p50_ms, 4),
+               "speedup_vs_winner": round(speedup, 2), "shipped": False}  # fmt: skip
+        if profile != "x86":
+            rec["why"] = (f"timed on this x86 workstation only ({speedup:.2f}x the speed of "
+                          f"{precision}), which says nothing of a {profile}")  # fmt: skip
+        elif speedup < FLOAT_PAYOFF:
+            rec["why"] = (f"{speedup:.2f}x the speed of {precision} here (< {FLOAT_PAYOFF}x): "
+                          "not worth its bytes")  # fmt: skip
+        else:
+            rec["why"] = f"{speedup:.2f}x faster than {precision} on x86 (XNNPACK, 1 thread)"
+            ship.append((rec["bytes"], p))
+        decisions[p] = rec
+    chosen = min(ship)[1] if ship else None
+    if chosen:
+        decisions[chosen]["shipped"] = True
+        decisions[chosen]["why"] += ": shipped as a second LiteRT artifact"
+    return chosen, decisions
+
+
+def append_markdown(path: Path, report: dict[str, Any]) -> None:
+    """The budget search and the float-artifact decision, after report.py's sections."""
+    lines = []
+    budget = report.get("budget")
+    if budget:
+        wanted = ", ".join(f"{k}={v}" for k, v in budget["budget"].items())
+        lines += ["", f"## Accuracy budget ({wanted}): `{budget['winner']}` won", "",
+                  f"Why: {budget['why']}.", ""]  # fmt: skip
+        for a in budget["attempts"]:
+            size = f", {a['bytes']} bytes, p50 {a['p50_ms']} ms" if "bytes" in a else ""
+            met = "met" if a.get("met") else "missed"
+            lines.append(f"- `{a['rung']}` ({a['precision']}{size}): **{met}** — "
+                         f"{a.get('reason', '')}")  # fmt: skip
+    floats = report.get("float_artifacts")
+    if floats:
+        lines += ["", "## Float LiteRT artifacts: do they pay off?", ""]
+        for p, d in floats.items():
+            lines.append(f"- {p}: {'shipped' if d['shipped'] else 'not shipped'} — {d['why']}")
+    if lines:
+        with path.open("a", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")

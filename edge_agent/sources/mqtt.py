@@ -1,0 +1,232 @@
+"""A live sensor over MQTT: a wearable publishes raw samples to the fog broker, on
+``medge/v1/<site>/<device>/sensor/<name>`` (docs/topics.md), and this source subscribes.
+
+A payload is JSON: one sample ``{"t": 12.30, "values": [x, y, z]}`` (optional ``seq``,
+``label``), a list of such objects, or a compact batch ``{"t0": 12.30, "dt": 0.05,
+"values": [[x, y, z], ...]}`` (or ``"t": [..]`` with one time per row; optional ``seq`` of the
+first row); with ``format: csv``, lines as for the UDP source. Bad payloads, NaN/inf, lost
+sequence numbers and clock gaps are counted as for UDP. The receiving thread and the stream
+share a bounded queue: back-pressure, then a counted ``overflow`` (see ``sources.feed``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from edge_agent.errors import SourceError
+from edge_agent.sources.base import Problems, Sample, SourceSettings
+from edge_agent.sources.feed import BoundedFeed, SampleChecks
+from edge_agent.sources.udp import parse_line
+from edge_agent.topics import ROOT, check_name
+from edge_agent.window import WindowSettings
+
+__all__ = ["MqttSensorSettings", "MqttSensorSource", "parse_payload", "sensor_topic"]
+
+log = logging.getLogger("medge.agent.source.mqtt")
+
+Row = tuple[np.ndarray, float | None, int | None, int | None]
+
+
+class MqttSensorSettings(SourceSettings):
+    kind: Literal["mqtt"] = Field(default="mqtt", description="Source plug-in: MQTT sensor topic.")
+    host: str = Field(default="127.0.0.1", description="Broker host (the fog node's).")
+    port: int = Field(default=1883, ge=1, le=65535, description="Broker port.")
+    protocol: Literal["5", "3.1.1"] = Field(default="5", description="MQTT protocol version.")
+    site: str = Field(description="Site of the wearable's topic.")
+    device: str = Field(description="The wearable's device name in the topic.")
+    sensor: str = Field(description="Sensor name, the topic's last level (e.g. 'accel').")
+    username: str | None = Field(default=None, description="Broker user name, if it asks.")
+    password_file: Path | None = Field(default=None, description="File holding the password.")
+    tls_ca: Path | None = Field(default=None, description="CA file: connect with TLS.")
+    tls_cert: Path | None = Field(default=None, description="Client certificate (TLS).")
+    tls_key: Path | None = Field(default=None, description="Client key (TLS).")
+    format: Literal["json", "csv"] = Field(default="json", description="Payload format.")
+    fields: list[str] = Field(
+        default=["x", "y", "z"], min_length=1, description="Channel names, in order."
+    )
+    csv_time: bool = Field(default=False, description="CSV lines start with the time (s).")
+    rate_hz: float = Field(
+        default=0.0, ge=0, description="Nominal rate for gap checks on 't'; 0: no checks."
+    )
+    gap_periods: float = Field(default=5.0, gt=1, description="A gap is this many periods.")
+    queue: int = Field(default=1000, ge=1, description="Messages held between broker and model.")
+    block_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="A full queue blocks the receiver this long, then drops "
+        "the message and counts it as 'overflow'.",
+    )
+    idle_timeout_s: float | None = Field(
+        default=None, gt=0, description="End the stream after this long without data."
+    )
+    limit: int | None = Field(default=None, ge=1, description="Stop after this many samples.")
+    window: WindowSettings | None = Field(
+        default=None, description="Emit (length, C) windows instead of single samples."
+    )
+
+
+def sensor_topic(site: str, device: str, sensor: str) -> str:
+    """``medge/v1/<site>/<device>/sensor/<name>``."""
+    parts = (check_name("site", site), check_name("device", device), check_name("sensor", sensor))
+    return f"{ROOT}/{parts[0]}/{parts[1]}/sensor/{parts[2]}"
+
+
+def _one(obj: dict[str, Any], fields: list[str]) -> Row:
+    raw = obj["values"] if "values" in obj else [obj[k] for k in fields]
+    values = np.array([float(v) for v in raw], np.float32)
+    if values.shape != (len(fields),):
+        raise ValueError(f"{values.size} values, expected {len(fields)}")
+    t = float(obj["t"]) if obj.get("t") is not None else None
+    label = int(obj["label"]) if obj.get("label") is not None else None
+    seq = int(obj["seq"]) if obj.get("seq") is not None else None
+    return values, t, label, seq
+
+
+def parse_payload(payload: bytes, fmt: str, fields: list[str], csv_time: bool = False) -> list[Row]:
+    """Every sample of one message; ValueError (KeyError, TypeError) when it is malformed."""
+    text = payload.decode("utf-8")
+    if fmt == "csv":
+        return [parse_line(ln, "csv", fields, csv_time) for ln in text.splitlines() if ln.strip()]
+    obj: Any = json.loads(text)
+    if isinstance(obj, list):
+        return [_one(o, fields) for o in obj]
+    if not isinstance(obj, dict):
+        raise ValueError("not a JSON object or list")
+    rows = obj.get("values")
+    if not (isinstance(rows, list) and rows and isinstance(rows[0], list)):
+        return [_one(obj, fields)]
+    values = np.array([[float(v) for v in r] for r in rows], np.float32)
+    if values.ndim != 2 or values.shape[1] != len(fields):
+        raise ValueError(f"batch of shape {values.shape}, expected (n, {len(fields)})")
+    n = len(values)
+    if isinstance(obj.get("t"), list):
+        times: list[float | None] = [float(t) for t in obj["t"]]
+        if len(times) != n:
+            raise ValueError(f"{len(times)} times for {n} rows")
+    elif obj.get("t0") is not None and obj.get("dt") is not None:
+        t0, dt = float(obj["t0"]), float(obj["dt"])
+        times = [t0 + i * dt for i in range(n)]
+    else:
+        times = [None] * n
+    seq0 = int(obj["seq"]) if obj.get("seq") is not None else None
+    label = int(obj["label"]) if obj.get("label") is not None else None
+    return [(values[i], times[i], label, seq0 + i if seq0 is not None else None) for i in range(n)]
+
+
+class MqttSensorSource:
+    """Connects and subscribes on :meth:`open` (or on first :meth:`stream`)."""
+
+    def __init__(self, cfg: MqttSensorSettings) -> None:
+        self.cfg = cfg
+        self.topic = sensor_topic(cfg.site, cfg.device, cfg.sensor)
+        self.name = f"mqtt:{cfg.device}/{cfg.sensor}"
+        self._problems = Problems(self.name, log)
+        self._feed = BoundedFeed(cfg.queue, cfg.block_s, self._problems)
+        self._client: Any = None
+        self.subscribed = threading.Event()
+
+    @property
+    def errors(self) -> dict[str, int]:
+        return self._problems.snapshot()
+
+    def open(self) -> None:
+        if self._client is not None:
+            return
+        from paho.mqtt import client as mqtt
+
+        c = self.cfg
+        v5 = c.protocol == "5"
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+        )
+        if c.username is not None:
+            pw = c.password_file.read_text().strip() if c.password_file else None
+            client.username_pw_set(c.username, pw)
+        if c.tls_ca is not None:
+            client.tls_set(
+                str(c.tls_ca),
+                str(c.tls_cert) if c.tls_cert else None,
+                str(c.tls_key) if c.tls_key else None,
+            )
+
+        def on_connect(cl: Any, _u: Any, _f: Any, rc: Any, _p: Any = None) -> None:
+            if rc.is_failure:
+                log.warning("%s: broker refused the connection: %s", self.name, rc)
+                return
+            cl.subscribe(self.topic, qos=1)
+
+        def on_subscribe(_c: Any, _u: Any, _mid: Any, codes: Any, _p: Any = None) -> None:
+            if any(getattr(rc, "is_failure", False) for rc in codes):
+                self._problems.add("denied", "subscription to %s refused", self.topic)
+                return
+            self.subscribed.set()
+
+        def on_message(_c: Any, _u: Any, msg: Any) -> None:
+            self._feed.put(msg.payload)
+
+        client.on_connect, client.on_subscribe, client.on_message = (
+            on_connect,
+            on_subscribe,
+            on_message,
+        )
+        try:
+            client.connect(c.host, c.port, keepalive=30)
+        except OSError as exc:
+            where = f"{c.host}:{c.port}"
+            raise SourceError(f"{self.name}: cannot reach broker {where} ({exc})") from exc
+        client.loop_start()
+        self._client = client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
+            self._client = None
+
+    def __enter__(self) -> MqttSensorSource:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def stream(self, stop: threading.Event) -> Iterator[Sample]:
+        c = self.cfg
+        self.open()
+        checks = SampleChecks(self.name, self._problems, c.rate_hz, c.gap_periods)
+        emitted, idle, messages = 0, 0.0, 0
+        try:
+            while not stop.is_set():
+                payload = self._feed.get(timeout=0.2)
+                if payload is None:
+                    idle += 0.2
+                    if c.idle_timeout_s is not None and idle >= c.idle_timeout_s:
+                        log.info("%s: no data for %.1f s; stream ends", self.name, idle)
+                        return
+                    continue
+                idle, messages = 0.0, messages + 1
+                try:
+                    rows = parse_payload(payload, c.format, c.fields, c.csv_time)
+                except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+                    self._problems.add("malformed", "message %d: %s", messages, exc, every=False)
+                    continue
+                for values, t, label, seq in rows:
+                    sample = checks.sample(values, t, label, seq)
+                    if sample is None:
+                        continue
+                    yield sample
+                    emitted += 1
+                    if c.limit is not None and emitted >= c.limit:
+                        return
+        finally:
+            self.close()
+            self._problems.summary()

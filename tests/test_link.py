@@ -1,0 +1,106 @@
+"""The device link against real brokers: jittered reconnects, subscriptions that come back
+after a broker restart on the same port, and MQTT 5 with a fall back to 3.1.1."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from edge_agent.link import DeviceLink, backoff_delay
+from edge_agent.outbox import Outbox
+from gateway import Gateway, Store
+from gateway.broker import RunningBroker, start_broker
+from gateway.ota import publish_command
+
+SITE = "ward-a"
+
+
+def _wait(pred, timeout: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return bool(pred())
+
+
+def test_backoff_is_full_jitter_and_capped() -> None:
+    rng = random.Random(7)
+    for attempt, ceiling in [(0, 0.5), (1, 1.0), (3, 4.0), (6, 30.0), (200, 30.0)]:
+        draws = [backoff_delay(attempt, 0.5, 30.0, rng) for _ in range(400)]
+        assert all(0.0 <= d <= ceiling for d in draws), attempt
+        # spread over the whole range, not bunched at the ceiling like plain doubling
+        assert min(draws) < 0.1 * ceiling and max(draws) > 0.9 * ceiling, attempt
+        assert 0.4 * ceiling < sum(draws) / len(draws) < 0.6 * ceiling, attempt
+
+
+def test_subscriptions_come_back_after_a_broker_restart_on_the_same_port(  # type: ignore[no-untyped-def]
+    tmp_path: Path, mosquitto: RunningBroker, sealer, opener
+) -> None:
+    device = "link-01"
+    with Outbox(tmp_path / "o.sqlite", SITE, device) as box:
+        box.sealer = sealer(device)
+        commands: list[bytes] = []
+        link = DeviceLink(
+            box, mosquitto.host, mosquitto.port, reconnect_min_s=0.1, reconnect_max_s=0.5
+        )
+        link.on_command = commands.append
+        with link:
+            assert link.wait_connected(10)
+            with (
+                Store(tmp_path / "gw1.sqlite") as store,
+                Gateway(store, opener, mosquitto.host, mosquitto.port),
+            ):
+                box.put("result", {"i": 0})
+                link.notify()
+                assert _wait(lambda: link.acked == 1), "ack before the restart"
+            mosquitto.kill()
+            assert _wait(lambda: not link.connected)
+            box.put("result", {"i": 1})  # waits in the outbox while the broker is away
+            time.sleep(1.0)  # a few attempts against a closed port
+            assert link.connect_failures >= 1
+            with (
+                start_broker("mosquitto", mosquitto.host, mosquitto.port) as again,
+                Store(tmp_path / "gw2.sqlite") as store,
+                Gateway(store, opener, again.host, again.port),
+            ):
+                assert _wait(lambda: link.connects == 2), "reconnected on its own"
+                assert _wait(lambda: link.acked == 2), "the ack subscription is back"
+                publish_command(again.host, again.port, SITE, device, b"after-restart")
+                assert _wait(lambda: commands == [b"after-restart"]), "so is the cmd one"
+                assert store.result_count() == 1
+            assert link.protocol_in_use == "5"
+        assert box.depth() == 0
+
+
+@pytest.mark.parametrize(
+    ("broker_fixture", "spoken"), [("mosquitto", "5"), ("embedded_broker", "3.1.1")]
+)
+def test_protocol_auto_speaks_5_where_it_can_and_3_1_1_otherwise(  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+    broker_fixture: str,
+    spoken: str,
+    request: pytest.FixtureRequest,
+    sealer,
+    opener,
+) -> None:
+    broker: RunningBroker = request.getfixturevalue(broker_fixture)
+    device = "link-02"
+    with (
+        Outbox(tmp_path / "o.sqlite", SITE, device) as box,
+        Store(tmp_path / "gw.sqlite") as store,
+        Gateway(store, opener, broker.host, broker.port, broker.protocol),
+    ):
+        box.sealer = sealer(device)
+        with DeviceLink(box, broker.host, broker.port, protocol="auto") as link:
+            assert link.wait_connected(15)
+            assert link.protocol_in_use == spoken
+            assert link.connect_failures == 0, "falling back is not a failure"
+            for i in range(3):
+                box.put("result", {"i": i})
+            link.notify()
+            assert link.drain(15), "results stored and acknowledged over MQTT " + spoken
+        assert store.result_count() == 3

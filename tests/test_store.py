@@ -1,0 +1,304 @@
+"""The gateway store on both engines, with the same code: a SQLite file and a database on a
+real PostgreSQL server started for the session (tests/pg.py). Migrations, exactly-once under
+two concurrent workers, exact round trips, and the SQL other modules pass in."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pg import new_database
+
+from edge_agent.envelope import Envelope
+from gateway import Store
+from gateway.alerts import list_alerts, open_alert
+from gateway.db import Database, StoreError, connect
+from gateway.store import _MIGRATIONS, _SERIAL_TABLES
+
+SITE = "ward-a"
+LATEST = len(_MIGRATIONS)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> str | Path:
+    """A store location that does not exist yet: a SQLite file, or a fresh PostgreSQL
+    database on the session's server."""
+    if request.param == "sqlite":
+        return tmp_path / "gw.sqlite"
+    return new_database(request.getfixturevalue("postgres_url"))
+
+
+def _env(seq: int, device: str = "us-01", **body: Any) -> Envelope:
+    return Envelope("result", SITE, device, seq, 1_795_000_000.0 + seq, body)
+
+
+def _versions(target: str | Path) -> list[int]:
+    db = connect(target)
+    try:
+        return [r[0] for r in db.execute("SELECT version FROM schema_version ORDER BY version")]
+    finally:
+        db.close()
+
+
+def _tables(db: Database) -> set[str]:
+    sql = (
+        "SELECT name FROM sqlite_master WHERE type='table'"
+        if db.dialect == "sqlite"
+        else "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+    )
+    return {r[0] for r in db.execute(sql)}
+
+
+def _old_store(target: str | Path, version: int) -> None:
+    """A store as a gateway of schema ``version`` left it, with one result in it."""
+    db = connect(target, _SERIAL_TABLES)
+    try:
+        with db.transaction():
+            db.execute(db.ddl("CREATE TABLE schema_version (version INTEGER)"))
+            for number, sql in enumerate(_MIGRATIONS[:version], start=1):
+                for statement in filter(str.strip, sql.split(";")):
+                    db.execute(db.ddl(statement))
+                db.execute("INSERT INTO schema_version VALUES (?)", (number,))
+            db.execute(
+                "INSERT INTO results (site, device, seq, kind, time, received, body) "
+                "VALUES (?,?,?,?,?,?,?)",
+                (SITE, "us-01", 7, "result", 1.5, 2.5, '{"pred": 1}'),
+            )
+    finally:
+        db.close()
+
+
+def test_migrations_are_numbered_recorded_and_applied_once(target: str | Path) -> None:
+    with Store(target) as store:
+        assert store.schema_version == LATEST
+        assert store.add_result(_env(1))
+    for _ in range(2):  # a restart applies nothing again and keeps the data
+        with Store(target) as store:
+            assert store.schema_version == LATEST
+            assert store.result_count() == 1
+    assert _versions(target) == list(range(1, LATEST + 1))
+
+
+def test_an_old_store_is_migrated_in_place(target: str | Path) -> None:
+    _old_store(target, 3)
+    assert _versions(target) == [1, 2, 3]
+    with Store(target) as store:
+        assert store.schema_version == LATEST
+        [old] = store.results()
+        assert (old["seq"], old["time"], old["received"]) == (7, 1.5, 2.5)
+        assert store.query("SELECT sealed, raw, alert FROM results") == [
+            {"sealed": None, "raw": None, "alert": None}
+        ]
+        assert store.add_results([(_env(7), None), (_env(8), b"x")]) == [False, True]
+        assert store.sealed_results() == []
+    assert _versions(target) == list(range(1, LATEST + 1))
+
+
+def test_a_failing_migration_leaves_nothing_half_done(target: str | Path) -> None:
+    """Migration 4 creates alerts, then telemetry_history: if the second fails, the first is
+    rolled back with it, the version stays 3, and the error says which migration."""
+    _old_store(target, 3)
+    db = connect(target)
+    try:
+        db.execute("CREATE TABLE telemetry_history (id INTEGER)")  # in the way of migration 4
+    finally:
+        db.close()
+    with pytest.raises(StoreError, match=r"schema migration 4 failed") as err:
+        Store(target)
+    assert "\n" not in str(err.value), "one line"
+    assert _versions(target) == [1, 2, 3]
+    db = connect(target)
+    try:
+        assert "alerts" not in _tables(db), "migration 4 applied nothing"
+        db.execute("DROP TABLE telemetry_history")
+    finally:
+        db.close()
+    with Store(target) as store:
+        assert store.schema_version == LATEST
+        assert store.result_count() == 1
+
+
+def test_workers_starting_together_migrate_once(target: str | Path) -> None:
+    start = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def open_store() -> None:
+        try:
+            start.wait(10)
+            with Store(target) as store:
+                assert store.schema_version == LATEST
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_store) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert _versions(target) == list(range(1, LATEST + 1))
+
+
+def test_two_workers_store_each_seq_once(
+    target: str | Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two gateway workers (two Store instances, two threads) store overlapping batches of
+    three devices, in opposite orders: every (device, seq) is stored exactly once, the two
+    workers' "new" answers add up, the duplicates are counted, and no transaction ever
+    deadlocks (PostgreSQL would have to abort and retry it)."""
+    devices = ["us-01", "us-02", "us-03"]
+    plan = {
+        "a": [(d, s) for s in range(0, 200) for d in devices],
+        "b": [(d, s) for s in range(299, 99, -1) for d in reversed(devices)],
+    }
+    batch = {"a": 7, "b": 5}
+    news: dict[str, list[bool]] = {"a": [], "b": []}
+    errors: list[BaseException] = []
+    Store(target).close()  # migrated once; the workers race on data only
+    start = threading.Barrier(2)
+
+    def worker(name: str) -> None:
+        try:
+            with Store(target) as store:
+                start.wait(10)
+                items = plan[name]
+                for i in range(0, len(items), batch[name]):
+                    part = [(_env(s, d, pred=s % 2), None) for d, s in items[i : i + batch[name]]]
+                    news[name] += store.add_results(part)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in plan]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+    assert sum(news["a"]) + sum(news["b"]) == 3 * 300, "each (device, seq) new exactly once"
+    with Store(target) as store:
+        for d in devices:
+            seqs = [r["seq"] for r in store.results(limit=1000, device=d)]
+            assert sorted(seqs) == list(range(300)), f"{d}: every seq once"
+        counters = {d["device"]: (d["stored"], d["duplicates"]) for d in store.devices()}
+    assert counters == dict.fromkeys(devices, (300, 100))
+    assert [r.message for r in caplog.records if "retried" in r.message] == []
+
+
+def test_values_round_trip_exactly(target: str | Path) -> None:
+    sealed = bytes(range(256)) * 3  # every byte value, NUL included
+    env = Envelope("event", SITE, "us-01", 2**40 + 3, 1_795_655_870.123456789,
+                   {"pred": 1, "scores": [0.1, 0.9000000000000001], "label": 0,
+                    "input": "img#3", "label_name": "benign", "pred_label": "malignant",
+                    "bundle": "breast-cnn@abc", "input_sha256": "ab" * 32},
+                   sealed=sealed, alert="fall")
+    with Store(target) as store:
+        assert store.add_result(env, received=1_795_655_871.000000123, raw=None)
+        [row] = store.results()
+        assert row["seq"] == 2**40 + 3
+        assert row["time"] == 1_795_655_870.123456789, "a double, not a 4-byte real"
+        assert row["received"] == 1_795_655_871.000000123
+        assert row["score"] == 0.9000000000000001
+        assert (row["kind"], row["label"], row["pred"]) == ("event", 0, 1)
+        assert (row["label_name"], row["pred_label"]) == ("benign", "malignant")
+        assert (row["bundle"], row["input_sha256"]) == ("breast-cnn@abc", "ab" * 32)
+        assert store.sealed_results() == [(row["id"], sealed)]
+        assert store.query("SELECT alert, raw FROM results") == [{"alert": "fall", "raw": None}]
+        assert store.add_result(_env(1), raw=b"\x00raw\xff")
+        assert store.query("SELECT raw FROM results WHERE seq = ?", (1,)) == [
+            {"raw": b"\x00raw\xff"}
+        ]
+
+
+def test_sql_written_by_other_modules_runs_unchanged(target: str | Path) -> None:
+    """Raw SQLite-dialect SQL through query() and transaction(): ``?`` outside literals
+    only, ``%`` in LIKE, rows by position and name, lastrowid, executemany, rollback."""
+    with Store(target) as store:
+        store.set_state(SITE, "us-01", "online", 10.0, "b1")
+        rows = store.query(
+            "SELECT count(*) AS n, '?%' AS lit FROM devices WHERE site LIKE 'ward%' "
+            "AND device = ?",
+            ("us-01",),
+        )
+        assert rows == [{"n": 1, "lit": "?%"}]
+        ids = []
+        with store.transaction() as db:
+            for rule in ("r1", "r2"):
+                cur = db.execute(
+                    "INSERT INTO alerts (site, device, rule, severity, message, opened, updated)"
+                    " VALUES (?,?,?,?,?,?,?)",
+                    (SITE, "us-01", rule, "warning", "m", 1.0, 1.0),
+                )
+                ids.append(cur.lastrowid)
+            db.executemany("UPDATE alerts SET count=? WHERE id=?", [(5, i) for i in ids])
+            row = db.execute("SELECT * FROM alerts WHERE id=?", (ids[1],)).fetchone()
+            assert (row[0], row["rule"], row["count"]) == (ids[1], "r2", 5)
+            assert dict(row)["state"] == "open"
+        assert ids[0] is not None and ids[1] == ids[0] + 1
+
+        def fail_midway() -> None:
+            with store.transaction() as db:
+                db.execute("UPDATE alerts SET state='resolved'")
+                raise RuntimeError("rolled back")
+
+        with pytest.raises(RuntimeError):
+            fail_midway()
+        assert [r["state"] for r in store.query("SELECT state FROM alerts")] == ["open"] * 2
+        assert store.query("SELECT sum(count) AS s FROM alerts") == [{"s": 10}]
+
+
+def test_results_per_minute_floors_each_time(target: str | Path) -> None:
+    with Store(target) as store:
+        for seq, received in ((1, 60.0), (2, 119.9), (3, 179.99)):
+            store.add_result(_env(seq), received=received)
+        assert store.results_per_minute(SITE, "us-01", 0.0) == [
+            {"minute": 60, "count": 2},
+            {"minute": 120, "count": 1},
+        ]
+
+
+def test_telemetry_history_and_replay_seqs(target: str | Path) -> None:
+    with Store(target) as store:
+        assert store.advance(SITE, "us-01", "telemetry", 5)
+        assert not store.advance(SITE, "us-01", "telemetry", 5), "a replay is not newer"
+        assert not store.advance(SITE, "us-01", "telemetry", 4)
+        store.set_telemetry(SITE, "us-01", {"fps": 2.5, "results": 3,
+                                            "latency_ms": {"total": {"p50": 4.25}}})
+        [point] = store.telemetry_history(SITE, "us-01", 0.0)
+        assert (point["fps"], point["latency_p50"], point["results"]) == (2.5, 4.25, 3)
+        [dev] = store.devices()
+        assert dev["telemetry"]["fps"] == 2.5 and dev["last_telemetry_seq"] == 5
+        store.count_rejected(SITE, "us-01", "bad signature")
+        store.count_rejected(None, None, "unknown device")
+        assert store.devices()[0]["rejected"] == 1
+        assert [a["detail"] for a in store.audit("reject")] == ["unknown device", "bad signature"]
+
+
+def test_alert_transactions_run_one_at_a_time_across_workers(target: str | Path) -> None:
+    """gateway.alerts reads, then inserts or updates, in one transaction: two workers
+    raising the same alert at once must give one open alert counted by both, never a
+    second insert that breaks the one-open-alert index."""
+    Store(target).close()
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def worker() -> None:
+        try:
+            with Store(target) as store:
+                start.wait(10)
+                for _ in range(40):
+                    open_alert(store, SITE, "us-01", "silent", "warning", "silent", now=time.time())
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+    with Store(target) as store:
+        [alert] = list_alerts(store)
+    assert (alert["state"], alert["count"]) == ("open", 80)
