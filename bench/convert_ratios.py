@@ -53,16 +53,20 @@ print(model.count_params())
 
 
 def upsampled(src: Path, out: Path, n_train: int, n_val: int) -> Path:
-    """PneumoniaMNIST 28x28 grey -> 96x96x3 uint8 (bilinear), as a MedMNIST-style npz."""
+    """A random (seeded) subset of PneumoniaMNIST, 28x28 grey -> 96x96x3 uint8 (bilinear), as
+    a MedMNIST-style npz."""
     import cv2
 
+    rng = np.random.default_rng(0)
     with np.load(src) as d:
         parts = {}
         for split, n in (("train", n_train), ("val", n_val)):
-            imgs = d[f"{split}_images"][:n]
+            labels = d[f"{split}_labels"].reshape(-1)
+            pick = np.sort(rng.permutation(len(labels))[:n])  # the splits are sorted by class
+            imgs = d[f"{split}_images"][pick]
             big = np.stack([cv2.resize(i, (96, 96), interpolation=cv2.INTER_LINEAR) for i in imgs])
             parts[f"{split}_images"] = np.repeat(big[..., None], 3, axis=-1)
-            parts[f"{split}_labels"] = d[f"{split}_labels"][:n].reshape(-1)
+            parts[f"{split}_labels"] = labels[pick]
     np.savez(out, **parts)
     return out
 

@@ -1,35 +1,91 @@
 """Cost of the sealed envelope, side by side in one run: per-message seal and open within an
 epoch (AES-256-GCM), the first message of an epoch (HPKE + ECDSA), for both KEM suites, and
-the bytes each adds.
+the bytes each adds; and the same per-message seal and open with the envelope code of release
+commit 62caf5d (before the encode-once rewrite), loaded from git, on the same keys and bodies.
 
-    python bench/envelope_crypto.py [--n 5000]
+    python bench/envelope_crypto.py [--n 5000] [--repeat 3]
+
+Each old/new pair runs ``--repeat`` times interleaved; the median is printed with new/old.
+Before it times anything it checks that the two codes are byte-compatible: every message one
+seals the other opens, and within one epoch both seal exactly the same bytes.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
+from edge_agent import envelope as new_envelope
 from edge_agent.envelope import Envelope, Sealer
 from edge_agent.identity import DeviceIdentity
-from gateway.site import init_site, opener_for, provision_device
+from gateway.site import DeviceRegistry, init_site, opener_for, provision_device, recipients
 
-BODY = {"input": "breastmnist_dev:val#12", "pred": 1, "pred_label": "benign",
-        "scores": [0.041, 0.959], "label": 1, "label_name": "benign", "latency_ms": 0.41,
-        "bundle": "breast-cnn@20261125.203014#4be2df058e2d", "input_sha256": "ab" * 32}
+OLD_COMMIT = "62caf5de6bfcc7942a580a30f048c8d21a239606"
+BODY = {
+    "input": "breastmnist_dev:val#12",
+    "pred": 1,
+    "pred_label": "benign",
+    "scores": [0.041, 0.959],
+    "label": 1,
+    "label_name": "benign",
+    "latency_ms": 0.41,
+    "bundle": "breast-cnn@20261125.203014#4be2df058e2d",
+    "input_sha256": "ab" * 32,
+}
 
 
-def _per_call(fn, n: int) -> float:  # type: ignore[no-untyped-def]
+def load_old_envelope() -> ModuleType | None:
+    """edge_agent/envelope.py as it was at OLD_COMMIT, as a module (None without git history)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        src = subprocess.run(
+            ["git", "show", f"{OLD_COMMIT}:edge_agent/envelope.py"],
+            cwd=root,
+            capture_output=True,
+            check=True,
+            timeout=30,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    path = Path(tempfile.mkdtemp(prefix="medge-old-")) / f"envelope_{OLD_COMMIT[:7]}.py"
+    path.write_bytes(src)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _per_call(fn: Callable[[int], Any], n: int) -> float:
     t = time.perf_counter()
     for i in range(n):
         fn(i)
     return (time.perf_counter() - t) / n * 1e6
 
 
-def run(suite: str, n: int, tmp: Path) -> None:
+def same_epoch(old: Any, new: Sealer) -> None:
+    """Give the old sealer the new one's epoch (key, sealed key, signature)."""
+    old._epoch, old._aead, old._ek, old._es, old._used = (
+        new._epoch,
+        new._aead,
+        new._ek,
+        new._es,
+        0,
+    )
+
+
+def run(suite: str, n: int, repeat: int, tmp: Path, old: ModuleType | None) -> None:
     site = tmp / suite
     init_site(site, "bench", suite)  # type: ignore[arg-type]
     ident = DeviceIdentity.load(provision_device(site, "d1", tmp / f"{suite}-id"), "bench", "d1")
@@ -37,9 +93,7 @@ def run(suite: str, n: int, tmp: Path) -> None:
     sealer = Sealer("bench", "d1", ident.key, ident.recipient, lambda: next(epochs), 10**9)
     opener = opener_for(site)
     env = [Envelope("result", "bench", "d1", i + 1, time.time(), BODY) for i in range(n)]
-    seal_us = _per_call(lambda i: sealer.seal(env[i]), n)
     payloads = [sealer.seal(e) for e in env]
-    open_us = _per_call(lambda i: opener.open(payloads[i]), n)
     k = 200
     rotate_us = _per_call(lambda i: sealer.rotate(), k)
     fresh = []
@@ -47,20 +101,61 @@ def run(suite: str, n: int, tmp: Path) -> None:
         sealer.rotate()
         fresh.append(sealer.seal(env[i]))
     first_open_us = _per_call(lambda i: opener.open(fresh[i]), k)
-    plain = len(repr(BODY))
-    print(f"{suite:16s} seal {seal_us:7.1f} us  open {open_us:7.1f} us  "
-          f"new epoch (HPKE seal + ECDSA sign) {rotate_us:7.1f} us  "
-          f"first open of an epoch {first_open_us:7.1f} us  "
-          f"message {len(payloads[0])} B for a {plain} B body")
+    if old is None:
+        seal_us = _per_call(lambda i: sealer.seal(env[i]), n)
+        open_us = _per_call(lambda i: opener.open(payloads[i]), n)
+        print(
+            f"{suite:16s} seal {seal_us:6.1f} us  open {open_us:6.1f} us  "
+            "(no git history: old code not loaded)"
+        )
+    else:
+        old_sealer = old.Sealer("bench", "d1", ident.key, ident.recipient, lambda: 1, 10**9)
+        same_epoch(old_sealer, sealer)
+        old_opener = old.Opener(recipients(site), DeviceRegistry(site).key_for)
+        old_env = [old.Envelope("result", "bench", "d1", e.seq, e.time, BODY) for e in env]
+        old_payloads = [old_sealer.seal(e) for e in old_env]
+        # byte-compatible: same bytes within an epoch; each opens what the other sealed
+        assert old_payloads == [sealer.seal(e) for e in env], "old and new seal different bytes"
+        assert old_opener.open(payloads[0]).body == opener.open(old_payloads[0]).body == BODY
+        cases: dict[str, Callable[[int], Any]] = {
+            "seal old": lambda i: old_sealer.seal(old_env[i]),
+            "seal new": lambda i: sealer.seal(env[i]),
+            "open old": lambda i: old_opener.open(payloads[i]),
+            "open new": lambda i: opener.open(payloads[i]),
+        }
+        times: dict[str, list[float]] = {c: [] for c in cases}
+        for _ in range(repeat):
+            for name, fn in cases.items():
+                times[name].append(_per_call(fn, n))
+        us = {c: statistics.median(v) for c, v in times.items()}
+        seal_us, open_us = us["seal new"], us["open new"]
+        print(
+            f"{suite:16s} seal {us['seal old']:6.1f} -> {seal_us:6.1f} us "
+            f"({us['seal old'] / seal_us:.2f}x faster)  "
+            f"open {us['open old']:6.1f} -> {open_us:6.1f} us "
+            f"({us['open old'] / open_us:.2f}x faster)"
+        )
+    plain = len(new_envelope._canon(BODY))
+    print(
+        f"{'':16s} new epoch (HPKE seal + ECDSA sign) {rotate_us:6.1f} us  "
+        f"first open of an epoch {first_open_us:6.1f} us  "
+        f"message {len(payloads[0])} B for a {plain} B body"
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=5000)
+    ap.add_argument("--n", type=int, default=5000, help="messages per measurement")
+    ap.add_argument("--repeat", type=int, default=3, help="interleaved runs of old and new")
     args = ap.parse_args()
+    old = load_old_envelope()
+    print(
+        f"per message, median of {args.repeat} interleaved runs of {args.n}; "
+        f"old = edge_agent/envelope.py at {OLD_COMMIT[:7]}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for suite in ("x25519", "mlkem768-x25519"):
-            run(suite, args.n, Path(tmp))
+            run(suite, args.n, args.repeat, Path(tmp), old)
 
 
 if __name__ == "__main__":

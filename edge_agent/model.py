@@ -8,7 +8,7 @@ from edge_agent.backends import Backend, open_backend
 from edge_agent.bundle import Artifact, Bundle
 from edge_agent.decode import Decoded, classify, image_stats, segment
 from edge_agent.errors import BundleError
-from edge_agent.preprocess import dequantize, normalize, to_input
+from edge_agent.preprocess import byte_table, dequantize, normalize, to_input
 
 __all__ = ["LoadedModel"]
 
@@ -31,9 +31,14 @@ class LoadedModel:
         self._positive = m.positive_index
         self._input = self.artifact.inputs[0]
         self._output = self.artifact.outputs[0]
+        self._table = byte_table(m.preprocess, self._input)
+        self._shape = tuple(self._input.shape)
+        self._size = int(np.prod(self._shape))
 
     def prepare(self, sample: np.ndarray) -> np.ndarray:
         """Raw sample -> input tensor (normalized, shaped, quantized)."""
+        if self._table is not None and sample.dtype == np.uint8 and sample.size == self._size:
+            return self._table[sample].reshape(self._shape)
         return to_input(normalize(self.bundle.manifest.preprocess, sample), self._input)
 
     def infer(self, tensor: np.ndarray) -> np.ndarray:

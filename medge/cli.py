@@ -163,6 +163,7 @@ def cmd_agent_package(a: argparse.Namespace) -> int:
         python_version=a.python_version,
         wheel_cache=a.wheel_cache,
         tarball=not a.no_tarball,
+        extras=a.extra or (),
     )
     if a.json:
         print(json.dumps(report.to_json()))
@@ -505,8 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
         "package",
         help="build a self-contained device package (wheels, bundle, identity, systemd unit)",
         description="Build a directory and .tar.gz that install the agent on a device with no "
-        "network: wheels of medge[device] for the target, the signed bundle, the config, the "
-        "identity, a systemd unit and install.sh (docs/device.md).",
+        "network: wheels of medge[device] plus the extras the config needs (device-video for "
+        "a video/images source, device-dicom, device-onnx for runtime onnx, serial) for the "
+        "target, the signed bundle, the config, the identity, a systemd unit and install.sh "
+        "(docs/device.md).",
     )
     pk.add_argument("--config", type=Path, required=True, help="agent YAML (see docs/config.md)")
     pk.add_argument("--out", type=Path, required=True, help="package directory to create")
@@ -521,6 +524,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--wheel-cache",
         type=Path,
         help="reuse downloaded wheels from here (default ~/.cache/medge-wheels)",
+    )
+    pk.add_argument(
+        "--extra",
+        action="append",
+        metavar="NAME",
+        help="ship another device extra too, repeatable (e.g. device-video for JPEG-compressed "
+        "DICOM, which the config alone does not reveal)",
     )
     pk.add_argument("--no-tarball", action="store_true", help="only the directory")
     _common(pk, json_flag=True)

@@ -139,6 +139,11 @@ def cmd_broker_config(a: argparse.Namespace) -> int:
         names=tuple(a.name or ["localhost", "127.0.0.1"]),
     )
     print(f"wrote {files.conf} and {files.acl}; start it with: mosquitto -c {files.conf}")
+    if a.forwarder:
+        from gateway.broker_config import forwarder_client_files
+
+        ca, cert, key = forwarder_client_files(a.site_dir)
+        print(f"fog forwarder identity: --forward-tls {ca} {cert} {key}")
     return 0
 
 
@@ -159,6 +164,12 @@ def register_broker_config(gsub: Any, common: Any) -> None:
         "--name",
         action="append",
         help="host name or IP devices use for the broker (repeatable; first is CN)",
+    )
+    b.add_argument(
+        "--forwarder",
+        action="store_true",
+        help="for a cloud broker: also issue the fog forwarder's client certificate "
+        "(SITE/forwarder.crt, .key; CN medge-forwarder) and print its --forward-tls arguments",
     )
     common(b)
     b.set_defaults(func=cmd_broker_config)

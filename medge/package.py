@@ -3,7 +3,9 @@ agent on a device with no network: wheels, the signed bundle, the config, the id
 systemd unit and ``install.sh``. See docs/device.md.
 
     medge-agent-<device>/
-      wheels/               medge (built from this source tree) + its ``device`` dependencies
+      wheels/               medge (built from this source tree) + the dependencies of the
+                            extras its config needs (:func:`device_extras`): ``device``, the
+                            LiteRT core, plus ``device-video``/``device-onnx``/... only if used
       bundle/<name>/        the signed bundle, verified against the identity before packing
       identity/             from 'medge device provision'; device.key stays mode 0600
       agent.yaml            the agent config, validated; bundle/identity/outbox relative to it
@@ -33,7 +35,14 @@ import yaml
 from edge_agent.errors import MedgeError
 from medge.package_files import INSTALL_SH, SYSTEMD_UNIT
 
-__all__ = ["FORBIDDEN", "PackageReport", "build_package", "default_wheel_cache"]
+__all__ = [
+    "DEVICE_EXTRAS",
+    "FORBIDDEN",
+    "PackageReport",
+    "build_package",
+    "default_wheel_cache",
+    "device_extras",
+]
 
 log = logging.getLogger("medge.package")
 _PY = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -41,6 +50,17 @@ _PY = f"{sys.version_info.major}.{sys.version_info.minor}"
 # Never on a device (DESIGN.md): a wheel whose project name matches is a packaging bug.
 FORBIDDEN = re.compile(r"^(tensorflow|tf[-_]keras|keras|tensorboard|tflite[-_]model[-_]maker)")
 _SOURCES = ("edge_agent", "converter", "gateway", "models", "medge")
+
+# The extras a device package may ship (pyproject.toml); `device` is always one of them.
+DEVICE_EXTRAS = ("device", "device-video", "device-onnx", "device-dicom", "device-full", "serial")
+# source kinds that need more than the core: OpenCV decodes video and image files, pydicom
+# reads DICOM (its JPEG frames go through OpenCV: add device-video with ``extras=``), pyserial
+_SOURCE_EXTRAS = {
+    "video": "device-video",
+    "images": "device-video",
+    "dicom": "device-dicom",
+    "serial": "serial",
+}
 
 
 def default_wheel_cache() -> Path:
@@ -56,6 +76,7 @@ class PackageReport:
     device: str
     bundle: str
     wheels: dict[str, str] = field(default_factory=dict)  # file name -> sha256
+    extras: list[str] = field(default_factory=lambda: ["device"])
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -63,8 +84,30 @@ class PackageReport:
             "tarball": str(self.tarball) if self.tarball else None,
             "device": self.device,
             "bundle": self.bundle,
+            "extras": self.extras,
             "wheels": sorted(self.wheels),
         }
+
+
+def device_extras(cfg: Any, more: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The extras an agent config needs: ``device`` (LiteRT, numpy, MQTT, crypto, config),
+    ``device-video`` for a video or image-folder source, ``device-dicom`` for DICOM (with
+    ``device-video`` when it resizes), ``serial`` for a serial sensor, ``device-onnx`` for
+    ``runtime: onnx``; plus ``more``, which must name device extras."""
+    extras = ["device"]
+    kind = str(getattr(cfg.source, "kind", "npz"))
+    if kind in _SOURCE_EXTRAS:
+        extras.append(_SOURCE_EXTRAS[kind])
+    if kind == "dicom" and cfg.source.size is not None:  # resizing goes through OpenCV
+        extras.append("device-video")
+    if cfg.runtime == "onnx":
+        extras.append("device-onnx")
+    for extra in more:
+        name = re.sub(r"[-_.]+", "-", extra).lower()
+        if name not in DEVICE_EXTRAS:
+            raise MedgeError(f"extra {extra!r} is not a device extra ({', '.join(DEVICE_EXTRAS)})")
+        extras.append(name)
+    return list(dict.fromkeys(extras))  # in order, once each
 
 
 def build_package(
@@ -76,13 +119,17 @@ def build_package(
     wheel_cache: Path | None = None,
     source_tree: Path | None = None,
     tarball: bool = True,
+    extras: list[str] | tuple[str, ...] = (),
 ) -> PackageReport:
-    """Build the device package for the agent config ``config`` into ``out``."""
+    """Build the device package for the agent config ``config`` into ``out``: wheels of the
+    extras the config needs (:func:`device_extras`) and of ``extras`` on top (e.g.
+    ``["device-video"]`` for JPEG-compressed DICOM)."""
     from edge_agent.bundle import Bundle
     from edge_agent.config import AgentConfig, load_config
     from edge_agent.identity import DeviceIdentity
 
     cfg = load_config(config)
+    chosen = device_extras(cfg, extras)
     ident = DeviceIdentity.load(cfg.identity, cfg.site, cfg.device)
     bundle = Bundle.load(cfg.bundle, trusted=ident.signers)  # exactly as the device will
     if out.exists() and any(out.iterdir()):
@@ -107,14 +154,15 @@ def build_package(
     wheels = out / "wheels"
     wheels.mkdir()
     _own_wheel(source_tree or Path(__file__).resolve().parents[1], wheels)
-    _device_wheels(wheels, platforms or [], python_version, wheel_cache or default_wheel_cache())
+    cache = wheel_cache or default_wheel_cache()
+    _device_wheels(wheels, chosen, platforms or [], python_version, cache)
     hashes = {w.name: _sha256(w) for w in sorted(wheels.glob("*.whl"))}
     bad = [w for w in hashes if FORBIDDEN.match(w.lower())]
     if bad:
         raise MedgeError(f"device package would contain {', '.join(bad)}: never on a device")
 
     (out / "medge-agent.service").write_text(SYSTEMD_UNIT)
-    (out / "install.sh").write_text(INSTALL_SH)
+    (out / "install.sh").write_text(INSTALL_SH.replace("@EXTRAS@", ",".join(chosen)))
     (out / "install.sh").chmod(0o755)
     (out / "package.json").write_text(
         json.dumps(
@@ -125,6 +173,7 @@ def build_package(
                 "bundle_dir": f"bundle/{name}",
                 "platforms": platforms or ["native"],
                 "python_version": python_version or _PY,
+                "extras": chosen,
                 "wheels": hashes,
             },
             indent=2,
@@ -132,7 +181,8 @@ def build_package(
         + "\n"
     )
     tar = _tarball(out) if tarball else None
-    return PackageReport(out, tar, cfg.device, bundle.id, hashes)
+    log.info("device package %s: medge[%s], %d wheels", out, ",".join(chosen), len(hashes))
+    return PackageReport(out, tar, cfg.device, bundle.id, hashes, chosen)
 
 
 def _own_wheel(tree: Path, wheels: Path) -> None:
@@ -149,33 +199,48 @@ def _own_wheel(tree: Path, wheels: Path) -> None:
         _pip("wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(src))
 
 
-def _device_requirements(wheels: Path) -> list[str]:
-    """Requires-Dist of medge's wheel for the ``device`` extra, marker ``extra`` removed."""
+def _device_requirements(wheels: Path, extras: list[str]) -> list[str]:
+    """Requires-Dist of medge's wheel for ``extras``, the ``extra`` marker removed and
+    ``medge[...]`` self-references expanded (``device-video`` = ``device`` + OpenCV)."""
     import zipfile
 
     (whl,) = wheels.glob("medge-*.whl")
     with zipfile.ZipFile(whl) as z:
         meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
         lines = z.read(meta).decode().splitlines()
-    reqs = []
+    by_extra: dict[str, list[str]] = {}
     for line in lines:
-        if not line.startswith("Requires-Dist:") or 'extra == "device"' not in line:
+        m = re.match(r"Requires-Dist:\s*(.*?)\s*;(.*)\bextra\s*==\s*\"([^\"]+)\"", line)
+        if not m:
             continue
-        req = line.split(":", 1)[1].strip()
-        req = re.sub(r'\s*(and\s+)?extra == "device"', "", req).strip()
-        req = re.sub(r"\(\s*(.*?)\s*\)\s*;", r"\1 ;", req)  # 'x; (m)' -> 'x; m'
-        reqs.append(req.rstrip(";").strip())
-    if not reqs:
-        raise MedgeError(f"{whl.name}: declares no 'device' extra")
+        req, marker, extra = m.groups()
+        marker = re.sub(r"\s*\band\s*$", "", marker.strip()).strip()
+        marker = re.sub(r"^\((.*)\)$", r"\1", marker)  # '(m) and extra' -> 'm'
+        by_extra.setdefault(extra, []).append(f"{req}; {marker}" if marker else req)
+    reqs: list[str] = []
+    todo, seen = list(extras), set()
+    while todo:
+        extra = todo.pop(0)
+        if extra in seen:
+            continue
+        seen.add(extra)
+        if extra not in by_extra:
+            raise MedgeError(f"{whl.name}: declares no {extra!r} extra")
+        for req in by_extra[extra]:
+            own = re.fullmatch(r"medge\[([^\]]+)\]", req)
+            if own:
+                todo += [e.strip() for e in own.group(1).split(",")]
+            elif req not in reqs:
+                reqs.append(req)
     return reqs
 
 
 def _device_wheels(
-    wheels: Path, platforms: list[str], python_version: str | None, cache: Path
+    wheels: Path, extras: list[str], platforms: list[str], python_version: str | None, cache: Path
 ) -> None:
-    """Binary wheels of the device dependencies for the target, through a reusable cache:
-    offline from the cache first, from the index only when something is missing."""
-    reqs = _device_requirements(wheels)
+    """Binary wheels of the dependencies of ``extras`` for the target, through a reusable
+    cache: offline from the cache first, from the index only when something is missing."""
+    reqs = _device_requirements(wheels, extras)
     cache.mkdir(parents=True, exist_ok=True)
     target = ["--only-binary=:all:"]
     for plat in platforms:

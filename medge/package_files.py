@@ -1,6 +1,8 @@
 """The two text files of a device package: the systemd unit and install.sh (docs/device.md).
 
-``@OPT@``, ``@ETC@``, ``@STATE@`` and ``@USER@`` in the unit are filled in by install.sh.
+``@OPT@``, ``@ETC@``, ``@STATE@`` and ``@USER@`` in the unit are filled in by install.sh;
+``@EXTRAS@`` in install.sh by the package builder (the extras the config needs, e.g.
+``device`` or ``device,device-video``).
 """
 
 from __future__ import annotations
@@ -90,10 +92,10 @@ umask 022
 mkdir -p "$OPT" "$ETC" "$STATE/bundles"
 chmod 700 "$STATE"
 
-echo "medge: creating $OPT/venv from the shipped wheels (no index)"
+echo "medge: creating $OPT/venv from the shipped wheels (no index): medge[@EXTRAS@]"
 "$PYTHON" -m venv --clear "$OPT/venv"
 "$OPT/venv/bin/python" -m pip install -q --disable-pip-version-check --no-index \
-  --find-links "$HERE/wheels" 'medge[device]'
+  --find-links "$HERE/wheels" 'medge[@EXTRAS@]'
 
 # the identity: the device key stays mode 0600 (the agent refuses it otherwise)
 rm -rf "$ETC/identity"

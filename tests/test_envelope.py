@@ -293,12 +293,14 @@ def test_end_to_end_mode_relay_routes_unread_and_cloud_opens(  # type: ignore[no
     cloud_pub = write_recipient(tmp_path / "cloud.json")
     ident = DeviceIdentity.load(
         provision_device(site_dir, "us-20", tmp_path / "id", recipient=cloud_pub),
-        "ward-a", "us-20",
+        "ward-a",
+        "us-20",
     )
     assert ident.recipient.kid == load_recipient(cloud_pub).kid
     s = Sealer("ward-a", "us-20", ident.key, ident.recipient, lambda: 1, end_to_end=True)
-    fall = Envelope("event", "ward-a", "us-20", 3, time.time(), {"event": "fall", "score": 0.97},
-                    alert="fall")
+    fall = Envelope(
+        "event", "ward-a", "us-20", 3, time.time(), {"event": "fall", "score": 0.97}, alert="fall"
+    )
     payload = s.seal(fall)
     relay = opener_for(site_dir, relay_for=(cloud_pub,))
     seen = relay.open(payload)
@@ -330,3 +332,261 @@ def _flip_b64(payload: bytes, field: str) -> bytes:
     raw[len(raw) // 2] ^= 0x01
     data[field] = base64.b64encode(bytes(raw)).decode()
     return json.dumps(data).encode()
+
+
+# -- the wire format is a contract with devices in the field ----------------------------------
+# Sealed by the envelope code of release 62caf5d (before the encode-once rewrite) with the
+# deterministic keys below: a result, an event with a clear alert and an int time, and an
+# end-to-end result (with hs). Bodies contain non-ASCII text, -0.0, 1e-07 and a big integer.
+GOLDEN_BODY = {
+    "input": "breastmnist:val#12",
+    "pred": 1,
+    "pred_label": "benign",
+    "scores": [0.041, 0.959],
+    "label": None,
+    "note": "b\u00e9nin \u2713",
+    "nested": {"z": 1, "a": [True, False, -0.0, 1e-7, 12345678901234567890]},
+}
+GOLDEN_ENVELOPES = (
+    Envelope("result", "ward-a", "us-01", 41, 1700000000.5, GOLDEN_BODY),
+    Envelope(
+        "event",
+        "ward-a",
+        "us-01",
+        42,
+        1700000001,
+        {"event": "fall", "state": "start"},
+        alert="fall",
+    ),
+    Envelope("result", "ward-a", "us-01", 43, 1700000002.25, GOLDEN_BODY),
+)
+GOLDEN = (
+    (
+        b'{"alert":null,"ct":"zPxTbKY4M49swH4nCL0FvpXptSJ4xGtNreGnS0T30AfzPIx73GsLEeqarZzmTFNdq5'
+        b"7QCqcY1BlxLMZaCINBogluM4CeKIByGu30Q3lIHUKWMfSLPp/QTjOdH2ggxb+CeqlowO6EAV80KLUnGyCPzyX+"
+        b"6oSFCZ1GihxiZC+jOWIEqbwLbp/TZdV2wRT/s+0P+rguEEWLYK3ElLorNun/1p6MJWh9wuXVq11YWGHsepAarD"
+        b'PG3ydm22ChJJjg6bNWLRQCjo01jfTVURvUECU=","device":"us-01","ek":"meSpPz1dmhzJxFh2DN+sCci'
+        b'JbL6J4TOlttQSo4mrLVuO4MCtEH0SZnqJn5f+478iEZRwFSDuL6bDyc7EN7+rN7yJwGGzFcbjHF8yG+BcJmo="'
+        b',"epoch":3,"es":"MEUCIQC7fPcDwZdiBJKgoMhwKgB9yT2SvU7HWgYeeOaT/nJRhAIgAI/GUMPyHTEXoN4Wk'
+        b'DM9n3DR03dwJEswCMiuuvgw48g=","kid":"x-3739457b1becf895","kind":"result","seq":41,"site'
+        b'":"ward-a","suite":"x25519","time":1700000000.5,"v":2}'
+    ),
+    (
+        b'{"alert":"fall","ct":"MCjyUd8hhbuV/HByQc/io98a5snLB0Z1MCu8H9qh0VyiK0b8KYzqar9z/MzlcZos'
+        b'","device":"us-01","ek":"meSpPz1dmhzJxFh2DN+sCciJbL6J4TOlttQSo4mrLVuO4MCtEH0SZnqJn5f+4'
+        b'78iEZRwFSDuL6bDyc7EN7+rN7yJwGGzFcbjHF8yG+BcJmo=","epoch":3,"es":"MEUCIQC7fPcDwZdiBJKgo'
+        b'MhwKgB9yT2SvU7HWgYeeOaT/nJRhAIgAI/GUMPyHTEXoN4WkDM9n3DR03dwJEswCMiuuvgw48g=","kid":"x-'
+        b'3739457b1becf895","kind":"event","seq":42,"site":"ward-a","suite":"x25519","time":1700'
+        b'000001,"v":2}'
+    ),
+    (
+        b'{"alert":null,"ct":"DeiyfqIser2FlIanignVdg8vBBFB0KVh23CuDTG4xQqwh0ZO7qmwIGQvVNQkg/Sa3n'
+        b"+QL4ugSipoJuf1VX2Db5JL4jHEN6wDszQ0CI/PirPf7cZNKQPehMfSQsVbnRPdEwmhhvZQuzpAYf2pEIyv6NWy"
+        b"z7ARryhlHkW1Cv8d7zPhoA2bzDy93G0l+Xa8OXErGf3N2X95dflK5e+vkA5hHE4y6PASkpZhyIQ6T3c1Q5ldl6"
+        b'tejnysQNBRpNJGimjF1OQorzBk+OQNx075vEY=","device":"us-01","ek":"meSpPz1dmhzJxFh2DN+sCci'
+        b'JbL6J4TOlttQSo4mrLVuO4MCtEH0SZnqJn5f+478iEZRwFSDuL6bDyc7EN7+rN7yJwGGzFcbjHF8yG+BcJmo="'
+        b',"epoch":3,"es":"MEUCIQC7fPcDwZdiBJKgoMhwKgB9yT2SvU7HWgYeeOaT/nJRhAIgAI/GUMPyHTEXoN4Wk'
+        b'DM9n3DR03dwJEswCMiuuvgw48g=","hs":"MEUCIQDZD4dzm7CeD7o6UlIKzEYK5KUFryV3DKhJ6jnncJAOagI'
+        b'gJg41G1dg1MbHuzBIyQtwIqVOU+yv60cDpFjzg/S+LHk=","kid":"x-3739457b1becf895","kind":"resu'
+        b'lt","seq":43,"site":"ward-a","suite":"x25519","time":1700000002.25,"v":2}'
+    ),
+)
+OLD_COMMIT = "62caf5de6bfcc7942a580a30f048c8d21a239606"
+
+
+def _golden_keys():  # type: ignore[no-untyped-def]
+    import hashlib
+
+    from cryptography.hazmat.primitives.asymmetric import ec, x25519
+
+    from edge_agent.keys import RecipientKey, key_id
+
+    seed = int(hashlib.sha256(b"medge golden device key").hexdigest(), 16)
+    dev = ec.derive_private_key(seed, ec.SECP256R1())
+    xk = x25519.X25519PrivateKey.from_private_bytes(
+        hashlib.sha256(b"medge golden recipient key").digest()
+    )
+    rk = RecipientKey(
+        "x-" + key_id(xk.public_key().public_bytes_raw()), "x25519", xk.public_key(), xk
+    )
+    return dev, rk
+
+
+def _strip_hs(payload: bytes) -> bytes:
+    data = json.loads(payload)
+    hs = data.pop("hs")
+    assert f'"hs":"{hs}",'.encode() in payload
+    return payload.replace(f'"hs":"{hs}",'.encode(), b"")
+
+
+def test_golden_envelopes_of_the_old_code_open_and_reseal_byte_for_byte() -> None:
+    from edge_agent.envelope import Opener, Sealer, _binding, _canon, _suite
+
+    dev, rk = _golden_keys()
+    assert rk.kid == "x-3739457b1becf895"
+    opener = Opener([rk], lambda site, device: dev.public_key())
+    for want, payload in zip(GOLDEN_ENVELOPES, GOLDEN, strict=True):
+        got = opener.open(payload)  # old -> new
+        assert (got.kind, got.seq, got.time, got.body, got.alert, got.epoch) == (
+            want.kind,
+            want.seq,
+            want.time,
+            want.body,
+            want.alert,
+            3,
+        )
+    # new -> old: the same epoch key and inputs give the very same bytes
+    head = json.loads(GOLDEN[0])
+    info = _canon(_binding("ward-a", "us-01", 3, rk.kid, rk.suite))
+    key = _suite(rk.suite).decrypt(base64.b64decode(head["ek"]), rk.private, info=info)
+    plain = Sealer("ward-a", "us-01", dev, rk, lambda: 1)
+    e2e = Sealer("ward-a", "us-01", dev, rk, lambda: 1, end_to_end=True)
+    for s in (plain, e2e):
+        s._set_epoch(3, key, head["ek"], head["es"])
+    assert plain.seal(GOLDEN_ENVELOPES[0]) == GOLDEN[0]
+    assert plain.seal(GOLDEN_ENVELOPES[1]) == GOLDEN[1]
+    resealed = e2e.seal(GOLDEN_ENVELOPES[2])  # ECDSA is randomised: all but hs is identical
+    assert _strip_hs(resealed) == _strip_hs(GOLDEN[2])
+    relay = Opener([], lambda site, device: dev.public_key(), relay_kids=(rk.kid,))
+    assert relay.open(GOLDEN[2]).seq == relay.open(resealed).seq == 43
+
+
+def _old_envelope_module(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """edge_agent/envelope.py of release 62caf5d, loaded from git history."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        src = subprocess.run(
+            ["git", "show", f"{OLD_COMMIT}:edge_agent/envelope.py"],
+            cwd=root,
+            capture_output=True,
+            check=True,
+            timeout=30,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        # a source tarball or a shallow clone: the checked-in GOLDEN messages still pin it
+        pytest.skip(f"git history with commit {OLD_COMMIT[:7]} is not available")
+    path = tmp_path / "envelope_62caf5d.py"
+    path.write_bytes(src)
+    spec = importlib.util.spec_from_file_location("envelope_62caf5d", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_old_and_new_code_interoperate_on_many_messages(tmp_path: Path) -> None:
+    """Against the old code itself: each opens what the other seals, both suites' worth of
+    shapes (kinds, alerts, int and float times, odd bodies, end-to-end), and within one epoch
+    both seal identical bytes."""
+    from edge_agent.envelope import Opener, Sealer
+
+    old = _old_envelope_module(tmp_path)
+    dev, rk = _golden_keys()
+    lookup = lambda site, device: dev.public_key()  # noqa: E731
+    bodies = [BODY, GOLDEN_BODY, {}, {"x": [1, 2.5, None, '\n"\\\u0000'], "y": {"": 1e300}}]
+    for e2e in (False, True):
+        new_s = Sealer("ward-a", "us-01", dev, rk, lambda: 5, end_to_end=e2e)
+        old_s = old.Sealer("ward-a", "us-01", dev, rk, lambda: 6, end_to_end=e2e)
+        pair = old.Sealer("ward-a", "us-01", dev, rk, lambda: 5, end_to_end=e2e)
+        pair._epoch, pair._aead, pair._ek, pair._es = (
+            new_s._epoch,
+            new_s._aead,
+            new_s._ek,
+            new_s._es,
+        )
+        new_o = Opener([] if e2e else [rk], lookup, relay_kids=(rk.kid,) if e2e else ())
+        old_o = old.Opener([] if e2e else [rk], lookup, relay_kids=(rk.kid,) if e2e else ())
+        for i in range(1, 41):
+            kind = ("result", "event", "telemetry", "state")[i % 4]
+            alert = "fall" if kind == "event" and i % 8 == 1 else None
+            when: float = 1_700_000_000 + i if i % 3 else 1_700_000_000 + i / 7
+            body = bodies[i % len(bodies)]
+            new_p = new_s.seal(Envelope(kind, "ward-a", "us-01", i, when, body, alert=alert))
+            old_p = old_s.seal(old.Envelope(kind, "ward-a", "us-01", i, when, body, alert=alert))
+            same = pair.seal(old.Envelope(kind, "ward-a", "us-01", i, when, body, alert=alert))
+            if e2e:
+                assert _strip_hs(new_p) == _strip_hs(same)
+            else:
+                assert new_p == same
+            for opener, payload in ((new_o, old_p), (old_o, new_p), (new_o, new_p)):
+                got = opener.open(payload)
+                assert (got.kind, got.seq, got.time, got.alert) == (kind, i, float(when), alert)
+                assert got.body == ({} if e2e else body)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    alert=st.one_of(st.none(), st.from_regex(r"[a-z0-9][a-z0-9_-]{0,31}", fullmatch=True)),
+    kind=st.sampled_from(["result", "event", "telemetry", "state"]),
+    seq=st.integers(min_value=1, max_value=2**63 - 1),
+    epoch=st.integers(min_value=0, max_value=2**63 - 1),
+    when=st.one_of(
+        st.floats(min_value=0, allow_nan=False, allow_infinity=False),
+        st.integers(min_value=0, max_value=2**80),
+    ),
+    kid=st.text(max_size=12),
+    ek=st.text(max_size=12),
+)
+def test_header_parts_are_the_canonical_json_of_the_header(  # type: ignore[no-untyped-def]
+    alert, kind, seq, epoch, when, kid, ek
+) -> None:
+    """The AAD, message and end-to-end bytes are built from parts; they must be exactly the
+    canonical JSON (sorted keys, no spaces, ASCII) of the same fields, for any field values."""
+    from edge_agent.envelope import _canon, _Parts, _time_json
+
+    header = {
+        "v": 2,
+        "kind": kind,
+        "site": "ward-a",
+        "device": "us.01_x",
+        "seq": seq,
+        "time": when,
+        "kid": kid,
+        "suite": "x25519",
+        "epoch": epoch,
+        "ek": ek,
+        "es": "MEUC+/=",
+        "alert": alert,
+    }
+    parts = _Parts.of("ward-a", "us.01_x", epoch, kid, "x25519", ek, "MEUC+/=")
+    a = b"null" if alert is None else json.dumps(alert).encode()
+    tail = parts.tail(kind, seq, _time_json(when))
+    assert b'{"alert":%b,%b%b' % (a, parts.pre, tail) == _canon(header)
+    assert b'{"alert":%b,"ct":"QQ==",%b"hs":"Rw==",%b' % (a, parts.pre, tail) == _canon(
+        {**header, "ct": "QQ==", "hs": "Rw=="}
+    )
+
+
+def test_what_a_receiver_would_refuse_is_not_sealed_and_huge_times_are_one_error(  # type: ignore[no-untyped-def]
+    sealer, opener
+) -> None:
+    s = sealer("us-01")
+    for bad in (float("nan"), float("inf"), -1.0, True, "1700000000", 10**400):
+        with pytest.raises(EnvelopeError, match="time"):
+            s.seal(Envelope("result", "ward-a", "us-01", 9, bad, BODY))  # type: ignore[arg-type]
+    for seq in (True, 7.0, 0):
+        with pytest.raises(EnvelopeError, match="cannot seal"):
+            s.seal(Envelope("result", "ward-a", "us-01", seq, 1.0, BODY))  # type: ignore[arg-type]
+    with pytest.raises(EnvelopeError, match="body is not canonical JSON"):
+        s.seal(Envelope("telemetry", "ward-a", "us-01", 9, 1.0, {"cpu_percent": float("nan")}))
+    with pytest.raises(EnvelopeError, match="body is not canonical JSON"):
+        s.seal(Envelope("result", "ward-a", "us-01", 9, 1.0, {"x": object()}))
+    data = json.loads(s.seal(env()))
+    for t in ("1" + "0" * 400, "1e400", "-0.5"):  # an int past float range used to overflow
+        raw = json.dumps({**data, "time": 0}).replace('"time": 0', f'"time": {t}')
+        with pytest.raises(EnvelopeError, match="time"):
+            opener.open(raw.encode())
+    with pytest.raises(EnvelopeError, match="version 2.0 is not supported"):
+        opener.open(json.dumps({**data, "v": 2.0}).encode())
+    # the same message re-encoded with spaces, another key order or as UTF-16 still opens
+    for raw in (
+        json.dumps(data).encode(),
+        json.dumps(dict(reversed(data.items()))).encode(),
+        json.dumps(data, separators=(",", ":")).encode("utf-16"),
+    ):
+        assert opener.open(raw).body == BODY

@@ -267,3 +267,25 @@ def test_backfill_needs_forward_to(site_dir: Path, capsys: pytest.CaptureFixture
     assert code == 2
     assert "--backfill re-queues stored results for the cloud: add --forward-to" in (
         capsys.readouterr().err)
+
+
+def test_broker_config_issues_the_forwarder_identity(
+    site_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    from medge.cli import main
+
+    out = tmp_path / "cloud-broker"
+    code = main(["gateway", "broker-config", "--site-dir", str(site_dir), "--out", str(out),
+                 "--forwarder"])
+    assert code == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "--forward-tls" in ln)
+    ca, cert, key = (Path(p) for p in line.split("--forward-tls ", 1)[1].split())
+    assert ca.is_file() and key.is_file()
+    assert key.stat().st_mode & 0o077 == 0
+    crt = x509.load_pem_x509_certificate(cert.read_bytes())
+    assert crt.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "medge-forwarder"
+    issuer = x509.load_pem_x509_certificate(ca.read_bytes()).subject
+    assert crt.issuer == issuer

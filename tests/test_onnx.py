@@ -146,7 +146,7 @@ def test_missing_onnxruntime_is_an_install_hint(bundle_dir: Path, tmp_path: Path
     assert r.returncode == 1
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("edge_agent.errors.BackendError: ONNX Runtime not installed")
-    assert "pip install 'medge[device]'" in last
+    assert "pip install 'medge[device-onnx]'" in last
 
 
 def _imported(stderr: str) -> set[str]:

@@ -1,6 +1,7 @@
 """`medge agent package`: build the device package for this machine, install it into a temp
 prefix with its own install.sh (a fresh venv from the shipped wheels only), and run the
-installed agent against a real Mosquitto and gateway.
+installed agent against a real Mosquitto and gateway. A LiteRT-only config ships the core
+``device`` extra alone: no OpenCV, no ONNX Runtime, no pydicom wheel, and it still runs.
 
 Downloads wheels from PyPI on the first run; they are kept in ~/.cache/medge-wheels
 ($MEDGE_WHEEL_CACHE), so later runs are offline."""
@@ -20,14 +21,56 @@ import pytest
 import yaml
 
 from edge_agent.bundle import Bundle
+from edge_agent.config import AgentConfig
+from edge_agent.errors import MedgeError
 from gateway import Gateway, Store
 from gateway.broker import RunningBroker
-from medge.package import build_package
+from medge.package import build_package, device_extras
 from models import breast_cnn
 
 pytestmark = pytest.mark.slow
 
 LIMIT = 6
+OPTIONAL = ("opencv", "onnxruntime", "pydicom", "pyserial")  # wheel names, lower case
+
+
+def _cfg(source: dict, **more: object) -> AgentConfig:
+    return AgentConfig.model_validate(
+        {"site": "ward-a", "device": "d-01", "bundle": "b", "identity": "i", "source": source}
+        | more
+    )
+
+
+@pytest.mark.parametrize(
+    ("source", "runtime", "want"),
+    [
+        ({"path": "val.npz"}, "litert", ["device"]),
+        ({"kind": "imu", "path": "fall.csv"}, "litert", ["device"]),
+        ({"kind": "video", "camera": 0}, "litert", ["device", "device-video"]),
+        ({"kind": "images", "path": "frames"}, "onnx", ["device", "device-video", "device-onnx"]),
+        ({"path": "val.npz"}, "onnx", ["device", "device-onnx"]),
+        ({"kind": "dicom", "path": "cine.dcm"}, "litert", ["device", "device-dicom"]),
+        (
+            {"kind": "dicom", "path": "cine.dcm", "size": [64, 64]},
+            "litert",
+            ["device", "device-dicom", "device-video"],
+        ),
+        ({"kind": "serial", "port": "/dev/ttyUSB0"}, "litert", ["device", "serial"]),
+    ],
+)
+def test_extras_follow_the_config(source: dict, runtime: str, want: list[str]) -> None:
+    assert device_extras(_cfg(source, runtime=runtime)) == want
+
+
+def test_extra_extras_are_added_once_and_checked() -> None:
+    cfg = _cfg({"kind": "dicom", "path": "us"})
+    assert device_extras(cfg, ["device_video", "device-dicom"]) == [
+        "device",
+        "device-dicom",
+        "device-video",
+    ]
+    with pytest.raises(MedgeError, match="'gateway' is not a device extra"):
+        device_extras(cfg, ["gateway"])
 
 
 def _du_mb(path: Path) -> float:
@@ -62,6 +105,9 @@ def test_package_installs_and_runs(  # type: ignore[no-untyped-def]
     names = {w.lower() for w in report.wheels}
     assert any(n.startswith("medge-") for n in names)
     assert not [n for n in names if n.startswith(("tensorflow", "keras", "tf_keras"))]
+    assert report.extras == ["device"]  # npz source, LiteRT: the core only
+    assert not [n for n in names if n.startswith(OPTIONAL)], sorted(names)
+    assert any(n.startswith("ai_edge_litert-") for n in names)
     shipped = yaml.safe_load((pkg / "agent.yaml").read_text())
     assert shipped["bundle"] == f"bundle/{bundle_dir.name}"
     assert shipped["identity"] == "identity"
@@ -70,8 +116,11 @@ def test_package_installs_and_runs(  # type: ignore[no-untyped-def]
     for line in ("Restart=always", "ProtectSystem=strict", "NoNewPrivileges=true", "User=@USER@"):
         assert line in unit
     assert "StateDirectory=medge-agent" in unit
-    assert "--no-index" in (pkg / "install.sh").read_text()
+    install_sh = (pkg / "install.sh").read_text()
+    assert "--no-index" in install_sh
+    assert "'medge[device]'" in install_sh and "@EXTRAS@" not in install_sh
     meta = json.loads((pkg / "package.json").read_text())
+    assert meta["extras"] == ["device"]
     assert meta["bundle"] == Bundle.load(bundle_dir).id
     assert report.tarball is not None
     with tarfile.open(report.tarball) as tar:
@@ -96,6 +145,8 @@ def test_package_installs_and_runs(  # type: ignore[no-untyped-def]
     site_packages = next((venv / "lib").glob("python3*/site-packages"))
     assert not list(site_packages.glob("tensorflow*")), "no TensorFlow on a device"
     assert not list(site_packages.glob("keras*"))
+    for absent in ("cv2", "onnxruntime", "pydicom", "serial"):
+        assert not (site_packages / absent).exists(), f"{absent} in a LiteRT-only install"
     state = prefix / "var" / "lib" / "medge-agent"
     assert (state / "bundle").is_symlink()
     key_mode = (prefix / "etc" / "medge-agent" / "identity" / "device.key").stat().st_mode
@@ -131,3 +182,30 @@ def test_package_installs_and_runs(  # type: ignore[no-untyped-def]
         rows = store.results(device="pkg-01", limit=100)
     assert len(rows) == LIMIT
     assert {r["bundle"] for r in rows} == {Bundle.load(bundle_dir).id}
+
+
+def test_video_onnx_config_ships_opencv_and_onnxruntime(  # type: ignore[no-untyped-def]
+    bundle_dir: Path, identity, tmp_path: Path
+) -> None:
+    """The extras a config needs reach the wheels and install.sh (built, not installed)."""
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "site": "ward-a",
+                "device": "pkg-02",
+                "bundle": str(bundle_dir),
+                "identity": str(identity("pkg-02")),
+                "runtime": "onnx",
+                "source": {"kind": "video", "camera": 0},
+            }
+        )
+    )
+    report = build_package(cfg, tmp_path / "pkg", tarball=False)
+    assert report.extras == ["device", "device-video", "device-onnx"]
+    names = {w.lower() for w in report.wheels}
+    for wanted in ("opencv_python_headless-", "onnxruntime-", "ai_edge_litert-", "numpy-"):
+        assert any(n.startswith(wanted) for n in names), (wanted, sorted(names))
+    assert not [n for n in names if n.startswith(("pydicom", "pyserial", "tensorflow"))]
+    install_sh = (report.directory / "install.sh").read_text()
+    assert "'medge[device,device-video,device-onnx]'" in install_sh

@@ -6,7 +6,7 @@ import pytest
 from edge_agent.bundle import Decode, Preprocess, Quantization, TensorSpec
 from edge_agent.decode import classify
 from edge_agent.errors import MedgeError
-from edge_agent.preprocess import dequantize, normalize, quantize, to_input
+from edge_agent.preprocess import byte_table, dequantize, normalize, quantize, to_input
 
 
 def test_scale01_and_mean_std() -> None:
@@ -46,3 +46,21 @@ def test_binary_threshold_on_positive_class() -> None:
     raw = np.array([0.3, 0.7])
     assert classify(raw, Decode(), labels, 0).pred_label == "benign"
     assert classify(raw, Decode(threshold=0.25), labels, 0).pred_label == "malignant"
+
+
+def test_byte_table_prepares_exactly_what_normalize_and_quantize_do() -> None:
+    rng = np.random.default_rng(3)
+    sample = rng.integers(0, 256, size=(28, 28), dtype=np.uint8)
+    for kind in ("scale01", "none"):
+        spec = Preprocess(kind=kind)
+        for dtype, q in (("int8", Quantization(scale=1 / 255, zero_point=-128)),
+                         ("uint8", Quantization(scale=0.7, zero_point=3))):
+            t = TensorSpec(name="x", shape=[1, 28, 28, 1], dtype=dtype, quantization=q)
+            table = byte_table(spec, t)
+            assert table is not None
+            want = to_input(normalize(spec, sample), t)
+            got = table[sample].reshape(want.shape)
+            assert got.dtype == want.dtype
+            np.testing.assert_array_equal(got, want)
+    zs = TensorSpec(name="x", shape=[1, 28, 28, 1], dtype="float32")
+    assert byte_table(Preprocess(kind="scale01"), zs) is None  # a float input: no table

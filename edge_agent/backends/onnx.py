@@ -35,7 +35,7 @@ def _onnxruntime() -> Any:
         import onnxruntime
     except ImportError as exc:
         raise BackendError(
-            "ONNX Runtime not installed: pip install 'medge[device]' (onnxruntime)"
+            "ONNX Runtime not installed: pip install 'medge[device-onnx]' (onnxruntime)"
         ) from exc
     return onnxruntime
 

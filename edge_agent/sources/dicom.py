@@ -100,7 +100,7 @@ class _Skip(Exception):
 class DicomSource:
     def __init__(self, cfg: DicomSettings) -> None:
         self.cfg = cfg
-        self.pydicom = require("pydicom")
+        self.pydicom = require("pydicom", "device-dicom")
         _quiet_pydicom()
         if cfg.path.is_dir():
             self.files = sorted(p for p in cfg.path.glob(cfg.pattern) if p.is_file())
