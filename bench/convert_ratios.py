@@ -3,13 +3,13 @@ int8/fp32 (<= 0.29), latency int8/fp32 with XNNPACK at 1 thread (<= 0.5), agreem
 float model, and the wall time of `medge convert` of the zoo CNN per profile (< 2 min each).
 
 Two models: a CNN over 1M parameters (MobileNetV2, alpha 0.75, 96x96x3, two classes, built
-with weights=None — nothing is downloaded — and trained for one short pass on real
+with weights=None — nothing is downloaded — and trained for a few short passes on real
 PneumoniaMNIST chest X-rays upsampled to 96x96, so that its outputs mean something), and the
 zoo CNN (models/weights/breast_cnn.keras, real BreastMNIST). Latencies are the agent's own
 LiteRT backend (XNNPACK, 1 thread), int8 and fp32 timed in alternating rounds.
 
     python bench/convert_ratios.py [--pneumonia ../shared/data/images/pneumoniamnist_dev.npz]
-                                   [--profiles rpi4,rpi5,jetson,x86] [--train 1024]
+                                   [--profiles rpi4,rpi5,jetson,x86] [--train 1024] [--epochs 3]
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ for layer in model.layers:  # one short pass: let BatchNorm's moving statistics 
     if isinstance(layer, keras.layers.BatchNormalization):
         layer.momentum = 0.9
 model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
-model.fit(x, y, epochs=1, batch_size=32, verbose=0)
+model.fit(x, y, epochs=int(sys.argv[3]), batch_size=32, verbose=0)
 model.save(sys.argv[2])
 print(model.count_params())
 """
@@ -153,16 +153,17 @@ def main() -> None:
                     default=ROOT.parent / "shared/data/images/pneumoniamnist_dev.npz")  # fmt: skip
     ap.add_argument("--profiles", default="rpi4,rpi5,jetson,x86")
     ap.add_argument("--train", type=int, default=1024, help="PneumoniaMNIST training images")
+    ap.add_argument("--epochs", type=int, default=3, help="training passes over them")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="medge-bench-") as t:
         tmp = Path(t)
         pneu = upsampled(args.pneumonia, tmp / "pneumonia96.npz", args.train, 256)
         mnet = tmp / "mobilenetv2_075_96.keras"
         t0 = time.monotonic()
-        r = subprocess.run([sys.executable, "-c", TRAIN, str(pneu), str(mnet)],
+        r = subprocess.run([sys.executable, "-c", TRAIN, str(pneu), str(mnet), str(args.epochs)],
                            capture_output=True, text=True, check=True)  # fmt: skip
         params = int(r.stdout.strip().splitlines()[-1])
-        print(f"MobileNetV2 alpha 0.75 96x96: {params:,} parameters, one pass over "
+        print(f"MobileNetV2 alpha 0.75 96x96: {params:,} parameters, {args.epochs} pass(es) over "
               f"{args.train} real PneumoniaMNIST images in {time.monotonic() - t0:.0f} s")
         rows = [
             ratios("mobilenetv2-0.75-96 (PneumoniaMNIST)", mnet, pneu, tmp),

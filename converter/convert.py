@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from converter import budget as B
+from converter import progress
 from converter.errors import ConversionError
 from converter.inputs import load_targets, source_bytes, source_format, source_sha256
 from converter.metrics import agreement, output_snr_db, roc_curve
@@ -149,6 +150,13 @@ def _run_child(
     job_file = workdir / f"job-{module.rsplit('.', 1)[-1]}{''.join('-' + a for a in args)}.json"
     job_file.write_text(json.dumps(job))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+    with progress.step(what):
+        _run_child_process(module, args, job_file, env, what)
+
+
+def _run_child_process(
+    module: str, args: Sequence[str], job_file: Path, env: dict[str, str], what: str
+) -> None:
     try:
         proc = subprocess.run(
             [sys.executable, "-m", module, *args, str(job_file)],
@@ -287,7 +295,8 @@ class _Built:
 
 
 def _score(path: Path, runtime: str, req: ConvertRequest, data: _Data) -> B.Scored:
-    outs, lat = B.run_artifact(path, runtime, req.preprocess, data.xe)
+    with progress.step(f"evaluating {path.name} ({runtime}, {len(data.xe)} samples)"):
+        outs, lat = B.run_artifact(path, runtime, req.preprocess, data.xe)
     return B.Scored(data.metrics(outs), outs, lat)
 
 
@@ -319,17 +328,19 @@ def _from_tf(
         "cam_model_out": str(work / "model_cam.keras"),
         "cam_info_out": str(work / "cam.json"),
     }
-    litert = convert_litert(
-        {
-            **job,
-            "tflite_out": str(work / "model.tflite"),
-            "min_agreement": req.min_agreement,
-            "extras": {p: str(work / f"extra-{p}.tflite") for p in ("fp16", "fp32")},
-        },
-        work,
-        req.strategies or [s.key for s in STRATEGIES],
-        CHILD_TIMEOUT_S,
-    )
+    keys = req.strategies or [s.key for s in STRATEGIES]
+    with progress.step(f"LiteRT conversion (strategies: {', '.join(keys)})"):
+        litert = convert_litert(
+            {
+                **job,
+                "tflite_out": str(work / "model.tflite"),
+                "min_agreement": req.min_agreement,
+                "extras": {p: str(work / f"extra-{p}.tflite") for p in ("fp16", "fp32")},
+            },
+            work,
+            keys,
+            CHILD_TIMEOUT_S,
+        )
     float_outs = np.load(work / "float.npy")
     float_m = data.metrics(float_outs)
 

@@ -61,37 +61,48 @@ _SHOWN = ("accuracy", "sensitivity", "specificity", "auc", "dice", "hd95", "psnr
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
-    from converter import ConvertRequest, convert
+    from converter import ConvertRequest, convert, progress
 
-    bundle = convert(
-        ConvertRequest(
-            model=a.model,
-            calib=a.calib,
-            eval=a.eval,
-            out=a.out,
-            profile=a.profile,
-            preprocess=_preprocess(a.preprocess),
-            labels=a.labels.split(",") if a.labels else None,
-            positive_label=a.positive,
-            threshold=a.threshold,
-            name=a.name,
-            calib_split=a.calib_split,
-            eval_split=a.eval_split,
-            force=a.force,
-            budget=_budget(a.budget),
-            sign_key=a.sign_key,
-            cam=a.cam is not None,
-            cam_layer=a.cam or None,
-            strategies=a.strategy or None,
-            min_agreement=a.min_agreement,
-            onnx=not a.no_onnx,
-            activation=a.activation,
-            task=a.task,
-            onnx_input=a.onnx_input,
-            mask_threshold=a.mask_threshold,
-            fallback=a.fallback.split(",") if a.fallback is not None else None,
-        )
+    if not a.json:
+        progress.enable()  # a live line per step when stderr is a terminal
+    try:
+        bundle = convert(_convert_request(a, ConvertRequest))
+    finally:
+        progress.disable()
+    return _print_converted(a, bundle)
+
+
+def _convert_request(a: argparse.Namespace, request: Any) -> Any:
+    return request(
+        model=a.model,
+        calib=a.calib,
+        eval=a.eval,
+        out=a.out,
+        profile=a.profile,
+        preprocess=_preprocess(a.preprocess),
+        labels=a.labels.split(",") if a.labels else None,
+        positive_label=a.positive,
+        threshold=a.threshold,
+        name=a.name,
+        calib_split=a.calib_split,
+        eval_split=a.eval_split,
+        force=a.force,
+        budget=_budget(a.budget),
+        sign_key=a.sign_key,
+        cam=a.cam is not None,
+        cam_layer=a.cam or None,
+        strategies=a.strategy or None,
+        min_agreement=a.min_agreement,
+        onnx=not a.no_onnx,
+        activation=a.activation,
+        task=a.task,
+        onnx_input=a.onnx_input,
+        mask_threshold=a.mask_threshold,
+        fallback=a.fallback.split(",") if a.fallback is not None else None,
     )
+
+
+def _print_converted(a: argparse.Namespace, bundle: Any) -> int:
     m = bundle.manifest
     if a.json:
         print(

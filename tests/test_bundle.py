@@ -31,6 +31,7 @@ def test_a_good_bundle_loads_and_describes_itself(bundle_dir: Path) -> None:
         "model_int8.onnx",
         "report.json",
         "report.md",
+        "report.html",
     }
     assert m.metrics["litert-int8"]["auc"] is not None
 
