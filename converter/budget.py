@@ -255,10 +255,13 @@ def float_payoff(
     winner: Scored,
     work: Path,
     evaluate: Callable[[Path], Scored],
+    mode: str = "auto",
 ) -> tuple[str | None, dict[str, Any]]:
-    """Whether a float LiteRT artifact (fp16, fp32) pays off beside the winner: shipped only
-    for the x86 profile (timed here, on x86 with XNNPACK, 1 thread) and only when it is at
-    least FLOAT_PAYOFF times faster; the smaller of those that qualify."""
+    """Whether a float LiteRT artifact (fp16, fp32) ships beside the winner. ``mode`` auto:
+    only for the x86 profile (timed here, on x86 with XNNPACK, 1 thread) and only when it is at
+    least FLOAT_PAYOFF times faster, the smaller of those that qualify (a timing: it can differ
+    between a quiet and a loaded machine); none: never; fp16/fp32: that one, whatever the
+    timing (every choice is still timed and recorded)."""
     decisions: dict[str, Any] = {}
     ship = []
     for p in ("fp16", "fp32"):
@@ -272,7 +275,13 @@ def float_payoff(
         speedup = winner.p50_ms / s.p50_ms if s.p50_ms else 0.0
         rec = {"bytes": path.stat().st_size, "p50_ms": round(s.p50_ms, 4),
                "speedup_vs_winner": round(speedup, 2), "shipped": False}  # fmt: skip
-        if profile != "x86":
+        if mode != "auto":
+            asked = mode == p
+            rec["why"] = (f"--float-artifacts {mode} ({speedup:.2f}x the speed of {precision} "
+                          "here)")  # fmt: skip
+            if asked:
+                ship.append((rec["bytes"], p))
+        elif profile != "x86":
             rec["why"] = (f"timed on this x86 workstation only ({speedup:.2f}x the speed of "
                           f"{precision}), which says nothing of a {profile}")  # fmt: skip
         elif speedup < FLOAT_PAYOFF:

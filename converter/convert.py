@@ -103,6 +103,7 @@ class ConvertRequest:
     onnx_input: str = "wrap"  # an .onnx model: wrap it as it is, or quantize it (fp32 + int8)
     mask_threshold: float = 0.5  # segmentation: a pixel is foreground at >= this
     fallback: list[str] | None = None  # --budget rungs after int8 (None: all; []: none)
+    float_artifacts: str = "auto"  # a float LiteRT file beside int8: auto, none, fp16, fp32
 
 
 @dataclass
@@ -177,12 +178,19 @@ def _run_child_process(
     raise ConversionError(lines[-1] if lines else f"{what} failed ({proc.returncode})")
 
 
+FLOAT_ARTIFACTS = ("auto", "none", "fp16", "fp32")
+
+
 def _validate(req: ConvertRequest) -> str:
     """Check the request before any long work; return the model's source format."""
     if req.profile not in PROFILES:
         raise ConversionError(f"unknown profile '{req.profile}' (one of {', '.join(PROFILES)})")
     if req.task not in TASKS:
         raise ConversionError(f"unknown task '{req.task}' (one of {', '.join(TASKS)})")
+    if req.float_artifacts not in FLOAT_ARTIFACTS:
+        raise ConversionError(
+            f"float artifacts '{req.float_artifacts}' is not one of {', '.join(FLOAT_ARTIFACTS)}"
+        )
     fmt = source_format(req.model)
     allowed = B.TASK_METRICS[req.task]
     unknown = sorted(set(req.budget) - set(allowed))
@@ -371,7 +379,9 @@ def _from_tf(
     shutil.copyfile(path, stage / file)
     artifacts = [_litert_artifact(stage, file, precision)]
     runs = {f"litert-{precision}": scored}
-    extra, decisions = B.float_payoff(req.profile, precision, scored, work, evaluate)
+    extra, decisions = B.float_payoff(
+        req.profile, precision, scored, work, evaluate, req.float_artifacts
+    )
     report["float_artifacts"] = decisions
     if extra is not None:
         shutil.copyfile(work / f"extra-{extra}.tflite", stage / f"model_{extra}.tflite")

@@ -99,6 +99,7 @@ def _convert_request(a: argparse.Namespace, request: Any) -> Any:
         onnx_input=a.onnx_input,
         mask_threshold=a.mask_threshold,
         fallback=a.fallback.split(",") if a.fallback is not None else None,
+        float_artifacts=a.float_artifacts,
     )
 
 
@@ -432,6 +433,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="softmax",
         choices=["softmax", "sigmoid", "none"],
         help="what the model's last layer applies (default softmax; none = logits)",
+    )
+    c.add_argument(
+        "--float-artifacts",
+        default="auto",
+        choices=["auto", "none", "fp16", "fp32"],
+        help="a float LiteRT file beside the int8 one: auto = only on the x86 profile where it "
+        "measured >= 2x faster here (a timing: may differ between runs), none, or always "
+        "fp16/fp32 (default auto; pick one for a bundle whose file list never varies)",
     )
     c.add_argument(
         "--fallback",

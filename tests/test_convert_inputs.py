@@ -81,11 +81,18 @@ def test_a_legacy_h5_converts_like_the_keras_file(
     tmp_path: Path, sources: tuple[Path, Path], bundle_dir: Path
 ) -> None:
     out = tmp_path / "h5"
-    b = convert(_request(sources[0], out, onnx=False))
+    # asked for fp16 beside int8: shipped whatever the timing says (the timing is recorded)
+    b = convert(_request(sources[0], out, onnx=False, float_artifacts="fp16"))
     m = b.manifest
     assert m.provenance.source_format == "h5"
-    assert (m.artifacts[0].runtime, m.artifacts[0].precision) == ("litert", "int8")
+    assert [(a.runtime, a.precision) for a in m.artifacts] == [("litert", "int8"),
+                                                               ("litert", "fp16")]  # fmt: skip
     report = json.loads((out / "report.json").read_text())
+    fp16 = report["float_artifacts"]["fp16"]
+    assert fp16["shipped"] and fp16["speedup_vs_winner"] > 0
+    assert "--float-artifacts fp16" in fp16["why"]
+    assert not report["float_artifacts"]["fp32"]["shipped"]
+    assert report["agreement"]["litert-fp16"] >= 0.99
     # the same weights: the float model scores exactly what the .keras one does
     for k in ("accuracy", "sensitivity", "specificity", "auc"):
         assert report["float"][k] == pytest.approx(_keras_float(bundle_dir)[k], abs=1e-9), k
@@ -97,7 +104,7 @@ def test_a_savedmodel_converts_to_litert_and_onnx(
     tmp_path: Path, sources: tuple[Path, Path], bundle_dir: Path
 ) -> None:
     out = tmp_path / "sm"
-    b = convert(_request(sources[1], out))
+    b = convert(_request(sources[1], out, float_artifacts="none"))
     m = b.manifest
     assert m.provenance.source_format == "savedmodel"
     assert [(a.runtime, a.precision) for a in m.artifacts] == [
