@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from converter.errors import ConversionError
+from converter.evaluate import foreground
 from converter.metrics import classification_metrics, image_metrics, segmentation_metrics
 from edge_agent.backends import open_backend
 from edge_agent.bundle import Decode, Preprocess
@@ -116,20 +117,6 @@ def run_artifact(
     return np.stack(outs), lat
 
 
-def _foreground(out: np.ndarray, activation: str) -> np.ndarray:
-    """(N, H, W) foreground probability from (N, H, W[, K]) outputs."""
-    a = np.asarray(out, dtype=np.float64)
-    if a.ndim == 3:
-        a = a[..., None]
-    if activation == "none":
-        if a.shape[-1] == 1:
-            a = 1.0 / (1.0 + np.exp(-a))
-        else:
-            e = np.exp(a - a.max(-1, keepdims=True))
-            a = e / e.sum(-1, keepdims=True)
-    return a[..., 0] if a.shape[-1] == 1 else 1.0 - a[..., 0]
-
-
 def task_metrics(
     task: str,
     outs: np.ndarray,
@@ -145,7 +132,7 @@ def task_metrics(
         pred = np.array([g.pred for g in got])
         return classification_metrics(y, scores, pred, positive)
     if task == "segmentation":
-        fg = _foreground(outs, decode.activation)
+        fg = foreground(outs, decode.activation)
         masks = np.asarray(y).reshape(fg.shape).astype(bool)
         return segmentation_metrics(masks, fg, decode.mask_threshold)
     ref = np.asarray(y, dtype=np.float64)
