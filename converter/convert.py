@@ -43,6 +43,7 @@ from converter.metrics import agreement, output_snr_db, roc_curve
 from converter.onnx_artifacts import OnnxOutcome, onnx_artifacts, onnx_source_artifacts
 from converter.report import write_markdown
 from converter.strategies import MIN_AGREEMENT, STRATEGIES, convert_litert
+from converter.stream_eval import StreamWindows, cut, event_scalars, load_recording, score_streams
 from edge_agent.backends import open_backend
 from edge_agent.bundle import (
     SCHEMA_VERSION,
@@ -50,13 +51,17 @@ from edge_agent.bundle import (
     Bundle,
     CamSpec,
     Decode,
+    EventRule,
     Manifest,
     Preprocess,
     Provenance,
+    WindowSpec,
     file_entry,
     sign_bundle,
     write_manifest,
 )
+from edge_agent.errors import BundleError
+from edge_agent.events import EventTracker
 from edge_agent.keys import load_signer_key
 from edge_agent.model import LoadedModel
 from edge_agent.preprocess import normalize
@@ -104,6 +109,10 @@ class ConvertRequest:
     mask_threshold: float = 0.5  # segmentation: a pixel is foreground at >= this
     fallback: list[str] | None = None  # --budget rungs after int8 (None: all; []: none)
     float_artifacts: str = "auto"  # a float LiteRT file beside int8: auto, none, fp16, fp32
+    window: WindowSpec | None = None  # how the agent cuts a stream into inputs (manifest)
+    events: list[EventRule] = field(default_factory=list)  # decode.events (manifest)
+    streams: list[Path] = field(default_factory=list)  # annotated recordings: event metrics
+    event_tolerance_s: float = 0.0  # a detection this near an annotated event still matches it
 
 
 @dataclass
@@ -118,6 +127,7 @@ class _Data:
     positive: int | None
     decode: Decode
     yc: np.ndarray | None = None  # calibration labels, when the data has them
+    streams: list[StreamWindows] = field(default_factory=list)  # recordings cut into windows
 
     def metrics(self, outs: np.ndarray) -> dict[str, Any]:
         return B.task_metrics(self.task, outs, self.y, self.decode, self.labels, self.positive)
@@ -199,6 +209,13 @@ def _validate(req: ConvertRequest) -> str:
             f"budget metric '{unknown[0]}' is not one of {', '.join(allowed)} ({req.task})"
         )
     B.rungs(req.fallback)  # unknown names fail here
+    if (req.events or req.streams) and req.task != "classification":
+        raise ConversionError("events come from class scores: --event/--stream need "
+                              "--task classification")  # fmt: skip
+    if req.streams and not (req.window and req.events):
+        raise ConversionError("--stream needs --window (how to cut it) and at least one --event")
+    if req.event_tolerance_s < 0:
+        raise ConversionError(f"event tolerance must be >= 0 s, got {req.event_tolerance_s}")
     if req.onnx_input not in ("wrap", "quantize"):
         raise ConversionError(f"unknown onnx input mode '{req.onnx_input}' (wrap or quantize)")
     wrapped = fmt == "tflite" or (fmt == "onnx" and req.onnx_input == "wrap")
@@ -222,6 +239,7 @@ def _load_data(req: ConvertRequest) -> _Data:
         activation=req.activation,  # type: ignore[arg-type]
         threshold=req.threshold,
         mask_threshold=req.mask_threshold,
+        events=req.events,
     )
     if req.task != "classification":
         xe, y = load_targets(req.eval, req.eval_split, req.task)
@@ -247,7 +265,18 @@ def _load_data(req: ConvertRequest) -> _Data:
     positive = labels.index(req.positive_label) if req.positive_label else None
     if yc is not None and (int(yc.max()) >= len(labels) or int(yc.min()) < 0):
         yc = None  # not class indices of these labels: class coverage is not checked
-    return _Data("classification", xc, xe, ye, labels, positive, decode, yc)
+    streams = []
+    if req.events:
+        try:
+            EventTracker(req.events, labels)  # the agent's own checks: names and labels
+        except BundleError as exc:
+            raise ConversionError(f"{exc} (labels: {', '.join(labels)})") from None
+        names = [r.name for r in req.events]
+        if len(set(names)) != len(names):
+            raise ConversionError("two --event rules share a name")
+    if req.streams and req.window is not None:
+        streams = [cut(load_recording(p, req.events), req.window) for p in req.streams]
+    return _Data("classification", xc, xe, ye, labels, positive, decode, yc, streams)
 
 
 def convert(req: ConvertRequest) -> Bundle:
@@ -261,7 +290,7 @@ def convert(req: ConvertRequest) -> Bundle:
     if wrap_it:
         from converter.wrap import wrap
 
-        return wrap(req, data.xc, data.xe, data.y, data.labels)
+        return wrap(req, data.xc, data.xe, data.y, data.labels, data.streams)
     warnings: list[str] = []
     if len(data.xc) < MIN_CALIBRATION:
         warnings.append(
@@ -274,12 +303,18 @@ def convert(req: ConvertRequest) -> Bundle:
     try:
         np.save(work / "calib.npy", _prepare(data.xc, req.preprocess))
         np.save(work / "eval.npy", _prepare(data.xe, req.preprocess))
+        if data.streams:
+            windows = np.concatenate([s.x for s in data.streams])
+            np.save(work / "stream.npy", _prepare(windows, req.preprocess))
         t0 = time.monotonic()
         if fmt == "onnx":
             built = _from_onnx(req, data, stage, work, warnings)
         else:
             built = _from_tf(req, fmt, data, stage, work, warnings)
         built.report["convert_seconds"] = round(time.monotonic() - t0, 1)
+        if data.streams:
+            float_stream = np.load(work / "stream_float.npy") if fmt != "onnx" else None
+            built.report["events"] = _event_section(req, data, stage, built, float_stream)
         for w in _calibration_warnings(req, data, work):
             if w not in warnings:
                 warnings.append(w)
@@ -336,6 +371,8 @@ def _from_tf(
         "cam_model_out": str(work / "model_cam.keras"),
         "cam_info_out": str(work / "cam.json"),
     }
+    if data.streams:  # float scores of the stream windows, from the same child
+        job["stream"] = {"x": str(work / "stream.npy"), "out": str(work / "stream_float.npy")}
     keys = req.strategies or [s.key for s in STRATEGIES]
     with progress.step(f"LiteRT conversion (strategies: {', '.join(keys)})"):
         litert = convert_litert(
@@ -453,6 +490,31 @@ def _from_onnx(
     return _Built(artifacts, runs, ref.outputs, ref.metrics, strategy, None, report)
 
 
+def stream_outputs(
+    path: Path, runtime: str, preprocess: Preprocess, streams: Sequence[StreamWindows]
+) -> list[np.ndarray]:
+    """One artifact's raw outputs for every recording's windows, as a device computes them."""
+    return [B.run_artifact(path, runtime, preprocess, s.x)[0] for s in streams]
+
+
+def _event_section(
+    req: ConvertRequest, data: _Data, stage: Path, built: _Built, float_stream: np.ndarray | None
+) -> dict[str, Any]:
+    """Event detection over the recordings by the float model and every artifact."""
+    outputs: dict[str, list[np.ndarray]] = {}
+    if float_stream is not None:  # one array for all recordings, in order: split it back
+        bounds = np.cumsum([len(s.x) for s in data.streams])[:-1]
+        outputs["float"] = np.split(float_stream, bounds)
+    with progress.step(f"event detection over {len(data.streams)} recording(s)"):
+        for a in built.artifacts:
+            outs = stream_outputs(stage / a.file, a.runtime, req.preprocess, data.streams)
+            outputs[f"{a.runtime}-{a.precision}"] = outs
+        if float_stream is None:  # an ONNX source: its fp32 artifact is the float model
+            outputs["float"] = outputs["onnx-fp32"]
+    return score_streams(data.streams, outputs, lambda o: _classes(data, o)[0], req.events,
+                         data.labels, req.event_tolerance_s)  # fmt: skip
+
+
 def _agreement(data: _Data, ref: np.ndarray, got: np.ndarray) -> float:
     if data.task == "classification":
         return agreement(_classes(data, ref)[1], _classes(data, got)[1])
@@ -508,6 +570,9 @@ def _finish(
         **built.report,
         "warnings": warnings,
     }
+    if "events" in report:
+        for k in report["variants"]:
+            report[k] = {**report[k], **event_scalars(report["events"], k)}
     if data.task == "classification" and data.positive is not None:
         curves = {"float": built.float_outs, **{k: s.outputs for k, s in runs.items()}}
         report["roc"] = {}
@@ -551,6 +616,7 @@ def _finish(
                 strategy=built.strategy,
             ),
             cam=built.cam,
+            window=req.window,
         )
 
     write_manifest(stage, manifest({k: _scalars(report[k]) for k in report["variants"]}))

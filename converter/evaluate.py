@@ -3,11 +3,14 @@
 The metrics follow the bundle's task: classification (accuracy, sensitivity, specificity,
 precision, F1, AUC with 95% intervals), segmentation (Dice, IoU, HD95 of the raw output
 thresholded at ``decode.mask_threshold``) and image_to_image (PSNR, SSIM against reference
-images). docs/report.md says what each number means.
+images). Given annotated recordings (``streams``), a classifier bundle with a ``window`` and
+``decode.events`` is also scored on event detection over them (converter.stream_eval).
+docs/report.md says what each number means.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ from converter.metrics import (
     roc_curve,
     segmentation_metrics,
 )
+from converter.stream_eval import cut, load_recording, score_streams
 from edge_agent.bundle import Bundle
 from edge_agent.model import LoadedModel
 from edge_agent.sources.npz import load_labelled
@@ -30,18 +34,26 @@ __all__ = ["evaluate_bundle", "foreground", "format_evaluation"]
 
 def evaluate_bundle(
     bundle_dir: str | Path,
-    data: str | Path,
+    data: str | Path | None,
     split: str | None = None,
     runtime: str = "litert",
     precision: str | None = None,
     roc: bool = False,
+    streams: Sequence[str | Path] = (),
+    tolerance_s: float = 0.0,
 ) -> dict[str, Any]:
     """Metrics of one artifact: the first of ``runtime``, or the one of ``precision``.
-    ``roc`` adds the ROC curve of the positive class (classification with a positive class)."""
+    ``roc`` adds the ROC curve of the positive class (classification with a positive class);
+    ``streams`` adds event detection over those annotated recordings."""
     bundle = Bundle.load(bundle_dir)
     m = bundle.manifest
     model = LoadedModel(bundle, runtime, precision=precision)
-    if m.task == "classification":
+    if data is None and not streams:
+        raise ConversionError("nothing to evaluate on: give labelled data, recordings, or both")
+    metrics: dict[str, Any] = {}
+    if data is None:
+        pass
+    elif m.task == "classification":
         metrics = _classification(model, data, split, roc)
     else:
         x, y = load_targets(Path(data), split, m.task)
@@ -62,16 +74,33 @@ def evaluate_bundle(
                 )
             metrics = image_metrics(y, outs.reshape(y.shape))
     art = model.artifact
+    variant = f"{art.runtime}-{art.precision}"
+    if streams:
+        metrics["events"] = _events(model, [Path(p) for p in streams], variant, tolerance_s)
     return {
         "bundle": bundle.id,
         "task": m.task,
-        "artifact": f"{art.runtime}-{art.precision}",
-        "data": Path(data).name,
+        "artifact": variant,
+        "data": Path(data).name if data is not None else None,
         "split": split,
         "labels": m.labels,
         "positive_label": m.positive_label,
         **metrics,
     }
+
+
+def _events(model: LoadedModel, paths: list[Path], variant: str, tolerance_s: float) -> Any:
+    """Event detection over recordings, windowed and decoded exactly as the agent does it."""
+    m = model.bundle.manifest
+    if m.window is None or not m.decode.events:
+        raise ConversionError(
+            f"bundle '{m.name}' has no window and event rules (convert it with --window and "
+            "--event) to find events in a recording"
+        )
+    streams = [cut(load_recording(p, m.decode.events), m.window) for p in paths]
+    scores = [np.array([model.predict(w).scores for w in s.x]) for s in streams]
+    return score_streams(streams, {variant: scores}, lambda x: x, m.decode.events, m.labels,
+                         tolerance_s)  # fmt: skip
 
 
 def _classification(
@@ -121,7 +150,7 @@ def format_evaluation(result: dict[str, Any]) -> str:
     lines = []
     labels = result.get("labels") or []
     for k, v in result.items():
-        if k in ("labels", "confusion", "ci", "per_class", "roc") or k.endswith("_ci"):
+        if k in ("labels", "confusion", "ci", "per_class", "roc", "events") or k.endswith("_ci"):
             continue
         ci = (result.get("ci") or {}).get(k) or result.get(f"{k}_ci")
         text = f"{v:.4f}" if isinstance(v, float) else "n/a" if v is None else str(v)
@@ -137,4 +166,14 @@ def format_evaluation(result: dict[str, Any]) -> str:
         lines.append(f"{name:22s} {vals}, support {c['support']}")
     if result.get("confusion"):
         lines.append(f"{'confusion':22s} {result['confusion']} (rows: truth, columns: prediction)")
+    events = result.get("events") or {}
+    for rule, e in (events.get("variants") or {}).get(result.get("artifact"), {}).items():
+        vals = []
+        for k in ("sensitivity", "precision", "specificity", "false_alarms_per_hour"):
+            ci = e.get(f"{k}_ci")
+            vals.append(f"{k} {'n/a' if e[k] is None else f'{e[k]:.4f}'}"
+                        + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else ""))  # fmt: skip
+        lines.append(f"{'event ' + rule:22s} {', '.join(vals)}; "
+                     f"{e['tp']} found, {e['fn']} missed, {e['fp']} false, "
+                     f"over {events['hours']:.3f} h")  # fmt: skip
     return "\n".join(lines)

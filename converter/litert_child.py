@@ -233,6 +233,15 @@ def _load(job: dict[str, Any]) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray,
         out = model.predict(evalx, batch_size=64, verbose=0)
         probs = np.asarray(out[0] if isinstance(out, list | tuple) else out, dtype=np.float32)
         np.save(float_out, probs)
+    stream = job.get("stream")  # windows cut from a recorded stream: float scores for events
+    if stream and not Path(stream["out"]).exists():
+        xs = np.load(stream["x"])
+        if int(np.prod(xs.shape[1:])) != int(np.prod(in_shape)):
+            _fail(f"stream windows of shape {xs.shape[1:]} do not fit model input {in_shape}")
+        out = model.predict(xs.reshape((-1, *in_shape)).astype(np.float32), batch_size=64,
+                            verbose=0)  # fmt: skip
+        out = out[0] if isinstance(out, list | tuple) else out
+        np.save(stream["out"], np.asarray(out, dtype=np.float32))
     return model, calib, evalx, probs, cam_names
 
 

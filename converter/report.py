@@ -15,7 +15,7 @@ _SEG = ("dice", "iou", "hd95")
 _IMG = ("psnr", "ssim")
 _OTHER = ("output_snr_db",)  # of each artifact's raw output against the float model's
 _LOWER_IS_BETTER = {"hd95"}
-_EVENT_KEYS = ("sensitivity", "precision", "false_alarms_per_hour", "tp", "fp", "fn")
+_EVENT_KEYS = ("sensitivity", "precision", "specificity", "false_alarms_per_hour", "tp", "fp", "fn")
 _COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2")
 
 
@@ -134,10 +134,12 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
         lines.append("")
     events = report.get("events") or {}
     if events:
-        lines += ["## Events", "", "| variant | " + " | ".join(_EVENT_KEYS) + " |"]
-        lines.append("|---|" + "---|" * len(_EVENT_KEYS))
-        for v, m in events.items():
-            lines.append(f"| {v} | " + " | ".join(_with_ci(m, k) for k in _EVENT_KEYS) + " |")
+        lines += ["## Event detection over recorded streams", "", _events_about(events), ""]
+        lines += ["| variant | event | " + " | ".join(_EVENT_KEYS) + " |"]
+        lines.append("|---|---|" + "---|" * len(_EVENT_KEYS))
+        for v, rule, m in _event_rows(events):
+            cells = " | ".join(_with_ci(m, k) for k in _EVENT_KEYS)
+            lines.append(f"| {v} | {rule} | {cells} |")
         lines.append("")
     layers = report.get("per_layer_error") or []
     if layers:
@@ -329,15 +331,42 @@ def _layers_html(report: dict[str, Any]) -> list[str]:
     ]
 
 
+def _event_rows(events: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    return [
+        (v, rule, m)
+        for v, rules in (events.get("variants") or {}).items()
+        for rule, m in rules.items()
+    ]
+
+
+def _events_about(events: dict[str, Any]) -> str:
+    recs = events.get("recordings") or []
+    n_events = sum(sum(r.get("events", {}).values()) for r in recs)
+    skipped = sum(sum(r.get("skipped", {}).values()) for r in recs)
+    return (
+        f"{len(recs)} recording(s), {events.get('hours', 0):.3f} h, "
+        f"{sum(r.get('windows', 0) for r in recs)} windows ({skipped} left out), "
+        f"{n_events} annotated event(s); a detection matches an event it overlaps "
+        f"(tolerance {events.get('tolerance_s', 0):g} s). Specificity is per window, over the "
+        "windows away from every annotated event."
+    )
+
+
 def _events_html(report: dict[str, Any]) -> list[str]:
     events = report.get("events") or {}
     if not events:
         return []
     rows = [
-        f'<tr><td class="l">{_e(v)}</td>' + "".join(_cell(m, k) for k in _EVENT_KEYS) + "</tr>"
-        for v, m in events.items()
+        f'<tr><td class="l">{_e(v)}</td><td class="l">{_e(rule)}</td>'
+        + "".join(_cell(m, k) for k in _EVENT_KEYS)
+        + "</tr>"
+        for v, rule, m in _event_rows(events)
     ]
-    return ["<h2>Events</h2>", _table(["variant", *_EVENT_KEYS], rows)]
+    return [
+        "<h2>Event detection over recorded streams</h2>",
+        f"<p>{_e(_events_about(events))}</p>",
+        _table(["variant", "event", *_EVENT_KEYS], rows),
+    ]
 
 
 def _size_html(report: dict[str, Any]) -> list[str]:

@@ -14,6 +14,7 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,12 @@ from converter.convert import (
     _scalars,
     _sha256_bytes,
     publish,
+    stream_outputs,
 )
 from converter.errors import ConversionError
 from converter.metrics import classification_metrics
 from converter.report import write_markdown
+from converter.stream_eval import StreamWindows, event_scalars, score_streams
 from edge_agent.backends import open_backend
 from edge_agent.bundle import (
     SCHEMA_VERSION,
@@ -44,6 +47,7 @@ from edge_agent.bundle import (
     file_entry,
     write_manifest,
 )
+from edge_agent.decode import classify
 from edge_agent.model import LoadedModel
 
 __all__ = ["RUNTIMES", "artifact_precision", "wrap"]
@@ -94,8 +98,10 @@ def wrap(
     xe: np.ndarray,
     ye: np.ndarray,
     labels: list[str],
+    streams: Sequence[StreamWindows] = (),
 ) -> Bundle:
-    """Copy, check, evaluate and sign a ready .tflite/.onnx model as a bundle."""
+    """Copy, check, evaluate and sign a ready .tflite/.onnx model as a bundle; with
+    ``streams`` (annotated recordings cut into windows), also its event detection."""
     suffix = req.model.suffix.lower()
     runtime = RUNTIMES[suffix]
     if req.budget:
@@ -105,7 +111,9 @@ def wrap(
     backend = open_backend(runtime, req.model)  # the agent's runtime: refuses in one line
     in_spec = backend.inputs[0]
     want = int(np.prod(in_spec.shape[1:]))
-    for what, x in (("calibration", xc), ("evaluation", xe)):
+    checks = [("calibration", xc), ("evaluation", xe)]
+    checks += [(f"{s.recording.name} window", s.x) for s in streams]
+    for what, x in checks:
         got = _prepare(x[:1], req.preprocess)
         if int(np.prod(got.shape[1:])) != want:
             raise ConversionError(
@@ -126,6 +134,7 @@ def wrap(
         outputs=backend.outputs,
     )
     variant = f"{runtime}-{precision}"
+    decode = Decode(activation=req.activation, threshold=req.threshold, events=req.events)  # type: ignore[arg-type]
     req.out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{req.out.name}.", dir=req.out.parent))
     try:
@@ -141,7 +150,7 @@ def wrap(
                 task="classification",
                 profile=req.profile,
                 preprocess=req.preprocess,
-                decode=Decode(activation=req.activation, threshold=req.threshold),  # type: ignore[arg-type]
+                decode=decode,
                 labels=labels,
                 positive_label=req.positive_label,
                 artifacts=[artifact],
@@ -159,6 +168,7 @@ def wrap(
                     calibration_count=len(xc),
                     strategy="wrapped",
                 ),
+                window=req.window,
             )
 
         write_manifest(stage, manifest({}))
@@ -186,6 +196,16 @@ def wrap(
             "wrapped": {"source_format": suffix[1:], "runtime": runtime, "precision": precision},
             "warnings": [],
         }
+        if streams:
+
+            def decoded(outs: np.ndarray) -> np.ndarray:
+                return np.array([classify(o.reshape(-1), decode, labels, positive).scores
+                                 for o in outs])  # fmt: skip
+
+            outs = stream_outputs(stage / file, runtime, req.preprocess, streams)
+            report["events"] = score_streams(streams, {variant: outs}, decoded, req.events,
+                                             labels, req.event_tolerance_s)  # fmt: skip
+            report[variant].update(event_scalars(report["events"], variant))
         (stage / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         write_markdown(stage / "report.md", report)
         write_manifest(stage, manifest({variant: _scalars(report[variant])}))

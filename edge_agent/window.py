@@ -23,6 +23,7 @@ __all__ = [
     "WindowSettings",
     "WindowedSource",
     "Windower",
+    "beat_starts",
     "clips",
     "sliding_windows",
     "window_label",
@@ -44,6 +45,14 @@ def sliding_windows(x: np.ndarray, length: int, hop: int) -> np.ndarray:
         return np.empty((0, length, *x.shape[1:]), dtype=x.dtype)
     view = np.lib.stride_tricks.sliding_window_view(x, length, axis=0)[::hop]
     return np.moveaxis(view, -1, 1)  # sliding_window_view puts the window axis last
+
+
+def beat_starts(r_peaks: Iterable[int], total: int, length: int, before: int) -> list[int]:
+    """Start sample of the window of each R peak (``before`` samples before it); a beat too near
+    either end of a ``total``-sample recording for a whole ``length`` window is left out (the
+    caller counts them as ``len(r_peaks) - len(result)``)."""
+    starts = [int(r) - before for r in r_peaks]
+    return [s for s in starts if s >= 0 and s + length <= total]
 
 
 def window_label(labels: Iterable[int | None], rule: LabelRule = "last") -> int | None:

@@ -156,14 +156,25 @@ def test_segmentation_and_event_sections(tmp_path: Path) -> None:
         "eval": {"file": "masks.npz", "n": 10},
         "variants": ["float"],
         "float": seg,
-        "events": {"float": event_metrics([(1, 2), (5, 6)], [(1.5, 1.7)], duration_s=3600)},
+        "events": {
+            "tolerance_s": 0.5,
+            "hours": 1.0,
+            "recordings": [{"file": "ward <i>.npz", "duration_s": 3600.0, "windows": 100,
+                            "skipped": {"invalid": 2}, "events": {"fall": 2}}],
+            "variants": {
+                "float": {"fall": event_metrics([(1, 2), (5, 6)], [(1.5, 1.7)], duration_s=3600)}
+            },
+        },  # fmt: skip
         "size_bytes": {},
         "latency_ms": {},
     }
     text = render_html(rep)
     assert ">dice<" in text and ">hd95<" in text and "seg &lt;b&gt;" in text
-    assert ">false_alarms_per_hour<" in text
+    assert ">false_alarms_per_hour<" in text and "ward &lt;i&gt;" not in text
+    assert "1 recording(s), 1.000 h, 100 windows (2 left out), 2 annotated event(s)" in text
+    assert '<td class="l">float</td><td class="l">fall</td><td>0.5000' in text
     assert "polyline" not in text  # no ROC data, no curve
     write_markdown(tmp_path / "r.md", rep)
     md = (tmp_path / "r.md").read_text(encoding="utf-8")
-    assert "| dice | 1.0000" in md and "## Events" in md
+    assert "| dice | 1.0000" in md and "## Event detection over recorded streams" in md
+    assert "| float | fall | 0.5000 (" in md  # sensitivity with its interval

@@ -22,6 +22,7 @@ from pydantic import Field
 from edge_agent.errors import SourceError
 from edge_agent.sources.base import Problems, Sample, SourceSettings, pace
 from edge_agent.sources.wfdb_io import BEAT_CODES, PVC, read_annotations, read_record
+from edge_agent.window import beat_starts
 
 __all__ = ["EcgRecord", "EcgSettings", "EcgSource", "load_ecg"]
 
@@ -129,12 +130,10 @@ class EcgSource:
         total = len(rec.signal)
         pvc = set(rec.pvc.tolist()) if rec.pvc is not None else None
         if self.cfg.mode == "beats" and rec.r_peaks is not None:
-            self.edge_beats = 0
-            for r in rec.r_peaks.tolist():
-                start = r - half
-                if start < 0 or start + n > total:
-                    self.edge_beats += 1
-                    continue
+            starts = beat_starts(rec.r_peaks.tolist(), total, n, half)
+            self.edge_beats = len(rec.r_peaks) - len(starts)
+            for start in starts:
+                r = start + half
                 yield start, (int(r in pvc) if pvc is not None else None), r
             return
         hop = self.cfg.hop or n
