@@ -1,7 +1,8 @@
 """Cost of the sealed envelope, side by side in one run: per-message seal and open within an
 epoch (AES-256-GCM), the first message of an epoch (HPKE + ECDSA), for both KEM suites, and
 the bytes each adds; and the same per-message seal and open with the envelope code of release
-commit 62caf5d (before the encode-once rewrite), loaded from git, on the same keys and bodies.
+commit 62caf5d (before the encode-once rewrite), loaded from git
+(tests/envelope_previous.py), on the same keys and bodies.
 
     python bench/envelope_crypto.py [--n 5000] [--repeat 3]
 
@@ -13,10 +14,8 @@ seals the other opens, and within one epoch both seal exactly the same bytes.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +29,10 @@ from edge_agent.envelope import Envelope, Sealer
 from edge_agent.identity import DeviceIdentity
 from gateway.site import DeviceRegistry, init_site, opener_for, provision_device, recipients
 
-OLD_COMMIT = "62caf5de6bfcc7942a580a30f048c8d21a239606"
+# the old code comes from git through the helper the interop test uses too
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from envelope_previous import OLD_COMMIT, load_old_envelope
+
 BODY = {
     "input": "breastmnist_dev:val#12",
     "pred": 1,
@@ -42,29 +44,6 @@ BODY = {
     "bundle": "breast-cnn@20261125.203014#4be2df058e2d",
     "input_sha256": "ab" * 32,
 }
-
-
-def load_old_envelope() -> ModuleType | None:
-    """edge_agent/envelope.py as it was at OLD_COMMIT, as a module (None without git history)."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        src = subprocess.run(
-            ["git", "show", f"{OLD_COMMIT}:edge_agent/envelope.py"],
-            cwd=root,
-            capture_output=True,
-            check=True,
-            timeout=30,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    path = Path(tempfile.mkdtemp(prefix="medge-old-")) / f"envelope_{OLD_COMMIT[:7]}.py"
-    path.write_bytes(src)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _per_call(fn: Callable[[int], Any], n: int) -> float:

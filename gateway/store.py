@@ -3,8 +3,7 @@ or in PostgreSQL (``Store("postgresql://...")``) with the same code (gateway.db)
 
 Results are idempotent by (site, device, seq): a resend after a lost ack is counted as a
 duplicate and not stored again, also when several gateway workers share one PostgreSQL
-database. Schema changes go through numbered migrations, recorded in ``schema_version`` and
-applied one transaction each, one migrator at a time.
+database. Opening a store brings its schema up to date (numbered migrations: gateway.migrations).
 """
 
 from __future__ import annotations
@@ -20,117 +19,18 @@ from typing import Any, TypeVar
 
 from edge_agent.envelope import Envelope
 from gateway.db import Database, SQLiteDatabase, StoreError, connect
+from gateway.migrations import SERIAL_TABLES, migrate
 
 __all__ = ["Store"]
 
 log = logging.getLogger("medge.gateway.store")
 T = TypeVar("T")
 
-_MIGRATIONS: list[str] = [
-    # 1: devices and results
-    """
-    CREATE TABLE devices (
-        site TEXT NOT NULL,
-        device TEXT NOT NULL,
-        state TEXT NOT NULL DEFAULT 'unknown',
-        state_since REAL,
-        last_seen REAL,
-        bundle TEXT,
-        telemetry TEXT,
-        stored INTEGER NOT NULL DEFAULT 0,
-        duplicates INTEGER NOT NULL DEFAULT 0,
-        rejected INTEGER NOT NULL DEFAULT 0,
-        PRIMARY KEY (site, device)
-    );
-    CREATE TABLE results (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        site TEXT NOT NULL,
-        device TEXT NOT NULL,
-        seq INTEGER NOT NULL,
-        kind TEXT NOT NULL,
-        time REAL NOT NULL,
-        received REAL NOT NULL,
-        input TEXT,
-        label INTEGER,
-        label_name TEXT,
-        pred INTEGER,
-        pred_label TEXT,
-        score REAL,
-        body TEXT NOT NULL,
-        UNIQUE (site, device, seq)
-    );
-    CREATE INDEX results_device ON results (site, device, id);
-    """,
-    # 2: replay protection for the kinds that are not stored by seq; audit log
-    """
-    ALTER TABLE devices ADD COLUMN last_state_seq INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE devices ADD COLUMN last_telemetry_seq INTEGER NOT NULL DEFAULT 0;
-    CREATE TABLE audit (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        time REAL NOT NULL,
-        site TEXT,
-        device TEXT,
-        action TEXT NOT NULL,
-        detail TEXT
-    );
-    """,
-    # 3: audit links of each result: the exact bundle and input that produced it
-    """
-    ALTER TABLE results ADD COLUMN bundle TEXT;
-    ALTER TABLE results ADD COLUMN input_sha256 TEXT;
-    """,
-    # 4: alerts (gateway.alerts) and telemetry history (dashboard charts)
-    """
-    CREATE TABLE alerts (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        site TEXT NOT NULL,
-        device TEXT NOT NULL,
-        rule TEXT NOT NULL,
-        severity TEXT NOT NULL,
-        state TEXT NOT NULL DEFAULT 'open',
-        message TEXT NOT NULL,
-        detail TEXT,
-        count INTEGER NOT NULL DEFAULT 1,
-        opened REAL NOT NULL,
-        updated REAL NOT NULL,
-        acked_by TEXT,
-        acked_at REAL,
-        resolved_at REAL
-    );
-    CREATE UNIQUE INDEX alerts_one_open ON alerts (site, device, rule) WHERE state = 'open';
-    CREATE INDEX alerts_state ON alerts (state, id);
-    CREATE TABLE telemetry_history (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        site TEXT NOT NULL,
-        device TEXT NOT NULL,
-        time REAL NOT NULL,
-        fps REAL,
-        latency_p50 REAL,
-        results INTEGER,
-        cpu_percent REAL,
-        outbox_depth INTEGER
-    );
-    CREATE INDEX telemetry_history_device ON telemetry_history (site, device, time);
-    CREATE INDEX results_received ON results (site, device, received);
-    """,
-    # 5: end-to-end mode: the whole sealed message, kept for the cloud; the clear alert field
-    """
-    ALTER TABLE results ADD COLUMN sealed BLOB;
-    ALTER TABLE results ADD COLUMN alert TEXT;
-    """,
-    # 6: the original device message of every default-mode result (end-to-end ones are in
-    # `sealed`), so a cloud tier can verify the device itself (gateway.forward)
-    """
-    ALTER TABLE results ADD COLUMN raw BLOB;
-    """,
-]
-
 HISTORY_MAX_AGE_S = 24 * 3600.0  # telemetry history older than this is pruned
 HISTORY_MAX_ROWS = 20_000  # and at most this many points per device
 _PRUNE_EVERY = 200  # history inserts between two prunes
 
 
-_SERIAL_TABLES = ("results", "audit", "alerts", "telemetry_history")  # id is an identity
 _RETRIES = 5  # a PostgreSQL transaction chosen as a deadlock victim is run again
 
 
@@ -143,14 +43,16 @@ class Store:
 
     def __init__(self, target: str | Path) -> None:
         self._lock = threading.Lock()
-        self._db: Database = connect(target, _SERIAL_TABLES, timeout=30)
+        self._db: Database = connect(target, SERIAL_TABLES, timeout=30)
         self.dialect = self._db.dialect
         self.location = self._db.location  # for log lines: no password
-        self.path: Path | None = (
-            self._db.path if isinstance(self._db, SQLiteDatabase) else None
-        )
+        self.path: Path | None = self._db.path if isinstance(self._db, SQLiteDatabase) else None
         self._history_inserts: dict[tuple[str, str], int] = {}  # per device, for pruning
-        self._migrate()
+        try:
+            migrate(self._db, self.location)
+        except StoreError:
+            self.close()
+            raise
 
     def __enter__(self) -> Store:
         return self
@@ -164,30 +66,6 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self._db.close()
-
-    def _migrate(self) -> None:
-        """Apply the migrations this database lacks, each in one transaction (DDL included,
-        on both engines), one migrator at a time: workers starting together migrate once."""
-        number = 0
-        try:
-            while True:
-                with self._lock, self._db.transaction(exclusive=True) as db:
-                    db.execute(db.ddl("CREATE TABLE IF NOT EXISTS schema_version "
-                                      "(version INTEGER)"))
-                    row = db.execute("SELECT max(version) FROM schema_version").fetchone()
-                    number = (row[0] or 0) + 1
-                    if number > len(_MIGRATIONS):
-                        return
-                    for statement in filter(str.strip, _MIGRATIONS[number - 1].split(";")):
-                        db.execute(db.ddl(statement))
-                    db.execute("INSERT INTO schema_version VALUES (?)", (number,))
-                log.info("store %s: schema migrated to version %d", self.location, number)
-        except Exception as exc:
-            self.close()
-            raise StoreError(
-                f"store {self.location}: schema migration {number} failed, nothing of it "
-                f"applied: {_first_line(exc)}"
-            ) from exc
 
     def _write(self, work: Callable[[Database], T]) -> T:
         """Run ``work`` in one transaction under the store's lock; run it again if PostgreSQL
@@ -203,8 +81,9 @@ class Store:
                     self._db.rollback()
                     if attempt == _RETRIES or not self._db.retryable(exc):
                         raise
-                    log.warning("store %s: %s; transaction retried", self.location,
-                                type(exc).__name__)
+                    log.warning(
+                        "store %s: %s; transaction retried", self.location, type(exc).__name__
+                    )
         raise AssertionError("unreachable")
 
     @property
@@ -493,11 +372,6 @@ class Store:
             sql, args = sql + " WHERE site=? AND device=?", [site, device]
         with self._lock:
             return int(self._db.execute(sql, args).fetchone()[0])
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _s(v: Any) -> str | None:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from envelope_previous import OLD_COMMIT, load_old_envelope
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -391,7 +392,6 @@ GOLDEN = (
         b'lt","seq":43,"site":"ward-a","suite":"x25519","time":1700000002.25,"v":2}'
     ),
 )
-OLD_COMMIT = "62caf5de6bfcc7942a580a30f048c8d21a239606"
 
 
 def _golden_keys():  # type: ignore[no-untyped-def]
@@ -451,41 +451,22 @@ def test_golden_envelopes_of_the_old_code_open_and_reseal_byte_for_byte() -> Non
     assert relay.open(GOLDEN[2]).seq == relay.open(resealed).seq == 43
 
 
-def _old_envelope_module(tmp_path: Path):  # type: ignore[no-untyped-def]
+def _old_envelope_module():  # type: ignore[no-untyped-def]
     """edge_agent/envelope.py of release 62caf5d, loaded from git history."""
-    import importlib.util
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
-    try:
-        src = subprocess.run(
-            ["git", "show", f"{OLD_COMMIT}:edge_agent/envelope.py"],
-            cwd=root,
-            capture_output=True,
-            check=True,
-            timeout=30,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
+    old = load_old_envelope()
+    if old is None:
         # a source tarball or a shallow clone: the checked-in GOLDEN messages still pin it
         pytest.skip(f"git history with commit {OLD_COMMIT[:7]} is not available")
-    path = tmp_path / "envelope_62caf5d.py"
-    path.write_bytes(src)
-    spec = importlib.util.spec_from_file_location("envelope_62caf5d", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return old
 
 
-def test_old_and_new_code_interoperate_on_many_messages(tmp_path: Path) -> None:
+def test_old_and_new_code_interoperate_on_many_messages() -> None:
     """Against the old code itself: each opens what the other seals, both suites' worth of
     shapes (kinds, alerts, int and float times, odd bodies, end-to-end), and within one epoch
     both seal identical bytes."""
     from edge_agent.envelope import Opener, Sealer
 
-    old = _old_envelope_module(tmp_path)
+    old = _old_envelope_module()
     dev, rk = _golden_keys()
     lookup = lambda site, device: dev.public_key()  # noqa: E731
     bodies = [BODY, GOLDEN_BODY, {}, {"x": [1, 2.5, None, '\n"\\\u0000'], "y": {"": 1e300}}]

@@ -16,7 +16,8 @@ from edge_agent.envelope import Envelope
 from gateway import Store
 from gateway.alerts import list_alerts, open_alert
 from gateway.db import Database, StoreError, connect
-from gateway.store import _MIGRATIONS, _SERIAL_TABLES
+from gateway.migrations import MIGRATIONS as _MIGRATIONS
+from gateway.migrations import SERIAL_TABLES as _SERIAL_TABLES
 
 SITE = "ward-a"
 LATEST = len(_MIGRATIONS)

@@ -1,5 +1,6 @@
-"""What the live sensor sources (MQTT, serial) share: a bounded queue between the thread that
-receives and the stream that yields, and the checks every received sample goes through.
+"""What the live sensor sources (MQTT, serial) share: their common settings, a bounded queue
+between the thread that receives and the stream that yields, and the checks every received
+sample goes through.
 
 Queue policy: sensor samples are never dropped silently. A full queue blocks the receiver
 (back-pressure) for up to ``block_s``; only then is the message dropped, counted as
@@ -10,14 +11,55 @@ from __future__ import annotations
 
 import queue
 import time
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import Field
 
-from edge_agent.sources.base import Problems, Sample
+from edge_agent.sources.base import Problems, Sample, SourceSettings
 from edge_agent.sources.imu import ClockCheck, finite
+from edge_agent.window import WindowSettings
 
-__all__ = ["BoundedFeed", "SampleChecks"]
+__all__ = ["BoundedFeed", "CsvTime", "FeedFormat", "FeedSettings", "QueueSize", "SampleChecks"]
+
+# The fields whose default differs between sources, as types that carry their checks and
+# description: a source changes only the default (``queue: QueueSize = 4096``).
+FeedFormat = Annotated[
+    Literal["json", "csv"], Field(description="Format of each message (serial: of each line).")
+]
+CsvTime = Annotated[bool, Field(description="CSV lines start with the time (s).")]
+QueueSize = Annotated[
+    int, Field(ge=1, description="Messages (serial: lines) held between receiver and model.")
+]
+
+
+class FeedSettings(SourceSettings):
+    """The settings every live sensor feed shares; a source adds its own (connection, kind) and
+    may change a default. Defaults here are the MQTT source's; serial reads CSV with times."""
+
+    format: FeedFormat = "json"
+    fields: list[str] = Field(
+        default=["x", "y", "z"], min_length=1, description="Channel names, in order."
+    )
+    csv_time: CsvTime = False
+    rate_hz: float = Field(
+        default=0.0, ge=0, description="Nominal rate for gap checks on 't'; 0: no checks."
+    )
+    gap_periods: float = Field(default=5.0, gt=1, description="A gap is this many periods.")
+    queue: QueueSize = 1000
+    block_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="A full queue blocks the receiver this long, then drops "
+        "the message (line) and counts it as 'overflow'.",
+    )
+    idle_timeout_s: float | None = Field(
+        default=None, gt=0, description="End the stream after this long without data."
+    )
+    limit: int | None = Field(default=None, ge=1, description="Stop after this many samples.")
+    window: WindowSettings | None = Field(
+        default=None, description="Emit (length, C) windows instead of single samples."
+    )
 
 
 class BoundedFeed:

@@ -22,11 +22,10 @@ import numpy as np
 from pydantic import Field
 
 from edge_agent.errors import SourceError
-from edge_agent.sources.base import Problems, Sample, SourceSettings
-from edge_agent.sources.feed import BoundedFeed, SampleChecks
+from edge_agent.sources.base import Problems, Sample
+from edge_agent.sources.feed import BoundedFeed, FeedSettings, SampleChecks
 from edge_agent.sources.udp import parse_line
 from edge_agent.topics import ROOT, check_name
-from edge_agent.window import WindowSettings
 
 __all__ = ["MqttSensorSettings", "MqttSensorSource", "parse_payload", "sensor_topic"]
 
@@ -35,7 +34,10 @@ log = logging.getLogger("medge.agent.source.mqtt")
 Row = tuple[np.ndarray, float | None, int | None, int | None]
 
 
-class MqttSensorSettings(SourceSettings):
+class MqttSensorSettings(FeedSettings):
+    """Broker, topic and credentials; the rest (format, fields, queue, ...) and its defaults
+    are :class:`FeedSettings`."""
+
     kind: Literal["mqtt"] = Field(default="mqtt", description="Source plug-in: MQTT sensor topic.")
     host: str = Field(default="127.0.0.1", description="Broker host (the fog node's).")
     port: int = Field(default=1883, ge=1, le=65535, description="Broker port.")
@@ -48,29 +50,6 @@ class MqttSensorSettings(SourceSettings):
     tls_ca: Path | None = Field(default=None, description="CA file: connect with TLS.")
     tls_cert: Path | None = Field(default=None, description="Client certificate (TLS).")
     tls_key: Path | None = Field(default=None, description="Client key (TLS).")
-    format: Literal["json", "csv"] = Field(default="json", description="Payload format.")
-    fields: list[str] = Field(
-        default=["x", "y", "z"], min_length=1, description="Channel names, in order."
-    )
-    csv_time: bool = Field(default=False, description="CSV lines start with the time (s).")
-    rate_hz: float = Field(
-        default=0.0, ge=0, description="Nominal rate for gap checks on 't'; 0: no checks."
-    )
-    gap_periods: float = Field(default=5.0, gt=1, description="A gap is this many periods.")
-    queue: int = Field(default=1000, ge=1, description="Messages held between broker and model.")
-    block_s: float = Field(
-        default=2.0,
-        gt=0,
-        description="A full queue blocks the receiver this long, then drops "
-        "the message and counts it as 'overflow'.",
-    )
-    idle_timeout_s: float | None = Field(
-        default=None, gt=0, description="End the stream after this long without data."
-    )
-    limit: int | None = Field(default=None, ge=1, description="Stop after this many samples.")
-    window: WindowSettings | None = Field(
-        default=None, description="Emit (length, C) windows instead of single samples."
-    )
 
 
 def sensor_topic(site: str, device: str, sensor: str) -> str:

@@ -17,10 +17,16 @@ from typing import Any, Literal
 from pydantic import Field
 
 from edge_agent.errors import SourceError
-from edge_agent.sources.base import Problems, Sample, SourceSettings, require
-from edge_agent.sources.feed import BoundedFeed, SampleChecks
+from edge_agent.sources.base import Problems, Sample, require
+from edge_agent.sources.feed import (
+    BoundedFeed,
+    CsvTime,
+    FeedFormat,
+    FeedSettings,
+    QueueSize,
+    SampleChecks,
+)
 from edge_agent.sources.udp import parse_line
-from edge_agent.window import WindowSettings
 
 __all__ = ["SerialSettings", "SerialSource"]
 
@@ -29,33 +35,16 @@ log = logging.getLogger("medge.agent.source.serial")
 _EOF = object()
 
 
-class SerialSettings(SourceSettings):
+class SerialSettings(FeedSettings):
+    """The port and its speed; the rest is :class:`FeedSettings`, here reading CSV lines that
+    start with the time, with a deeper queue."""
+
     kind: Literal["serial"] = Field(default="serial", description="Source plug-in: serial line.")
     port: str = Field(description="Serial device, e.g. /dev/ttyUSB0 or /dev/ttyACM0.")
     baudrate: int = Field(default=115200, gt=0, description="Line speed in baud.")
-    format: Literal["json", "csv"] = Field(default="csv", description="Line format.")
-    fields: list[str] = Field(
-        default=["x", "y", "z"], min_length=1, description="Channel names, in order."
-    )
-    csv_time: bool = Field(default=True, description="CSV lines start with the time (s).")
-    rate_hz: float = Field(
-        default=0.0, ge=0, description="Nominal rate for gap checks on 't'; 0: no checks."
-    )
-    gap_periods: float = Field(default=5.0, gt=1, description="A gap is this many periods.")
-    queue: int = Field(default=4096, ge=1, description="Lines held between reader and model.")
-    block_s: float = Field(
-        default=2.0,
-        gt=0,
-        description="A full queue blocks the reader this long, then drops "
-        "the line and counts it as 'overflow'.",
-    )
-    idle_timeout_s: float | None = Field(
-        default=None, gt=0, description="End the stream after this long without data."
-    )
-    limit: int | None = Field(default=None, ge=1, description="Stop after this many samples.")
-    window: WindowSettings | None = Field(
-        default=None, description="Emit (length, C) windows instead of single samples."
-    )
+    format: FeedFormat = "csv"
+    csv_time: CsvTime = True
+    queue: QueueSize = 4096
 
 
 class SerialSource:
