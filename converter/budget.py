@@ -31,6 +31,7 @@ import numpy as np
 from converter.errors import ConversionError
 from converter.evaluate import foreground
 from converter.metrics import classification_metrics, image_metrics, segmentation_metrics
+from converter.stream_eval import EVENT_METRICS
 from edge_agent.backends import open_backend
 from edge_agent.bundle import Decode, Preprocess
 from edge_agent.decode import classify
@@ -45,6 +46,7 @@ __all__ = [
     "Rung",
     "Scored",
     "append_markdown",
+    "budget_metrics",
     "describe",
     "float_payoff",
     "misses",
@@ -85,6 +87,7 @@ class Scored:
     metrics: dict[str, Any]
     outputs: np.ndarray
     latencies: list[float]
+    streams: list[np.ndarray] | None = None  # raw outputs of each recording's windows
 
     @property
     def p50_ms(self) -> float:
@@ -140,6 +143,12 @@ def task_metrics(
     return image_metrics(ref, out)
 
 
+def budget_metrics(task: str, event_rules: list[str]) -> tuple[str, ...]:
+    """What ``--budget`` may name: the task's metrics, and each event rule's."""
+    events = tuple(f"event_{r}_{m}" for r in event_rules for m in EVENT_METRICS)
+    return TASK_METRICS[task] + events
+
+
 def rungs(keys: list[str] | None) -> tuple[Rung, ...]:
     """The fallback rungs named by ``keys`` (None: all; [] or ["none"]: int8 only)."""
     if keys is None:
@@ -159,7 +168,8 @@ def misses(budget: dict[str, float], ref: dict[str, Any], got: dict[str, Any]) -
         a, b = ref.get(metric), got.get(metric)
         if a is None or b is None:
             raise ConversionError(f"budget metric '{metric}' is undefined on this data")
-        drop = (b - a) if metric in LOWER_IS_BETTER else (a - b)
+        rise_is_worse = metric in LOWER_IS_BETTER or metric.endswith("_false_alarms_per_hour")
+        drop = (b - a) if rise_is_worse else (a - b)
         if math.isinf(a) and math.isinf(b):
             drop = 0.0
         if drop > allowed + 1e-12:

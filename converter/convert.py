@@ -132,6 +132,12 @@ class _Data:
     def metrics(self, outs: np.ndarray) -> dict[str, Any]:
         return B.task_metrics(self.task, outs, self.y, self.decode, self.labels, self.positive)
 
+    def event_metrics(self, streams: list[np.ndarray], tolerance_s: float) -> dict[str, Any]:
+        """``event_<rule>_<metric>`` of one variant's raw outputs over the recordings."""
+        section = score_streams(self.streams, {"v": streams}, lambda o: _classes(self, o)[0],
+                                self.decode.events, self.labels, tolerance_s)  # fmt: skip
+        return event_scalars(section, "v")
+
 
 def _medge_version() -> str:
     try:
@@ -202,7 +208,7 @@ def _validate(req: ConvertRequest) -> str:
             f"float artifacts '{req.float_artifacts}' is not one of {', '.join(FLOAT_ARTIFACTS)}"
         )
     fmt = source_format(req.model)
-    allowed = B.TASK_METRICS[req.task]
+    allowed = B.budget_metrics(req.task, [r.name for r in req.events])
     unknown = sorted(set(req.budget) - set(allowed))
     if unknown:
         raise ConversionError(
@@ -212,6 +218,8 @@ def _validate(req: ConvertRequest) -> str:
     if (req.events or req.streams) and req.task != "classification":
         raise ConversionError("events come from class scores: --event/--stream need "
                               "--task classification")  # fmt: skip
+    if not req.streams and any(k.startswith("event_") for k in req.budget):
+        raise ConversionError("an event metric in --budget needs --stream recordings to score")
     if req.streams and not (req.window and req.events):
         raise ConversionError("--stream needs --window (how to cut it) and at least one --event")
     if req.event_tolerance_s < 0:
@@ -313,8 +321,8 @@ def convert(req: ConvertRequest) -> Bundle:
             built = _from_tf(req, fmt, data, stage, work, warnings)
         built.report["convert_seconds"] = round(time.monotonic() - t0, 1)
         if data.streams:
-            float_stream = np.load(work / "stream_float.npy") if fmt != "onnx" else None
-            built.report["events"] = _event_section(req, data, stage, built, float_stream)
+            float_streams = _split_streams(data, work) if fmt != "onnx" else None
+            built.report["events"] = _event_section(req, data, built, float_streams)
         for w in _calibration_warnings(req, data, work):
             if w not in warnings:
                 warnings.append(w)
@@ -340,7 +348,11 @@ class _Built:
 def _score(path: Path, runtime: str, req: ConvertRequest, data: _Data) -> B.Scored:
     with progress.step(f"evaluating {path.name} ({runtime}, {len(data.xe)} samples)"):
         outs, lat = B.run_artifact(path, runtime, req.preprocess, data.xe)
-    return B.Scored(data.metrics(outs), outs, lat)
+    scored = B.Scored(data.metrics(outs), outs, lat)
+    if data.streams:  # events too: the budget may name them
+        scored.streams = stream_outputs(path, runtime, req.preprocess, data.streams)
+        scored.metrics.update(data.event_metrics(scored.streams, req.event_tolerance_s))
+    return scored
 
 
 def _litert_artifact(stage: Path, file: str, precision: str) -> Artifact:
@@ -388,6 +400,8 @@ def _from_tf(
         )
     float_outs = np.load(work / "float.npy")
     float_m = data.metrics(float_outs)
+    if data.streams:
+        float_m.update(data.event_metrics(_split_streams(data, work), req.event_tolerance_s))
 
     def evaluate(p: Path) -> B.Scored:
         return _score(p, "litert", req, data)
@@ -497,20 +511,24 @@ def stream_outputs(
     return [B.run_artifact(path, runtime, preprocess, s.x)[0] for s in streams]
 
 
+def _split_streams(data: _Data, work: Path) -> list[np.ndarray]:
+    """The float model's outputs for the stream windows (one array for every recording, in
+    order, from the conversion child), split back per recording."""
+    bounds = np.cumsum([len(s.x) for s in data.streams])[:-1]
+    return np.split(np.load(work / "stream_float.npy"), bounds)
+
+
 def _event_section(
-    req: ConvertRequest, data: _Data, stage: Path, built: _Built, float_stream: np.ndarray | None
+    req: ConvertRequest, data: _Data, built: _Built, float_streams: list[np.ndarray] | None
 ) -> dict[str, Any]:
-    """Event detection over the recordings by the float model and every artifact."""
+    """Event detection over the recordings by the float model and every artifact shipped (each
+    scored when it was evaluated)."""
     outputs: dict[str, list[np.ndarray]] = {}
-    if float_stream is not None:  # one array for all recordings, in order: split it back
-        bounds = np.cumsum([len(s.x) for s in data.streams])[:-1]
-        outputs["float"] = np.split(float_stream, bounds)
-    with progress.step(f"event detection over {len(data.streams)} recording(s)"):
-        for a in built.artifacts:
-            outs = stream_outputs(stage / a.file, a.runtime, req.preprocess, data.streams)
-            outputs[f"{a.runtime}-{a.precision}"] = outs
-        if float_stream is None:  # an ONNX source: its fp32 artifact is the float model
-            outputs["float"] = outputs["onnx-fp32"]
+    for variant, scored in built.scored.items():
+        assert scored.streams is not None  # _score runs the recordings when there are any
+        outputs[variant] = scored.streams
+    # an ONNX source: its fp32 artifact is the float model
+    outputs = {"float": float_streams or outputs["onnx-fp32"], **outputs}
     return score_streams(data.streams, outputs, lambda o: _classes(data, o)[0], req.events,
                          data.labels, req.event_tolerance_s)  # fmt: skip
 
@@ -570,9 +588,6 @@ def _finish(
         **built.report,
         "warnings": warnings,
     }
-    if "events" in report:
-        for k in report["variants"]:
-            report[k] = {**report[k], **event_scalars(report["events"], k)}
     if data.task == "classification" and data.positive is not None:
         curves = {"float": built.float_outs, **{k: s.outputs for k, s in runs.items()}}
         report["roc"] = {}

@@ -37,6 +37,7 @@ from edge_agent.events import EventTracker
 from edge_agent.window import beat_starts, sliding_windows
 
 __all__ = [
+    "EVENT_METRICS",
     "Recording",
     "StreamWindows",
     "cut",
@@ -45,6 +46,10 @@ __all__ = [
     "load_recording",
     "score_streams",
 ]
+
+EVENT_METRICS = ("sensitivity", "precision", "specificity", "false_alarms_per_hour")
+"""The numbers of each rule that reach the manifest (``event_<rule>_<metric>``) and that
+``--budget`` may name (false alarms: a rise is the loss)."""
 
 
 @dataclass
@@ -271,6 +276,6 @@ def event_scalars(section: dict[str, Any], variant: str) -> dict[str, float | No
     """Flat ``event_<rule>_<metric>`` numbers of one variant, for the manifest's metrics."""
     out: dict[str, float | None] = {}
     for rule, m in section["variants"].get(variant, {}).items():
-        for k in ("sensitivity", "precision", "specificity", "false_alarms_per_hour"):
+        for k in EVENT_METRICS:
             out[f"event_{rule}_{k}"] = m[k]
     return out

@@ -128,6 +128,24 @@ def test_sliding_windows_skip_and_count_invalid_samples_and_time_from_the_first_
     assert w.times[:6].tolist() == [0.0, 1.0, 2.0, 3.0, 6.0, 7.0] and w.span_s == 2.0
 
 
+def test_a_rise_in_false_alarms_is_the_loss_a_budget_counts() -> None:
+    from converter.budget import budget_metrics, misses
+
+    assert "event_fall_false_alarms_per_hour" in budget_metrics("classification", ["fall"])
+    ref = {"event_fall_false_alarms_per_hour": 1.0, "event_fall_sensitivity": 0.9}
+    got = {"event_fall_false_alarms_per_hour": 3.0, "event_fall_sensitivity": 0.95}
+    budget = {"event_fall_false_alarms_per_hour": 1.0, "event_fall_sensitivity": 0.0}
+    assert misses(budget, ref, got) == ["event_fall_false_alarms_per_hour dropped 2.0000 > 1.0"]
+    assert misses(budget, got, ref) == ["event_fall_sensitivity dropped 0.0500 > 0.0"]
+
+
+def test_an_event_budget_needs_recordings(tmp_path: Path) -> None:
+    with pytest.raises(ConversionError, match="event metric in --budget needs --stream"):
+        convert(ConvertRequest(model=MODEL, calib=BEATS, eval=BEATS, out=tmp_path / "o",
+                               labels=AAMI, events=[PVC_RUN],
+                               budget={"event_pvc_run_sensitivity": 0.0}))  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("arrays", "window", "message"),
     [
@@ -217,10 +235,16 @@ def test_a_converted_model_reports_events_for_float_and_every_artifact(
             model=model, calib=BEATS, eval=BEATS, out=tmp_path / "b", labels=AAMI,
             positive_label="V", preprocess=Preprocess(kind="zscore"), window=BEAT_WINDOW,
             events=[PVC_RUN], streams=[recording], event_tolerance_s=0.5, onnx=False,
-            float_artifacts="none", strategies=["full-int8"],
+            float_artifacts="none", strategies=["full-int8"], fallback=[],
+            budget={"event_pvc_run_sensitivity": 0.0, "event_pvc_run_false_alarms_per_hour": 0},
         )
     )  # fmt: skip
-    ev = json.loads((bundle.directory / "report.json").read_text())["events"]
+    report = json.loads((bundle.directory / "report.json").read_text())
+    # the budget in the events' own terms: int8 finds every run float finds, no extra alarm
+    [attempt] = report["budget"]["attempts"]
+    assert attempt["met"] and set(attempt["metrics"]) == {
+        "event_pvc_run_sensitivity", "event_pvc_run_false_alarms_per_hour"}
+    ev = report["events"]
     assert set(ev["variants"]) == {"float", "litert-int8"} and ev["tolerance_s"] == 0.5
     for variant in ("float", "litert-int8"):
         run = ev["variants"][variant]["pvc_run"]
