@@ -474,8 +474,9 @@ def _from_onnx(
     onnx = onnx_source_artifacts(req.model, work / "calib.npy", stage, work, req.profile,
                                  _run_child)  # fmt: skip
     warnings += onnx.warnings
-    warnings.append("no LiteRT artifact: converting ONNX to LiteRT needs onnx2tf, which is "
-                    "not installed")  # fmt: skip
+    warnings.append("no LiteRT artifact: converting ONNX to LiteRT needs onnx2tf, whose "
+                    "releases pin TensorFlow 2.19 and numpy 1.26 (this converter runs TensorFlow "
+                    "2.21 on numpy 2); convert the Keras/SavedModel source for LiteRT")  # fmt: skip
     runs = {f"onnx-{a.precision}": _score(stage / a.file, "onnx", req, data)
             for a in onnx.artifacts}  # fmt: skip
     ref = runs["onnx-fp32"]
