@@ -34,7 +34,7 @@ from converter.convert import (
 )
 from converter.errors import ConversionError
 from converter.metrics import classification_metrics
-from converter.report import write_markdown
+from converter.report import write_html, write_markdown
 from converter.stream_eval import StreamWindows, event_scalars, score_streams
 from edge_agent.backends import open_backend
 from edge_agent.bundle import (
@@ -208,6 +208,7 @@ def wrap(
             report[variant].update(event_scalars(report["events"], variant))
         (stage / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         write_markdown(stage / "report.md", report)
+        write_html(stage / "report.html", report)
         write_manifest(stage, manifest({variant: _scalars(report[variant])}))
         return publish(stage, req, [])
     finally:

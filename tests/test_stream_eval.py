@@ -84,6 +84,8 @@ def test_a_wrapped_beat_classifier_finds_every_pvc_run_of_a_real_record(wrapped:
     assert m.metrics["litert-fp32"]["event_pvc_run_sensitivity"] == 1.0
     md = (wrapped.directory / "report.md").read_text()
     assert "## Event detection over recorded streams" in md and "| litert-fp32 | pvc_run |" in md
+    page = (wrapped.directory / "report.html").read_text()
+    assert "<h2>Event detection over recorded streams</h2>" in page
 
 
 def test_evaluate_scores_a_recording_with_the_bundle_s_own_window_and_rules(
