@@ -6,11 +6,13 @@ from the float model's by no more than that. The search (converter.convert calls
 (``python -m converter.litert_child variant JOB``):
 
 1. full int8 (the conversion strategy that won, converter.strategies);
-2. ``mixed``: full int8 with the layers of most quantization error kept in float, found with
+2. ``float-head``: full int8 with only the final softmax/sigmoid kept float — an int8 softmax
+   has 256 levels, so close scores tie (AUC, thresholds); one float op costs almost nothing;
+3. ``mixed``: full int8 with the layers of most quantization error kept in float, found with
    LiteRT's QuantizationDebugger (per-layer SNR, the worst fifth of the layers);
-3. ``int16x8``: 16-bit activations, 8-bit weights;
-4. ``fp16``: float16 weights;
-5. ``fp32``.
+4. ``int16x8``: 16-bit activations, 8-bit weights;
+5. ``fp16``: float16 weights;
+6. ``fp32``.
 
 The first that meets every budgeted metric wins; the report lists what was tried, what each
 scored and why the winner won. When none meets it the conversion fails in one line and no
@@ -73,6 +75,7 @@ class Rung:
 
 
 RUNGS = (
+    Rung("float-head", "int8", "full int8, the final softmax/sigmoid kept float"),
     Rung("mixed", "int8", "full int8, the layers with the most quantization error kept float"),
     Rung("int16x8", "int16x8", "16-bit activations, 8-bit weights"),
     Rung("fp16", "fp16", "float16 weights, float compute"),

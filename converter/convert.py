@@ -418,7 +418,8 @@ def _from_tf(
             out, layers = work / f"rung-{rung.key}.tflite", work / "layers.json"
             _run_child({**job, "variant": rung.key, "out": str(out), "layers_out": str(layers)},
                        work, what=f"LiteRT {rung.key} conversion", args=["variant"])  # fmt: skip
-            return out, json.loads(layers.read_text()) if rung.key == "mixed" else []
+            per_layer = rung.key in ("mixed", "float-head")
+            return out, json.loads(layers.read_text()) if per_layer else []
 
         outcome = B.search(req.budget, float_m, (precision, path, scored), make, evaluate,
                            B.rungs(req.fallback))  # fmt: skip

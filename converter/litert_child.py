@@ -347,9 +347,9 @@ def _debugger(model: Any, calib: np.ndarray, denylist: list[str], metrics: dict[
 
 
 def variant(job_path: str) -> None:
-    """One rung of the --budget search (converter.budget): ``mixed`` (full int8 but the
-    layers with the most quantization error, and a final softmax/sigmoid, kept float),
-    ``int16x8``, ``fp16`` or ``fp32``."""
+    """One rung of the --budget search (converter.budget): ``float-head`` (full int8 but the
+    final softmax/sigmoid kept float), ``mixed`` (also the layers with the most quantization
+    error kept float), ``int16x8``, ``fp16`` or ``fp32``."""
     import tensorflow as tf
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -357,12 +357,18 @@ def variant(job_path: str) -> None:
     model, calib, _, _, cam_names = _load(job)
     kind = job["variant"]
     try:
-        if kind == "mixed":
+        if kind in ("mixed", "float-head"):
             layers = _per_layer(model, calib)
-            worst = sorted(layers, key=lambda r: r["snr_db"])[: max(1, len(layers) // 5)]
+            worst = []
+            if kind == "mixed":
+                worst = sorted(layers, key=lambda r: r["snr_db"])[: max(1, len(layers) // 5)]
             for r in worst:
                 r["kept_float"], r["why"] = True, "among the worst fifth by SNR"
-            if layers and layers[-1]["op"] in ("SOFTMAX", "LOGISTIC"):
+            head = bool(layers) and layers[-1]["op"] in ("SOFTMAX", "LOGISTIC")
+            if kind == "float-head" and not head:
+                last = layers[-1]["op"] if layers else "nothing"
+                _fail(f"float-head: the model ends in {last}, not a softmax or sigmoid")
+            if head and layers[-1] not in worst:
                 # 256 int8 levels of probability turn close scores into ties (AUC, thresholds)
                 worst.append(layers[-1])
                 layers[-1]["kept_float"], layers[-1]["why"] = True, "the final activation"

@@ -270,7 +270,8 @@ def _add_convert(sub: Any, common: Callable[..., None]) -> None:
                    "list never varies)")
     c.add_argument("--fallback", metavar="RUNGS",
                    help="with --budget: what the search may fall back to when full int8 misses, "
-                   "in this order: mixed (int8, worst layers float), int16x8, fp16, fp32 "
+                   "in this order: float-head (int8, final softmax/sigmoid float), mixed (int8, "
+                   "worst layers float too), int16x8, fp16, fp32 "
                    "(default all; 'none': full int8 or nothing)")
     c.add_argument("--task", default="classification",
                    choices=["classification", "segmentation", "image_to_image"],

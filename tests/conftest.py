@@ -1,9 +1,11 @@
-"""Shared fixtures: the zoo model converted once per session, real brokers per test."""
+"""Shared fixtures: the zoo model converted once per session, real brokers per test, and
+``side_by_side`` to run a module's slow conversions two at a time."""
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -76,6 +78,31 @@ def bundle_dir(tmp_path_factory: pytest.TempPathFactory, site_dir: Path) -> Path
         )
     )
     return out
+
+
+@pytest.fixture(scope="module")
+def side_by_side(request: pytest.FixtureRequest) -> Iterator[Callable[..., dict[str, Future]]]:  # type: ignore[type-arg]
+    """side_by_side({test name: job}) -> {test name: Future of job()}: the slow jobs of this
+    module (a conversion, a ``medge convert`` run; each mostly one core) run two at a time, and
+    only those whose test is selected. A name matches a test function or one of its parameter
+    sets (``test_x[case]``). Called again in the module, it returns the jobs already started."""
+    selected = {
+        name
+        for item in request.session.items
+        if getattr(item, "module", None) is request.module
+        for name in (item.name, getattr(item, "originalname", item.name))
+    }
+    pool = ThreadPoolExecutor(2, thread_name_prefix="side-by-side")
+    started: dict[str, Future] = {}  # type: ignore[type-arg]
+
+    def start(jobs: dict[str, Callable[[], object]]) -> dict[str, Future]:  # type: ignore[type-arg]
+        for name, job in jobs.items():
+            if name not in started and name in selected:
+                started[name] = pool.submit(job)
+        return started
+
+    yield start
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 @pytest.fixture

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -48,13 +50,37 @@ def test_fallback_names_pick_rungs_in_ladder_order() -> None:
         rungs(["int4"])
 
 
+@pytest.fixture(scope="module")
+def runs(
+    side_by_side: Callable[..., dict[str, Future]],  # type: ignore[type-arg]
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, tuple[Path, subprocess.CompletedProcess[str]]]:
+    """The two budget conversions of this module, started together: test -> (its own
+    directory, the finished ``medge convert`` run)."""
+
+    def run(name: str, *budget: str) -> Callable[[], tuple[Path, subprocess.CompletedProcess[str]]]:
+        work = tmp_path_factory.mktemp(name)
+        return lambda: (work, medge("convert", str(breast_cnn.WEIGHTS), *BASE, "--out",
+                                    str(work / "b"), *budget))  # fmt: skip
+
+    # measured on the 78 validation images (float AUC 0.9282): full int8 loses 0.0129 AUC
+    # (output quantization coarsens the scores), float-head 0.0021, mixed 0.0008 — so a 0.0015
+    # AUC budget walks int8 -> float-head -> mixed
+    started = side_by_side({
+        "test_a_budget_int8_misses_falls_back_to_the_cheapest_that_meets_it":
+            run("fallback", "--budget", "auc=0.0015,sensitivity=0.05"),
+        "test_an_impossible_budget_exits_nonzero_in_one_line_and_leaves_nothing":
+            run("impossible", "--budget", "auc=0", "--fallback", "mixed"),
+    })  # fmt: skip
+    return {name: f.result() for name, f in started.items()}
+
+
 @pytest.mark.slow
-def test_a_budget_int8_misses_falls_back_to_the_cheapest_that_meets_it(tmp_path: Path) -> None:
-    out = tmp_path / "b"
-    # measured: full int8 loses 0.013 AUC on the 78 validation images (output quantization
-    # coarsens the scores), so a 0.005 AUC budget makes the search fall back
-    r = medge("convert", str(breast_cnn.WEIGHTS), *BASE, "--out", str(out),
-              "--budget", "auc=0.005,sensitivity=0.05")  # fmt: skip
+def test_a_budget_int8_misses_falls_back_to_the_cheapest_that_meets_it(
+    runs: dict[str, tuple[Path, subprocess.CompletedProcess[str]]],
+) -> None:
+    work, r = runs["test_a_budget_int8_misses_falls_back_to_the_cheapest_that_meets_it"]
+    out = work / "b"
     assert r.returncode == 0, r.stderr
     report = json.loads((out / "report.json").read_text())
     b = report["budget"]
@@ -68,7 +94,13 @@ def test_a_budget_int8_misses_falls_back_to_the_cheapest_that_meets_it(tmp_path:
     ]
     # the winner really meets the budget, as the device runs it
     won = f"litert-{b['precision']}"
-    assert report["float"]["auc"] - report[won]["auc"] <= 0.005 + 1e-12
+    assert report["float"]["auc"] - report[won]["auc"] <= 0.0015 + 1e-12
+    assert [a["rung"] for a in b["attempts"]] == ["int8", "float-head", "mixed"]
+    # float-head: only the final softmax kept float: a few hundred bytes, most of int8's AUC
+    # loss recovered (the 256-level int8 softmax made ties), not all of it here
+    int8, head = b["attempts"][0], b["attempts"][1]
+    assert 0 < head["bytes"] - int8["bytes"] < 1024 and not head["met"]
+    assert int8["metrics"]["auc"] < head["metrics"]["auc"] < report["float"]["auc"]
     m = Bundle.load(out).manifest
     assert (m.artifacts[0].runtime, m.artifacts[0].precision) == ("litert", b["precision"])
     # the full-int8 artifact that missed (int8 input tensor) does not ship; every fallback
@@ -89,15 +121,13 @@ def test_a_budget_int8_misses_falls_back_to_the_cheapest_that_meets_it(tmp_path:
 
 @pytest.mark.slow
 def test_an_impossible_budget_exits_nonzero_in_one_line_and_leaves_nothing(
-    tmp_path: Path,
+    runs: dict[str, tuple[Path, subprocess.CompletedProcess[str]]],
 ) -> None:
-    out = tmp_path / "b"
-    r = medge("convert", str(breast_cnn.WEIGHTS), *BASE, "--out", str(out),
-              "--budget", "auc=0", "--fallback", "mixed")  # fmt: skip
+    work, r = runs["test_an_impossible_budget_exits_nonzero_in_one_line_and_leaves_nothing"]
     assert r.returncode == 2
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("medge: error:")]
     assert len(errors) == 1, r.stderr
     assert "accuracy budget not met by any artifact (auc=0.0)" in errors[0]
     assert "int8: auc dropped" in errors[0] and "mixed: auc dropped" in errors[0]
     assert "Traceback" not in r.stderr
-    assert list(tmp_path.iterdir()) == [], "no bundle or staging directory left"
+    assert list(work.iterdir()) == [], "no bundle or staging directory left"

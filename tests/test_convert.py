@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -60,9 +62,8 @@ def test_evaluate_reads_plain_x_y_npz(bundle_dir: Path, tmp_path: Path) -> None:
     assert json.loads(r.stdout)["n"] == 20
 
 
-def test_budget_not_met_exits_nonzero_and_leaves_no_bundle(tmp_path: Path) -> None:
-    out = tmp_path / "b"
-    r = medge(
+def _budget_not_met(work: Path) -> subprocess.CompletedProcess[str]:
+    return medge(
         "convert",
         str(breast_cnn.WEIGHTS),
         "--calib",
@@ -80,7 +81,7 @@ def test_budget_not_met_exits_nonzero_and_leaves_no_bundle(tmp_path: Path) -> No
         "--positive",
         "malignant",
         "--out",
-        str(out),
+        str(work / "b"),
         "--budget",
         "auc=0",
         "--budget",
@@ -88,38 +89,27 @@ def test_budget_not_met_exits_nonzero_and_leaves_no_bundle(tmp_path: Path) -> No
         "--fallback",
         "none",
     )
-    # int8 output quantization coarsens the scores, so AUC cannot stay exactly equal, and the
-    # search may not fall back to anything but full int8
-    assert r.returncode == 2
-    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("medge: error:")]
-    assert len(errors) == 1, r.stderr
-    assert "accuracy budget not met by any artifact" in errors[0]
-    assert "int8: auc dropped" in errors[0]
-    assert not out.exists()
-    assert list(tmp_path.iterdir()) == [], "no partial bundle or staging directory left"
 
 
-@pytest.mark.parametrize(
-    ("make", "message"),
-    [
-        ("corrupt-model", "cannot load Keras model"),
-        ("wrong-shape", "do not fit model input"),
-        ("wrong-labels", "model has 2 outputs but 3 labels"),
-    ],
-)
-def test_bad_input_is_one_clear_line(tmp_path: Path, make: str, message: str) -> None:
+BAD_INPUTS = [
+    ("corrupt-model", "cannot load Keras model"),
+    ("wrong-shape", "do not fit model input"),
+    ("wrong-labels", "model has 2 outputs but 3 labels"),
+]
+
+
+def _bad_input(work: Path, make: str) -> subprocess.CompletedProcess[str]:
     model, calib, labels = str(breast_cnn.WEIGHTS), DATA, "malignant,benign"
     if make == "corrupt-model":
-        bad = tmp_path / "bad.keras"
+        bad = work / "bad.keras"
         bad.write_bytes(breast_cnn.WEIGHTS.read_bytes()[:5000])
         model = str(bad)
     elif make == "wrong-shape":
-        np.savez(tmp_path / "c.npz", x=np.zeros((8, 30, 30), np.uint8))
-        calib = str(tmp_path / "c.npz")
+        np.savez(work / "c.npz", x=np.zeros((8, 30, 30), np.uint8))
+        calib = str(work / "c.npz")
     else:
         labels = "a,b,c"
-    out = tmp_path / "out"
-    r = medge(
+    return medge(
         "convert",
         model,
         "--calib",
@@ -131,12 +121,63 @@ def test_bad_input_is_one_clear_line(tmp_path: Path, make: str, message: str) ->
         "--labels",
         labels,
         "--out",
-        str(out),
+        str(work / "out"),
         "--preprocess",
         "scale01",
     )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cli_runs(
+    side_by_side: Callable[..., dict[str, Future]],  # type: ignore[type-arg]
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, Future]:  # type: ignore[type-arg]
+    """This module's ``medge convert`` runs, started when the module starts (two at a time)
+    so that they work while the tests on the shared bundle run: test -> Future of
+    (its own directory, the finished run)."""
+
+    def run(name: str, job) -> Callable[[], tuple[Path, subprocess.CompletedProcess[str]]]:  # type: ignore[no-untyped-def]
+        work = tmp_path_factory.mktemp(name)
+
+        def go() -> tuple[Path, subprocess.CompletedProcess[str]]:
+            return work, job(work)
+
+        return go
+
+    jobs = {
+        "test_budget_not_met_exits_nonzero_and_leaves_no_bundle": run("budget", _budget_not_met)
+    }
+    for make, message in BAD_INPUTS:  # keyed by the test id: [make-message]
+        jobs[f"test_bad_input_is_one_clear_line[{make}-{message}]"] = run(
+            make, lambda work, make=make: _bad_input(work, make)
+        )
+    return side_by_side(jobs)
+
+
+def test_budget_not_met_exits_nonzero_and_leaves_no_bundle(
+    cli_runs: dict[str, Future],  # type: ignore[type-arg]
+) -> None:
+    work, r = cli_runs["test_budget_not_met_exits_nonzero_and_leaves_no_bundle"].result()
+    # int8 output quantization coarsens the scores, so AUC cannot stay exactly equal, and the
+    # search may not fall back to anything but full int8
+    assert r.returncode == 2
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("medge: error:")]
+    assert len(errors) == 1, r.stderr
+    assert "accuracy budget not met by any artifact" in errors[0]
+    assert "int8: auc dropped" in errors[0]
+    assert not (work / "b").exists()
+    assert list(work.iterdir()) == [], "no partial bundle or staging directory left"
+
+
+@pytest.mark.parametrize(("make", "message"), BAD_INPUTS)
+def test_bad_input_is_one_clear_line(
+    cli_runs: dict[str, Future],  # type: ignore[type-arg]
+    make: str,
+    message: str,
+) -> None:
+    work, r = cli_runs[f"test_bad_input_is_one_clear_line[{make}-{message}]"].result()
     assert r.returncode == 2
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("medge: error:")]
     assert len(errors) == 1 and message in errors[0], r.stderr
     assert "Traceback" not in r.stderr
-    assert not out.exists()
+    assert not (work / "out").exists()

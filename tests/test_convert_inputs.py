@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ import pytest
 from converter import ConvertRequest, convert
 from converter.errors import ConversionError
 from converter.inputs import source_format, source_sha256
-from edge_agent.bundle import Preprocess
+from edge_agent.bundle import Bundle, Preprocess
 from models import breast_cnn
 
 pytestmark = pytest.mark.slow
@@ -64,6 +66,71 @@ def _keras_float(bundle_dir: Path) -> dict[str, float]:
     return json.loads((bundle_dir / "report.json").read_text())["float"]
 
 
+def _calibration_pitfalls(work: Path) -> list[str]:
+    """converter.calibration_check in its child process, on calibration data scaled 0-255
+    (unlike the 0-1 evaluation data) and only 50 samples."""
+    import numpy as np
+
+    from converter.convert import _calibration_warnings, _Data
+    from edge_agent.bundle import Decode
+
+    with np.load(breast_cnn.DATA) as d:
+        xc, yc = d["train_images"][:50], d["train_labels"][:50].reshape(-1)
+        xe, ye = d["val_images"], d["val_labels"].reshape(-1)
+    np.save(work / "calib.npy", xc[..., None].astype(np.float32))  # 0..255, unlike eval
+    np.save(work / "eval.npy", xe[..., None].astype(np.float32) / 255.0)
+    data = _Data("classification", xc, xe, ye, breast_cnn.CLASS_NAMES, 0, Decode(), yc)
+    return _calibration_warnings(_request(breast_cnn.WEIGHTS, work / "o"), data, work)
+
+
+ONNX_TEST = "test_an_onnx_model_is_quantized_and_evaluated"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def converted(
+    request: pytest.FixtureRequest,
+    side_by_side: Callable[..., dict[str, Future]],  # type: ignore[type-arg]
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, Future]:  # type: ignore[type-arg]
+    """This module's conversions, two at a time: the ONNX model and the calibration check start
+    with the module, the .h5 and the SavedModel ones once ``sources`` has saved them. Test ->
+    Future of (the bundle's directory, the bundle) or of the calibration warnings."""
+    work = tmp_path_factory.mktemp("converted")
+
+    def conversion(model: Path, out: Path, **kw: object) -> Callable[[], tuple[Path, Bundle]]:
+        return lambda: (out, convert(_request(model, out, **kw)))
+
+    calibration = tmp_path_factory.mktemp("calibration")
+    jobs: dict[str, Callable[[], object]] = {
+        "test_calibration_pitfalls_are_found_in_a_child_process": lambda: _calibration_pitfalls(
+            calibration
+        ),
+    }
+    if any(i.module is request.module and i.name == ONNX_TEST for i in request.session.items):
+        onnx_source = request.getfixturevalue("bundle_dir") / "model_fp32.onnx"
+        jobs[ONNX_TEST] = conversion(onnx_source, work / "onnx", onnx_input="quantize")
+    return side_by_side(jobs)
+
+
+@pytest.fixture(scope="module")
+def keras_sources(
+    sources: tuple[Path, Path],
+    side_by_side: Callable[..., dict[str, Future]],  # type: ignore[type-arg]
+) -> dict[str, Future]:  # type: ignore[type-arg]
+    """The .h5 and SavedModel conversions, started together once the sources are saved."""
+    h5, sm = sources
+    work = h5.parent
+    return side_by_side({
+        # asked for fp16 beside int8: shipped whatever the timing says (the timing is recorded)
+        "test_a_legacy_h5_converts_like_the_keras_file": lambda: (
+            work / "h5", convert(_request(h5, work / "h5", onnx=False, float_artifacts="fp16"))
+        ),
+        "test_a_savedmodel_converts_to_litert_and_onnx": lambda: (
+            work / "sm", convert(_request(sm, work / "sm", float_artifacts="none"))
+        ),
+    })  # fmt: skip
+
+
 def test_formats_are_told_apart_in_one_line(tmp_path: Path, sources: tuple[Path, Path]) -> None:
     h5, sm = sources
     assert source_format(h5) == "h5" and source_format(sm) == "savedmodel"
@@ -78,11 +145,10 @@ def test_formats_are_told_apart_in_one_line(tmp_path: Path, sources: tuple[Path,
 
 
 def test_a_legacy_h5_converts_like_the_keras_file(
-    tmp_path: Path, sources: tuple[Path, Path], bundle_dir: Path
+    keras_sources: dict[str, Future],  # type: ignore[type-arg]
+    bundle_dir: Path,
 ) -> None:
-    out = tmp_path / "h5"
-    # asked for fp16 beside int8: shipped whatever the timing says (the timing is recorded)
-    b = convert(_request(sources[0], out, onnx=False, float_artifacts="fp16"))
+    out, b = keras_sources["test_a_legacy_h5_converts_like_the_keras_file"].result()
     m = b.manifest
     assert m.provenance.source_format == "h5"
     assert [(a.runtime, a.precision) for a in m.artifacts] == [("litert", "int8"),
@@ -101,10 +167,10 @@ def test_a_legacy_h5_converts_like_the_keras_file(
 
 
 def test_a_savedmodel_converts_to_litert_and_onnx(
-    tmp_path: Path, sources: tuple[Path, Path], bundle_dir: Path
+    keras_sources: dict[str, Future],  # type: ignore[type-arg]
+    bundle_dir: Path,
 ) -> None:
-    out = tmp_path / "sm"
-    b = convert(_request(sources[1], out, float_artifacts="none"))
+    out, b = keras_sources["test_a_savedmodel_converts_to_litert_and_onnx"].result()
     m = b.manifest
     assert m.provenance.source_format == "savedmodel"
     assert [(a.runtime, a.precision) for a in m.artifacts] == [
@@ -118,9 +184,10 @@ def test_a_savedmodel_converts_to_litert_and_onnx(
     assert m.name == "breast_cnn_savedmodel"
 
 
-def test_an_onnx_model_is_quantized_and_evaluated(tmp_path: Path, bundle_dir: Path) -> None:
-    out = tmp_path / "onnx"
-    b = convert(_request(bundle_dir / "model_fp32.onnx", out, onnx_input="quantize"))
+def test_an_onnx_model_is_quantized_and_evaluated(
+    converted: dict[str, Future],  # type: ignore[type-arg]
+) -> None:
+    out, b = converted[ONNX_TEST].result()
     m = b.manifest
     assert m.provenance.source_format == "onnx"
     assert [(a.runtime, a.precision) for a in m.artifacts] == [("onnx", "fp32"), ("onnx", "int8")]
@@ -134,21 +201,12 @@ def test_an_onnx_model_is_quantized_and_evaluated(tmp_path: Path, bundle_dir: Pa
     assert "needs onnx2tf" in (out / "report.md").read_text()
 
 
-def test_calibration_pitfalls_are_found_in_a_child_process(tmp_path: Path) -> None:
+def test_calibration_pitfalls_are_found_in_a_child_process(
+    converted: dict[str, Future],  # type: ignore[type-arg]
+) -> None:
     """converter.calibration_check runs in its own process (TensorFlow for the BatchNorm
     check); its warnings are what the converter adds to the report."""
-    import numpy as np
-
-    from converter.convert import _calibration_warnings, _Data
-    from edge_agent.bundle import Decode
-
-    with np.load(breast_cnn.DATA) as d:
-        xc, yc = d["train_images"][:50], d["train_labels"][:50].reshape(-1)
-        xe, ye = d["val_images"], d["val_labels"].reshape(-1)
-    np.save(tmp_path / "calib.npy", xc[..., None].astype(np.float32))  # 0..255, unlike eval
-    np.save(tmp_path / "eval.npy", xe[..., None].astype(np.float32) / 255.0)
-    data = _Data("classification", xc, xe, ye, breast_cnn.CLASS_NAMES, 0, Decode(), yc)
-    got = _calibration_warnings(_request(breast_cnn.WEIGHTS, tmp_path / "o"), data, tmp_path)
+    got = converted["test_calibration_pitfalls_are_found_in_a_child_process"].result()
     assert any("only 50 samples" in w for w in got)
     assert any("scaled 0-255 and the other 0-1" in w for w in got)
     assert any(w.startswith("BatchNormalization statistics do not match") for w in got)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -137,48 +138,70 @@ def _cli_convert(models: Path, name: str, out: Path) -> subprocess.CompletedProc
     )  # fmt: skip
 
 
-# name -> (model, strategies): each conversion once, two at a time (each is mostly one
-# single-threaded converter child), so the whole module takes about a minute on two cores.
-JOBS = {  # the longest first
-    "bilstm": ("bilstm", ["full-int8", "legacy-lstm-int8"]),
-    "lstm": ("lstm", None),
-    "gru": ("gru", None),
-    "clip": ("clip", ["full-int8", "dynamic-range"]),
-    "gru-legacy": ("gru", ["legacy-lstm-int8"]),
-}
+# job -> (its test, model, strategies or "cli"): each conversion once, two at a time (each is
+# mostly one single-threaded converter child), the longest first, each in its own directory;
+# a test waits for its own conversion only.
+JOBS = {
+    "bilstm": ("test_bidirectional_lstm_through_the_fused_legacy_lstm", "bilstm",
+               ["full-int8", "legacy-lstm-int8"]),
+    "lstm": ("test_keras3_lstm_crashes_full_int8_and_the_unrolled_rebuild_wins", "lstm", None),
+    "gru": ("test_gru_fails_full_int8_with_the_converters_error_and_unrolls", "gru", None),
+    "clip": ("test_cnn_lstm_clip_falls_back_to_dynamic_range", "clip",
+             ["full-int8", "dynamic-range"]),
+    "gru-legacy": ("test_a_strategy_that_does_not_apply_is_skipped_with_its_reason", "gru",
+                   ["legacy-lstm-int8"]),
+    "bicubic": ("test_unsupported_op_is_one_clear_line", "bicubic", "cli"),
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    """Train the models in one child, then convert each: name -> report, or the error."""
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny models, trained in one child (one TensorFlow start)."""
     models = tmp_path_factory.mktemp("recurrent")
     r = subprocess.run(
         [sys.executable, __file__, str(models)], capture_output=True, text=True, timeout=240,
         check=False,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
-    out = tmp_path_factory.mktemp("bundles")
-
-    def run(job: str) -> object:
-        if job == "bicubic":
-            return _cli_convert(models, "bicubic", out / job)
-        name, strategies = JOBS[job]
-        try:
-            return _convert(models, name, out / job, strategies=strategies)
-        except ConversionError as exc:
-            return exc
-
-    with ThreadPoolExecutor(2) as pool:
-        names = [*JOBS, "bicubic"]
-        done = dict(zip(names, pool.map(run, names), strict=True))
-    done["out"] = out
-    return done
+    return models
 
 
-def _report(runs: dict[str, object], name: str) -> dict:  # type: ignore[type-arg]
-    got = runs[name]
-    assert isinstance(got, dict), f"{name}: {got}"
-    return got
+@pytest.fixture(scope="module")
+def runs(
+    models: Path,
+    side_by_side: Callable[..., dict[str, Future]],  # type: ignore[type-arg]
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, Future]:  # type: ignore[type-arg]
+    """Job -> Future of (its directory, the report, the error or the CLI run)."""
+
+    def job(key: str) -> Callable[[], tuple[Path, object]]:
+        _, name, strategies = JOBS[key]
+        work = tmp_path_factory.mktemp(key)
+
+        def run() -> tuple[Path, object]:
+            if strategies == "cli":
+                return work, _cli_convert(models, name, work / key)
+            try:
+                return work, _convert(models, name, work / key, strategies=strategies)
+            except ConversionError as exc:
+                return work, exc
+
+        return run
+
+    started = side_by_side({test: job(key) for key, (test, _, _) in JOBS.items()})
+    return {key: started[test] for key, (test, _, _) in JOBS.items() if test in started}
+
+
+def _result(runs: dict[str, Future], key: str) -> tuple[Path, object]:  # type: ignore[type-arg]
+    """The job's conversion, once done: (its bundle directory, the report or what failed)."""
+    work, got = runs[key].result()
+    return work / key, got
+
+
+def _report(runs: dict[str, Future], key: str) -> tuple[Path, dict]:  # type: ignore[type-arg]
+    bundle, got = _result(runs, key)
+    assert isinstance(got, dict), f"{key}: {got}"
+    return bundle, got
 
 
 def _outcomes(report: dict) -> dict[str, tuple[str, str | None]]:  # type: ignore[type-arg]
@@ -186,16 +209,15 @@ def _outcomes(report: dict) -> dict[str, tuple[str, str | None]]:  # type: ignor
 
 
 def test_keras3_lstm_crashes_full_int8_and_the_unrolled_rebuild_wins(
-    runs: dict[str, object],
+    runs: dict[str, Future],  # type: ignore[type-arg]
 ) -> None:
-    report = _report(runs, "lstm")
+    bundle, report = _report(runs, "lstm")
     got = _outcomes(report)
     assert got["full-int8"] == ("crashed", "crashed the converter process (SIGSEGV)")
     assert report["litert"]["strategy"] == "unrolled-int8"
     assert got["unrolled-int8"][0] == "won"
     assert got["legacy-lstm-int8"][0] == "not tried"
     assert report["agreement"]["litert-int8"] >= 0.95
-    bundle = runs["out"] / "lstm"  # type: ignore[operator]
     m = Bundle.load(bundle).manifest
     assert m.provenance.strategy == "litert unrolled-int8"
     assert m.artifacts[0].inputs[0].shape == [1, 32, 3] and m.artifacts[0].inputs[0].layout == "NTC"
@@ -205,9 +227,9 @@ def test_keras3_lstm_crashes_full_int8_and_the_unrolled_rebuild_wins(
 
 
 def test_gru_fails_full_int8_with_the_converters_error_and_unrolls(
-    runs: dict[str, object],
+    runs: dict[str, Future],  # type: ignore[type-arg]
 ) -> None:
-    report = _report(runs, "gru")
+    _, report = _report(runs, "gru")
     outcome, reason = _outcomes(report)["full-int8"]
     assert outcome == "failed"
     assert reason == (
@@ -218,11 +240,13 @@ def test_gru_fails_full_int8_with_the_converters_error_and_unrolls(
     assert report["agreement"]["litert-int8"] >= 0.95
 
 
-def test_bidirectional_lstm_through_the_fused_legacy_lstm(runs: dict[str, object]) -> None:
+def test_bidirectional_lstm_through_the_fused_legacy_lstm(
+    runs: dict[str, Future],  # type: ignore[type-arg]
+) -> None:
     """The tf_keras rebuild: two fused LSTM ops. Their state lives in variable tensors that
     LiteRT keeps across invokes; the agent's backend zeroes them per sample, or the second
     sample would start from the first one's state (measured: agreement 35% without)."""
-    report = _report(runs, "bilstm")
+    _, report = _report(runs, "bilstm")
     won = next(a for a in report["litert"]["attempts"] if a["outcome"] == "won")
     assert won["strategy"] == "legacy-lstm-int8"
     assert "UNIDIRECTIONAL_SEQUENCE_LSTM" in won["ops"] and "WHILE" not in won["ops"]
@@ -230,13 +254,15 @@ def test_bidirectional_lstm_through_the_fused_legacy_lstm(runs: dict[str, object
     assert report["size_bytes"]["litert-int8"] < report["size_bytes"]["keras"] / 3
 
 
-def test_cnn_lstm_clip_falls_back_to_dynamic_range(runs: dict[str, object]) -> None:
+def test_cnn_lstm_clip_falls_back_to_dynamic_range(
+    runs: dict[str, Future],  # type: ignore[type-arg]
+) -> None:
     """The last resort: int8 weights, float activations and float input/output."""
-    report = _report(runs, "clip")
+    bundle, report = _report(runs, "clip")
     assert _outcomes(report)["full-int8"][0] == "failed"
     assert report["litert"]["strategy"] == "dynamic-range"
     assert report["agreement"]["litert-dynamic"] >= 0.95
-    art = Bundle.load(runs["out"] / "clip").manifest.artifacts[0]  # type: ignore[operator]
+    art = Bundle.load(bundle).manifest.artifacts[0]
     assert (art.file, art.precision) == ("model_dynamic.tflite", "dynamic")
     inp = art.inputs[0]
     assert (inp.shape, inp.dtype, inp.layout) == ([1, 4, 16, 16, 1], "float32", "NTHWC")
@@ -244,18 +270,22 @@ def test_cnn_lstm_clip_falls_back_to_dynamic_range(runs: dict[str, object]) -> N
 
 
 def test_a_strategy_that_does_not_apply_is_skipped_with_its_reason(
-    runs: dict[str, object],
+    runs: dict[str, Future],  # type: ignore[type-arg]
 ) -> None:
-    assert isinstance(runs["gru-legacy"], ConversionError)
-    assert str(runs["gru-legacy"]) == (
+    bundle, got = _result(runs, "gru-legacy")
+    assert isinstance(got, ConversionError)
+    assert str(got) == (
         "no LiteRT conversion strategy worked — legacy-lstm-int8: skipped "
         "(not applicable: GRU has no fused int8 LiteRT op)"
     )
-    assert not (runs["out"] / "gru-legacy").exists()  # type: ignore[operator]
+    assert not bundle.exists()
+    assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".")], "no staging left"
 
 
-def test_unsupported_op_is_one_clear_line(runs: dict[str, object]) -> None:
-    r = runs["bicubic"]
+def test_unsupported_op_is_one_clear_line(
+    runs: dict[str, Future],  # type: ignore[type-arg]
+) -> None:
+    bundle, r = _result(runs, "bicubic")
     assert isinstance(r, subprocess.CompletedProcess)
     assert r.returncode == 2
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("medge: error:")]
@@ -264,9 +294,8 @@ def test_unsupported_op_is_one_clear_line(runs: dict[str, object]) -> None:
         "medge: error: unsupported op tf.ResizeBicubic: LiteRT has no builtin kernel for it"
     )
     assert "Traceback" not in r.stderr
-    out = runs["out"]
-    assert not (out / "bicubic").exists()  # type: ignore[operator]
-    assert not [p for p in out.iterdir() if p.name.startswith(".")], "no staging left"  # type: ignore[attr-defined]
+    assert not bundle.exists()
+    assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".")], "no staging left"
 
 
 if __name__ == "__main__":

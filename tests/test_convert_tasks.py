@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -41,22 +42,23 @@ import os, sys
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 import numpy as np, keras
 from keras import layers
-keras.utils.set_random_seed(0)
-task, data, out = sys.argv[1], np.load(sys.argv[2]), sys.argv[3]
-key = "train_masks" if task == "segmentation" else "train_targets"
-x = data["train_images"][..., None].astype("float32") / 255.0
-y = data[key][..., None].astype("float32")
-inp = keras.Input((32, 32, 1), name="image")
-a = layers.Conv2D(8, 3, padding="same", activation="relu")(inp)
-b = layers.Conv2D(16, 3, padding="same", activation="relu")(layers.MaxPooling2D()(a))
-u = layers.Concatenate()([a, layers.UpSampling2D()(b)])
-c = layers.Conv2D(8, 3, padding="same", activation="relu")(u)
-act = "sigmoid" if task == "segmentation" else "linear"
-model = keras.Model(inp, layers.Conv2D(1, 1, activation=act, name="out")(c), name="tiny_unet")
-loss = "binary_crossentropy" if task == "segmentation" else "mse"
-model.compile(optimizer=keras.optimizers.Adam(0.01), loss=loss)
-model.fit(x, y, epochs=8, batch_size=16, verbose=0)
-model.save(out)
+data, out = np.load(sys.argv[1]), sys.argv[2]
+for task, name in (("segmentation", "unet"), ("image_to_image", "denoise")):
+    keras.utils.set_random_seed(0)
+    key = "train_masks" if task == "segmentation" else "train_targets"
+    x = data["train_images"][..., None].astype("float32") / 255.0
+    y = data[key][..., None].astype("float32")
+    inp = keras.Input((32, 32, 1), name="image")
+    a = layers.Conv2D(8, 3, padding="same", activation="relu")(inp)
+    b = layers.Conv2D(16, 3, padding="same", activation="relu")(layers.MaxPooling2D()(a))
+    u = layers.Concatenate()([a, layers.UpSampling2D()(b)])
+    c = layers.Conv2D(8, 3, padding="same", activation="relu")(u)
+    act = "sigmoid" if task == "segmentation" else "linear"
+    model = keras.Model(inp, layers.Conv2D(1, 1, activation=act, name="out")(c), name="tiny_unet")
+    loss = "binary_crossentropy" if task == "segmentation" else "mse"
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss=loss)
+    model.fit(x, y, epochs=8, batch_size=16, verbose=0)
+    model.save(os.path.join(out, f"{name}.keras"))
 """
 
 
@@ -70,13 +72,6 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d / "blobs.npz"
 
 
-def _train(task: str, data: Path, out: Path) -> Path:
-    r = subprocess.run([sys.executable, "-c", TRAIN, task, str(data), str(out)],
-                       capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
-    return out
-
-
 def _request(model: Path, data: Path, out: Path, task: str, **kw: object) -> ConvertRequest:
     return ConvertRequest(model=model, calib=data, eval=data, out=out, task=task,
                           preprocess=Preprocess(kind="scale01"), calib_split="train",
@@ -84,10 +79,44 @@ def _request(model: Path, data: Path, out: Path, task: str, **kw: object) -> Con
                           else "none", **kw)  # type: ignore[arg-type]  # fmt: skip
 
 
-def test_segmentation_bundle_keeps_dice_and_runs_on_the_agent(data: Path, tmp_path: Path) -> None:
-    model = _train("segmentation", data, tmp_path / "unet.keras")
-    out = tmp_path / "seg"
-    b = convert(_request(model, data, out, "segmentation", budget={"dice": 0.05}))
+@pytest.fixture(scope="module")
+def bundles(data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """Both tiny models trained in one child (one TensorFlow start), then converted two at a
+    time: task -> (bundle, its directory), or the error. LiteRT only (the tests here are not
+    about ONNX) and no float artifact beside int8 (the file list must not depend on timing)."""
+    work = tmp_path_factory.mktemp("task-models")
+    r = subprocess.run([sys.executable, "-c", TRAIN, str(data), str(work)],
+                       capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    jobs = {
+        "segmentation": ("unet", {"budget": {"dice": 0.05}}),
+        "image_to_image": ("denoise", {}),
+    }
+
+    def run(task: str) -> object:
+        name, kw = jobs[task]
+        out = work / f"{task}-bundle"
+        try:
+            req = _request(work / f"{name}.keras", data, out, task, onnx=False,
+                           float_artifacts="none", **kw)  # fmt: skip
+            return convert(req), out
+        except ConversionError as exc:
+            return exc
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip(jobs, pool.map(run, jobs), strict=True))
+
+
+def _bundle(bundles: dict[str, object], task: str) -> tuple[Bundle, Path]:
+    got = bundles[task]
+    assert isinstance(got, tuple), f"{task}: {got}"
+    return got
+
+
+def test_segmentation_bundle_keeps_dice_and_runs_on_the_agent(
+    data: Path, bundles: dict[str, object]
+) -> None:
+    b, out = _bundle(bundles, "segmentation")
     m = b.manifest
     assert m.task == "segmentation" and m.decode.kind == "segmentation"
     assert m.labels == ["background", "foreground"]
@@ -107,10 +136,10 @@ def test_segmentation_bundle_keeps_dice_and_runs_on_the_agent(data: Path, tmp_pa
     assert seg.area_px == pytest.approx(int(masks[0].sum()), rel=0.5)
 
 
-def test_image_to_image_bundle_reports_psnr_and_ssim(data: Path, tmp_path: Path) -> None:
-    model = _train("image_to_image", data, tmp_path / "denoise.keras")
-    out = tmp_path / "img"
-    b = convert(_request(model, data, out, "image_to_image", onnx=False))
+def test_image_to_image_bundle_reports_psnr_and_ssim(
+    data: Path, bundles: dict[str, object]
+) -> None:
+    b, out = _bundle(bundles, "image_to_image")
     m = b.manifest
     assert m.task == "image_to_image" and m.decode.kind == "image_to_image"
     report = json.loads((out / "report.json").read_text())

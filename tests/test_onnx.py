@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -235,17 +237,36 @@ def test_tensorrt_build_settings_are_a_trtexec_line() -> None:
     assert tensorrt_build("model_fp32.onnx", "fp32").precision == "fp16"
 
 
-@pytest.mark.slow
-def test_onnx_failure_keeps_the_litert_bundle(tmp_path: Path) -> None:
-    """Without tf2onnx the ONNX export fails: the LiteRT bundle still ships, with one warning."""
-    out = tmp_path / "b"
-    r = _run(
+def _convert_without_tf2onnx(work: Path) -> subprocess.CompletedProcess[str]:
+    return _run(
         "-m", "medge", "convert", str(breast_cnn.WEIGHTS), "--calib", DATA,
         "--calib-split", "train", "--eval", DATA, "--eval-split", "val",
         "--preprocess", "scale01", "--labels", "malignant,benign", "--positive", "malignant",
-        "--profile", "jetson", "--out", str(out), "--json",
-        env=_shadow(tmp_path, "tf2onnx"),
+        "--profile", "jetson", "--out", str(work / "b"), "--json",
+        env=_shadow(work, "tf2onnx"),
     )  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def conversions(
+    side_by_side: Callable[..., dict[str, Future]],  # type: ignore[type-arg]
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, Future]:  # type: ignore[type-arg]
+    """The one conversion of this module, started with the module so that it works while the
+    tests on the shared bundle run: test -> Future of (its directory, the finished run)."""
+    work = tmp_path_factory.mktemp("no-tf2onnx")
+    return side_by_side({
+        "test_onnx_failure_keeps_the_litert_bundle": lambda: (work, _convert_without_tf2onnx(work))
+    })  # fmt: skip
+
+
+@pytest.mark.slow
+def test_onnx_failure_keeps_the_litert_bundle(
+    conversions: dict[str, Future],  # type: ignore[type-arg]
+) -> None:
+    """Without tf2onnx the ONNX export fails: the LiteRT bundle still ships, with one warning."""
+    work, r = conversions["test_onnx_failure_keeps_the_litert_bundle"].result()
+    out = work / "b"
     assert r.returncode == 0, r.stderr
     b = Bundle.load(out)
     assert [(a.runtime, a.precision) for a in b.manifest.artifacts] == [("litert", "int8")]
