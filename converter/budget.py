@@ -263,6 +263,9 @@ def float_payoff(
     between a quiet and a loaded machine); none: never; fp16/fp32: that one, whatever the
     timing (every choice is still timed and recorded)."""
     decisions: dict[str, Any] = {}
+    if mode == "none":  # not even made: nothing to time
+        why = "--float-artifacts none: not made"
+        return None, {p: {"shipped": False, "why": why} for p in ("fp16", "fp32") if p != precision}
     ship = []
     for p in ("fp16", "fp32"):
         path = work / f"extra-{p}.tflite"

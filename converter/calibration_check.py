@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -212,10 +213,28 @@ def bn_mismatch(model_path: str | Path, calib_x: np.ndarray) -> list[str]:
     ]
 
 
+def has_batchnorm(model_path: str | Path) -> bool | None:
+    """Whether a Keras model has BatchNormalization layers, read from the ``.keras`` file's
+    config without TensorFlow; None when that cannot be told here (.h5, SavedModel, ...)."""
+    path = Path(model_path)
+    if path.suffix.lower() != ".keras" or not path.is_file():
+        return None
+    try:
+        with zipfile.ZipFile(path) as z:
+            config = z.read("config.json").decode("utf-8", "replace")
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return None
+    return '"BatchNormalization"' in config
+
+
 def main(job_file: str) -> None:
     """Child-process entry: job {model, calib (.npy), eval (.npy or null), calib_y (.npy or
-    null), n_classes, out}; writes the warnings as a JSON list to ``out``."""
+    null), n_classes, out} — or {model, calib, bn_only: true, out} for the BatchNormalization
+    check alone; writes the warnings as a JSON list to ``out``."""
     job: dict[str, Any] = json.loads(Path(job_file).read_text())
+    if job.get("bn_only"):
+        Path(job["out"]).write_text(json.dumps(bn_mismatch(job["model"], np.load(job["calib"]))))
+        return
 
     def load(key: str) -> np.ndarray | None:
         return np.load(job[key]) if job.get(key) else None

@@ -392,7 +392,8 @@ def _from_tf(
                 **job,
                 "tflite_out": str(work / "model.tflite"),
                 "min_agreement": req.min_agreement,
-                "extras": {p: str(work / f"extra-{p}.tflite") for p in ("fp16", "fp32")},
+                "extras": {p: str(work / f"extra-{p}.tflite") for p in ("fp16", "fp32")}
+                if req.float_artifacts != "none" else {},
             },
             work,
             keys,
@@ -641,18 +642,23 @@ def _finish(
 
 
 def _calibration_warnings(req: ConvertRequest, data: _Data, work: Path) -> list[str]:
-    """converter.calibration_check's warnings (a small or unrepresentative calibration set,
-    BatchNorm statistics against the data), run in its child process like all TensorFlow."""
-    job: dict[str, Any] = {"model": str(req.model), "calib": str(work / "calib.npy"),
-                           "eval": str(work / "eval.npy"), "out": str(work / "calib-check.json")}
-    if data.yc is not None:
-        np.save(work / "calib_y.npy", data.yc)
-        job.update(calib_y=str(work / "calib_y.npy"), n_classes=len(data.labels))
+    """converter.calibration_check's warnings: a small, class-incomplete or unrepresentative
+    calibration set (numpy, here), and BatchNorm statistics against the data (TensorFlow, in
+    its child process, only for a Keras model that has BatchNormalization layers)."""
+    from converter.calibration_check import check_calibration, has_batchnorm
+
+    n_classes = len(data.labels) if data.yc is not None else None
+    found = check_calibration(None, np.load(work / "calib.npy"), np.load(work / "eval.npy"),
+                              calib_y=data.yc, n_classes=n_classes)  # fmt: skip
+    if has_batchnorm(req.model) is False:
+        return found
+    job = {"model": str(req.model), "calib": str(work / "calib.npy"), "bn_only": True,
+           "out": str(work / "calib-check.json")}  # fmt: skip
     try:
         _run_child(job, work, "converter.calibration_check", "calibration check")
-        return list(json.loads((work / "calib-check.json").read_text()))
+        return found + list(json.loads((work / "calib-check.json").read_text()))
     except (ConversionError, OSError, ValueError) as exc:  # the check must not cost the bundle
-        return [f"calibration check failed: {exc}"]
+        return [*found, f"calibration check failed: {exc}"]
 
 
 def _write_html(path: Path, report: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ from converter.calibration_check import (
     check_calibration,
     class_coverage,
     distribution_shift,
+    has_batchnorm,
 )
 from models import breast_cnn
 
@@ -120,3 +121,29 @@ def test_child_process_entry(tmp_path: Path) -> None:
     assert "only 50 samples" in warnings[0]
     assert "no samples of class 0" in warnings[1]
     assert "0-255" in warnings[2]
+
+
+def test_the_bn_child_runs_only_for_models_with_batchnorm(tmp_path: Path) -> None:
+    """The converter skips the TensorFlow child when a .keras file's config has no
+    BatchNormalization; it cannot tell for other formats, so it runs the check there."""
+    import zipfile
+
+    assert has_batchnorm(breast_cnn.WEIGHTS) is True  # the zoo CNN has BN layers
+    plain = tmp_path / "plain.keras"
+    with zipfile.ZipFile(plain, "w") as z:
+        z.writestr("config.json", json.dumps({"class_name": "Sequential", "config": {
+            "layers": [{"class_name": "Conv2D"}, {"class_name": "Dense"}]}}))  # fmt: skip
+    assert has_batchnorm(plain) is False
+    (tmp_path / "broken.keras").write_bytes(b"not a zip")
+    (tmp_path / "m.h5").write_bytes(b"")
+    assert has_batchnorm(tmp_path / "broken.keras") is None
+    assert has_batchnorm(tmp_path / "m.h5") is None
+    # the child's BN-only job, as the converter runs it: a warning list, nothing else
+    np.save(tmp_path / "calib.npy", TRAIN[:50])  # 0-255 data: the BN layers see a shift
+    job = {"model": str(breast_cnn.WEIGHTS), "calib": str(tmp_path / "calib.npy"),
+           "bn_only": True, "out": str(tmp_path / "w.json")}  # fmt: skip
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    child = [sys.executable, "-m", "converter.calibration_check", str(tmp_path / "job.json")]
+    subprocess.run(child, check=True, timeout=120, capture_output=True)
+    [warning] = json.loads((tmp_path / "w.json").read_text())
+    assert warning.startswith("BatchNormalization statistics do not match")
