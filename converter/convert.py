@@ -650,7 +650,8 @@ def _calibration_warnings(req: ConvertRequest, data: _Data, work: Path) -> list[
     n_classes = len(data.labels) if data.yc is not None else None
     found = check_calibration(None, np.load(work / "calib.npy"), np.load(work / "eval.npy"),
                               calib_y=data.yc, n_classes=n_classes)  # fmt: skip
-    if has_batchnorm(req.model) is False:
+    keras_file = req.model.suffix.lower() in (".keras", ".h5")  # what the BN check can load
+    if not keras_file or has_batchnorm(req.model) is False:
         return found
     job = {"model": str(req.model), "calib": str(work / "calib.npy"), "bn_only": True,
            "out": str(work / "calib-check.json")}  # fmt: skip

@@ -164,7 +164,7 @@ def test_segmentation_and_event_sections(tmp_path: Path) -> None:
             "variants": {
                 "float": {"fall": event_metrics([(1, 2), (5, 6)], [(1.5, 1.7)], duration_s=3600)}
             },
-        },  # fmt: skip
+        },
         "size_bytes": {},
         "latency_ms": {},
     }
