@@ -40,7 +40,6 @@ from edge_agent.decode import classify
 from edge_agent.preprocess import dequantize, normalize, to_input
 
 __all__ = [
-    "FLOAT_PAYOFF",
     "LOWER_IS_BETTER",
     "RUNGS",
     "TASK_METRICS",
@@ -50,7 +49,7 @@ __all__ = [
     "append_markdown",
     "budget_metrics",
     "describe",
-    "float_payoff",
+    "float_extras",
     "misses",
     "run_artifact",
     "rungs",
@@ -64,7 +63,6 @@ TASK_METRICS = {
     "image_to_image": ("psnr", "ssim"),
 }
 LOWER_IS_BETTER = {"hd95"}  # a drop in these is a rise
-FLOAT_PAYOFF = 2.0  # ship a float LiteRT artifact beside the winner only when this much faster
 
 
 @dataclass(frozen=True)
@@ -249,24 +247,23 @@ def describe(outcome: BudgetOutcome, budget: dict[str, float]) -> dict[str, Any]
     }
 
 
-def float_payoff(
-    profile: str,
+def float_extras(
     precision: str,
     winner: Scored,
     work: Path,
     evaluate: Callable[[Path], Scored],
     mode: str = "auto",
-) -> tuple[str | None, dict[str, Any]]:
-    """Whether a float LiteRT artifact (fp16, fp32) ships beside the winner. ``mode`` auto:
-    only for the x86 profile (timed here, on x86 with XNNPACK, 1 thread) and only when it is at
-    least FLOAT_PAYOFF times faster, the smaller of those that qualify (a timing: it can differ
-    between a quiet and a loaded machine); none: never; fp16/fp32: that one, whatever the
-    timing (every choice is still timed and recorded)."""
-    decisions: dict[str, Any] = {}
-    if mode == "none":  # not even made: nothing to time
+) -> tuple[list[tuple[str, Scored]], dict[str, Any]]:
+    """The float LiteRT artifacts (fp16, fp32) that ship beside the winner, each evaluated,
+    and the report's record of every decision. ``mode`` auto: both (the standard set: the
+    winner, fp16, fp32 — the same files on any machine, whatever the timing); fp16/fp32: that
+    one only; none: neither (not even made). Each one made is timed here against the winner
+    (x86, XNNPACK, 1 thread), which says how it compares on this machine only."""
+    if mode == "none":
         why = "--float-artifacts none: not made"
-        return None, {p: {"shipped": False, "why": why} for p in ("fp16", "fp32") if p != precision}
-    ship = []
+        return [], {p: {"shipped": False, "why": why} for p in ("fp16", "fp32") if p != precision}
+    decisions: dict[str, Any] = {}
+    ship: list[tuple[str, Scored]] = []
     for p in ("fp16", "fp32"):
         path = work / f"extra-{p}.tflite"
         if p == precision:
@@ -276,29 +273,16 @@ def float_payoff(
             continue
         s = evaluate(path)
         speedup = winner.p50_ms / s.p50_ms if s.p50_ms else 0.0
-        rec = {"bytes": path.stat().st_size, "p50_ms": round(s.p50_ms, 4),
-               "speedup_vs_winner": round(speedup, 2), "shipped": False}  # fmt: skip
-        if mode != "auto":
-            asked = mode == p
-            rec["why"] = (f"--float-artifacts {mode} ({speedup:.2f}x the speed of {precision} "
-                          "here)")  # fmt: skip
-            if asked:
-                ship.append((rec["bytes"], p))
-        elif profile != "x86":
-            rec["why"] = (f"timed on this x86 workstation only ({speedup:.2f}x the speed of "
-                          f"{precision}), which says nothing of a {profile}")  # fmt: skip
-        elif speedup < FLOAT_PAYOFF:
-            rec["why"] = (f"{speedup:.2f}x the speed of {precision} here (< {FLOAT_PAYOFF}x): "
-                          "not worth its bytes")  # fmt: skip
-        else:
-            rec["why"] = f"{speedup:.2f}x faster than {precision} on x86 (XNNPACK, 1 thread)"
-            ship.append((rec["bytes"], p))
-        decisions[p] = rec
-    chosen = min(ship)[1] if ship else None
-    if chosen:
-        decisions[chosen]["shipped"] = True
-        decisions[chosen]["why"] += ": shipped as a second LiteRT artifact"
-    return chosen, decisions
+        asked = mode in ("auto", p)
+        timing = f"{speedup:.2f}x the speed of {precision} on this machine (XNNPACK, 1 thread)"
+        why = ("--float-artifacts auto: fp16 and fp32 ship beside the winner" if mode == "auto"
+               else f"--float-artifacts {mode}")  # fmt: skip
+        decisions[p] = {"bytes": path.stat().st_size, "p50_ms": round(s.p50_ms, 4),
+                        "speedup_vs_winner": round(speedup, 2), "shipped": asked,
+                        "why": f"{why}; {timing}"}  # fmt: skip
+        if asked:
+            ship.append((p, s))
+    return ship, decisions
 
 
 def append_markdown(path: Path, report: dict[str, Any]) -> None:
@@ -316,7 +300,7 @@ def append_markdown(path: Path, report: dict[str, Any]) -> None:
                          f"{a.get('reason', '')}")  # fmt: skip
     floats = report.get("float_artifacts")
     if floats:
-        lines += ["", "## Float LiteRT artifacts: do they pay off?", ""]
+        lines += ["", "## Float LiteRT artifacts beside the winner", ""]
         for p, d in floats.items():
             lines.append(f"- {p}: {'shipped' if d['shipped'] else 'not shipped'} — {d['why']}")
     if lines:

@@ -108,7 +108,7 @@ class ConvertRequest:
     onnx_input: str = "wrap"  # an .onnx model: wrap it as it is, or quantize it (fp32 + int8)
     mask_threshold: float = 0.5  # segmentation: a pixel is foreground at >= this
     fallback: list[str] | None = None  # --budget rungs after int8 (None: all; []: none)
-    float_artifacts: str = "auto"  # a float LiteRT file beside int8: auto, none, fp16, fp32
+    float_artifacts: str = "auto"  # float LiteRT files beside int8: auto (both), none, fp16, fp32
     window: WindowSpec | None = None  # how the agent cuts a stream into inputs (manifest)
     events: list[EventRule] = field(default_factory=list)  # decode.events (manifest)
     streams: list[Path] = field(default_factory=list)  # annotated recordings: event metrics
@@ -432,14 +432,12 @@ def _from_tf(
     shutil.copyfile(path, stage / file)
     artifacts = [_litert_artifact(stage, file, precision)]
     runs = {f"litert-{precision}": scored}
-    extra, decisions = B.float_payoff(
-        req.profile, precision, scored, work, evaluate, req.float_artifacts
-    )
+    extras, decisions = B.float_extras(precision, scored, work, evaluate, req.float_artifacts)
     report["float_artifacts"] = decisions
-    if extra is not None:
+    for extra, extra_scored in extras:
         shutil.copyfile(work / f"extra-{extra}.tflite", stage / f"model_{extra}.tflite")
         artifacts.append(_litert_artifact(stage, f"model_{extra}.tflite", extra))
-        runs[f"litert-{extra}"] = evaluate(stage / f"model_{extra}.tflite")
+        runs[f"litert-{extra}"] = extra_scored
     cam = None
     if req.cam:
         info = json.loads((work / "cam.json").read_text())

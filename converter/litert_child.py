@@ -247,7 +247,8 @@ def _load(job: dict[str, Any]) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray,
 
 def _extras(model: Any, cam_names: dict[int, str], extras: dict[str, str]) -> None:
     """Float LiteRT artifacts of the model as it is (fp32; fp16 weights), for the parent to
-    measure whether they pay off on the device; a failure leaves the file absent."""
+    evaluate and ship beside the winner (converter.budget.float_extras); a failure leaves the
+    file absent."""
     import tensorflow as tf
 
     for precision, path in extras.items():

@@ -423,7 +423,7 @@ def _budget_html(report: dict[str, Any]) -> list[str]:
         out.append("</ul>")
     floats = report.get("float_artifacts") or {}
     if floats:
-        out.append("<h2>Float LiteRT artifacts: do they pay off?</h2><ul>")
+        out.append("<h2>Float LiteRT artifacts beside the winner</h2><ul>")
         for p, d in floats.items():
             shipped = "shipped" if d.get("shipped") else "not shipped"
             out.append(f"<li>{_e(p)}: <b>{shipped}</b> — {_e(d.get('why', ''))}</li>")

@@ -264,10 +264,10 @@ def _add_convert(sub: Any, common: Callable[..., None]) -> None:
     c.add_argument("--activation", default="softmax", choices=["softmax", "sigmoid", "none"],
                    help="what the model's last layer applies (default softmax; none = logits)")
     c.add_argument("--float-artifacts", default="auto", choices=["auto", "none", "fp16", "fp32"],
-                   help="a float LiteRT file beside the int8 one: auto = only on the x86 profile "
-                   "where it measured >= 2x faster here (a timing: may differ between runs), "
-                   "none, or always fp16/fp32 (default auto; pick one for a bundle whose file "
-                   "list never varies)")
+                   help="float LiteRT files beside the int8 one: auto = fp16 and fp32 (the same "
+                   "files on any machine; each is timed here and the report says how it "
+                   "compares), none (not even made), or only fp16/fp32 (default auto; a device "
+                   "picks one with its config's precision)")
     c.add_argument("--fallback", metavar="RUNGS",
                    help="with --budget: what the search may fall back to when full int8 misses, "
                    "in this order: float-head (int8, final softmax/sigmoid float), mixed (int8, "
