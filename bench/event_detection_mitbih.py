@@ -12,41 +12,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
-
-import numpy as np
 
 from converter import ConvertRequest, convert
 from edge_agent.bundle import EventRule, Preprocess, WindowSpec
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from mitbih_runs import annotated_recording  # noqa: E402  (the tests' own truth)
+
 MODEL = ROOT / "tests" / "data" / "third_party" / "classify_heartbeats_cnn.tflite"
 BEATS = ROOT / "tests" / "data" / "ecg_beats.npz"
 AAMI = ["N", "S", "V", "F", "Q"]
-
-
-def pvc_runs(peaks: list[int], pvc: set[int], least: int = 2) -> list[list[int]]:
-    runs: list[list[int]] = []
-    cur: list[int] = []
-    for r in [*peaks, -1]:
-        if r in pvc:
-            cur.append(r)
-            continue
-        if len(cur) >= least:
-            runs.append(cur)
-        cur = []
-    return runs
-
-
-def recording(src: Path, out: Path) -> Path:
-    """A MIT-BIH npz (signal, fs, r_peaks, pvc_peaks) as an annotated recording."""
-    with np.load(src) as d:
-        fs, peaks = float(d["fs"]), d["r_peaks"]
-        runs = pvc_runs(peaks.tolist(), set(d["pvc_peaks"].tolist()))
-        events = np.array([(r[0] / fs, r[-1] / fs) for r in runs]).reshape(-1, 2)
-        np.savez(out, signal=d["signal"], rate_hz=fs, r_peaks=peaks, events=events)
-    return out
 
 
 def main() -> None:
@@ -57,7 +36,10 @@ def main() -> None:
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        recs = [recording(p, work / p.name) for p in sorted(a.records.glob("*.npz"))]
+        recs = []
+        for src in sorted(a.records.glob("*.npz")):
+            annotated_recording(src, work / src.name)
+            recs.append(work / src.name)
         rule = EventRule(name="pvc_run", label="V", on=a.on, off=a.on, min_windows=a.min_windows)
         bundle = convert(
             ConvertRequest(

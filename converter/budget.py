@@ -48,6 +48,7 @@ __all__ = [
     "Scored",
     "append_markdown",
     "budget_metrics",
+    "class_scores",
     "describe",
     "float_extras",
     "misses",
@@ -121,6 +122,15 @@ def run_artifact(
     return np.stack(outs), lat
 
 
+def class_scores(
+    outs: np.ndarray, decode: Decode, labels: list[str], positive: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Raw classifier outputs (N, ...) decoded as the agent decodes them: class scores
+    (N, len(labels)) and predicted classes (N,)."""
+    got = [classify(row.reshape(-1), decode, labels, positive) for row in outs]
+    return np.array([g.scores for g in got]), np.array([g.pred for g in got])
+
+
 def task_metrics(
     task: str,
     outs: np.ndarray,
@@ -131,9 +141,7 @@ def task_metrics(
 ) -> dict[str, Any]:
     """The task's metrics of outputs ``outs`` (N, ...) against targets ``y``."""
     if task == "classification":
-        got = [classify(row.reshape(-1), decode, labels, positive) for row in outs]
-        scores = np.array([g.scores for g in got])
-        pred = np.array([g.pred for g in got])
+        scores, pred = class_scores(outs, decode, labels, positive)
         return classification_metrics(y, scores, pred, positive)
     if task == "segmentation":
         fg = foreground(outs, decode.activation)

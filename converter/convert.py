@@ -544,10 +544,7 @@ def _agreement(data: _Data, ref: np.ndarray, got: np.ndarray) -> float:
 
 
 def _classes(data: _Data, outs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from edge_agent.decode import classify
-
-    got = [classify(r.reshape(-1), data.decode, data.labels, data.positive) for r in outs]
-    return np.array([g.scores for g in got]), np.array([g.pred for g in got])
+    return B.class_scores(outs, data.decode, data.labels, data.positive)
 
 
 def _finite(v: Any) -> Any:

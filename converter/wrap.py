@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from converter.budget import class_scores
 from converter.convert import (
     LAYOUTS,
     ConvertRequest,
@@ -47,7 +48,6 @@ from edge_agent.bundle import (
     file_entry,
     write_manifest,
 )
-from edge_agent.decode import classify
 from edge_agent.model import LoadedModel
 
 __all__ = ["RUNTIMES", "artifact_precision", "wrap"]
@@ -197,14 +197,11 @@ def wrap(
             "warnings": [],
         }
         if streams:
-
-            def decoded(outs: np.ndarray) -> np.ndarray:
-                return np.array([classify(o.reshape(-1), decode, labels, positive).scores
-                                 for o in outs])  # fmt: skip
-
             outs = stream_outputs(stage / file, runtime, req.preprocess, streams)
-            report["events"] = score_streams(streams, {variant: outs}, decoded, req.events,
-                                             labels, req.event_tolerance_s)  # fmt: skip
+            report["events"] = score_streams(
+                streams, {variant: outs}, lambda o: class_scores(o, decode, labels, positive)[0],
+                req.events, labels, req.event_tolerance_s,
+            )  # fmt: skip
             report[variant].update(event_scalars(report["events"], variant))
         (stage / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         write_markdown(stage / "report.md", report)

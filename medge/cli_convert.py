@@ -180,14 +180,9 @@ def register(sub: Any, common: Callable[..., None]) -> None:
     )
     e.add_argument("bundle", type=Path, help="bundle directory")
     e.add_argument("--data", type=Path, help="labelled npz (x/y or <split>_images/_labels)")
-    e.add_argument("--stream", dest="streams", type=Path, action="append", default=[],
-                   metavar="REC.npz",
-                   help="annotated recording (signal, rate_hz, events (N,2) seconds, r_peaks "
-                   "for beat windows): event sensitivity, precision, specificity and false "
-                   "alarms per hour (repeatable)")
-    e.add_argument("--event-tolerance", dest="event_tolerance_s", type=float, default=0.0,
-                   metavar="SECONDS",
-                   help="a detection this near an annotated event still matches it (default 0)")
+    _add_stream_options(e, "annotated recording (signal, rate_hz, events (N,2) seconds, "
+                        "r_peaks for beat windows): event sensitivity, precision, specificity "
+                        "and false alarms per hour (repeatable)")  # fmt: skip
     e.add_argument("--split", help="split of a MedMNIST-style npz (default: x/y, else val)")
     e.add_argument(
         "--runtime",
@@ -202,6 +197,15 @@ def register(sub: Any, common: Callable[..., None]) -> None:
     )
     common(e, json_flag=True)
     e.set_defaults(func=cmd_evaluate)
+
+
+def _add_stream_options(p: argparse.ArgumentParser, stream_help: str) -> None:
+    """--stream and --event-tolerance, the same for convert and evaluate."""
+    p.add_argument("--stream", dest="streams", type=Path, action="append", default=[],
+                   metavar="REC.npz", help=stream_help)  # fmt: skip
+    p.add_argument("--event-tolerance", dest="event_tolerance_s", type=float, default=0.0,
+                   metavar="SECONDS",
+                   help="a detection this near an annotated event still matches it (default 0)")
 
 
 def _add_convert(sub: Any, common: Callable[..., None]) -> None:
@@ -293,13 +297,9 @@ def _add_convert(sub: Any, common: Callable[..., None]) -> None:
                    help="an event rule for decode.events (repeatable): name=N,label=L,on=P"
                    "[,off=P][,min_windows=K][,refractory_s=S][,alert=yes|no]; an event starts "
                    "when L's score is >= on for K windows and ends below off (default: on)")
-    c.add_argument("--stream", dest="streams", type=Path, action="append", default=[],
-                   metavar="REC.npz",
-                   help="annotated recording to score event detection on, for float and every "
-                   "artifact (needs --window and --event; npz: signal, rate_hz, events (N,2) "
-                   "seconds, r_peaks for beat windows; repeatable; docs/report.md)")
-    c.add_argument("--event-tolerance", dest="event_tolerance_s", type=float, default=0.0,
-                   metavar="SECONDS",
-                   help="a detection this near an annotated event still matches it (default 0)")
+    _add_stream_options(c, "annotated recording to score event detection on, for float and "
+                        "every artifact (needs --window and --event; npz: signal, rate_hz, "
+                        "events (N,2) seconds, r_peaks for beat windows; repeatable; "
+                        "docs/report.md)")  # fmt: skip
     common(c, json_flag=True)
     c.set_defaults(func=cmd_convert)

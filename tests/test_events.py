@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from mitbih_runs import pvc_runs
 
 from edge_agent.bundle import (
     SCHEMA_VERSION,
@@ -122,20 +123,6 @@ def beat_bundle(out: Path, key: Path, events: list[EventRule], window: WindowSpe
     write_manifest(out, manifest)
     sign_bundle(out, load_signer_key(key))
     return out
-
-
-def pvc_runs(beats: list[int], pvc: set[int], least: int) -> list[list[int]]:
-    """Maximal runs of >= least consecutive PVC beats (R peak samples), as annotated."""
-    runs: list[list[int]] = []
-    cur: list[int] = []
-    for r in [*beats, -1]:
-        if r in pvc:
-            cur.append(r)
-            continue
-        if len(cur) >= least:
-            runs.append(cur)
-        cur = []
-    return runs
 
 
 def test_pvc_runs_of_a_real_record_are_found_as_events(tmp_path: Path, site_dir: Path) -> None:

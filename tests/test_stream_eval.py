@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mitbih_runs import annotated_recording
 
 from converter import ConvertRequest, convert
 from converter.errors import ConversionError
@@ -29,30 +30,12 @@ PVC_RUN = EventRule(name="pvc_run", label="V", on=0.5, off=0.5, min_windows=2)
 BEAT_WINDOW = WindowSpec(length=260, hop=1, rate_hz=360, centre="beat", before=90)
 
 
-def pvc_runs(peaks: list[int], pvc: set[int], least: int = 2) -> list[list[int]]:
-    runs: list[list[int]] = []
-    cur: list[int] = []
-    for r in [*peaks, -1]:
-        if r in pvc:
-            cur.append(r)
-            continue
-        if len(cur) >= least:
-            runs.append(cur)
-        cur = []
-    return runs
-
-
 @pytest.fixture(scope="module")
 def recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The record segment as an annotated recording: each run of >= 2 PVCs is one event, from
     its first PVC's R peak to its last's (the annotations' own times)."""
-    with np.load(RECORD) as d:
-        fs, peaks, pvc = float(d["fs"]), d["r_peaks"], set(d["pvc_peaks"].tolist())
-        runs = pvc_runs(peaks.tolist(), pvc)
-        events = np.array([(r[0] / fs, r[-1] / fs) for r in runs])
-        out = tmp_path_factory.mktemp("stream") / "106_pvc_runs.npz"
-        np.savez(out, signal=d["signal"], rate_hz=fs, r_peaks=peaks, events=events)
-    assert len(runs) == 16
+    out = tmp_path_factory.mktemp("stream") / "106_pvc_runs.npz"
+    assert annotated_recording(RECORD, out) == 16
     return out
 
 
