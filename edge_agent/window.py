@@ -7,28 +7,36 @@ Windows are never dropped: every ``hop`` samples one comes out, once ``length`` 
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:  # edge_agent.sources imports this module: no import cycle at run time
+    from edge_agent.bundle import WindowSpec
     from edge_agent.sources.base import Sample, Source
 
 __all__ = [
     "LabelRule",
+    "Setting",
     "WindowSettings",
     "WindowedSource",
     "Windower",
     "beat_starts",
     "clips",
     "sliding_windows",
+    "source_window",
+    "warn_overrides",
     "window_label",
     "windowed",
 ]
+
+log = logging.getLogger("medge.agent.window")
 
 LabelRule = Literal["last", "majority", "max"]
 
@@ -169,3 +177,65 @@ class WindowedSource:
     def stream(self, stop: threading.Event) -> Iterator[Sample]:
         s = self.settings
         return windowed(self.inner.stream(stop), s.length, s.hop, s.label, s.reset_on_gap)
+
+
+# -- where each window setting comes from: the bundle, the config, or the agent's default ----
+
+Origin = Literal["bundle", "config", "default"]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One clinical setting as the agent will use it: its value, where it comes from, and the
+    bundle's value for it (None when the bundle says nothing). ``overrides`` is true when the
+    config sets it to something else than the bundle does."""
+
+    name: str
+    value: Any
+    origin: Origin
+    bundle: Any = None
+
+    @property
+    def overrides(self) -> bool:
+        return self.origin == "config" and self.bundle is not None and self.value != self.bundle
+
+    def describe(self) -> str:
+        """``before 90 (bundle)`` or ``before 130 (config; the bundle says 90)``."""
+        if self.overrides:
+            return f"{self.name} {self.value} (config; the bundle says {self.bundle})"
+        return f"{self.name} {self.value} ({self.origin})"
+
+
+def source_window(
+    own: WindowSettings | None, spec: WindowSpec | None
+) -> tuple[WindowSettings | None, list[Setting]]:
+    """A sensor's ``window`` (or a frame source's ``clip``): the config's own when it has one
+    (every field of it), else the bundle's; with the settings and their origins."""
+    if own is None and spec is None:
+        return None, []
+    if own is None:
+        assert spec is not None
+        own = WindowSettings(length=spec.length, hop=spec.hop, label=spec.label)
+        origin: Origin = "bundle"
+    else:
+        origin = "config"
+    ref = {"length": spec.length, "hop": spec.hop, "label": spec.label} if spec else {}
+    settings = [Setting(k, getattr(own, k), origin, ref.get(k)) for k in ("length", "hop", "label")]
+    return own, settings
+
+
+def warn_overrides(name: str, settings: Sequence[Setting]) -> int:
+    """One warning line per setting the config changes from the bundle's: a clinical setting is
+    never changed silently. Returns how many."""
+    n = 0
+    for s in settings:
+        if s.overrides:
+            log.warning(
+                "%s: the config overrides the bundle's window %s: bundle %s, config %s",
+                name,
+                s.name,
+                s.bundle,
+                s.value,
+            )
+            n += 1
+    return n

@@ -16,7 +16,7 @@ from edge_agent.bundle import WindowSpec
 from edge_agent.errors import SourceError
 from edge_agent.sources.base import Problems, Sample, Source, SourceSettings
 from edge_agent.sources.dicom import DicomSettings, DicomSource
-from edge_agent.sources.ecg import EcgSettings, EcgSource
+from edge_agent.sources.ecg import EcgSettings, EcgSource, ecg_window
 from edge_agent.sources.images import ImagesSettings, ImagesSource
 from edge_agent.sources.imu import ImuSettings, ImuSource
 from edge_agent.sources.mqtt import MqttSensorSettings, MqttSensorSource
@@ -24,7 +24,13 @@ from edge_agent.sources.npz import NpzReplay, NpzSettings, load_labelled
 from edge_agent.sources.serial import SerialSettings, SerialSource
 from edge_agent.sources.udp import UdpSettings, UdpSource
 from edge_agent.sources.video import VideoSettings, VideoSource
-from edge_agent.window import WindowedSource, WindowSettings
+from edge_agent.window import (
+    Setting,
+    WindowedSource,
+    WindowSettings,
+    source_window,
+    warn_overrides,
+)
 
 __all__ = [
     "SOURCE_KINDS",
@@ -55,6 +61,7 @@ __all__ = [
     "ecg_from_manifest",
     "load_labelled",
     "open_source",
+    "window_plan",
 ]
 
 SOURCE_KINDS = ("npz", "video", "images", "dicom", "imu", "udp", "ecg", "mqtt", "serial")
@@ -110,28 +117,47 @@ def open_source(cfg: SourceSettings, window: WindowSpec | None = None) -> Source
     make = _PLUGINS.get(type(cfg))
     if make is None:
         raise TypeError(f"no source plug-in for {type(cfg).__name__}")
-    if isinstance(cfg, EcgSettings) and window is not None:
-        cfg = ecg_from_manifest(cfg, window)
+    settings: list[Setting] = []
+    if isinstance(cfg, EcgSettings):
+        cfg, settings = ecg_window(cfg, window)
     src = make(cfg)
     if isinstance(src, EcgSource):
+        warn_overrides(src.name, settings)
         if window is not None and window.rate_hz is not None:
             check_rate(src.name, src.record.fs, window.rate_hz)
         return src
-    fields = type(cfg).model_fields
-    # frames: 'clip' (dicom's 'window' is a VOI window, not windowing); sensors: 'window'
-    key = "clip" if "clip" in fields else "window" if "window" in fields else None
+    key = _window_key(cfg)
     if key is None:
         return src
-    own = getattr(cfg, key)
-    if isinstance(own, WindowSettings):
-        return WindowedSource(src, own)
-    if window is None:
+    given = getattr(cfg, key)
+    own, settings = source_window(given if isinstance(given, WindowSettings) else None, window)
+    warn_overrides(src.name, settings)
+    if own is None:
         return src
     rate = getattr(cfg, "rate_hz", None)
-    if key == "window" and window.rate_hz is not None and rate:
+    if key == "window" and window is not None and window.rate_hz is not None and rate:
         check_rate(src.name, float(rate), window.rate_hz)
-    settings = WindowSettings(length=window.length, hop=window.hop, label=window.label)
-    return WindowedSource(src, settings)
+    return WindowedSource(src, own)
+
+
+def _window_key(cfg: SourceSettings) -> str | None:
+    """frames: 'clip' (dicom's 'window' is a VOI window, not windowing); sensors: 'window'."""
+    fields = type(cfg).model_fields
+    return "clip" if "clip" in fields else "window" if "window" in fields else None
+
+
+def window_plan(cfg: SourceSettings, window: WindowSpec | None) -> list[Setting]:
+    """How ``open_source`` will cut this source's input, each setting with its origin (bundle,
+    config or default), without opening the source: what ``medge agent check-config`` shows."""
+    if isinstance(cfg, NpzSettings):
+        return []
+    if isinstance(cfg, EcgSettings):
+        return ecg_window(cfg, window)[1]
+    key = _window_key(cfg)
+    given = getattr(cfg, key) if key else None
+    if key is None or not isinstance(given, WindowSettings | None):
+        return []
+    return source_window(given, window)[1]
 
 
 def check_rate(name: str, rate_hz: float, model_hz: float) -> None:
@@ -145,14 +171,4 @@ def check_rate(name: str, rate_hz: float, model_hz: float) -> None:
 
 def ecg_from_manifest(cfg: EcgSettings, window: WindowSpec) -> EcgSettings:
     """The ECG settings with the manifest's window for what the config leaves unset."""
-    given = cfg.model_fields_set
-    update: dict[str, Any] = {}
-    if "length" not in given:
-        update["length"] = window.length
-    if "mode" not in given:
-        update["mode"] = "beats" if window.centre == "beat" else "fixed"
-    if "hop" not in given:
-        update["hop"] = window.hop
-    if "before" not in given and window.before is not None:
-        update["before"] = window.before
-    return cfg.model_copy(update=update)
+    return ecg_window(cfg, window)[0]

@@ -14,7 +14,7 @@ import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -22,9 +22,12 @@ from pydantic import Field
 from edge_agent.errors import SourceError
 from edge_agent.sources.base import Problems, Sample, SourceSettings, pace
 from edge_agent.sources.wfdb_io import BEAT_CODES, PVC, read_annotations, read_record
-from edge_agent.window import beat_starts
+from edge_agent.window import Setting, beat_starts
 
-__all__ = ["EcgRecord", "EcgSettings", "EcgSource", "load_ecg"]
+if TYPE_CHECKING:
+    from edge_agent.bundle import WindowSpec
+
+__all__ = ["EcgRecord", "EcgSettings", "EcgSource", "ecg_window", "load_ecg"]
 
 log = logging.getLogger("medge.agent.source.ecg")
 
@@ -54,6 +57,37 @@ class EcgSettings(SourceSettings):
     )
     loop: bool = Field(default=False, description="Start again at the end of the record.")
     limit: int | None = Field(default=None, ge=1, description="Stop after this many windows.")
+
+
+def ecg_window(cfg: EcgSettings, spec: WindowSpec | None) -> tuple[EcgSettings, list[Setting]]:
+    """The ECG settings with the bundle's window for whatever the config leaves unset (a field
+    is the config's only when its YAML names it), and each window setting that matters in the
+    resulting mode (beats: length, mode, before; fixed: length, mode, hop) with its origin."""
+    given = cfg.model_fields_set
+    bundle: dict[str, Any] = {}
+    if spec is not None:
+        bundle = {
+            "length": spec.length,
+            "mode": "beats" if spec.centre == "beat" else "fixed",
+            "hop": spec.hop,
+            # a bundle without 'before' was evaluated on centred beats (converter.stream_eval)
+            "before": spec.before if spec.before is not None else spec.length // 2,
+        }
+    update = {k: v for k, v in bundle.items() if k not in given}
+    if "before" in update and spec is not None and spec.before is None:
+        del update["before"]  # centred: left to the source's length // 2, as the bundle says
+    out = cfg.model_copy(update=update)
+    names = ("length", "mode", "before") if out.mode == "beats" else ("length", "mode", "hop")
+    settings = []
+    for k in names:
+        value = getattr(out, k)
+        if k == "before" and value is None:
+            value = out.length // 2
+        if k == "hop" and value is None:
+            value = out.length
+        origin = "config" if k in given else "bundle" if k in bundle else "default"
+        settings.append(Setting(k, value, origin, bundle.get(k)))  # type: ignore[arg-type]
+    return out, settings
 
 
 class EcgRecord:
