@@ -17,7 +17,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edge_agent.errors import BundleError
+from edge_agent.errors import BundleError, one_line
 from edge_agent.keys import key_id
 
 __all__ = [
@@ -43,8 +43,9 @@ __all__ = [
 ]
 
 # 1.1 added the optional artifact.tensorrt and cam fields; 1.2 the segmentation and
-# image-to-image tasks, decode.events and window (all optional, defaults as in 1.1)
-SCHEMA_VERSION = "1.2"
+# image-to-image tasks, decode.events and window; 1.3 decode.events[].severity (all optional,
+# defaults as before)
+SCHEMA_VERSION = "1.3"
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
 
@@ -107,6 +108,10 @@ class EventRule(_Model):
     min_windows: int = Field(default=1, ge=1, description="Consecutive windows >= on to start.")
     refractory_s: float = Field(default=0.0, ge=0, description="Dead time after an event starts.")
     alert: bool = Field(default=True, description="Mark the event message as an alert.")
+    severity: Literal["critical", "warning", "info"] = Field(
+        default="critical",
+        description="How urgent the gateway's alert is (schema 1.3; a gateway rule may override).",
+    )
 
 
 class Decode(_Model):
@@ -274,6 +279,11 @@ def sign_bundle(directory: Path, key: ed25519.Ed25519PrivateKey) -> str:
     return signer
 
 
+def _q(value: object) -> str:
+    """An untrusted key or value, as one short printable line inside an error message."""
+    return one_line(str(value), 120)
+
+
 def _verify_signature(root: Path, raw: bytes, trusted: list[ed25519.Ed25519PublicKey]) -> str:
     path = root / SIGNATURE_NAME
     if not path.is_file():
@@ -287,7 +297,7 @@ def _verify_signature(root: Path, raw: bytes, trusted: list[ed25519.Ed25519Publi
         raise BundleError(f"{path}: signature algorithm {alg!r} is not accepted")
     by_id = {_signer_id(k): k for k in trusted}
     if signer not in by_id:
-        raise BundleError(f"{root}: signed by key {signer}, which this device does not trust")
+        raise BundleError(f"{root}: signed by key {_q(signer)}, which this device does not trust")
     try:
         by_id[signer].verify(sig, raw)
     except InvalidSignature as exc:
@@ -329,21 +339,21 @@ class Bundle:
         try:
             data = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BundleError(f"{path}: manifest is not valid JSON ({exc})") from exc
+            raise BundleError(f"{path}: manifest is not valid JSON ({_q(exc)})") from exc
         if not isinstance(data, dict):
             raise BundleError(f"{path}: manifest must be a JSON object")
         version = str(data.get("schema_version", ""))
         if version.split(".", maxsplit=1)[0] != SCHEMA_VERSION.split(".", maxsplit=1)[0]:
             raise BundleError(
-                f"{path}: schema version {version or '(missing)'} is not supported "
+                f"{path}: schema version {_q(version) or '(missing)'} is not supported "
                 f"(this agent reads {SCHEMA_VERSION.split('.', maxsplit=1)[0]}.x)"
             )
         try:
             manifest = Manifest.model_validate(data)
         except ValidationError as exc:
             first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise BundleError(f"{path}: manifest field '{where}': {first['msg']}") from exc
+            where = _q(".".join(str(p) for p in first["loc"]))
+            raise BundleError(f"{path}: manifest field '{where}': {_q(first['msg'])}") from exc
         _verify_files(root, manifest)
         _verify_consistency(path, manifest)
         return cls(root, manifest, hashlib.sha256(raw).hexdigest(), signer)
@@ -355,7 +365,7 @@ class Bundle:
                 return art
         have = ", ".join(f"{a.runtime}/{a.precision}" for a in self.manifest.artifacts)
         wanted = f"{runtime} {precision}" if precision else runtime
-        raise BundleError(f"{self.directory}: no {wanted} artifact (has {have})")
+        raise BundleError(f"{self.directory}: no {_q(wanted)} artifact (has {_q(have)})")
 
     def path_of(self, artifact: Artifact) -> Path:
         return self.directory / artifact.file
@@ -364,38 +374,46 @@ class Bundle:
 def _verify_files(root: Path, manifest: Manifest) -> None:
     for name, entry in manifest.files.items():
         if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise BundleError(f"{root}: file name '{name}' escapes the bundle")
+            raise BundleError(f"{root}: file name '{_q(name)}' escapes the bundle")
         p = root / name
         if not p.is_file():
-            raise BundleError(f"{root}: file '{name}' listed in the manifest is missing")
+            raise BundleError(f"{root}: file '{_q(name)}' listed in the manifest is missing")
         got = file_entry(p)
         if got.sha256 != entry.sha256 or got.bytes != entry.bytes:
-            raise BundleError(f"{root}: file '{name}' does not match its hash in the manifest")
+            raise BundleError(f"{root}: file '{_q(name)}' does not match its hash in the manifest")
     present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
     extra = sorted(present - set(manifest.files) - {MANIFEST_NAME, SIGNATURE_NAME})
     if extra:
-        raise BundleError(f"{root}: file '{extra[0]}' is not listed in the manifest")
+        raise BundleError(f"{root}: file '{_q(extra[0])}' is not listed in the manifest")
 
 
 def _verify_consistency(path: Path, manifest: Manifest) -> None:
     if manifest.cam is not None:
         for art in manifest.artifacts:
             if len(art.outputs) <= manifest.cam.output:
-                raise BundleError(f"{path}: {art.file} has no output {manifest.cam.output} (cam)")
+                raise BundleError(
+                    f"{path}: {_q(art.file)} has no output {manifest.cam.output} (cam)"
+                )
     for art in manifest.artifacts:
         if art.file not in manifest.files:
-            raise BundleError(f"{path}: artifact '{art.file}' is not among the hashed files")
+            raise BundleError(f"{path}: artifact '{_q(art.file)}' is not among the hashed files")
     if manifest.positive_label is not None and manifest.positive_label not in manifest.labels:
-        raise BundleError(f"{path}: positive_label '{manifest.positive_label}' is not a label")
+        raise BundleError(
+            f"{path}: positive_label '{_q(manifest.positive_label)}' is not a label"
+        )
     if manifest.decode.kind != manifest.task:
         raise BundleError(
             f"{path}: decode.kind '{manifest.decode.kind}' does not match task '{manifest.task}'"
         )
     for rule in manifest.decode.events:
         if rule.label not in manifest.labels:
-            raise BundleError(f"{path}: event '{rule.name}' names unknown label '{rule.label}'")
+            raise BundleError(
+                f"{path}: event '{_q(rule.name)}' names unknown label '{_q(rule.label)}'"
+            )
         if rule.off > rule.on:
-            raise BundleError(f"{path}: event '{rule.name}' has off {rule.off} > on {rule.on}")
+            raise BundleError(
+                f"{path}: event '{_q(rule.name)}' has off {rule.off} > on {rule.on}"
+            )
     if manifest.task != "classification":
         return
     for art in manifest.artifacts:
@@ -403,5 +421,5 @@ def _verify_consistency(path: Path, manifest: Manifest) -> None:
         n = len(manifest.labels)
         if classes != n and not (classes == 1 and n == 2):
             raise BundleError(
-                f"{path}: {art.file} has {classes} outputs but the manifest lists {n} labels"
+                f"{path}: {_q(art.file)} has {classes} outputs but the manifest lists {n} labels"
             )

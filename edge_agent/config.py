@@ -8,7 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from edge_agent.errors import ConfigError
+from edge_agent.errors import ConfigError, one_line
 from edge_agent.sources import SOURCE_KINDS, SourceConfig
 from edge_agent.topics import check_name
 
@@ -154,7 +154,7 @@ def load_config(path: str | Path) -> AgentConfig:
             del loc[1]  # the union's tag: the YAML has no such key
         line = _line_of(node, loc)
         where = f"{p}:{line}" if line else str(p)
-        raise ConfigError(f"{where}: {'.'.join(loc)}: {err['msg']}") from exc
+        raise ConfigError(one_line(f"{where}: {'.'.join(loc)}: {err['msg']}", 500)) from exc
     base = p.parent
     return cfg.model_copy(
         update={

@@ -5,8 +5,10 @@ state. An event starts once the score of the rule's ``label`` has been >= ``on``
 ``min_windows`` consecutive windows, and ends at the first window whose score drops below
 ``off`` (hysteresis: a score that flickers between ``off`` and ``on`` keeps the event going). An
 onset that begins within ``refractory_s`` of the last event's start is suppressed, whole, and
-counted. Times are the sample times the source gives (recorded time for a replay), never the
-wall clock. The tracker returns message bodies for the ``event`` topic; it sends nothing.
+counted. Each message carries the rule's ``alert`` and ``severity`` (the gateway raises an
+alert for the start of an event marked ``alert: true``, at that severity). Times are the
+sample times the source gives (recorded time for a replay), never the wall clock.
+The tracker returns message bodies for the ``event`` topic; it sends nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edge_agent.bundle import EventRule
-from edge_agent.errors import BundleError
+from edge_agent.errors import BundleError, one_line
 
 __all__ = ["MAX_INPUTS", "EventTracker"]
 
@@ -52,9 +54,9 @@ class EventTracker:
         self._index = []
         for r in self.rules:
             if r.label not in labels:
-                raise BundleError(f"event '{r.name}' names unknown label '{r.label}'")
+                raise BundleError(one_line(f"event {r.name!r} names unknown label {r.label!r}"))
             if not _NAME.match(r.name):
-                raise BundleError(f"event name '{r.name}' must be 1-32 of [a-z0-9_-]")
+                raise BundleError(one_line(f"event name {r.name!r} must be 1-32 of [a-z0-9_-]"))
             self._index.append(list(labels).index(r.label))
         self._states = [_State() for _ in self.rules]
         self.suppressed: dict[str, int] = {}
@@ -125,4 +127,5 @@ class EventTracker:
             "windows": st.windows,
             "input": list(st.inputs),
             "alert": rule.alert,
+            "severity": rule.severity,
         }

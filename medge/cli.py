@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
-from edge_agent.errors import MedgeError
+from edge_agent.errors import MedgeError, one_line
 from medge import __version__, cli_agent, cli_convert, cli_demo, cli_gateway, cli_site
 
 __all__ = ["build_parser", "main"]
 
 EXIT_ERROR = 2
+FILE_UMASK = 0o077
+"""Every file medge creates (stores, outboxes with their -wal/-shm, keys, users files) is
+readable by its owner only: the data is patient-derived. Files another account must read (the
+broker's, from `medge gateway broker-config`) get their group bits back explicitly."""
 
 
 def _common(p: argparse.ArgumentParser, json_flag: bool = False) -> None:
@@ -48,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.umask(FILE_UMASK)
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -57,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except MedgeError as exc:
-        print(f"medge: error: {exc}", file=sys.stderr)
+        # one line whatever the message holds (a key from an untrusted file may hold a newline)
+        print(f"medge: error: {one_line(str(exc), 2000)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

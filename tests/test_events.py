@@ -70,9 +70,10 @@ def test_min_windows_needs_that_many_consecutive_windows() -> None:
     t = EventTracker([rule(min_windows=3)], ["adl", "fall"])
     assert run(t, [0.9, 0.9, 0.1, 0.9, 0.1, 0.9, 0.95, 0.9, 0.3]) == [
         {"event": "fall", "state": "start", "label": "fall", "start": 5.0, "peak": 0.95,
-         "windows": 3, "input": ["w5", "w6", "w7"], "alert": True},
+         "windows": 3, "input": ["w5", "w6", "w7"], "alert": True, "severity": "critical"},
         {"event": "fall", "state": "end", "label": "fall", "start": 5.0, "peak": 0.95,
-         "windows": 3, "input": ["w5", "w6", "w7"], "alert": True, "end": 7.0,
+         "windows": 3, "input": ["w5", "w6", "w7"], "alert": True, "severity": "critical",
+         "end": 7.0,
          "duration_s": 2.0, "ended_by": "score"},
     ]  # fmt: skip
 
