@@ -29,6 +29,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from edge_agent.errors import EnvelopeError
 from edge_agent.keys import RecipientKey
+from edge_agent.reasons import Reason
+from edge_agent.schemas import check_body, parse_ack
 from edge_agent.topics import UP_KINDS, TopicParts, check_name
 
 __all__ = [
@@ -85,7 +87,8 @@ class Envelope:
         if (parts.site, parts.device, parts.kind) != (self.site, self.device, self.kind):
             raise EnvelopeError(
                 f"header {self.site}/{self.device}/{self.kind} does not match topic "
-                f"{parts.site}/{parts.device}/{parts.kind}"
+                f"{parts.site}/{parts.device}/{parts.kind}",
+                Reason.HEADER_MISMATCH,
             )
 
 
@@ -122,7 +125,7 @@ def _reject_constant(name: str) -> None:
 _quote: Callable[[str], str] = json.encoder.encode_basestring_ascii  # a JSON string literal
 _encode = _make_encoder()
 _decode_header = json.JSONDecoder(parse_constant=_reject_constant).decode
-_decode_body = json.JSONDecoder().decode
+_decode_body = _decode_header  # NaN/Infinity are refused in a body too
 _SIG = ec.ECDSA(hashes.SHA256())
 _KIND_BYTES = {k: k.encode() for k in UP_KINDS}
 _FIELDS = frozenset((*_HEADER, "ct"))
@@ -292,7 +295,7 @@ class Sealer:
         ct64 = binascii.b2a_base64(ct, newline=False)
         out = b'{"alert":%b,"ct":"%b",%b%b%b' % (alert, ct64, parts.pre, hs, tail)
         if len(out) > MAX_BYTES:
-            raise EnvelopeError(f"envelope of {len(out)} bytes exceeds {MAX_BYTES}")
+            raise EnvelopeError(f"envelope of {len(out)} bytes exceeds {MAX_BYTES}", Reason.SIZE)
         return out
 
 
@@ -336,9 +339,11 @@ class Opener:
         if recipient is None and kid in self._relay_kids:
             return self._relay(data, payload)
         if recipient is None:
-            raise EnvelopeError(f"unknown key id {kid!r}")
+            raise EnvelopeError(f"unknown key id {kid!r}", Reason.UNKNOWN_KEY)
         if data["suite"] != recipient.suite:
-            raise EnvelopeError(f"suite {data['suite']!r} does not match key {kid}")
+            raise EnvelopeError(
+                f"suite {data['suite']!r} does not match key {kid}", Reason.UNKNOWN_KEY
+            )
         epoch = self._epoch_key(data, recipient)
         alert, seq = data["alert"], data["seq"]
         tail = epoch.parts.tail(data["kind"], seq, _time_json(data["time"]))
@@ -346,13 +351,14 @@ class Opener:
         try:
             plain = epoch.aead.decrypt(_nonce(seq), _unb64(data["ct"], "ct"), aad)
         except InvalidTag as exc:
-            raise EnvelopeError("header or body fails authentication (tampered?)") from exc
+            raise EnvelopeError(
+                "header or body fails authentication (tampered?)", Reason.AUTHENTICATION
+            ) from exc
         try:
             body = _decode_body(_text(plain))
         except (ValueError, RecursionError) as exc:
-            raise EnvelopeError("body is not JSON") from exc
-        if not isinstance(body, dict):
-            raise EnvelopeError("body must be a JSON object")
+            raise EnvelopeError(f"body is not JSON ({type(exc).__name__})") from exc
+        check_body(data["kind"], body)  # before anything else touches it
         return Envelope(
             data["kind"],
             data["site"],
@@ -366,14 +372,17 @@ class Opener:
 
     def _relay(self, data: dict[str, Any], payload: bytes) -> Envelope:
         if "hs" not in data:
-            raise EnvelopeError("end-to-end message lacks the device's header signature (hs)")
+            raise EnvelopeError(
+                "end-to-end message lacks the device's header signature (hs)", Reason.SIGNATURE
+            )
         public = self._device_key(data["site"], data["device"])
         hs = _unb64(data["hs"], "hs")
         try:
             public.verify(hs, _relay_signed(data, _unb64(data["ct"], "ct")), _SIG)
         except InvalidSignature as exc:
             raise EnvelopeError(
-                f"header of {data['site']}/{data['device']} is not signed by that device"
+                f"header of {data['site']}/{data['device']} is not signed by that device",
+                Reason.SIGNATURE,
             ) from exc
         return Envelope(
             kind=data["kind"],
@@ -406,14 +415,16 @@ class Opener:
             public.verify(_unb64(es, "es"), _canon({**binding, "ek": data["ek"]}), _SIG)
         except InvalidSignature as exc:
             raise EnvelopeError(
-                f"epoch key of {site}/{device} is not signed by that device"
+                f"epoch key of {site}/{device} is not signed by that device", Reason.SIGNATURE
             ) from exc
         try:
             key = _suite(recipient.suite).decrypt(
                 _unb64(data["ek"], "ek"), recipient.private, info=_canon(binding)
             )
         except Exception as exc:  # the HPKE layer raises several types for a bad blob
-            raise EnvelopeError(f"epoch key cannot be opened with key {recipient.kid}") from exc
+            raise EnvelopeError(
+                f"epoch key cannot be opened with key {recipient.kid}", Reason.AUTHENTICATION
+            ) from exc
         parts = _Parts.of(site, device, epoch, kid, data["suite"], data["ek"], es)
         entry = _Epoch(data["ek"], public, AESGCM(key), parts)
         with self._lock:
@@ -458,45 +469,70 @@ def _unb64(s: str, name: str) -> bytes:
         raise EnvelopeError(f"field {name} is not base64") from exc
 
 
+_STRINGS = (  # every header string, its maximum length, checked by type before anything else
+    ("kind", 16),
+    ("site", 64),
+    ("device", 64),
+    ("kid", 64),
+    ("suite", 32),
+    ("ek", 4096),  # the ML-KEM-768+X25519 encapsulation is ~1.5 KB in base64
+    ("es", 256),  # a DER ECDSA P-256 signature is at most 72 bytes
+    ("ct", MAX_BYTES),
+)
+
+
 def _parse(payload: bytes) -> dict[str, Any]:
-    """Strict structural checks of the clear header; every failure is one EnvelopeError."""
+    """Strict structural checks of the clear header; every failure is one EnvelopeError.
+    Every field's type is checked first, before any lookup, hash or pattern touches it."""
     if len(payload) > MAX_BYTES:
-        raise EnvelopeError(f"message of {len(payload)} bytes exceeds {MAX_BYTES}")
+        raise EnvelopeError(f"message of {len(payload)} bytes exceeds {MAX_BYTES}", Reason.SIZE)
     try:
         data = _decode_header(_text(payload))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise EnvelopeError(f"not a JSON envelope ({type(exc).__name__})") from exc
-    if not isinstance(data, dict):
+    if type(data) is not dict:
         raise EnvelopeError("envelope must be a JSON object")
     v = data.get("v")
     if type(v) is not int or v != VERSION:  # 2.0 or true are not 2
-        raise EnvelopeError(f"envelope version {v!r} is not supported (want {VERSION})")
+        raise EnvelopeError(f"envelope version {_show(v)} is not supported (want {VERSION})")
     keys = data.keys()
     if keys not in (_FIELDS, _FIELDS_HS):
         missing = [k for k in (*_HEADER, "ct") if k not in data]
         if missing:
             raise EnvelopeError(f"envelope lacks {', '.join(missing)}")
         unknown = sorted(set(data) - _FIELDS_HS)
-        raise EnvelopeError(f"envelope has unknown field(s) {', '.join(unknown)}")
+        raise EnvelopeError(f"envelope has unknown field(s) {_show(', '.join(unknown))}")
+    for k, limit in _STRINGS:
+        if type(data[k]) is not str or len(data[k]) > limit:
+            raise EnvelopeError(f"field {k} must be a string of at most {limit} characters")
+    if "hs" in data and (type(data["hs"]) is not str or len(data["hs"]) > 256):
+        raise EnvelopeError("field hs must be a string of at most 256 characters")
     if data["kind"] not in _KIND_BYTES:
         raise EnvelopeError(f"envelope kind {data['kind']!r} is not one a device sends")
-    for k in ("site", "device", "kid", "suite", "ek", "es", "ct", "hs"):
-        if k in data and type(data[k]) is not str:
-            raise EnvelopeError(f"field {k} must be a string")
     alert = data["alert"]
     if alert is not None and (type(alert) is not str or not _ALERT.match(alert)):
-        raise EnvelopeError(f"alert {alert!r} must be null or 1-32 of [a-z0-9_-]")
-    check_name("site", data["site"])
-    check_name("device", data["device"])
+        raise EnvelopeError(f"alert {_show(alert)} must be null or 1-32 of [a-z0-9_-]")
+    check_name("site", data["site"], Reason.MALFORMED)
+    check_name("device", data["device"], Reason.MALFORMED)
     for k in ("seq", "epoch"):
         if type(data[k]) is not int or not 0 <= data[k] <= _MAX_SEQ or (k == "seq" and not data[k]):
-            raise EnvelopeError(f"{k} {data[k]!r} must be an integer in {int(k == 'seq')}..2^63-1")
+            raise EnvelopeError(
+                f"{k} {_show(data[k])} must be an integer in {int(k == 'seq')}..2^63-1"
+            )
     t = data["time"]
     if type(t) not in (int, float) or not 0 <= t <= _MAX_TIME:  # not NaN, inf, or 10**400
-        raise EnvelopeError(f"time {t!r} must be a non-negative number of seconds")
+        raise EnvelopeError(f"time {_show(t)} must be a non-negative number of seconds")
     if data["suite"] not in _KEMS:
         raise EnvelopeError(f"suite {data['suite']!r} is not supported")
     return data
+
+
+def _show(value: Any) -> str:
+    """A hostile value in an error message: its type and a short repr, never all of it."""
+    if isinstance(value, (dict, list)):
+        return f"<{type(value).__name__} of {len(value)}>"
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "<huge int>"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def encode_ack(seqs: list[int]) -> bytes:
@@ -505,17 +541,5 @@ def encode_ack(seqs: list[int]) -> bytes:
 
 
 def decode_ack(payload: bytes) -> list[int]:
-    try:
-        data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EnvelopeError(f"not a JSON ack ({exc})") from exc
-    if (
-        not isinstance(data, dict)
-        or data.get("v") != VERSION
-        or not isinstance(data.get("seqs"), list)
-    ):
-        raise EnvelopeError(f"ack must be {{'v': {VERSION}, 'seqs': [...]}}")
-    seqs = data["seqs"]
-    if not all(type(s) is int and s > 0 for s in seqs):
-        raise EnvelopeError("ack seqs must be positive integers")
-    return seqs
+    """Device side: the seqs of an ack (edge_agent.schemas.parse_ack: strict, bounded)."""
+    return parse_ack(payload, VERSION)

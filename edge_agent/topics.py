@@ -6,6 +6,7 @@ import re
 from typing import NamedTuple
 
 from edge_agent.errors import EnvelopeError
+from edge_agent.reasons import Reason
 
 __all__ = ["DOWN_KINDS", "ROOT", "UP_KINDS", "TopicParts", "check_name", "parse", "topic"]
 
@@ -21,16 +22,18 @@ class TopicParts(NamedTuple):
     kind: str
 
 
-def check_name(what: str, value: str) -> str:
-    """A site or device name: 1-64 of letters, digits, '_', '.', '-' (no MQTT wildcards)."""
-    if not _NAME.match(value):
-        raise EnvelopeError(f"{what} name '{value}' must be 1-64 of [A-Za-z0-9_.-]")
+def check_name(what: str, value: str, reason: Reason = Reason.TOPIC) -> str:
+    """A site or device name: 1-64 of letters, digits, '_', '.', '-' (no MQTT wildcards).
+    ``reason``: TOPIC for a name from a topic, MALFORMED for one from a message header."""
+    if type(value) is not str or not _NAME.match(value):
+        shown = value[:80] if isinstance(value, str) else f"<{type(value).__name__}>"
+        raise EnvelopeError(f"{what} name {shown!r} must be 1-64 of [A-Za-z0-9_.-]", reason)
     return value
 
 
 def topic(site: str, device: str, kind: str) -> str:
     if kind not in UP_KINDS + DOWN_KINDS:
-        raise EnvelopeError(f"unknown topic kind '{kind}'")
+        raise EnvelopeError(f"unknown topic kind {kind[:32]!r}", Reason.TOPIC)
     return f"{ROOT}/{check_name('site', site)}/{check_name('device', device)}/{kind}"
 
 
@@ -38,10 +41,12 @@ def parse(name: str) -> TopicParts:
     """Split a topic of the tree; raise EnvelopeError for anything else."""
     parts = name.split("/")
     if len(parts) != 5 or "/".join(parts[:2]) != ROOT:
-        raise EnvelopeError(f"topic '{name}' is not under {ROOT}/<site>/<device>/<kind>")
+        raise EnvelopeError(
+            f"topic {name[:200]!r} is not under {ROOT}/<site>/<device>/<kind>", Reason.TOPIC
+        )
     site, device, kind = parts[2:]
     check_name("site", site)
     check_name("device", device)
     if kind not in UP_KINDS + DOWN_KINDS:
-        raise EnvelopeError(f"topic '{name}' has unknown kind '{kind}'")
+        raise EnvelopeError(f"topic {name[:200]!r} has unknown kind {kind[:32]!r}", Reason.TOPIC)
     return TopicParts(site, device, kind)
