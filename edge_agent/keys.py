@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, mlkem, x25519
 
 from edge_agent.errors import MedgeError
+from edge_agent.files import write_atomic
 
 __all__ = [
     "RecipientKey",
@@ -56,12 +56,9 @@ def key_id(public_bytes: bytes) -> str:
 
 
 def write_secret(path: Path, data: bytes) -> None:
-    """Write a private file created with mode 0600 (never world-readable, not even briefly)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(path, 0o600)
+    """Write a private file with mode 0600 (never readable by others, not even briefly),
+    atomically: a crash leaves the old key or the new one, never half of one."""
+    write_atomic(path, data, 0o600)
 
 
 def _read_secret(path: Path) -> bytes:
@@ -87,11 +84,12 @@ def write_private_pem(path: Path, key: Any) -> None:
 
 
 def write_public_pem(path: Path, key: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(
+    write_atomic(
+        path,
         key.public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        ),
+        0o644,
     )
 
 

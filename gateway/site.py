@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import shutil
+import logging
 import threading
 import time
 from pathlib import Path
@@ -28,6 +28,7 @@ from cryptography.x509.oid import NameOID
 from edge_agent import identity as idn
 from edge_agent.envelope import Opener
 from edge_agent.errors import EnvelopeError, MedgeError
+from edge_agent.files import write_atomic
 from edge_agent.keys import (
     RecipientKey,
     Suite,
@@ -39,6 +40,7 @@ from edge_agent.keys import (
     write_public_pem,
     write_secret,
 )
+from edge_agent.reasons import Reason
 from edge_agent.topics import check_name
 
 __all__ = [
@@ -55,6 +57,8 @@ __all__ = [
 ]
 
 _UTC = dt.timezone.utc
+_PUBLIC = 0o644  # certificates, public keys, the CRL, site.json
+log = logging.getLogger("medge.gateway.site")
 
 
 def _now() -> dt.datetime:
@@ -97,15 +101,15 @@ def init_site(site_dir: Path, site: str, suite: Suite = "x25519") -> None:
         .sign(ca_key, hashes.SHA256())
     )
     write_private_pem(site_dir / "ca.key", ca_key)
-    (site_dir / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    write_atomic(site_dir / "ca.crt", ca.public_bytes(serialization.Encoding.PEM), _PUBLIC)
     _, private = generate_recipient(suite)
     write_secret(site_dir / "recipient.json", json.dumps(private, indent=2).encode())
     signer = ed25519.Ed25519PrivateKey.generate()
     write_private_pem(site_dir / "bundle-signer.key", signer)
     write_public_pem(site_dir / "bundle-signer.pem", signer.public_key())
     (site_dir / "devices").mkdir(exist_ok=True)
-    (site_dir / "site.json").write_text(json.dumps({"site": site}) + "\n")
     _write_crl(site_dir, [])
+    write_atomic(site_dir / "site.json", (json.dumps({"site": site}) + "\n").encode(), _PUBLIC)
 
 
 def provision_device(
@@ -146,16 +150,16 @@ def provision_device(
     pem = cert.public_bytes(serialization.Encoding.PEM)
     out.mkdir(parents=True, exist_ok=True)
     write_private_pem(out / idn.DEVICE_KEY, key)
-    (out / idn.DEVICE_CERT).write_bytes(pem)
-    shutil.copyfile(site_dir / "ca.crt", out / idn.SITE_CA)
+    write_atomic(out / idn.DEVICE_CERT, pem, _PUBLIC)
+    write_atomic(out / idn.SITE_CA, (site_dir / "ca.crt").read_bytes(), _PUBLIC)
     own = load_recipient(site_dir / "recipient.json").public_json()
     sealed_to = load_recipient(recipient).public_json() if recipient else own
-    (out / idn.RECIPIENT).write_text(json.dumps(sealed_to, indent=2) + "\n")
+    write_atomic(out / idn.RECIPIENT, _json(sealed_to), _PUBLIC)
     if recipient:  # state and telemetry still go to the site gateway, which must read them
-        (out / idn.GATEWAY_RECIPIENT).write_text(json.dumps(own, indent=2) + "\n")
-    (out / idn.SIGNERS_DIR).mkdir(exist_ok=True)
-    shutil.copyfile(site_dir / "bundle-signer.pem", out / idn.SIGNERS_DIR / f"{site}.pem")
-    registered.write_bytes(pem)
+        write_atomic(out / idn.GATEWAY_RECIPIENT, _json(own), _PUBLIC)
+    signer = (site_dir / "bundle-signer.pem").read_bytes()
+    write_atomic(out / idn.SIGNERS_DIR / f"{site}.pem", signer, _PUBLIC)
+    write_atomic(registered, pem, _PUBLIC)
     return out
 
 
@@ -175,15 +179,20 @@ def write_recipient(out: Path, suite: Suite = "x25519") -> Path:
     key, private = generate_recipient(suite)
     write_secret(out, json.dumps(private, indent=2).encode())
     public = out.with_name(out.stem + ".pub.json")
-    public.write_text(json.dumps(key.public_json(), indent=2) + "\n")
+    write_atomic(public, _json(key.public_json()), _PUBLIC)
     return public
+
+
+def _json(doc: dict[str, str]) -> bytes:
+    return (json.dumps(doc, indent=2) + "\n").encode()
 
 
 def rotate_recipient(site_dir: Path, suite: Suite | None = None) -> str:
     """A new gateway HPKE key; the old one moves to recipients/ and still opens messages."""
-    old = load_recipient(site_dir / "recipient.json")
-    (site_dir / "recipients").mkdir(exist_ok=True)
-    shutil.move(site_dir / "recipient.json", site_dir / "recipients" / f"{old.kid}.json")
+    current = site_dir / "recipient.json"
+    old = load_recipient(current)
+    # the old key is kept first, then the new one replaces it: recipient.json always exists
+    write_secret(site_dir / "recipients" / f"{old.kid}.json", current.read_bytes())
     new, private = generate_recipient(suite or old.suite)
     write_secret(site_dir / "recipient.json", json.dumps(private, indent=2).encode())
     return new.kid
@@ -207,11 +216,26 @@ def _ca(site_dir: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
 
 
 def _revoked_serials(site_dir: Path) -> set[int]:
-    try:
-        crl = x509.load_pem_x509_crl((site_dir / "crl.pem").read_bytes())
-    except (OSError, ValueError):
+    """The serials on the site's CRL; a CRL that exists but cannot be read is an error (a
+    revocation written over it would silently un-revoke every device on it)."""
+    path = site_dir / "crl.pem"
+    if not path.exists():
         return set()
-    return {r.serial_number for r in crl}
+    _, ca = _ca(site_dir)
+    return {r.serial_number for r in _load_crl(path, ca)}
+
+
+def _load_crl(path: Path, ca: x509.Certificate) -> x509.CertificateRevocationList:
+    """The CRL at ``path``, signed by the site CA; MedgeError (one line) otherwise."""
+    try:
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+    except OSError as exc:
+        raise MedgeError(f"{path}: cannot read the CRL ({exc.strerror})") from exc
+    except ValueError as exc:
+        raise MedgeError(f"{path}: not a PEM CRL (empty or half written?)") from exc
+    if not crl.is_signature_valid(ca.public_key()):  # type: ignore[arg-type]
+        raise MedgeError(f"{path}: CRL is not signed by the site CA")
+    return crl
 
 
 def _write_crl(site_dir: Path, serials: list[int]) -> None:
@@ -226,9 +250,8 @@ def _write_crl(site_dir: Path, serials: list[int]) -> None:
         b = b.add_revoked_certificate(
             x509.RevokedCertificateBuilder().serial_number(s).revocation_date(_now()).build()
         )
-    (site_dir / "crl.pem").write_bytes(
-        b.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
-    )
+    pem = b.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+    write_atomic(site_dir / "crl.pem", pem, _PUBLIC)  # readers see the old CRL or the new
 
 
 # (checked at, certificate file mtime, serial, not valid after, public key)
@@ -240,30 +263,67 @@ class DeviceRegistry:
     CA, valid now, not on the CRL (re-read when the file changes)."""
 
     def __init__(self, site_dir: Path) -> None:
+        """MedgeError if the CRL cannot be read now: a gateway does not start without the
+        revocations it must enforce."""
         self.site_dir = site_dir
         self.site = site_name(site_dir)
         self._ca = load_certificate(site_dir / "ca.crt")
         self._lock = threading.Lock()
-        self._crl_mtime = -1.0
+        self._crl_seen: tuple[int, int] | None = None  # (mtime_ns, size) of the file last read
         self._revoked: set[int] = set()
         self._certs: dict[str, _Entry] = {}
         self.recheck_s = 1.0
+        self.crl_errors = 0  # CRL files that could not be read (the previous CRL was kept)
+        self._refresh_crl(first=True)
 
-    def _refresh_crl(self) -> None:
+    def _refresh_crl(self, first: bool = False) -> None:
+        """Re-read crl.pem when it changed. One that cannot be read (empty, half written by a
+        copy, not signed by the CA) leaves the previous revocations in force: said in one
+        line, counted, read again once the file changes."""
         path = self.site_dir / "crl.pem"
-        mtime = path.stat().st_mtime if path.exists() else 0.0
-        if mtime != self._crl_mtime:
-            crl = x509.load_pem_x509_crl(path.read_bytes()) if path.exists() else None
-            if crl is not None and not crl.is_signature_valid(self._ca.public_key()):  # type: ignore[arg-type]
-                raise MedgeError(f"{path}: CRL is not signed by the site CA")
-            self._revoked = {r.serial_number for r in crl} if crl is not None else set()
-            self._crl_mtime = mtime
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            seen: tuple[int, int] = (0, -1)
+        except OSError as exc:
+            seen = (-1, -1)
+            if seen != self._crl_seen:
+                self._crl_unreadable(path, MedgeError(f"{path}: {exc.strerror}"), first)
+                self._crl_seen = seen
+            return
+        else:
+            seen = (st.st_mtime_ns, st.st_size)
+        if seen == self._crl_seen:
+            return
+        self._crl_seen = seen
+        if seen[1] == -1:
+            self._revoked = set()
+            return
+        try:
+            crl = _load_crl(path, self._ca)
+        except MedgeError as exc:
+            self._crl_unreadable(path, exc, first)
+            return
+        self._revoked = {r.serial_number for r in crl}
+
+    def _crl_unreadable(self, path: Path, exc: MedgeError, first: bool) -> None:
+        if first:
+            raise exc
+        self.crl_errors += 1
+        log.error(
+            "%s; the previous CRL (%d revoked) stays in force (%d unreadable so far)",
+            exc,
+            len(self._revoked),
+            self.crl_errors,
+        )
 
     def key_for(self, site: str, device: str) -> ec.EllipticCurvePublicKey:
         """The device's trusted key. Registration and the CRL are re-read from disk at most
         once per ``recheck_s`` (1 s), so a revocation takes effect within a second."""
         if site != self.site:
-            raise EnvelopeError(f"device {site}/{device} is not of this site ({self.site})")
+            raise EnvelopeError(
+                f"device {site}/{device} is not of this site ({self.site})", Reason.DEVICE
+            )
         now = time.monotonic()
         with self._lock:
             cached = self._certs.get(device)
@@ -273,9 +333,9 @@ class DeviceRegistry:
         with self._lock:
             revoked = serial in self._revoked
         if revoked:
-            raise EnvelopeError(f"device {site}/{device} is revoked")
+            raise EnvelopeError(f"device {site}/{device} is revoked", Reason.DEVICE)
         if _now() > not_after:
-            raise EnvelopeError(f"certificate of {site}/{device} has expired")
+            raise EnvelopeError(f"certificate of {site}/{device} has expired", Reason.DEVICE)
         return key
 
     def _reload(self, site: str, device: str, now: float) -> _Entry:
@@ -285,14 +345,18 @@ class DeviceRegistry:
         except OSError:
             with self._lock:
                 self._certs.pop(device, None)
-            raise EnvelopeError(f"unknown device {site}/{device}") from None
+            raise EnvelopeError(f"unknown device {site}/{device}", Reason.DEVICE) from None
         with self._lock:
             self._refresh_crl()
             old = self._certs.get(device)
         if old is not None and old[1] == mtime:
             entry: _Entry = (now, *old[1:])
         else:
-            entry = (now, mtime, *self._check(site, device, load_certificate(path)))
+            try:
+                cert = load_certificate(path)
+            except MedgeError as exc:  # a registration file being written, or damaged
+                raise EnvelopeError(f"{exc}", Reason.DEVICE) from exc
+            entry = (now, mtime, *self._check(site, device, cert))
         with self._lock:
             self._certs[device] = entry
         return entry
@@ -303,14 +367,18 @@ class DeviceRegistry:
         try:
             cert.verify_directly_issued_by(self._ca)
         except Exception as exc:  # ValueError, TypeError, InvalidSignature
-            raise EnvelopeError(f"certificate of {site}/{device} is not from the site CA") from exc
+            raise EnvelopeError(
+                f"certificate of {site}/{device} is not from the site CA", Reason.DEVICE
+            ) from exc
         if _now() < cert.not_valid_before_utc:
-            raise EnvelopeError(f"certificate of {site}/{device} is not valid yet")
+            raise EnvelopeError(f"certificate of {site}/{device} is not valid yet", Reason.DEVICE)
         if idn.cert_names(cert) != (site, device):
-            raise EnvelopeError(f"certificate registered for {device} names another device")
+            raise EnvelopeError(
+                f"certificate registered for {device} names another device", Reason.DEVICE
+            )
         key = cert.public_key()
         if not isinstance(key, ec.EllipticCurvePublicKey):
-            raise EnvelopeError(f"certificate of {site}/{device} has no ECDSA key")
+            raise EnvelopeError(f"certificate of {site}/{device} has no ECDSA key", Reason.DEVICE)
         return cert.serial_number, cert.not_valid_after_utc, key
 
 
