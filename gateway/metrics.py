@@ -9,8 +9,9 @@ at each scrape, so they are right even when several workers share one database.
 - ``medge_gateway_messages_received_total``: messages that arrived, any kind, any fate
 - ``medge_gateway_messages_stored_total{kind}``: results/events stored (the first time)
 - ``medge_gateway_duplicates_total``: results/events already stored (acknowledged again)
-- ``medge_gateway_messages_rejected_total{reason}``: rejections by reason class (``REASONS``,
-  and ``rate_limit``: over a device's flood limit, not acknowledged, resent by the device)
+- ``medge_gateway_messages_rejected_total{reason}``: rejections by reason code, every
+  :class:`~edge_agent.reasons.Reason` value shown (at 0 until it happens); ``rate_limit``:
+  over a device's flood limit, not acknowledged, resent by the device
 - ``medge_gateway_cam_dropped_total{reason}``: CAM thumbnails removed from result bodies
   before storing (``not_png``, ``too_large``, ``malformed``)
 - ``medge_gateway_forward_latest_total{kind}``: state/telemetry queued for the cloud
@@ -20,48 +21,47 @@ at each scrape, so they are right even when several workers share one database.
 - ``medge_gateway_alerts_open{severity}``: alerts open, not yet acknowledged
 - ``medge_gateway_devices{state}``, ``medge_gateway_devices_online``: the fleet
 - ``medge_gateway_device_last_seen_age_seconds{site,device}``: seconds since a device spoke
+
+The same HTTP server answers ``GET /healthz`` (no login) with the JSON of a health callable
+(e.g. :meth:`edge_agent.supervisor.Supervisor.health`): 200 when every worker is alive, 503
+otherwise.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from edge_agent.errors import MedgeError
+from edge_agent.reasons import Reason
 from gateway.store import Store
 
-__all__ = ["REASONS", "GatewayMetrics", "MetricsServer", "reason_class"]
+__all__ = ["GatewayMetrics", "Health", "MetricsServer", "healthz_response"]
 
 log = logging.getLogger("medge.gateway.metrics")
 
-# reason class -> fragments of the rejection messages (edge_agent.envelope, gateway.site,
-# gateway.service) that belong to it; the first class with a matching fragment wins
-REASONS: dict[str, tuple[str, ...]] = {
-    "topic": ("topic '", "name '", "unknown topic kind"),
-    "size": ("exceeds",),
-    "unknown_key": ("unknown key id", "does not match key"),
-    "device": ("unknown device", "revoked", "expired", "not from the site ca", "not valid yet",
-               "names another device", "not of this site", "no ecdsa key"),
-    "signature": ("not signed by that device",),
-    "authentication": ("fails authentication", "cannot be opened"),
-    "header_mismatch": ("does not match topic",),
-    "clock": ("ahead of the gateway's clock",),
-    "replay": ("not newer than the last one",),
-    "malformed": ("json", "envelope", "field ", "must be", "not supported", "base64",
-                  "is not online/offline"),
-}
 WRITE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
+Health = Callable[[], tuple[bool, dict[str, Any]]]  # (all alive, JSON body)
 
-def reason_class(why: str) -> str:
-    """The class of a rejection message (a label with few values), ``other`` if none fits."""
-    low = why.lower()
-    for name, fragments in REASONS.items():
-        if any(f in low for f in fragments):
-            return name
-    return "other"
+
+def healthz_response(health: Health | None) -> tuple[int, bytes]:
+    """The status and JSON body of ``GET /healthz``: 200 when ``health`` says all is alive,
+    503 otherwise (or when asking fails)."""
+    if health is None:
+        return 200, b'{"status": "ok", "workers": {}}'
+    try:
+        ok, body = health()
+    except Exception as exc:  # a health check must answer, and say why it cannot
+        log.warning("healthz: asking the workers failed: %s", exc)
+        ok, body = False, {"status": "failing", "error": type(exc).__name__}
+    return (200 if ok else 503), json.dumps(body, sort_keys=True).encode()
 
 
 def _prometheus() -> Any:
@@ -91,7 +91,7 @@ class GatewayMetrics:
             "medge_gateway_duplicates", "Results and events already stored, acknowledged again.",
             registry=reg)
         self.rejected = pc.Counter(
-            "medge_gateway_messages_rejected", "Messages rejected, by reason class.",
+            "medge_gateway_messages_rejected", "Messages rejected, by reason code.",
             ["reason"], registry=reg)
         self.acks = pc.Counter(
             "medge_gateway_acks", "Acknowledgements published to devices.", registry=reg)
@@ -108,13 +108,13 @@ class GatewayMetrics:
             "medge_gateway_forward_latest",
             "State and telemetry messages queued for the cloud (latest per device).",
             ["kind"], registry=reg)
-        for reason in (*REASONS, "rate_limit", "other"):  # every class shows, at 0 until then
-            self.rejected.labels(reason)
+        for reason in Reason:  # every code shows, at 0 until it happens
+            self.rejected.labels(reason.value)
         if store is not None:
             reg.register(_FleetCollector(store, clock))
 
-    def reject(self, why: str) -> None:
-        self.rejected.labels(reason_class(why)).inc()
+    def reject(self, reason: Reason) -> None:
+        self.rejected.labels(Reason(reason).value).inc()
 
     def alert(self, alert: dict[str, Any]) -> None:
         rule = str(alert["rule"]).split(":", 1)[0]  # event:fall -> event (few label values)
@@ -168,15 +168,21 @@ class _FleetCollector:
         yield age
 
 
-class MetricsServer:
-    """``GET /metrics`` over HTTP from a background thread: ``with MetricsServer(m, port=0) as
-    s: s.url``; ``port=0`` picks a free port."""
+class _Server6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
 
-    def __init__(self, metrics: GatewayMetrics, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.metrics, self.host, self.port = metrics, host, port
+
+class MetricsServer:
+    """``GET /metrics`` (Prometheus text) and ``GET /healthz`` (JSON, no login) over HTTP from
+    a background thread: ``with MetricsServer(m, port=0, health=sup.health) as s: s.url``;
+    ``port=0`` picks a free port."""
+
+    def __init__(self, metrics: GatewayMetrics, host: str = "127.0.0.1", port: int = 0,
+                 health: Health | None = None) -> None:
+        self.metrics, self.host, self.port, self.health = metrics, host, port, health
         self.url = ""
-        self._server: Any = None
-        self._thread: Any = None
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
 
     def __enter__(self) -> MetricsServer:
         return self.start()
@@ -185,19 +191,47 @@ class MetricsServer:
         self.stop()
 
     def start(self) -> MetricsServer:
+        outer = self
+        pc = _prometheus()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/healthz":
+                    status, body = healthz_response(outer.health)
+                    kind = "application/json"
+                elif path in ("/metrics", "/"):
+                    status, body = 200, pc.generate_latest(outer.metrics.registry)
+                    kind = pc.CONTENT_TYPE_LATEST
+                else:
+                    self.send_error(404, "only /metrics and /healthz here")
+                    return
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:  # scrapes are not news
+                pass
+
         try:
-            self._server, self._thread = _prometheus().start_http_server(
-                self.port, self.host, self.metrics.registry)
+            server_class = _Server6 if ":" in self.host else ThreadingHTTPServer
+            self._server = server_class((self.host, self.port), Handler)
         except OSError as exc:
             raise MedgeError(f"metrics: cannot listen on {self.host}:{self.port}: {exc}") from exc
-        self.port = int(self._server.server_port)
+        self._server.daemon_threads = True
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        name="gateway-metrics", daemon=True)
+        self._thread.start()
         shown = f"[{self.host}]" if ":" in self.host else self.host
         self.url = f"http://{shown}:{self.port}/metrics"
         log.info("metrics on %s", self.url)
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
+        if self._server is not None and self._thread is not None:
             self._server.shutdown()
             self._server.server_close()
             self._thread.join(timeout=5)

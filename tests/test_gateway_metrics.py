@@ -18,10 +18,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge_agent.envelope import Envelope
+from edge_agent.reasons import Reason
 from edge_agent.topics import topic
 from gateway import Gateway, Store
 from gateway.broker import free_port
-from gateway.metrics import MetricsServer, reason_class
+from gateway.metrics import GatewayMetrics, MetricsServer
 
 SITE, DEVICE = "ward-a", "mx-01"
 
@@ -110,17 +111,17 @@ def test_metrics_count_what_the_gateway_did(  # type: ignore[no-untyped-def]
     assert value(m, "medge_gateway_store_write_seconds_sum", kind="result") > 0
 
 
-def test_reason_classes() -> None:
-    assert reason_class("not a JSON envelope (JSONDecodeError)") == "malformed"
-    assert reason_class("unknown key id 'x-1'") == "unknown_key"
-    assert reason_class("device ward-a/us-01 is revoked") == "device"
-    assert reason_class("unknown device ward-a/zz") == "device"
-    assert reason_class("epoch key of ward-a/us-01 is not signed by that device") == "signature"
-    assert reason_class("header or body fails authentication (tampered?)") == "authentication"
-    assert reason_class("header a/b/result does not match topic a/c/result") == "header_mismatch"
-    assert reason_class("topic 'x/y' is not under medge/v1/<site>/<device>/<kind>") == "topic"
-    assert reason_class("message of 300000 bytes exceeds 262144") == "size"
-    assert reason_class("something new") == "other"
+def test_every_reason_code_shows_at_zero_and_counts_by_code() -> None:
+    m = GatewayMetrics()
+    m.reject(Reason.SIGNATURE)
+    m.reject(Reason.HANDLER)
+
+    def count(reason: Reason) -> float | None:
+        return m.registry.get_sample_value(  # type: ignore[no-any-return]
+            "medge_gateway_messages_rejected_total", {"reason": reason.value})
+
+    assert {r: count(r) for r in Reason} == {
+        r: 1.0 if r in (Reason.SIGNATURE, Reason.HANDLER) else 0.0 for r in Reason}
 
 
 @pytest.mark.slow
