@@ -42,6 +42,7 @@ __all__ = [
     "build_package",
     "default_wheel_cache",
     "device_extras",
+    "shipped_config",
 ]
 
 log = logging.getLogger("medge.package")
@@ -144,10 +145,9 @@ def build_package(
             p.chmod(0o600)
     (out / "identity").chmod(0o700)
 
-    data = cfg.model_dump(mode="json")
-    data.update(bundle=f"bundle/{name}", identity="identity")
-    data["outbox"]["path"] = "outbox.sqlite"
+    data = shipped_config(cfg, f"bundle/{name}")
     AgentConfig.model_validate(data)  # the agent's own model: what we ship, it accepts
+    _tell_window(cfg, bundle)
     header = f"# medge agent config for {cfg.site}/{cfg.device}; paths relative to this file\n"
     (out / "agent.yaml").write_text(header + yaml.safe_dump(data, sort_keys=False))
 
@@ -183,6 +183,27 @@ def build_package(
     tar = _tarball(out) if tarball else None
     log.info("device package %s: medge[%s], %d wheels", out, ",".join(chosen), len(hashes))
     return PackageReport(out, tar, cfg.device, bundle.id, hashes, chosen)
+
+
+def shipped_config(cfg: Any, bundle: str) -> dict[str, Any]:
+    """The config as the package writes it: only the settings the user's YAML sets (never a
+    default written back, which would pin it over the bundle's window), with the bundle,
+    identity and outbox paths relative to the package."""
+    data: dict[str, Any] = cfg.model_dump(mode="json", exclude_unset=True)
+    data.update(bundle=bundle, identity="identity")
+    data.setdefault("outbox", {})["path"] = "outbox.sqlite"  # install.sh rewrites it
+    return data
+
+
+def _tell_window(cfg: Any, bundle: Any) -> None:
+    """Log the window the packaged agent will use; a config override is a warning line."""
+    from edge_agent.sources import window_plan
+    from edge_agent.window import warn_overrides
+
+    plan = window_plan(cfg.source, bundle.manifest.window)
+    if plan:
+        log.info("window: %s", ", ".join(s.describe() for s in plan))
+    warn_overrides(f"{cfg.site}/{cfg.device} package", plan)
 
 
 def _own_wheel(tree: Path, wheels: Path) -> None:

@@ -63,8 +63,9 @@ def test_check_config_points_at_the_bad_line(tmp_path: Path) -> None:
     r = _run("agent", "check-config", str(cfg))
     assert r.returncode == 2 and f"{cfg}:6: colour: Extra inputs are not permitted" in r.stderr
     cfg.write_text(base)
+    # valid YAML is not enough: it checks what 'agent run' checks (tests/test_check_config.py)
     r = _run("agent", "check-config", str(cfg))
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 2 and f"{tmp_path / 'i'}: no identity directory" in r.stderr
 
 
 @pytest.mark.parametrize(
