@@ -32,7 +32,7 @@ import paho.mqtt.client as mqtt
 
 from edge_agent.envelope import Envelope, Opener, encode_ack
 from edge_agent.errors import EnvelopeError, MedgeError, one_line
-from edge_agent.mqtt_session import MqttSession, reason_of
+from edge_agent.mqtt_session import MqttSession
 from edge_agent.reasons import Reason
 from edge_agent.topics import ROOT, parse, topic
 from gateway.alerts import AlertEngine, AlertRules
@@ -57,33 +57,6 @@ class GatewayStats:
     acks: int = 0
     rate_limited: int = 0  # also counted in ``rejected``
     store_refused: int = 0  # rows the store refused (Reason.STORE), also in ``rejected``
-
-
-# Until every raiser passes ``reason=`` (edge_agent.envelope, edge_agent.topics, gateway.site:
-# issue 11), an EnvelopeError left at the default MALFORMED is classed by its text here, so
-# metrics keep their classes meanwhile. Remove with the last raiser converted.
-_LEGACY: tuple[tuple[Reason, tuple[str, ...]], ...] = (
-    (Reason.TOPIC, ("topic '", "name '", "unknown topic kind")),
-    (Reason.SIZE, ("exceeds",)),
-    (Reason.UNKNOWN_KEY, ("unknown key id", "does not match key")),
-    (Reason.DEVICE, ("unknown device", "revoked", "expired", "not from the site ca",
-                     "not valid yet", "names another device", "not of this site",
-                     "no ecdsa key")),
-    (Reason.SIGNATURE, ("not signed by that device",)),
-    (Reason.AUTHENTICATION, ("fails authentication", "cannot be opened")),
-    (Reason.HEADER_MISMATCH, ("does not match topic",)),
-)
-
-
-def classify(exc: BaseException) -> Reason:
-    """The reason code of a message's failure (:func:`edge_agent.mqtt_session.reason_of`)."""
-    reason = reason_of(exc)
-    if reason is Reason.MALFORMED:
-        low = str(exc).lower()
-        for legacy, fragments in _LEGACY:
-            if any(f in low for f in fragments):
-                return legacy
-    return reason
 
 
 class DeviceLimiter:
@@ -183,7 +156,6 @@ class Gateway:
             subscriptions=[(f"{prefix}{ROOT}/+/+/{kind}", 1) for kind in _UP],
             on_message=self._on_message,
             on_reject=self._on_reject,
-            classify=classify,
             reconnect_min_s=0.5,
             reconnect_max_s=10.0,
             logger=log,
