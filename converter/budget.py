@@ -33,6 +33,7 @@ import numpy as np
 from converter.errors import ConversionError
 from converter.evaluate import foreground
 from converter.metrics import classification_metrics, image_metrics, segmentation_metrics
+from converter.regression import regression_metrics
 from converter.stream_eval import EVENT_METRICS
 from edge_agent.backends import open_backend
 from edge_agent.bundle import Decode, Preprocess
@@ -62,8 +63,9 @@ TASK_METRICS = {
     "classification": ("accuracy", "sensitivity", "specificity", "precision", "f1", "auc"),
     "segmentation": ("dice", "iou", "hd95"),
     "image_to_image": ("psnr", "ssim"),
+    "regression": ("mae", "rmse", "pearson_r"),
 }
-LOWER_IS_BETTER = {"hd95"}  # a drop in these is a rise
+LOWER_IS_BETTER = {"hd95", "mae", "rmse"}  # a drop in these is a rise
 
 
 @dataclass(frozen=True)
@@ -107,12 +109,18 @@ class BudgetOutcome:
 
 
 def run_artifact(
-    path: Path, runtime: str, preprocess: Preprocess, samples: np.ndarray
+    path: Path,
+    runtime: str,
+    preprocess: Preprocess,
+    samples: np.ndarray,
+    layout: str | None = None,
 ) -> tuple[np.ndarray, list[float]]:
     """Every sample through the agent's own preprocessing and backend, one at a time as a
-    device runs them (1 thread); the real-valued first output of each, and each latency."""
+    device runs them (1 thread); the real-valued first output of each, and each latency.
+    ``layout``: the manifest layout of the input (``NCHW`` transposes HWC images)."""
     backend = open_backend(runtime, path, 1)
     spec_in, spec_out = backend.inputs[0], backend.outputs[0]
+    spec_in = spec_in.model_copy(update={"layout": layout})
     outs, lat = [], []
     for s in samples:
         t = time.perf_counter()
@@ -147,6 +155,8 @@ def task_metrics(
         fg = foreground(outs, decode.activation)
         masks = np.asarray(y).reshape(fg.shape).astype(bool)
         return segmentation_metrics(masks, fg, decode.mask_threshold)
+    if task == "regression":
+        return regression_metrics(y, outs)
     ref = np.asarray(y, dtype=np.float64)
     out = np.asarray(outs, dtype=np.float64).reshape(ref.shape)
     return image_metrics(ref, out)

@@ -37,20 +37,24 @@ import numpy as np
 
 from converter import budget as B
 from converter import progress
+from converter.convert_data import Data as _Data
+from converter.convert_data import class_outputs as _classes
+from converter.convert_data import load_data
+from converter.convert_data import prepare as _prepare
 from converter.errors import ConversionError
-from converter.inputs import load_targets, source_bytes, source_format, source_sha256
+from converter.inputs import source_bytes, source_format, source_sha256
 from converter.metrics import agreement, output_snr_db, roc_curve
 from converter.onnx_artifacts import OnnxOutcome, onnx_artifacts, onnx_source_artifacts
+from converter.regression import vs_float
 from converter.report import write_markdown
 from converter.strategies import MIN_AGREEMENT, STRATEGIES, convert_litert
-from converter.stream_eval import StreamWindows, cut, event_scalars, load_recording, score_streams
+from converter.stream_eval import StreamWindows, score_streams
 from edge_agent.backends import open_backend
 from edge_agent.bundle import (
     SCHEMA_VERSION,
     Artifact,
     Bundle,
     CamSpec,
-    Decode,
     EventRule,
     Manifest,
     Preprocess,
@@ -60,12 +64,8 @@ from edge_agent.bundle import (
     sign_bundle,
     write_manifest,
 )
-from edge_agent.errors import BundleError
-from edge_agent.events import EventTracker
 from edge_agent.keys import load_signer_key
 from edge_agent.model import LoadedModel
-from edge_agent.preprocess import normalize
-from edge_agent.sources.npz import load_labelled
 
 __all__ = ["ConvertRequest", "convert", "publish"]
 
@@ -78,7 +78,6 @@ WRAPPED = (".tflite", ".onnx")  # ready artifacts: wrapped as they are (converte
 MIN_CALIBRATION = 100
 CHILD_TIMEOUT_S = 600
 BUDGET_METRICS = B.TASK_METRICS["classification"]
-DEFAULT_LABELS = {"segmentation": ["background", "foreground"], "image_to_image": ["image"]}
 
 
 @dataclass
@@ -113,30 +112,7 @@ class ConvertRequest:
     events: list[EventRule] = field(default_factory=list)  # decode.events (manifest)
     streams: list[Path] = field(default_factory=list)  # annotated recordings: event metrics
     event_tolerance_s: float = 0.0  # a detection this near an annotated event still matches it
-
-
-@dataclass
-class _Data:
-    """What the evaluation needs: the samples, their targets and how outputs decode."""
-
-    task: str
-    xc: np.ndarray
-    xe: np.ndarray
-    y: np.ndarray
-    labels: list[str]
-    positive: int | None
-    decode: Decode
-    yc: np.ndarray | None = None  # calibration labels, when the data has them
-    streams: list[StreamWindows] = field(default_factory=list)  # recordings cut into windows
-
-    def metrics(self, outs: np.ndarray) -> dict[str, Any]:
-        return B.task_metrics(self.task, outs, self.y, self.decode, self.labels, self.positive)
-
-    def event_metrics(self, streams: list[np.ndarray], tolerance_s: float) -> dict[str, Any]:
-        """``event_<rule>_<metric>`` of one variant's raw outputs over the recordings."""
-        section = score_streams(self.streams, {"v": streams}, lambda o: _classes(self, o)[0],
-                                self.decode.events, self.labels, tolerance_s)  # fmt: skip
-        return event_scalars(section, "v")
+    layout: str | None = None  # nchw | nhwc: an image input's axes, where the model cannot say
 
 
 def _medge_version() -> str:
@@ -151,10 +127,6 @@ def _sha256_bytes(*arrays: np.ndarray) -> str:
     for a in arrays:
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
-
-
-def _prepare(x: np.ndarray, spec: Preprocess) -> np.ndarray:
-    return np.stack([normalize(spec, s) for s in x]).astype(np.float32)
 
 
 def _run_child(
@@ -241,52 +213,6 @@ def _validate(req: ConvertRequest) -> str:
     return fmt
 
 
-def _load_data(req: ConvertRequest) -> _Data:
-    decode = Decode(
-        kind=req.task,  # type: ignore[arg-type]
-        activation=req.activation,  # type: ignore[arg-type]
-        threshold=req.threshold,
-        mask_threshold=req.mask_threshold,
-        events=req.events,
-    )
-    if req.task != "classification":
-        xe, y = load_targets(req.eval, req.eval_split, req.task)
-        try:
-            xc = load_targets(req.calib, req.calib_split, req.task)[0]
-        except ConversionError:  # calibration needs no targets
-            xc = load_labelled(req.calib, req.calib_split, prefer=("train", "val", "test"))[0]
-        labels = req.labels or DEFAULT_LABELS[req.task]
-        return _Data(req.task, xc, xe, y, labels, None, decode)
-    xc, yc, _ = load_labelled(req.calib, req.calib_split, prefer=("train", "val", "test"))
-    xe, ye, names = load_labelled(req.eval, req.eval_split)
-    if ye is None:
-        raise ConversionError(f"{req.eval}: evaluation data needs labels (y or <split>_labels)")
-    labels = req.labels or names
-    if not labels:
-        labels = [str(i) for i in range(int(ye.max()) + 1)]
-    if req.positive_label is not None and req.positive_label not in labels:
-        raise ConversionError(f"positive label '{req.positive_label}' is not one of {labels}")
-    if int(ye.max()) >= len(labels) or int(ye.min()) < 0:
-        raise ConversionError(
-            f"evaluation labels run 0..{int(ye.max())} but {len(labels)} class names were given"
-        )
-    positive = labels.index(req.positive_label) if req.positive_label else None
-    if yc is not None and (int(yc.max()) >= len(labels) or int(yc.min()) < 0):
-        yc = None  # not class indices of these labels: class coverage is not checked
-    streams = []
-    if req.events:
-        try:
-            EventTracker(req.events, labels)  # the agent's own checks: names and labels
-        except BundleError as exc:
-            raise ConversionError(f"{exc} (labels: {', '.join(labels)})") from None
-        names = [r.name for r in req.events]
-        if len(set(names)) != len(names):
-            raise ConversionError("two --event rules share a name")
-    if req.streams and req.window is not None:
-        streams = [cut(load_recording(p, req.events), req.window) for p in req.streams]
-    return _Data("classification", xc, xe, ye, labels, positive, decode, yc, streams)
-
-
 def convert(req: ConvertRequest) -> Bundle:
     """Convert, evaluate and write one bundle; return it, loaded and verified."""
     fmt = _validate(req)
@@ -294,11 +220,11 @@ def convert(req: ConvertRequest) -> Bundle:
     if wrap_it and req.task != "classification":
         raise ConversionError("a wrapped model is evaluated as a classifier; use --onnx-input "
                               "quantize for an ONNX segmentation or image model")  # fmt: skip
-    data = _load_data(req)
+    data = load_data(req, fmt)
     if wrap_it:
         from converter.wrap import wrap
 
-        return wrap(req, data.xc, data.xe, data.y, data.labels, data.streams)
+        return wrap(req, data.xc, data.xe, data.y, data.labels, data.streams, data.layout)
     warnings: list[str] = []
     if len(data.xc) < MIN_CALIBRATION:
         warnings.append(
@@ -309,8 +235,8 @@ def convert(req: ConvertRequest) -> Bundle:
     stage = Path(tempfile.mkdtemp(prefix=f".{req.out.name}.", dir=req.out.parent))
     work = Path(tempfile.mkdtemp(prefix="medge-convert-"))
     try:
-        np.save(work / "calib.npy", _prepare(data.xc, req.preprocess))
-        np.save(work / "eval.npy", _prepare(data.xe, req.preprocess))
+        np.save(work / "calib.npy", _prepare(data.xc, req.preprocess, data.layout))
+        np.save(work / "eval.npy", _prepare(data.xe, req.preprocess, data.layout))
         if data.streams:
             windows = np.concatenate([s.x for s in data.streams])
             np.save(work / "stream.npy", _prepare(windows, req.preprocess))
@@ -347,7 +273,7 @@ class _Built:
 
 def _score(path: Path, runtime: str, req: ConvertRequest, data: _Data) -> B.Scored:
     with progress.step(f"evaluating {path.name} ({runtime}, {len(data.xe)} samples)"):
-        outs, lat = B.run_artifact(path, runtime, req.preprocess, data.xe)
+        outs, lat = B.run_artifact(path, runtime, req.preprocess, data.xe, data.layout)
     scored = B.Scored(data.metrics(outs), outs, lat)
     if data.streams:  # events too: the budget may name them
         scored.streams = stream_outputs(path, runtime, req.preprocess, data.streams)
@@ -355,9 +281,9 @@ def _score(path: Path, runtime: str, req: ConvertRequest, data: _Data) -> B.Scor
     return scored
 
 
-def _litert_artifact(stage: Path, file: str, precision: str) -> Artifact:
+def _litert_artifact(stage: Path, file: str, precision: str, layout: str | None) -> Artifact:
     backend = open_backend("litert", stage / file)
-    layout = LAYOUTS.get(len(backend.inputs[0].shape))
+    layout = layout or LAYOUTS.get(len(backend.inputs[0].shape))
     return Artifact(
         file=file,
         runtime="litert",
@@ -430,13 +356,13 @@ def _from_tf(
             report["per_layer_error"] = outcome.per_layer
     file = f"model_{precision}.tflite"
     shutil.copyfile(path, stage / file)
-    artifacts = [_litert_artifact(stage, file, precision)]
+    artifacts = [_litert_artifact(stage, file, precision, data.layout)]
     runs = {f"litert-{precision}": scored}
     extras, decisions = B.float_extras(precision, scored, work, evaluate, req.float_artifacts)
     report["float_artifacts"] = decisions
     for extra, extra_scored in extras:
         shutil.copyfile(work / f"extra-{extra}.tflite", stage / f"model_{extra}.tflite")
-        artifacts.append(_litert_artifact(stage, f"model_{extra}.tflite", extra))
+        artifacts.append(_litert_artifact(stage, f"model_{extra}.tflite", extra, data.layout))
         runs[f"litert-{extra}"] = extra_scored
     cam = None
     if req.cam:
@@ -472,7 +398,7 @@ def _from_onnx(
 ) -> _Built:
     """An ONNX model: itself as ONNX fp32 and its QDQ int8; no LiteRT (needs onnx2tf)."""
     onnx = onnx_source_artifacts(req.model, work / "calib.npy", stage, work, req.profile,
-                                 _run_child)  # fmt: skip
+                                 _run_child, data.layout)  # fmt: skip
     warnings += onnx.warnings
     warnings.append("no LiteRT artifact: converting ONNX to LiteRT needs onnx2tf, whose "
                     "releases pin TensorFlow 2.19 and numpy 1.26 (this converter runs TensorFlow "
@@ -543,8 +469,11 @@ def _agreement(data: _Data, ref: np.ndarray, got: np.ndarray) -> float:
     return dense(got.reshape(n, -1), ref.reshape(n, -1), data.task)
 
 
-def _classes(data: _Data, outs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return B.class_scores(outs, data.decode, data.labels, data.positive)
+def _vs_float(data: _Data, float_outs: np.ndarray, runs: dict[str, B.Scored]) -> dict[str, Any]:
+    """Regression: each artifact's values against float's, in the measurement's units."""
+    if data.task != "regression":
+        return {}
+    return {"vs_float": {k: vs_float(float_outs, s.outputs) for k, s in runs.items()}}
 
 
 def _finite(v: Any) -> Any:
@@ -575,6 +504,7 @@ def _finish(
         **{k: s.metrics for k, s in runs.items()},
         "agreement": {k: _agreement(data, built.float_outs, s.outputs) for k, s in runs.items()},
         "output_snr_db": {k: output_snr_db(built.float_outs, s.outputs) for k, s in runs.items()},
+        **_vs_float(data, built.float_outs, runs),
         "size_bytes": {
             fmt: source_bytes(req.model),
             **{f"{a.runtime}-{a.precision}": (stage / a.file).stat().st_size for a in arts},
@@ -643,8 +573,10 @@ def _calibration_warnings(req: ConvertRequest, data: _Data, work: Path) -> list[
     from converter.calibration_check import check_calibration, has_batchnorm
 
     n_classes = len(data.labels) if data.yc is not None else None
-    found = check_calibration(None, np.load(work / "calib.npy"), np.load(work / "eval.npy"),
-                              calib_y=data.yc, n_classes=n_classes)  # fmt: skip
+    calib, evalx = np.load(work / "calib.npy"), np.load(work / "eval.npy")
+    if data.layout == "NCHW":  # the checks read channels on the last axis
+        calib, evalx = np.moveaxis(calib, 1, -1), np.moveaxis(evalx, 1, -1)
+    found = check_calibration(None, calib, evalx, calib_y=data.yc, n_classes=n_classes)
     keras_file = req.model.suffix.lower() in (".keras", ".h5")  # what the BN check can load
     if not keras_file or has_batchnorm(req.model) is False:
         return found

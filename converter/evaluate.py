@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from converter.datasets import load_samples
 from converter.errors import ConversionError
 from converter.inputs import load_targets
 from converter.metrics import (
@@ -24,10 +25,10 @@ from converter.metrics import (
     roc_curve,
     segmentation_metrics,
 )
+from converter.regression import regression_metrics
 from converter.stream_eval import cut, load_recording, score_streams
 from edge_agent.bundle import Bundle
 from edge_agent.model import LoadedModel
-from edge_agent.sources.npz import load_labelled
 
 __all__ = ["evaluate_bundle", "foreground", "format_evaluation"]
 
@@ -56,9 +57,11 @@ def evaluate_bundle(
     elif m.task == "classification":
         metrics = _classification(model, data, split, roc)
     else:
-        x, y = load_targets(Path(data), split, m.task)
+        x, y = load_targets(Path(data), split, m.task, option="--split")
         outs = np.stack([model.infer_outputs(model.prepare(s))[0][0] for s in x])
-        if m.task == "segmentation":
+        if m.task == "regression":
+            metrics = regression_metrics(y, outs)
+        elif m.task == "segmentation":
             fg = foreground(outs, m.decode.activation)
             if y.size != fg.size:
                 raise ConversionError(
@@ -107,7 +110,7 @@ def _classification(
     model: LoadedModel, data: str | Path, split: str | None, roc: bool
 ) -> dict[str, Any]:
     m = model.bundle.manifest
-    x, y, _ = load_labelled(data, split)
+    x, y, _, _ = load_samples(data, split, "evaluation", "--split")
     if y is None:
         raise ConversionError(f"{data}: evaluation needs labels (y or <split>_labels)")
     n = len(m.labels)

@@ -95,7 +95,7 @@ class SavedModelSource:
         specs = self.fn.structured_input_signature[1]
         if len(specs) != 1:
             raise ValueError(f"the serving signature takes {len(specs)} inputs; one is handled")
-        (name, spec), = specs.items()
+        ((name, spec),) = specs.items()
         self.inputs = [_Spec(tuple(spec.shape), name)]
         self._in_name = name
         self.output_keys = sorted(self.fn.structured_outputs)
@@ -149,21 +149,20 @@ def load_model(path: str | Path, fmt: str) -> Any:
 
 
 def load_targets(
-    path: Path, split: str | None, task: str
+    path: Path, split: str | None, task: str, role: str = "evaluation", option: str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(x, targets) of a dense task's npz: ``x``/``y``, or ``<split>_images`` with
-    ``<split>_masks`` (segmentation) / ``<split>_targets`` (image_to_image)."""
+    """(x, targets) of a dense or regression task's npz: ``x``/``y``, or ``<split>_images`` with
+    ``<split>_masks`` (segmentation) / ``<split>_targets`` (image_to_image, regression). The
+    split is chosen as converter.datasets says (a named split that is missing is an error);
+    samples and targets must be finite."""
+    from converter.datasets import pick_split, require_finite
+
     key = "masks" if task == "segmentation" else "targets"
+    split = pick_split(path, split, role, option)
     try:
         with np.load(path, allow_pickle=False) as d:
             keys = set(d.files)
-            if split is None and "x" in keys:
-                xk, yk = "x", "y"
-            else:
-                split = split or next(
-                    (s for s in ("val", "test", "train") if f"{s}_images" in keys), None
-                )
-                xk, yk = f"{split}_images", f"{split}_{key}"
+            xk, yk = ("x", "y") if split is None else (f"{split}_images", f"{split}_{key}")
             if xk not in keys or yk not in keys:
                 raise ConversionError(
                     f"{path}: {task} data needs x/y or <split>_images/<split>_{key} "
@@ -176,4 +175,6 @@ def load_targets(
         raise ConversionError(f"{path}: not a readable npz ({exc})") from exc
     if len(x) != len(y):
         raise ConversionError(f"{path}: {len(x)} samples but {len(y)} {key}")
+    require_finite(x, path, split, f"{role} samples")
+    require_finite(y, path, split, f"{role} {key}")
     return x, y

@@ -146,11 +146,11 @@ def _convert(model: Any, s: Strategy, calib: np.ndarray) -> bytes:
 def agreement(got: np.ndarray, ref: np.ndarray, task: str = "classification") -> float:
     """How often an artifact's outputs (one row per sample) agree with float's: the predicted
     class; for segmentation the foreground pixels at 0.5; for image_to_image the pixels within
-    5% of the reference's range."""
+    5% of the reference's range; for regression the values within 5% of the reference's range."""
     if task == "segmentation":
         cut = 0.5 if ref.min() >= 0 and ref.max() <= 1 else 0.0
         return float(np.mean((got >= cut) == (ref >= cut)))
-    if task == "image_to_image":
+    if task in ("image_to_image", "regression"):
         span = float(ref.max() - ref.min()) or 1.0
         return float(np.mean(np.abs(got - ref) <= 0.05 * span))
     if ref.shape[1] == 1:

@@ -112,16 +112,23 @@ def onnx_artifacts(
 
 
 def onnx_source_artifacts(
-    model: Path, calib_npy: Path, stage: Path, work: Path, profile: str, run_child: RunChild
+    model: Path,
+    calib_npy: Path,
+    stage: Path,
+    work: Path,
+    profile: str,
+    run_child: RunChild,
+    layout: str | None = None,
 ) -> OnnxOutcome:
     """An ONNX model as a source: itself as model_fp32.onnx (read by the agent's ONNX backend,
-    which refuses it in one line if it cannot run it) and its QDQ int8 quantization."""
+    which refuses it in one line if it cannot run it) and its QDQ int8 quantization.
+    ``layout``: its input's (converter.layout); by the input's rank when None."""
     got = OnnxOutcome()
     jetson = profile == "jetson"
     t0 = time.monotonic()
     shutil.copyfile(model, stage / FP32_NAME)
     backend = open_backend("onnx", stage / FP32_NAME)  # MedgeError: one line, no bundle
-    layout = {5: "NTHWC", 4: "NHWC", 3: "NTC", 2: "NC"}.get(len(backend.inputs[0].shape))
+    layout = layout or {5: "NTHWC", 4: "NHWC", 3: "NTC", 2: "NC"}.get(len(backend.inputs[0].shape))
     got.artifacts.append(_artifact(stage, FP32_NAME, "fp32", layout, jetson))
     got.info.update(route="source", opset=_opset(stage / FP32_NAME))
     _quantize(stage, calib_npy, work, layout, jetson, run_child, got)

@@ -13,8 +13,9 @@ __all__ = ["render_html", "write_html", "write_markdown"]
 _METRICS = ("accuracy", "sensitivity", "specificity", "precision", "f1", "auc")
 _SEG = ("dice", "iou", "hd95")
 _IMG = ("psnr", "ssim")
+_REG = ("mae", "rmse", "pearson_r", "bias", "loa_low", "loa_high")  # converter.regression
 _OTHER = ("output_snr_db",)  # of each artifact's raw output against the float model's
-_LOWER_IS_BETTER = {"hd95"}
+_LOWER_IS_BETTER = {"hd95", "mae", "rmse"}
 _EVENT_KEYS = ("sensitivity", "precision", "specificity", "false_alarms_per_hour", "tp", "fp", "fn")
 _COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2")
 
@@ -43,7 +44,7 @@ def _metric_rows(report: dict[str, Any]) -> list[tuple[str, list[Any], Any]]:
     any variant has; for hd95 (lower is better) a drop is a rise."""
     variants = _variants(report)
     rows = []
-    for m in (*_METRICS, *_SEG, *_IMG, *_OTHER):
+    for m in (*_METRICS, *_SEG, *_IMG, *_REG, *_OTHER):
         vals = [_section(report, v).get(m) for v in variants]
         if all(v is None for v in vals):
             continue
@@ -118,6 +119,7 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
             lines.append(f"| *95% CI* | {cells} | |")
     agree = ", ".join(f"{k} {v:.4f}" for k, v in (report.get("agreement") or {}).items())
     lines += ["", f"Agreement with float: {agree}" if agree else _wrapped(report), ""]
+    lines += _vs_float(report)
     labels = report.get("labels") or []
     for v in variants:
         cm = (report.get(v) or {}).get("confusion")
@@ -167,6 +169,21 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
     if report.get("warnings"):
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in report["warnings"]]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _vs_float(report: dict[str, Any]) -> list[str]:
+    """Regression: each artifact against float, in the measurement's units (Bland-Altman)."""
+    rows = report.get("vs_float") or {}
+    if not rows:
+        return []
+    lines = ["## Agreement with float (Bland-Altman, artifact - float)", "",
+             "| artifact | bias | limits of agreement | Pearson r | largest difference |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for k, r in rows.items():
+        loa = f"{_fmt(r.get('loa_low'))} to {_fmt(r.get('loa_high'))}"
+        lines.append(f"| {k} | {_fmt(r.get('bias'))} | {loa} | {_fmt(r.get('pearson_r'))} | "
+                     f"{_fmt(r.get('max_abs_diff'))} |")  # fmt: skip
+    return [*lines, ""]
 
 
 def _snr_key(r: dict[str, Any]) -> float:

@@ -99,9 +99,11 @@ def wrap(
     ye: np.ndarray,
     labels: list[str],
     streams: Sequence[StreamWindows] = (),
+    layout: str | None = None,
 ) -> Bundle:
     """Copy, check, evaluate and sign a ready .tflite/.onnx model as a bundle; with
-    ``streams`` (annotated recordings cut into windows), also its event detection."""
+    ``streams`` (annotated recordings cut into windows), also its event detection.
+    ``layout``: the input's (converter.layout); by its rank when None."""
     suffix = req.model.suffix.lower()
     runtime = RUNTIMES[suffix]
     if req.budget:
@@ -114,7 +116,7 @@ def wrap(
     checks = [("calibration", xc), ("evaluation", xe)]
     checks += [(f"{s.recording.name} window", s.x) for s in streams]
     for what, x in checks:
-        got = _prepare(x[:1], req.preprocess)
+        got = _prepare(x[:1], req.preprocess, layout if not what.endswith(" window") else None)
         if int(np.prod(got.shape[1:])) != want:
             raise ConversionError(
                 f"{what} samples of shape {tuple(x.shape[1:])} do not fit model input "
@@ -125,7 +127,7 @@ def wrap(
         raise ConversionError(f"model has {n_out} outputs but {len(labels)} labels were given")
     precision = artifact_precision(runtime, req.model, backend)
     file = f"model_{precision}{suffix}"
-    layout = LAYOUTS.get(len(in_spec.shape))
+    layout = layout or LAYOUTS.get(len(in_spec.shape))
     artifact = Artifact(
         file=file,
         runtime=runtime,  # type: ignore[arg-type]

@@ -1,6 +1,8 @@
 """Preprocessing as the manifest says: plain numpy functions, one sample at a time.
 
 A sample has no batch axis: an image is (H, W) or (H, W, C); a signal window is (T, C).
+An input whose manifest layout is ``NCHW`` (channels first) gets its images transposed to
+(C, H, W) by :func:`to_layout`, the one place that does it, on the device as in the converter.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import numpy as np
 from edge_agent.bundle import Preprocess, Quantization, TensorSpec
 from edge_agent.errors import MedgeError
 
-__all__ = ["byte_table", "dequantize", "normalize", "quantize", "to_input"]
+__all__ = ["byte_table", "dequantize", "normalize", "quantize", "to_input", "to_layout"]
 
 _EPS = 1e-6
 _INT_RANGE = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767)}
@@ -50,9 +52,33 @@ def dequantize(x: np.ndarray, q: Quantization | None) -> np.ndarray:
     return (np.asarray(x, dtype=np.float32) - np.float32(q.zero_point)) * np.float32(q.scale)
 
 
+def to_layout(
+    x: np.ndarray, layout: str | None, shape: tuple[int, ...] | None = None
+) -> np.ndarray:
+    """An image sample in the axis order of an input of ``layout``: for ``NCHW``, (H, W, C) or
+    (H, W) becomes (C, H, W); ``shape`` (the input's, with batch) is checked when given. Any
+    other layout: the sample as it is."""
+    if layout != "NCHW":
+        return x
+    if shape is not None and len(shape) == 4 and -1 not in shape[1:]:
+        c, h, w = shape[1:]
+        if x.shape not in ((h, w, c), (h, w)) or (x.ndim == 2 and c != 1):
+            raise MedgeError(
+                f"image of shape {tuple(x.shape)} is not (H, W, C) = ({h}, {w}, {c}) for the "
+                f"channels-first input {list(shape)}"
+            )
+    if x.ndim == 2:
+        return x[None]
+    if x.ndim != 3:
+        raise MedgeError(f"a channels-first input takes images (H, W, C), got {tuple(x.shape)}")
+    return np.ascontiguousarray(np.transpose(x, (2, 0, 1)))
+
+
 def to_input(x: np.ndarray, tensor: TensorSpec) -> np.ndarray:
-    """Shape a normalized sample as the input tensor (batch of one) and quantize it if needed."""
+    """Shape a normalized sample as the input tensor (batch of one) and quantize it if needed.
+    A channels-first (``NCHW``) input gets the image transposed first (:func:`to_layout`)."""
     want = tuple(tensor.shape)
+    x = to_layout(x, tensor.layout, want)
     if int(np.prod(want)) != x.size:
         raise MedgeError(
             f"sample of shape {tuple(x.shape)} does not fit input '{tensor.name}' of shape {want}"
@@ -71,6 +97,8 @@ def byte_table(spec: Preprocess, tensor: TensorSpec) -> np.ndarray | None:
     as :func:`normalize` then :func:`to_input`, ~6x faster). None where that does not apply."""
     if spec.kind not in ("none", "scale01") or tensor.dtype not in _INT_RANGE:
         return None
+    if tensor.layout == "NCHW" and tensor.shape[1] != 1:
+        return None  # a lookup keeps the axis order; a transposing input goes the long way
     if tensor.quantization is None:
         return None
     levels = normalize(spec, np.arange(256, dtype=np.uint8))

@@ -183,7 +183,8 @@ def register(sub: Any, common: Callable[..., None]) -> None:
     _add_stream_options(e, "annotated recording (signal, rate_hz, events (N,2) seconds, "
                         "r_peaks for beat windows): event sensitivity, precision, specificity "
                         "and false alarms per hour (repeatable)")  # fmt: skip
-    e.add_argument("--split", help="split of a MedMNIST-style npz (default: x/y, else val)")
+    e.add_argument("--split", help="split of a MedMNIST-style npz (default: x/y, else val, "
+                   "else test; a split the file lacks is an error)")
     e.add_argument(
         "--runtime",
         default="litert",
@@ -243,8 +244,10 @@ def _add_convert(sub: Any, common: Callable[..., None]) -> None:
                    help="binary models: predict the positive class when its score >= this")
     c.add_argument("--name", help="bundle name (default: the model file's stem)")
     c.add_argument("--calib-split",
-                   help="split of a MedMNIST-style calibration npz (default train)")
-    c.add_argument("--eval-split", help="split of a MedMNIST-style evaluation npz (default val)")
+                   help="split of a MedMNIST-style calibration npz (default: x/y, else train; "
+                   "a split the file lacks is an error, never another split)")
+    c.add_argument("--eval-split", help="split of a MedMNIST-style evaluation npz (default: x/y, "
+                   "else val, else test; never train unless named)")
     c.add_argument("--budget", action="append", default=[], metavar="METRIC=DROP",
                    help="largest allowed drop from float, e.g. sensitivity=0.005,auc=0.005 "
                    "(repeatable; segmentation: dice, iou, hd95 (a rise); image_to_image: psnr, "
@@ -278,10 +281,17 @@ def _add_convert(sub: Any, common: Callable[..., None]) -> None:
                    "worst layers float too), int16x8, fp16, fp32 "
                    "(default all; 'none': full int8 or nothing)")
     c.add_argument("--task", default="classification",
-                   choices=["classification", "segmentation", "image_to_image"],
+                   choices=["classification", "segmentation", "image_to_image", "regression"],
                    help="what the model does (default classification); segmentation: the npz's "
                    "y (or <split>_masks) holds masks, scored by Dice/IoU/HD95; image_to_image: "
-                   "y (or <split>_targets) holds the wanted images, scored by PSNR/SSIM")
+                   "y (or <split>_targets) holds the wanted images, scored by PSNR/SSIM; "
+                   "regression: y (or <split>_targets) holds the values, scored by MAE, RMSE, "
+                   "Pearson r and Bland-Altman limits")
+    c.add_argument("--layout", choices=["nchw", "nhwc"],
+                   help="the image input's axis order where the model cannot say it (default: "
+                   "read from the model: Keras data_format, an ONNX/LiteRT input [N,C,H,W] with "
+                   "C in 1/3/4; an ambiguous one is an error). Samples are HWC images either "
+                   "way; nchw transposes them, in calibration, evaluation and on the device")
     c.add_argument("--mask-threshold", type=float, default=0.5,
                    help="segmentation: a pixel is foreground when its probability >= this "
                    "(default 0.5)")

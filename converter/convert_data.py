@@ -1,0 +1,146 @@
+"""What ``medge convert`` evaluates on: the calibration and evaluation data of a request, loaded
+and checked (splits, NaN/Inf: converter.datasets), its labels and decoding, the model file
+checked (converter.model_check) and its input layout resolved (converter.layout).
+
+:func:`prepare` turns raw samples into model inputs exactly as the device does: the bundle's
+preprocessing, then the input's axis order (HWC images transposed for a channels-first model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from converter import budget as B
+from converter.datasets import load_samples, require_finite
+from converter.errors import ConversionError
+from converter.inputs import load_targets
+from converter.layout import keras_channels_first, resolve_layout
+from converter.model_check import check_model_file, input_shape
+from converter.stream_eval import StreamWindows, cut, event_scalars, load_recording, score_streams
+from edge_agent.bundle import Decode, Preprocess
+from edge_agent.errors import BundleError
+from edge_agent.events import EventTracker
+from edge_agent.preprocess import normalize, to_layout
+
+__all__ = ["DEFAULT_LABELS", "Data", "class_outputs", "load_data", "prepare"]
+
+DEFAULT_LABELS = {
+    "segmentation": ["background", "foreground"],
+    "image_to_image": ["image"],
+    "regression": ["value"],
+}
+
+
+@dataclass
+class Data:
+    """What the evaluation needs: the samples, their targets and how outputs decode."""
+
+    task: str
+    xc: np.ndarray
+    xe: np.ndarray
+    y: np.ndarray
+    labels: list[str]
+    positive: int | None
+    decode: Decode
+    yc: np.ndarray | None = None  # calibration labels, when the data has them
+    streams: list[StreamWindows] = field(default_factory=list)  # recordings cut into windows
+    layout: str | None = None  # the model input's layout, when known before conversion (NCHW)
+
+    def metrics(self, outs: np.ndarray) -> dict[str, Any]:
+        return B.task_metrics(self.task, outs, self.y, self.decode, self.labels, self.positive)
+
+    def event_metrics(self, streams: list[np.ndarray], tolerance_s: float) -> dict[str, Any]:
+        """``event_<rule>_<metric>`` of one variant's raw outputs over the recordings."""
+        section = score_streams(self.streams, {"v": streams}, lambda o: class_outputs(self, o)[0],
+                                self.decode.events, self.labels, tolerance_s)  # fmt: skip
+        return event_scalars(section, "v")
+
+
+def class_outputs(data: Data, outs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return B.class_scores(outs, data.decode, data.labels, data.positive)
+
+
+def prepare(x: np.ndarray, spec: Preprocess, layout: str | None = None) -> np.ndarray:
+    """Raw samples -> model inputs as the device makes them: normalized, then in the input's
+    axis order (converter.layout); every value finite."""
+    out = np.stack([to_layout(normalize(spec, s), layout) for s in x]).astype(np.float32)
+    if not np.isfinite(out).all():
+        raise ConversionError(
+            f"preprocessing '{spec.kind}' turned finite samples into NaN/Inf "
+            f"({int((~np.isfinite(out)).sum())} values): check its mean/std"
+        )
+    return out
+
+
+def load_data(req: Any, fmt: str) -> Data:
+    """The request's data, checked, with the model's input layout (``req``: a ConvertRequest)."""
+    decode = Decode(
+        kind=req.task,
+        activation=req.activation,
+        threshold=req.threshold,
+        mask_threshold=req.mask_threshold,
+        events=req.events,
+    )
+    data = _dense(req, decode) if req.task != "classification" else _classification(req, decode)
+    data.layout = _layout(req, fmt, data)
+    return data
+
+
+def _layout(req: Any, fmt: str, data: Data) -> str | None:
+    check_model_file(req.model, fmt)
+    shape = input_shape(req.model, fmt)
+    first = keras_channels_first(req.model, fmt)
+    samples = [tuple(data.xc.shape[1:]), tuple(data.xe.shape[1:])]
+    layout = resolve_layout(req.model.name, fmt, shape, req.layout, samples, first)
+    return layout if shape is not None or layout == "NCHW" else None
+
+
+def _dense(req: Any, decode: Decode) -> Data:
+    xe, y = load_targets(req.eval, req.eval_split, req.task, "evaluation")
+    try:
+        xc = load_targets(req.calib, req.calib_split, req.task, "calibration")[0]
+    except ConversionError as exc:  # calibration needs no targets: the samples alone will do
+        if "data needs x/y" not in str(exc):
+            raise
+        xc = load_samples(req.calib, req.calib_split, "calibration")[0]
+    if req.task == "regression":
+        y = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
+    labels = req.labels or DEFAULT_LABELS[req.task]
+    return Data(req.task, xc, xe, y, labels, None, decode)
+
+
+def _classification(req: Any, decode: Decode) -> Data:
+    xc, yc, _, _ = load_samples(req.calib, req.calib_split, "calibration")
+    xe, ye, names, _ = load_samples(req.eval, req.eval_split, "evaluation")
+    if ye is None:
+        raise ConversionError(f"{req.eval}: evaluation data needs labels (y or <split>_labels)")
+    labels = req.labels or names
+    if not labels:
+        labels = [str(i) for i in range(int(ye.max()) + 1)]
+    if req.positive_label is not None and req.positive_label not in labels:
+        raise ConversionError(f"positive label '{req.positive_label}' is not one of {labels}")
+    if int(ye.max()) >= len(labels) or int(ye.min()) < 0:
+        raise ConversionError(
+            f"evaluation labels run 0..{int(ye.max())} but {len(labels)} class names were given"
+        )
+    positive = labels.index(req.positive_label) if req.positive_label else None
+    if yc is not None and (int(yc.max()) >= len(labels) or int(yc.min()) < 0):
+        yc = None  # not class indices of these labels: class coverage is not checked
+    streams = []
+    if req.events:
+        try:
+            EventTracker(req.events, labels)  # the agent's own checks: names and labels
+        except BundleError as exc:
+            raise ConversionError(f"{exc} (labels: {', '.join(labels)})") from None
+        rule_names = [r.name for r in req.events]
+        if len(set(rule_names)) != len(rule_names):
+            raise ConversionError("two --event rules share a name")
+    if req.streams and req.window is not None:
+        streams = [cut(load_recording(p, req.events), req.window) for p in req.streams]
+        for p, s in zip(req.streams, streams, strict=True):
+            require_finite(s.x, Path(p), None, "recording windows")
+    return Data("classification", xc, xe, ye, labels, positive, decode, yc, streams)
