@@ -23,15 +23,15 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.envelope import decode_ack
-from edge_agent.errors import EnvelopeError, MedgeError
-from edge_agent.link import no_delay
+from edge_agent.errors import MedgeError
+from edge_agent.mqtt_session import MqttSession
 from edge_agent.outbox import durable_sqlite
+from edge_agent.reasons import Reason
 from edge_agent.topics import ROOT, parse, topic
 
 if TYPE_CHECKING:
@@ -195,7 +195,8 @@ class Forwarder:
     """Pumps a ForwardOutbox to the cloud broker and deletes on the cloud gateway's acks.
 
     Started and stopped by the Gateway that owns it; it never blocks the fog gateway: while
-    the cloud is unreachable, messages wait on disk."""
+    the cloud is unreachable, messages wait on disk. Its MQTT side is an
+    :class:`~edge_agent.mqtt_session.MqttSession` (back-off, the message boundary)."""
 
     def __init__(
         self,
@@ -215,19 +216,21 @@ class Forwarder:
         self.bad_acks = 0
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._connected = threading.Event()
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
+        self.session = MqttSession(
+            "forwarder",
+            host,
+            port,
+            protocol=protocol,
             client_id=client_id,
-            protocol=mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311,
+            tls=tls,
+            subscriptions=[(f"{ROOT}/+/+/ack", 1)],
+            on_message=self._on_message,
+            on_reject=self._on_reject,
+            on_connect=self._on_connect,
+            reconnect_min_s=0.5,
+            reconnect_max_s=5.0,
+            logger=log,
         )
-        self._client.reconnect_delay_set(min_delay=1, max_delay=5)
-        self._client.on_connect = self._on_connect
-        self._client.on_disconnect = self._on_disconnect
-        self._client.on_message = self._on_message
-        if tls is not None:
-            ca, cert, key = tls
-            self._client.tls_set(ca_certs=str(ca), certfile=str(cert), keyfile=str(key))
         self._pump = threading.Thread(target=self._run_pump, name="forward-pump", daemon=True)
 
     def __enter__(self) -> Forwarder:
@@ -237,8 +240,7 @@ class Forwarder:
         self.stop()
 
     def start(self) -> Forwarder:
-        self._client.connect_async(self.host, self.port, keepalive=10)
-        self._client.loop_start()
+        self.session.start()
         self._pump.start()
         return self
 
@@ -248,12 +250,15 @@ class Forwarder:
         self._stop.set()
         self._wake.set()
         self._pump.join(timeout=5)
-        self._client.disconnect()
-        self._client.loop_stop()
+        self.session.stop()
 
     @property
     def connected(self) -> bool:
-        return self._connected.is_set()
+        return self.session.connected
+
+    def workers(self) -> dict[str, threading.Thread | None]:
+        """The threads that must stay alive while forwarding (for a Supervisor)."""
+        return {"forward-pump": self._pump, "forward-mqtt": self.session.thread}
 
     def put_many(self, items: list[tuple[str, str, int, str, str, bytes]]) -> None:
         """Queue (site, device, seq, kind, topic, original message) on disk, then wake the pump.
@@ -271,38 +276,25 @@ class Forwarder:
         return queued
 
     # -- paho callbacks (network thread) ---------------------------------------------------
-    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any = None) -> None:
-        if rc.is_failure:
-            log.error("cloud broker refused the forwarder: %s", rc)
-            return
-        no_delay(client)  # no Nagle delay on what the pump writes
-        client.subscribe(f"{ROOT}/+/+/ack", qos=1)
+    def _on_connect(self, _client: mqtt.Client) -> None:
         self.outbox.unsend_all()  # anything in flight on the old connection goes again
-        self._connected.set()
         self._wake.set()
-        log.info("forwarding to %s:%d", self.host, self.port)
 
-    def _on_disconnect(self, _c: Any, _u: Any, _f: Any, rc: Any, _p: Any = None) -> None:
-        self._connected.clear()
-        if not self._stop.is_set():
-            log.warning("lost the cloud broker (%s); will reconnect", rc)
-
-    def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        try:
-            parts = parse(msg.topic)
-            seqs = decode_ack(msg.payload)
-        except EnvelopeError as exc:
-            self.bad_acks += 1
-            log.warning("bad cloud ack on %s ignored: %s", msg.topic, exc)
-            return
+    def _on_message(self, msg: mqtt.MQTTMessage) -> None:
+        # any exception here rejects this ack only (the session's boundary, _on_reject)
+        parts = parse(msg.topic)
+        seqs = decode_ack(msg.payload)
         self.acked += self.outbox.ack(parts.site, parts.device, seqs)
+
+    def _on_reject(self, _msg: mqtt.MQTTMessage, _reason: Reason, _exc: BaseException) -> None:
+        self.bad_acks += 1
 
     # -- the pump --------------------------------------------------------------------------
     def _run_pump(self) -> None:
         while not self._stop.is_set():
             self._wake.wait(timeout=min(0.5, self.resend_after / 2))
             self._wake.clear()
-            while self._connected.is_set() and not self._stop.is_set():
+            while self.session.connected and not self._stop.is_set():
                 batch = self.outbox.due(self.resend_after)
                 if not batch:
                     break
@@ -310,14 +302,14 @@ class Forwarder:
                 self.outbox.mark_sent(sent)
                 if len(sent) < len(batch):
                     break
-            if self._connected.is_set() and not self._stop.is_set():
+            if self.session.connected and not self._stop.is_set():
                 latest = self.outbox.due_latest()
                 self.outbox.mark_latest_sent(self._publish(latest))
 
     def _publish(self, batch: list[Forwarding]) -> list[Forwarding]:
         sent = []
         for f in batch:
-            if self._client.publish(f.topic, f.payload, qos=1).rc != mqtt.MQTT_ERR_SUCCESS:
+            if self.session.publish(f.topic, f.payload, qos=1).rc != mqtt.MQTT_ERR_SUCCESS:
                 break
             sent.append(f)
         self.published += len(sent)

@@ -7,21 +7,23 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import logging
 import tarfile
 import threading
 import time
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.bundle import Bundle
 from edge_agent.errors import MedgeError
+from edge_agent.mqtt_session import MqttSession
 from edge_agent.topics import topic
 from edge_agent.update import COMMAND_VERSION, sign_command
 
 __all__ = ["BundleServer", "pack_bundle", "publish_command", "update_command"]
+
+log = logging.getLogger("medge.gateway.ota")
 
 
 def pack_bundle(bundle_dir: Path, out_dir: Path) -> tuple[Path, str]:
@@ -53,23 +55,23 @@ def update_command(
 
 
 def publish_command(
-    host: str, port: int, site: str, device: str, payload: bytes, protocol: str = "5"
+    host: str, port: int, site: str, device: str, payload: bytes, protocol: str = "5",
+    timeout: float = 10.0,
 ) -> None:
-    """Publish one command on ``medge/v1/<site>/<device>/cmd`` (QoS 1) and wait for it."""
-    proto = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=proto)
-    try:
-        client.connect(host, port)
-        client.loop_start()
-        info = client.publish(topic(site, device, "cmd"), payload, qos=1)
-        info.wait_for_publish(timeout=10)
+    """Publish one command on ``medge/v1/<site>/<device>/cmd`` (QoS 1) and wait for it,
+    through an :class:`~edge_agent.mqtt_session.MqttSession` (a broker that is not up yet is
+    retried with back-off for ``timeout`` seconds)."""
+    with MqttSession("ota", host, port, protocol=protocol, reconnect_max_s=2.0,
+                     logger=log) as session:
+        if not session.wait_connected(timeout):
+            raise MedgeError(f"cannot reach the broker at {host}:{port}")
+        info = session.publish(topic(site, device, "cmd"), payload, qos=1)
+        try:
+            info.wait_for_publish(timeout=timeout)
+        except RuntimeError as exc:  # paho: the connection was lost before it went
+            raise MedgeError(f"command to {site}/{device} was not published: {exc}") from exc
         if not info.is_published():
             raise MedgeError(f"command to {site}/{device} was not published")
-    except OSError as exc:
-        raise MedgeError(f"cannot reach the broker at {host}:{port}: {exc}") from exc
-    finally:
-        client.disconnect()
-        client.loop_stop()
 
 
 class BundleServer:

@@ -21,7 +21,6 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from edge_agent.errors import SourceError
 from edge_agent.sources.base import Problems, Sample
 from edge_agent.sources.feed import BoundedFeed, FeedSettings, SampleChecks
 from edge_agent.sources.udp import parse_line
@@ -114,61 +113,46 @@ class MqttSensorSource:
 
     @property
     def errors(self) -> dict[str, int]:
-        return self._problems.snapshot()
+        found = self._problems.snapshot()
+        session = self._client
+        if session is not None and session.denied:  # the broker refused the subscription
+            found["denied"] = found.get("denied", 0) + session.denied
+        return found
 
     def open(self) -> None:
+        """Start the session: it connects (a broker that is not up yet is retried with
+        back-off, one warning line) and subscribes on every connect."""
         if self._client is not None:
             return
-        from paho.mqtt import client as mqtt
+        from edge_agent.mqtt_session import MqttSession
 
         c = self.cfg
-        v5 = c.protocol == "5"
-        client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
-            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-        )
-        if c.username is not None:
-            pw = c.password_file.read_text().strip() if c.password_file else None
-            client.username_pw_set(c.username, pw)
-        if c.tls_ca is not None:
-            client.tls_set(
-                str(c.tls_ca),
-                str(c.tls_cert) if c.tls_cert else None,
-                str(c.tls_key) if c.tls_key else None,
-            )
+        pw = c.password_file.read_text().strip() if c.password_file else None
+        tls = (c.tls_ca, c.tls_cert, c.tls_key) if c.tls_ca is not None else None
+        self._client = MqttSession(
+            self.name,
+            c.host,
+            c.port,
+            protocol=c.protocol,
+            keepalive=30,
+            tls=tls,
+            username=c.username,
+            password=pw if c.username is not None else None,
+            subscriptions=[(self.topic, 1)],
+            on_message=lambda msg: self._feed.put(msg.payload),  # bounded: back-pressure
+            on_subscribed=self.subscribed.set,
+            logger=log,
+        ).start()
 
-        def on_connect(cl: Any, _u: Any, _f: Any, rc: Any, _p: Any = None) -> None:
-            if rc.is_failure:
-                log.warning("%s: broker refused the connection: %s", self.name, rc)
-                return
-            cl.subscribe(self.topic, qos=1)
-
-        def on_subscribe(_c: Any, _u: Any, _mid: Any, codes: Any, _p: Any = None) -> None:
-            if any(getattr(rc, "is_failure", False) for rc in codes):
-                self._problems.add("denied", "subscription to %s refused", self.topic)
-                return
-            self.subscribed.set()
-
-        def on_message(_c: Any, _u: Any, msg: Any) -> None:
-            self._feed.put(msg.payload)
-
-        client.on_connect, client.on_subscribe, client.on_message = (
-            on_connect,
-            on_subscribe,
-            on_message,
-        )
-        try:
-            client.connect(c.host, c.port, keepalive=30)
-        except OSError as exc:
-            where = f"{c.host}:{c.port}"
-            raise SourceError(f"{self.name}: cannot reach broker {where} ({exc})") from exc
-        client.loop_start()
-        self._client = client
+    @property
+    def rejected(self) -> dict[str, int]:
+        """Messages whose handling failed, by reason code (malformed payloads are counted by
+        the stream as ``malformed`` problems instead)."""
+        return self._client.rejected if self._client is not None else {}
 
     def close(self) -> None:
         if self._client is not None:
-            self._client.disconnect()
-            self._client.loop_stop()
+            self._client.stop()
             self._client = None
 
     def __enter__(self) -> MqttSensorSource:
