@@ -1,13 +1,15 @@
 """Alerts: what the gateway raises from what devices send, and from their silence.
 
-Three rules (:class:`AlertRules`), evaluated by the gateway as messages arrive and by a
-watchdog thread for silence:
+Three rules (:class:`AlertRules`, in gateway.alert_rules with the rules file), evaluated by
+the gateway as messages arrive and by a watchdog thread for silence:
 
-- ``event:<kind>`` — an ``event`` whose body says ``"event": "<kind>"`` (or, where the body
-  is not readable, whose clear header's ``alert`` says it) for a kind listed in
-  ``rules.events`` (default ``fall``: critical). More events of that kind from the same device
-  while its alert is still open add to the alert's ``count``; once a person acknowledges it, the
-  next event opens a new alert. An event alert ends when it is acknowledged.
+- ``event:<kind>`` — the start of an event the device's bundle marks ``alert: true`` (the body's
+  ``alert``; where the body is not readable, the clear header's ``alert``, which the agent sets
+  for exactly those), at the severity its rule gives (the body's ``severity``) unless the
+  site's rules override it for that kind (or ignore the kind). More events of that kind from
+  the same device while its alert is still open add to the alert's ``count``; once a person
+  acknowledges it, the next event opens a new alert. An event alert ends when it is
+  acknowledged.
 - ``silent`` — no authenticated message of any kind from a device for ``silence_after`` seconds
   (counted from the gateway's start at the earliest); resolved when the device speaks again.
   Devices whose last state is ``offline`` are not watched: the ``offline`` alert covers them.
@@ -27,12 +29,12 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from edge_agent.envelope import Envelope
-from edge_agent.errors import MedgeError
+from edge_agent.errors import one_line
+from gateway.alert_rules import SEVERITIES, AlertError, AlertRules, check_severity, rules_json
 from gateway.db import Database
 from gateway.store import Store
 
@@ -43,47 +45,24 @@ __all__ = [
     "AlertRules",
     "UnknownAlert",
     "acknowledge",
+    "current_rules",
     "list_alerts",
     "open_alert",
+    "record_rules",
     "resolve_alerts",
 ]
 
 log = logging.getLogger("medge.gateway.alerts")
 
-SEVERITIES = ("critical", "warning", "info")  # most urgent first
 _ACTIVE = ("open", "acknowledged")  # states of an alert whose condition has not ended
-
-
-class AlertError(MedgeError):
-    """An alert cannot change to the state asked for (or a rule is misconfigured)."""
+RULES_ACTION = "alert-rules"  # the audit action that records the rules a gateway runs with
 
 
 class UnknownAlert(AlertError):
     """No alert has that id."""
 
 
-def _severity(value: str) -> str:
-    if value not in SEVERITIES:
-        raise AlertError(f"severity {value!r} is not one of {', '.join(SEVERITIES)}")
-    return value
-
-
-@dataclass(frozen=True)
-class AlertRules:
-    """Which conditions raise alerts, and how severe they are."""
-
-    events: Mapping[str, str] = field(default_factory=lambda: {"fall": "critical"})
-    """event kind (the body's ``event``) -> severity"""
-    silence_after: float = 30.0
-    """seconds without any message from a device before it is reported silent"""
-    silent_severity: str = "warning"
-    offline_severity: str = "warning"
-
-    def __post_init__(self) -> None:
-        if not self.silence_after > 0:
-            raise AlertError(f"silence_after must be > 0 seconds, not {self.silence_after!r}")
-        for severity in (*self.events.values(), self.silent_severity, self.offline_severity):
-            _severity(severity)
+_severity = check_severity
 
 
 # -- the alerts table ------------------------------------------------------------------------
@@ -196,6 +175,34 @@ def list_alerts(store: Store, limit: int = 100, resolved: bool = True) -> list[d
     return [_row(r) for r in rows]
 
 
+def record_rules(store: Store, rules: AlertRules, now: float | None = None) -> bool:
+    """Write the rules a gateway runs with to the audit log (action ``alert-rules``) unless the
+    newest such record already says the same; True if written."""
+    now = time.time() if now is None else now
+    text = rules_json(rules)
+    with store.transaction() as db:
+        row = db.execute(
+            "SELECT detail FROM audit WHERE action=? ORDER BY id DESC LIMIT 1", (RULES_ACTION,)
+        ).fetchone()
+        if row is not None and row[0] == text:
+            return False
+        db.execute("INSERT INTO audit (time, site, device, action, detail) VALUES (?,?,?,?,?)",
+                   (now, None, None, RULES_ACTION, text))
+    return True
+
+
+def current_rules(store: Store) -> dict[str, Any] | None:
+    """The rules the gateway last recorded (with ``recorded``: when), or None if none has."""
+    rows = store.query(
+        "SELECT time, detail FROM audit WHERE action=? ORDER BY id DESC LIMIT 1", (RULES_ACTION,)
+    )
+    if not rows:
+        return None
+    out: dict[str, Any] = json.loads(rows[0]["detail"])
+    out["recorded"] = rows[0]["time"]
+    return out
+
+
 def _detail(detail: dict[str, Any] | None) -> str | None:
     return None if detail is None else json.dumps(detail, allow_nan=False, default=str)
 
@@ -233,6 +240,7 @@ class AlertEngine:
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> AlertEngine:
         if self._thread is None:
+            record_rules(self.store, self.rules, self._clock())
             self._started = self._clock()
             self._stop.clear()
             self._thread = threading.Thread(
@@ -283,21 +291,31 @@ class AlertEngine:
         return None
 
     def _event(self, env: Envelope) -> int | None:
-        kind = env.body.get("event")
-        if not isinstance(kind, str):  # a relay that cannot read the body: the clear header
-            kind = getattr(env, "alert", None)
-        if not isinstance(kind, str) or kind not in self.rules.events:
+        body = env.body
+        kind = body.get("event")
+        if isinstance(kind, str):
+            # as the agent's outbox marks the clear header: the start of an event whose rule
+            # says alert (a message without ``alert`` is an alert, the manifest's default)
+            raising = body.get("alert") is not False and body.get("state", "start") == "start"
+        else:  # a relay that cannot read the body: the clear header says it
+            kind, raising = env.alert, env.alert is not None
+        if not raising or not isinstance(kind, str):
             return None
-        # an event tracker sends a start and an end message for one event: alert on the start;
-        # a rule marked alert: false is recorded, not raised
-        if env.body.get("state", "start") != "start" or env.body.get("alert") is False:
+        kind = one_line(kind, 64)
+        severity, source = self.rules.event_severity(kind, body.get("severity"))
+        if severity is None:  # the site's rules ignore this kind
             return None
-        score = env.body.get("score", env.body.get("peak"))
+        if source == "default" and "severity" in body:
+            log.warning("%s/%s seq %d: event %s names an unknown severity %s; raised as %s",
+                        env.site, env.device, env.seq, kind,
+                        one_line(repr(body["severity"]), 40), severity)
+        score = body.get("score", body.get("peak"))
         shown = f" (score {score:.2f})" if isinstance(score, (int, float)) else ""
         detail = {"seq": env.seq, "time": env.time, "event": kind, "score": score,
-                  "input": env.body.get("input"), "bundle": env.body.get("bundle")}
+                  "input": body.get("input"), "bundle": body.get("bundle"),
+                  "severity_from": source}
         return self._raise(
-            env.site, env.device, f"event:{kind}", self.rules.events[kind],
+            env.site, env.device, f"event:{kind}", severity,
             f"{kind} on {env.site}/{env.device}{shown}", detail, active=("open",),
         )
 

@@ -45,7 +45,7 @@ def cmd_gateway_run(a: argparse.Namespace) -> int:
     import threading
 
     from gateway import Gateway, Store
-    from gateway.alerts import AlertRules
+    from gateway.alert_rules import AlertRules, load_alert_rules
     from gateway.broker_config import gateway_client_files
     from gateway.forward import Forwarder, ForwardOutbox, backfill, parse_since
     from gateway.metrics import MetricsServer
@@ -68,7 +68,8 @@ def cmd_gateway_run(a: argparse.Namespace) -> int:
             resend_after=a.forward_resend_after,
             tls=tuple(a.forward_tls) if a.forward_tls else None,  # type: ignore[arg-type]
         )
-    rules = AlertRules(silence_after=a.silence_after)
+    rules = (load_alert_rules(a.alert_rules, a.silence_after) if a.alert_rules
+             else AlertRules(silence_after=a.silence_after))
     host, _, port = a.broker.rpartition(":")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -190,6 +191,9 @@ def register(sub: Any, common: Callable[..., None]) -> None:
                     "adaptive batching; for comparison)")
     gr.add_argument("--silence-after", type=float, default=30.0, metavar="SECONDS",
                     help="alert when a device sends nothing for this long (default 30)")
+    gr.add_argument("--alert-rules", type=Path, metavar="FILE.yaml",
+                    help="alert rules: severity per event kind, silence, offline "
+                    "(docs/dashboard.md, 'Alerts'); its silence_after wins over --silence-after")
     gr.add_argument("--metrics-port", type=int, metavar="N",
                     help="serve Prometheus metrics at http://HOST:N/metrics (0: any free port)")
     gr.add_argument("--metrics-host", default="127.0.0.1",

@@ -31,7 +31,7 @@ from aiohttp import web
 
 from edge_agent.errors import MedgeError
 from gateway.alerts import AlertError, UnknownAlert, acknowledge, list_alerts
-from gateway.dashboard import login
+from gateway.dashboard import login, rules_view
 from gateway.dashboard.auth import SESSION_TTL_S, Sessions, Users
 from gateway.dashboard.cam import check_cam
 from gateway.dashboard.keys import ANONYMOUS, INDEX, SESSIONS, STATIC, STOPPING, STORE, TITLE, USERS
@@ -99,6 +99,7 @@ def create_app(
     app.cleanup_ctx.append(store_ctx)
     app.on_shutdown.append(on_shutdown)
     login.install(app)
+    rules_view.install(app)  # GET /api/alert-rules
     app.router.add_get("/", _index)
     app.router.add_get("/api/me", _me)
     app.router.add_get("/api/devices", _devices)
