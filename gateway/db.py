@@ -48,6 +48,9 @@ _DDL_TYPES = [
     (re.compile(r"\bBLOB\b"), "BYTEA"),
 ]
 _WRITER_LOCK = 0x6D65646765  # "medge": the advisory lock of exclusive transactions
+# what a driver raises in Python for a value it cannot send (int beyond 64 bits, a lone
+# surrogate, an unsupported type, JSON too deep to encode)
+_VALUE_ERRORS = (OverflowError, UnicodeError, ValueError, TypeError, RecursionError)
 
 
 class StoreError(MedgeError):
@@ -147,6 +150,12 @@ class Database:
         """Whether a failed transaction may simply be run again (deadlock, serialization)."""
         return False
 
+    def row_refused(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is the database (or its driver) refusing a VALUE of the statement
+        (an integer beyond 64 bits, a string it cannot encode, a constraint), as opposed to
+        the database being unavailable: then the other rows of a batch can still be stored."""
+        return isinstance(exc, _VALUE_ERRORS)
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -178,6 +187,11 @@ class SQLiteDatabase(Database):
 
     def begin(self, exclusive: bool = False) -> None:
         self._db.execute("BEGIN IMMEDIATE")
+
+    def row_refused(self, exc: BaseException) -> bool:
+        return isinstance(
+            exc, (*_VALUE_ERRORS, sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError)
+        )
 
     def close(self) -> None:
         self._db.close()
@@ -347,6 +361,10 @@ class PostgresDatabase(Database):
     def retryable(self, exc: BaseException) -> bool:
         errors = self._psycopg.errors
         return isinstance(exc, (errors.DeadlockDetected, errors.SerializationFailure))
+
+    def row_refused(self, exc: BaseException) -> bool:
+        p = self._psycopg  # DataError: out of range, NUL in text, bad encoding; constraints
+        return isinstance(exc, (*_VALUE_ERRORS, p.DataError, p.IntegrityError))
 
     def close(self) -> None:
         self._conn.close()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from edge_agent.envelope import Envelope
+from edge_agent.errors import one_line
 from gateway.db import Database, SQLiteDatabase, StoreError, connect
 from gateway.migrations import SERIAL_TABLES, migrate
 
@@ -48,6 +49,7 @@ class Store:
         self.location = self._db.location  # for log lines: no password
         self.path: Path | None = self._db.path if isinstance(self._db, SQLiteDatabase) else None
         self._history_inserts: dict[tuple[str, str], int] = {}  # per device, for pruning
+        self.refused = 0  # result rows the database refused (add_results returned None)
         try:
             migrate(self._db, self.location)
         except StoreError:
@@ -101,46 +103,79 @@ class Store:
 
     def add_result(
         self, env: Envelope, received: float | None = None, raw: bytes | None = None
-    ) -> bool:
-        """Store a result or event once; False (and a duplicate counted) if already stored.
+    ) -> bool | None:
+        """Store a result or event once; False (and a duplicate counted) if already stored,
+        None if the database refused it (see add_results).
         ``raw``: the original device message (default mode; end-to-end keeps ``env.sealed``)."""
         return self.add_results([(env, raw)], received)[0]
 
     def add_results(
         self, items: Sequence[tuple[Envelope, bytes | None]], received: float | None = None
-    ) -> list[bool]:
+    ) -> list[bool | None]:
         """add_result for several (envelope, raw) in ONE transaction (one fsync): what the
-        gateway's writer does with what arrived within a few milliseconds."""
+        gateway's writer does with what arrived within a few milliseconds. Per item: True
+        (stored), False (a duplicate) or None: the database refused this one row (a value
+        its column cannot hold); said in one line naming device and seq, counted in
+        ``refused``, and the rest of the batch is stored in the same call (the batch is
+        rolled back and stored row by row). The caller does not acknowledge a refused row
+        and audits it (reason ``store``). Any other failure (the database is down) raises."""
+        if not items:
+            return []
         now = received or time.time()
+        try:
+            return list(self._write(lambda db: self._store_batch(db, items, now)))
+        except Exception as exc:
+            if not self._db.row_refused(exc):
+                raise
+            batch_error = exc
+        out: list[bool | None] = []
+        for item in items:
+            try:
+                out.append(self._write(lambda db, one=item: self._store_batch(db, [one], now))[0])
+            except Exception as exc:
+                if not self._db.row_refused(exc):
+                    raise
+                env = item[0]
+                self.refused += 1
+                log.error(
+                    "store %s refused %s of %s/%s seq %d (%s: %s); %d refused so far",
+                    self.location, env.kind, env.site, env.device, env.seq,
+                    type(exc).__name__, _first_line(exc), self.refused,
+                )
+                out.append(None)
+        if None not in out:  # the batch failed, yet every row alone went in: say so
+            log.warning("store %s: a batch failed (%s) but each row was stored alone",
+                        self.location, _first_line(batch_error))
+        return out
 
-        def work(db: Database) -> list[bool]:
-            # Device rows first, in one global order: two workers storing overlapping batches
-            # then wait for each other at the first device they share, and never deadlock on
-            # the results' unique key (PostgreSQL; SQLite has a single writer anyway).
-            keys = sorted({(env.site, env.device) for env, _ in items})
-            for site, device in keys:
-                self._touch(db, site, device, now)
-            news = [self._insert_result(db, env, now, raw) for env, raw in items]
-            counts = dict.fromkeys(keys, 0)  # new results per device; the rest are duplicates
-            totals = dict.fromkeys(keys, 0)
-            for (env, _), new in zip(items, news, strict=True):
-                counts[(env.site, env.device)] += new
-                totals[(env.site, env.device)] += 1
-            db.executemany(
-                "UPDATE devices SET stored=stored+?, duplicates=duplicates+? "
-                "WHERE site=? AND device=?",
-                [(counts[k], totals[k] - counts[k], *k) for k in keys],
-            )
-            return news
-
-        return self._write(work)
+    def _store_batch(
+        self, db: Database, items: Sequence[tuple[Envelope, bytes | None]], now: float
+    ) -> list[bool]:
+        # Device rows first, in one global order: two workers storing overlapping batches
+        # then wait for each other at the first device they share, and never deadlock on
+        # the results' unique key (PostgreSQL; SQLite has a single writer anyway).
+        keys = sorted({(env.site, env.device) for env, _ in items})
+        for site, device in keys:
+            self._touch(db, site, device, now)
+        news = [self._insert_result(db, env, now, raw) for env, raw in items]
+        counts = dict.fromkeys(keys, 0)  # new results per device; the rest are duplicates
+        totals = dict.fromkeys(keys, 0)
+        for (env, _), new in zip(items, news, strict=True):
+            counts[(env.site, env.device)] += new
+            totals[(env.site, env.device)] += 1
+        db.executemany(
+            "UPDATE devices SET stored=stored+?, duplicates=duplicates+? "
+            "WHERE site=? AND device=?",
+            [(counts[k], totals[k] - counts[k], *k) for k in keys],
+        )
+        return news
 
     def _insert_result(self, db: Database, env: Envelope, now: float, raw: bytes | None) -> bool:
         b = env.body
         score = None
-        if isinstance(b.get("scores"), list) and isinstance(b.get("pred"), int):
+        if isinstance(b.get("scores"), list) and type(b.get("pred")) is int:
             scores, pred = b["scores"], b["pred"]
-            score = float(scores[pred]) if 0 <= pred < len(scores) else None
+            score = _f(scores[pred]) if 0 <= pred < len(scores) else None
         cur = db.execute(
             "INSERT INTO results (site, device, seq, kind, time, received, input, label,"
             " label_name, pred, pred_label, score, body, bundle, input_sha256, sealed,"
@@ -372,6 +407,11 @@ class Store:
             sql, args = sql + " WHERE site=? AND device=?", [site, device]
         with self._lock:
             return int(self._db.execute(sql, args).fetchone()[0])
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return one_line(text.splitlines()[0] if text else type(exc).__name__, 200)
 
 
 def _s(v: Any) -> str | None:

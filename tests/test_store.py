@@ -303,3 +303,60 @@ def test_alert_transactions_run_one_at_a_time_across_workers(target: str | Path)
     with Store(target) as store:
         [alert] = list_alerts(store)
     assert (alert["state"], alert["count"]) == ("open", 80)
+
+
+@pytest.mark.parametrize(
+    "poison",
+    [
+        {"pred": 2**64},  # a typed column (BIGINT/INTEGER) cannot hold it
+        {"input": "ward\ud800"},  # a lone surrogate: not encodable as UTF-8 for a TEXT column
+        {"label": -(2**70), "scores": [0.5]},
+    ],
+    ids=["int-beyond-64-bits", "lone-surrogate", "negative-overflow"],
+)
+def test_one_poisoned_row_is_refused_and_the_rest_of_its_batch_stored(
+    target: str | Path, poison: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A row the database refuses (built directly, as an older gateway without the body
+    schema, or another ingest path, would hand it over) fails only itself: the good results
+    of several devices in the same batch are stored in the same call, the bad one is None,
+    named in one log line (device and seq) and counted; a duplicate is still a duplicate."""
+    caplog.set_level("ERROR", logger="medge.gateway.store")
+    with Store(target) as store:
+        assert store.add_results([(_env(1, "us-02", pred=1), None)], 1.0) == [True]
+        items = [
+            (_env(1, "us-01", pred=0, scores=[0.9, 0.1]), b"raw-1"),
+            (_env(2, "us-02", pred=1), None),
+            (_env(7, "us-03", **poison), b"raw-poison"),
+            (_env(1, "us-04", pred=0), None),
+            (_env(1, "us-02", pred=1), None),  # a resend: duplicate
+        ]
+        assert store.add_results(items, 2.0) == [True, True, None, True, False]
+        assert store.refused == 1
+        stored = {(r["device"], r["seq"]) for r in store.results(limit=10)}
+        assert stored == {("us-01", 1), ("us-02", 1), ("us-02", 2), ("us-04", 1)}
+        devices = {d["device"]: d for d in store.devices()}
+        assert (devices["us-02"]["stored"], devices["us-02"]["duplicates"]) == (2, 1)
+        assert devices["us-01"]["stored"] == devices["us-04"]["stored"] == 1
+        assert devices.get("us-03", {"stored": 0})["stored"] == 0
+        lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        assert len(lines) == 1 and "ward-a/us-03 seq 7" in lines[0] and "\n" not in lines[0]
+        # the caller (gateway.service) audits the refusal with reason "store"
+        store.count_rejected(SITE, "us-03", "store")
+        assert [a["detail"] for a in store.audit("reject")] == ["store"]
+        # the normal path is still one batch, and the store keeps working
+        assert store.add_results([(_env(3, "us-02", pred=0), None)], 3.0) == [True]
+        assert store.add_results([(_env(7, "us-03", pred=0), None)], 4.0) == [True]
+
+
+def test_a_broken_store_still_raises_rather_than_refusing_rows(target: str | Path) -> None:
+    """Only a refused VALUE makes a row None; a database that cannot store anything (here its
+    results table is gone) fails the call: the writer retries and nothing is acknowledged,
+    never every row turned into a rejection."""
+    with Store(target) as store:
+        with store.transaction() as db:
+            db.execute("DROP TABLE results")
+        with pytest.raises(Exception, match="results") as failed:
+            store.add_results([(_env(1), None), (_env(2), None)], 1.0)
+        assert not isinstance(failed.value, (OverflowError, UnicodeError, ValueError, TypeError))
+        assert store.refused == 0

@@ -170,3 +170,30 @@ def test_two_gateway_workers_store_an_agents_results_once(  # type: ignore[no-un
     assert all(r["pred_label"] in breast_cnn.CLASS_NAMES for r in rows)
     assert (dev["stored"], dev["state"]) == (78, "offline")
     assert dev["telemetry"]["results"] == 78
+
+
+def test_a_nul_in_an_authenticated_result_fails_only_its_row(  # type: ignore[no-untyped-def]
+    postgres_url: str, sealer, opener, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A realistic poison that passes the envelope and its schema: JSON allows "\\u0000" in
+    a string, PostgreSQL TEXT does not (SQLite does). In one batch with good results of two
+    other devices, the device's row is refused (None, one line), the others are stored."""
+    from edge_agent.envelope import Envelope
+
+    caplog.set_level("ERROR", logger="medge.gateway.store")
+    now = time.time()
+
+    def opened(device: str, seq: int, body: dict[str, object]) -> Envelope:
+        return opener.open(sealer(device).seal(Envelope("result", SITE, device, seq, now, body)))
+
+    items = [
+        (opened("pg-nul-a", 1, {"pred": 0, "input": "img-1"}), None),
+        (opened("pg-nul-b", 1, {"pred": 1, "input": "a\x00b"}), None),
+        (opened("pg-nul-c", 1, {"pred": 1, "input": "img-3"}), None),
+    ]
+    with Store(new_database(postgres_url)) as store:
+        assert store.add_results(items, now) == [True, None, True]
+        assert {r["device"] for r in store.results()} == {"pg-nul-a", "pg-nul-c"}
+        assert store.refused == 1
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(lines) == 1 and f"{SITE}/pg-nul-b seq 1" in lines[0]
