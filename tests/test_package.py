@@ -111,6 +111,10 @@ def test_package_installs_and_runs(  # type: ignore[no-untyped-def]
     shipped = yaml.safe_load((pkg / "agent.yaml").read_text())
     assert shipped["bundle"] == f"bundle/{bundle_dir.name}"
     assert shipped["identity"] == "identity"
+    # only what the config sets (docs/device.md): no default is written back over the bundle
+    assert shipped["source"] == {"path": str(breast_cnn.DATA), "split": "val", "rate_hz": 0}
+    assert shipped["outbox"] == {"path": "outbox.sqlite", "resend_after_s": 0.5}
+    assert "runtime" not in shipped and "cam" not in shipped
     assert stat.S_IMODE((pkg / "identity" / "device.key").stat().st_mode) == 0o600
     unit = (pkg / "medge-agent.service").read_text()
     for line in ("Restart=always", "ProtectSystem=strict", "NoNewPrivileges=true", "User=@USER@"):
