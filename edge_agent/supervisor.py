@@ -48,6 +48,7 @@ class Supervisor:
         self._why: dict[threading.Thread, str] = {}
         self._finished: set[str] = set()  # workers whose return is their job done
         self._marks: dict[str, float] = {}
+        self._tracked: dict[str, Callable[[], float | None]] = {}
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._previous: Any = None
@@ -96,6 +97,10 @@ class Supervisor:
     def mark(self, what: str) -> None:
         """A message was ``what`` (stored, sent) just now: /healthz shows its age."""
         self._marks[what] = self._clock()
+
+    def track(self, what: str, when: Callable[[], float | None]) -> None:
+        """/healthz also shows the age of ``when()`` (a time.time(), None: not yet)."""
+        self._tracked[what] = when
 
     # -- watching --------------------------------------------------------------------------
     def _hook(self, args: Any) -> None:
@@ -149,11 +154,16 @@ class Supervisor:
                 for name, thread in self._workers.items()
             }
         ok = bool(workers) and all(w["alive"] for w in workers.values())
+        marks = dict(self._marks)
+        for what, when in self._tracked.items():
+            t = when()
+            if t is not None:
+                marks[what] = t
         body: dict[str, Any] = {
             "status": "ok" if ok else "failing",
             "workers": workers,
             "last_message_age_s": {k: round(max(0.0, now - t), 3)
-                                   for k, t in sorted(self._marks.items())},
+                                   for k, t in sorted(marks.items())},
         }
         return ok, body
 

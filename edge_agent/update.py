@@ -41,7 +41,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from edge_agent.bundle import Bundle
-from edge_agent.errors import MedgeError
+from edge_agent.errors import MedgeError, one_line
 from edge_agent.keys import key_id
 from edge_agent.model import LoadedModel
 from edge_agent.model_slot import ModelSlot, ProbationError, check_scores
@@ -158,14 +158,15 @@ class Updater:
         while (payload := self._queue.get()) is not None:
             try:
                 self.handle(payload)
-            except UpdateError as exc:
-                log.warning("%s: update rejected: %s", self.device, exc)
+            except Exception as exc:  # one bad command (10,000 levels deep...) is rejected only
+                why = str(exc) if isinstance(exc, UpdateError) else f"{type(exc).__name__}: {exc}"
+                log.warning("%s: update rejected: %s", self.device, one_line(why))
                 self.report(
                     {
                         "update": "rejected",
                         "bundle": getattr(exc, "bundle", None),
                         "running": self.slot.bundle.id,
-                        "reason": str(exc),
+                        "reason": one_line(why),
                     }
                 )
 

@@ -41,11 +41,14 @@ def _forward_outbox_beside(db: Path | str) -> Path:
 
 
 def cmd_gateway_run(a: argparse.Namespace) -> int:
+    """Run until SIGINT/SIGTERM; a worker that dies ends the command non-zero on one line
+    (edge_agent.supervisor), so systemd restarts it."""
     import signal
     import threading
 
+    from edge_agent.supervisor import Supervisor
     from gateway import Gateway, Store
-    from gateway.alert_rules import AlertRules, load_alert_rules
+    from gateway.alerts import AlertRules
     from gateway.broker_config import gateway_client_files
     from gateway.forward import Forwarder, ForwardOutbox, backfill, parse_since
     from gateway.metrics import MetricsServer
@@ -68,15 +71,14 @@ def cmd_gateway_run(a: argparse.Namespace) -> int:
             resend_after=a.forward_resend_after,
             tls=tuple(a.forward_tls) if a.forward_tls else None,  # type: ignore[arg-type]
         )
-    rules = (load_alert_rules(a.alert_rules, a.silence_after) if a.alert_rules
-             else AlertRules(silence_after=a.silence_after))
+    rules = AlertRules(silence_after=a.silence_after)
     host, _, port = a.broker.rpartition(":")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with (
-        Store(a.db) as store,
-        Gateway(
+    log = logging.getLogger("medge.gateway")
+    with Supervisor() as sup, Store(a.db) as store:
+        gw = Gateway(
             store,
             opener,
             host or "127.0.0.1",
@@ -89,22 +91,28 @@ def cmd_gateway_run(a: argparse.Namespace) -> int:
             forward=forward,
             device_rate=a.device_rate,
             device_burst=a.device_burst,
-        ) as gw,
-    ):
+        )
         gw.batch_window, gw.batch_when_idle = a.batch_window, a.batch_when_idle
-        if forward is not None and since is not None:
-            backfill(store, forward.outbox, since)
         metrics = None
-        if a.metrics_port is not None:
-            metrics = MetricsServer(gw.metrics, a.metrics_host, a.metrics_port).start()
         try:
-            logging.getLogger("medge.gateway").info("storing into %s; Ctrl-C to stop",
-                                                    store.location)
-            stop.wait()
+            gw.start(timeout=3.0)  # a broker not up yet: one warning, then retried with back-off
+            for name, thread in gw.workers().items():
+                sup.watch(name, thread)
+            sup.track("stored", lambda: gw.last_stored)
+            if forward is not None and since is not None:
+                backfill(store, forward.outbox, since)
+            if a.metrics_port is not None:
+                metrics = MetricsServer(gw.metrics, a.metrics_host, a.metrics_port,
+                                        health=sup.health).start()
+            log.info("storing into %s; Ctrl-C to stop", store.location)
+            death = sup.wait(stop)
         finally:
             if metrics is not None:
                 metrics.stop()
-        print(json.dumps(gw.stats.__dict__))
+            gw.stop()
+    if death is not None:
+        raise MedgeError(f"gateway: {death.line()}")
+    print(json.dumps(gw.stats.__dict__))
     return 0
 
 

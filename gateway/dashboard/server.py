@@ -1,20 +1,30 @@
 """Running the dashboard: in a background thread (:class:`DashboardServer`) or in the
-foreground until Ctrl-C (:func:`run_dashboard`)."""
+foreground until Ctrl-C (:func:`run_dashboard`).
+
+``GET /healthz`` answers without login (before the session check): JSON with each worker's
+liveness (the HTTP server, the store, which it reads) and the age of the newest stored result;
+200 when all are alive, 503 otherwise. :func:`run_dashboard` is supervised: a store that fails
+``STORE_FAILURES_FATAL`` checks in a row ends it with one line naming it (exit non-zero)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import threading
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from edge_agent.errors import MedgeError, one_line
 from gateway.dashboard.app import check_access, create_app
 from gateway.dashboard.auth import SESSION_TTL_S
+from gateway.dashboard.keys import STORE
 from gateway.db import redact
 
 __all__ = ["DashboardServer", "run_dashboard"]
@@ -22,12 +32,51 @@ __all__ = ["DashboardServer", "run_dashboard"]
 log = logging.getLogger("medge.gateway.dashboard")
 
 SHUTDOWN_S = 1.0  # how long stop() lets requests finish before they are cancelled
+CHECK_S = 5.0  # run_dashboard checks its store this often
+STORE_FAILURES_FATAL = 3  # failed store checks in a row that end run_dashboard
+
+
+async def health(app: web.Application) -> tuple[bool, dict[str, Any]]:
+    """(all alive, the JSON body of /healthz): the server answers (it is running this), and
+    the store answers a read; the age of the newest stored result."""
+    store: dict[str, Any] = {"alive": True}
+    ages: dict[str, float] = {}
+    try:
+        rows = await asyncio.to_thread(app[STORE].query,
+                                       "SELECT max(received) AS t FROM results")
+        newest = rows[0]["t"] if rows else None
+        if newest is not None:
+            ages["stored"] = round(max(0.0, time.time() - float(newest)), 3)
+    except Exception as exc:  # any failure of the store is its ill health
+        store = {"alive": False, "error": one_line(f"{type(exc).__name__}: {exc}")}
+    ok = bool(store["alive"])
+    return ok, {"status": "ok" if ok else "failing",
+                "workers": {"dashboard-http": {"alive": True}, "store": store},
+                "last_message_age_s": ages}
+
+
+@web.middleware
+async def _healthz(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    if request.path != "/healthz":
+        return await handler(request)
+    ok, body = await health(request.app)
+    return web.Response(status=200 if ok else 503, text=json.dumps(body, sort_keys=True),
+                        content_type="application/json",
+                        headers={"Cache-Control": "no-store"})
+
+
+def _app(db_path: str | Path, **app_args: Any) -> web.Application:
+    app = create_app(db_path, **app_args)
+    app.middlewares.insert(0, _healthz)  # before the login: a probe carries no session
+    return app
 
 
 async def _start(
     db_path: str | Path, host: str, port: int, **app_args: Any
 ) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(create_app(db_path, **app_args), shutdown_timeout=SHUTDOWN_S)
+    runner = web.AppRunner(_app(db_path, **app_args), shutdown_timeout=SHUTDOWN_S)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
@@ -132,6 +181,7 @@ def run_dashboard(db_path: str | Path, host: str, port: int, title: str = "medge
                                    allow_anonymous=allow_anonymous)
         log.info("dashboard on %s (database %s)", url, redact(db_path))
         stop = asyncio.Event()
+        watch = asyncio.create_task(_supervise(runner.app, stop), name="dashboard-supervisor")
         loop = asyncio.get_running_loop()
         handled: list[signal.Signals] = []
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -143,8 +193,34 @@ def run_dashboard(db_path: str | Path, host: str, port: int, title: str = "medge
         finally:
             for sig in handled:
                 loop.remove_signal_handler(sig)
+            death = watch.result() if watch.done() else None
+            watch.cancel()
             await runner.cleanup()
             log.info("dashboard stopped")
+        if death is not None:
+            raise MedgeError(f"dashboard: worker store died: {death}")
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main())
+
+
+async def _supervise(app: web.Application, stop: asyncio.Event) -> str | None:
+    """Check the store every CHECK_S; after STORE_FAILURES_FATAL failures in a row, stop the
+    dashboard and return why (None when stopped otherwise)."""
+    failures = 0
+    while not stop.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), CHECK_S)
+        if stop.is_set():
+            return None
+        ok, body = await health(app)
+        if ok:
+            failures = 0
+            continue
+        failures += 1
+        why = str(body["workers"]["store"].get("error", "unknown"))
+        log.error("dashboard: store check failed (%d in a row): %s", failures, why)
+        if failures >= STORE_FAILURES_FATAL:
+            stop.set()
+            return why
+    return None
