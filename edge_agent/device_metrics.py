@@ -3,11 +3,15 @@ stdlib HTTP server in a thread, so the device needs no prometheus_client.
 
 Every family has its ``# HELP`` and ``# TYPE`` line; label values are escaped (backslash,
 double quote, newline) and HELP text too (backslash, newline). ``GET /metrics`` (or ``/``)
-returns the exposition; anything else is a 404. See docs/device.md for the metric names.
+returns the exposition; ``GET /healthz`` the JSON of a health callable (the agent's
+:meth:`~edge_agent.supervisor.Supervisor.health`: each worker's liveness, the age of the last
+sent and acknowledged message), 200 when all are alive, 503 otherwise; anything else is a
+404. See docs/device.md for the metric names.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -18,7 +22,7 @@ from typing import Any
 
 from edge_agent.errors import MedgeError
 
-__all__ = ["Family", "MetricsServer", "escape_help", "escape_label", "render"]
+__all__ = ["Family", "Health", "MetricsServer", "escape_help", "escape_label", "healthz", "render"]
 
 log = logging.getLogger("medge.agent.metrics")
 
@@ -79,16 +83,47 @@ def render(families: Iterable[Family]) -> str:
     return "\n".join(lines) + "\n"
 
 
-class MetricsServer:
-    """Serves ``collect()`` rendered on every scrape. Use as a context manager."""
+Health = Callable[[], tuple[bool, dict[str, Any]]]  # (all alive, JSON body)
 
-    def __init__(self, collect: Callable[[], Iterable[Family]], host: str, port: int) -> None:
+
+def healthz(health: Health | None) -> tuple[int, bytes]:
+    """Status and JSON body of ``GET /healthz`` (503 when a worker is dead or asking fails)."""
+    if health is None:
+        return 200, b'{"status": "ok", "workers": {}}'
+    try:
+        ok, body = health()
+    except Exception as exc:  # a health check must answer, and say why it cannot
+        log.warning("healthz: asking the workers failed: %s", exc)
+        ok, body = False, {"status": "failing", "error": type(exc).__name__}
+    return (200 if ok else 503), json.dumps(body, sort_keys=True).encode()
+
+
+class MetricsServer:
+    """Serves ``collect()`` rendered on every scrape, and ``health()`` on /healthz. Use as a
+    context manager."""
+
+    def __init__(
+        self,
+        collect: Callable[[], Iterable[Family]],
+        host: str,
+        port: int,
+        health: Health | None = None,
+    ) -> None:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                if self.path.split("?", 1)[0] not in ("/metrics", "/"):
-                    self.send_error(404, "only /metrics here")
+                path = self.path.split("?", 1)[0]
+                if path == "/healthz":
+                    status, answer = healthz(health)
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(answer)))
+                    self.end_headers()
+                    self.wfile.write(answer)
+                    return
+                if path not in ("/metrics", "/"):
+                    self.send_error(404, "only /metrics and /healthz here")
                     return
                 try:
                     body = render(collect()).encode()
@@ -201,6 +236,11 @@ def device_families(agent: Any, outbox: Any, link: Any) -> list[Family]:
             temperature_c()
         ),
     ]
+    rejected = Family(p + "messages_rejected", "counter",
+                      "Messages from the gateway (ack, cmd) rejected, by reason code.")
+    for reason, n in sorted((getattr(link, "rejected", None) or {}).items()):
+        rejected.add(n, "_total", reason=reason)
+    fams.append(rejected)
     b = agent.bundle
     info = Family(p + "bundle_info", "gauge", "The bundle running now (value 1).")
     info.add(

@@ -64,6 +64,8 @@ class DeviceLink:
         self.published = 0
         self.bad_acks = 0
         self.bad_commands = 0
+        self.last_sent: float | None = None  # time.time() of the last publish from the outbox
+        self.last_acked: float | None = None  # ... and of the last ack of the gateway
         # commands from the gateway on .../cmd (bundle updates): handed over as they arrive
         self.on_command: Callable[[bytes], None] | None = None
         self._stop = threading.Event()
@@ -192,6 +194,7 @@ class DeviceLink:
                 self.on_command(msg.payload)
             return
         self.acked += self.outbox.ack(decode_ack(msg.payload))
+        self.last_acked = time.time()
 
     def _on_reject(self, msg: mqtt.MQTTMessage, _reason: Reason, _exc: BaseException) -> None:
         if msg.topic.endswith("/cmd"):
@@ -219,6 +222,8 @@ class DeviceLink:
                     sent.append(p.seq)
                 self.outbox.mark_sent(sent)
                 self.published += len(sent)
+                if sent:
+                    self.last_sent = time.time()
                 if len(sent) < len(batch):
                     break
 

@@ -152,7 +152,8 @@ def test_duplicates_are_acked_not_stored_and_bad_messages_rejected(  # type: ign
         state = topic("ward-a", "us-09", "state")
         send(state, s09.seal(Envelope("state", "ward-a", "us-09", 50, now, {"state": "online"})))
         send(state, s09.seal(Envelope("state", "ward-a", "us-09", 49, now, {"state": "offline"})))
-        send(state, s09.seal(Envelope("state", "ward-a", "us-09", 51, now + 3600, {"state": "x"})))
+        send(state, s09.seal(Envelope("state", "ward-a", "us-09", 51, now + 3600,
+                                      {"state": "online"})))  # from the future
         deadline = time.monotonic() + 5
         while (len(acks) < 2 or gw.stats.rejected < 5) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -164,11 +165,9 @@ def test_duplicates_are_acked_not_stored_and_bad_messages_rejected(  # type: ign
         assert (dev["stored"], dev["duplicates"], dev["rejected"]) == (1, 1, 5)
         assert dev["state"] == "online", "a replayed older 'offline' must not win"
         assert (gw.stats.stored, gw.stats.duplicates, gw.stats.rejected) == (1, 1, 5)
-        reasons = [a["detail"] for a in store.audit("reject")]
-        assert any("not a JSON envelope" in r for r in reasons)
-        assert any("does not match topic" in r for r in reasons)
-        assert any("not newer than the last one" in r for r in reasons)
-        assert any("ahead of the gateway's clock" in r for r in reasons)
+        # the audit keeps the reason code, never the (untrusted) text
+        reasons = sorted(a["detail"] for a in store.audit("reject"))
+        assert reasons == ["clock", "header_mismatch", "header_mismatch", "malformed", "replay"]
         assert "us-08" not in {d["device"] for d in store.devices()}
 
 
