@@ -50,6 +50,7 @@ class Store:
         self.path: Path | None = self._db.path if isinstance(self._db, SQLiteDatabase) else None
         self._history_inserts: dict[tuple[str, str], int] = {}  # per device, for pruning
         self.refused = 0  # result rows the database refused (add_results returned None)
+        self._bad_rows: set[tuple[str, str]] = set()  # devices whose bad telemetry was logged
         try:
             migrate(self._db, self.location)
         except StoreError:
@@ -361,7 +362,13 @@ class Store:
         out = []
         for r in rows:
             d = dict(r)
-            d["telemetry"] = json.loads(d["telemetry"]) if d["telemetry"] else None
+            d["telemetry"], why = _telemetry(d["telemetry"])
+            if why is not None:  # one bad row (e.g. written before bodies had a schema)
+                d["error"] = why
+                key = (d["site"], d["device"])
+                if key not in self._bad_rows and len(self._bad_rows) < 10_000:
+                    self._bad_rows.add(key)  # one line per device, not one per page poll
+                    log.warning("store %s: %s/%s %s", self.location, *key, why)
             out.append(d)
         return out
 
@@ -407,6 +414,19 @@ class Store:
             sql, args = sql + " WHERE site=? AND device=?", [site, device]
         with self._lock:
             return int(self._db.execute(sql, args).fetchone()[0])
+
+
+def _telemetry(text: str | None) -> tuple[dict[str, Any] | None, str | None]:
+    """A stored telemetry column as an object, or (None, why it cannot be shown)."""
+    if not text:
+        return None, None
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        return None, f"telemetry unreadable ({type(exc).__name__})"
+    if not isinstance(value, dict):
+        return None, f"telemetry is a {type(value).__name__}, not an object"
+    return value, None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -620,3 +620,103 @@ def test_page_shows_a_cam_thumbnail(store: Store, page: Any, users: Path) -> Non
         expect(page.locator('tr.result[data-id="3"] .cam')).to_have_text("—")
         expect(page.locator('tr.result[data-id="3"] img')).to_have_count(0)
         shoot(page, "cam")
+
+
+# -- hostile rows and a failing store ---------------------------------------------------------
+HOSTILE_TELEMETRY = {  # device -> telemetry column as an older, unvalidated gateway stored it
+    "hx-deep": "[" * 100_000 + "]" * 100_000,  # json.loads: RecursionError
+    "hx-string": '"not an object"',
+    "hx-types": '{"fps": NaN, "latency_ms": {"total": [1, 2]}, "cpu_percent": "hot",'
+                ' "outbox_depth": {"x": 1}, "rss_mb": true}',
+    "hx-bigint": '{"fps": 123456789012345678901234567890, "results": -99999999999999999999}',
+    "hx-garbage": "{not json",
+}
+
+
+def _hostile_store(store: Store) -> int:
+    """Good device with an open critical fall alert, and one device per hostile telemetry
+    row, written straight into the table; returns the alert's id."""
+    from gateway.alerts import open_alert
+
+    now = time.time()
+    store.set_state(SITE, DEVICE, "online", now, BUNDLE)
+    store.set_telemetry(SITE, DEVICE, telemetry(fps=5.0))
+    store.add_result(result(1, pred=0, label=0))
+    for device, text in HOSTILE_TELEMETRY.items():
+        store.set_state(SITE, device, "online", now, BUNDLE)
+        with store.transaction() as db:
+            db.execute("UPDATE devices SET telemetry=? WHERE site=? AND device=?",
+                       (text, SITE, device))
+    alert_id, _ = open_alert(store, SITE, DEVICE, "event:fall", "critical",
+                             f"fall on {SITE}/{DEVICE} (score 0.97)", now=now)
+    return alert_id
+
+
+def test_api_answers_every_device_despite_hostile_telemetry(store: Store, users: Path) -> None:
+    """One hostile telemetry row is an error marker on its own device, never a 500 for the
+    whole list; the alerts and the stream still answer."""
+    _hostile_store(store)
+    with DashboardServer(store.path, port=0, title="Ward A", users=users) as dash:
+        cookie = login(dash.port)
+        devices = {d["device"]: d for d in get_json(dash.port, "/api/devices", cookie)}
+        assert set(devices) == {DEVICE, *HOSTILE_TELEMETRY}
+        assert "error" not in devices[DEVICE] and devices[DEVICE]["telemetry"]["fps"] == 5.0
+        for device in ("hx-deep", "hx-string", "hx-garbage"):
+            assert devices[device]["telemetry"] is None
+            assert devices[device]["error"].startswith("telemetry"), device
+        assert devices["hx-types"]["telemetry"]["fps"] is None  # NaN: sent as null
+        alerts = get_json(dash.port, "/api/alerts", cookie)
+        assert [(a["severity"], a["state"]) for a in alerts] == [("critical", "open")]
+        assert len(get_json(dash.port, "/api/results", cookie)) == 1
+        history = get_json(dash.port, "/api/history", cookie)
+        assert set(history["devices"]) == {f"{SITE}/{d}" for d in devices}
+
+
+def test_a_failing_api_is_an_error_not_an_empty_list(store: Store, users: Path) -> None:
+    """The store cannot answer (its alerts table is gone): 503 with one line saying so."""
+    _hostile_store(store)
+    with store.transaction() as db:
+        db.execute("DROP TABLE alerts")
+    with DashboardServer(store.path, port=0, title="Ward A", users=users) as dash:
+        cookie = login(dash.port)
+        status, content_type, text = get(dash.port, "/api/alerts", cookie)
+        assert status == 503 and content_type.startswith("application/json")
+        error = json.loads(text)["error"]
+        assert error.startswith("cannot read alerts:") and "alerts" in error[19:]
+        assert "\n" not in error
+        assert len(get_json(dash.port, "/api/devices", cookie)) == 1 + len(HOSTILE_TELEMETRY)
+
+
+@pytest.mark.slow
+def test_page_shows_the_alert_despite_hostile_rows_and_an_error_state(
+    store: Store, page: Any, users: Path
+) -> None:
+    """The page with hostile telemetry stored: the open critical alert is shown, each bad
+    device row carries its error marker. When the alerts cannot be read, the page says so
+    ("Could not load alerts: ..."), never "No alerts."."""
+    alert_id = _hostile_store(store)
+    with DashboardServer(store.path, port=0, title="Ward A", users=users) as dash:
+        sign_in(page, dash)
+        row = page.locator(f'tr.alert[data-alert-id="{alert_id}"]')
+        expect(row).to_be_visible(timeout=TIMEOUT_MS)
+        expect(row.locator(".sev")).to_have_text("critical")
+        expect(page.locator("#alerts-empty")).to_be_hidden()
+        expect(page.locator("#alerts-error")).to_be_hidden()
+        expect(page.locator("#connection")).to_have_text("live", timeout=TIMEOUT_MS)
+        deep = page.locator(f'tr[data-device="{SITE}/hx-deep"]')
+        expect(deep.locator(".row-error")).to_contain_text("telemetry unreadable")
+        good = page.locator(f'tr[data-device="{SITE}/{DEVICE}"]')
+        expect(good.locator(".fps")).to_have_text("5.0")
+        expect(good.locator(".row-error")).to_have_count(0)
+        shoot(page, "hostile-rows")
+
+        with store.transaction() as db:
+            db.execute("DROP TABLE alerts")
+        page.reload()
+        error = page.locator("#alerts-error")
+        expect(error).to_be_visible(timeout=TIMEOUT_MS)
+        expect(error).to_contain_text("Could not load alerts: cannot read alerts:")
+        expect(page.locator("#alerts-empty")).to_be_hidden()
+        expect(page.locator("#connection")).to_have_text("gateway error")
+        expect(page.locator(f'tr[data-device="{SITE}/{DEVICE}"] .fps')).to_have_text("5.0")
+        shoot(page, "alerts-error")

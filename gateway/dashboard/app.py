@@ -23,23 +23,25 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
-from edge_agent.errors import MedgeError
+from edge_agent.errors import MedgeError, one_line
 from gateway.alerts import AlertError, UnknownAlert, acknowledge, list_alerts
 from gateway.dashboard import login, rules_view
 from gateway.dashboard.auth import SESSION_TTL_S, Sessions, Users
 from gateway.dashboard.cam import check_cam
 from gateway.dashboard.keys import ANONYMOUS, INDEX, SESSIONS, STATIC, STOPPING, STORE, TITLE, USERS
+from gateway.dashboard.throttle import LoginPolicy
 from gateway.store import Store
 
 __all__ = ["create_app"]
 
 log = logging.getLogger("medge.gateway.dashboard")
+T = TypeVar("T")
 
 STATIC_DIR = Path(__file__).with_name("static")
 POLL_S = 0.4  # how often a stream looks at the store
@@ -74,6 +76,7 @@ def create_app(
     users: Path | None = None,
     allow_anonymous: bool = False,
     session_ttl_s: float = SESSION_TTL_S,
+    login_policy: LoginPolicy | None = None,
 ) -> web.Application:
     """The dashboard as an aiohttp application over the store at ``db_path``; ``users`` is the
     users file (see ``medge dashboard add-user``)."""
@@ -98,7 +101,7 @@ def create_app(
 
     app.cleanup_ctx.append(store_ctx)
     app.on_shutdown.append(on_shutdown)
-    login.install(app)
+    login.install(app, login_policy)  # throttling, trusted proxies, Secure cookies
     rules_view.install(app)  # GET /api/alert-rules
     app.router.add_get("/", _index)
     app.router.add_get("/api/me", _me)
@@ -126,8 +129,8 @@ async def _me(request: web.Request) -> web.Response:
 
 
 async def _devices(request: web.Request) -> web.Response:
-    rows = await asyncio.to_thread(request.app[STORE].devices)
-    return _json(rows)
+    rows = await _read("devices", request.app[STORE].devices)
+    return _json_rows(rows, "device")
 
 
 async def _results(request: web.Request) -> web.Response:
@@ -140,12 +143,13 @@ async def _results(request: web.Request) -> web.Response:
     def read() -> list[dict[str, Any]]:
         return _with_cams(store, store.results(max(after, 0), limit, site, device))
 
-    return _json(await asyncio.to_thread(read))
+    return _json_rows(await _read("results", read), "result")
 
 
 async def _alerts(request: web.Request) -> web.Response:
     limit = min(max(_int_param(request.query.get("limit"), ALERTS_SHOWN, "limit"), 1), MAX_LIMIT)
-    return _json(await asyncio.to_thread(list_alerts, request.app[STORE], limit))
+    store = request.app[STORE]
+    return _json_rows(await _read("alerts", lambda: list_alerts(store, limit)), "alert")
 
 
 async def _ack(request: web.Request) -> web.Response:
@@ -178,7 +182,7 @@ async def _history(request: web.Request) -> web.Response:
                          "results_per_minute": store.results_per_minute(s, d, since)}
             for s, d in keys}}
 
-    return _json(await asyncio.to_thread(read))
+    return _json(await _read("history", read))
 
 
 async def _stream(request: web.Request) -> web.StreamResponse:
@@ -202,13 +206,20 @@ async def _stream(request: web.Request) -> web.StreamResponse:
             chunks: list[bytes] = []
             for name, read in (("devices", store.devices),
                                ("alerts", lambda: list_alerts(store, ALERTS_SHOWN))):
-                data = _dumps(await asyncio.to_thread(read))
-                if data != last.get(name):
-                    chunks.append(_event(name, data))
-                    last[name] = data
+                event = name
+                try:
+                    data = _dumps_rows(await asyncio.to_thread(read), name[:-1])
+                except Exception as exc:  # the store failed: say so in the stream, go on
+                    data, event = _dumps({"error": _fault(name, exc)}), f"{name}-error"
+                    last.pop(name, None)  # sent again in full once it can be read
+                if data != last.get(event):
+                    if event != name:
+                        log.error("dashboard stream: %s", data)
+                    chunks.append(_event(event, data))
+                    last[event] = data
             while True:  # catch up batch by batch, each written as soon as it is read
                 rows = await asyncio.to_thread(_rows_after, store, cursor, BATCH)
-                chunks += [_event("result", _dumps(row), row["id"]) for row in rows]
+                chunks += [_event("result", _dumps_row(row, "result"), row["id"]) for row in rows]
                 cursor = rows[-1]["id"] if rows else cursor
                 if not chunks and loop.time() - last_write >= KEEPALIVE_S:
                     chunks.append(b": keepalive\n\n")
@@ -328,6 +339,58 @@ def _dumps(value: Any) -> str:
 
 
 def _json(value: Any) -> web.Response:
+    return _json_text(_dumps(value))
+
+
+def _json_text(text: str) -> web.Response:
     # X-Server-Time lets the page say "3 s ago" right even when its clock is off.
     headers = {**_NO_STORE, "X-Server-Time": f"{time.time():.3f}"}
-    return web.Response(text=_dumps(value), content_type="application/json", headers=headers)
+    return web.Response(text=text, content_type="application/json", headers=headers)
+
+
+def _json_rows(rows: list[dict[str, Any]], what: str) -> web.Response:
+    return _json_text(_dumps_rows(rows, what))
+
+
+FAULTS = {"rows": 0}  # rows shown as an error marker instead of their data (since start)
+
+
+def _dumps_row(row: dict[str, Any], what: str) -> str:
+    """One row as JSON; a row that cannot be encoded (nested too deep, a hostile value) is
+    sent as its keys and an ``error`` marker, named in one log line and counted: one bad row
+    never costs the whole list."""
+    try:
+        return _dumps(row)
+    except (ValueError, TypeError, RecursionError) as exc:
+        FAULTS["rows"] += 1
+        keys = {k: row.get(k) for k in ("id", "site", "device", "seq", "kind")
+                if isinstance(row.get(k), (str, int))}
+        log.warning("%s %s shown as an error: %s (%d rows so far)", what,
+                    "/".join(str(v) for v in keys.values()), type(exc).__name__, FAULTS["rows"])
+        return _dumps({**keys, "error": f"{what} unreadable ({type(exc).__name__})"})
+
+
+def _dumps_rows(rows: list[dict[str, Any]], what: str) -> str:
+    return "[" + ",".join(_dumps_row(r, what) for r in rows) + "]"
+
+
+async def _read(what: str, read: Callable[[], T]) -> T:
+    """Run a store read in a thread; a failing store is one 503 with a one-line reason (the
+    page shows it as an error state), logged in one line, never a bare 500."""
+    try:
+        return await asyncio.to_thread(read)
+    except web.HTTPException:
+        raise
+    except Exception as exc:
+        why = _fault(what, exc)
+        log.error("dashboard: %s", why)
+        raise web.HTTPServiceUnavailable(
+            text=_dumps({"error": why}), content_type="application/json"
+        ) from None
+
+
+def _fault(what: str, exc: BaseException) -> str:
+    """One line: what could not be read, and why."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    reason = one_line(f"{type(exc).__name__}: {text}" if text else type(exc).__name__, 200)
+    return f"cannot read {what}: {reason}"

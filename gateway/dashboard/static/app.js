@@ -67,6 +67,25 @@
     return response;
   }
 
+  // What a failed API call said: the server's one-line {"error": ...}, else the HTTP status.
+  async function failure(response) {
+    try {
+      const body = await response.json();
+      if (body && typeof body.error === "string") return body.error;
+    } catch (err) {
+      // not JSON: the status says it
+    }
+    return `HTTP ${response.status}`;
+  }
+
+  // A section whose data could not be read says so: never an empty-looking table.
+  function showError(section, message) {
+    const node = $(`${section}-error`);
+    node.textContent = message ? `Could not load ${section}: ${message}` : "";
+    node.hidden = !message;
+    if (message && $(`${section}-empty`)) $(`${section}-empty`).hidden = true;
+  }
+
   // -- alerts ----------------------------------------------------------------------------
   function alertState(a) {
     if (a.state === "acknowledged") {
@@ -80,6 +99,11 @@
   }
 
   function alertRow(a) {
+    if (a.error) {  // one alert the server could not send: shown as such, never dropped
+      return el("tr", { cls: "alert alert-unreadable", data: { alertId: a.id ?? "" } }, [
+        el("td", { cls: "row-error", text: `alert ${a.id ?? "?"}: ${a.error}`, colSpan: 7 }),
+      ]);
+    }
     const action = el("td", { cls: "action" });
     if (a.state === "open") {
       const button = el("button", { cls: "ack", text: "Acknowledge" });
@@ -105,6 +129,7 @@
   }
 
   function renderAlerts(list) {
+    showError("alerts", "");
     $("alerts-body").replaceChildren(...list.map(alertRow));
     $("alerts-empty").hidden = list.length > 0;
     const open = list.filter((a) => a.state === "open");
@@ -121,11 +146,13 @@
       const response = checkSession(await fetch(`api/alerts/${id}/ack`, {
         method: "POST", cache: "no-store", headers: { "Content-Type": "application/json" },
       }));
-      if (!response.ok && response.status !== 409) throw new Error(`HTTP ${response.status}`);
+      if (!response.ok && response.status !== 409) throw new Error(await failure(response));
       const alerts = checkSession(await fetch("api/alerts", { cache: "no-store" }));
       if (alerts.ok) renderAlerts(await alerts.json());
+      else showError("alerts", await failure(alerts));
     } catch (err) {
       button.disabled = false;
+      button.title = `Not acknowledged: ${err.message}`;
     }
   }
 
@@ -212,17 +239,27 @@
       if (response.ok) {
         const history = await response.json();
         state.chartKeys = Object.keys(history.devices).sort().join(" ");
+        showError("charts", "");
         renderCharts(history);
+      } else {
+        showError("charts", await failure(response));  // the next round tries again
       }
     } catch (err) {
-      // the next round tries again
+      showError("charts", err.message);  // the next round tries again
     }
     if (state.chartTimer === null) scheduleCharts(CHART_MS);
   }
 
   // -- devices ---------------------------------------------------------------------------
   function deviceRow(d) {
-    const t = d.telemetry || {};
+    if (d.error && !d.state) {  // a row the server could not send at all
+      return el("tr", { cls: "device-unreadable", data: { device: `${d.site}/${d.device}` } }, [
+        el("td", { cls: "site", text: d.site }),
+        el("td", { cls: "device", text: d.device }),
+        el("td", { cls: "row-error", text: d.error, colSpan: 11 }),
+      ]);
+    }
+    const t = d.telemetry && typeof d.telemetry === "object" ? d.telemetry : {};
     const total = (t.latency_ms && t.latency_ms.total) || {};
     const st = d.state === "online" || d.state === "offline" ? d.state : "unknown";
     const badge = el("span", {
@@ -232,10 +269,11 @@
     const num = (cls, text, extra = "") => el("td", { cls: `num ${cls} ${extra}`.trim(), text });
     const dup = d.duplicates || 0;
     const outbox = t.outbox_depth;
+    const marker = d.error ? [" ", el("span", { cls: "row-error", text: `⚠ ${d.error}` })] : [];
     return el("tr", { data: { device: `${d.site}/${d.device}`, state: st } }, [
       el("td", { cls: "site", text: d.site }),
       el("td", { cls: "device", text: d.device }),
-      el("td", {}, [badge]),
+      el("td", {}, [badge, ...marker]),
       el("td", { cls: "bundle", text: d.bundle || DASH, title: d.bundle || "" }),
       num("stored", d.stored ?? 0),
       num("duplicates", dup, dup > 0 ? "warn" : ""),
@@ -253,6 +291,7 @@
   }
 
   function renderDevices(list) {
+    showError("devices", "");
     const body = $("devices-body");
     if (!list.length) {
       body.replaceChildren(el("tr", { cls: "placeholder" }, [
@@ -273,6 +312,12 @@
 
   // -- results ---------------------------------------------------------------------------
   function resultRow(r) {
+    if (r.error) {  // a row the server could not send: said in its place
+      return el("tr", { cls: "result unreadable", data: { id: r.id, verdict: "unlabelled" } }, [
+        el("td", { cls: "device", text: `${r.site}/${r.device}` }),
+        el("td", { cls: "row-error", text: r.error, colSpan: 6 }),
+      ]);
+    }
     const hasPred = r.pred !== null && r.pred !== undefined;
     const hasLabel = r.label !== null && r.label !== undefined;
     const predText = r.pred_label ?? (hasPred ? `class ${r.pred}` : r.kind);
@@ -362,7 +407,7 @@
     $("result-count").textContent = `${n} shown${of}`;
     $("accuracy").textContent = labelled
       ? ` · ${((100 * correct) / labelled).toFixed(1)}% correct (${labelled} labelled)` : "";
-    $("results-empty").hidden = n > 0;
+    $("results-empty").hidden = n > 0 || !$("results-error").hidden;
   }
 
   // -- live updates ----------------------------------------------------------------------
@@ -379,6 +424,8 @@
     source.addEventListener("devices", (e) => renderDevices(JSON.parse(e.data)));
     source.addEventListener("alerts", (e) => renderAlerts(JSON.parse(e.data)));
     source.addEventListener("result", (e) => queueResults([JSON.parse(e.data)]));
+    source.addEventListener("devices-error", (e) => showError("devices", JSON.parse(e.data).error));
+    source.addEventListener("alerts-error", (e) => showError("alerts", JSON.parse(e.data).error));
     source.addEventListener("error", () => {
       if (source.readyState === EventSource.CLOSED) {
         // The browser gave up (e.g. the server answered with an error): start again,
@@ -392,23 +439,31 @@
     });
   }
 
+  // Each panel is loaded on its own: one failing API call shows its error where its data
+  // would be, and never hides what the others returned (an open alert above all).
   async function load() {
-    try {
-      const [devices, results, alerts] = (await Promise.all([
-        fetch("api/devices", { cache: "no-store" }),
-        fetch(`api/results?limit=${MAX_ROWS}`, { cache: "no-store" }),
-        fetch("api/alerts", { cache: "no-store" }),
-      ])).map(checkSession);
-      if (!devices.ok || !results.ok || !alerts.ok) {
-        throw new Error(`HTTP ${devices.status}/${results.status}/${alerts.status}`);
+    const panels = [
+      ["alerts", "api/alerts", renderAlerts],
+      ["devices", "api/devices", renderDevices],
+      ["results", `api/results?limit=${MAX_ROWS}`, (rows) => { queueResults(rows); flushResults(); }],
+    ];
+    const outcomes = await Promise.all(panels.map(async ([name, url, render]) => {
+      try {
+        const response = checkSession(await fetch(url, { cache: "no-store" }));
+        if (!response.ok) throw new Error(await failure(response));
+        noteServerTime(response);
+        render(await response.json());
+        showError(name, "");
+        return true;
+      } catch (err) {
+        if (err.message === "signed out") throw err;
+        showError(name, err.message);
+        return false;
       }
-      noteServerTime(devices);
-      renderDevices(await devices.json());
-      renderAlerts(await alerts.json());
-      queueResults(await results.json());
-      flushResults();
-    } catch (err) {
-      setConnection("down", "gateway unreachable");
+    })).catch(() => null);
+    if (outcomes === null) return;  // signed out: the login page is loading
+    if (!outcomes.every(Boolean)) {
+      setConnection("down", "gateway error");
       setTimeout(load, RETRY_MS);
       return;
     }
