@@ -1,4 +1,8 @@
-"""The agent: a bundle, a source and a link, run until the source ends or it is told to stop."""
+"""The agent: a bundle, a source and a link, run until the source ends or it is told to stop.
+
+Its worker threads (the link's session and pump, the update thread, the telemetry ticker) are
+registered with a :class:`~edge_agent.supervisor.Supervisor` while they must run; the metrics
+port answers ``/healthz`` from it (``medge agent run`` ends non-zero when one dies)."""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from edge_agent.model import LoadedModel
 from edge_agent.outbox import Outbox
 from edge_agent.pipeline import run_pipeline
 from edge_agent.sources import open_source
+from edge_agent.supervisor import Supervisor
 from edge_agent.telemetry import PipelineStats, device_health
 from edge_agent.update import ModelSlot, Updater
 
@@ -39,8 +44,10 @@ class AgentReport:
 class Agent:
     """Loads and verifies everything up front: a bad bundle stops it before it starts."""
 
-    def __init__(self, cfg: AgentConfig) -> None:
+    def __init__(self, cfg: AgentConfig, supervisor: Supervisor | None = None) -> None:
+        """``supervisor``: where the agent registers its worker threads (its own if None)."""
         self.cfg = cfg
+        self.supervisor = supervisor or Supervisor()
         self.identity = DeviceIdentity.load(cfg.identity, cfg.site, cfg.device)
         self.bundle = Bundle.load(cfg.bundle, trusted=self.identity.signers)
         self.model = LoadedModel(self.bundle, cfg.runtime, cfg.threads, cfg.precision)
@@ -108,11 +115,20 @@ class Agent:
             metrics = None
             if cfg.metrics_port is not None:
                 metrics = MetricsServer(
-                    lambda: device_families(self, outbox, link), cfg.metrics_host, cfg.metrics_port
+                    lambda: device_families(self, outbox, link), cfg.metrics_host,
+                    cfg.metrics_port, health=self.supervisor.health,
                 )
+            sup = self.supervisor
+            sup.track("sent", lambda: link.last_sent)
+            sup.track("acked", lambda: link.last_acked)
             with link, metrics or contextlib.nullcontext():
                 self.metrics_port = metrics.port if metrics else None
-                return self._run(stop, drain_timeout, outbox, link)
+                for name, thread in link.workers().items():
+                    sup.watch(name, thread)
+                try:
+                    return self._run(stop, drain_timeout, outbox, link)
+                finally:
+                    sup.forget(*link.workers())  # they end now, on purpose
 
     def _run(
         self, stop: threading.Event, drain_timeout: float, outbox: Outbox, link: DeviceLink
@@ -127,6 +143,8 @@ class Agent:
             name=f"telemetry-{cfg.device}",
         )
         ticker.start()
+        sup = self.supervisor
+        sup.watch("telemetry", ticker)
 
         def emit(kind: str, body: dict[str, Any]) -> None:
             outbox.put(kind, body)  # an event commits at once, a result with its batch
@@ -177,13 +195,17 @@ class Agent:
         link.on_command = updater.submit
         log.info("%s: running %s on %s", cfg.device, self.bundle.id, self.source.name)
         with updater:
-            run_pipeline(
-                slot.samples(self.source.stream(stop)),
-                slot,  # type: ignore[arg-type]
-                emit,
-                self.stats,
-                cam=cfg.cam,
-            )
+            sup.watch("update", updater._thread)  # the Updater's own thread
+            try:
+                run_pipeline(
+                    slot.samples(self.source.stream(stop)),
+                    slot,  # type: ignore[arg-type]
+                    emit,
+                    self.stats,
+                    cam=cfg.cam,
+                )
+            finally:
+                sup.forget("update")  # it ends with this block
         link.on_command = None
         drained = link.drain(drain_timeout)
         if not drained:
@@ -192,6 +214,7 @@ class Agent:
                 cfg.device,
                 outbox.depth(),
             )
+        sup.forget("telemetry")
         done.set()
         ticker.join(timeout=2)
         self._publish_telemetry(link, outbox)

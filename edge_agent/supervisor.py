@@ -73,6 +73,12 @@ class Supervisor:
             else:
                 self._workers[name] = thread
 
+    def forget(self, *names: str) -> None:
+        """Stop watching these workers (before stopping them on purpose)."""
+        with self._lock:
+            for name in names:
+                self._workers.pop(name, None)
+
     def spawn(
         self, name: str, target: Callable[[], object], finishes: bool = False
     ) -> threading.Thread:

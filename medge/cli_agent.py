@@ -15,16 +15,41 @@ __all__ = ["cmd_agent_check", "cmd_agent_package", "cmd_agent_run", "register"]
 
 
 def cmd_agent_run(a: argparse.Namespace) -> int:
+    """The pipeline runs in a supervised thread; the link's threads, the update thread and
+    the telemetry ticker are watched: one that dies ends the command non-zero on one line
+    (systemd restarts it; the outbox on disk keeps every unacknowledged result)."""
     import signal
     import threading
 
     from edge_agent import Agent, load_config
+    from edge_agent.errors import MedgeError
+    from edge_agent.supervisor import Supervisor
 
-    agent = Agent(load_config(a.config))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    report = agent.run(stop, drain_timeout=a.drain_timeout)
+    with Supervisor() as sup:
+        agent = Agent(load_config(a.config), supervisor=sup)
+        outcome: dict[str, Any] = {}
+
+        def pipeline() -> None:
+            try:
+                outcome["report"] = agent.run(stop, drain_timeout=a.drain_timeout)
+            except BaseException as exc:  # raised again below, in the main thread
+                outcome["error"] = exc
+
+        runner = sup.spawn("pipeline", pipeline, finishes=True)
+        never = threading.Event()
+        death = sup.wait(never, done=lambda: sup.finished("pipeline") or stop.is_set())
+        if death is None and not sup.finished("pipeline"):  # stopping: let it drain
+            death = sup.wait(never, done=lambda: sup.finished("pipeline"))
+        if death is not None:
+            stop.set()  # the pipeline stops; what is unacknowledged stays in the outbox
+            runner.join(timeout=a.drain_timeout + 5)
+            raise MedgeError(f"agent: {death.line()}")
+    if "error" in outcome:
+        raise outcome["error"]
+    report = outcome["report"]
     print(
         json.dumps(report.__dict__)
         if a.json
