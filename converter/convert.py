@@ -43,6 +43,7 @@ from converter.convert_data import load_data
 from converter.convert_data import prepare as _prepare
 from converter.errors import ConversionError
 from converter.inputs import source_bytes, source_format, source_sha256
+from converter.messages import collapse
 from converter.metrics import agreement, output_snr_db, roc_curve
 from converter.onnx_artifacts import OnnxOutcome, onnx_artifacts, onnx_source_artifacts
 from converter.regression import vs_float
@@ -252,7 +253,7 @@ def convert(req: ConvertRequest) -> Bundle:
         for w in _calibration_warnings(req, data, work):
             if w not in warnings:
                 warnings.append(w)
-        return _finish(req, fmt, data, stage, built, warnings)
+        return _finish(req, fmt, data, stage, built, collapse(warnings))
     finally:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(stage, ignore_errors=True)

@@ -19,7 +19,7 @@ from converter.datasets import load_samples, require_finite
 from converter.errors import ConversionError
 from converter.inputs import load_targets
 from converter.layout import keras_channels_first, resolve_layout
-from converter.model_check import check_model_file, input_shape
+from converter.model_check import check_model_file, input_shape, output_width
 from converter.stream_eval import StreamWindows, cut, event_scalars, load_recording, score_streams
 from edge_agent.bundle import Decode, Preprocess
 from edge_agent.errors import BundleError
@@ -87,7 +87,22 @@ def load_data(req: Any, fmt: str) -> Data:
     )
     data = _dense(req, decode) if req.task != "classification" else _classification(req, decode)
     data.layout = _layout(req, fmt, data)
+    if data.task == "classification":
+        _check_classes(req, fmt, data)
     return data
+
+
+def _check_classes(req: Any, fmt: str, data: Data) -> None:
+    """A classifier's output width against its labels, where the model file says it here."""
+    width = output_width(req.model, fmt)
+    n = len(data.labels)
+    if width is None or width == n or (width == 1 and n == 2):
+        return
+    hint = "; a model that outputs a measurement: --task regression" if width == 1 else ""
+    raise ConversionError(
+        f"{req.model.name} outputs {width} values per sample but {n} labels were given "
+        f"({', '.join(data.labels[:5])}{', ...' if n > 5 else ''}){hint}"
+    )
 
 
 def _layout(req: Any, fmt: str, data: Data) -> str | None:

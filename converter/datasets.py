@@ -92,4 +92,24 @@ def load_samples(
     except SourceError as exc:
         raise ConversionError(str(exc)) from None
     require_finite(x, path, chosen, f"{role} samples")
+    _class_indices(Path(path), chosen, option or _OPTION[role])
     return x, y, names, chosen
+
+
+def _class_indices(path: Path, split: str | None, option: str) -> None:
+    """Labels that are measurements (not whole numbers) are not classes: one line saying so."""
+    key = "y" if split is None else f"{split}_labels"
+    with np.load(path, allow_pickle=False) as d:
+        if key not in d.files:
+            return
+        y = np.asarray(d[key])
+    if y.dtype.kind != "f":
+        return
+    require_finite(y, path, split, "labels")
+    frac = y[np.round(y) != y]
+    if frac.size:
+        raise ConversionError(
+            f"{path.name}: labels {key} hold values such as {float(frac.flat[0]):g}, not class "
+            "indices; a model that outputs a measurement is scored with --task regression "
+            "(targets in y or <split>_targets)"
+        )

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import zipfile
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from converter.errors import ConversionError
 from edge_agent.errors import MedgeError
 
-__all__ = ["check_model_file", "input_shape"]
+__all__ = ["check_model_file", "input_shape", "output_width"]
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _WHAT = {"keras": "Keras", "h5": "Keras HDF5", "onnx": "ONNX", "tflite": "LiteRT"}
@@ -70,6 +73,20 @@ def _onnx_problem(path: Path) -> str | None:
 def input_shape(path: Path, fmt: str) -> list[int] | None:
     """The first input's shape (with batch) of an ONNX or LiteRT model, read by the agent's own
     backend; None for the formats TensorFlow reads (their children check the shape)."""
+    spec = _tensors(path, fmt)
+    return list(spec[0][0].shape) if spec else None
+
+
+def output_width(path: Path, fmt: str) -> int | None:
+    """How many values the first output holds per sample (ONNX, LiteRT); None otherwise."""
+    spec = _tensors(path, fmt)
+    if not spec or -1 in spec[1][0].shape[1:]:
+        return None
+    shape = spec[1][0].shape
+    return int(np.prod(shape[1:])) if len(shape) > 1 else 1
+
+
+def _tensors(path: Path, fmt: str) -> tuple[list[Any], list[Any]] | None:
     runtime = {"onnx": "onnx", "tflite": "litert"}.get(fmt)
     if runtime is None:
         return None
@@ -79,4 +96,4 @@ def input_shape(path: Path, fmt: str) -> list[int] | None:
         backend = open_backend(runtime, path)
     except MedgeError as exc:
         raise ConversionError(str(exc)) from None
-    return list(backend.inputs[0].shape)
+    return list(backend.inputs), list(backend.outputs)

@@ -90,7 +90,8 @@ class Preprocess(_Model):
     std: list[float] | None = None
 
 
-Task = Literal["classification", "segmentation", "image_to_image"]
+# regression (one real value per output; optional like the 1.2 tasks, an older agent refuses it)
+Task = Literal["classification", "segmentation", "image_to_image", "regression"]
 
 
 class EventRule(_Model):
