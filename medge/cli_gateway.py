@@ -118,9 +118,11 @@ def cmd_gateway_run(a: argparse.Namespace) -> int:
 
 def cmd_dashboard(a: argparse.Namespace) -> int:
     from gateway.dashboard import run_dashboard
+    from gateway.dashboard.throttle import LoginPolicy
 
+    policy = LoginPolicy(trusted_proxies=tuple(a.trusted_proxy), secure_cookies=a.secure_cookies)
     run_dashboard(a.db, a.host, a.port, a.title, users=a.users,
-                  allow_anonymous=a.allow_anonymous)
+                  allow_anonymous=a.allow_anonymous, login_policy=policy)
     return 0
 
 
@@ -224,6 +226,11 @@ def register(sub: Any, common: Callable[..., None]) -> None:
     d.add_argument("--allow-anonymous", action="store_true",
                    help="serve without login (local tests only: the data is patient-derived)")
     d.add_argument("--title", default="medge", help="title shown on the page")
+    d.add_argument("--trusted-proxy", action="append", default=[], metavar="ADDRESS[/BITS]",
+                   help="a reverse proxy whose X-Forwarded-For/-Proto are believed (repeatable; "
+                   "from anyone else they are ignored)")
+    d.add_argument("--secure-cookies", action="store_true",
+                   help="mark the session cookie Secure (the page is reached over TLS)")
     common(d)
     d.set_defaults(func=cmd_dashboard)
     dsub = d.add_subparsers(dest="dashboard_command", metavar="ACTION")

@@ -9,8 +9,8 @@ Everything the dashboard shows is derived from patients, so every page and API n
 - Sessions: a random token (``secrets.token_urlsafe``) in a cookie that is HttpOnly,
   SameSite=Strict (and Secure over HTTPS); the server keeps only its SHA-256 with the user and
   an absolute expiry (``SESSION_TTL_S``). Logout ends it at once; so does a restart.
-- Login, failed login and logout are written to the store's audit table. After
-  ``MAX_FAILURES`` failures from one address within ``FAILURE_WINDOW_S`` that address gets 429.
+- Login, failed login and logout are written to the store's audit table. Guessing is
+  throttled per address and per user, before any scrypt runs (gateway.dashboard.throttle).
 """
 
 from __future__ import annotations
@@ -38,8 +38,6 @@ __all__ = ["SESSION_TTL_S", "Session", "Sessions", "Users", "add_user", "check_n
 
 SESSION_TTL_S = 8 * 3600.0  # a shift
 MIN_PASSWORD = 10
-MAX_FAILURES = 10
-FAILURE_WINDOW_S = 300.0
 _SCRYPT = {"n": 2**15, "r": 8, "p": 1}
 _NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 
@@ -117,6 +115,8 @@ class Users:
         self._stamp: tuple[float, int] | None = None
         self._users: dict[str, dict[str, Any]] = {}
         self._dummy = {"salt": _b64(os.urandom(16)), "hash": _b64(os.urandom(32)), **_SCRYPT}
+        self.verifies = 0
+        """Passwords checked so far (each one scrypt): the throttle's tests and metrics."""
         self._reload()
         if not self._users:
             raise MedgeError(
@@ -147,6 +147,7 @@ class Users:
             self._reload()
         with self._lock:
             entry = self._users.get(name)
+            self.verifies += 1
         known = isinstance(entry, dict)
         record = entry if known else self._dummy
         try:
@@ -173,7 +174,6 @@ class Sessions:
         self._clock = clock
         self._lock = threading.Lock()
         self._by_digest: dict[bytes, Session] = {}
-        self._failures: dict[str, list[float]] = {}
 
     @staticmethod
     def _digest(token: str) -> bytes:
@@ -203,18 +203,3 @@ class Sessions:
             return None
         with self._lock:
             return self._by_digest.pop(self._digest(token), None)
-
-    # -- failed logins, per client address --------------------------------------------------
-    def throttled(self, address: str) -> bool:
-        now = self._clock()
-        with self._lock:
-            recent = [t for t in self._failures.get(address, []) if now - t < FAILURE_WINDOW_S]
-            self._failures[address] = recent
-            return len(recent) >= MAX_FAILURES
-
-    def failed(self, address: str) -> None:
-        with self._lock:
-            self._failures.setdefault(address, []).append(self._clock())
-            if len(self._failures) > 10_000:  # bounded: forget the oldest addresses
-                for key in list(self._failures)[:5_000]:
-                    del self._failures[key]

@@ -1,5 +1,6 @@
 """The dashboard's door: the middleware that asks every request for a session, and the login
-and logout pages (see :mod:`gateway.dashboard.auth` for users and sessions)."""
+and logout pages (see :mod:`gateway.dashboard.auth` for users and sessions, and
+:mod:`gateway.dashboard.throttle` for how guessing is throttled and which proxy is trusted)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ from aiohttp import web
 
 from gateway.dashboard.auth import Session
 from gateway.dashboard.keys import ANONYMOUS, SESSIONS, STATIC, STORE, TITLE, USERS
+from gateway.dashboard.throttle import LoginPolicy, LoginThrottle, client_address
 
-__all__ = ["COOKIE", "USER", "install", "session_alive", "user_of"]
+__all__ = ["COOKIE", "THROTTLE", "USER", "install", "session_alive", "user_of"]
+
+THROTTLE = web.AppKey("login-throttle", LoginThrottle)
 
 
 def _request_key(name: str) -> Any:
@@ -39,7 +43,8 @@ def session_alive(request: web.Request) -> bool:
     return request.app[SESSIONS].get(request.get(_TOKEN)) is not None
 
 
-def install(app: web.Application) -> None:
+def install(app: web.Application, policy: LoginPolicy | None = None) -> None:
+    app[THROTTLE] = LoginThrottle(policy)
     app.middlewares.append(_require_session)
     app.router.add_get("/login", _login_page)
     app.router.add_post("/login", _login)
@@ -47,7 +52,19 @@ def install(app: web.Application) -> None:
 
 
 def _address(request: web.Request) -> str:
-    return request.remote or "unknown"
+    """The client: the TCP peer, or what a trusted proxy says in X-Forwarded-For."""
+    return client_address(request.remote, request.headers.get("X-Forwarded-For"),
+                          request.app[THROTTLE].policy)
+
+
+def _secure(request: web.Request) -> bool:
+    """Whether the session cookie is Secure: --secure-cookies, TLS here, or TLS at a trusted
+    proxy (X-Forwarded-Proto: https, believed from that proxy only)."""
+    policy = request.app[THROTTLE].policy
+    if policy.secure_cookies or request.secure:
+        return True
+    proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+    return proto == "https" and policy.trusts(request.remote)
 
 
 @web.middleware
@@ -98,23 +115,36 @@ async def _login(request: web.Request) -> web.StreamResponse:
     if request.app[ANONYMOUS]:
         raise web.HTTPSeeOther("./")
     sessions, users, store = request.app[SESSIONS], request.app[USERS], request.app[STORE]
+    throttle = request.app[THROTTLE]
     form = await request.post()
     name = str(form.get("name", ""))[:64]
     password = str(form.get("password", ""))[:1024]
     address = _address(request)
-    if sessions.throttled(address):
-        await asyncio.to_thread(store.add_audit, "login-throttled",
-                                f"user {name!r} from {address}")
-        return _page(request, "Too many failed attempts; wait a few minutes.", 429)
-    if users is None or not await asyncio.to_thread(users.verify, name, password):
-        sessions.failed(address)
-        await asyncio.to_thread(store.add_audit, "login-failed", f"user {name!r} from {address}")
+    seen = f"user {name!r} from {address}"
+    # checked and reserved in one step, before the slow verify: parallel guesses cannot all
+    # pass the check before the first of them has failed
+    slot = throttle.reserve(name, address)
+    if not slot.granted:
+        await asyncio.to_thread(store.add_audit, "login-throttled", f"{seen} ({slot.why})")
+        text = ("Too many failed attempts from this address; wait a few minutes."
+                if slot.why == "address" else
+                "Too many failed attempts for this name; try again in a moment.")
+        response = _page(request, text, 429)
+        response.headers["Retry-After"] = throttle.retry_header(slot)
+        return response
+    ok = False
+    try:
+        ok = users is not None and await asyncio.to_thread(users.verify, name, password)
+    finally:
+        throttle.settle(slot, ok)
+    if not ok:
+        await asyncio.to_thread(store.add_audit, "login-failed", seen)
         return _page(request, "Wrong name or password.", 401)
     token = sessions.create(name)
-    await asyncio.to_thread(store.add_audit, "login", f"user {name!r} from {address}")
+    await asyncio.to_thread(store.add_audit, "login", seen)
     response = web.HTTPSeeOther("./")
     response.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path="/",
-                        secure=request.secure, max_age=int(sessions.ttl_s))
+                        secure=_secure(request), max_age=int(sessions.ttl_s))
     raise response
 
 
