@@ -25,6 +25,7 @@ from edge_agent.errors import MedgeError, one_line
 from gateway.dashboard.app import check_access, create_app
 from gateway.dashboard.auth import SESSION_TTL_S
 from gateway.dashboard.keys import STORE
+from gateway.dashboard.throttle import LoginPolicy
 from gateway.db import redact
 
 __all__ = ["DashboardServer", "run_dashboard"]
@@ -99,12 +100,14 @@ class DashboardServer:
 
     def __init__(self, db_path: str | Path, host: str = "127.0.0.1", port: int = 0,
                  title: str = "medge", users: Path | None = None, allow_anonymous: bool = False,
-                 session_ttl_s: float = SESSION_TTL_S) -> None:
+                 session_ttl_s: float = SESSION_TTL_S,
+                 login_policy: LoginPolicy | None = None) -> None:
         check_access(users, allow_anonymous)  # refuse at once, not in the server's thread
         self.db_path, self.host, self.port, self.title = db_path, host, port, title
         self._app_args: dict[str, Any] = {"title": title, "users": users,
                                           "allow_anonymous": allow_anonymous,
-                                          "session_ttl_s": session_ttl_s}
+                                          "session_ttl_s": session_ttl_s,
+                                          "login_policy": login_policy}
         self.url = ""  # set by start(), with the port actually bound
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -172,13 +175,14 @@ class DashboardServer:
 
 
 def run_dashboard(db_path: str | Path, host: str, port: int, title: str = "medge",
-                  users: Path | None = None, allow_anonymous: bool = False) -> None:
+                  users: Path | None = None, allow_anonymous: bool = False,
+                  login_policy: LoginPolicy | None = None) -> None:
     """Serve the dashboard until SIGINT (Ctrl-C) or SIGTERM."""
     check_access(users, allow_anonymous)
 
     async def main() -> None:
         runner, url = await _start(db_path, host, port, title=title, users=users,
-                                   allow_anonymous=allow_anonymous)
+                                   allow_anonymous=allow_anonymous, login_policy=login_policy)
         log.info("dashboard on %s (database %s)", url, redact(db_path))
         stop = asyncio.Event()
         watch = asyncio.create_task(_supervise(runner.app, stop), name="dashboard-supervisor")
