@@ -286,6 +286,14 @@ _CMD_COMMON: dict[str, Field] = {
 _CMD_UPDATE: dict[str, Field] = {"url": _text, "sha256": _text}
 
 
+def _flag(v: Any, where: str) -> None:
+    if type(v) is not bool:
+        raise _bad(f"{where} must be true or false")
+
+
+_CMD_UPDATE_OPTIONAL: dict[str, Field] = {"allow_downgrade": _flag}
+
+
 def parse_cmd(payload: bytes) -> dict[str, Any]:
     """The shape of a ``cmd`` message (edge_agent.update): an object with ``v``, ``cmd``,
     ``site``, ``device``, ``issued_ms``, ``key_id``, ``sig`` (and ``url`` + ``sha256`` for
@@ -303,7 +311,11 @@ def parse_cmd(payload: bytes) -> dict[str, Any]:
         if name not in doc:
             raise _bad(f"command lacks {name}")
         check(doc[name], f"command {name}")
-    unknown = sorted(k[:MAX_KEY] for k in doc if k not in fields)
+    optional = _CMD_UPDATE_OPTIONAL if doc.get("cmd") == "update-bundle" else {}
+    for name, check in optional.items():
+        if name in doc:
+            check(doc[name], f"command {name}")
+    unknown = sorted(k[:MAX_KEY] for k in doc if k not in fields and k not in optional)
     if unknown:
         raise _bad(f"command has unknown field(s) {', '.join(unknown[:5])}")
     if "sha256" in doc and not _HEX64.match(doc["sha256"]):

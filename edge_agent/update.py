@@ -6,9 +6,13 @@ signer (Ed25519, the key whose public half is in the identity's ``bundle-signers
     {"v": 2, "cmd": "update-bundle", "site": S, "device": D, "url": "http://fog/x.tar.gz",
      "sha256": "<of the archive>", "issued_ms": 1764000000000, "key_id": K, "sig": "<b64>"}
 
-The signature covers the canonical JSON of every other field (sorted keys, no spaces), so a
+(and optionally ``"allow_downgrade": true``). The payload's shape is checked strictly first
+(``edge_agent.schemas.parse_cmd``: bounded size and depth, typed fields, nothing unknown). The
+signature covers the canonical JSON of every other field (sorted keys, no spaces), so a
 command is bound to one device and cannot be replayed: ``issued_ms`` must be newer than the
-last applied command's. The agent downloads the archive (a tar.gz of the bundle's files),
+last applied command's. A newer command cannot roll the device back either: a bundle whose
+``version`` is older than the running one's is refused unless the signed command says
+``allow_downgrade``. The agent downloads the archive (a tar.gz of the bundle's files),
 checks its SHA-256, unpacks it beside the current bundle, verifies it exactly as at start
 (signature + every hash), self-tests it on recent inputs, and swaps it in between two samples.
 The previous bundle stays on disk; a bundle that fails any step is deleted and the old one
@@ -28,6 +32,7 @@ import json
 import logging
 import os
 import queue
+import re
 import shutil
 import tarfile
 import threading
@@ -41,10 +46,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from edge_agent.bundle import Bundle
-from edge_agent.errors import MedgeError, one_line
+from edge_agent.errors import EnvelopeError, MedgeError, one_line
 from edge_agent.keys import key_id
 from edge_agent.model import LoadedModel
 from edge_agent.model_slot import ModelSlot, ProbationError, check_scores
+from edge_agent.schemas import parse_cmd
 
 __all__ = [
     "COMMAND_VERSION",
@@ -68,8 +74,22 @@ class UpdateError(MedgeError):
 
 
 class UpdateCommand:
-    def __init__(self, url: str, sha256: str, issued_ms: int, signer: str) -> None:
+    def __init__(self, url: str, sha256: str, issued_ms: int, signer: str,
+                 allow_downgrade: bool = False) -> None:
         self.url, self.sha256, self.issued_ms, self.signer = url, sha256, issued_ms, signer
+        self.allow_downgrade = allow_downgrade
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    """How bundle versions order: by their numbers, left to right (the converter writes the
+    conversion time, ``20261205.004848``; ``1.10`` > ``1.9``)."""
+    return tuple(int(n) for n in re.findall(r"\d{1,18}", version)[:16])
+
+
+def is_downgrade(new: str, running: str) -> bool:
+    """True if version ``new`` is older than ``running`` (versions without numbers: never)."""
+    a, b = version_key(new), version_key(running)
+    return bool(a and b) and a < b
 
 
 def _canonical(body: dict[str, Any]) -> bytes:
@@ -88,22 +108,27 @@ def verify_command(
 ) -> UpdateCommand:
     """Parse and authenticate an update command for this device; UpdateError says why not."""
     try:
-        doc = json.loads(payload)
+        doc = parse_cmd(payload)  # size, depth, types, no unknown fields: one EnvelopeError
         sig = base64.b64decode(doc.pop("sig"), validate=True)
         signer = str(doc["key_id"])
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except EnvelopeError as exc:
+        raise UpdateError(one_line(f"malformed command: {exc}")) from exc
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise UpdateError(f"malformed command ({exc.__class__.__name__})") from exc
     by_id = {key_id(k.public_bytes_raw()): k for k in trusted}
     if signer not in by_id:
-        raise UpdateError(f"command signed by key {signer}, which this device does not trust")
+        raise UpdateError(
+            one_line(f"command signed by key {signer!r}, which this device does not trust"))
     try:
         by_id[signer].verify(sig, _canonical(doc))
     except InvalidSignature as exc:
         raise UpdateError("command signature does not verify") from exc
     if doc.get("v") != COMMAND_VERSION or doc.get("cmd") != "update-bundle":
-        raise UpdateError(f"unsupported command {doc.get('cmd')!r} version {doc.get('v')!r}")
+        raise UpdateError(
+            one_line(f"unsupported command {doc.get('cmd')!r} version {doc.get('v')!r}"))
     if (doc.get("site"), doc.get("device")) != (site, device):
-        raise UpdateError(f"command is for {doc.get('site')}/{doc.get('device')}, not this device")
+        raise UpdateError(one_line(
+            f"command is for {doc.get('site')!r}/{doc.get('device')!r}, not this device"))
     url, digest, issued = doc.get("url"), doc.get("sha256"), doc.get("issued_ms")
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
         raise UpdateError("command url must be http:// or https://")
@@ -111,7 +136,10 @@ def verify_command(
         raise UpdateError("command sha256 must be 64 hex digits")
     if not isinstance(issued, int):
         raise UpdateError("command issued_ms must be an integer")
-    return UpdateCommand(url, digest.lower(), issued, signer)
+    allow = doc.get("allow_downgrade", False)
+    if not isinstance(allow, bool):
+        raise UpdateError("command allow_downgrade must be true or false")
+    return UpdateCommand(url, digest.lower(), issued, signer, allow)
 
 
 class Updater:
@@ -182,8 +210,16 @@ class Updater:
             _unpack(archive, incoming)
             archive.unlink()
             bundle = Bundle.load(incoming, trusted=self.trusted)  # exactly as at start
-            if bundle.id == self.slot.bundle.id:
+            running = self.slot.bundle
+            if bundle.id == running.id:
                 raise UpdateError(f"bundle {bundle.id} is already running")
+            new_v, old_v = bundle.manifest.version, running.manifest.version
+            if is_downgrade(new_v, old_v) and not cmd.allow_downgrade:
+                err = UpdateError(one_line(
+                    f"bundle {bundle.id} is older than the running {running.id} (version "
+                    f"{new_v} < {old_v}): a downgrade needs a command with allow_downgrade"))
+                err.bundle = bundle.id  # type: ignore[attr-defined]
+                raise err
             final = self.bundles / f"{bundle.manifest.name}-{bundle.manifest_sha256[:12]}"
             shutil.rmtree(final, ignore_errors=True)
             incoming.rename(final)

@@ -39,9 +39,11 @@ def pack_bundle(bundle_dir: Path, out_dir: Path) -> tuple[Path, str]:
 
 
 def update_command(
-    key: ed25519.Ed25519PrivateKey, site: str, device: str, url: str, sha256: str
+    key: ed25519.Ed25519PrivateKey, site: str, device: str, url: str, sha256: str,
+    allow_downgrade: bool = False,
 ) -> bytes:
-    """A signed update command for one device (``key``: the site's bundle signer)."""
+    """A signed update command for one device (``key``: the site's bundle signer);
+    ``allow_downgrade``: the device may install a bundle older than the one it runs."""
     body = {
         "v": COMMAND_VERSION,
         "cmd": "update-bundle",
@@ -51,6 +53,8 @@ def update_command(
         "sha256": sha256,
         "issued_ms": time.time_ns() // 1_000_000,
     }
+    if allow_downgrade:  # only then: an agent that predates the field still takes the rest
+        body["allow_downgrade"] = True
     return sign_command(body, key)
 
 

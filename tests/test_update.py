@@ -16,6 +16,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from edge_agent import Agent, AgentConfig, Bundle
 from edge_agent.bundle import MANIFEST_NAME, SIGNATURE_NAME, Manifest, sign_bundle, write_manifest
+from edge_agent.model import LoadedModel
+from edge_agent.model_slot import ModelSlot
+from edge_agent.update import UpdateError, Updater, is_downgrade, sign_command, verify_command
 from gateway import Gateway, Store
 from gateway.broker import RunningBroker
 from gateway.ota import BundleServer, pack_bundle, publish_command, update_command
@@ -75,7 +78,7 @@ def test_signed_bundle_is_applied_mid_stream(  # type: ignore[no-untyped-def]
     bundle_dir: Path, site_dir: Path, identity, opener, mosquitto: RunningBroker, tmp_path: Path
 ) -> None:
     device = "ota-01"
-    new = _variant(bundle_dir, tmp_path / "v2", "v2", signer_key(site_dir))
+    new = _variant(bundle_dir, tmp_path / "v2", "99991231.000000", signer_key(site_dir))
     new_id, old_id = Bundle.load(new).id, Bundle.load(bundle_dir).id
     archive, digest = pack_bundle(new, tmp_path / "served")
     cfg = _config(bundle_dir, mosquitto, tmp_path, identity(device), device)
@@ -333,3 +336,57 @@ def test_a_bundle_that_fails_at_run_time_is_rolled_back(  # type: ignore[no-unty
     assert link.resolve() == v1.resolve(), "a restart runs the restored bundle"
     left = [p.name for p in (state / "bundles").iterdir() if not p.name.startswith(".")]
     assert left == [], f"the bad bundle is deleted: {left}"
+
+
+# -- downgrades and strict parsing, on the Updater itself ----------------------------------
+def _updater(bundle: Path, site_dir: Path, state: Path, reports: list[dict]) -> Updater:  # type: ignore[type-arg]
+    slot = ModelSlot(LoadedModel(Bundle.load(bundle)), on_swap=lambda old, new: None)
+    return Updater(slot, [signer_key(site_dir).public_key()], "ward-a", "ota-04", state,
+                   reports.append, LoadedModel)
+
+
+def test_an_older_bundle_needs_allow_downgrade(
+    bundle_dir: Path, site_dir: Path, tmp_path: Path
+) -> None:
+    key = signer_key(site_dir)
+    running = Bundle.load(bundle_dir).manifest.version  # the conversion time
+    assert is_downgrade("20200101.000000", running) and not is_downgrade(running, running)
+    older = _variant(bundle_dir, tmp_path / "old", "20200101.000000", key)
+    archive, digest = pack_bundle(older, tmp_path / "served")
+    reports: list[dict] = []  # type: ignore[type-arg]
+    updater = _updater(bundle_dir, site_dir, tmp_path / "state", reports)
+    with BundleServer(archive.parent) as server:
+        url = server.url(archive.name)
+        cmd = update_command(key, "ward-a", "ota-04", url, digest)  # newer command, older bundle
+        with pytest.raises(UpdateError, match="is older than the running .* allow_downgrade"):
+            updater.handle(cmd)
+        assert updater.slot.bundle.id == Bundle.load(bundle_dir).id
+        left = [p.name for p in (tmp_path / "state" / "bundles").iterdir()]
+        assert left == [], f"the refused bundle is deleted: {left}"
+        # the same archive, with a command that says so, is installed
+        updater.handle(update_command(key, "ward-a", "ota-04", url, digest, allow_downgrade=True))
+        assert updater.slot._pending is not None  # offered: swapped in before the next sample
+        assert updater.slot._pending.bundle.manifest.version == "20200101.000000"
+
+
+def test_update_commands_are_parsed_strictly(site_dir: Path) -> None:
+    key = signer_key(site_dir)
+    trusted = [key.public_key()]
+    base = {"v": 2, "cmd": "update-bundle", "site": "ward-a", "device": "ota-04",
+            "url": "http://fog/x.tar.gz", "sha256": "a" * 64, "issued_ms": 1}
+    assert verify_command(sign_command(base, key), trusted, "ward-a", "ota-04").allow_downgrade \
+        is False
+    ok = verify_command(sign_command({**base, "allow_downgrade": True}, key), trusted,
+                        "ward-a", "ota-04")
+    assert ok.allow_downgrade is True
+    bad = {
+        "deep": b'{"v":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        "flag": sign_command({**base, "allow_downgrade": "yes"}, key),
+        "unknown": sign_command({**base, "downgrade": True}, key),
+        "nan": b'{"v": NaN}',
+        "newline key": sign_command({**base, "device": "ota-04\nforged"}, key),
+    }
+    for name, payload in bad.items():
+        with pytest.raises(UpdateError) as exc:
+            verify_command(payload, trusted, "ward-a", "ota-04")
+        assert "\n" not in str(exc.value), name
