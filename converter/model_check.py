@@ -35,13 +35,15 @@ def _why_not(path: Path, fmt: str) -> str | None:
         return _keras_problem(path)
     if fmt == "onnx":
         return _onnx_problem(path)
+    if fmt not in ("h5", "tflite"):
+        return None  # a SavedModel directory: TensorFlow reads it, and says why it cannot
     with path.open("rb") as f:
         head = f.read(16)
     if fmt == "h5" and not head.startswith(_HDF5_MAGIC):
         return "no HDF5 signature"
     if fmt == "tflite" and head[4:8] != b"TFL3":
         return "no TFL3 flatbuffer identifier"
-    return None  # a SavedModel: TensorFlow reads it, and says why it cannot
+    return None
 
 
 def _keras_problem(path: Path) -> str | None:

@@ -135,7 +135,8 @@ def test_an_onnx_model_is_wrapped_and_run_by_onnx_runtime(
     [
         ("truncated", "LiteRT cannot load bad.tflite: The model is not a valid Flatbuffer buffer"),
         ("wrong-shape", "calibration samples of shape (28, 28) do not fit model input (1, 260)"),
-        ("wrong-labels", "model has 5 outputs but 3 labels were given"),
+        ("wrong-labels", "classify_heartbeats_cnn.tflite outputs 5 values per sample but 3 labels "
+         "were given (N, S, V)"),
         ("budget", "--budget compares with a float model, which a wrapped model lacks"),
         ("cam", "--cam adds an output to a Keras model; a wrapped model has none"),
     ],
