@@ -213,10 +213,12 @@ def test_nested_json_on_ack_and_cmd_stops_neither_the_link_nor_the_update_thread
             Store(tmp_path / "gw.sqlite") as store,
             Gateway(store, opener, mosquitto.host, mosquitto.port),
         ):
-            _wait(lambda: any(r["body"].get("update") == "rejected"
-                              for r in store.results(device="bd-agent", limit=1000)
-                              if isinstance(r.get("body"), dict)),
-                  20, "the update thread's report of the deep command")
+            def reported() -> bool:
+                rows = store.query("SELECT body FROM results WHERE device=? AND kind='event'",
+                                   ("bd-agent",))
+                return any(json.loads(r["body"]).get("update") == "rejected" for r in rows)
+
+            _wait(reported, 20, "the update thread's report of the deep command")
             assert all(w["alive"] for w in workers().values()), workers()
             runner.join(timeout=60)
             assert result, "the agent finished"
