@@ -341,6 +341,8 @@ class Bundle:
             data = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise BundleError(f"{path}: manifest is not valid JSON ({_q(exc)})") from exc
+        except (RecursionError, ValueError) as exc:  # nested too deep; an int of 4300+ digits
+            raise BundleError(f"{path}: manifest is not valid JSON ({type(exc).__name__})") from exc
         if not isinstance(data, dict):
             raise BundleError(f"{path}: manifest must be a JSON object")
         version = str(data.get("schema_version", ""))

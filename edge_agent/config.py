@@ -143,6 +143,8 @@ def load_config(path: str | Path) -> AgentConfig:
         raise ConfigError(f"{p}: cannot read ({exc.strerror})") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML ({exc})".replace("\n", " ")) from exc
+    except (UnicodeDecodeError, RecursionError, ValueError) as exc:  # not UTF-8, too deep,
+        raise ConfigError(f"{p}: not valid YAML ({type(exc).__name__})") from exc  # huge int
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be a mapping")
     try:
