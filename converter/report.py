@@ -16,6 +16,7 @@ _IMG = ("psnr", "ssim")
 _REG = ("mae", "rmse", "pearson_r", "bias", "loa_low", "loa_high")  # converter.regression
 _OTHER = ("output_snr_db",)  # of each artifact's raw output against the float model's
 _LOWER_IS_BETTER = {"hd95", "mae", "rmse"}
+_NO_DROP = {"bias", "loa_low", "loa_high"}  # signed: neither way is a loss
 _EVENT_KEYS = ("sensitivity", "precision", "specificity", "false_alarms_per_hour", "tp", "fp", "fn")
 _COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2")
 
@@ -47,6 +48,9 @@ def _metric_rows(report: dict[str, Any]) -> list[tuple[str, list[Any], Any]]:
     for m in (*_METRICS, *_SEG, *_IMG, *_REG, *_OTHER):
         vals = [_section(report, v).get(m) for v in variants]
         if all(v is None for v in vals):
+            continue
+        if m in _NO_DROP:
+            rows.append((m, vals, None))
             continue
         sign = -1.0 if m in _LOWER_IS_BETTER else 1.0
         drops = [

@@ -17,7 +17,8 @@ from edge_agent.errors import MedgeError
 
 __all__ = ["cmd_convert", "cmd_evaluate", "register"]
 
-_SHOWN = ("accuracy", "sensitivity", "specificity", "auc", "dice", "hd95", "psnr", "ssim")
+_SHOWN = ("accuracy", "sensitivity", "specificity", "auc", "dice", "hd95", "psnr", "ssim", "mae",
+          "rmse", "pearson_r")
 
 
 def _preprocess(spec: str) -> Any:
