@@ -25,9 +25,9 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Replace ``path`` by ``data`` atomically and durably, with ``mode`` (0600: secrets;
     0644 for public files). MedgeError names the file when the disk refuses."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = ""
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             os.fchmod(fd, mode)  # mkstemp creates 0600; a public file is widened before rename
