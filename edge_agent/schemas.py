@@ -113,10 +113,6 @@ def _value(v: Any, depth: int, where: str, max_depth: int, max_string: int) -> N
         raise _bad(f"{where}: {t.__name__} is not a JSON value")
 
 
-def _bounded(body: dict[str, Any], kind: str, max_depth: int = MAX_DEPTH) -> None:
-    _value(body, 0, kind, max_depth, MAX_STRING)
-
-
 # -- typed fields -----------------------------------------------------------------------------
 def _int(v: Any, where: str, low: int = INT_MIN) -> None:
     if type(v) is not int or not low <= v <= INT_MAX:
@@ -216,10 +212,17 @@ _EVENT: dict[str, Field] = {
 
 
 def _typed(body: dict[str, Any], kind: str, fields: dict[str, Field]) -> None:
-    for name, check in fields.items():
-        if name in body:
-            check(body[name], f"{kind}.{name}")
-    _bounded(body, kind)
+    """One pass: a known field by its own check, any other as bounded JSON."""
+    if len(body) > MAX_ITEMS:
+        raise _bad(f"{kind}: {len(body)} entries exceed {MAX_ITEMS}")
+    for name, value in body.items():
+        check = fields.get(name)
+        if check is not None:
+            check(value, name)  # the message names the field
+            continue
+        if len(name) > MAX_KEY:
+            raise _bad(f"{kind}: key of {len(name)} characters exceeds {MAX_KEY}")
+        _value(value, 1, kind, MAX_DEPTH, MAX_STRING)
 
 
 def _telemetry(body: dict[str, Any]) -> None:
