@@ -212,8 +212,16 @@ class Gateway:
             site = device = None
         self._record_reject(reason, site, device)
         if device is not None:  # results in flight first: the device's row may be among them
-            self._pending.join()
+            self._settle(timeout=10.0)
         self.store.count_rejected(site, device, reason.value)
+
+    def _settle(self, timeout: float) -> None:
+        """Wait until the writer has handled what is queued (at most ``timeout`` s, and not
+        at all once it is dead: the network thread must never hang on it)."""
+        q = self._pending
+        with q.all_tasks_done:
+            q.all_tasks_done.wait_for(
+                lambda: q.unfinished_tasks == 0 or not self._writer.is_alive(), timeout)
 
     def _record_reject(self, reason: Reason, site: str | None, device: str | None) -> None:
         with self._lock:

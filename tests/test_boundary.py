@@ -361,3 +361,42 @@ def test_gateway_run_retries_a_closed_port_then_connects(  # type: ignore[no-unt
         reader.join(timeout=5)
     assert proc.returncode == 0, "".join(lines)[-3000:]
     assert not any("Traceback" in ln for ln in lines), "".join(lines)[-3000:]
+
+
+def test_dashboard_healthz_without_login_and_503_when_the_store_fails(tmp_path: Path) -> None:
+    from gateway.dashboard import DashboardServer, add_user
+
+    db, users = tmp_path / "gw.sqlite", tmp_path / "users.json"
+    Store(db).close()
+    add_user(users, "clinician", "a long enough password")
+    with DashboardServer(db, users=users) as dash:
+        status, body = _healthz(dash.url + "healthz")
+        assert status == 200 and body["workers"]["store"] == {"alive": True}
+        _break_the_store(db)
+        status, body = _healthz(dash.url + "healthz")
+    assert status == 503 and body["workers"]["store"]["alive"] is False
+    assert "no such table: results" in body["workers"]["store"]["error"]
+
+
+def test_device_healthz_reports_a_dead_worker() -> None:
+    from edge_agent.device_metrics import MetricsServer as DeviceMetrics
+
+    def fails() -> None:
+        raise RuntimeError("link pump bug")
+
+    with Supervisor() as sup:
+        alive, stop = threading.Event(), threading.Event()
+        sup.spawn("link-mqtt", stop.wait)
+        with DeviceMetrics(list, "127.0.0.1", 0, health=sup.health) as server:
+            url = f"http://127.0.0.1:{server.port}/healthz"
+            status, body = _healthz(url)
+            assert status == 200 and body["workers"] == {"link-mqtt": {"alive": True}}
+            sup.spawn("link-pump", fails).join()
+            status, body = _healthz(url)
+            death = sup.wait(alive)
+        stop.set()
+    assert status == 503
+    assert body["workers"]["link-pump"] == {"alive": False,
+                                            "error": "RuntimeError: link pump bug"}
+    assert death is not None
+    assert death.line() == "worker link-pump died: RuntimeError: link pump bug"
