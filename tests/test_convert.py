@@ -92,7 +92,7 @@ def _budget_not_met(work: Path) -> subprocess.CompletedProcess[str]:
 
 
 BAD_INPUTS = [
-    ("corrupt-model", "cannot load Keras model"),
+    ("corrupt-model", "bad.keras is not a Keras model: not a zip archive"),
     ("wrong-shape", "do not fit model input"),
     ("wrong-labels", "model has 2 outputs but 3 labels"),
 ]

@@ -138,6 +138,54 @@ def test_a_channels_first_int8_model_gets_channels_first_data(channels_first: di
     assert report["onnx-int8"]["accuracy"] == pytest.approx(float(np.mean(direct == yv)))
 
 
+def test_a_channels_first_keras_model_is_converted_channels_first(
+    channels_first: dict, tmp_path: Path
+) -> None:
+    """Keras says data_format channels_first: the LiteRT child calibrates on CHW data, and the
+    artifact, run by the device on HWC images, does what LiteRT fed CHW directly does."""
+    import keras
+    from ai_edge_litert.interpreter import Interpreter
+
+    xv = channels_first["xv"]
+    keras.utils.set_random_seed(3)
+    inner = keras.Sequential(
+        [
+            keras.Input((3, 28, 28)),
+            keras.layers.Conv2D(4, 3, padding="same", activation="relu",
+                                data_format="channels_first"),
+            keras.layers.GlobalAveragePooling2D(data_format="channels_first"),
+            keras.layers.Dense(3),
+        ]
+    )  # fmt: skip
+    logits = inner.predict(_chw(xv), verbose=0)
+    inner.layers[-1].bias.assign(-(logits - logits.mean(1, keepdims=True)).mean(0))
+    model = keras.Sequential([inner, keras.layers.Softmax()])
+    model.save(tmp_path / "cf.keras")
+    y = model.predict(_chw(xv), verbose=0).argmax(1)
+    data = _npz(tmp_path / "rgb.npz", x=xv, y=y)
+    out = tmp_path / "bundle"
+    convert(
+        ConvertRequest(model=tmp_path / "cf.keras", calib=data, eval=data, out=out,
+                       preprocess=SCALE01, labels=["a", "b", "c"], onnx=False,
+                       strategies=["dynamic-range"], float_artifacts="none")
+    )  # fmt: skip
+    bundle = Bundle.load(out)
+    art = bundle.manifest.artifacts[0]
+    assert (art.inputs[0].shape, art.inputs[0].layout) == ([1, 3, 28, 28], "NCHW")
+    report = json.loads((out / "report.json").read_text())
+    assert report["float"]["accuracy"] == 1.0  # the child was fed CHW
+    interp = Interpreter(str(out / art.file))
+    interp.allocate_tensors()
+    i, o = interp.get_input_details()[0]["index"], interp.get_output_details()[0]["index"]
+    direct = []
+    for t in _chw(xv):
+        interp.set_tensor(i, t[None])
+        interp.invoke()
+        direct.append(int(interp.get_tensor(o).argmax()))
+    device = LoadedModel(bundle, "litert")
+    assert [device.predict(s).pred for s in xv] == direct
+
+
 def test_the_device_transposes_images_for_a_channels_first_input() -> None:
     spec = TensorSpec(name="x", shape=[1, 3, 4, 5], dtype="float32", layout="NCHW")
     img = np.arange(60, dtype=np.float32).reshape(4, 5, 3)
