@@ -15,13 +15,26 @@ no Nagle delay on what the broker sends (an ack otherwise waits ~40 ms for a del
 The same configuration serves a cloud broker: ``medge-forwarder`` (a fog gateway's forwarder,
 certificate from :func:`forwarder_client_files`) may publish device messages of the site and
 read the cloud gateway's acks.
+
+File modes: medge creates every file 0600 (umask 077). Mosquitto started as a system service
+runs as root only to bind, then as its own user ``mosquitto``, which must read the files
+written here (and the site's ``ca.crt`` and ``crl.pem``) and write ``data/`` and the log. So
+where a ``mosquitto`` group exists they are handed to it: files 0640 and directories 0750
+(``data/`` 0770) with group ``mosquitto``, and the site directory gets group traversal (x,
+never read) so that its private keys stay 0600 and unlisted. Where that cannot be done (not
+root, not a member) the commands to do it are logged and returned (``BrokerFiles.todo``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import grp
 import ipaddress
-from dataclasses import dataclass
+import logging
+import os
+import shlex
+import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
@@ -44,6 +57,9 @@ __all__ = [
     "write_broker_config",
 ]
 
+log = logging.getLogger("medge.gateway.broker_config")
+
+BROKER_GROUP = "mosquitto"
 GATEWAY_CN = "medge-gateway"
 FORWARDER_CN = "medge-forwarder"
 MAX_PACKET_BYTES = MAX_BYTES + 4096  # an envelope, its topic and MQTT 5 properties
@@ -57,6 +73,8 @@ class BrokerFiles:
     server_cert: Path
     server_key: Path
     port: int
+    todo: tuple[str, ...] = field(default=())
+    """Commands still to run so that the ``mosquitto`` user can read these files."""
 
 
 def _issue(
@@ -189,4 +207,36 @@ def write_broker_config(
             ]
         )
     )
-    return BrokerFiles(conf, acl, server_cert, server_key, port)
+    log_file = out / "mosquitto.log"  # the broker appends to it as its own user
+    log_file.touch()
+    shared = [(out, 0o750), (out / "data", 0o770), (site_dir, 0o710), (log_file, 0o660)]
+    shared += [(p, 0o640) for p in (conf, acl, server_cert, server_key,
+                                    site_dir / "ca.crt", site_dir / "crl.pem")]
+    todo = share_with_broker(shared)
+    return BrokerFiles(conf, acl, server_cert, server_key, port, todo)
+
+
+def share_with_broker(paths: list[tuple[Path, int]], group: str = BROKER_GROUP) -> tuple[str, ...]:
+    """Give ``group`` (the broker's) the access each mode's group bits say, keeping the
+    owner's and taking away everyone else's; the shell commands that could not be done here
+    (logged at warning). Nothing to do where the group does not exist (the broker then runs as
+    whoever runs medge)."""
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        return ()
+    todo: list[str] = []
+    for path, mode in paths:
+        if not path.exists():
+            continue
+        keep = stat.S_IMODE(path.stat().st_mode) & 0o700
+        want = keep | (mode & 0o070)
+        try:
+            os.chown(path, -1, gid)
+            os.chmod(path, want)
+        except OSError:
+            quoted = shlex.quote(str(path))
+            todo.append(f"chgrp {group} {quoted} && chmod {want:o} {quoted}")
+    if todo:
+        log.warning("for a Mosquitto that runs as user %s, run: %s", group, "; ".join(todo))
+    return tuple(todo)

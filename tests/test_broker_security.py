@@ -213,3 +213,62 @@ def test_whole_chain_over_tls_with_acls(  # type: ignore[no-untyped-def]
         assert (report.sent, report.acked, report.pending) == (20, 20, 0)
         assert store.result_count() == 20
         assert gw.stats.rejected == 0
+
+
+# -- broker-config's files, for a Mosquitto that runs as its own user -------------------------
+def test_a_mosquitto_running_as_its_own_user_reads_what_broker_config_wrote() -> None:
+    """As root with a `mosquitto` group (a system service): the broker's files go to that
+    group (0640, directories 0750, data/ 0770), the site's private keys stay 0600, and a
+    Mosquitto told `user mosquitto` starts on them and accepts the gateway over TLS."""
+    import grp
+    import os
+    import shutil
+    import stat
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root: only root can hand files to the mosquitto group")
+    try:
+        gid = grp.getgrnam("mosquitto").gr_gid
+    except KeyError:
+        pytest.skip("no mosquitto group on this machine")
+    root = Path(tempfile.mkdtemp(prefix="medge-broker-user-"))  # under /tmp: traversable
+    old = os.umask(0o077)  # as the medge command runs
+    try:
+        os.chmod(root, 0o711)  # noqa: S103 (others may traverse, not list)
+        site_dir = root / "site"
+        init_site(site_dir, "ward-a")
+        port = free_port()
+        files = write_broker_config(site_dir, root / "broker", port=port)
+        assert files.todo == ()
+
+        def mode(p: Path) -> tuple[int, int]:
+            st = p.stat()
+            return stat.S_IMODE(st.st_mode), st.st_gid
+
+        for p in (files.conf, files.acl, files.server_cert, files.server_key):
+            assert mode(p) == (0o640, gid), p
+        assert mode(files.conf.parent) == (0o750, gid)
+        assert mode(files.conf.parent / "data") == (0o770, gid)
+        assert mode(site_dir) == (0o710, gid), "traversal only: the site's names stay unlisted"
+        assert stat.S_IMODE((site_dir / "ca.key").stat().st_mode) == 0o600
+        assert stat.S_IMODE((site_dir / "bundle-signer.key").stat().st_mode) == 0o600
+
+        head, rest = files.conf.read_text().split("\n", 1)  # as a system service would
+        files.conf.write_text(f"{head}\nuser mosquitto\n{rest}")
+        with start_mosquitto_conf(files.conf, "127.0.0.1", port):
+            ca, cert, key = gateway_client_files(site_dir)
+            c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+            c.tls_set(ca_certs=str(ca), certfile=str(cert), keyfile=str(key))
+            connected = threading.Event()
+            c.on_connect = lambda *a: connected.set() if not a[3].is_failure else None
+            c.connect("127.0.0.1", port)
+            c.loop_start()
+            try:
+                assert connected.wait(10), "the gateway could not connect"
+            finally:
+                c.loop_stop()
+                c.disconnect()
+    finally:
+        os.umask(old)
+        shutil.rmtree(root, ignore_errors=True)
