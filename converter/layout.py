@@ -104,6 +104,9 @@ def resolve_layout(
     if shape is not None and layout == "NCHW":
         for s in samples:
             _check_hwc(name, s, list(shape))
+    elif shape is not None:
+        for s in samples:
+            _check_as_is(name, s, list(shape))
     elif layout == "NCHW":
         for s in samples:
             if len(s) not in (2, 3):
@@ -142,4 +145,16 @@ def _check_hwc(name: str, sample: tuple[int, ...], shape: list[int]) -> None:
     raise ConversionError(
         f"{name} takes channels-first input {shape}: samples must be images (H, W, C) = "
         f"({h}, {w}, {c}), got {sample}{looks_chw}"
+    )
+
+
+def _check_as_is(name: str, sample: tuple[int, ...], shape: list[int]) -> None:
+    """A channels-last input takes images in its own axis order, not merely of its size."""
+    a, b, c = shape[1:]
+    if len(sample) not in (2, 3) or sample == (a, b, c) or (c == 1 and sample == (a, b)):
+        return
+    hint = "; is it channels-first? --layout nchw" if sample == (b, c, a) else ""
+    raise ConversionError(
+        f"{name} takes channels-last input {shape}: samples must be images ({a}, {b}, {c}), "
+        f"got {sample}{hint}"
     )

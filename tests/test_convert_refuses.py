@@ -246,6 +246,12 @@ def test_layouts_are_read_from_the_model(tmp_path: Path) -> None:
     assert resolve_layout("e.tflite", "tflite", [1, 260], None, [(260,)]) == "NC"
     with pytest.raises(ConversionError, match=r"looks channels-first: store images as \(H, W, C\)"):
         resolve_layout("m.onnx", "onnx", [1, 3, 28, 28], None, [(3, 28, 28)])
+    with pytest.raises(
+        ConversionError,
+        match="samples must be images .3, 28, 28., got .28, 28, "
+        "3.; is it channels-first. --layout nchw",
+    ):
+        resolve_layout("m.onnx", "onnx", [1, 3, 28, 28], "nhwc", [(28, 28, 3)])  # the old bug
 
 
 def _npz(path: Path, **arrays: np.ndarray) -> Path:
