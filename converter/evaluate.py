@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from converter.datasets import load_samples
+from converter.datasets import load_samples, require_finite
 from converter.errors import ConversionError
 from converter.inputs import load_targets
 from converter.metrics import (
@@ -101,6 +101,8 @@ def _events(model: LoadedModel, paths: list[Path], variant: str, tolerance_s: fl
             "--event) to find events in a recording"
         )
     streams = [cut(load_recording(p, m.decode.events), m.window) for p in paths]
+    for p, s in zip(paths, streams, strict=True):
+        require_finite(s.x, p, None, "recording windows")
     scores = [np.array([model.predict(w).scores for w in s.x]) for s in streams]
     return score_streams(streams, {variant: scores}, lambda x: x, m.decode.events, m.labels,
                          tolerance_s)  # fmt: skip
