@@ -65,7 +65,8 @@ def pick_split(
 
 
 def require_finite(x: np.ndarray, path: str | Path, split: str | None, what: str) -> None:
-    """One line naming the file, split and count when ``x`` holds NaN or Inf."""
+    """One line naming the file, split (``x/y`` for those keys; None: a file without splits)
+    and count when ``x`` holds NaN or Inf."""
     a = np.asarray(x)
     if a.dtype.kind not in "fc":
         return
@@ -74,7 +75,8 @@ def require_finite(x: np.ndarray, path: str | Path, split: str | None, what: str
     if not n_nan and not n_inf:
         return
     rows = int((nan | inf).reshape(len(a), -1).any(axis=1).sum()) if a.ndim else 1
-    where = f"{Path(path).name} (split {split})" if split else f"{Path(path).name} (x/y)"
+    name = Path(path).name
+    where = f"{name} (x/y)" if split == "x/y" else f"{name} (split {split})" if split else name
     found = " and ".join(f"{n} {k}" for n, k in ((n_nan, "NaN"), (n_inf, "Inf")) if n)
     raise ConversionError(
         f"{where}: {found} values in {rows} of {len(a)} {what}; they cannot be scored or "
@@ -91,7 +93,7 @@ def load_samples(
         x, y, names = load_labelled(path, chosen)
     except SourceError as exc:
         raise ConversionError(str(exc)) from None
-    require_finite(x, path, chosen, f"{role} samples")
+    require_finite(x, path, chosen or "x/y", f"{role} samples")
     _class_indices(Path(path), chosen, option or _OPTION[role])
     return x, y, names, chosen
 
@@ -105,7 +107,7 @@ def _class_indices(path: Path, split: str | None, option: str) -> None:
         y = np.asarray(d[key])
     if y.dtype.kind != "f":
         return
-    require_finite(y, path, split, "labels")
+    require_finite(y, path, split or "x/y", "labels")
     frac = y[np.round(y) != y]
     if frac.size:
         raise ConversionError(

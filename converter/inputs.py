@@ -175,6 +175,6 @@ def load_targets(
         raise ConversionError(f"{path}: not a readable npz ({exc})") from exc
     if len(x) != len(y):
         raise ConversionError(f"{path}: {len(x)} samples but {len(y)} {key}")
-    require_finite(x, path, split, f"{role} samples")
-    require_finite(y, path, split, f"{role} {key}")
+    require_finite(x, path, split or "x/y", f"{role} samples")
+    require_finite(y, path, split or "x/y", f"{role} {key}")
     return x, y
