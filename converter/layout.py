@@ -135,9 +135,16 @@ def _from_shape(name: str, shape: list[int], samples: Sequence[tuple[int, ...]])
     )
 
 
+def _fits(sample: tuple[int, ...], want: tuple[int, ...]) -> bool:
+    """``sample`` has the shape ``want`` (a -1 there: any size)."""
+    return len(sample) == len(want) and all(
+        w in (-1, s) for s, w in zip(sample, want, strict=False)
+    )
+
+
 def _check_hwc(name: str, sample: tuple[int, ...], shape: list[int]) -> None:
     c, h, w = shape[1:]
-    if sample == (h, w, c) or (c == 1 and sample == (h, w)):
+    if _fits(sample, (h, w, c)) or (c == 1 and _fits(sample, (h, w))):
         return
     looks_chw = (
         " (it looks channels-first: store images as (H, W, C))" if sample == (c, h, w) else ""
@@ -151,7 +158,7 @@ def _check_hwc(name: str, sample: tuple[int, ...], shape: list[int]) -> None:
 def _check_as_is(name: str, sample: tuple[int, ...], shape: list[int]) -> None:
     """A channels-last input takes images in its own axis order, not merely of its size."""
     a, b, c = shape[1:]
-    if len(sample) not in (2, 3) or sample == (a, b, c) or (c == 1 and sample == (a, b)):
+    if len(sample) not in (2, 3) or _fits(sample, (a, b, c)) or (c == 1 and _fits(sample, (a, b))):
         return
     hint = "; is it channels-first? --layout nchw" if sample == (b, c, a) else ""
     raise ConversionError(
