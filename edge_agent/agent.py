@@ -195,7 +195,7 @@ class Agent:
         link.on_command = updater.submit
         log.info("%s: running %s on %s", cfg.device, self.bundle.id, self.source.name)
         with updater:
-            sup.watch("update", updater._thread)  # the Updater's own thread
+            sup.watch("update", updater.thread)
             try:
                 run_pipeline(
                     slot.samples(self.source.stream(stop)),

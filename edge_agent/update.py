@@ -175,6 +175,11 @@ class Updater:
         self._queue.put(None)
         self._thread.join(timeout=30)
 
+    @property
+    def thread(self) -> threading.Thread:
+        """The thread that handles commands (for supervision)."""
+        return self._thread
+
     def submit(self, payload: bytes) -> None:
         """From the MQTT thread: queue a command (a full queue drops it, and says so)."""
         try:

@@ -256,6 +256,11 @@ class AlertEngine:
             self._thread = None
 
     @property
+    def thread(self) -> threading.Thread | None:
+        """The silence watchdog's thread while started (for supervision)."""
+        return self._thread
+
+    @property
     def interval(self) -> float:
         """How often the watchdog looks: a quarter of the silence period, at most 1 s."""
         return min(1.0, max(0.05, self.rules.silence_after / 4))

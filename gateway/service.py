@@ -188,7 +188,7 @@ class Gateway:
         found: dict[str, threading.Thread | None] = {
             "gateway-writer": self._writer,
             "gateway-mqtt": self.session.thread,
-            "alert-watchdog": self.alerts._thread,  # AlertEngine's own thread
+            "alert-watchdog": self.alerts.thread,
         }
         if self.forward is not None:
             found.update(self.forward.workers())
