@@ -208,9 +208,22 @@ def _detail(detail: dict[str, Any] | None) -> str | None:
 
 
 def _row(row: dict[str, Any]) -> dict[str, Any]:
+    """An alert row with its detail decoded; a detail that does not decode (an old or damaged
+    row) becomes an ``error`` marker on that row alone, logged once per alert."""
     raw = row.get("detail")
-    row["detail"] = json.loads(raw) if raw else None
+    try:
+        row["detail"] = json.loads(raw) if raw else None
+    except (ValueError, TypeError, RecursionError) as exc:
+        row["detail"] = None
+        row["error"] = f"detail unreadable ({type(exc).__name__})"
+        if row.get("id") not in _BAD_DETAIL:
+            _BAD_DETAIL.add(row.get("id"))
+            log.error("alert %s: detail is not readable JSON (%s); shown without it",
+                      row.get("id"), type(exc).__name__)
     return row
+
+
+_BAD_DETAIL: set[Any] = set()  # alert ids whose unreadable detail was already logged
 
 
 # -- the rules -------------------------------------------------------------------------------

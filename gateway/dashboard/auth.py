@@ -33,6 +33,7 @@ from typing import Any
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from edge_agent.errors import MedgeError
+from edge_agent.files import write_atomic
 
 __all__ = ["SESSION_TTL_S", "Session", "Sessions", "Users", "add_user", "check_name"]
 
@@ -76,16 +77,8 @@ def add_user(users_file: Path, name: str, password: str | None = None) -> str:
         "created": round(time.time(), 3),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    write_atomic(path, text.encode("utf-8"), 0o600)  # temp, fsync, rename, fsync the dir
     return password
 
 
