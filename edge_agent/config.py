@@ -132,13 +132,15 @@ class AgentConfig(_Strict):
             raise ValueError(str(exc)) from exc
 
 
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml where PyYAML has it
+
+
 def load_config(path: str | Path) -> AgentConfig:
     """Load and validate a YAML file; errors name the field and its line."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
-        node = yaml.compose(text)
-        data: Any = yaml.safe_load(text)
+        data: Any = yaml.load(text, Loader=_LOADER)  # noqa: S506 - a safe loader
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read ({exc.strerror})") from exc
     except yaml.YAMLError as exc:
@@ -149,12 +151,17 @@ def load_config(path: str | Path) -> AgentConfig:
         raise ConfigError(f"{p}: the top level must be a mapping")
     try:
         cfg = AgentConfig.model_validate(data)
+    except RecursionError as exc:  # libyaml nests without limit; the model does not
+        raise ConfigError(f"{p}: nested too deeply to be an agent config") from exc
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = [str(x) for x in err["loc"]]
         if loc[:1] == ["source"] and len(loc) > 2 and loc[1] in SOURCE_KINDS:
             del loc[1]  # the union's tag: the YAML has no such key
-        line = _line_of(node, loc)
+        try:
+            line = _line_of(yaml.compose(text, Loader=_LOADER), loc)  # again, for the line
+        except (yaml.YAMLError, RecursionError, ValueError):
+            line = None
         where = f"{p}:{line}" if line else str(p)
         raise ConfigError(one_line(f"{where}: {'.'.join(loc)}: {err['msg']}", 500)) from exc
     base = p.parent
