@@ -139,6 +139,10 @@ class Gateway:
         self.limiter = DeviceLimiter(device_rate, device_burst)
         self.limit_log_interval = 10.0  # seconds between two rate-limit lines of one device
         self._limited: dict[tuple[str, str], list[float]] = {}  # -> [since last line, its time]
+        # audit rows of rejections: at most one per (site, device, reason) and interval; the
+        # device's rejected counter and the metrics still count every message
+        self.audit_interval = 10.0
+        self._audited: dict[tuple[str | None, str | None, str], list[float]] = {}
         self._pending: queue.Queue[tuple[Envelope, str, bytes]] = queue.Queue()
         self._writer_stop = threading.Event()
         self._writer = threading.Thread(target=self._run_writer, name="gateway-writer",
@@ -213,7 +217,25 @@ class Gateway:
         self._record_reject(reason, site, device)
         if device is not None:  # results in flight first: the device's row may be among them
             self._settle(timeout=10.0)
-        self.store.count_rejected(site, device, reason.value)
+        self._count_rejected(site, device, reason.value)
+
+    def _count_rejected(self, site: str | None, device: str | None, reason: str) -> None:
+        """Charge the device (every time) and write an audit row (rate-limited: a flood of
+        garbage must not become a flood of rows; the next row says how many were folded)."""
+        key = (site, device, reason)
+        now = time.monotonic()
+        with self._lock:
+            slot = self._audited.get(key)
+            due = slot is None or now - slot[0] >= self.audit_interval
+            folded = int(slot[1]) if slot is not None and due else 0
+            if due:
+                if len(self._audited) >= self.limiter.max_keys:
+                    self._audited.clear()  # only audit pacing is lost
+                self._audited[key] = [now, 0.0]
+            else:
+                slot[1] += 1  # type: ignore[index]
+        detail = reason if not folded else f"{reason} (+{folded} since the last row)"
+        self.store.count_rejected(site, device, detail if due else None)
 
     def _settle(self, timeout: float) -> None:
         """Wait until the writer has handled what is queued (at most ``timeout`` s, and not
@@ -377,7 +399,7 @@ class Gateway:
             self._record_reject(Reason.STORE, env.site, env.device)
             self.session.rejects.add(Reason.STORE, f"gateway: store refused seq {env.seq} on {t}")
             try:
-                self.store.count_rejected(env.site, env.device, Reason.STORE.value)
+                self._count_rejected(env.site, env.device, Reason.STORE.value)
             except Exception as exc:  # the audit row only; the rejection is counted above
                 log.error("auditing a refused row failed: %s", one_line(str(exc)))
         kept = [(item, new) for item, new in zip(batch, news, strict=True) if new is not None]

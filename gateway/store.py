@@ -261,9 +261,12 @@ class Store:
             (now - HISTORY_MAX_AGE_S, site, device, site, device, HISTORY_MAX_ROWS),
         )
 
-    def count_rejected(self, site: str | None, device: str | None, reason: str) -> None:
+    def count_rejected(self, site: str | None, device: str | None, reason: str | None) -> None:
         """Count a rejection against a registered device (never create one from a rejected
-        message) and write it to the audit log."""
+        message) and, unless ``reason`` is None (the caller paces audit rows), write it to
+        the audit log."""
+        if reason is None and not (site and device):
+            return
 
         def work(db: Database) -> None:
             if site and device:
@@ -271,10 +274,11 @@ class Store:
                     "UPDATE devices SET rejected=rejected+1 WHERE site=? AND device=?",
                     (site, device),
                 )
-            db.execute(
-                "INSERT INTO audit (time, site, device, action, detail) VALUES (?,?,?,?,?)",
-                (time.time(), site, device, "reject", reason[:500]),
-            )
+            if reason is not None:
+                db.execute(
+                    "INSERT INTO audit (time, site, device, action, detail) VALUES (?,?,?,?,?)",
+                    (time.time(), site, device, "reject", reason[:500]),
+                )
 
         self._write(work)
 

@@ -400,3 +400,33 @@ def test_device_healthz_reports_a_dead_worker() -> None:
                                             "error": "RuntimeError: link pump bug"}
     assert death is not None
     assert death.line() == "worker link-pump died: RuntimeError: link pump bug"
+
+
+def test_a_flood_of_rejections_is_counted_in_full_and_audited_in_pace(  # type: ignore[no-untyped-def]
+    tmp_path: Path, mosquitto: RunningBroker, opener, sealer, identity,
+) -> None:
+    """Every rejected message counts (metrics, the device's counter); the audit table gets one
+    row per device, reason and interval, and the next row says how many it folded in."""
+    with (
+        Store(tmp_path / "gw.sqlite") as store,
+        Gateway(store, opener, mosquitto.host, mosquitto.port) as gw,
+        _device(tmp_path, mosquitto, identity("bd-flood"), "bd-flood") as (box, link),
+    ):
+        _put(box, link)
+        assert link.drain(10)  # the device is registered, so it can be charged
+        bad = _bad_header(sealer, "bd-flood", "kind")
+        _publish(mosquitto, [(topic(SITE, "bd-flood", "result"), bad)] * 40)
+        _wait(lambda: gw.stats.rejected == 40, 10, "40 rejections")
+        assert _rejected(gw, Reason.MALFORMED) == 40
+
+        def charged() -> int:
+            return int(next(d for d in store.devices() if d["device"] == "bd-flood")["rejected"])
+
+        _wait(lambda: charged() == 40, 10, "the device's counter to reach 40")
+        assert [a["detail"] for a in store.audit("reject")] == ["malformed"]
+        gw.audit_interval = 0.0  # the interval has passed: the next row carries the fold
+        _publish(mosquitto, [(topic(SITE, "bd-flood", "result"), bad)])
+        _wait(lambda: charged() == 41, 10, "the 41st rejection")
+        details = sorted(a["detail"] for a in store.audit("reject"))
+        assert details == ["malformed", "malformed (+39 since the last row)"]
+        assert _all_alive(gw)
