@@ -2,25 +2,26 @@
 between the thread that receives and the stream that yields, and the checks every received
 sample goes through.
 
-Queue policy: sensor samples are never dropped silently. A full queue blocks the receiver
-(back-pressure) for up to ``block_s``; only then is the message dropped, counted as
-``overflow`` in the source's errors (telemetry's ``source_errors``) and told in one log line.
+Queue policy (a ``block_then_drop`` port, ``edge_agent.ports``): sensor samples are never
+dropped silently. A full queue blocks the receiver (back-pressure) for up to ``block_s``;
+only then is the message dropped, counted as ``overflow`` in the source's errors (telemetry's
+``source_errors``) and told in one log line.
 """
 
 from __future__ import annotations
 
-import queue
 import time
 from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import Field
 
+from edge_agent.ports import Port
 from edge_agent.sources.base import Problems, Sample, SourceSettings
 from edge_agent.sources.imu import ClockCheck, finite
 from edge_agent.window import WindowSettings
 
-__all__ = ["BoundedFeed", "CsvTime", "FeedFormat", "FeedSettings", "QueueSize", "SampleChecks"]
+__all__ = ["CsvTime", "FeedFormat", "FeedSettings", "QueueSize", "SampleChecks", "feed_port"]
 
 # The fields whose default differs between sources, as types that carry their checks and
 # description: a source changes only the default (``queue: QueueSize = 4096``).
@@ -62,38 +63,22 @@ class FeedSettings(SourceSettings):
     )
 
 
-class BoundedFeed:
-    """A bounded queue of received items; :meth:`put` applies the policy above."""
+def feed_port(name: str, size: int, block_s: float, problems: Problems) -> Port[Any]:
+    """The ``block_then_drop`` port between a feed's receiving thread and its stream: a drop
+    is counted as ``overflow`` among the source's problems."""
 
-    def __init__(self, size: int, block_s: float, problems: Problems) -> None:
-        self._q: queue.Queue[Any] = queue.Queue(maxsize=size)
-        self.size, self.block_s, self.problems = size, block_s, problems
+    def dropped(n: int) -> None:
+        problems.add(
+            "overflow",
+            "queue of %d full for %g s: %d message(s) dropped",
+            size,
+            block_s,
+            n,
+            every=False,
+            count=n,
+        )
 
-    def put(self, item: Any, count: int = 1) -> bool:
-        """Queue ``item``; False when it was dropped (``count`` added to overflow)."""
-        try:
-            self._q.put(item, timeout=self.block_s)
-        except queue.Full:
-            self.problems.add(
-                "overflow",
-                "queue of %d full for %g s: %d message(s) dropped",
-                self.size,
-                self.block_s,
-                count,
-                every=False,
-                count=count,
-            )
-            return False
-        return True
-
-    def get(self, timeout: float) -> Any | None:
-        try:
-            return self._q.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    def depth(self) -> int:
-        return self._q.qsize()
+    return Port(f"{name}:feed", size, "block_then_drop", block_s, "overflow", dropped)
 
 
 class SampleChecks:

@@ -22,7 +22,7 @@ import numpy as np
 from pydantic import Field
 
 from edge_agent.sources.base import Problems, Sample
-from edge_agent.sources.feed import BoundedFeed, FeedSettings, SampleChecks
+from edge_agent.sources.feed import FeedSettings, SampleChecks, feed_port
 from edge_agent.sources.udp import parse_line
 from edge_agent.topics import ROOT, check_name
 
@@ -107,7 +107,7 @@ class MqttSensorSource:
         self.topic = sensor_topic(cfg.site, cfg.device, cfg.sensor)
         self.name = f"mqtt:{cfg.device}/{cfg.sensor}"
         self._problems = Problems(self.name, log)
-        self._feed = BoundedFeed(cfg.queue, cfg.block_s, self._problems)
+        self._feed = feed_port(self.name, cfg.queue, cfg.block_s, self._problems)
         self._client: Any = None
         self.subscribed = threading.Event()
 

@@ -19,12 +19,12 @@ from pydantic import Field
 from edge_agent.errors import SourceError
 from edge_agent.sources.base import Problems, Sample, require
 from edge_agent.sources.feed import (
-    BoundedFeed,
     CsvTime,
     FeedFormat,
     FeedSettings,
     QueueSize,
     SampleChecks,
+    feed_port,
 )
 from edge_agent.sources.udp import parse_line
 
@@ -52,7 +52,7 @@ class SerialSource:
         self.cfg = cfg
         self.name = f"serial:{cfg.port}"
         self._problems = Problems(self.name, log)
-        self._feed = BoundedFeed(cfg.queue, cfg.block_s, self._problems)
+        self._feed = feed_port(self.name, cfg.queue, cfg.block_s, self._problems)
         self.opened = threading.Event()
         """Set once the port is open: what the line carried before that is gone."""
 

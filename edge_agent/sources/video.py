@@ -2,9 +2,9 @@
 
 A file is read in the caller's thread and never drops a frame (``realtime`` paces it at its
 recorded rate). A live source (camera, URL, or a file with ``live: true``) is read by its own
-thread into a queue of ``queue`` frames that drops the *oldest* frame when full and counts it
-(``errors['dropped']``), so a slow model never stalls the camera. A frame that fails to decode
-is counted and told in one line; the stream goes on.
+thread into a ``drop_oldest`` port (``edge_agent.ports``) of ``queue`` frames: the *oldest*
+frame goes when it is full, counted (``errors['dropped']``), so a slow model never stalls
+the camera. A frame that fails to decode is counted and told in one line; the stream goes on.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import logging
 import re
 import threading
 import time
-from collections import deque
 from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +22,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from edge_agent.errors import SourceError
+from edge_agent.ports import Port
 from edge_agent.sources.base import Problems, Sample, Size, SourceSettings, pace, require
 from edge_agent.window import WindowSettings
 
@@ -122,7 +122,19 @@ class VideoSource:
             self.intervals = load_intervals(cfg.labels, row)
         self.fps = 0.0
         self._problems = Problems(self.name, log)
-        self.dropped = 0
+        self.port: Port[tuple[int, float, np.ndarray]] = Port(
+            f"{self.name}:frames", cfg.queue, "drop_oldest", on_drop=self._dropped
+        )  # the live edge: the camera never waits for the model
+
+    @property
+    def dropped(self) -> int:
+        """Frames the live port dropped (the oldest, for a newer one)."""
+        return self.port.drops
+
+    def _dropped(self, n: int) -> None:
+        self._problems.add(
+            "dropped", "slow consumer: dropped the oldest frame", every=False, count=n
+        )
 
     @property
     def errors(self) -> dict[str, int]:
@@ -207,42 +219,30 @@ class VideoSource:
         return frame
 
     def _live(self, stop: threading.Event) -> Generator[tuple[int, float, np.ndarray]]:
-        """Frames from a reader thread through a queue that drops the oldest when full."""
-        q: deque[tuple[int, float, np.ndarray]] = deque()
-        cond, done = threading.Condition(), threading.Event()
+        """Frames from a reader thread through the drop-oldest port."""
+        port, done = self.port, threading.Event()
         halt = threading.Event()  # set when the consumer ends: on stop, at its limit, on close
         failure: list[BaseException] = []
+        port.clear()
 
         def reader() -> None:
             try:
                 for item in self._frames(halt):
-                    with cond:
-                        if len(q) >= self.cfg.queue:
-                            q.popleft()
-                            self.dropped += 1
-                            self._problems.add(
-                                "dropped", "slow consumer: dropped the oldest frame", every=False
-                            )
-                        q.append(item)
-                        cond.notify()
+                    port.put(item)
             except BaseException as exc:  # handed to the consumer, raised there
                 failure.append(exc)
             finally:
                 done.set()
-                with cond:
-                    cond.notify()
 
         th = threading.Thread(target=reader, daemon=True, name=f"video-{self.name}")
         th.start()
         try:
-            while True:
-                with cond:
-                    while not q and not done.is_set() and not stop.is_set():
-                        cond.wait(0.1)
-                    if stop.is_set() or (not q and done.is_set()):
-                        break
-                    item = q.popleft()
-                yield item
+            while not stop.is_set():
+                item = port.get(0.1)
+                if item is not None:
+                    yield item
+                elif done.is_set() and not port.depth():
+                    break
         finally:
             halt.set()
             th.join(timeout=5)
