@@ -28,15 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_agent.durable_queue import DurableQueue, priority
 from edge_agent.envelope import Envelope, Sealer
 from edge_agent.errors import MedgeError
 from edge_agent.topics import topic
 
-__all__ = ["Outbox", "Pending", "durable_sqlite"]
+__all__ = ["Outbox", "Pending"]
 
 log = logging.getLogger("medge.agent.outbox")
 
-_PRIORITY = {"event": 0, "result": 1}
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS outbox (
@@ -51,16 +51,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_order ON outbox (priority, seq);
 """
 _SIZE = "length(payload) + length(topic)"
-
-
-def durable_sqlite(path: Path, timeout: float = 5.0) -> sqlite3.Connection:
-    """The one way medge opens a file that must survive a power loss: WAL, synchronous=FULL,
-    autocommit (explicit transactions), usable from several threads behind the caller's lock."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=timeout)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
-    return db
+_COLUMNS = ("seq", "priority", "topic", "payload", "created")
 
 
 @dataclass(frozen=True)
@@ -90,10 +81,9 @@ class Outbox:
         self.site, self.device = site, device
         self.batch_max, self.batch_ms = max(1, batch_max), batch_ms
         self.max_messages, self.max_bytes = max_messages, max_bytes
-        self._lock = threading.Lock()  # the database
         self._seq_lock = threading.Lock()  # sequence numbers, in order
-        self._db = durable_sqlite(self.path)
-        self._db.executescript(_SCHEMA)
+        self._q = DurableQueue(self.path, _SCHEMA, "outbox", ("seq",), "priority, seq")
+        self._lock, self._db = self._q.lock, self._q.db  # the database and its lock
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('next_seq', 1)")
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('epoch', 0)")
         self._next = self._meta("next_seq")
@@ -226,27 +216,18 @@ class Outbox:
             t = self._topics.get(env.kind) or self._topics.setdefault(
                 env.kind, topic(self.site, self.device, env.kind)
             )
-            rows.append((env.seq, _PRIORITY.get(env.kind, 1), t, payload, now))
+            rows.append((env.seq, priority(env.kind), t, payload, now))
         if not rows:
             return
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany(
-                    "INSERT INTO outbox (seq, priority, topic, payload, created) "
-                    "VALUES (?,?,?,?,?)",
-                    rows,
-                )
-                self._db.execute(
+            with self._q.transaction() as db:
+                self._q.insert(db, _COLUMNS, rows)
+                db.execute(
                     "UPDATE meta SET value=max(value, ?) WHERE key='next_seq'",
                     (max(r[0] for r in rows) + 1,),
                 )
                 added = sum(len(r[2]) + len(r[3]) for r in rows)
                 dropped = self._enforce_quota(len(rows), added, min(r[0] for r in rows))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
             self._count += len(rows) - dropped[0]
             self._bytes += added - dropped[1]
             self.commits += 1
@@ -317,37 +298,19 @@ class Outbox:
     # -- the link's side -------------------------------------------------------------------
     def due(self, resend_after: float, limit: int = 100, now: float | None = None) -> list[Pending]:
         """Messages never sent, or sent longer than ``resend_after`` seconds ago without an ack."""
-        cutoff = (now or time.time()) - resend_after
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT seq, topic, payload, attempts FROM outbox "
-                "WHERE last_sent IS NULL OR last_sent <= ? ORDER BY priority, seq LIMIT ?",
-                (cutoff, limit),
-            ).fetchall()
+        rows = self._q.due("seq, topic, payload, attempts", resend_after, limit, now)
         return [Pending(*r) for r in rows]
 
     def mark_sent(self, seqs: list[int], now: float | None = None) -> None:
-        with self._lock:
-            self._db.executemany(
-                "UPDATE outbox SET last_sent=?, attempts=attempts+1 WHERE seq=?",
-                [(now or time.time(), s) for s in seqs],
-            )
+        self._q.mark_sent([(s,) for s in seqs], now)
 
     def ack(self, seqs: list[int]) -> int:
         """Forget what the receiver has stored; returns how many were still here."""
-        gone = 0
         with self._lock:
-            for i in range(0, len(seqs), 500):
-                chunk = list(seqs[i : i + 500])
-                rows = self._db.execute(
-                    f"DELETE FROM outbox WHERE seq IN ({','.join('?' * len(chunk))}) "
-                    f"RETURNING {_SIZE}",
-                    chunk,
-                ).fetchall()
-                gone += len(rows)
-                self._count -= len(rows)
-                self._bytes -= sum(r[0] for r in rows)
-        return gone
+            rows = self._q.delete([(s,) for s in seqs], returning=_SIZE)
+            self._count -= len(rows)
+            self._bytes -= sum(r[0] for r in rows)
+        return len(rows)
 
     def reserve_seq(self) -> int:
         """A fresh sequence number for a message that does not go through the outbox
@@ -363,8 +326,7 @@ class Outbox:
 
     def unsend_all(self) -> None:
         """Mark everything as never sent, e.g. after a reconnect."""
-        with self._lock:
-            self._db.execute("UPDATE outbox SET last_sent=NULL")
+        self._q.unsend_all()
 
     def depth(self) -> int:
         """Messages not yet acknowledged: on disk, plus a batch not yet committed."""
@@ -390,5 +352,4 @@ class Outbox:
             self._flusher.join(timeout=30)
             self._flusher = None
         self.flush()
-        with self._lock:
-            self._db.close()
+        self._q.close()

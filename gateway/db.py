@@ -27,8 +27,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from edge_agent.durable_queue import begin_immediate, durable_sqlite
 from edge_agent.errors import MedgeError
-from edge_agent.outbox import durable_sqlite
 
 __all__ = [
     "Cursor", "Database", "Row", "StoreError", "connect", "is_url", "redact", "sqlite_path",
@@ -186,7 +186,7 @@ class SQLiteDatabase(Database):
         self._db.executemany(sql, rows)
 
     def begin(self, exclusive: bool = False) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
+        begin_immediate(self._db)
 
     def row_refused(self, exc: BaseException) -> bool:
         return isinstance(

@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING
 
 import paho.mqtt.client as mqtt
 
+from edge_agent.durable_queue import DurableQueue, priority
 from edge_agent.envelope import decode_ack
 from edge_agent.errors import MedgeError
 from edge_agent.mqtt_session import MqttSession
-from edge_agent.outbox import durable_sqlite
 from edge_agent.reasons import Reason
 from edge_agent.topics import ROOT, parse, topic
 
@@ -66,7 +66,7 @@ CREATE TABLE IF NOT EXISTS latest (
     PRIMARY KEY (site, device, kind)
 );
 """
-_PRIORITY = {"event": 0, "result": 1}
+_COLUMNS = ("site", "device", "seq", "priority", "topic", "payload", "created")
 
 
 @dataclass(frozen=True)
@@ -84,9 +84,11 @@ class ForwardOutbox:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._lock = threading.Lock()
-        self._db = durable_sqlite(self.path, timeout=30)
-        self._db.executescript(_SCHEMA)
+        self._q = DurableQueue(
+            self.path, _SCHEMA, "forward", ("site", "device", "seq"), "priority, created",
+            timeout=30,
+        )
+        self._lock, self._db = self._q.lock, self._q.db  # also for the table `latest`
 
     def __enter__(self) -> ForwardOutbox:
         return self
@@ -98,48 +100,23 @@ class ForwardOutbox:
         """Store (site, device, seq, kind, topic, payload) durably in one transaction; what is
         already queued stays as it is (a device's resend)."""
         now = time.time()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany(
-                    "INSERT INTO forward (site, device, seq, priority, topic, payload, created)"
-                    " VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
-                    [(s, d, q, _PRIORITY.get(k, 1), t, p, now) for s, d, q, k, t, p in items],
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        self._q.put_many(
+            _COLUMNS,
+            [(s, d, q, priority(k), t, p, now) for s, d, q, k, t, p in items],
+            " ON CONFLICT DO NOTHING",
+        )
 
     def due(self, resend_after: float, limit: int = 200) -> list[Forwarding]:
         """Messages never sent, or sent more than ``resend_after`` seconds ago without an ack."""
-        cutoff = time.time() - resend_after
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT site, device, seq, topic, payload FROM forward "
-                "WHERE last_sent IS NULL OR last_sent <= ? ORDER BY priority, created LIMIT ?",
-                (cutoff, limit),
-            ).fetchall()
+        rows = self._q.due("site, device, seq, topic, payload", resend_after, limit)
         return [Forwarding(s, d, int(q), t, bytes(p)) for s, d, q, t, p in rows]
 
     def mark_sent(self, items: list[Forwarding]) -> None:
-        now = time.time()
-        with self._lock:
-            self._db.executemany(
-                "UPDATE forward SET last_sent=?, attempts=attempts+1 "
-                "WHERE site=? AND device=? AND seq=?",
-                [(now, f.site, f.device, f.seq) for f in items],
-            )
+        self._q.mark_sent([(f.site, f.device, f.seq) for f in items])
 
     def ack(self, site: str, device: str, seqs: list[int]) -> int:
         """Forget what the cloud has stored; returns how many were still here."""
-        with self._lock:
-            before = self._db.total_changes
-            self._db.executemany(
-                "DELETE FROM forward WHERE site=? AND device=? AND seq=?",
-                [(site, device, s) for s in seqs],
-            )
-            return self._db.total_changes - before
+        return len(self._q.delete([(site, device, s) for s in seqs]))
 
     def put_latest(
         self, site: str, device: str, kind: str, seq: int, topic: str, payload: bytes
@@ -179,16 +156,13 @@ class ForwardOutbox:
             return int(self._db.execute("SELECT count(*) FROM latest WHERE sent=0").fetchone()[0])
 
     def unsend_all(self) -> None:
-        with self._lock:
-            self._db.execute("UPDATE forward SET last_sent=NULL")
+        self._q.unsend_all()
 
     def depth(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT count(*) FROM forward").fetchone()[0])
+        return self._q.count()
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._q.close()
 
 
 class Forwarder:
