@@ -14,23 +14,20 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
 
-from edge_agent.sources.base import Problems, Sample
-from edge_agent.sources.feed import FeedSettings, SampleChecks, feed_port
+from edge_agent.sources.feed import FeedSettings, feed_port
+from edge_agent.sources.live import LiveSource, Row
 from edge_agent.sources.udp import parse_line
 from edge_agent.topics import ROOT, check_name
 
 __all__ = ["MqttSensorSettings", "MqttSensorSource", "parse_payload", "sensor_topic"]
 
 log = logging.getLogger("medge.agent.source.mqtt")
-
-Row = tuple[np.ndarray, float | None, int | None, int | None]
 
 
 class MqttSensorSettings(FeedSettings):
@@ -99,15 +96,19 @@ def parse_payload(payload: bytes, fmt: str, fields: list[str], csv_time: bool = 
     return [(values[i], times[i], label, seq0 + i if seq0 is not None else None) for i in range(n)]
 
 
-class MqttSensorSource:
-    """Connects and subscribes on :meth:`open` (or on first :meth:`stream`)."""
+class MqttSensorSource(LiveSource):
+    """Connects and subscribes on :meth:`open` (or on first :meth:`stream`); the loop and its
+    checks are :class:`~edge_agent.sources.live.LiveSource`'s."""
+
+    unit = "message"
+    log = log
 
     def __init__(self, cfg: MqttSensorSettings) -> None:
-        self.cfg = cfg
+        self.cfg: MqttSensorSettings = cfg
         self.topic = sensor_topic(cfg.site, cfg.device, cfg.sensor)
-        self.name = f"mqtt:{cfg.device}/{cfg.sensor}"
-        self._problems = Problems(self.name, log)
+        super().__init__(cfg, f"mqtt:{cfg.device}/{cfg.sensor}")
         self._feed = feed_port(self.name, cfg.queue, cfg.block_s, self._problems)
+        self.ports = [self._feed]
         self._client: Any = None
         self.subscribed = threading.Event()
 
@@ -159,37 +160,10 @@ class MqttSensorSource:
         self.open()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def receive(self, timeout: float) -> bytes | None:
+        payload: bytes | None = self._feed.get(timeout)
+        return payload
 
-    def stream(self, stop: threading.Event) -> Iterator[Sample]:
+    def parse(self, unit: bytes) -> list[Row]:
         c = self.cfg
-        self.open()
-        checks = SampleChecks(self.name, self._problems, c.rate_hz, c.gap_periods)
-        emitted, idle, messages = 0, 0.0, 0
-        try:
-            while not stop.is_set():
-                payload = self._feed.get(timeout=0.2)
-                if payload is None:
-                    idle += 0.2
-                    if c.idle_timeout_s is not None and idle >= c.idle_timeout_s:
-                        log.info("%s: no data for %.1f s; stream ends", self.name, idle)
-                        return
-                    continue
-                idle, messages = 0.0, messages + 1
-                try:
-                    rows = parse_payload(payload, c.format, c.fields, c.csv_time)
-                except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-                    self._problems.add("malformed", "message %d: %s", messages, exc, every=False)
-                    continue
-                for values, t, label, seq in rows:
-                    sample = checks.sample(values, t, label, seq)
-                    if sample is None:
-                        continue
-                    yield sample
-                    emitted += 1
-                    if c.limit is not None and emitted >= c.limit:
-                        return
-        finally:
-            self.close()
-            self._problems.summary()
+        return parse_payload(unit, c.format, c.fields, c.csv_time)

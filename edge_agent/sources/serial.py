@@ -11,28 +11,19 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
 from typing import Any, Literal
 
 from pydantic import Field
 
 from edge_agent.errors import SourceError
-from edge_agent.sources.base import Problems, Sample, require
-from edge_agent.sources.feed import (
-    CsvTime,
-    FeedFormat,
-    FeedSettings,
-    QueueSize,
-    SampleChecks,
-    feed_port,
-)
+from edge_agent.sources.base import require
+from edge_agent.sources.feed import CsvTime, FeedFormat, FeedSettings, QueueSize, feed_port
+from edge_agent.sources.live import END, LiveSource, Row
 from edge_agent.sources.udp import parse_line
 
 __all__ = ["SerialSettings", "SerialSource"]
 
 log = logging.getLogger("medge.agent.source.serial")
-
-_EOF = object()
 
 
 class SerialSettings(FeedSettings):
@@ -47,18 +38,23 @@ class SerialSettings(FeedSettings):
     queue: QueueSize = 4096
 
 
-class SerialSource:
+class SerialSource(LiveSource):
+    """Opens the port and starts its reader thread at the start of :meth:`stream`; the loop and
+    its checks are :class:`~edge_agent.sources.live.LiveSource`'s."""
+
+    unit = "line"
+    log = log
+
     def __init__(self, cfg: SerialSettings) -> None:
-        self.cfg = cfg
-        self.name = f"serial:{cfg.port}"
-        self._problems = Problems(self.name, log)
+        self.cfg: SerialSettings = cfg
+        super().__init__(cfg, f"serial:{cfg.port}")
         self._feed = feed_port(self.name, cfg.queue, cfg.block_s, self._problems)
+        self.ports = [self._feed]
+        self._port: Any = None
+        self._reader: threading.Thread | None = None
+        self._halt = threading.Event()
         self.opened = threading.Event()
         """Set once the port is open: what the line carried before that is gone."""
-
-    @property
-    def errors(self) -> dict[str, int]:
-        return self._problems.snapshot()
 
     def _open(self) -> Any:
         serial = require("serial", "serial")
@@ -83,44 +79,31 @@ class SerialSource:
             self._problems.add("read", "serial read failed: %s", exc)
         finally:
             if not stop.is_set():
-                self._feed.put(_EOF)
+                self._feed.put(END)
 
-    def stream(self, stop: threading.Event) -> Iterator[Sample]:
-        c = self.cfg
-        port = self._open()
+    def open(self) -> None:
+        if self._port is not None:
+            return
+        self._port = self._open()
         self.opened.set()
-        halt = threading.Event()
-        reader = threading.Thread(target=self._read, args=(port, halt), daemon=True, name=self.name)
-        reader.start()
-        checks = SampleChecks(self.name, self._problems, c.rate_hz, c.gap_periods)
-        emitted, idle, n = 0, 0.0, 0
-        try:
-            while not stop.is_set():
-                raw = self._feed.get(timeout=0.2)
-                if raw is _EOF:
-                    return
-                if raw is None:
-                    idle += 0.2
-                    if c.idle_timeout_s is not None and idle >= c.idle_timeout_s:
-                        log.info("%s: no data for %.1f s; stream ends", self.name, idle)
-                        return
-                    continue
-                idle, n = 0.0, n + 1
-                try:
-                    line = raw.decode("utf-8").strip()
-                    values, t, label, seq = parse_line(line, c.format, c.fields, c.csv_time)
-                except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-                    self._problems.add("malformed", "line %d: %s", n, exc, every=False)
-                    continue
-                sample = checks.sample(values, t, label, seq)
-                if sample is None:
-                    continue
-                yield sample
-                emitted += 1
-                if c.limit is not None and emitted >= c.limit:
-                    return
-        finally:
-            halt.set()
-            reader.join(timeout=2)
-            port.close()
-            self._problems.summary()
+        self._halt = threading.Event()
+        self._reader = threading.Thread(
+            target=self._read, args=(self._port, self._halt), daemon=True, name=self.name
+        )
+        self._reader.start()
+
+    def close(self) -> None:
+        if self._port is None:
+            return
+        self._halt.set()
+        if self._reader is not None:
+            self._reader.join(timeout=2)
+        self._port.close()
+        self._port, self._reader = None, None
+
+    def receive(self, timeout: float) -> Any:
+        return self._feed.get(timeout)
+
+    def parse(self, unit: bytes) -> list[Row]:
+        c = self.cfg
+        return [parse_line(unit.decode("utf-8").strip(), c.format, c.fields, c.csv_time)]

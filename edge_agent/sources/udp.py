@@ -12,44 +12,26 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import threading
-import time
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
 
 from edge_agent.errors import SourceError
-from edge_agent.sources.base import Problems, Sample, SourceSettings
-from edge_agent.sources.imu import ClockCheck, finite
-from edge_agent.window import WindowSettings
+from edge_agent.sources.live import POLL_S, LiveSettings, LiveSource, Row
 
 __all__ = ["UdpSettings", "UdpSource", "parse_line"]
 
 log = logging.getLogger("medge.agent.source.udp")
 
 
-class UdpSettings(SourceSettings):
+class UdpSettings(LiveSettings):
+    """Where to listen; the rest is :class:`~edge_agent.sources.live.LiveSettings`."""
+
     kind: Literal["udp"] = Field(default="udp", description="Source plug-in: live UDP sensor.")
     host: str = Field(default="127.0.0.1", description="Address to listen on (0.0.0.0: all).")
     port: int = Field(ge=0, le=65535, description="UDP port to listen on (0: any free port).")
     format: Literal["json", "csv"] = Field(default="json", description="Line format.")
-    fields: list[str] = Field(
-        default=["x", "y", "z"], min_length=1, description="Channel names, in order."
-    )
-    csv_time: bool = Field(default=False, description="CSV lines start with the time (s).")
-    rate_hz: float = Field(
-        default=0.0, ge=0, description="Nominal rate for gap checks on 't'; 0: no checks."
-    )
-    gap_periods: float = Field(default=5.0, gt=1, description="A gap is this many periods.")
-    idle_timeout_s: float | None = Field(
-        default=None, gt=0, description="End the stream after this long without data."
-    )
-    limit: int | None = Field(default=None, ge=1, description="Stop after this many samples.")
-    window: WindowSettings | None = Field(
-        default=None, description="Emit (length, C) windows instead of single samples."
-    )
 
 
 def parse_line(
@@ -75,19 +57,19 @@ def parse_line(
     return values, t, label, seq
 
 
-class UdpSource:
-    """Binds on :meth:`open` (or on first :meth:`stream`); ``address`` is where it listens."""
+class UdpSource(LiveSource):
+    """Binds on :meth:`open` (or on first :meth:`stream`); ``address`` is where it listens.
+    One sample a line; a sample's number counts every line received (malformed ones too)."""
+
+    unit = "line"
+    numbered_by_unit = True
+    log = log
 
     def __init__(self, cfg: UdpSettings) -> None:
-        self.cfg = cfg
-        self.name = f"udp:{cfg.port}"
-        self._problems = Problems(self.name, log)
+        self.cfg: UdpSettings = cfg
+        super().__init__(cfg, f"udp:{cfg.port}")
         self._sock: socket.socket | None = None
         self.address: tuple[str, int] | None = None
-
-    @property
-    def errors(self) -> dict[str, int]:
-        return self._problems.snapshot()
 
     def open(self) -> tuple[str, int]:
         if self._sock is None:
@@ -97,7 +79,7 @@ class UdpSource:
             except OSError as exc:
                 sock.close()
                 raise SourceError(f"cannot listen on udp {self.cfg.host}:{self.cfg.port}") from exc
-            sock.settimeout(0.2)
+            sock.settimeout(POLL_S)
             self._sock, self.address = sock, sock.getsockname()[:2]
             self.name = f"udp:{self.address[1]}"
             self._problems.name = self.name
@@ -113,52 +95,17 @@ class UdpSource:
         self.open()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def stream(self, stop: threading.Event) -> Iterator[Sample]:
-        c = self.cfg
-        self.open()
+    def receive(self, timeout: float) -> bytes | None:
         assert self._sock is not None
-        clock = ClockCheck(self._problems, c.rate_hz, c.gap_periods)
-        emitted, last_data, last_seq, n, gap = 0, time.monotonic(), None, 0, False
         try:
-            while not stop.is_set():
-                try:
-                    data, _peer = self._sock.recvfrom(65535)
-                except TimeoutError:
-                    idle = time.monotonic() - last_data
-                    if c.idle_timeout_s is not None and idle >= c.idle_timeout_s:
-                        log.info("%s: no data for %.1f s; stream ends", self.name, idle)
-                        return
-                    continue
-                last_data = time.monotonic()
-                for line in data.decode("utf-8", errors="replace").splitlines():
-                    if not line.strip():
-                        continue
-                    n += 1
-                    try:
-                        values, t, label, seq = parse_line(line, c.format, c.fields, c.csv_time)
-                    except (ValueError, KeyError, TypeError) as exc:
-                        self._problems.add("malformed", "line %d: %s", n, exc, every=False)
-                        continue
-                    if seq is not None:
-                        if last_seq is not None and seq > last_seq + 1:
-                            k = seq - last_seq - 1
-                            self._problems.add("lost", "%d line(s) lost", k, every=False, count=k)
-                        last_seq = seq
-                    gap = clock.step(t) or gap
-                    if not finite(self._problems, values, f"line {n}"):
-                        continue
-                    meta: dict[str, Any] = {"gap": True} if gap else {}
-                    if seq is not None:
-                        meta["seq"] = seq
-                    ts = t if t is not None else time.time()
-                    yield Sample(f"{self.name}#{n}", values, label, ts, meta)
-                    gap = False
-                    emitted += 1
-                    if c.limit is not None and emitted >= c.limit:
-                        return
-        finally:
-            self.close()
-            self._problems.summary()
+            data, _peer = self._sock.recvfrom(65535)
+        except TimeoutError:
+            return None
+        return data
+
+    def units(self, raw: bytes) -> list[str]:
+        return [ln for ln in raw.decode("utf-8", errors="replace").splitlines() if ln.strip()]
+
+    def parse(self, unit: str) -> list[Row]:
+        c = self.cfg
+        return [parse_line(unit, c.format, c.fields, c.csv_time)]
