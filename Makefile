@@ -1,6 +1,7 @@
 # The two commands that do all the set-up on a fresh machine:
 #   make demo   - the whole chain on this machine (broker, gateway, dashboard, devices)
-#   make test   - the test suite
+#   make test   - the test suite (ruff included: tests/test_style.py)
+#   make test-fast - the same without conversions and whole-chain runs (-m "not slow")
 # Each creates .venv on first use. Mosquitto and Chromium come from apt (see README).
 
 PY ?= python3
@@ -8,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test test-fast lint schemas clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,8 +23,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
 
+# Converted bundles are cached by content in .pytest_cache/medge-bundles (MEDGE_TEST_CACHE;
+# tests/conftest.py), so a second run skips the session's conversion too.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
 lint: $(STAMP)
-	$(BIN)/ruff check edge_agent converter gateway models medge tests
+	$(BIN)/ruff check .
+
+# docs/*.schema.json from the pydantic models (tests/test_schema_export.py checks they are current)
+schemas: $(STAMP)
+	$(BIN)/python tools/export_schema.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache test-artifacts

@@ -155,6 +155,8 @@ class WindowSpec(_Model):
 
 
 class FileEntry(_Model):
+    """One file of the bundle as the manifest pins it: a device refuses a file that differs."""
+
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     bytes: int = Field(ge=0)
 
@@ -204,6 +206,8 @@ class CamSpec(_Model):
 
 
 class Provenance(_Model):
+    """Where the artifacts came from: the source model, the converter, the calibration data."""
+
     source_sha256: str
     source_format: str
     converter_version: str
@@ -213,6 +217,13 @@ class Provenance(_Model):
 
 
 class Manifest(_Model):
+    """``manifest.json``: everything a device needs to know to run the bundle's artifacts.
+
+    Written by the converter, read and verified by the agent (:meth:`Bundle.load`); the fields
+    are described in docs/bundle.md, and docs/manifest.schema.json is their JSON Schema.
+    Minor schema versions only add optional fields; unknown fields are ignored.
+    """
+
     schema_version: str = Field(description="major.minor; a device refuses another major.")
     name: str
     version: str
@@ -240,6 +251,7 @@ class Manifest(_Model):
 
     @property
     def positive_index(self) -> int | None:
+        """Output index of ``positive_label``; None when the manifest names none."""
         return self.labels.index(self.positive_label) if self.positive_label else None
 
 

@@ -20,6 +20,8 @@ class _Strict(BaseModel):
 
 
 class BrokerConfig(_Strict):
+    """The MQTT broker the agent publishes to, and how it reconnects when the link drops."""
+
     host: str = Field(default="127.0.0.1", description="MQTT broker host.")
     port: int = Field(default=1883, ge=1, le=65535, description="MQTT broker port.")
     protocol: Literal["5", "3.1.1", "auto"] = Field(
@@ -45,6 +47,8 @@ class BrokerConfig(_Strict):
 
 
 class OutboxConfig(_Strict):
+    """The disk-backed outbox: every message waits here until the gateway acknowledges it."""
+
     path: Path = Field(default=Path("outbox.sqlite"), description="SQLite file of the outbox.")
     resend_after_s: float = Field(
         default=5.0, gt=0, description="Resend what the gateway has not acknowledged after this."
@@ -73,6 +77,13 @@ class OutboxConfig(_Strict):
 
 
 class AgentConfig(_Strict):
+    """The agent's configuration file (YAML; :func:`load_config`): which bundle to run on which
+    source, the identity it speaks with, and where it sends. Unknown keys are errors.
+
+    Fields are described in docs/config.md; docs/agent-config.schema.json is the JSON Schema.
+    Relative paths are read from the config file's directory.
+    """
+
     site: str = Field(description="Site (hospital, ward) this device belongs to.")
     device: str = Field(description="This device's name, unique in its site.")
     bundle: Path = Field(

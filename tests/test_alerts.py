@@ -15,6 +15,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from waiting import wait_for
 
 from edge_agent.bundle import EventRule
 from edge_agent.envelope import Envelope
@@ -51,16 +52,6 @@ def publisher(broker: Any) -> Iterator[Callable[[str, str, bytes], None]]:
     finally:
         c.loop_stop()
         c.disconnect()
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 5.0, every: float = 0.005) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(every)
 
 
 def fall(device: str, seq: int, event: str = "fall", score: float = 0.97,

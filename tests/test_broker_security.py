@@ -13,6 +13,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from waiting import wait_for, within
 
 from edge_agent.identity import DEVICE_CERT, DEVICE_KEY, SITE_CA
 from edge_agent.topics import topic
@@ -75,15 +76,6 @@ def _client(
     return c, seen
 
 
-def _wait(cond, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return bool(cond())
-
-
 def test_device_cannot_publish_or_read_as_another(  # type: ignore[no-untyped-def]
     site: Path, broker: RunningBroker, tmp_path: Path
 ) -> None:
@@ -103,19 +95,20 @@ def test_device_cannot_publish_or_read_as_another(  # type: ignore[no-untyped-de
             c.connect(broker.host, broker.port)
             c.loop_start()
             clients.append(c)
-        assert _wait(lambda: spy_seen["connack"] is not None and owner_seen["connack"] is not None)
+        wait_for(lambda: spy_seen["connack"] is not None and owner_seen["connack"] is not None,
+                 5, "both CONNACKs")
         own = spy.publish(topic("ward-b", "us-01", "telemetry"), b"x", qos=1)
         other = spy.publish(topic("ward-b", "us-02", "result"), b"x", qos=1)
-        assert _wait(lambda: len(spy_seen["pubacks"]) == 2)
+        wait_for(lambda: len(spy_seen["pubacks"]) == 2, 5, "two PUBACKs")
         assert not spy_seen["pubacks"][own.mid].is_failure
         assert spy_seen["pubacks"][other.mid].value == NOT_AUTHORIZED, "the denial is visible"
         # reading another device's acks: Mosquitto grants the SUBSCRIBE but delivers nothing
         ack_b = topic("ward-b", "us-02", "ack")
         spy.subscribe(ack_b, qos=1)
         owner.subscribe(ack_b, qos=1)
-        assert _wait(lambda: spy_seen["subacks"] and owner_seen["subacks"])
+        wait_for(lambda: spy_seen["subacks"] and owner_seen["subacks"], 5, "both SUBACKs")
         gateway.publish(ack_b, b"for us-02 only", qos=1).wait_for_publish(5)
-        assert _wait(lambda: got["owner"] == [b"for us-02 only"])
+        wait_for(lambda: got["owner"] == [b"for us-02 only"], 5, "the owner's ack")
         time.sleep(0.5)
         assert got["spy"] == []
     finally:
@@ -136,7 +129,8 @@ def test_client_id_of_another_device_does_not_take_over_its_session(  # type: ig
     attacker.connect(broker.host, broker.port)
     attacker.loop_start()
     try:
-        assert _wait(lambda: v_seen["connack"] is not None and a_seen["connack"] is not None)
+        wait_for(lambda: v_seen["connack"] is not None and a_seen["connack"] is not None,
+                 5, "both CONNACKs")
         time.sleep(1.0)
         assert v_seen["disconnects"] == 0, "the victim keeps its session"
         assert victim.is_connected()
@@ -170,7 +164,7 @@ def _refused(ident: Path | None, ca: Path, broker: RunningBroker) -> bool:
         return True
     c.loop_start()
     try:
-        accepted = _wait(
+        accepted = within(
             lambda: seen["connack"] is not None and not seen["connack"].is_failure, 2.0
         )
         return not accepted

@@ -11,10 +11,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-import pytest
+from waiting import wait_for
 
 from edge_agent.envelope import Sealer
 from edge_agent.identity import DeviceIdentity
@@ -26,14 +25,6 @@ from gateway.site import opener_for
 
 SITE, DEVICE = "ward-a", "fc-01"
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def _fog(site_dir: Path, fog: RunningBroker, cloud: RunningBroker, tmp: Path
@@ -85,8 +76,8 @@ def test_sigkilled_fog_gateway_loses_and_duplicates_nothing(  # type: ignore[no-
                 assert killed_at is not None, "the gateway was killed mid-stream"
                 assert killed_at < len(sent)
                 assert link.drain(60), "every result acknowledged after the restart"
-            _wait(lambda: cloud_store.result_count(SITE, DEVICE) == len(sent), 60,
-                  "the cloud to have every result")
+            wait_for(lambda: cloud_store.result_count(SITE, DEVICE) == len(sent), 60,
+                     "the cloud to have every result")
         finally:
             fog.send_signal(signal.SIGINT)
             _, err = fog.communicate(timeout=20)

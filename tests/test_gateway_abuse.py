@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from paho.mqtt.enums import CallbackAPIVersion
+from waiting import wait_for
 
 from edge_agent.envelope import MAX_BYTES, Envelope, Sealer
 from edge_agent.identity import DEVICE_CERT, DEVICE_KEY, SITE_CA, DeviceIdentity
@@ -30,14 +31,6 @@ from gateway.broker_config import MAX_PACKET_BYTES, gateway_client_files, write_
 from gateway.site import init_site, opener_for, provision_device, write_recipient
 
 SITE = "ward-a"
-
-
-def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def _rejected(gw: Gateway, reason: str) -> float:
@@ -89,7 +82,7 @@ def test_a_flooding_device_is_limited_and_loses_nothing_while_others_are_served(
         _device(tmp_path, mosquitto, identity("ab-calm"), "ab-calm") as (cbox, clink),
     ):
         flood = _put(fbox, flink, 300)  # at once: far over 40/s with a burst of 20
-        _wait(lambda: gw.stats.rate_limited > 50, 20, "the flood to hit the limit")
+        wait_for(lambda: gw.stats.rate_limited > 50, 20, "the flood to hit the limit")
         calm = []
         for _ in range(10):  # a calm device, 5 results a second, during the flood
             calm += _put(cbox, clink, 1)
@@ -123,12 +116,12 @@ def test_state_is_never_rate_limited(sealer, opener, mosquitto: RunningBroker,  
                 body = {"state": "online"} if kind == "state" else {"fps": 1.0}
                 env = Envelope(kind, SITE, "ab-state", seq, time.time(), body)
                 c.publish(topic(SITE, "ab-state", kind), s.seal(env), qos=1).wait_for_publish(5)
-            _wait(lambda: gw.stats.received == 3, 10, "three messages")
+            wait_for(lambda: gw.stats.received == 3, 10, "three messages")
         finally:
             c.loop_stop()
             c.disconnect()
         assert gw.stats.rate_limited == 1, "the second telemetry is over 1/s, burst 1"
-        _wait(lambda: store.devices() and store.devices()[0]["state"] == "online", 5, "state")
+        wait_for(lambda: store.devices() and store.devices()[0]["state"] == "online", 5, "state")
 
 
 def _raw_publish(broker: RunningBroker, items: list[tuple[str, bytes]]) -> None:
@@ -154,7 +147,7 @@ def test_oversized_message_through_the_broker_is_rejected_counted_and_logged(  #
         Gateway(store, opener, mosquitto.host, mosquitto.port) as gw,
     ):
         _raw_publish(mosquitto, [(topic(SITE, "ab-big", "result"), big)])
-        _wait(lambda: gw.stats.rejected == 1, 10, "the rejection")
+        wait_for(lambda: gw.stats.rejected == 1, 10, "the rejection")
         assert _rejected(gw, "size") == 1
         assert store.result_count() == 0
     lines = _lines(caplog, "ab-big")
@@ -191,7 +184,7 @@ def test_bad_input_each_has_a_reason_and_one_line_naming_the_device(  # type: ig
         Gateway(store, opener_for(site_dir), mosquitto.host, mosquitto.port) as gw,
     ):
         _raw_publish(mosquitto, [(topic(SITE, d, "result"), p) for d, (p, _) in sends.items()])
-        _wait(lambda: gw.stats.rejected == len(sends), 10, "three rejections")
+        wait_for(lambda: gw.stats.rejected == len(sends), 10, "three rejections")
         for device, (_, reason) in sends.items():
             assert _rejected(gw, reason) == 1, (device, reason)
             assert len(_lines(caplog, f"{SITE}/{device}")) == 1, device
@@ -224,7 +217,7 @@ def test_broker_config_stops_oversized_messages_before_the_gateway(  # type: ign
         c.on_disconnect = lambda _c, _u, _f, rc, _p=None: seen["disconnects"].append(rc)
         c.connect(broker.host, broker.port)
         c.loop_start()
-        _wait(c.is_connected, 10, "the device to connect")
+        wait_for(c.is_connected, 10, "the device to connect")
         return c, seen
 
     def refused(payload: bytes) -> None:
@@ -232,7 +225,7 @@ def test_broker_config_stops_oversized_messages_before_the_gateway(  # type: ign
         c, seen = client()
         try:
             info = c.publish(t, payload, qos=1)
-            _wait(lambda: bool(seen["disconnects"]) or (
+            wait_for(lambda: bool(seen["disconnects"]) or (
                 info.mid in seen["pubacks"] and seen["pubacks"][info.mid].is_failure), 10,
                 "the broker to refuse the message")
         finally:
@@ -249,7 +242,7 @@ def test_broker_config_stops_oversized_messages_before_the_gateway(  # type: ign
         try:
             env = Envelope("result", SITE, "ab-big", 1, time.time(), {"pred": 1})
             c.publish(t, sealer.seal(env), qos=1).wait_for_publish(10)
-            _wait(lambda: store.result_count() == 1, 10, "the good result")
+            wait_for(lambda: store.result_count() == 1, 10, "the good result")
         finally:
             c.loop_stop()
             c.disconnect()
@@ -282,7 +275,7 @@ def test_a_bad_cam_is_dropped_and_counted_the_result_kept(  # type: ignore[no-un
         Gateway(store, opener, mosquitto.host, mosquitto.port) as gw,
     ):
         _raw_publish(mosquitto, items)
-        _wait(lambda: store.result_count() == 3, 10, "three results")
+        wait_for(lambda: store.result_count() == 3, 10, "three results")
         bodies = {r["seq"]: json.loads(r["body"])
                   for r in store.query("SELECT seq, body FROM results")}
         assert bodies[1]["cam"] == cams[1], "a small PNG is kept"

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from waiting import wait_for
 
 from edge_agent.link import DeviceLink, backoff_delay
 from edge_agent.outbox import Outbox
@@ -16,15 +17,6 @@ from gateway.broker import RunningBroker, start_broker
 from gateway.ota import publish_command
 
 SITE = "ward-a"
-
-
-def _wait(pred, timeout: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return bool(pred())
 
 
 def test_backoff_is_full_jitter_and_capped() -> None:
@@ -56,9 +48,9 @@ def test_subscriptions_come_back_after_a_broker_restart_on_the_same_port(  # typ
             ):
                 box.put("result", {"i": 0})
                 link.notify()
-                assert _wait(lambda: link.acked == 1), "ack before the restart"
+                wait_for(lambda: link.acked == 1, 20, "ack before the restart")
             mosquitto.kill()
-            assert _wait(lambda: not link.connected)
+            wait_for(lambda: not link.connected, 20, "the link to see the broker gone")
             box.put("result", {"i": 1})  # waits in the outbox while the broker is away
             time.sleep(1.0)  # a few attempts against a closed port
             assert link.connect_failures >= 1
@@ -67,10 +59,10 @@ def test_subscriptions_come_back_after_a_broker_restart_on_the_same_port(  # typ
                 Store(tmp_path / "gw2.sqlite") as store,
                 Gateway(store, opener, again.host, again.port),
             ):
-                assert _wait(lambda: link.connects == 2), "reconnected on its own"
-                assert _wait(lambda: link.acked == 2), "the ack subscription is back"
+                wait_for(lambda: link.connects == 2, 20, "reconnected on its own")
+                wait_for(lambda: link.acked == 2, 20, "the ack subscription is back")
                 publish_command(again.host, again.port, SITE, device, b"after-restart")
-                assert _wait(lambda: commands == [b"after-restart"]), "so is the cmd one"
+                wait_for(lambda: commands == [b"after-restart"], 20, "so is the cmd one")
                 assert store.result_count() == 1
             assert link.protocol_in_use == "5"
         assert box.depth() == 0

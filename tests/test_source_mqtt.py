@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 from paho.mqtt import client as mqtt
+from waiting import within
 
 from edge_agent.bundle import WindowSpec
 from edge_agent.errors import SourceError
@@ -125,9 +126,7 @@ def test_a_full_queue_pushes_back_then_counts_overflow(mosquitto: RunningBroker)
     # a reader that does not read at all: after block_s, what does not fit is dropped, counted
     src = subscribed(MqttSensorSource(settings(mosquitto, "stuck", queue=4, block_s=0.05)))
     publish(mosquitto, src.topic, msgs[:20])
-    deadline = time.monotonic() + 10
-    while src.errors.get("overflow", 0) < 16 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    within(lambda: src.errors.get("overflow", 0) >= 16, 10)
     out = list(src.stream(threading.Event()))
     assert [s.meta["seq"] for s in out] == [0, 1, 2, 3] and src.errors == {"overflow": 16}
 
