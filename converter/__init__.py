@@ -3,10 +3,11 @@ imported in a child process, so a converter crash is a reported failure, not a l
 
 from __future__ import annotations
 
-from converter.convert import ConvertRequest, convert
+from converter.convert import convert
 from converter.errors import ConversionError
 from converter.evaluate import evaluate_bundle
 from converter.metrics import auc, classification_metrics
+from converter.request import ConvertRequest
 
 __all__ = [
     "ConversionError",

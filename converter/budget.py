@@ -1,4 +1,4 @@
-"""Evaluating artifacts as a device runs them, and the accuracy-budget search.
+"""The accuracy-budget search (artifacts are run and scored by converter.scoring).
 
 ``--budget sensitivity=0.005,auc=0.005`` asks for the cheapest artifact whose metrics drop
 from the float model's by no more than that. The search (converter.convert calls
@@ -22,23 +22,14 @@ bundle is written.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from converter.errors import ConversionError
-from converter.evaluate import foreground
-from converter.metrics import classification_metrics, image_metrics, segmentation_metrics
-from converter.regression import regression_metrics
+from converter.scoring import Scored
 from converter.stream_eval import EVENT_METRICS
-from edge_agent.backends import open_backend
-from edge_agent.bundle import Decode, Preprocess
-from edge_agent.decode import classify
-from edge_agent.preprocess import dequantize, normalize, to_input
 
 __all__ = [
     "LOWER_IS_BETTER",
@@ -46,17 +37,13 @@ __all__ = [
     "TASK_METRICS",
     "BudgetOutcome",
     "Rung",
-    "Scored",
     "append_markdown",
     "budget_metrics",
-    "class_scores",
     "describe",
     "float_extras",
     "misses",
-    "run_artifact",
     "rungs",
     "search",
-    "task_metrics",
 ]
 
 TASK_METRICS = {
@@ -85,20 +72,6 @@ RUNGS = (
 
 
 @dataclass
-class Scored:
-    """One artifact, evaluated: its metrics, outputs (one row per sample) and latencies."""
-
-    metrics: dict[str, Any]
-    outputs: np.ndarray
-    latencies: list[float]
-    streams: list[np.ndarray] | None = None  # raw outputs of each recording's windows
-
-    @property
-    def p50_ms(self) -> float:
-        return float(np.percentile(self.latencies, 50) * 1e3)
-
-
-@dataclass
 class BudgetOutcome:
     rung: str  # "int8" (the first artifact) or a Rung key
     precision: str
@@ -106,60 +79,6 @@ class BudgetOutcome:
     scored: Scored
     attempts: list[dict[str, Any]] = field(default_factory=list)
     per_layer: list[dict[str, Any]] = field(default_factory=list)
-
-
-def run_artifact(
-    path: Path,
-    runtime: str,
-    preprocess: Preprocess,
-    samples: np.ndarray,
-    layout: str | None = None,
-) -> tuple[np.ndarray, list[float]]:
-    """Every sample through the agent's own preprocessing and backend, one at a time as a
-    device runs them (1 thread); the real-valued first output of each, and each latency.
-    ``layout``: the manifest layout of the input (``NCHW`` transposes HWC images)."""
-    backend = open_backend(runtime, path, 1)
-    spec_in, spec_out = backend.inputs[0], backend.outputs[0]
-    spec_in = spec_in.model_copy(update={"layout": layout})
-    outs, lat = [], []
-    for s in samples:
-        t = time.perf_counter()
-        raw = backend.invoke([to_input(normalize(preprocess, s), spec_in)])[0]
-        outs.append(dequantize(raw, spec_out.quantization).reshape(spec_out.shape[1:]))
-        lat.append(time.perf_counter() - t)
-    return np.stack(outs), lat
-
-
-def class_scores(
-    outs: np.ndarray, decode: Decode, labels: list[str], positive: int | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Raw classifier outputs (N, ...) decoded as the agent decodes them: class scores
-    (N, len(labels)) and predicted classes (N,)."""
-    got = [classify(row.reshape(-1), decode, labels, positive) for row in outs]
-    return np.array([g.scores for g in got]), np.array([g.pred for g in got])
-
-
-def task_metrics(
-    task: str,
-    outs: np.ndarray,
-    y: np.ndarray,
-    decode: Decode,
-    labels: list[str],
-    positive: int | None,
-) -> dict[str, Any]:
-    """The task's metrics of outputs ``outs`` (N, ...) against targets ``y``."""
-    if task == "classification":
-        scores, pred = class_scores(outs, decode, labels, positive)
-        return classification_metrics(y, scores, pred, positive)
-    if task == "segmentation":
-        fg = foreground(outs, decode.activation)
-        masks = np.asarray(y).reshape(fg.shape).astype(bool)
-        return segmentation_metrics(masks, fg, decode.mask_threshold)
-    if task == "regression":
-        return regression_metrics(y, outs)
-    ref = np.asarray(y, dtype=np.float64)
-    out = np.asarray(outs, dtype=np.float64).reshape(ref.shape)
-    return image_metrics(ref, out)
 
 
 def budget_metrics(task: str, event_rules: list[str]) -> tuple[str, ...]:

@@ -19,14 +19,9 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -44,76 +39,36 @@ from converter.convert_data import prepare as _prepare
 from converter.errors import ConversionError
 from converter.inputs import source_bytes, source_format, source_sha256
 from converter.messages import collapse
-from converter.metrics import agreement, output_snr_db, roc_curve
+from converter.metrics import output_snr_db, roc_curve
 from converter.onnx_artifacts import OnnxOutcome, onnx_artifacts, onnx_source_artifacts
 from converter.regression import vs_float
 from converter.report import write_markdown
-from converter.strategies import MIN_AGREEMENT, STRATEGIES, convert_litert
-from converter.stream_eval import StreamWindows, score_streams
+from converter.request import ConvertRequest
+from converter.runner import CHILD_TIMEOUT_S, run_child
+from converter.scoring import Scored, agreement, run_artifact, stream_outputs
+from converter.strategies import convert_litert
+from converter.stream_eval import score_streams
 from edge_agent.backends import open_backend
 from edge_agent.bundle import (
     SCHEMA_VERSION,
     Artifact,
     Bundle,
     CamSpec,
-    EventRule,
     Manifest,
-    Preprocess,
     Provenance,
-    WindowSpec,
     file_entry,
     sign_bundle,
     write_manifest,
 )
 from edge_agent.keys import load_signer_key
-from edge_agent.model import LoadedModel
 
-__all__ = ["ConvertRequest", "convert", "publish"]
+__all__ = ["convert", "publish"]
 
 log = logging.getLogger("medge.convert")
 
-PROFILES = ("rpi4", "rpi5", "jetson", "x86")
-TASKS = tuple(B.TASK_METRICS)
 LAYOUTS = {5: "NTHWC", 4: "NHWC", 3: "NTC", 2: "NC"}
 WRAPPED = (".tflite", ".onnx")  # ready artifacts: wrapped as they are (converter.wrap)
 MIN_CALIBRATION = 100
-CHILD_TIMEOUT_S = 600
-BUDGET_METRICS = B.TASK_METRICS["classification"]
-
-
-@dataclass
-class ConvertRequest:
-    model: Path
-    calib: Path
-    eval: Path
-    out: Path
-    profile: str = "x86"
-    preprocess: Preprocess = field(default_factory=lambda: Preprocess(kind="none"))
-    labels: list[str] | None = None
-    positive_label: str | None = None
-    threshold: float | None = None
-    name: str | None = None
-    calib_split: str | None = None
-    eval_split: str | None = None
-    force: bool = False
-    budget: dict[str, float] = field(default_factory=dict)
-    sign_key: Path | None = None
-    cam: bool = False  # add the class activation map as a second output (GAP -> Dense heads)
-    cam_layer: str | None = None  # the feature layer; found from the head when None
-    strategies: list[str] | None = None  # LiteRT strategies to try, in order (default: all)
-    min_agreement: float = MIN_AGREEMENT  # a LiteRT artifact must agree with float this often
-    onnx: bool = True  # also make the ONNX artifacts (Keras models only)
-    activation: str = "softmax"  # what the model's last layer applies: softmax, sigmoid, none
-    task: str = "classification"  # classification | segmentation | image_to_image
-    onnx_input: str = "wrap"  # an .onnx model: wrap it as it is, or quantize it (fp32 + int8)
-    mask_threshold: float = 0.5  # segmentation: a pixel is foreground at >= this
-    fallback: list[str] | None = None  # --budget rungs after int8 (None: all; []: none)
-    float_artifacts: str = "auto"  # float LiteRT files beside int8: auto (both), none, fp16, fp32
-    window: WindowSpec | None = None  # how the agent cuts a stream into inputs (manifest)
-    events: list[EventRule] = field(default_factory=list)  # decode.events (manifest)
-    streams: list[Path] = field(default_factory=list)  # annotated recordings: event metrics
-    event_tolerance_s: float = 0.0  # a detection this near an annotated event still matches it
-    layout: str | None = None  # nchw | nhwc: an image input's axes, where the model cannot say
 
 
 def _medge_version() -> str:
@@ -130,75 +85,10 @@ def _sha256_bytes(*arrays: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _run_child(
-    job: dict[str, Any],
-    workdir: Path,
-    module: str = "converter.litert_child",
-    what: str = "LiteRT int8 conversion",
-    args: Sequence[str] = (),
-) -> None:
-    job_file = workdir / f"job-{module.rsplit('.', 1)[-1]}{''.join('-' + a for a in args)}.json"
-    job_file.write_text(json.dumps(job))
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
-    with progress.step(what):
-        _run_child_process(module, args, job_file, env, what)
-
-
-def _run_child_process(
-    module: str, args: Sequence[str], job_file: Path, env: dict[str, str], what: str
-) -> None:
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", module, *args, str(job_file)],
-            capture_output=True,
-            text=True,
-            timeout=CHILD_TIMEOUT_S,
-            env=env,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise ConversionError(f"{what} timed out after {CHILD_TIMEOUT_S} s") from exc
-    if proc.returncode == 0:
-        return
-    if proc.returncode < 0:
-        sig = signal.Signals(-proc.returncode).name
-        raise ConversionError(f"{what} crashed the converter process ({sig})")
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    raise ConversionError(lines[-1] if lines else f"{what} failed ({proc.returncode})")
-
-
-FLOAT_ARTIFACTS = ("auto", "none", "fp16", "fp32")
-
-
 def _validate(req: ConvertRequest) -> str:
-    """Check the request before any long work; return the model's source format."""
-    if req.profile not in PROFILES:
-        raise ConversionError(f"unknown profile '{req.profile}' (one of {', '.join(PROFILES)})")
-    if req.task not in TASKS:
-        raise ConversionError(f"unknown task '{req.task}' (one of {', '.join(TASKS)})")
-    if req.float_artifacts not in FLOAT_ARTIFACTS:
-        raise ConversionError(
-            f"float artifacts '{req.float_artifacts}' is not one of {', '.join(FLOAT_ARTIFACTS)}"
-        )
+    """What the request's own validation cannot see, before any long work: the model's
+    format, the signing key, the output directory. Return the model's source format."""
     fmt = source_format(req.model)
-    allowed = B.budget_metrics(req.task, [r.name for r in req.events])
-    unknown = sorted(set(req.budget) - set(allowed))
-    if unknown:
-        raise ConversionError(
-            f"budget metric '{unknown[0]}' is not one of {', '.join(allowed)} ({req.task})"
-        )
-    B.rungs(req.fallback)  # unknown names fail here
-    if (req.events or req.streams) and req.task != "classification":
-        raise ConversionError("events come from class scores: --event/--stream need "
-                              "--task classification")  # fmt: skip
-    if not req.streams and any(k.startswith("event_") for k in req.budget):
-        raise ConversionError("an event metric in --budget needs --stream recordings to score")
-    if req.streams and not (req.window and req.events):
-        raise ConversionError("--stream needs --window (how to cut it) and at least one --event")
-    if req.event_tolerance_s < 0:
-        raise ConversionError(f"event tolerance must be >= 0 s, got {req.event_tolerance_s}")
-    if req.onnx_input not in ("wrap", "quantize"):
-        raise ConversionError(f"unknown onnx input mode '{req.onnx_input}' (wrap or quantize)")
     wrapped = fmt == "tflite" or (fmt == "onnx" and req.onnx_input == "wrap")
     if req.cam and not wrapped and (req.task != "classification" or fmt not in ("keras", "h5")):
         raise ConversionError("--cam needs a Keras (.keras/.h5) classification model")
@@ -206,11 +96,6 @@ def _validate(req: ConvertRequest) -> str:
         load_signer_key(req.sign_key)  # fail before the long work, not after
     if req.out.exists() and any(req.out.iterdir()) and not req.force:
         raise ConversionError(f"{req.out} exists and is not empty (use --force to replace it)")
-    keys = req.strategies or [s.key for s in STRATEGIES]
-    known = {s.key for s in STRATEGIES}
-    if set(keys) - known:
-        bad = sorted(set(keys) - known)[0]
-        raise ConversionError(f"unknown strategy '{bad}' (one of {', '.join(sorted(known))})")
     return fmt
 
 
@@ -264,7 +149,7 @@ class _Built:
     """The artifacts made and what they scored, before the manifest and report."""
 
     artifacts: list[Artifact]
-    scored: dict[str, B.Scored]  # variant (runtime-precision) -> evaluated
+    scored: dict[str, Scored]  # variant (runtime-precision) -> evaluated
     float_outs: np.ndarray
     float_metrics: dict[str, Any]
     strategy: str
@@ -272,12 +157,13 @@ class _Built:
     report: dict[str, Any] = field(default_factory=dict)  # extra report sections
 
 
-def _score(path: Path, runtime: str, req: ConvertRequest, data: _Data) -> B.Scored:
+def _score(path: Path, runtime: str, req: ConvertRequest, data: _Data) -> Scored:
     with progress.step(f"evaluating {path.name} ({runtime}, {len(data.xe)} samples)"):
-        outs, lat = B.run_artifact(path, runtime, req.preprocess, data.xe, data.layout)
-    scored = B.Scored(data.metrics(outs), outs, lat)
+        outs, lat = run_artifact(path, runtime, req.preprocess, data.xe, data.layout)
+    scored = Scored(data.metrics(outs), outs, lat)
     if data.streams:  # events too: the budget may name them
-        scored.streams = stream_outputs(path, runtime, req.preprocess, data.streams)
+        windows = [s.x for s in data.streams]
+        scored.streams = stream_outputs(path, runtime, req.preprocess, windows)
         scored.metrics.update(data.event_metrics(scored.streams, req.event_tolerance_s))
     return scored
 
@@ -312,7 +198,7 @@ def _from_tf(
     }
     if data.streams:  # float scores of the stream windows, from the same child
         job["stream"] = {"x": str(work / "stream.npy"), "out": str(work / "stream_float.npy")}
-    keys = req.strategies or [s.key for s in STRATEGIES]
+    keys = req.strategy_keys
     with progress.step(f"LiteRT conversion (strategies: {', '.join(keys)})"):
         litert = convert_litert(
             {
@@ -331,7 +217,7 @@ def _from_tf(
     if data.streams:
         float_m.update(data.event_metrics(_split_streams(data, work), req.event_tolerance_s))
 
-    def evaluate(p: Path) -> B.Scored:
+    def evaluate(p: Path) -> Scored:
         return _score(p, "litert", req, data)
 
     precision, path = litert.winner.precision, work / "model.tflite"
@@ -344,8 +230,9 @@ def _from_tf(
             if ready.exists():
                 return ready, []
             out, layers = work / f"rung-{rung.key}.tflite", work / "layers.json"
-            _run_child({**job, "variant": rung.key, "out": str(out), "layers_out": str(layers)},
-                       work, what=f"LiteRT {rung.key} conversion", args=["variant"])  # fmt: skip
+            run_child({**job, "variant": rung.key, "out": str(out), "layers_out": str(layers)},
+                      work, "converter.litert_child", f"LiteRT {rung.key} conversion",
+                      ["variant"])  # fmt: skip
             per_layer = rung.key in ("mixed", "float-head")
             return out, json.loads(layers.read_text()) if per_layer else []
 
@@ -376,7 +263,7 @@ def _from_tf(
     if req.onnx:
         source = work / "model_cam.keras" if req.cam else req.model
         onnx = onnx_artifacts(source, work / "calib.npy", stage, work, req.profile,
-                              artifacts[0].inputs[0].layout, _run_child,
+                              artifacts[0].inputs[0].layout, run_child,
                               source_format="keras" if req.cam else fmt)  # fmt: skip
     warnings += onnx.warnings
     if cam is not None and any(len(a.outputs) <= cam.output for a in onnx.artifacts):
@@ -399,7 +286,7 @@ def _from_onnx(
 ) -> _Built:
     """An ONNX model: itself as ONNX fp32 and its QDQ int8; no LiteRT (needs onnx2tf)."""
     onnx = onnx_source_artifacts(req.model, work / "calib.npy", stage, work, req.profile,
-                                 _run_child, data.layout)  # fmt: skip
+                                 run_child, data.layout)  # fmt: skip
     warnings += onnx.warnings
     warnings.append("no LiteRT artifact: converting ONNX to LiteRT needs onnx2tf, whose "
                     "releases pin TensorFlow 2.19 and numpy 1.26 (this converter runs TensorFlow "
@@ -432,13 +319,6 @@ def _from_onnx(
     return _Built(artifacts, runs, ref.outputs, ref.metrics, strategy, None, report)
 
 
-def stream_outputs(
-    path: Path, runtime: str, preprocess: Preprocess, streams: Sequence[StreamWindows]
-) -> list[np.ndarray]:
-    """One artifact's raw outputs for every recording's windows, as a device computes them."""
-    return [B.run_artifact(path, runtime, preprocess, s.x)[0] for s in streams]
-
-
 def _split_streams(data: _Data, work: Path) -> list[np.ndarray]:
     """The float model's outputs for the stream windows (one array for every recording, in
     order, from the conversion child), split back per recording."""
@@ -462,15 +342,12 @@ def _event_section(
 
 
 def _agreement(data: _Data, ref: np.ndarray, got: np.ndarray) -> float:
-    if data.task == "classification":
+    if data.task == "classification":  # the classes the agent decodes
         return agreement(_classes(data, ref)[1], _classes(data, got)[1])
-    from converter.litert_child import agreement as dense
-
-    n = len(ref)
-    return dense(got.reshape(n, -1), ref.reshape(n, -1), data.task)
+    return agreement(ref, got, data.task)
 
 
-def _vs_float(data: _Data, float_outs: np.ndarray, runs: dict[str, B.Scored]) -> dict[str, Any]:
+def _vs_float(data: _Data, float_outs: np.ndarray, runs: dict[str, Scored]) -> dict[str, Any]:
     """Regression: each artifact's values against float's, in the measurement's units."""
     if data.task != "regression":
         return {}
@@ -584,7 +461,7 @@ def _calibration_warnings(req: ConvertRequest, data: _Data, work: Path) -> list[
     job = {"model": str(req.model), "calib": str(work / "calib.npy"), "bn_only": True,
            "out": str(work / "calib-check.json")}  # fmt: skip
     try:
-        _run_child(job, work, "converter.calibration_check", "calibration check")
+        run_child(job, work, "converter.calibration_check", "calibration check")
         return found + list(json.loads((work / "calib-check.json").read_text()))
     except (ConversionError, OSError, ValueError) as exc:  # the check must not cost the bundle
         return [*found, f"calibration check failed: {exc}"]
@@ -614,20 +491,6 @@ def publish(stage: Path, req: ConvertRequest, warnings: list[str]) -> Bundle:
     for w in warnings:
         log.warning("%s", w)
     return Bundle.load(req.out)
-
-
-def _run_variant(
-    model: LoadedModel, samples: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, list[float]]:
-    """Predict every sample one at a time, as a device does; time each whole prediction."""
-    scores, pred, latencies = [], [], []
-    for s in samples:
-        t = time.perf_counter()
-        c = model.predict(s)
-        latencies.append(time.perf_counter() - t)
-        scores.append(c.scores)
-        pred.append(c.pred)
-    return np.array(scores), np.array(pred), latencies
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float | None]:

@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from converter import budget as B
 from converter.datasets import load_samples, require_finite
 from converter.errors import ConversionError
 from converter.inputs import load_targets
 from converter.layout import keras_channels_first, resolve_layout
 from converter.model_check import check_model_file, input_shape, output_width
+from converter.scoring import class_scores, task_metrics
 from converter.stream_eval import StreamWindows, cut, event_scalars, load_recording, score_streams
 from edge_agent.bundle import Decode, Preprocess
 from edge_agent.errors import BundleError
@@ -51,7 +51,7 @@ class Data:
     layout: str | None = None  # the model input's layout, when known before conversion (NCHW)
 
     def metrics(self, outs: np.ndarray) -> dict[str, Any]:
-        return B.task_metrics(self.task, outs, self.y, self.decode, self.labels, self.positive)
+        return task_metrics(self.task, outs, self.y, self.decode, self.labels, self.positive)
 
     def event_metrics(self, streams: list[np.ndarray], tolerance_s: float) -> dict[str, Any]:
         """``event_<rule>_<metric>`` of one variant's raw outputs over the recordings."""
@@ -61,7 +61,7 @@ class Data:
 
 
 def class_outputs(data: Data, outs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return B.class_scores(outs, data.decode, data.labels, data.positive)
+    return class_scores(outs, data.decode, data.labels, data.positive)
 
 
 def prepare(x: np.ndarray, spec: Preprocess, layout: str | None = None) -> np.ndarray:

@@ -26,11 +26,12 @@ from converter.metrics import (
     segmentation_metrics,
 )
 from converter.regression import regression_metrics
+from converter.scoring import class_scores, foreground, run_artifact, stream_outputs
 from converter.stream_eval import cut, load_recording, score_streams
 from edge_agent.bundle import Bundle
 from edge_agent.model import LoadedModel
 
-__all__ = ["evaluate_bundle", "foreground", "format_evaluation"]
+__all__ = ["evaluate_bundle", "format_evaluation"]
 
 
 def evaluate_bundle(
@@ -58,7 +59,7 @@ def evaluate_bundle(
         metrics = _classification(model, data, split, roc)
     else:
         x, y = load_targets(Path(data), split, m.task, option="--split")
-        outs = np.stack([model.infer_outputs(model.prepare(s))[0][0] for s in x])
+        outs = _outputs(model, x)
         if m.task == "regression":
             metrics = regression_metrics(y, outs)
         elif m.task == "segmentation":
@@ -103,9 +104,24 @@ def _events(model: LoadedModel, paths: list[Path], variant: str, tolerance_s: fl
     streams = [cut(load_recording(p, m.decode.events), m.window) for p in paths]
     for p, s in zip(paths, streams, strict=True):
         require_finite(s.x, p, None, "recording windows")
-    scores = [np.array([model.predict(w).scores for w in s.x]) for s in streams]
-    return score_streams(streams, {variant: scores}, lambda x: x, m.decode.events, m.labels,
-                         tolerance_s)  # fmt: skip
+    art = model.artifact
+    outs = stream_outputs(model.bundle.path_of(art), art.runtime, m.preprocess,
+                          [s.x for s in streams], art.inputs[0].layout)  # fmt: skip
+    return score_streams(streams, {variant: outs}, lambda o: _scores(model, o)[0],
+                         m.decode.events, m.labels, tolerance_s)  # fmt: skip
+
+
+def _outputs(model: LoadedModel, x: np.ndarray) -> np.ndarray:
+    """The artifact's raw first output of every sample, run as the device runs it."""
+    art = model.artifact
+    m = model.bundle.manifest
+    return run_artifact(model.bundle.path_of(art), art.runtime, m.preprocess, x,
+                        art.inputs[0].layout)[0]  # fmt: skip
+
+
+def _scores(model: LoadedModel, outs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    m = model.bundle.manifest
+    return class_scores(outs, m.decode, m.labels, m.positive_index)
 
 
 def _classification(
@@ -120,33 +136,13 @@ def _classification(
         raise ConversionError(
             f"{data}: labels run to {int(y.max())} but the bundle has {n} classes"
         )
-    results = [model.predict(s) for s in x]
-    scores = np.array([r.scores for r in results])
-    pred = np.array([r.pred for r in results])
+    scores, pred = _scores(model, _outputs(model, x))
     positive = m.positive_index
     out = classification_metrics(y, scores, pred, positive)
     if roc and positive is not None:
         fpr, tpr = roc_curve(y == positive, scores[:, positive])
         out["roc"] = {"fpr": fpr, "tpr": tpr}
     return out
-
-
-def foreground(outs: np.ndarray, activation: str) -> np.ndarray:
-    """(N, H, W) foreground probability from (N, H, W[, K]) outputs: the one channel, or for K
-    classes 1 - p(background, channel 0); logits (activation ``none``) go through a sigmoid or
-    softmax first, as the device decodes them."""
-    a = np.asarray(outs, dtype=np.float64)
-    if a.ndim == 3:
-        a = a[..., None]
-    if a.ndim != 4:
-        raise ConversionError(f"segmentation output of shape {a.shape[1:]} is not (H, W[, K])")
-    if activation == "none":
-        if a.shape[-1] == 1:
-            a = 1.0 / (1.0 + np.exp(-a))
-        else:
-            e = np.exp(a - a.max(-1, keepdims=True))
-            a = e / e.sum(-1, keepdims=True)
-    return a[..., 0] if a.shape[-1] == 1 else 1.0 - a[..., 0]
 
 
 def format_evaluation(result: dict[str, Any]) -> str:

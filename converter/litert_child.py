@@ -143,38 +143,16 @@ def _convert(model: Any, s: Strategy, calib: np.ndarray) -> bytes:
     return bytes(converter.convert())
 
 
-def agreement(got: np.ndarray, ref: np.ndarray, task: str = "classification") -> float:
-    """How often an artifact's outputs (one row per sample) agree with float's: the predicted
-    class; for segmentation the foreground pixels at 0.5; for image_to_image the pixels within
-    5% of the reference's range; for regression the values within 5% of the reference's range."""
-    if task == "segmentation":
-        cut = 0.5 if ref.min() >= 0 and ref.max() <= 1 else 0.0
-        return float(np.mean((got >= cut) == (ref >= cut)))
-    if task in ("image_to_image", "regression"):
-        span = float(ref.max() - ref.min()) or 1.0
-        return float(np.mean(np.abs(got - ref) <= 0.05 * span))
-    if ref.shape[1] == 1:
-        cut = 0.5 if ref.min() >= 0 and ref.max() <= 1 else 0.0
-        return float(np.mean((got[:, 0] >= cut) == (ref[:, 0] >= cut)))
-    return float(np.mean(got.argmax(1) == ref.argmax(1)))
-
-
 def _verify(
     path: Path, x: np.ndarray, float_probs: np.ndarray, task: str = "classification"
 ) -> tuple[float, list[str]]:
     """Agreement of the artifact with float, run by the agent's own LiteRT backend."""
+    from converter.scoring import agreement, run_artifact
     from edge_agent.backends import open_backend
-    from edge_agent.preprocess import dequantize, to_input
 
+    got, _ = run_artifact(path, "litert", None, x)  # x: model inputs already
+    agree = agreement(float_probs[: len(x)].reshape(len(x), -1), got, task)
     backend = open_backend("litert", path)
-    spec_in, spec_out = backend.inputs[0], backend.outputs[0]
-    got = np.stack(
-        [
-            dequantize(backend.invoke([to_input(s, spec_in)])[0], spec_out.quantization).reshape(-1)
-            for s in x
-        ]
-    )
-    agree = agreement(got, float_probs[: len(x)].reshape(len(x), -1), task)
     try:
         ops = sorted({o["op_name"] for o in backend._interp._get_ops_details()})  # type: ignore[attr-defined]
     except Exception:  # an interpreter without the (private) op listing

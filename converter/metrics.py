@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "agreement",
     "auc",
     "bootstrap_ci",
     "classification_metrics",
@@ -178,11 +177,6 @@ def classification_metrics(
     out["ci"] = ci
     out["per_class"] = _per_class(cm)
     return out
-
-
-def agreement(pred_a: np.ndarray, pred_b: np.ndarray) -> float:
-    """Fraction of samples on which two models predict the same class."""
-    return float(np.mean(np.asarray(pred_a) == np.asarray(pred_b)))
 
 
 # ---- segmentation --------------------------------------------------------------------------

@@ -14,17 +14,15 @@ agrees with the float model on the evaluation samples (at least ``min_agreement`
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from converter.errors import ConversionError
+from converter.runner import last_line, spawn
 
 __all__ = [
     "EXIT_INPUT",
@@ -42,6 +40,7 @@ __all__ = [
 EXIT_INPUT = 3  # the child's inputs are wrong (model, data, labels): no strategy can help
 EXIT_NONE_WORKED = 4  # every strategy given to the child failed or did not apply
 MIN_AGREEMENT = 0.9
+LITERT_CHILD = "converter.litert_child"
 
 
 @dataclass(frozen=True)
@@ -156,23 +155,6 @@ def _read_progress(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _spawn(job_file: Path, timeout_s: float) -> tuple[int | None, str]:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "converter.litert_child", str(job_file)],
-            capture_output=True, text=True, timeout=timeout_s, env=env, check=False,
-        )  # fmt: skip
-    except subprocess.TimeoutExpired:
-        return None, ""
-    return proc.returncode, proc.stderr
-
-
-def _last_line(stderr: str) -> str:
-    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
-
-
 def convert_litert(
     job: dict[str, Any], work: Path, keys: list[str], timeout_s: float
 ) -> LitertOutcome:
@@ -189,7 +171,7 @@ def convert_litert(
         job_file = work / f"job-litert-{len(keys) - len(remaining)}.json"
         job_file.write_text(json.dumps({**job, "strategies": remaining, "progress": str(progress)}))
         t0 = time.monotonic()
-        rc, stderr = _spawn(job_file, timeout_s)
+        rc, stderr = spawn(LITERT_CHILD, (), job_file, timeout_s)
         running = None
         for rec in _read_progress(progress):
             a = attempts[rec["strategy"]]
@@ -205,7 +187,7 @@ def convert_litert(
             won = next(a for a in attempts.values() if a.outcome == "won")
             return LitertOutcome(strategy(won.strategy), list(attempts.values()))
         if rc == EXIT_INPUT:
-            raise ConversionError(_last_line(stderr) or "LiteRT conversion refused its inputs")
+            raise ConversionError(last_line(stderr) or "LiteRT conversion refused its inputs")
         if running is None and rc == EXIT_NONE_WORKED:
             break
         if running is None:  # died before any strategy started: loading the model, the data
@@ -214,13 +196,13 @@ def convert_litert(
             if rc < 0:
                 sig = signal.Signals(-rc).name
                 raise ConversionError(f"LiteRT conversion crashed the converter process ({sig})")
-            raise ConversionError(_last_line(stderr) or f"LiteRT conversion failed ({rc})")
+            raise ConversionError(last_line(stderr) or f"LiteRT conversion failed ({rc})")
         if rc is None:
             reason = f"timed out after {timeout_s:.0f} s"
         elif rc < 0:
             reason = f"crashed the converter process ({signal.Signals(-rc).name})"
         else:
-            reason = first_error_line(_last_line(stderr)) or f"exit status {rc}"
+            reason = first_error_line(last_line(stderr)) or f"exit status {rc}"
         record = {"strategy": running.strategy, "event": "crashed", "reason": reason,
                   "seconds": round(time.monotonic() - t0, 1)}  # fmt: skip
         with progress.open("a", encoding="utf-8") as f:  # read back with the child's lines

@@ -21,21 +21,19 @@ from typing import Any
 
 import numpy as np
 
-from converter.budget import class_scores
 from converter.convert import (
     LAYOUTS,
-    ConvertRequest,
     _medge_version,
     _prepare,
-    _run_variant,
     _scalars,
     _sha256_bytes,
     publish,
-    stream_outputs,
 )
 from converter.errors import ConversionError
 from converter.metrics import classification_metrics
 from converter.report import write_html, write_markdown
+from converter.request import ConvertRequest
+from converter.scoring import class_scores, run_artifact, stream_outputs
 from converter.stream_eval import StreamWindows, event_scalars, score_streams
 from edge_agent.backends import open_backend
 from edge_agent.bundle import (
@@ -48,7 +46,6 @@ from edge_agent.bundle import (
     file_entry,
     write_manifest,
 )
-from edge_agent.model import LoadedModel
 
 __all__ = ["RUNTIMES", "artifact_precision", "wrap"]
 
@@ -175,8 +172,10 @@ def wrap(
 
         write_manifest(stage, manifest({}))
         t0 = time.monotonic()
-        scores, pred, lat = _run_variant(LoadedModel(Bundle.load(stage), runtime), xe)
+        Bundle.load(stage)  # the manifest and the file check out before they are scored
+        outs, lat = run_artifact(stage / file, runtime, req.preprocess, xe, layout)
         positive = labels.index(req.positive_label) if req.positive_label else None
+        scores, pred = class_scores(outs, decode, labels, positive)
         report = {
             "model": req.model.name,
             "profile": req.profile,
@@ -199,9 +198,9 @@ def wrap(
             "warnings": [],
         }
         if streams:
-            outs = stream_outputs(stage / file, runtime, req.preprocess, streams)
+            windows = stream_outputs(stage / file, runtime, req.preprocess, [s.x for s in streams])
             report["events"] = score_streams(
-                streams, {variant: outs}, lambda o: class_scores(o, decode, labels, positive)[0],
+                streams, {variant: windows}, lambda o: class_scores(o, decode, labels, positive)[0],
                 req.events, labels, req.event_tolerance_s,
             )  # fmt: skip
             report[variant].update(event_scalars(report["events"], variant))

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from converter.metrics import (
-    agreement,
     auc,
     classification_metrics,
     distance_to,
@@ -18,6 +17,7 @@ from converter.metrics import (
     segmentation_metrics,
     wilson_ci,
 )
+from converter.scoring import agreement
 from models import breast_cnn
 
 

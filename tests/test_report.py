@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from converter.metrics import (
-    agreement,
     classification_metrics,
     event_metrics,
     roc_curve,
     segmentation_metrics,
 )
 from converter.report import render_html, write_html, write_markdown
+from converter.scoring import agreement
 from models import breast_cnn
 
 pytestmark = pytest.mark.slow  # the fixture runs the zoo CNN with Keras
