@@ -1,16 +1,25 @@
-"""Shared fixtures: the zoo model converted once per session, real brokers per test, and
-``side_by_side`` to run a module's slow conversions two at a time."""
+"""Shared fixtures: the zoo model converted once (and cached by content, see
+``convert_cached``), real brokers per test, and ``side_by_side`` to run a module's slow
+conversions two at a time."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
 import shutil
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
-from edge_agent.bundle import Bundle, Preprocess
+from edge_agent.bundle import SIGNATURE_NAME, Bundle, Preprocess, sign_bundle
 from gateway.broker import RunningBroker, mosquitto_path, start_broker
 from models import breast_cnn
 
@@ -54,13 +63,136 @@ def opener(site_dir: Path):  # type: ignore[no-untyped-def]
     return opener_for(site_dir)
 
 
+# --- converted bundles, cached by content ----------------------------------------------------
+#
+# A conversion takes 5-25 s; its result depends only on the bytes of its inputs, the request's
+# fields and the code that converts. ``convert_cached(request)`` converts once per such key and
+# copies the bundle from the cache afterwards, then signs the copy again with the request's key
+# (each session makes its own throwaway signer, so the key is no part of the cache key).
+#
+# The cache lives in $MEDGE_TEST_CACHE (default: .pytest_cache/medge-bundles; `make clean`
+# removes it; MEDGE_TEST_CACHE=off converts every time). The key hashes the sources of
+# converter/ and edge_agent/ and the TensorFlow version, so editing the converter never serves
+# a stale bundle.
+#
+# To switch a module's fixture from convert() to the cache:
+#     from conftest import convert_cached
+#     out = convert_cached(ConvertRequest(..., out=tmp / "name", sign_key=...))
+#     bundle = Bundle.load(out)
+# It suits a fixture that needs the bundle only: a test that checks what convert() logs,
+# raises, returns or times must still call convert() itself.
+
+ROOT = Path(__file__).resolve().parent.parent
+_CODE_KEY: list[str] = []  # the hash of the converting code, computed once per session
+
+
+def _hash_path(h: Any, path: Path) -> None:
+    """Feed a file's bytes, or a directory's relative names and bytes (a SavedModel), to h."""
+    if path.is_dir():
+        for p in sorted(q for q in path.rglob("*") if q.is_file()):
+            h.update(p.relative_to(path).as_posix().encode() + b"\0")
+            h.update(p.read_bytes())
+    elif path.is_file():
+        h.update(path.read_bytes())
+    else:
+        h.update(b"missing:" + str(path).encode())
+
+
+def _code_key() -> str:
+    if not _CODE_KEY:
+        h = hashlib.sha256()
+        for pkg in ("converter", "edge_agent"):
+            for p in sorted((ROOT / pkg).rglob("*.py")):
+                h.update(p.relative_to(ROOT).as_posix().encode() + b"\0" + p.read_bytes())
+        for dist in ("tensorflow-cpu", "tf-keras", "ai-edge-litert", "onnxruntime", "tf2onnx"):
+            try:
+                h.update(f"{dist}={version(dist)}".encode())
+            except PackageNotFoundError:
+                h.update(f"{dist}=none".encode())
+        _CODE_KEY.append(h.hexdigest())
+    return _CODE_KEY[0]
+
+
+def _field_key(h: Any, value: object) -> object:
+    """A JSON-able stand-in for one request field; the bytes of files go into h."""
+    if isinstance(value, Path):
+        _hash_path(h, value)
+        return "path"
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, (list, tuple)):
+        return [_field_key(h, v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _field_key(h, v) for k, v in value.items()}
+    return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+
+
+def bundle_cache_key(request: Any) -> str:
+    """sha256 of what a conversion depends on: the request's fields, the bytes of the files it
+    names, the converting code. ``out`` counts by its name only; ``sign_key`` not at all."""
+    h = hashlib.sha256(_code_key().encode())
+    fields: dict[str, object] = {}
+    for f in dataclasses.fields(request):
+        value = getattr(request, f.name)
+        if f.name == "sign_key":
+            continue
+        fields[f.name] = Path(value).name if f.name == "out" else _field_key(h, value)
+    h.update(json.dumps(fields, sort_keys=True, default=repr).encode())
+    return h.hexdigest()
+
+
+def bundle_cache_dir() -> Path | None:
+    where = os.environ.get("MEDGE_TEST_CACHE", "")
+    if where.lower() in {"off", "0", "none"}:
+        return None
+    return Path(where) if where else ROOT / ".pytest_cache" / "medge-bundles"
+
+
+def convert_cached(request: Any) -> Path:
+    """convert(request), from the cache when the same inputs were converted before; returns
+    ``request.out``, signed with ``request.sign_key`` when it names one. Cache entries appear
+    by an atomic rename, so two pytest runs sharing a cache never see half a bundle."""
+    from converter import convert
+    from edge_agent.keys import load_signer_key
+
+    cache = bundle_cache_dir()
+    if cache is None:
+        convert(request)
+        return Path(request.out)
+    entry = cache / bundle_cache_key(request)
+    if not entry.is_dir():
+        cache.mkdir(parents=True, exist_ok=True)
+        stage = cache / f".stage-{uuid.uuid4().hex}"
+        stage.mkdir()
+        try:
+            convert(dataclasses.replace(request, out=stage / Path(request.out).name))
+            try:
+                (stage / Path(request.out).name).rename(entry)
+            except OSError:
+                if not entry.is_dir():  # another run put it there first: keep theirs
+                    raise
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    out = Path(request.out)
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(entry, out)
+    (out / SIGNATURE_NAME).unlink(missing_ok=True)  # the entry's signer, not this request's
+    if request.sign_key is not None:
+        key = load_signer_key(request.sign_key)
+        sign_bundle(out, key)
+        Bundle.load(out, [key.public_key()])  # as convert() checks what it publishes
+    return out
+
+
 @pytest.fixture(scope="session")
 def bundle_dir(tmp_path_factory: pytest.TempPathFactory, site_dir: Path) -> Path:
-    """The BreastMNIST CNN as a full-int8 LiteRT bundle, built and signed by the real converter."""
-    from converter import ConvertRequest, convert
+    """The BreastMNIST CNN as a full-int8 LiteRT bundle, built and signed by the real converter
+    (once per cache key: see ``convert_cached``)."""
+    from converter import ConvertRequest
 
     out = tmp_path_factory.mktemp("bundle") / "breast-cnn"
-    convert(
+    convert_cached(
         ConvertRequest(
             model=breast_cnn.WEIGHTS,
             calib=DATA,

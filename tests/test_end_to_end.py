@@ -11,6 +11,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from waiting import within
 
 from edge_agent import Agent, AgentConfig, Bundle, LoadedModel
 from edge_agent.envelope import Envelope, decode_ack
@@ -81,9 +82,7 @@ def test_every_image_is_stored_exactly_once(  # type: ignore[no-untyped-def]
         assert (report.sent, report.acked, report.pending) == (78, 78, 0)
         _check_exactly_once(store, bundle_dir)
         assert gw.stats.rejected == 0
-        deadline = time.monotonic() + 5
-        while store.devices()[0]["state"] != "offline" and time.monotonic() < deadline:
-            time.sleep(0.05)
+        within(lambda: store.devices()[0]["state"] == "offline", 5)
         dev = store.devices()[0]
         assert dev["state"] == "offline", "a clean stop is announced on the retained state topic"
         assert dev["bundle"] == Bundle.load(bundle_dir).id
@@ -99,9 +98,7 @@ def test_results_wait_in_the_outbox_until_a_gateway_stores_them(  # type: ignore
     result: list[object] = []
     t = threading.Thread(target=lambda: result.append(agent.run(threading.Event(), 30.0)))
     t.start()
-    deadline = time.monotonic() + 10
-    while agent.sent < 78 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    within(lambda: agent.sent >= 78, 10)
     time.sleep(0.5)
     assert agent.sent == 78
     from edge_agent.outbox import Outbox
@@ -154,9 +151,7 @@ def test_duplicates_are_acked_not_stored_and_bad_messages_rejected(  # type: ign
         send(state, s09.seal(Envelope("state", "ward-a", "us-09", 49, now, {"state": "offline"})))
         send(state, s09.seal(Envelope("state", "ward-a", "us-09", 51, now + 3600,
                                       {"state": "online"})))  # from the future
-        deadline = time.monotonic() + 5
-        while (len(acks) < 2 or gw.stats.rejected < 5) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        within(lambda: len(acks) >= 2 and gw.stats.rejected >= 5, 5)
         c.loop_stop()
         c.disconnect()
         assert acks == [42, 42], "the resend is acknowledged again: its first ack may be lost"
@@ -221,14 +216,10 @@ def test_kill_9_loses_nothing_and_the_last_will_says_offline(  # type: ignore[no
             devs = [d for d in store.devices() if d["device"] == "us-30"]
             return devs[0]["state"] if devs else None
 
-        deadline = time.monotonic() + 30
-        while (state() != "online" or store.result_count() < 20) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        within(lambda: state() == "online" and store.result_count() >= 20, 30)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        deadline = time.monotonic() + 10
-        while state() != "offline" and time.monotonic() < deadline:
-            time.sleep(0.05)
+        within(lambda: state() == "offline", 10)
         assert state() == "offline", "the Last Will reached the gateway"
         stored = {r["seq"] for r in store.results(limit=100_000)}
         with sqlite3.connect(tmp_path / "outbox.sqlite") as db:

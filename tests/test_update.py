@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from waiting import wait_for
 
 from edge_agent import Agent, AgentConfig, Bundle
 from edge_agent.bundle import MANIFEST_NAME, SIGNATURE_NAME, Manifest, sign_bundle, write_manifest
@@ -54,15 +55,6 @@ def _config(
     )
 
 
-def _wait(pred, timeout: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def _events(store: Store, device: str) -> list[dict]:  # type: ignore[type-arg]
     rows = store.query(
         "SELECT body FROM results WHERE device=? AND kind='event' ORDER BY seq", (device,)
@@ -91,14 +83,14 @@ def test_signed_bundle_is_applied_mid_stream(  # type: ignore[no-untyped-def]
         box: dict[str, object] = {}
         t = threading.Thread(target=lambda: box.update(r=agent.run(threading.Event())))
         t.start()
-        assert _wait(lambda: len(_results(store, device)) >= 10)
+        wait_for(lambda: len(_results(store, device)) >= 10, 20, "10 results")
         cmd = update_command(
             signer_key(site_dir), "ward-a", device, server.url(archive.name), digest
         )
         publish_command(mosquitto.host, mosquitto.port, "ward-a", device, cmd)
-        assert _wait(lambda: len(_events(store, device)) >= 1)
+        wait_for(lambda: len(_events(store, device)) >= 1, 20, "the update event")
         publish_command(mosquitto.host, mosquitto.port, "ward-a", device, cmd)  # a replay
-        assert _wait(lambda: len(_events(store, device)) >= 2)
+        wait_for(lambda: len(_events(store, device)) >= 2, 20, "the replay's event")
         t.join(timeout=60)
         assert not t.is_alive()
         assert box["r"].pending == 0  # type: ignore[attr-defined]
@@ -158,7 +150,7 @@ def test_bad_bundles_are_rejected_and_the_old_one_keeps_running(  # type: ignore
         agent = Agent(cfg)
         t = threading.Thread(target=agent.run, args=(threading.Event(),))
         t.start()
-        assert _wait(lambda: len(_results(store, device)) >= 5)
+        wait_for(lambda: len(_results(store, device)) >= 5, 20, "5 results")
         for out, sha in packed.values():
             cmd = update_command(key, "ward-a", device, server.url(out.name), sha)
             publish_command(mosquitto.host, mosquitto.port, "ward-a", device, cmd)
@@ -169,7 +161,7 @@ def test_bad_bundles_are_rejected_and_the_old_one_keeps_running(  # type: ignore
         for k, dev in ((stranger, device), (key, "ota-99")):
             cmd = update_command(k, "ward-a", dev, server.url(good.name), good_sha)
             publish_command(mosquitto.host, mosquitto.port, "ward-a", device, cmd)
-        assert _wait(lambda: len(_events(store, device)) >= 6), _events(store, device)
+        wait_for(lambda: len(_events(store, device)) >= 6, 20, lambda: _events(store, device))
         t.join(timeout=60)
         assert not t.is_alive()
         events = _events(store, device)
@@ -309,12 +301,11 @@ def test_a_bundle_that_fails_at_run_time_is_rolled_back(  # type: ignore[no-unty
         agent.source = _GatedReplay(gate, bright=12, after=10)
         t = threading.Thread(target=agent.run, args=(threading.Event(),))
         t.start()
-        assert _wait(lambda: len(_results(store, device)) >= 5)
+        wait_for(lambda: len(_results(store, device)) >= 5, 20, "5 results")
         cmd = update_command(key, "ward-a", device, server.url(archive.name), digest)
         publish_command(mosquitto.host, mosquitto.port, "ward-a", device, cmd)
-        assert _wait(lambda: agent.bundle.id == v2_id), (
-            "the short-table bundle passed its self-test"
-        )
+        wait_for(lambda: agent.bundle.id == v2_id, 20,
+                 "the short-table bundle to pass its self-test")
         gate.set()  # now the bright images come
         t.join(timeout=60)
         assert not t.is_alive()
