@@ -208,14 +208,14 @@ class GatewayConfig(_Strict):
     def check_combination(self) -> None:
         """What no single field can say; raises ConfigError."""
         if self.tier == "cloud" and (self.relay_for or self.forward.to):
-            raise ConfigError("tier cloud opens every message itself: no relay_for/forward.to "
-                              "(--relay-for/--forward-to)")
+            raise ConfigError("--tier cloud opens every message itself: no --relay-for/"
+                              "--forward-to (tier cloud: no relay_for/forward.to)")
         if self.forward.backfill and not self.forward.to:
-            raise ConfigError("forward.backfill (--backfill) re-queues stored results for the "
-                              "cloud: set forward.to (--forward-to)")
+            raise ConfigError("--backfill re-queues stored results for the cloud: add "
+                              "--forward-to (forward.backfill needs forward.to)")
         if self.forward.to and self.forward.outbox is None and is_db_url(self.store.db):
-            raise ConfigError("forward.to with a PostgreSQL store needs forward.outbox "
-                              "(--forward-outbox FILE): the forward outbox is a file on this "
+            raise ConfigError("--forward-to with a PostgreSQL --db needs --forward-outbox FILE "
+                              "(forward.outbox): the forward outbox is a file on this "
                               "gateway's own disk")
 
     def forward_outbox(self) -> Path:

@@ -1,8 +1,9 @@
 """Prometheus metrics of a gateway, served in the text format by ``medge gateway run
 --metrics-port``.
 
-Counters are kept as messages pass (each :class:`~gateway.service.Gateway` has its own
-registry, so several gateways in one process do not mix); gauges that describe the fleet
+Counters are kept as messages pass, here only: ``Gateway.stats`` is read from them (each
+:class:`~gateway.service.Gateway` has its own registry, so several gateways in one process do
+not mix); gauges that describe the fleet
 (devices online, seconds since each device was last heard, open alerts) are read from the store
 at each scrape, so they are right even when several workers share one database.
 
@@ -112,6 +113,25 @@ class GatewayMetrics:
             self.rejected.labels(reason.value)
         if store is not None:
             reg.register(_FleetCollector(store, clock))
+
+    def totals(self) -> dict[str, int]:
+        """The gateway's counts, summed from these counters (the only place they are kept):
+        what :class:`~gateway.service.GatewayStats` shows."""
+
+        def total(counter: Any, **match: str) -> int:
+            return int(sum(s.value for family in counter.collect() for s in family.samples
+                           if s.name.endswith("_total")
+                           and all(s.labels.get(k) == v for k, v in match.items())))
+
+        return {
+            "received": total(self.received),
+            "stored": total(self.stored),
+            "duplicates": total(self.duplicates),
+            "rejected": total(self.rejected),
+            "acks": total(self.acks),
+            "rate_limited": total(self.rejected, reason=Reason.RATE_LIMIT.value),
+            "store_refused": total(self.rejected, reason=Reason.STORE.value),
+        }
 
     def reject(self, reason: Reason) -> None:
         self.rejected.labels(Reason(reason).value).inc()

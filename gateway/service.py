@@ -36,6 +36,7 @@ from edge_agent.mqtt_session import MqttSession
 from edge_agent.reasons import Reason
 from edge_agent.topics import ROOT, parse, topic
 from gateway.alerts import AlertEngine, AlertRules
+from gateway.config import BatchingSettings, GatewayConfig
 from gateway.dashboard.cam import check_cam
 from gateway.forward import Forwarder
 from gateway.metrics import GatewayMetrics
@@ -48,8 +49,11 @@ log = logging.getLogger("medge.gateway")
 _UP = ("result", "event", "state", "telemetry")
 
 
-@dataclass
+@dataclass(frozen=True)
 class GatewayStats:
+    """What a gateway has counted so far, read from its Prometheus counters
+    (:meth:`GatewayMetrics.totals`): one count, shown two ways. ``gw.stats`` is a snapshot."""
+
     received: int = 0
     stored: int = 0
     duplicates: int = 0
@@ -57,6 +61,10 @@ class GatewayStats:
     acks: int = 0
     rate_limited: int = 0  # also counted in ``rejected``
     store_refused: int = 0  # rows the store refused (Reason.STORE), also in ``rejected``
+
+    @classmethod
+    def of(cls, metrics: GatewayMetrics) -> GatewayStats:
+        return cls(**metrics.totals())
 
 
 class DeviceLimiter:
@@ -114,28 +122,28 @@ class Gateway:
         forward: Forwarder | None = None,
         device_rate: float = 100.0,
         device_burst: float = 1000.0,
+        batching: BatchingSettings | None = None,
     ) -> None:
         """``forward``: also queue every stored result and event for the cloud (gateway.forward),
         durably, before the device is acknowledged, and the latest state and telemetry of each
         device; the Gateway starts and stops it. ``device_rate``/``device_burst``: the flood
-        limit per device (messages per second, at once; rate 0: no limit)."""
+        limit per device (messages per second, at once; rate 0: no limit). ``batching``: the
+        group commit of results (window, when_idle, max). :meth:`from_config` takes all of
+        these from the ``gateway:`` section of gateway.yaml (gateway.config)."""
         self.store = store
         self.forward = forward
         self.opener = opener
         self.max_skew_s = 300.0
         self.host, self.port = host, port
-        self.stats = GatewayStats()
         self.metrics = GatewayMetrics(store)
         self.alerts = AlertEngine(store, rules, on_raise=self.metrics.alert)
         self._lock = threading.Lock()
         self.last_stored: float | None = None  # time.time() of the last commit of results
         # adaptive batching: a result that finds the queue empty is committed at once; under
-        # load (more already waiting) the writer gathers for batch_window seconds, at most
-        # batch_max, into one commit. batch_when_idle: wait the window even when idle (the
-        # fixed window of earlier versions; for comparison in bench/gateway_throughput.py)
-        self.batch_window = 0.005
-        self.batch_when_idle = False
-        self.batch_max = 500
+        # load (more already waiting) the writer gathers for batching.window seconds, at most
+        # batching.max, into one commit. batching.when_idle: wait the window even when idle
+        # (the fixed window of earlier versions; for comparison in bench/gateway_throughput.py)
+        self.batching = batching or BatchingSettings()
         self.limiter = DeviceLimiter(device_rate, device_burst)
         self.limit_log_interval = 10.0  # seconds between two rate-limit lines of one device
         self._limited: dict[tuple[str, str], list[float]] = {}  # -> [since last line, its time]
@@ -164,6 +172,33 @@ class Gateway:
             reconnect_max_s=10.0,
             logger=log,
         )
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: GatewayConfig,
+        store: Store,
+        opener: Opener,
+        rules: AlertRules | None = None,
+        forward: Forwarder | None = None,
+    ) -> Gateway:
+        """A worker with the broker, limits and batching of ``cfg`` (``rules`` and ``forward``
+        are built from its alerts and forward sections by gateway.node)."""
+        b = cfg.broker
+        tls = None
+        if b.tls:
+            from gateway.broker_config import gateway_client_files
+
+            tls = gateway_client_files(cfg.site_dir)
+        return cls(store, opener, b.host, b.port, b.protocol, client_id=b.client_id,
+                   share_group=b.share_group, tls=tls, rules=rules, forward=forward,
+                   device_rate=cfg.limits.device_rate, device_burst=cfg.limits.device_burst,
+                   batching=cfg.batching)
+
+    @property
+    def stats(self) -> GatewayStats:
+        """A snapshot of the counts, read from :attr:`metrics` (they are counted once)."""
+        return GatewayStats.of(self.metrics)
 
     def __enter__(self) -> Gateway:
         return self.start()
@@ -246,18 +281,12 @@ class Gateway:
                 lambda: q.unfinished_tasks == 0 or not self._writer.is_alive(), timeout)
 
     def _record_reject(self, reason: Reason, site: str | None, device: str | None) -> None:
-        with self._lock:
-            self.stats.rejected += 1
-            if reason is Reason.STORE:
-                self.stats.store_refused += 1
         self.metrics.reject(reason)
 
     def _rate_limited(self, site: str, device: str) -> None:
         """Count a message over the device's limit; one log line per device and interval (a
         flood must not flood the log or the audit table)."""
         with self._lock:
-            self.stats.rejected += 1
-            self.stats.rate_limited += 1
             if len(self._limited) >= self.limiter.max_keys and (site, device) not in self._limited:
                 self._limited.clear()  # only log pacing is lost
             seen = self._limited.setdefault((site, device), [0.0, -1e18])
@@ -277,8 +306,6 @@ class Gateway:
             )
 
     def _on_message(self, msg: mqtt.MQTTMessage) -> None:
-        with self._lock:
-            self.stats.received += 1
         self.metrics.received.inc()
         # any exception below rejects this message only (MqttSession's boundary: _on_reject)
         parts = parse(msg.topic)
@@ -352,7 +379,7 @@ class Gateway:
         """Commit a batch in one transaction (one fsync instead of one per result), queue it
         for the cloud, then acknowledge: commit before ack. Idle (nothing else queued), a
         result is committed alone at once; under load the writer gathers what arrives within
-        ``batch_window`` seconds, so a busy gateway spends fewer commits and acks per result."""
+        ``batching.window`` seconds, so a busy gateway spends fewer commits and acks per result."""
         failures = 0
         while True:
             try:
@@ -362,9 +389,9 @@ class Gateway:
                     return
                 continue
             batch = [first]
-            busy = self.batch_when_idle or not self._pending.empty()
-            deadline = time.monotonic() + (self.batch_window if busy else 0.0)
-            while len(batch) < self.batch_max:
+            busy = self.batching.when_idle or not self._pending.empty()
+            deadline = time.monotonic() + (self.batching.window if busy else 0.0)
+            while len(batch) < self.batching.max:
                 try:  # what queued up during the last commit joins this one
                     wait = deadline - time.monotonic()
                     batch.append(self._pending.get(timeout=wait) if wait > 0
@@ -409,12 +436,6 @@ class Gateway:
             )
         acks: dict[tuple[str, str], list[int]] = {}
         for (env, _, _), new in kept:
-            with self._lock:
-                if new:
-                    self.stats.stored += 1
-                else:
-                    self.stats.duplicates += 1
-                self.stats.acks += 1
             if new:
                 self.metrics.stored.labels(env.kind).inc()
             else:

@@ -5,6 +5,7 @@ The gateway package is imported only when one of these commands runs."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -15,7 +16,14 @@ from typing import Any
 from edge_agent.errors import MedgeError
 from medge.cli_site import register_broker_config
 
-__all__ = ["cmd_dashboard", "cmd_dashboard_add_user", "cmd_gateway_run", "register"]
+__all__ = [
+    "cmd_dashboard",
+    "cmd_dashboard_add_user",
+    "cmd_gateway_check",
+    "cmd_gateway_push_bundle",
+    "cmd_gateway_run",
+    "register",
+]
 
 
 _DB_HELP = (
@@ -23,21 +31,53 @@ _DB_HELP = (
     "URL postgresql://USER[:PASSWORD]@HOST[:PORT]/DB shared by several gateway workers "
     "(docs/config.md, 'Gateway storage')"
 )
+_CONFIG_HELP = ("gateway.yaml: the 'gateway:' and 'dashboard:' sections (docs/gateway-config.md); "
+                "a flag given here overrides the file")
+
+# flag (argparse dest) -> key of the config section it overrides (flag > file > default)
+_GATEWAY_FLAGS = {
+    "site_dir": "site_dir", "db": "store.db", "protocol": "broker.protocol",
+    "client_id": "broker.client_id", "share_group": "broker.share_group", "tls": "broker.tls",
+    "relay_for": "relay_for", "tier": "tier", "cloud_key": "cloud_key",
+    "forward_to": "forward.to", "forward_outbox": "forward.outbox",
+    "forward_resend_after": "forward.resend_after", "backfill": "forward.backfill",
+    "device_rate": "limits.device_rate", "device_burst": "limits.device_burst",
+    "batch_window": "batching.window", "batch_when_idle": "batching.when_idle",
+    "silence_after": "alerts.silence_after", "alert_rules": "alerts.rules",
+    "metrics_port": "metrics.port", "metrics_host": "metrics.host",
+}
+_DASHBOARD_FLAGS = {name: name for name in (
+    "db", "host", "port", "users", "allow_anonymous", "title", "trusted_proxy",
+    "secure_cookies")}
 
 
-def _db_arg(text: str) -> Path | str:
-    """--db: a postgresql:// URL, kept as text; otherwise a SQLite file (path or sqlite:///)."""
-    if text.startswith(("postgresql://", "postgres://")):
-        return text
-    return Path(text.removeprefix("sqlite:///"))
+def _overrides(a: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]:
+    """The flags given (their defaults are suppressed, so an absent flag leaves the file's
+    value, or the config's default), as dotted keys of the config section."""
+    given = {key: getattr(a, dest) for dest, key in flags.items() if hasattr(a, dest)}
+    for key, value in given.items():
+        if isinstance(value, Path):
+            given[key] = str(value)
+        elif isinstance(value, list):
+            given[key] = [str(v) for v in value]
+    return given
 
 
-def _forward_outbox_beside(db: Path | str) -> Path:
-    """The default forward outbox: DB.forward.sqlite beside a SQLite --db."""
-    if isinstance(db, str):
-        raise MedgeError("--forward-to with a PostgreSQL --db needs --forward-outbox FILE: the "
-                         "forward outbox is a file on this gateway's own disk")
-    return db.with_name(db.stem + ".forward.sqlite")
+def _gateway_overrides(a: argparse.Namespace) -> dict[str, Any]:
+    from gateway.config import parse_host_port
+
+    over = _overrides(a, _GATEWAY_FLAGS)
+    if hasattr(a, "broker"):
+        try:
+            over["broker.host"], over["broker.port"] = parse_host_port(a.broker)
+        except ValueError as exc:
+            raise MedgeError(f"--broker: {exc}") from exc
+    if hasattr(a, "forward_tls"):
+        ca, cert, key = (str(p) for p in a.forward_tls)
+        over["forward.tls"] = {"ca": ca, "cert": cert, "key": key}
+    if a.config is None and "site_dir" not in over:
+        raise MedgeError("--site-dir is required (or --config FILE naming gateway.site_dir)")
+    return over
 
 
 def cmd_gateway_run(a: argparse.Namespace) -> int:
@@ -46,83 +86,67 @@ def cmd_gateway_run(a: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from edge_agent.supervisor import Supervisor
-    from gateway import Gateway, Store
-    from gateway.alerts import AlertRules
-    from gateway.broker_config import gateway_client_files
-    from gateway.forward import Forwarder, ForwardOutbox, backfill, parse_since
-    from gateway.metrics import MetricsServer
-    from gateway.site import opener_for
+    from gateway.config import load_gateway_config
+    from gateway.node import run_gateway
 
-    if a.tier == "cloud" and (a.relay_for or a.forward_to):
-        raise MedgeError("--tier cloud opens every message itself: no --relay-for/--forward-to")
-    if a.backfill and not a.forward_to:
-        raise MedgeError("--backfill re-queues stored results for the cloud: add --forward-to")
-    since = parse_since(a.backfill) if a.backfill else None
-    opener = opener_for(a.site_dir, relay_for=tuple(a.relay_for), keys=tuple(a.cloud_key))
-    forward = None
-    if a.forward_to:
-        fhost, _, fport = a.forward_to.rpartition(":")
-        forward = Forwarder(
-            ForwardOutbox(a.forward_outbox or _forward_outbox_beside(a.db)),
-            fhost or "127.0.0.1",
-            int(fport),
-            client_id=f"{a.client_id}-forward",
-            resend_after=a.forward_resend_after,
-            tls=tuple(a.forward_tls) if a.forward_tls else None,  # type: ignore[arg-type]
-        )
-    rules = AlertRules(silence_after=a.silence_after)
-    host, _, port = a.broker.rpartition(":")
+    cfg = load_gateway_config(a.config, _gateway_overrides(a))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    log = logging.getLogger("medge.gateway")
-    with Supervisor() as sup, Store(a.db) as store:
-        gw = Gateway(
-            store,
-            opener,
-            host or "127.0.0.1",
-            int(port),
-            a.protocol,
-            client_id=a.client_id,
-            share_group=a.share_group,
-            tls=gateway_client_files(a.site_dir) if a.tls else None,
-            rules=rules,
-            forward=forward,
-            device_rate=a.device_rate,
-            device_burst=a.device_burst,
-        )
-        gw.batch_window, gw.batch_when_idle = a.batch_window, a.batch_when_idle
-        metrics = None
-        try:
-            gw.start(timeout=3.0)  # a broker not up yet: one warning, then retried with back-off
-            for name, thread in gw.workers().items():
-                sup.watch(name, thread)
-            sup.track("stored", lambda: gw.last_stored)
-            if forward is not None and since is not None:
-                backfill(store, forward.outbox, since)
-            if a.metrics_port is not None:
-                metrics = MetricsServer(gw.metrics, a.metrics_host, a.metrics_port,
-                                        health=sup.health).start()
-            log.info("storing into %s; Ctrl-C to stop", store.location)
-            death = sup.wait(stop)
-        finally:
-            if metrics is not None:
-                metrics.stop()
-            gw.stop()
-    if death is not None:
-        raise MedgeError(f"gateway: {death.line()}")
-    print(json.dumps(gw.stats.__dict__))
+    stats = run_gateway(cfg, stop)
+    print(json.dumps(dataclasses.asdict(stats)))
+    return 0
+
+
+def cmd_gateway_check(a: argparse.Namespace) -> int:
+    """Validate gateway.yaml (pointing at the line), then check what `gateway run` and
+    `dashboard` need on start; an unreachable broker is a warning."""
+    from gateway.check import check_node
+
+    report = check_node(a.config, a.broker_timeout)
+    for w in report.warnings:
+        logging.getLogger("medge.gateway.check").warning("%s", w)
+    if a.json:
+        print(json.dumps({"config": str(a.config), "ok": True, **report.to_json()}))
+        return 0
+    print(f"{a.config}: OK ({report.summary})")
+    for line in report.lines:
+        print(f"  {line}")
+    return 0
+
+
+def cmd_gateway_push_bundle(a: argparse.Namespace) -> int:
+    """Pack, serve and announce a bundle to one device; return once it has fetched it."""
+    from gateway.config import parse_host_port
+    from gateway.ota import push_bundle
+
+    try:
+        host, port = parse_host_port(a.broker)
+    except ValueError as exc:
+        raise MedgeError(f"--broker: {exc}") from exc
+    result = push_bundle(
+        a.bundle, a.site_dir, host, port, a.device, protocol=a.protocol, tls=a.tls,
+        allow_downgrade=a.allow_downgrade, http_host=a.http_host, http_port=a.http_port,
+        url_host=a.url_host, timeout=a.timeout,
+    )
+    if a.json:
+        print(json.dumps(result))
+    else:
+        print(f"{a.device}: fetched {result['url']} (sha256 {result['sha256'][:12]}); its "
+              "update event says whether it applied it")
     return 0
 
 
 def cmd_dashboard(a: argparse.Namespace) -> int:
+    from gateway.config import load_dashboard_config
     from gateway.dashboard import run_dashboard
     from gateway.dashboard.throttle import LoginPolicy
 
-    policy = LoginPolicy(trusted_proxies=tuple(a.trusted_proxy), secure_cookies=a.secure_cookies)
-    run_dashboard(a.db, a.host, a.port, a.title, users=a.users,
-                  allow_anonymous=a.allow_anonymous, login_policy=policy)
+    cfg = load_dashboard_config(a.config, _overrides(a, _DASHBOARD_FLAGS))
+    policy = LoginPolicy(trusted_proxies=tuple(cfg.trusted_proxy),
+                         secure_cookies=cfg.secure_cookies)
+    run_dashboard(cfg.target(), cfg.host, cfg.port, cfg.title, users=cfg.users,
+                  allow_anonymous=cfg.allow_anonymous, login_policy=policy)
     return 0
 
 
@@ -143,94 +167,180 @@ def cmd_dashboard_add_user(a: argparse.Namespace) -> int:
 
 
 def register(sub: Any, common: Callable[..., None]) -> None:
-    """Add `gateway` (run, broker-config) and `dashboard` (add-user) to the `medge` commands."""
+    """Add `gateway` (run, check-config, push-bundle, broker-config) and `dashboard`
+    (add-user) to the `medge` commands."""
     g = sub.add_parser(
         "gateway",
         help="the fog-node service",
         description="Subscribe to devices, store each result once, acknowledge.",
     )
     gsub = g.add_subparsers(dest="gateway_command", required=True, metavar="ACTION")
-    gr = gsub.add_parser("run", help="run the gateway against a broker")
-    gr.add_argument("--broker", default="127.0.0.1:1883", help="HOST:PORT (default 127.0.0.1:1883)")
-    gr.add_argument("--protocol", default="5", choices=["5", "3.1.1"], help="MQTT version")
-    gr.add_argument(
-        "--site-dir",
-        type=Path,
-        required=True,
-        help="site directory (from 'medge site init'): keys and registered devices",
-    )
-    gr.add_argument("--db", type=_db_arg, default=Path("gateway.sqlite"), metavar="FILE|URL",
-                    help=_DB_HELP)
-    gr.add_argument("--client-id", default="medge-gateway", help="MQTT client id of this worker")
-    gr.add_argument("--share-group", help="MQTT 5 shared-subscription group for several workers")
-    gr.add_argument("--relay-for", type=Path, action="append", default=[],
+    _register_run(gsub, common)
+    _register_check(gsub, common)
+    _register_push_bundle(gsub, common)
+    register_broker_config(gsub, common)
+    _register_dashboard(sub, common)
+
+
+def _register_run(gsub: Any, common: Callable[..., None]) -> None:
+    # no flag has a default here: one not given leaves gateway.yaml's value, or the config's
+    # default (gateway/config.py), which the help texts name
+    gr = gsub.add_parser(
+        "run", help="run the gateway against a broker", argument_default=argparse.SUPPRESS,
+        description="Run one gateway worker: subscribe, open, store, acknowledge, alert, "
+        "forward. Settings come from --config gateway.yaml (section 'gateway:', "
+        "docs/gateway-config.md); each flag given overrides the file's key.")
+    gr.add_argument("--config", type=Path, default=None, metavar="FILE", help=_CONFIG_HELP)
+    gr.add_argument("--broker", help="HOST:PORT (default 127.0.0.1:1883) [broker.host/port]")
+    gr.add_argument("--protocol", choices=["5", "3.1.1"],
+                    help="MQTT version (default 5) [broker.protocol]")
+    gr.add_argument("--site-dir", type=Path,
+                    help="site directory (from 'medge site init'): keys and registered devices; "
+                    "required unless the config names it [site_dir]")
+    gr.add_argument("--db", metavar="FILE|URL", help=_DB_HELP + " [store.db]")
+    gr.add_argument("--client-id",
+                    help="MQTT client id of this worker (default medge-gateway) "
+                    "[broker.client_id]")
+    gr.add_argument("--share-group", help="MQTT 5 shared-subscription group for several "
+                    "workers [broker.share_group]")
+    gr.add_argument("--relay-for", type=Path, action="append",
                     help="end-to-end mode: accept messages sealed to this public key (the "
-                    "cloud's) unread, checking each device signature (repeatable)")
+                    "cloud's) unread, checking each device signature (repeatable) [relay_for]")
     gr.add_argument("--tls", action="store_true",
                     help="connect with the site's gateway certificate (site broker from "
-                    "'medge gateway broker-config')")
-    gr.add_argument("--tier", choices=["fog", "cloud"], default="fog",
+                    "'medge gateway broker-config') [broker.tls]")
+    gr.add_argument("--tier", choices=["fog", "cloud"],
                     help="fog: the site's gateway (default); cloud: the cloud tier that stores "
-                    "what fog gateways forward and acks them (docs/forwarding.md)")
-    gr.add_argument("--cloud-key", type=Path, action="append", default=[], metavar="FILE",
+                    "what fog gateways forward and acks them (docs/forwarding.md) [tier]")
+    gr.add_argument("--cloud-key", type=Path, action="append", metavar="FILE",
                     help="also open messages sealed to this private key (the cloud's, from "
-                    "'medge site cloud-key'; end-to-end mode) (repeatable)")
+                    "'medge site cloud-key'; end-to-end mode) (repeatable) [cloud_key]")
     gr.add_argument("--forward-to", metavar="HOST:PORT",
                     help="forward every stored result/event to this cloud broker through an "
-                    "outbox on disk, deleted only on the cloud gateway's ack")
+                    "outbox on disk, deleted only on the cloud gateway's ack [forward.to]")
     gr.add_argument("--forward-outbox", type=Path, metavar="FILE",
-                    help="the forward outbox (default: DB.forward.sqlite beside --db)")
+                    help="the forward outbox (default: DB.forward.sqlite beside --db) "
+                    "[forward.outbox]")
     gr.add_argument("--forward-tls", type=Path, nargs=3, metavar=("CA", "CERT", "KEY"),
-                    help="TLS to the cloud broker: CA certificate, client certificate, key")
-    gr.add_argument("--forward-resend-after", type=float, default=10.0, metavar="SECONDS",
-                    help="resend to the cloud what it has not acknowledged (default 10)")
+                    help="TLS to the cloud broker: CA certificate, client certificate, key "
+                    "[forward.tls]")
+    gr.add_argument("--forward-resend-after", type=float, metavar="SECONDS",
+                    help="resend to the cloud what it has not acknowledged (default 10) "
+                    "[forward.resend_after]")
     gr.add_argument("--backfill", metavar="SINCE",
                     help="with --forward-to: also queue for the cloud the results already "
                     "stored since SINCE (all, 30m, 24h, 7d, an ISO date/time or a Unix time); "
-                    "the cloud keeps each once")
-    gr.add_argument("--device-rate", type=float, default=100.0, metavar="MSG_PER_S",
+                    "the cloud keeps each once [forward.backfill]")
+    gr.add_argument("--device-rate", type=float, metavar="MSG_PER_S",
                     help="flood limit per device: messages per second (default 100; 0: no "
-                    "limit); messages over it are not acknowledged, so the device resends them")
-    gr.add_argument("--device-burst", type=float, default=1000.0, metavar="N",
-                    help="messages a device may send at once above its rate (default 1000)")
-    gr.add_argument("--batch-window", type=float, default=0.005, metavar="SECONDS",
+                    "limit); messages over it are not acknowledged, so the device resends them "
+                    "[limits.device_rate]")
+    gr.add_argument("--device-burst", type=float, metavar="N",
+                    help="messages a device may send at once above its rate (default 1000) "
+                    "[limits.device_burst]")
+    gr.add_argument("--batch-window", type=float, metavar="SECONDS",
                     help="under load, gather results this long into one store commit (default "
-                    "0.005); a result that finds the gateway idle is committed at once")
+                    "0.005); a result that finds the gateway idle is committed at once "
+                    "[batching.window]")
     gr.add_argument("--batch-when-idle", action="store_true",
                     help="wait the batch window also when idle (a fixed window, as before "
-                    "adaptive batching; for comparison)")
-    gr.add_argument("--silence-after", type=float, default=30.0, metavar="SECONDS",
-                    help="alert when a device sends nothing for this long (default 30)")
+                    "adaptive batching; for comparison) [batching.when_idle]")
+    gr.add_argument("--silence-after", type=float, metavar="SECONDS",
+                    help="alert when a device sends nothing for this long (default 30) "
+                    "[alerts.silence_after]")
     gr.add_argument("--alert-rules", type=Path, metavar="FILE.yaml",
                     help="alert rules: severity per event kind, silence, offline "
-                    "(docs/dashboard.md, 'Alerts'); its silence_after wins over --silence-after")
+                    "(docs/dashboard.md, 'Alerts'); its silence_after wins over --silence-after "
+                    "[alerts.rules]")
     gr.add_argument("--metrics-port", type=int, metavar="N",
-                    help="serve Prometheus metrics at http://HOST:N/metrics (0: any free port)")
-    gr.add_argument("--metrics-host", default="127.0.0.1",
-                    help="address of the metrics endpoint (default loopback)")
+                    help="serve Prometheus metrics at http://HOST:N/metrics (0: any free port) "
+                    "[metrics.port]")
+    gr.add_argument("--metrics-host",
+                    help="address of the metrics endpoint (default loopback) [metrics.host]")
     common(gr)
     gr.set_defaults(func=cmd_gateway_run)
-    register_broker_config(gsub, common)
 
+
+def _register_check(gsub: Any, common: Callable[..., None]) -> None:
+    k = gsub.add_parser(
+        "check-config",
+        help="check a gateway.yaml as 'gateway run' and 'dashboard' would, and point at the "
+        "bad line",
+        description="Validate gateway.yaml strictly (pointing at the line of the first "
+        "problem), then check what 'gateway run' needs on start: the site directory (site.json, "
+        "private keys mode 0600 or stricter, the keys the gateway opens envelopes with), the "
+        "alert rules file, the forward TLS files, the store (reachable; a SQLite file not there "
+        "yet is created on the first run) and, with a dashboard: section, its users file and "
+        "store. An unreachable broker is a warning, not a failure (docs/gateway-config.md).",
+    )
+    k.add_argument("config", type=Path, metavar="FILE", help="gateway.yaml")
+    k.add_argument("--broker-timeout", type=float, default=2.0, metavar="S",
+                   help="seconds to wait for a TCP connection to the broker (default 2)")
+    common(k, json_flag=True)
+    k.set_defaults(func=cmd_gateway_check)
+
+
+def _register_push_bundle(gsub: Any, common: Callable[..., None]) -> None:
+    pb = gsub.add_parser(
+        "push-bundle",
+        help="send a signed bundle to one device over the air",
+        description="Verify and pack BUNDLE, serve it over HTTP from this machine, publish a "
+        "signed update-bundle command (the site's bundle signer) on the device's cmd topic, and "
+        "wait until the device has fetched it. The device verifies the signature and hashes, "
+        "self-tests the new bundle and swaps it in between two samples; its 'update' event "
+        "(applied/rejected, stored by the gateway) says what it did (docs/device.md).",
+    )
+    pb.add_argument("bundle", type=Path, metavar="BUNDLE", help="bundle directory")
+    pb.add_argument("--site-dir", type=Path, required=True,
+                    help="site directory: its name and bundle-signer.key")
+    pb.add_argument("--device", required=True, help="the device to update")
+    pb.add_argument("--broker", default="127.0.0.1:1883",
+                    help="HOST:PORT of the site's broker (default 127.0.0.1:1883)")
+    pb.add_argument("--protocol", default="5", choices=["5", "3.1.1"], help="MQTT version")
+    pb.add_argument("--tls", action="store_true",
+                    help="connect with the site's gateway certificate (site broker)")
+    pb.add_argument("--allow-downgrade", action="store_true",
+                    help="let the device install a bundle older than the one it runs")
+    pb.add_argument("--http-host", default="0.0.0.0",  # noqa: S104 - devices must reach it
+                    help="address the bundle is served on (default all)")
+    pb.add_argument("--http-port", type=int, default=0,
+                    help="port it is served on (default: any free port)")
+    pb.add_argument("--url-host",
+                    help="host name or address the device fetches the bundle from (default: "
+                    "this machine's address toward the broker)")
+    pb.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                    help="give up when the device has not fetched the bundle by then "
+                    "(default 600)")
+    common(pb, json_flag=True)
+    pb.set_defaults(func=cmd_gateway_push_bundle)
+
+
+def _register_dashboard(sub: Any, common: Callable[..., None]) -> None:
     d = sub.add_parser(
         "dashboard",
         help="serve the live web dashboard of a gateway store",
         description="Serve the alerts, the fleet and the live results of a gateway store to "
-        "signed-in users (docs/dashboard.md); 'medge dashboard add-user' creates them.",
+        "signed-in users (docs/dashboard.md); 'medge dashboard add-user' creates them. "
+        "Settings come from --config gateway.yaml (section 'dashboard:'; its store is the "
+        "gateway section's unless it names db); each flag given overrides the file's key.",
+        argument_default=argparse.SUPPRESS,
     )
-    d.add_argument("--db", type=_db_arg, default=Path("gateway.sqlite"), metavar="FILE|URL",
-                   help=_DB_HELP)
-    d.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
-    d.add_argument("--port", type=int, default=8080, help="port (default 8080)")
-    d.add_argument("--users", type=Path, help="users file (from 'medge dashboard add-user')")
+    d.add_argument("--config", type=Path, default=None, metavar="FILE", help=_CONFIG_HELP)
+    d.add_argument("--db", metavar="FILE|URL", help=_DB_HELP + " [db]")
+    d.add_argument("--host", help="address to listen on (default loopback) [host]")
+    d.add_argument("--port", type=int, help="port (default 8080) [port]")
+    d.add_argument("--users", type=Path,
+                   help="users file (from 'medge dashboard add-user') [users]")
     d.add_argument("--allow-anonymous", action="store_true",
-                   help="serve without login (local tests only: the data is patient-derived)")
-    d.add_argument("--title", default="medge", help="title shown on the page")
-    d.add_argument("--trusted-proxy", action="append", default=[], metavar="ADDRESS[/BITS]",
+                   help="serve without login (local tests only: the data is patient-derived) "
+                   "[allow_anonymous]")
+    d.add_argument("--title", help="title shown on the page (default medge) [title]")
+    d.add_argument("--trusted-proxy", action="append", metavar="ADDRESS[/BITS]",
                    help="a reverse proxy whose X-Forwarded-For/-Proto are believed (repeatable; "
-                   "from anyone else they are ignored)")
+                   "from anyone else they are ignored) [trusted_proxy]")
     d.add_argument("--secure-cookies", action="store_true",
-                   help="mark the session cookie Secure (the page is reached over TLS)")
+                   help="mark the session cookie Secure (the page is reached over TLS) "
+                   "[secure_cookies]")
     common(d)
     d.set_defaults(func=cmd_dashboard)
     dsub = d.add_subparsers(dest="dashboard_command", metavar="ACTION")

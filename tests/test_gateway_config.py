@@ -100,9 +100,10 @@ def test_a_bad_flag_is_named_as_a_flag(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("over", "why"),
     [
-        ({"tier": "cloud", "forward.to": "c:1883"}, "tier cloud opens every message itself"),
-        ({"forward.backfill": "24h"}, "set forward.to"),
-        ({"forward.to": "c:1883", "store.db": "postgresql://u@h/db"}, "needs forward.outbox"),
+        ({"tier": "cloud", "forward.to": "c:1883"}, "cloud opens every message itself"),
+        ({"forward.backfill": "24h"}, "forward.backfill needs forward.to"),
+        ({"forward.to": "c:1883", "store.db": "postgresql://u@h/db"},
+         "needs --forward-outbox FILE"),
     ],
 )
 def test_combinations_no_field_can_refuse(over: dict[str, object], why: str) -> None:
