@@ -34,6 +34,7 @@ from typing import Any
 
 from edge_agent.envelope import Envelope
 from edge_agent.errors import one_line
+from gateway import read_models
 from gateway.alert_rules import SEVERITIES, AlertError, AlertRules, check_severity, rules_json
 from gateway.db import Database
 from gateway.store import Store
@@ -162,17 +163,8 @@ def acknowledge(store: Store, alert_id: int, user: str, now: float | None = None
 
 def list_alerts(store: Store, limit: int = 100, resolved: bool = True) -> list[dict[str, Any]]:
     """Open alerts first (most severe, then newest), then acknowledged ones, then (with
-    ``resolved``) the newest resolved ones; ``limit`` rows in all."""
-    rank = " ".join(f"WHEN '{s}' THEN {i}" for i, s in enumerate(SEVERITIES))
-    where = "" if resolved else "WHERE state != 'resolved'"
-    rows = store.query(
-        f"SELECT * FROM alerts {where} ORDER BY "
-        "CASE state WHEN 'open' THEN 0 WHEN 'acknowledged' THEN 1 ELSE 2 END, "
-        f"CASE WHEN state = 'open' THEN CASE severity {rank} ELSE 9 END ELSE 0 END, "
-        "id DESC LIMIT ?",
-        (limit,),
-    )
-    return [_row(r) for r in rows]
+    ``resolved``) the newest resolved ones; ``limit`` rows in all, each detail decoded."""
+    return [_row(r) for r in read_models.alerts(store, limit, resolved)]
 
 
 def record_rules(store: Store, rules: AlertRules, now: float | None = None) -> bool:

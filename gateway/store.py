@@ -1,5 +1,6 @@
-"""The gateway's store: devices and results, each result exactly once, in SQLite by default
-or in PostgreSQL (``Store("postgresql://...")``) with the same code (gateway.db).
+"""The gateway's store: the writer of devices and results, each result exactly once, in
+SQLite by default or in PostgreSQL (``Store("postgresql://...")``) with the same code
+(gateway.db). What the dashboard reads is in gateway.read_models.
 
 Results are idempotent by (site, device, seq): a resend after a lost ack is counted as a
 duplicate and not stored again, also when several gateway workers share one PostgreSQL
@@ -19,6 +20,7 @@ from typing import Any, TypeVar
 
 from edge_agent.envelope import Envelope
 from edge_agent.errors import one_line
+from gateway import read_models
 from gateway.db import Database, SQLiteDatabase, StoreError, connect
 from gateway.migrations import SERIAL_TABLES, migrate
 
@@ -50,7 +52,6 @@ class Store:
         self.path: Path | None = self._db.path if isinstance(self._db, SQLiteDatabase) else None
         self._history_inserts: dict[tuple[str, str], int] = {}  # per device, for pruning
         self.refused = 0  # result rows the database refused (add_results returned None)
-        self._bad_rows: set[tuple[str, str]] = set()  # devices whose bad telemetry was logged
         try:
             migrate(self._db, self.location)
         except StoreError:
@@ -75,13 +76,10 @@ class Store:
         picked it as a deadlock (or serialization) victim."""
         with self._lock:
             for attempt in range(1, _RETRIES + 1):
-                self._db.begin()
                 try:
-                    out = work(self._db)
-                    self._db.commit()
-                    return out
+                    with self._db.transaction() as db:
+                        return work(db)
                 except BaseException as exc:
-                    self._db.rollback()
                     if attempt == _RETRIES or not self._db.retryable(exc):
                         raise
                     log.warning(
@@ -308,37 +306,6 @@ class Store:
         with self._lock:
             return [dict(r) for r in self._db.execute(sql, args).fetchall()]
 
-    def telemetry_history(
-        self, site: str, device: str, since: float, limit: int = 2000
-    ) -> list[dict[str, Any]]:
-        """Telemetry points of a device received after ``since``, oldest first (at most the
-        newest ``limit``)."""
-        rows = self.query(
-            "SELECT time, fps, latency_p50, results, cpu_percent, outbox_depth "
-            "FROM telemetry_history WHERE site=? AND device=? AND time > ? "
-            "ORDER BY time DESC LIMIT ?",
-            (site, device, since, limit),
-        )
-        return rows[::-1]
-
-    def results_per_minute(self, site: str, device: str, since: float) -> list[dict[str, Any]]:
-        """Results and events stored per minute of receipt since ``since`` (minutes with none
-        are absent), oldest first."""
-        return self.query(
-            f"SELECT {self._db.floor_int('received / 60')} * 60 AS minute, count(*) AS count "
-            "FROM results WHERE site=? AND device=? AND received > ? "
-            "GROUP BY minute ORDER BY minute",
-            (site, device, since),
-        )
-
-    def audit(self, action: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        sql = "SELECT * FROM audit" + (" WHERE action=?" if action else "")
-        with self._lock:
-            rows = self._db.execute(
-                sql + " ORDER BY id DESC LIMIT ?", ((action, limit) if action else (limit,))
-            ).fetchall()
-        return [dict(r) for r in rows]
-
     def advance(self, site: str, device: str, kind: str, seq: int) -> bool:
         """Record ``seq`` as the newest ``kind`` (state/telemetry) message of a device; False if
         it is not newer than the last one (a replay or a stale message)."""
@@ -359,22 +326,13 @@ class Store:
 
         return self._write(work)
 
-    # -- reads (dashboard, demo summary) ---------------------------------------------------
+    # -- reads: gateway.read_models (kept here for the callers that read through a Store) --
+    def floor_int(self, expr: str) -> str:
+        """SQL for the integer floor of a non-negative REAL expression, in this dialect."""
+        return self._db.floor_int(expr)
+
     def devices(self) -> list[dict[str, Any]]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM devices ORDER BY site, device").fetchall()
-        out = []
-        for r in rows:
-            d = dict(r)
-            d["telemetry"], why = _telemetry(d["telemetry"])
-            if why is not None:  # one bad row (e.g. written before bodies had a schema)
-                d["error"] = why
-                key = (d["site"], d["device"])
-                if key not in self._bad_rows and len(self._bad_rows) < 10_000:
-                    self._bad_rows.add(key)  # one line per device, not one per page poll
-                    log.warning("store %s: %s/%s %s", self.location, *key, why)
-            out.append(d)
-        return out
+        return read_models.devices(self)
 
     def results(
         self,
@@ -383,54 +341,21 @@ class Store:
         site: str | None = None,
         device: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Results with id > after_id, oldest first; with after_id=0, the newest ``limit``."""
-        where, args = ["id > ?"], [after_id]
-        if site:
-            where.append("site = ?")
-            args.append(site)
-        if device:
-            where.append("device = ?")
-            args.append(device)
-        order = "ASC" if after_id else "DESC"
-        sql = (
-            f"SELECT id, site, device, seq, kind, time, received, input, label, label_name, "
-            f"pred, pred_label, score, bundle, input_sha256 FROM results "
-            f"WHERE {' AND '.join(where)} "
-            f"ORDER BY id {order} LIMIT ?"
-        )
-        with self._lock:
-            rows = [dict(r) for r in self._db.execute(sql, (*args, limit)).fetchall()]
-        return rows if after_id else rows[::-1]
-
-    def sealed_results(self, after_id: int = 0, limit: int = 500) -> list[tuple[int, bytes]]:
-        """End-to-end messages kept for the cloud, oldest first: (id, the whole message)."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT id, sealed FROM results WHERE sealed IS NOT NULL AND id > ? "
-                "ORDER BY id LIMIT ?",
-                (after_id, limit),
-            ).fetchall()
-        return [(int(i), bytes(b)) for i, b in rows]
+        return read_models.results(self, after_id, limit, site, device)
 
     def result_count(self, site: str | None = None, device: str | None = None) -> int:
-        sql, args = "SELECT count(*) FROM results", []
-        if site and device:
-            sql, args = sql + " WHERE site=? AND device=?", [site, device]
-        with self._lock:
-            return int(self._db.execute(sql, args).fetchone()[0])
+        return read_models.result_count(self, site, device)
 
+    def sealed_results(self, after_id: int = 0, limit: int = 500) -> list[tuple[int, bytes]]:
+        return read_models.sealed_results(self, after_id, limit)
 
-def _telemetry(text: str | None) -> tuple[dict[str, Any] | None, str | None]:
-    """A stored telemetry column as an object, or (None, why it cannot be shown)."""
-    if not text:
-        return None, None
-    try:
-        value = json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        return None, f"telemetry unreadable ({type(exc).__name__})"
-    if not isinstance(value, dict):
-        return None, f"telemetry is a {type(value).__name__}, not an object"
-    return value, None
+    def telemetry_history(
+        self, site: str, device: str, since: float, limit: int = 2000
+    ) -> list[dict[str, Any]]:
+        return read_models.telemetry_history(self, site, device, since, limit)
+
+    def audit(self, action: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        return read_models.audit(self, action, limit)
 
 
 def _first_line(exc: BaseException) -> str:

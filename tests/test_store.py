@@ -13,7 +13,7 @@ import pytest
 from pg import new_database
 
 from edge_agent.envelope import Envelope
-from gateway import Store
+from gateway import Store, read_models
 from gateway.alerts import list_alerts, open_alert
 from gateway.db import Database, StoreError, connect
 from gateway.migrations import MIGRATIONS as _MIGRATIONS
@@ -79,7 +79,7 @@ def test_migrations_are_numbered_recorded_and_applied_once(target: str | Path) -
     for _ in range(2):  # a restart applies nothing again and keeps the data
         with Store(target) as store:
             assert store.schema_version == LATEST
-            assert store.result_count() == 1
+            assert read_models.result_count(store) == 1
     assert _versions(target) == list(range(1, LATEST + 1))
 
 
@@ -88,13 +88,13 @@ def test_an_old_store_is_migrated_in_place(target: str | Path) -> None:
     assert _versions(target) == [1, 2, 3]
     with Store(target) as store:
         assert store.schema_version == LATEST
-        [old] = store.results()
+        [old] = read_models.results(store)
         assert (old["seq"], old["time"], old["received"]) == (7, 1.5, 2.5)
         assert store.query("SELECT sealed, raw, alert FROM results") == [
             {"sealed": None, "raw": None, "alert": None}
         ]
         assert store.add_results([(_env(7), None), (_env(8), b"x")]) == [False, True]
-        assert store.sealed_results() == []
+        assert read_models.sealed_results(store) == []
     assert _versions(target) == list(range(1, LATEST + 1))
 
 
@@ -119,7 +119,7 @@ def test_a_failing_migration_leaves_nothing_half_done(target: str | Path) -> Non
         db.close()
     with Store(target) as store:
         assert store.schema_version == LATEST
-        assert store.result_count() == 1
+        assert read_models.result_count(store) == 1
 
 
 def test_workers_starting_together_migrate_once(target: str | Path) -> None:
@@ -181,9 +181,9 @@ def test_two_workers_store_each_seq_once(
     assert sum(news["a"]) + sum(news["b"]) == 3 * 300, "each (device, seq) new exactly once"
     with Store(target) as store:
         for d in devices:
-            seqs = [r["seq"] for r in store.results(limit=1000, device=d)]
+            seqs = [r["seq"] for r in read_models.results(store, limit=1000, device=d)]
             assert sorted(seqs) == list(range(300)), f"{d}: every seq once"
-        counters = {d["device"]: (d["stored"], d["duplicates"]) for d in store.devices()}
+        counters = {d["device"]: (d["stored"], d["duplicates"]) for d in read_models.devices(store)}
     assert counters == dict.fromkeys(devices, (300, 100))
     assert [r.message for r in caplog.records if "retried" in r.message] == []
 
@@ -197,7 +197,7 @@ def test_values_round_trip_exactly(target: str | Path) -> None:
                    sealed=sealed, alert="fall")
     with Store(target) as store:
         assert store.add_result(env, received=1_795_655_871.000000123, raw=None)
-        [row] = store.results()
+        [row] = read_models.results(store)
         assert row["seq"] == 2**40 + 3
         assert row["time"] == 1_795_655_870.123456789, "a double, not a 4-byte real"
         assert row["received"] == 1_795_655_871.000000123
@@ -205,7 +205,7 @@ def test_values_round_trip_exactly(target: str | Path) -> None:
         assert (row["kind"], row["label"], row["pred"]) == ("event", 0, 1)
         assert (row["label_name"], row["pred_label"]) == ("benign", "malignant")
         assert (row["bundle"], row["input_sha256"]) == ("breast-cnn@abc", "ab" * 32)
-        assert store.sealed_results() == [(row["id"], sealed)]
+        assert read_models.sealed_results(store) == [(row["id"], sealed)]
         assert store.query("SELECT alert, raw FROM results") == [{"alert": "fall", "raw": None}]
         assert store.add_result(_env(1), raw=b"\x00raw\xff")
         assert store.query("SELECT raw FROM results WHERE seq = ?", (1,)) == [
@@ -254,7 +254,7 @@ def test_results_per_minute_floors_each_time(target: str | Path) -> None:
     with Store(target) as store:
         for seq, received in ((1, 60.0), (2, 119.9), (3, 179.99)):
             store.add_result(_env(seq), received=received)
-        assert store.results_per_minute(SITE, "us-01", 0.0) == [
+        assert read_models.results_per_minute(store, SITE, "us-01", 0.0) == [
             {"minute": 60, "count": 2},
             {"minute": 120, "count": 1},
         ]
@@ -267,14 +267,15 @@ def test_telemetry_history_and_replay_seqs(target: str | Path) -> None:
         assert not store.advance(SITE, "us-01", "telemetry", 4)
         store.set_telemetry(SITE, "us-01", {"fps": 2.5, "results": 3,
                                             "latency_ms": {"total": {"p50": 4.25}}})
-        [point] = store.telemetry_history(SITE, "us-01", 0.0)
+        [point] = read_models.telemetry_history(store, SITE, "us-01", 0.0)
         assert (point["fps"], point["latency_p50"], point["results"]) == (2.5, 4.25, 3)
-        [dev] = store.devices()
+        [dev] = read_models.devices(store)
         assert dev["telemetry"]["fps"] == 2.5 and dev["last_telemetry_seq"] == 5
         store.count_rejected(SITE, "us-01", "bad signature")
         store.count_rejected(None, None, "unknown device")
-        assert store.devices()[0]["rejected"] == 1
-        assert [a["detail"] for a in store.audit("reject")] == ["unknown device", "bad signature"]
+        assert read_models.devices(store)[0]["rejected"] == 1
+        rejects = [a["detail"] for a in read_models.audit(store, "reject")]
+        assert rejects == ["unknown device", "bad signature"]
 
 
 def test_alert_transactions_run_one_at_a_time_across_workers(target: str | Path) -> None:
@@ -333,9 +334,9 @@ def test_one_poisoned_row_is_refused_and_the_rest_of_its_batch_stored(
         ]
         assert store.add_results(items, 2.0) == [True, True, None, True, False]
         assert store.refused == 1
-        stored = {(r["device"], r["seq"]) for r in store.results(limit=10)}
+        stored = {(r["device"], r["seq"]) for r in read_models.results(store, limit=10)}
         assert stored == {("us-01", 1), ("us-02", 1), ("us-02", 2), ("us-04", 1)}
-        devices = {d["device"]: d for d in store.devices()}
+        devices = {d["device"]: d for d in read_models.devices(store)}
         assert (devices["us-02"]["stored"], devices["us-02"]["duplicates"]) == (2, 1)
         assert devices["us-01"]["stored"] == devices["us-04"]["stored"] == 1
         assert devices.get("us-03", {"stored": 0})["stored"] == 0
@@ -343,7 +344,7 @@ def test_one_poisoned_row_is_refused_and_the_rest_of_its_batch_stored(
         assert len(lines) == 1 and "ward-a/us-03 seq 7" in lines[0] and "\n" not in lines[0]
         # the caller (gateway.service) audits the refusal with reason "store"
         store.count_rejected(SITE, "us-03", "store")
-        assert [a["detail"] for a in store.audit("reject")] == ["store"]
+        assert [a["detail"] for a in read_models.audit(store, "reject")] == ["store"]
         # the normal path is still one batch, and the store keeps working
         assert store.add_results([(_env(3, "us-02", pred=0), None)], 3.0) == [True]
         assert store.add_results([(_env(7, "us-03", pred=0), None)], 4.0) == [True]

@@ -2,7 +2,8 @@
 
 Every page and API needs a signed-in user (:mod:`gateway.dashboard.login`); the only thing the
 dashboard writes to the store is the audit log and acknowledgements of alerts. It opens its own
-:class:`Store` on the gateway's database (WAL lets the gateway write meanwhile) and polls it.
+:class:`Store` on the gateway's database (WAL lets the gateway write meanwhile) and polls it
+through :mod:`gateway.read_models`.
 
 ``GET /api/stream`` is Server-Sent Events: a ``devices`` event (the whole list) and an
 ``alerts`` event (open alerts first) whenever either changes, and one ``result`` event per new
@@ -30,6 +31,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from edge_agent.errors import MedgeError, one_line
+from gateway import read_models
 from gateway.alerts import AlertError, UnknownAlert, acknowledge, list_alerts
 from gateway.dashboard import login, rules_view
 from gateway.dashboard.auth import SESSION_TTL_S, Sessions, Users
@@ -129,7 +131,8 @@ async def _me(request: web.Request) -> web.Response:
 
 
 async def _devices(request: web.Request) -> web.Response:
-    rows = await _read("devices", request.app[STORE].devices)
+    store = request.app[STORE]
+    rows = await _read("devices", lambda: read_models.devices(store))
     return _json_rows(rows, "device")
 
 
@@ -141,7 +144,7 @@ async def _results(request: web.Request) -> web.Response:
     store = request.app[STORE]
 
     def read() -> list[dict[str, Any]]:
-        return _with_cams(store, store.results(max(after, 0), limit, site, device))
+        return _with_cams(store, read_models.results(store, max(after, 0), limit, site, device))
 
     return _json_rows(await _read("results", read), "result")
 
@@ -175,11 +178,11 @@ async def _history(request: web.Request) -> web.Response:
     def read() -> dict[str, Any]:
         now = time.time()
         since = now - minutes * 60
-        keys = [(d["site"], d["device"]) for d in store.devices()
+        keys = [(d["site"], d["device"]) for d in read_models.devices(store)
                 if site in (None, d["site"]) and device in (None, d["device"])]
         return {"now": now, "since": since, "devices": {
-            f"{s}/{d}": {"telemetry": store.telemetry_history(s, d, since),
-                         "results_per_minute": store.results_per_minute(s, d, since)}
+            f"{s}/{d}": {"telemetry": read_models.telemetry_history(store, s, d, since),
+                         "results_per_minute": read_models.results_per_minute(store, s, d, since)}
             for s, d in keys}}
 
     return _json(await _read("history", read))
@@ -189,7 +192,7 @@ async def _stream(request: web.Request) -> web.StreamResponse:
     store, stopping = request.app[STORE], request.app[STOPPING]
     cursor = _stream_cursor(request)
     if cursor is None:  # no cursor given: only what arrives from now on
-        newest = await asyncio.to_thread(store.results, 0, 1)
+        newest = await asyncio.to_thread(read_models.results, store, 0, 1)
         cursor = newest[-1]["id"] if newest else 0
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -204,7 +207,7 @@ async def _stream(request: web.Request) -> web.StreamResponse:
             if transport is None or transport.is_closing():
                 break  # the client went away
             chunks: list[bytes] = []
-            for name, read in (("devices", store.devices),
+            for name, read in (("devices", lambda: read_models.devices(store)),
                                ("alerts", lambda: list_alerts(store, ALERTS_SHOWN))):
                 event = name
                 try:
@@ -250,9 +253,9 @@ async def _security_headers(request: web.Request, handler: web.Handler) -> web.S
 
 
 def _rows_after(store: Store, cursor: int, limit: int) -> list[dict[str, Any]]:
-    # Store.results(0, ...) means "the newest rows"; ids start at 1, so -1 asks for the
+    # results(0, ...) means "the newest rows"; ids start at 1, so -1 asks for the
     # oldest rows after nothing, in id order, which is what a stream must send.
-    return _with_cams(store, store.results(cursor if cursor > 0 else -1, limit))
+    return _with_cams(store, read_models.results(store, cursor if cursor > 0 else -1, limit))
 
 
 _cam_logged: set[int] = set()
@@ -265,11 +268,7 @@ def _with_cams(store: Store, rows: list[dict[str, Any]]) -> list[dict[str, Any]]
     if not rows:
         return rows
     ids = {r["id"]: r for r in rows}
-    found = store.query(
-        "SELECT id, body FROM results WHERE id >= ? AND id <= ? AND CAST(body AS TEXT) LIKE ?",
-        (min(ids), max(ids), '%"cam"%'),
-    )
-    for f in found:
+    for f in read_models.cam_bodies(store, min(ids), max(ids)):
         row = ids.get(f["id"])
         if row is None:
             continue
