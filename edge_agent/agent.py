@@ -20,12 +20,14 @@ from edge_agent.errors import MedgeError
 from edge_agent.identity import DEVICE_CERT, DEVICE_KEY, SITE_CA, DeviceIdentity
 from edge_agent.link import DeviceLink
 from edge_agent.model import LoadedModel
+from edge_agent.model_slot import ModelSlot, Probation
 from edge_agent.outbox import Outbox
-from edge_agent.pipeline import run_pipeline
+from edge_agent.pipeline import build_graph
 from edge_agent.sources import open_source
 from edge_agent.supervisor import Supervisor
 from edge_agent.telemetry import PipelineStats, device_health
-from edge_agent.update import ModelSlot, Updater
+from edge_agent.update import Updater
+from edge_agent.window import split_window
 
 __all__ = ["Agent", "AgentReport"]
 
@@ -56,6 +58,8 @@ class Agent:
         self.sent = 0
         self.pending = 0
         self._link: DeviceLink | None = None
+        self._outbox: Outbox | None = None
+        self._updater: Updater | None = None
         self.metrics_port: int | None = None  # where the metrics endpoint listens, once running
 
     def run(self, stop: threading.Event, drain_timeout: float = 10.0) -> AgentReport:
@@ -115,8 +119,10 @@ class Agent:
             metrics = None
             if cfg.metrics_port is not None:
                 metrics = MetricsServer(
-                    lambda: device_families(self, outbox, link), cfg.metrics_host,
-                    cfg.metrics_port, health=self.supervisor.health,
+                    lambda: device_families(self, outbox, link),
+                    cfg.metrics_host,
+                    cfg.metrics_port,
+                    health=self.supervisor.health,
                 )
             sup = self.supervisor
             sup.track("sent", lambda: link.last_sent)
@@ -133,8 +139,8 @@ class Agent:
     def _run(
         self, stop: threading.Event, drain_timeout: float, outbox: Outbox, link: DeviceLink
     ) -> AgentReport:
-        cfg = self.cfg
-        self._link = link
+        cfg, sup = self.cfg, self.supervisor
+        self._link, self._outbox = link, outbox
         done = threading.Event()
         ticker = threading.Thread(
             target=self._telemetry_loop,
@@ -143,67 +149,30 @@ class Agent:
             name=f"telemetry-{cfg.device}",
         )
         ticker.start()
-        sup = self.supervisor
         sup.watch("telemetry", ticker)
-
-        def emit(kind: str, body: dict[str, Any]) -> None:
-            outbox.put(kind, body)  # an event commits at once, a result with its batch
-            self.sent += 1
-
-        def swapped(old: LoadedModel, new: LoadedModel) -> None:  # between two samples
-            self.model, self.bundle = new, new.bundle
-            link.bundle_id = new.bundle.id
-            emit("event", {"update": "applied", "bundle": new.bundle.id, "previous": old.bundle.id})
-            link.publish_direct("state", {"state": "online", "bundle": new.bundle.id}, True)
-            log.info("%s: now running %s (was %s)", cfg.device, new.bundle.id, old.bundle.id)
-
-        def rolled_back(bad: LoadedModel, good: LoadedModel, reason: str) -> None:
-            self.model, self.bundle = good, good.bundle
-            link.bundle_id = good.bundle.id
-            updater.rolled_back(bad.bundle, good.bundle)
-            emit(
-                "event",
-                {
-                    "update": "rolled_back",
-                    "bundle": bad.bundle.id,
-                    "running": good.bundle.id,
-                    "reason": reason,
-                },
-            )
-            link.publish_direct("state", {"state": "online", "bundle": good.bundle.id}, True)
-            log.warning(
-                "%s: rolled back from %s to %s: %s",
-                cfg.device,
-                bad.bundle.id,
-                good.bundle.id,
-                reason,
-            )
-
         slot = ModelSlot(
-            self.model, swapped, rolled_back, cfg.rollback_failures, cfg.rollback_within
-        )
-        updater = Updater(
+            self.model, self._swapped, self._rolled_back, cfg.rollback_failures,
+            cfg.rollback_within,
+        )  # fmt: skip
+        self._updater = updater = Updater(
             slot,
             self.identity.signers,
             cfg.site,
             cfg.device,
             cfg.outbox.path.parent,
-            lambda body: emit("event", body),
+            lambda body: self._emit("event", body),
             lambda b: LoadedModel(b, cfg.runtime, cfg.threads, cfg.precision),
             current_link=cfg.bundle,
         )
+        source, window = split_window(self.source)  # the windowing, as its own stage
+        graph = build_graph(source, window, Probation(slot, self.stats), self._emit, self.stats,
+                            cam=cfg.cam)  # fmt: skip
         link.on_command = updater.submit
         log.info("%s: running %s on %s", cfg.device, self.bundle.id, self.source.name)
         with updater:
             sup.watch("update", updater.thread)
             try:
-                run_pipeline(
-                    slot.samples(self.source.stream(stop)),
-                    slot,  # type: ignore[arg-type]
-                    emit,
-                    self.stats,
-                    cam=cfg.cam,
-                )
+                graph.run(stop)
             finally:
                 sup.forget("update")  # it ends with this block
         link.on_command = None
@@ -220,6 +189,35 @@ class Agent:
         self._publish_telemetry(link, outbox)
         self.pending = outbox.depth()
         return AgentReport(cfg.device, self.sent, link.acked, self.pending, dict(self.stats.errors))
+
+    # -- what flows out of the graph, and what the model slot reports ------------------------
+    def _emit(self, kind: str, body: dict[str, Any]) -> None:
+        assert self._outbox is not None
+        self._outbox.put(kind, body)  # an event commits at once, a result with its batch
+        self.sent += 1
+
+    def _swapped(self, old: LoadedModel, new: LoadedModel) -> None:  # between two samples
+        self.model, self.bundle = new, new.bundle
+        assert self._link is not None
+        self._link.bundle_id = new.bundle.id
+        self._emit(
+            "event", {"update": "applied", "bundle": new.bundle.id, "previous": old.bundle.id}
+        )
+        self._link.publish_direct("state", {"state": "online", "bundle": new.bundle.id}, True)
+        log.info("%s: now running %s (was %s)", self.cfg.device, new.bundle.id, old.bundle.id)
+
+    def _rolled_back(self, bad: LoadedModel, good: LoadedModel, reason: str) -> None:
+        self.model, self.bundle = good, good.bundle
+        assert self._link is not None and self._updater is not None
+        self._link.bundle_id = good.bundle.id
+        self._updater.rolled_back(bad.bundle, good.bundle)
+        body = {"update": "rolled_back", "bundle": bad.bundle.id, "running": good.bundle.id}
+        self._emit("event", {**body, "reason": reason})
+        self._link.publish_direct("state", {"state": "online", "bundle": good.bundle.id}, True)
+        log.warning(
+            "%s: rolled back from %s to %s: %s", self.cfg.device, bad.bundle.id, good.bundle.id,
+            reason,
+        )  # fmt: skip
 
     def telemetry(self, outbox: Outbox) -> dict[str, Any]:
         body = self.stats.snapshot()

@@ -1,6 +1,12 @@
-"""A bundle opened on a backend: preprocess, infer and decode as three separate steps."""
+"""A bundle opened on a backend: preprocess, infer and decode as three separate steps.
+
+:class:`Model` is what the pipeline's stages ask of a model; :class:`LoadedModel` (a bundle on
+the LiteRT or the ONNX Runtime backend, ``edge_agent.backends``) is the one the agent runs.
+"""
 
 from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -10,7 +16,30 @@ from edge_agent.decode import Decoded, classify, image_stats, segment
 from edge_agent.errors import BundleError
 from edge_agent.preprocess import byte_table, dequantize, normalize, to_input
 
-__all__ = ["LoadedModel"]
+__all__ = ["LoadedModel", "Model"]
+
+
+@runtime_checkable
+class Model(Protocol):
+    """A runnable bundle, as the pipeline's stages use it: three steps, each a plain call."""
+
+    bundle: Bundle
+
+    def prepare(self, sample: np.ndarray) -> np.ndarray:
+        """Raw sample -> input tensor, as the manifest's preprocessing says."""
+        ...
+
+    def infer(self, tensor: np.ndarray) -> np.ndarray:
+        """Input tensor -> real-valued first output row."""
+        ...
+
+    def infer_outputs(self, tensor: np.ndarray) -> list[np.ndarray]:
+        """Input tensor -> every output, real-valued (e.g. the CAM's feature map)."""
+        ...
+
+    def decode(self, output: np.ndarray) -> Decoded:
+        """The first output -> the result the manifest's task asks for."""
+        ...
 
 
 class LoadedModel:

@@ -1,42 +1,50 @@
 """The model the pipeline runs, swapped between two samples: a new bundle's model goes on
 probation, and one that fails is rolled back. The updater (``edge_agent.update``) offers
-models; the pipeline only sees a slot that quacks like a LoadedModel. See docs/device.md.
+models to the :class:`ModelSlot`; the pipeline's :class:`Probation` stage takes each sample's
+model from it. See docs/device.md.
 
-After the swap the new model is on probation for its first ``rollback_within`` samples: each
-one runs it end to end inside ``prepare`` (preprocess, infer, decode, finite scores of the
-right width: the self-test's checks, on live input), so a run-time failure rejects that one
-sample (counted, one log line) instead of ending the stream. ``rollback_failures`` such
-failures swap the previous model back in between two samples and report
-``{"update": "rolled_back", "bundle": bad, "running": previous, "reason": ...}``.
+After the swap the new model is on probation for its first ``rollback_within`` samples: the
+stage runs it end to end on each one (:func:`probe`: preprocess, infer, decode, finite scores
+of the right width: the self-test's checks, on live input), so a run-time failure rejects that
+one sample (counted with the preprocess rejections, one log line) instead of ending the stream.
+``rollback_failures`` such failures swap the previous model back in between two samples and
+report ``{"update": "rolled_back", "bundle": bad, "running": previous, "reason": ...}``.
 """
 
 from __future__ import annotations
 
 import collections
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 
 from edge_agent.bundle import Bundle
-from edge_agent.decode import Classification
 from edge_agent.errors import MedgeError
-from edge_agent.model import LoadedModel
+from edge_agent.graph import Work, reject
+from edge_agent.model import LoadedModel, Model
 from edge_agent.sources.base import Sample
+from edge_agent.telemetry import PipelineStats
 
-__all__ = ["ModelSlot", "ProbationError", "check_scores"]
+__all__ = ["ModelSlot", "Probation", "ProbationError", "check_scores", "probe"]
 
 _RECENT = 4  # inputs kept for the self-test of the next bundle
 
 
 class ProbationError(MedgeError):
-    """A model on probation failed on a live sample (the sample is rejected and counted)."""
+    """A model on probation failed on a live sample (the sample is rejected and counted).
+    ``why``: the failure as the rollback's reason tells it (``infer: ...``)."""
+
+    def __init__(self, message: str, why: str | None = None) -> None:
+        super().__init__(message)
+        self.why = why if why is not None else message
 
 
 class ModelSlot:
-    """The model the pipeline runs. It quacks like LoadedModel; a new one is swapped in (or
-    rolled back) only in :meth:`samples`, between two samples, so no sample sees two models."""
+    """The model the pipeline runs; a new one is swapped in (or rolled back) only in
+    :meth:`select`, between two samples, so no sample sees two models."""
 
     def __init__(
         self,
@@ -55,7 +63,6 @@ class ModelSlot:
         self.rollback_failures, self.rollback_within = rollback_failures, rollback_within
         self.failures: list[str] = []  # of the model on probation
         self._seen = 0
-        self._trial: tuple[np.ndarray, np.ndarray] | None = None
         self._pending: LoadedModel | None = None
         self._lock = threading.Lock()
         self._recent: collections.deque[np.ndarray] = collections.deque(maxlen=_RECENT)
@@ -64,45 +71,13 @@ class ModelSlot:
     def bundle(self) -> Bundle:
         return self.current.bundle
 
-    def __getattr__(self, name: str) -> Any:  # anything else a pipeline asks of the model
-        if name.startswith("_") or name == "current":
-            raise AttributeError(name)
-        return getattr(self.current, name)
-
     @property
     def on_probation(self) -> bool:
         return self.previous is not None
 
-    def prepare(self, sample: np.ndarray) -> np.ndarray:
-        if self.previous is None:
-            return self.current.prepare(sample)
-        model = self.current  # on probation: the whole model runs here, checked
-        try:
-            x = model.prepare(sample)
-        except (MedgeError, ValueError) as exc:
-            self._fail(f"preprocess: {exc}")
-            raise
-        try:
-            y = model.infer(x)
-            check_scores(model.decode(y), len(model.bundle.manifest.labels))
-        except Exception as exc:  # any run-time failure of the new model counts
-            why = _first_line(exc)
-            self._fail(f"infer: {why}")
-            raise ProbationError(f"bundle {model.bundle.id} (on probation): {why}") from exc
-        self._trial = (x, y)
-        return x
-
-    def infer(self, tensor: np.ndarray) -> np.ndarray:
-        trial, self._trial = self._trial, None
-        if trial is not None and trial[0] is tensor:
-            return trial[1]  # computed and checked in prepare
-        return self.current.infer(tensor)
-
-    def _fail(self, why: str) -> None:
-        self.failures.append(why)  # the pipeline says it in its one line per rejected sample
-
-    def decode(self, output: np.ndarray) -> Classification:
-        return self.current.decode(output)
+    def fail(self, why: str) -> None:
+        """A failure of the model on probation (the pipeline says it in its one line)."""
+        self.failures.append(why)
 
     def recent(self) -> list[np.ndarray]:
         with self._lock:
@@ -112,31 +87,78 @@ class ModelSlot:
         with self._lock:
             self._pending = model
 
+    def select(self, sample: Sample) -> LoadedModel:
+        """The model ``sample`` runs on: a rollback or a swap happens here, before it."""
+        with self._lock:
+            new, self._pending = self._pending, None
+            self._recent.append(sample.data)
+        if self.previous is not None and len(self.failures) >= self.rollback_failures:
+            bad, self.current, self.previous = self.current, self.previous, None
+            reason = (
+                f"{len(self.failures)} run-time failures in the first {self._seen} samples "
+                f"after the swap; last: {self.failures[-1]}"
+            )
+            if self._on_rollback is not None:
+                self._on_rollback(bad, self.current, reason)
+        if new is not None:
+            old, self.current = self.current, new
+            if self.previous is None:  # else keep the last confirmed one to go back to
+                self.previous = old
+            self.failures, self._seen = [], 0
+            self._on_swap(old, new)
+        if self.previous is not None:
+            if self._seen >= self.rollback_within:
+                self.previous = None  # confirmed: the old model can go
+            else:
+                self._seen += 1
+        return self.current
+
     def samples(self, stream: Iterable[Sample]) -> Iterator[Sample]:
+        """``stream``, with :meth:`select` before each sample."""
         for sample in stream:
-            with self._lock:
-                new, self._pending = self._pending, None
-                self._recent.append(sample.data)
-            if self.previous is not None and len(self.failures) >= self.rollback_failures:
-                bad, self.current, self.previous = self.current, self.previous, None
-                reason = (
-                    f"{len(self.failures)} run-time failures in the first {self._seen} samples "
-                    f"after the swap; last: {self.failures[-1]}"
-                )
-                if self._on_rollback is not None:
-                    self._on_rollback(bad, self.current, reason)
-            if new is not None:
-                old, self.current = self.current, new
-                if self.previous is None:  # else keep the last confirmed one to go back to
-                    self.previous = old
-                self.failures, self._seen = [], 0
-                self._on_swap(old, new)
-            if self.previous is not None:
-                if self._seen >= self.rollback_within:
-                    self.previous = None  # confirmed: the old model can go
-                else:
-                    self._seen += 1
+            self.select(sample)
             yield sample
+
+
+class Probation:
+    """Stage: binds each sample to the slot's model and, while that model is on probation,
+    runs it end to end on the sample (:func:`probe`); a failure rejects the sample, counted
+    with the preprocess rejections, and counts towards the rollback."""
+
+    def __init__(self, slot: ModelSlot, stats: PipelineStats) -> None:
+        self.slot, self.stats = slot, stats
+
+    def __call__(self, samples: Iterable[Sample]) -> Iterator[Work]:
+        for sample in samples:
+            model = self.slot.select(sample)
+            w = Work(sample, model)
+            if self.slot.on_probation:
+                t0 = time.perf_counter()
+                try:
+                    w.x, w.y = probe(model, sample.data)
+                except ProbationError as exc:
+                    self.slot.fail(exc.why)
+                    reject(w, "preprocess", self.stats, exc)
+                w.took("preprocess", time.perf_counter() - t0)
+            yield w
+
+
+def probe(model: Model, sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Run ``model`` end to end on one sample with the self-test's checks: (input tensor, first
+    output row), or :class:`ProbationError` (any run-time failure of the model counts)."""
+    try:
+        x = model.prepare(sample)
+    except (MedgeError, ValueError) as exc:
+        raise ProbationError(str(exc), f"preprocess: {exc}") from exc
+    try:
+        y = model.infer(x)
+        check_scores(model.decode(y), len(model.bundle.manifest.labels))
+    except Exception as exc:  # any run-time failure of the new model counts
+        why = _first_line(exc)
+        raise ProbationError(
+            f"bundle {model.bundle.id} (on probation): {why}", f"infer: {why}"
+        ) from exc
+    return x, y
 
 
 def check_scores(c: Any, n_labels: int) -> None:

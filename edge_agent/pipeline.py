@@ -1,17 +1,22 @@
-"""The pipeline, as one graph: source -> preprocess -> infer -> decode -> events -> outbox.
+"""The pipeline's stages and its graph: source > window > model > preprocess > infer > decode >
+result > events > publish (:func:`build_graph`, the one place they are wired).
 
-Stages never call their neighbours; this function moves data forward and times each stage.
-A sample that a stage rejects is reported in one line, counted, and the stream goes on.
-Windowing happens at the source (``edge_agent.sources.open_source``); events come from the
-manifest's ``decode.events`` (``edge_agent.events``), timed by the samples' own times.
+Each stage is thin: its work is a plain function (``Model.prepare``/``infer``/``decode``,
+:func:`result_body`, ``EventTracker.update``); the stage times it, and a sample it rejects is
+counted, told in one line (``edge_agent.graph.reject``) and skipped by the stages after it.
+Windowing is decided from the manifest and the source kind (``edge_agent.sources.open_source``,
+``edge_agent.window.Window``); the model for each sample from the slot, with the probation
+after an update (``edge_agent.model_slot.Probation``); events from the manifest's
+``decode.events`` (``edge_agent.events``), timed by the samples' own times.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -20,94 +25,213 @@ from edge_agent.cam import cam_body
 from edge_agent.decode import Classification, Decoded, ImageResult, Segmentation
 from edge_agent.errors import MedgeError
 from edge_agent.events import EventTracker
-from edge_agent.model import LoadedModel
+from edge_agent.graph import Graph, Operator, Work, reject
+from edge_agent.model import Model
 from edge_agent.sources.base import Sample
 from edge_agent.telemetry import PipelineStats
+from edge_agent.window import Window
 
-__all__ = ["result_body", "run_pipeline"]
+__all__ = [
+    "Bind",
+    "Decode",
+    "Events",
+    "Infer",
+    "Preprocess",
+    "Publish",
+    "Result",
+    "build_graph",
+    "result_body",
+    "run_pipeline",
+]
 
 log = logging.getLogger("medge.agent.pipeline")
 
 Emit = Callable[[str, dict[str, Any]], None]
+clock = time.perf_counter
+
+
+def build_graph(
+    source: Any,
+    window: Window,
+    models: Operator,
+    emit: Emit,
+    stats: PipelineStats,
+    cam: bool = True,
+) -> Graph:
+    """The agent's pipeline. ``source``: a source (or an iterable of samples); ``models``: the
+    stage that binds each sample to its model (:class:`Bind`, or ``Probation`` over a slot)."""
+    preprocess, infer, decode = Preprocess(stats), Infer(stats, cam), Decode(stats, cam)
+    result, events, publish = Result(), Events(emit), Publish(emit, stats)
+    g = Graph("pipeline")
+    g.add_flow(source, window)  # samples, cut as the manifest and the source kind say
+    g.add_flow(window, models)  # the model each sample runs on (swaps happen here)
+    g.add_flow(models, preprocess)
+    g.add_flow(preprocess, infer)
+    g.add_flow(infer, decode)
+    g.add_flow(decode, result)
+    g.add_flow(result, events)  # events close when the model changes
+    g.add_flow(events, publish)  # into the outbox: a `block` edge, nothing dropped
+    return g
 
 
 def run_pipeline(
     samples: Iterable[Sample],
-    model: LoadedModel,
+    model: Model,
     emit: Emit,
     stats: PipelineStats,
     cam: bool = True,
 ) -> None:
     """Run every sample through ``model`` and ``emit`` each result (and each event).
+    ``cam``: add the class activation heatmap to results when the bundle has one."""
+    build_graph(samples, Window(None), Bind(model), emit, stats, cam).run(threading.Event())
 
-    ``model`` may be a slot (``edge_agent.update.ModelSlot``) whose model changes between
-    samples (a bundle update): open events of the old model are then closed. ``cam``: add the
-    class activation heatmap to results when the bundle has one.
-    """
-    clock = time.perf_counter
-    tracker: EventTracker | None = None
-    tracked: object = None
-    try:
+
+class Bind:
+    """Stage: every sample runs on one model."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+
+    def __call__(self, samples: Iterable[Sample]) -> Iterator[Work]:
         for sample in samples:
-            bundle = model.bundle  # a slot's current model: swapped only between samples
-            if bundle is not tracked:
-                _close(tracker, emit)
-                tracker, tracked = _tracker(model), bundle
-            t0 = clock()
-            try:
-                x = model.prepare(sample.data)  # preprocess
-            except (MedgeError, ValueError) as exc:
-                n = stats.error("preprocess")
-                log.warning("sample %s rejected by preprocess (%d so far): %s", sample.id, n, exc)
-                continue
-            t1 = clock()
-            spec = bundle.manifest.cam if cam else None
-            try:  # infer: a runtime that fails on one input loses that sample, not the stream
-                outputs = model.infer_outputs(x) if spec is not None else None
-                y = outputs[0].reshape(-1) if outputs is not None else model.infer(x)
-            except (MedgeError, ValueError, RuntimeError) as exc:
-                n = stats.error("infer")
-                log.warning("sample %s: inference failed (%d so far): %s", sample.id, n, exc)
-                continue
-            t2 = clock()
-            try:
-                c = model.decode(y)  # decode
-            except (MedgeError, ValueError) as exc:
-                n = stats.error("decode")
-                log.warning("sample %s: output not decoded (%d so far): %s", sample.id, n, exc)
-                continue
-            extra: dict[str, Any] = {}
-            if outputs is not None and spec is not None:
-                heat = outputs[spec.output]
-                extra["cam"] = cam_body(heat, c.pred, c.pred_label, spec.upsample_to)
-            t3 = clock()
-            latency = {"preprocess": t1 - t0, "infer": t2 - t1, "decode": t3 - t2, "total": t3 - t0}
-            body = result_body(sample, c.pred, c.pred_label, _scores(c), model, latency)
-            body.update(_task_fields(c), **extra)
-            emit("result", body)
-            if tracker is not None and isinstance(c, Classification):
-                at = sample.time if sample.time is not None else time.time()
-                for event in tracker.update(at, c.scores, sample.id):
-                    emit("event", event)
-            stats.record(**latency)
-    finally:
-        _close(tracker, emit)
+            yield Work(sample, self.model)
 
 
-def _tracker(model: LoadedModel) -> EventTracker | None:
+class Preprocess:
+    """Stage: raw sample -> input tensor (unless probation made it already)."""
+
+    def __init__(self, stats: PipelineStats) -> None:
+        self.stats = stats
+
+    def __call__(self, works: Iterable[Work]) -> Iterator[Work]:
+        for w in works:
+            if w.rejected is None and w.x is None:
+                t0 = clock()
+                try:
+                    w.x = w.model.prepare(w.sample.data)
+                except (MedgeError, ValueError) as exc:
+                    reject(w, "preprocess", self.stats, exc)
+                w.took("preprocess", clock() - t0)
+            yield w
+
+
+class Infer:
+    """Stage: input tensor -> outputs; a runtime that fails on one input loses that sample,
+    not the stream. ``cam``: every output, when the bundle has a CAM."""
+
+    def __init__(self, stats: PipelineStats, cam: bool = True) -> None:
+        self.stats, self.cam = stats, cam
+
+    def __call__(self, works: Iterable[Work]) -> Iterator[Work]:
+        for w in works:
+            if w.rejected is None:
+                t0 = clock()
+                spec = w.model.bundle.manifest.cam if self.cam else None
+                try:
+                    if spec is not None:
+                        w.outputs = w.model.infer_outputs(w.x)  # type: ignore[arg-type]
+                        w.y = w.outputs[0].reshape(-1)
+                    elif w.y is None:  # else computed and checked on probation
+                        w.y = w.model.infer(w.x)  # type: ignore[arg-type]
+                except (MedgeError, ValueError, RuntimeError) as exc:
+                    reject(w, "infer", self.stats, exc)
+                w.took("infer", clock() - t0)
+            yield w
+
+
+class Decode:
+    """Stage: first output -> the task's result (and the CAM heatmap, when asked)."""
+
+    def __init__(self, stats: PipelineStats, cam: bool = True) -> None:
+        self.stats, self.cam = stats, cam
+
+    def __call__(self, works: Iterable[Work]) -> Iterator[Work]:
+        for w in works:
+            if w.rejected is None:
+                t0 = clock()
+                try:
+                    c = w.decoded = w.model.decode(w.y)  # type: ignore[arg-type]
+                except (MedgeError, ValueError) as exc:
+                    reject(w, "decode", self.stats, exc)
+                else:
+                    spec = w.model.bundle.manifest.cam if self.cam else None
+                    if w.outputs is not None and spec is not None:
+                        heat = w.outputs[spec.output]
+                        w.extra["cam"] = cam_body(heat, c.pred, c.pred_label, spec.upsample_to)
+                w.took("decode", clock() - t0)
+            yield w
+
+
+class Result:
+    """Stage: the result message of each decoded sample."""
+
+    def __call__(self, works: Iterable[Work]) -> Iterator[Work]:
+        for w in works:
+            if w.rejected is None and w.decoded is not None:
+                c, lat = w.decoded, w.latency
+                lat["total"] = lat["preprocess"] + lat["infer"] + lat["decode"]
+                body = result_body(w.sample, c.pred, c.pred_label, _scores(c), w.model, lat)
+                body.update(_task_fields(c), **w.extra)
+                w.messages.append(("result", body))
+            yield w
+
+
+class Events:
+    """Stage: the manifest's event rules over the classifications, one tracker per model.
+    When the model changes (an update, a rollback), the open events of the old one end first;
+    at the end of the stream the open events end, straight into ``emit`` (the outbox)."""
+
+    def __init__(self, emit: Emit) -> None:
+        self.emit = emit
+
+    def __call__(self, works: Iterable[Work]) -> Iterator[Work]:
+        tracker: EventTracker | None = None
+        tracked: object = None
+        try:
+            for w in works:
+                bundle = w.model.bundle
+                if bundle is not tracked:
+                    w.messages[:0] = _close(tracker)
+                    tracker, tracked = _tracker(w.model), bundle
+                c = w.decoded
+                if w.rejected is None and tracker is not None and isinstance(c, Classification):
+                    at = w.sample.time if w.sample.time is not None else time.time()
+                    w.messages += [("event", e) for e in tracker.update(at, c.scores, w.sample.id)]
+                yield w
+        finally:
+            for kind, body in _close(tracker):
+                self.emit(kind, body)
+
+
+class Publish:
+    """Sink: each message into ``emit`` (the outbox), then the sample's timings."""
+
+    def __init__(self, emit: Emit, stats: PipelineStats) -> None:
+        self.emit, self.stats = emit, stats
+
+    def __call__(self, works: Iterable[Work]) -> Iterator[Work]:
+        for w in works:
+            for kind, body in w.messages:
+                self.emit(kind, body)
+            if w.rejected is None:
+                self.stats.record(**w.latency)
+            yield w
+
+
+def _tracker(model: Model) -> EventTracker | None:
     m = model.bundle.manifest
     if m.task != "classification" or not m.decode.events:
         return None
     return EventTracker(m.decode.events, m.labels)
 
 
-def _close(tracker: EventTracker | None, emit: Emit) -> None:
+def _close(tracker: EventTracker | None) -> list[tuple[str, dict[str, Any]]]:
     if tracker is None:
-        return
-    for event in tracker.finish():
-        emit("event", event)
+        return []
+    ended = [("event", event) for event in tracker.finish()]
     if tracker.suppressed:
         log.info("events suppressed by their refractory time: %s", tracker.suppressed)
+    return ended
 
 
 def _scores(c: Decoded) -> list[float]:
@@ -127,7 +251,7 @@ def result_body(
     pred: int,
     pred_label: str,
     scores: list[float],
-    model: LoadedModel,
+    model: Model,
     latency: dict[str, float],
 ) -> dict[str, Any]:
     labels = model.bundle.manifest.labels

@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # edge_agent.sources imports this module: no import cycle at 
 __all__ = [
     "LabelRule",
     "Setting",
+    "Window",
     "WindowSettings",
     "WindowedSource",
     "Windower",
@@ -31,6 +32,7 @@ __all__ = [
     "clips",
     "sliding_windows",
     "source_window",
+    "split_window",
     "warn_overrides",
     "window_label",
     "windowed",
@@ -163,8 +165,29 @@ class WindowSettings(BaseModel):
     )
 
 
+class Window:
+    """Stage: samples in, windows out, as ``settings`` say (:func:`windowed`); with None the
+    samples go through as they are (a source whose kind is not cut, or that is cut already)."""
+
+    def __init__(self, settings: WindowSettings | None) -> None:
+        self.settings = settings
+
+    def __call__(self, samples: Iterable[Sample]) -> Iterator[Sample]:
+        s = self.settings
+        if s is None:
+            return iter(samples)
+        return windowed(samples, s.length, s.hop, s.label, s.reset_on_gap)
+
+
+def split_window(source: Source) -> tuple[Source, Window]:
+    """A source and its windowing, as two stages of the graph."""
+    if isinstance(source, WindowedSource):
+        return source.inner, Window(source.settings)
+    return source, Window(None)
+
+
 class WindowedSource:
-    """A source whose samples are windows of another's."""
+    """A source whose samples are windows of another's (``Window`` at its output)."""
 
     def __init__(self, inner: Source, settings: WindowSettings) -> None:
         self.inner, self.settings = inner, settings
@@ -175,8 +198,7 @@ class WindowedSource:
         return self.inner.errors
 
     def stream(self, stop: threading.Event) -> Iterator[Sample]:
-        s = self.settings
-        return windowed(self.inner.stream(stop), s.length, s.hop, s.label, s.reset_on_gap)
+        return Window(self.settings)(self.inner.stream(stop))
 
 
 # -- where each window setting comes from: the bundle, the config, or the agent's default ----
