@@ -28,6 +28,8 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
         ["agent", "run"],
         ["agent", "check-config"],
         ["gateway", "run"],
+        ["gateway", "check-config"],
+        ["gateway", "push-bundle"],
         ["dashboard"],
         ["demo"],
         ["site", "init"],

@@ -3,6 +3,12 @@ the line, flags over the file over defaults, paths relative to the file."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -132,3 +138,80 @@ def test_every_field_has_a_description() -> None:
 
     assert walk(NodeConfig) == []
     assert GatewayConfig.model_config.get("extra") == "forbid"
+
+
+# -- medge gateway check-config / run --config -------------------------------------------------
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    from medge.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_check_config_passes_a_good_file_and_warns_of_the_broker(
+    tmp_path: Path, site_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gateway.broker import free_port
+
+    path = _write(tmp_path, f"gateway:\n  site_dir: {site_dir}\n  store:\n    db: gw.sqlite\n"
+                  f"  broker:\n    port: {free_port('127.0.0.1')}\n"
+                  "dashboard:\n  allow_anonymous: true\n")
+    code, out, _ = _cli(capsys, "gateway", "check-config", str(path), "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["ok"] and doc["summary"] == "site ward-a, tier fog, dashboard"
+    assert any("not there yet, created on the first run" in c for c in doc["checks"])
+    assert len(doc["warnings"]) == 1 and "not reachable" in doc["warnings"][0]
+    assert not (tmp_path / "gw.sqlite").exists(), "check-config creates nothing"
+
+
+def test_check_config_points_at_the_line_and_refuses_open_keys(
+    tmp_path: Path, site_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _write(tmp_path, f"gateway:\n  site_dir: {site_dir}\n  batching:\n    window: x\n")
+    code, _, err = _cli(capsys, "gateway", "check-config", str(path))
+    assert code == 2 and f"{path}:4: gateway.batching.window:" in err
+    site = tmp_path / "site"
+    shutil.copytree(site_dir, site)
+    (site / "recipient.json").chmod(0o644)
+    path = _write(tmp_path, "gateway:\n  site_dir: site\n")
+    code, _, err = _cli(capsys, "gateway", "check-config", str(path))
+    assert code == 2
+    assert f"{site}/recipient.json: private key is readable by others" in err
+
+
+def test_gateway_run_reads_the_file_and_flags_override_it(
+    tmp_path: Path, site_dir: Path, mosquitto, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`gateway run --config`: the file's broker and store, a flag's metrics port; the
+    process ends on SIGTERM with the counts on stdout."""
+    from gateway.broker import free_port
+    from test_gateway_metrics import scrape, value
+
+    port = free_port("127.0.0.1")
+    path = _write(tmp_path, f"gateway:\n  site_dir: {site_dir}\n  store:\n    db: gw.sqlite\n"
+                  f"  broker:\n    port: {mosquitto.port}\n  metrics:\n    port: 1\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medge", "gateway", "run", "--config", str(path),
+         "--metrics-port", str(port), "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                m = scrape(f"http://127.0.0.1:{port}/metrics")
+                break
+            except OSError:
+                assert proc.poll() is None, proc.communicate()[1][-2000:]
+                assert time.monotonic() < deadline, "no metrics endpoint"
+                time.sleep(0.1)
+        assert value(m, "medge_gateway_messages_received_total") == 0
+        assert (tmp_path / "gw.sqlite").exists(), "the store the file names, beside it"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0, err[-2000:]
+    assert json.loads(out)["received"] == 0

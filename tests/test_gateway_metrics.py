@@ -124,6 +124,22 @@ def test_every_reason_code_shows_at_zero_and_counts_by_code() -> None:
         r: 1.0 if r in (Reason.SIGNATURE, Reason.HANDLER) else 0.0 for r in Reason}
 
 
+def test_stats_are_read_from_the_counters_not_counted_twice() -> None:
+    from gateway import GatewayStats
+
+    m = GatewayMetrics()
+    m.received.inc(5)
+    m.stored.labels("result").inc(2)
+    m.stored.labels("event").inc()
+    m.duplicates.inc()
+    m.acks.inc(4)
+    m.reject(Reason.RATE_LIMIT)
+    m.reject(Reason.STORE)
+    m.reject(Reason.MALFORMED)
+    assert GatewayStats.of(m) == GatewayStats(received=5, stored=3, duplicates=1, rejected=3,
+                                              acks=4, rate_limited=1, store_refused=1)
+
+
 @pytest.mark.slow
 def test_gateway_run_serves_metrics(  # type: ignore[no-untyped-def]
     mosquitto, site_dir: Path, tmp_path: Path
