@@ -26,6 +26,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from waiting import wait_for
 
 import edge_agent.envelope as envelope_mod
 from edge_agent.envelope import Envelope, Sealer
@@ -42,17 +43,6 @@ pytestmark = pytest.mark.slow
 SITE = "ward-h"
 GOOD, BAD = "us-01", "mallory"
 USER, PASSWORD = "ward-nurse", "correct horse battery staple"
-
-
-def _wait(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def _http(port: int, method: str, path: str, body: str | None = None,
@@ -95,7 +85,7 @@ class Fog:
              "--broker", f"127.0.0.1:{self.broker.port}", "--tls", "--db", str(self.db),
              "--metrics-port", str(self.metrics_port)],
             stdout=subprocess.DEVNULL, stderr=log.open("w"), text=True)
-        _wait(lambda: self.metrics() is not None, 30, "the gateway's metrics port")
+        wait_for(lambda: self.metrics() is not None, 30, "the gateway's metrics port")
 
     def stop_gateway(self) -> None:
         if self.gateway is not None and self.gateway.poll() is None:
@@ -143,8 +133,8 @@ class Fog:
         assert self.good_box is not None and self.good_link is not None
         seq = self.good_box.put("result", {"input": "s#1", "pred": 1, "scores": [0.2, 0.8]}).seq
         self.good_link.notify()
-        _wait(lambda: seq in self.stored_seqs(), timeout, f"{GOOD} seq {seq} to be stored")
-        _wait(lambda: self.good_box.depth() == 0, timeout, f"{GOOD} seq {seq} to be acked")
+        wait_for(lambda: seq in self.stored_seqs(), timeout, f"{GOOD} seq {seq} to be stored")
+        wait_for(lambda: self.good_box.depth() == 0, timeout, f"{GOOD} seq {seq} to be acked")
         self.assert_alive()
 
     # -- the attacker ----------------------------------------------------------------------
@@ -176,7 +166,7 @@ class Fog:
             now = self.rejected()
             diff = {k: v - before.get(k, 0.0) for k, v in now.items() if v > before.get(k, 0.0)}
             return diff if sum(diff.values()) >= n else None
-        return _wait(grew, timeout, f"{n} rejection(s) to be counted")
+        return wait_for(grew, timeout, f"{n} rejection(s) to be counted")
 
 
 def _client(ident: Path, broker: RunningBroker) -> mqtt.Client:
@@ -212,8 +202,8 @@ def fog(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fog]:
             [sys.executable, "-m", "medge", "dashboard", "--db", str(f.db), "--users",
              str(users), "--port", str(f.dashboard_port)],
             stdout=subprocess.DEVNULL, stderr=dash_log.open("w"), text=True)
-        _wait(lambda: _ok(lambda: _http(f.dashboard_port, "GET", "/login")[0] == 200), 30,
-              "the dashboard")
+        wait_for(lambda: _ok(lambda: _http(f.dashboard_port, "GET", "/login")[0] == 200), 30,
+                 "the dashboard")
         idn = DeviceIdentity.load(good_ident, SITE, GOOD)
         epochs = itertools.count(1)
         box = Outbox(tmp / "good.outbox.sqlite", SITE, GOOD)
@@ -305,7 +295,7 @@ def test_retained_poison_does_not_kill_a_restarted_gateway(fog: Fog) -> None:
         before_restart = len(fog.logs)
         fog.start_gateway()  # a fresh process: its counters start at 0
         assert len(fog.logs) == before_restart + 1
-        _wait(lambda: sum(fog.rejected().values()) >= 1, 15, "the retained poison to be counted")
+        wait_for(lambda: sum(fog.rejected().values()) >= 1, 15, "the retained poison to be counted")
         fog.good_result_is_stored()
         fog.assert_alive()
     finally:
@@ -355,7 +345,7 @@ def test_hostile_telemetry_does_not_hide_an_open_fall_alert(fog: Fog) -> None:
         return any(a.get("rule") in ("fall", "event:fall") and a.get("state") == "open"
                    for a in alerts)
 
-    _wait(fall_alert_open, 15, "the fall alert")
+    wait_for(fall_alert_open, 15, "the fall alert")
     status, _, text = _http(fog.dashboard_port, "GET", "/api/devices", headers={"Cookie": cookie})
     assert status == 200, text[:300]
     assert GOOD in text

@@ -25,7 +25,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from waiting import wait_for
 
 from edge_agent.envelope import Envelope, Sealer
 from edge_agent.identity import DeviceIdentity
@@ -48,14 +49,6 @@ from gateway.metrics import MetricsServer
 
 SITE = "ward-a"
 DEEP = b"[" * 10_000 + b"]" * 10_000  # far past any JSON parser's recursion limit
-
-
-def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def _publish(broker: RunningBroker, items: list[tuple[str, bytes]], retain: bool = False) -> None:
@@ -120,7 +113,7 @@ def test_a_list_in_a_header_field_is_rejected_and_the_gateway_goes_on(  # type: 
     ):
         _publish(mosquitto, [(topic(SITE, "bd-poison", "result"), _bad_header(
             sealer, "bd-poison", field))])
-        _wait(lambda: gw.stats.rejected == 1, 10, "the rejection")
+        wait_for(lambda: gw.stats.rejected == 1, 10, "the rejection")
         assert _rejected(gw, Reason.MALFORMED) == 1
         assert gw.session.rejected[Reason.MALFORMED.value] == 1
         assert _all_alive(gw), gw.workers()
@@ -142,7 +135,7 @@ def test_a_retained_poison_message_is_rejected_and_the_gateway_goes_on(  # type:
         Store(tmp_path / "gw.sqlite") as store,
         Gateway(store, opener, mosquitto.host, mosquitto.port) as gw,
     ):
-        _wait(lambda: gw.stats.rejected == 1, 10, "the retained message's rejection")
+        wait_for(lambda: gw.stats.rejected == 1, 10, "the retained message's rejection")
         assert _rejected(gw, Reason.MALFORMED) == 1
         with _device(tmp_path, mosquitto, identity("bd-good2"), "bd-good2") as (box, link):
             seqs = _put(box, link, 2)
@@ -168,9 +161,9 @@ def test_a_handler_that_raises_is_counted_as_handler_and_the_session_goes_on(
                      on_message=handle, logger=logging.getLogger("medge.test-boundary"),
                      on_subscribed=subscribed.set) as session:
         assert session.wait_connected(10)
-        _wait(subscribed.is_set, 10, "the subscription")
+        wait_for(subscribed.is_set, 10, "the subscription")
         _publish(mosquitto, [(t, b"boom"), (t, b"boom"), (t, b"boom"), (t, b"after")])
-        _wait(lambda: got == [b"after"], 10, "the message after three failures")
+        wait_for(lambda: got == [b"after"], 10, "the message after three failures")
         assert session.rejected[Reason.HANDLER.value] == 3
         assert sum(session.rejected.values()) == 3
         assert session.thread.is_alive() and session.connected
@@ -201,13 +194,13 @@ def test_nested_json_on_ack_and_cmd_stops_neither_the_link_nor_the_update_thread
         def workers() -> dict[str, Any]:
             return agent.supervisor.health()[1]["workers"]  # type: ignore[no-any-return]
 
-        _wait(lambda: "update" in workers() and agent._link is not None
-              and agent._link.connected, 20, "the agent's link and update thread")
+        wait_for(lambda: "update" in workers() and agent._link is not None
+                 and agent._link.connected, 20, "the agent's link and update thread")
         link = agent._link
         assert link is not None
         _publish(mosquitto, [(topic(SITE, "bd-agent", "ack"), DEEP),
                              (topic(SITE, "bd-agent", "cmd"), DEEP)])
-        _wait(lambda: link.bad_acks == 1, 10, "the deep ack's rejection")
+        wait_for(lambda: link.bad_acks == 1, 10, "the deep ack's rejection")
         assert sum(link.rejected.values()) == 1  # the command is the update thread's to refuse
         with (
             Store(tmp_path / "gw.sqlite") as store,
@@ -218,7 +211,7 @@ def test_nested_json_on_ack_and_cmd_stops_neither_the_link_nor_the_update_thread
                                    ("bd-agent",))
                 return any(json.loads(r["body"]).get("update") == "rejected" for r in rows)
 
-            _wait(reported, 20, "the update thread's report of the deep command")
+            wait_for(reported, 20, "the update thread's report of the deep command")
             assert all(w["alive"] for w in workers().values()), workers()
             runner.join(timeout=60)
             assert result, "the agent finished"
@@ -268,8 +261,8 @@ def test_healthz_reports_liveness_and_503_once_the_writer_died(  # type: ignore[
                 assert 0 <= body["last_message_age_s"]["stored"] < 10
                 _break_the_store(db)
                 _put(box, link)  # resent every 0.2 s: the writer fails, and fails again
-                _wait(lambda: not gw.workers()["gateway-writer"].is_alive(),  # type: ignore[union-attr]
-                      20, "the writer to give up")
+                wait_for(lambda: not gw.workers()["gateway-writer"].is_alive(),  # type: ignore[union-attr]
+                         20, "the writer to give up")
             status, body = _healthz(url)
         assert status == 503 and body["status"] == "failing"
         writer = body["workers"]["gateway-writer"]
@@ -340,19 +333,19 @@ def test_gateway_run_retries_a_closed_port_then_connects(  # type: ignore[no-unt
                               daemon=True)
     reader.start()
     try:
-        _wait(lambda: any("retrying with back-off" in ln for ln in lines), 20,
-              "the warning that the broker is not there")
+        wait_for(lambda: any("retrying with back-off" in ln for ln in lines), 20,
+                 "the warning that the broker is not there")
         assert proc.poll() is None, "a broker that is down is retried, not fatal"
         warned = [ln for ln in lines if "retrying with back-off" in ln]
         assert len(warned) == 1 and f"127.0.0.1:{broker_port}" in warned[0]
         with start_broker("mosquitto", port=broker_port) as broker:
-            _wait(lambda: any("connected to" in ln for ln in lines), 40, "the connection")
+            wait_for(lambda: any("connected to" in ln for ln in lines), 40, "the connection")
             _healthy(proc, f"http://127.0.0.1:{port}/healthz", 10)
             s = sealer("bd-late")
             _publish(broker, [(topic(SITE, "bd-late", "result"), s.seal(
                 Envelope("result", SITE, "bd-late", 1, time.time(), {"pred": 0})))])
             with Store(db) as store:
-                _wait(lambda: store.result_count() == 1, 10, "the result stored")
+                wait_for(lambda: store.result_count() == 1, 10, "the result stored")
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=20)
     finally:
@@ -416,17 +409,17 @@ def test_a_flood_of_rejections_is_counted_in_full_and_audited_in_pace(  # type: 
         assert link.drain(10)  # the device is registered, so it can be charged
         bad = _bad_header(sealer, "bd-flood", "kind")
         _publish(mosquitto, [(topic(SITE, "bd-flood", "result"), bad)] * 40)
-        _wait(lambda: gw.stats.rejected == 40, 10, "40 rejections")
+        wait_for(lambda: gw.stats.rejected == 40, 10, "40 rejections")
         assert _rejected(gw, Reason.MALFORMED) == 40
 
         def charged() -> int:
             return int(next(d for d in store.devices() if d["device"] == "bd-flood")["rejected"])
 
-        _wait(lambda: charged() == 40, 10, "the device's counter to reach 40")
+        wait_for(lambda: charged() == 40, 10, "the device's counter to reach 40")
         assert [a["detail"] for a in store.audit("reject")] == ["malformed"]
         gw.audit_interval = 0.0  # the interval has passed: the next row carries the fold
         _publish(mosquitto, [(topic(SITE, "bd-flood", "result"), bad)])
-        _wait(lambda: charged() == 41, 10, "the 41st rejection")
+        wait_for(lambda: charged() == 41, 10, "the 41st rejection")
         details = sorted(a["detail"] for a in store.audit("reject"))
         assert details == ["malformed", "malformed (+39 since the last row)"]
         assert _all_alive(gw)
