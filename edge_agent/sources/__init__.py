@@ -8,7 +8,8 @@ has a ``name``, an ``errors`` count by problem kind (for telemetry) and ``stream
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any, Union
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import Discriminator, Tag
 
@@ -46,6 +47,7 @@ __all__ = [
     "MqttSensorSource",
     "NpzReplay",
     "NpzSettings",
+    "Plugin",
     "Problems",
     "Sample",
     "SerialSettings",
@@ -62,6 +64,7 @@ __all__ = [
     "load_labelled",
     "open_source",
     "window_plan",
+    "window_stage",
 ]
 
 SOURCE_KINDS = ("npz", "video", "images", "dicom", "imu", "udp", "ecg", "mqtt", "serial")
@@ -94,70 +97,85 @@ SourceConfig = Annotated[
 ]
 
 
-_PLUGINS: dict[type[SourceSettings], Callable[[Any], Source]] = {
-    VideoSettings: VideoSource,
-    ImagesSettings: ImagesSource,
-    DicomSettings: DicomSource,
-    ImuSettings: ImuSource,
-    UdpSettings: UdpSource,
-    EcgSettings: EcgSource,
-    MqttSensorSettings: MqttSensorSource,
-    SerialSettings: SerialSource,
+Windowing = Literal["none", "clip", "window", "ecg"]
+"""How a kind's input is cut for a model that takes sequences: ``clip``: frames into (K, H, W, C)
+clips (its config key ``clip``); ``window``: sensor samples into (L, C) windows (key
+``window``); ``ecg``: by the source itself (beats or fixed windows); ``none``: never (images)."""
+
+
+@dataclass(frozen=True)
+class Plugin:
+    """A source kind: how to open it, and how its input is windowed."""
+
+    make: Callable[[Any], Source]
+    windowing: Windowing
+
+
+_PLUGINS: dict[type[SourceSettings], Plugin] = {
+    VideoSettings: Plugin(VideoSource, "clip"),
+    ImagesSettings: Plugin(ImagesSource, "none"),
+    DicomSettings: Plugin(DicomSource, "clip"),  # its 'window' is the VOI window
+    ImuSettings: Plugin(ImuSource, "window"),
+    UdpSettings: Plugin(UdpSource, "window"),
+    EcgSettings: Plugin(EcgSource, "ecg"),
+    MqttSensorSettings: Plugin(MqttSensorSource, "window"),
+    SerialSettings: Plugin(SerialSource, "window"),
 }
 
 
 def open_source(cfg: SourceSettings, window: WindowSpec | None = None) -> Source:
-    """The source plug-in for ``cfg.kind``, wrapped in windowing when its config asks
-    (``window`` for sensors, ``clip`` for frames) or, when it does not, as the bundle's manifest
-    ``window`` says (an ECG source takes its length, hop and ``centre``). A manifest
-    ``rate_hz`` that differs from the source's rate is refused in one line (:class:`SourceError`).
+    """The source plug-in for ``cfg.kind``, wrapped in windowing as its kind's windowing and
+    the bundle's manifest ``window`` say (:func:`window_stage`; an ECG source takes the
+    manifest's length, hop and ``centre`` itself). A manifest ``rate_hz`` that differs from
+    the source's rate is refused in one line (:class:`SourceError`).
     """
     if isinstance(cfg, NpzSettings):  # an npz holds ready inputs: never windowed
         return NpzReplay(cfg.path, cfg.split, cfg.rate_hz, cfg.loop, cfg.limit)
-    make = _PLUGINS.get(type(cfg))
-    if make is None:
-        raise TypeError(f"no source plug-in for {type(cfg).__name__}")
+    plugin = _plugin(cfg)
     settings: list[Setting] = []
     if isinstance(cfg, EcgSettings):
         cfg, settings = ecg_window(cfg, window)
-    src = make(cfg)
+    src = plugin.make(cfg)
     if isinstance(src, EcgSource):
         warn_overrides(src.name, settings)
         if window is not None and window.rate_hz is not None:
             check_rate(src.name, src.record.fs, window.rate_hz)
         return src
-    key = _window_key(cfg)
-    if key is None:
-        return src
-    given = getattr(cfg, key)
-    own, settings = source_window(given if isinstance(given, WindowSettings) else None, window)
+    own, settings = window_stage(cfg, window)
     warn_overrides(src.name, settings)
     if own is None:
         return src
     rate = getattr(cfg, "rate_hz", None)
-    if key == "window" and window is not None and window.rate_hz is not None and rate:
+    if plugin.windowing == "window" and window is not None and window.rate_hz is not None and rate:
         check_rate(src.name, float(rate), window.rate_hz)
     return WindowedSource(src, own)
 
 
-def _window_key(cfg: SourceSettings) -> str | None:
-    """frames: 'clip' (dicom's 'window' is a VOI window, not windowing); sensors: 'window'."""
-    fields = type(cfg).model_fields
-    return "clip" if "clip" in fields else "window" if "window" in fields else None
+def _plugin(cfg: SourceSettings) -> Plugin:
+    plugin = _PLUGINS.get(type(cfg))
+    if plugin is None:
+        raise TypeError(f"no source plug-in for {type(cfg).__name__}")
+    return plugin
+
+
+def window_stage(
+    cfg: SourceSettings, window: WindowSpec | None
+) -> tuple[WindowSettings | None, list[Setting]]:
+    """The window stage of a ``clip`` or ``window`` kind: the config's own settings when it
+    has them, else the manifest's; with each setting's origin. (None, []) for other kinds."""
+    kind = "none" if isinstance(cfg, NpzSettings) else _plugin(cfg).windowing
+    if kind not in ("clip", "window"):
+        return None, []
+    given = getattr(cfg, kind)
+    return source_window(given, window)
 
 
 def window_plan(cfg: SourceSettings, window: WindowSpec | None) -> list[Setting]:
     """How ``open_source`` will cut this source's input, each setting with its origin (bundle,
     config or default), without opening the source: what ``medge agent check-config`` shows."""
-    if isinstance(cfg, NpzSettings):
-        return []
     if isinstance(cfg, EcgSettings):
         return ecg_window(cfg, window)[1]
-    key = _window_key(cfg)
-    given = getattr(cfg, key) if key else None
-    if key is None or not isinstance(given, WindowSettings | None):
-        return []
-    return source_window(given, window)[1]
+    return window_stage(cfg, window)[1]
 
 
 def check_rate(name: str, rate_hz: float, model_hz: float) -> None:
