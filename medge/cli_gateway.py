@@ -139,14 +139,9 @@ def cmd_gateway_push_bundle(a: argparse.Namespace) -> int:
 
 def cmd_dashboard(a: argparse.Namespace) -> int:
     from gateway.config import load_dashboard_config
-    from gateway.dashboard import run_dashboard
-    from gateway.dashboard.throttle import LoginPolicy
+    from gateway.dashboard.server import run_config
 
-    cfg = load_dashboard_config(a.config, _overrides(a, _DASHBOARD_FLAGS))
-    policy = LoginPolicy(trusted_proxies=tuple(cfg.trusted_proxy),
-                         secure_cookies=cfg.secure_cookies)
-    run_dashboard(cfg.target(), cfg.host, cfg.port, cfg.title, users=cfg.users,
-                  allow_anonymous=cfg.allow_anonymous, login_policy=policy)
+    run_config(load_dashboard_config(a.config, _overrides(a, _DASHBOARD_FLAGS)))
     return 0
 
 

@@ -188,8 +188,9 @@ def test_gateway_run_reads_the_file_and_flags_override_it(
 ) -> None:
     """`gateway run --config`: the file's broker and store, a flag's metrics port; the
     process ends on SIGTERM with the counts on stdout."""
-    from gateway.broker import free_port
     from test_gateway_metrics import scrape, value
+
+    from gateway.broker import free_port
 
     port = free_port("127.0.0.1")
     path = _write(tmp_path, f"gateway:\n  site_dir: {site_dir}\n  store:\n    db: gw.sqlite\n"
@@ -215,3 +216,20 @@ def test_gateway_run_reads_the_file_and_flags_override_it(
         out, err = proc.communicate(timeout=15)
     assert proc.returncode == 0, err[-2000:]
     assert json.loads(out)["received"] == 0
+
+
+def test_the_dashboard_section_serves_the_gateways_store(tmp_path: Path) -> None:
+    import urllib.request
+
+    from gateway import Store
+    from gateway.dashboard.server import DashboardServer
+
+    path = _write(tmp_path, "gateway:\n  site_dir: s\n  store:\n    db: gw.sqlite\n"
+                  "dashboard:\n  allow_anonymous: true\n  title: Ward A\n")
+    with Store(tmp_path / "gw.sqlite"):
+        pass
+    cfg = load_dashboard_config(path, {"port": 0})
+    with DashboardServer.from_config(cfg) as dash:
+        assert dash.title == "Ward A" and dash.db_path == tmp_path / "gw.sqlite"
+        with urllib.request.urlopen(dash.url + "healthz", timeout=5) as r:  # noqa: S310
+            assert r.status == 200

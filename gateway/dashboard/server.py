@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -28,7 +28,10 @@ from gateway.dashboard.keys import STORE
 from gateway.dashboard.throttle import LoginPolicy
 from gateway.db import redact
 
-__all__ = ["DashboardServer", "run_dashboard"]
+if TYPE_CHECKING:
+    from gateway.config import DashboardConfig
+
+__all__ = ["DashboardServer", "login_policy_of", "run_config", "run_dashboard"]
 
 log = logging.getLogger("medge.gateway.dashboard")
 
@@ -115,6 +118,14 @@ class DashboardServer:
         self._ready = threading.Event()
         self._error: BaseException | None = None
 
+    @classmethod
+    def from_config(cls, cfg: DashboardConfig, session_ttl_s: float = SESSION_TTL_S
+                    ) -> DashboardServer:
+        """A server with the settings of gateway.yaml's ``dashboard:`` section."""
+        return cls(cfg.target(), cfg.host, cfg.port, cfg.title, users=cfg.users,
+                   allow_anonymous=cfg.allow_anonymous, session_ttl_s=session_ttl_s,
+                   login_policy=login_policy_of(cfg))
+
     def __enter__(self) -> DashboardServer:
         return self.start()
 
@@ -172,6 +183,18 @@ class DashboardServer:
             log.warning("dashboard thread still running after stop()")
         self._thread, self._loop, self._runner = None, None, None
         log.info("dashboard stopped")
+
+
+def login_policy_of(cfg: DashboardConfig) -> LoginPolicy:
+    """The login policy of a ``dashboard:`` section (trusted proxies, Secure cookies)."""
+    return LoginPolicy(trusted_proxies=tuple(cfg.trusted_proxy),
+                       secure_cookies=cfg.secure_cookies)
+
+
+def run_config(cfg: DashboardConfig) -> None:
+    """:func:`run_dashboard` with the settings of gateway.yaml's ``dashboard:`` section."""
+    run_dashboard(cfg.target(), cfg.host, cfg.port, cfg.title, users=cfg.users,
+                  allow_anonymous=cfg.allow_anonymous, login_policy=login_policy_of(cfg))
 
 
 def run_dashboard(db_path: str | Path, host: str, port: int, title: str = "medge",
