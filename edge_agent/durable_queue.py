@@ -58,16 +58,17 @@ def durable_sqlite(path: Path, timeout: float = 5.0) -> sqlite3.Connection:
     return db
 
 
-def begin_immediate(db: sqlite3.Connection) -> None:
+def begin_immediate(db: sqlite3.Connection, tries: int = _BEGIN_TRIES) -> None:
     """BEGIN IMMEDIATE: take SQLite's write lock now, so the transaction never fails half way
-    for want of it; refused as busy past the connection's timeout, it is tried again."""
-    for attempt in range(1, _BEGIN_TRIES + 1):
+    for want of it; refused as busy past the connection's timeout, it is tried again, up to
+    ``tries`` times in all."""
+    for attempt in range(1, tries + 1):
         try:
             db.execute("BEGIN IMMEDIATE")
             return
         except sqlite3.OperationalError as exc:
             busy = "locked" in str(exc) or "busy" in str(exc)
-            if attempt == _BEGIN_TRIES or not busy:
+            if attempt >= tries or not busy:
                 raise
             time.sleep(_BEGIN_PAUSE_S * attempt)
 

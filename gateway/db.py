@@ -186,7 +186,8 @@ class SQLiteDatabase(Database):
         self._db.executemany(sql, rows)
 
     def begin(self, exclusive: bool = False) -> None:
-        begin_immediate(self._db)
+        # once: busy past the 30 s timeout is a failed commit, which the writer counts
+        begin_immediate(self._db, tries=1)
 
     def row_refused(self, exc: BaseException) -> bool:
         return isinstance(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.durable_queue import DurableQueue, durable_sqlite, immediate
+from edge_agent.durable_queue import DurableQueue, begin_immediate, durable_sqlite, immediate
 from edge_agent.outbox import Outbox
 from gateway.forward import ForwardOutbox
 
@@ -214,3 +214,15 @@ def test_a_new_file_is_durable_and_owner_only(tmp_path: Path) -> None:
     for name in ("q.sqlite", "q.sqlite-wal", "q.sqlite-shm"):
         assert stat.S_IMODE((path.parent / name).stat().st_mode) == 0o600, name
     db.close()
+
+
+def test_a_begin_tried_once_fails_at_once_when_busy(tmp_path: Path) -> None:
+    path = tmp_path / "q.sqlite"
+    holder = durable_sqlite(path, timeout=0.01)
+    waiter = durable_sqlite(path, timeout=0.01)
+    holder.execute("BEGIN IMMEDIATE")
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        begin_immediate(waiter, tries=1)
+    holder.execute("ROLLBACK")
+    holder.close()
+    waiter.close()
