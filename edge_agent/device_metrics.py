@@ -199,9 +199,13 @@ def device_families(agent: Any, outbox: Any, link: Any) -> list[Family]:
     for reason, n in sorted(outbox.drops.items()):
         drops.add(n, "_total", edge="outbox", reason=reason)
     source_errors = dict(getattr(agent.source, "errors", {}) or {})
+    ports = list(getattr(agent.source, "ports", None) or [])  # edge_agent.ports: its queues
+    counted = {p.reason for p in ports}
     for reason, n in sorted(source_errors.items()):
-        if "drop" in reason:
+        if "drop" in reason and reason not in counted:
             drops.add(n, "_total", edge="source", reason=reason)
+    for port in sorted(ports, key=lambda p: p.reason):
+        drops.add(port.drops, "_total", edge="source", reason=port.reason)
     fams.append(drops)
     src = Family(p + "source_problems", "counter", "Problems of the source, by kind.")
     for kind, n in sorted(source_errors.items()):

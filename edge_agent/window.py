@@ -197,6 +197,11 @@ class WindowedSource:
     def errors(self) -> dict[str, int]:
         return self.inner.errors
 
+    @property
+    def ports(self) -> list[Any]:
+        """The inner source's queues (``edge_agent.ports``), for telemetry."""
+        return list(getattr(self.inner, "ports", None) or [])
+
     def stream(self, stop: threading.Event) -> Iterator[Sample]:
         return Window(self.settings)(self.inner.stream(stop))
 

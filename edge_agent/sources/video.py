@@ -127,6 +127,11 @@ class VideoSource:
         )  # the live edge: the camera never waits for the model
 
     @property
+    def ports(self) -> list[Port[Any]]:
+        """The queues between its threads: the live frame port, when it reads live."""
+        return [self.port] if self.live else []
+
+    @property
     def dropped(self) -> int:
         """Frames the live port dropped (the oldest, for a newer one)."""
         return self.port.drops
