@@ -32,10 +32,8 @@ import numpy as np
 
 from converter import budget as B
 from converter import progress
-from converter.convert_data import Data as _Data
-from converter.convert_data import class_outputs as _classes
-from converter.convert_data import load_data
-from converter.convert_data import prepare as _prepare
+from converter.calibrate import calibration_warnings, too_few
+from converter.data import Data, class_outputs, load_data, prepare
 from converter.errors import ConversionError
 from converter.inputs import source_bytes, source_format, source_sha256
 from converter.messages import collapse
@@ -68,7 +66,6 @@ log = logging.getLogger("medge.convert")
 
 LAYOUTS = {5: "NTHWC", 4: "NHWC", 3: "NTC", 2: "NC"}
 WRAPPED = (".tflite", ".onnx")  # ready artifacts: wrapped as they are (converter.wrap)
-MIN_CALIBRATION = 100
 
 
 def _medge_version() -> str:
@@ -111,21 +108,16 @@ def convert(req: ConvertRequest) -> Bundle:
         from converter.wrap import wrap
 
         return wrap(req, data.xc, data.xe, data.y, data.labels, data.streams, data.layout)
-    warnings: list[str] = []
-    if len(data.xc) < MIN_CALIBRATION:
-        warnings.append(
-            f"calibration set has only {len(data.xc)} samples (< {MIN_CALIBRATION}); "
-            "int8 ranges may not represent the data"
-        )
+    warnings = too_few(len(data.xc))
     req.out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{req.out.name}.", dir=req.out.parent))
     work = Path(tempfile.mkdtemp(prefix="medge-convert-"))
     try:
-        np.save(work / "calib.npy", _prepare(data.xc, req.preprocess, data.layout))
-        np.save(work / "eval.npy", _prepare(data.xe, req.preprocess, data.layout))
+        np.save(work / "calib.npy", prepare(data.xc, req.preprocess, data.layout))
+        np.save(work / "eval.npy", prepare(data.xe, req.preprocess, data.layout))
         if data.streams:
             windows = np.concatenate([s.x for s in data.streams])
-            np.save(work / "stream.npy", _prepare(windows, req.preprocess))
+            np.save(work / "stream.npy", prepare(windows, req.preprocess))
         t0 = time.monotonic()
         if fmt == "onnx":
             built = _from_onnx(req, data, stage, work, warnings)
@@ -135,7 +127,7 @@ def convert(req: ConvertRequest) -> Bundle:
         if data.streams:
             float_streams = _split_streams(data, work) if fmt != "onnx" else None
             built.report["events"] = _event_section(req, data, built, float_streams)
-        for w in _calibration_warnings(req, data, work):
+        for w in calibration_warnings(req.model, data, work):
             if w not in warnings:
                 warnings.append(w)
         return _finish(req, fmt, data, stage, built, collapse(warnings))
@@ -157,7 +149,7 @@ class _Built:
     report: dict[str, Any] = field(default_factory=dict)  # extra report sections
 
 
-def _score(path: Path, runtime: str, req: ConvertRequest, data: _Data) -> Scored:
+def _score(path: Path, runtime: str, req: ConvertRequest, data: Data) -> Scored:
     with progress.step(f"evaluating {path.name} ({runtime}, {len(data.xe)} samples)"):
         outs, lat = run_artifact(path, runtime, req.preprocess, data.xe, data.layout)
     scored = Scored(data.metrics(outs), outs, lat)
@@ -181,7 +173,7 @@ def _litert_artifact(stage: Path, file: str, precision: str, layout: str | None)
 
 
 def _from_tf(
-    req: ConvertRequest, fmt: str, data: _Data, stage: Path, work: Path, warnings: list[str]
+    req: ConvertRequest, fmt: str, data: Data, stage: Path, work: Path, warnings: list[str]
 ) -> _Built:
     """Keras, h5 or SavedModel: LiteRT (strategies, then the budget search) and ONNX."""
     job = {
@@ -282,7 +274,7 @@ def _from_tf(
 
 
 def _from_onnx(
-    req: ConvertRequest, data: _Data, stage: Path, work: Path, warnings: list[str]
+    req: ConvertRequest, data: Data, stage: Path, work: Path, warnings: list[str]
 ) -> _Built:
     """An ONNX model: itself as ONNX fp32 and its QDQ int8; no LiteRT (needs onnx2tf)."""
     onnx = onnx_source_artifacts(req.model, work / "calib.npy", stage, work, req.profile,
@@ -319,7 +311,7 @@ def _from_onnx(
     return _Built(artifacts, runs, ref.outputs, ref.metrics, strategy, None, report)
 
 
-def _split_streams(data: _Data, work: Path) -> list[np.ndarray]:
+def _split_streams(data: Data, work: Path) -> list[np.ndarray]:
     """The float model's outputs for the stream windows (one array for every recording, in
     order, from the conversion child), split back per recording."""
     bounds = np.cumsum([len(s.x) for s in data.streams])[:-1]
@@ -327,7 +319,7 @@ def _split_streams(data: _Data, work: Path) -> list[np.ndarray]:
 
 
 def _event_section(
-    req: ConvertRequest, data: _Data, built: _Built, float_streams: list[np.ndarray] | None
+    req: ConvertRequest, data: Data, built: _Built, float_streams: list[np.ndarray] | None
 ) -> dict[str, Any]:
     """Event detection over the recordings by the float model and every artifact shipped (each
     scored when it was evaluated)."""
@@ -337,17 +329,17 @@ def _event_section(
         outputs[variant] = scored.streams
     # an ONNX source: its fp32 artifact is the float model
     outputs = {"float": float_streams or outputs["onnx-fp32"], **outputs}
-    return score_streams(data.streams, outputs, lambda o: _classes(data, o)[0], req.events,
+    return score_streams(data.streams, outputs, lambda o: class_outputs(data, o)[0], req.events,
                          data.labels, req.event_tolerance_s)  # fmt: skip
 
 
-def _agreement(data: _Data, ref: np.ndarray, got: np.ndarray) -> float:
+def _agreement(data: Data, ref: np.ndarray, got: np.ndarray) -> float:
     if data.task == "classification":  # the classes the agent decodes
-        return agreement(_classes(data, ref)[1], _classes(data, got)[1])
+        return agreement(class_outputs(data, ref)[1], class_outputs(data, got)[1])
     return agreement(ref, got, data.task)
 
 
-def _vs_float(data: _Data, float_outs: np.ndarray, runs: dict[str, Scored]) -> dict[str, Any]:
+def _vs_float(data: Data, float_outs: np.ndarray, runs: dict[str, Scored]) -> dict[str, Any]:
     """Regression: each artifact's values against float's, in the measurement's units."""
     if data.task != "regression":
         return {}
@@ -366,7 +358,7 @@ def _finite(v: Any) -> Any:
 
 
 def _finish(
-    req: ConvertRequest, fmt: str, data: _Data, stage: Path, built: _Built, warnings: list[str]
+    req: ConvertRequest, fmt: str, data: Data, stage: Path, built: _Built, warnings: list[str]
 ) -> Bundle:
     runs, arts = built.scored, built.artifacts
     report: dict[str, Any] = {
@@ -398,7 +390,7 @@ def _finish(
         curves = {"float": built.float_outs, **{k: s.outputs for k, s in runs.items()}}
         report["roc"] = {}
         for k, outs in curves.items():
-            scores = _classes(data, outs)[0][:, data.positive]
+            scores = class_outputs(data, outs)[0][:, data.positive]
             fpr, tpr = roc_curve(data.y == data.positive, scores)
             report["roc"][k] = {"fpr": fpr, "tpr": tpr}
     report = _finite(report)
@@ -442,29 +434,6 @@ def _finish(
 
     write_manifest(stage, manifest({k: _scalars(report[k]) for k in report["variants"]}))
     return publish(stage, req, warnings)
-
-
-def _calibration_warnings(req: ConvertRequest, data: _Data, work: Path) -> list[str]:
-    """converter.calibration_check's warnings: a small, class-incomplete or unrepresentative
-    calibration set (numpy, here), and BatchNorm statistics against the data (TensorFlow, in
-    its child process, only for a Keras model that has BatchNormalization layers)."""
-    from converter.calibration_check import check_calibration, has_batchnorm
-
-    n_classes = len(data.labels) if data.yc is not None else None
-    calib, evalx = np.load(work / "calib.npy"), np.load(work / "eval.npy")
-    if data.layout == "NCHW":  # the checks read channels on the last axis
-        calib, evalx = np.moveaxis(calib, 1, -1), np.moveaxis(evalx, 1, -1)
-    found = check_calibration(None, calib, evalx, calib_y=data.yc, n_classes=n_classes)
-    keras_file = req.model.suffix.lower() in (".keras", ".h5")  # what the BN check can load
-    if not keras_file or has_batchnorm(req.model) is False:
-        return found
-    job = {"model": str(req.model), "calib": str(work / "calib.npy"), "bn_only": True,
-           "out": str(work / "calib-check.json")}  # fmt: skip
-    try:
-        run_child(job, work, "converter.calibration_check", "calibration check")
-        return found + list(json.loads((work / "calib-check.json").read_text()))
-    except (ConversionError, OSError, ValueError) as exc:  # the check must not cost the bundle
-        return [*found, f"calibration check failed: {exc}"]
 
 
 def _write_html(path: Path, report: dict[str, Any]) -> None:

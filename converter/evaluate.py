@@ -16,9 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from converter.datasets import load_samples, require_finite
+from converter.data import load_samples, load_targets, require_finite
 from converter.errors import ConversionError
-from converter.inputs import load_targets
 from converter.metrics import (
     classification_metrics,
     image_metrics,

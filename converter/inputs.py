@@ -1,5 +1,4 @@
-"""What the converter reads: the model source (its format, its hash, the loaded model) and the
-targets of dense tasks (segmentation masks, reference images).
+"""What the converter reads as a model source: its format, its hash, the loaded model.
 
 Formats: Keras 3 ``.keras``; legacy ``.h5``/``.hdf5`` (Keras 2 / tf_keras; Keras 3 reads them,
 tf_keras is the fallback); a TensorFlow SavedModel directory (``saved_model.pb`` inside, e.g.
@@ -10,7 +9,6 @@ from ``model.export``); ``.onnx``. ``load_model`` runs in the converter's child 
 from __future__ import annotations
 
 import hashlib
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,6 @@ __all__ = [
     "SOURCE_FORMATS",
     "SavedModelSource",
     "load_model",
-    "load_targets",
     "source_bytes",
     "source_format",
     "source_sha256",
@@ -146,35 +143,3 @@ def load_model(path: str | Path, fmt: str) -> Any:
             return tf_keras.models.load_model(path, compile=False)
         except Exception:
             raise first from None
-
-
-def load_targets(
-    path: Path, split: str | None, task: str, role: str = "evaluation", option: str | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """(x, targets) of a dense or regression task's npz: ``x``/``y``, or ``<split>_images`` with
-    ``<split>_masks`` (segmentation) / ``<split>_targets`` (image_to_image, regression). The
-    split is chosen as converter.datasets says (a named split that is missing is an error);
-    samples and targets must be finite."""
-    from converter.datasets import pick_split, require_finite
-
-    key = "masks" if task == "segmentation" else "targets"
-    split = pick_split(path, split, role, option)
-    try:
-        with np.load(path, allow_pickle=False) as d:
-            keys = set(d.files)
-            xk, yk = ("x", "y") if split is None else (f"{split}_images", f"{split}_{key}")
-            if xk not in keys or yk not in keys:
-                raise ConversionError(
-                    f"{path}: {task} data needs x/y or <split>_images/<split>_{key} "
-                    f"(has {', '.join(sorted(keys))})"
-                )
-            x, y = np.asarray(d[xk]), np.asarray(d[yk])
-    except FileNotFoundError as exc:
-        raise ConversionError(f"{path}: no such file") from exc
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise ConversionError(f"{path}: not a readable npz ({exc})") from exc
-    if len(x) != len(y):
-        raise ConversionError(f"{path}: {len(x)} samples but {len(y)} {key}")
-    require_finite(x, path, split or "x/y", f"{role} samples")
-    require_finite(y, path, split or "x/y", f"{role} {key}")
-    return x, y

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from converter.calibrate import litert_int8, representative_dataset
 from converter.strategies import (
     EXIT_INPUT,
     EXIT_NONE_WORKED,
@@ -114,33 +115,8 @@ def _converter(model: Any) -> Any:
     return tf.lite.TFLiteConverter.from_keras_model(model)
 
 
-def _representative(calib: np.ndarray) -> Any:
-    def representative():  # type: ignore[no-untyped-def]
-        for i in range(len(calib)):
-            yield [calib[i : i + 1]]
-
-    return representative
-
-
 def _convert(model: Any, s: Strategy, calib: np.ndarray) -> bytes:
-    import tensorflow as tf
-
-    representative = _representative(calib)
-    converter = _converter(model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    if s.ops != "dynamic":
-        converter.representative_dataset = representative
-    if s.ops == "int8":
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    elif s.ops == "int8+float":
-        converter.target_spec.supported_ops = [
-            tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
-            tf.lite.OpsSet.TFLITE_BUILTINS,
-        ]
-    if s.int8_io:
-        converter.inference_input_type = tf.int8
-        converter.inference_output_type = tf.int8
-    return bytes(converter.convert())
+    return bytes(litert_int8(_converter(model), calib, s.ops, s.int8_io).convert())
 
 
 def _verify(
@@ -314,14 +290,12 @@ def _debugger(model: Any, calib: np.ndarray, denylist: list[str], metrics: dict[
     import tensorflow as tf
 
     sample = calib[: min(len(calib), 64)]
-    converter = _converter(model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = _representative(calib)
+    converter = litert_int8(_converter(model), calib, "default")
     options = tf.lite.experimental.QuantizationDebugOptions(
         layer_direct_compare_metrics=metrics or None, denylisted_nodes=denylist or None
     )
     return tf.lite.experimental.QuantizationDebugger(
-        converter=converter, debug_dataset=_representative(sample), debug_options=options
+        converter=converter, debug_dataset=representative_dataset(sample), debug_options=options
     )
 
 
@@ -357,12 +331,7 @@ def variant(job_path: str) -> None:
         else:
             converter = _converter(model)
             if kind == "int16x8":
-                converter.optimizations = [tf.lite.Optimize.DEFAULT]
-                converter.representative_dataset = _representative(calib)
-                converter.target_spec.supported_ops = [
-                    tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8,
-                    tf.lite.OpsSet.TFLITE_BUILTINS,
-                ]
+                litert_int8(converter, calib, "int16x8")
             elif kind == "fp16":
                 converter.optimizations = [tf.lite.Optimize.DEFAULT]
                 converter.target_spec.supported_types = [tf.float16]

@@ -79,11 +79,11 @@ def export(job: dict[str, Any]) -> None:
 
 
 def quantize(job: dict[str, Any]) -> None:
-    from converter.onnx_quantize import quantize_int8
+    from converter.calibrate import quantize_onnx_int8
 
     calib = np.load(job["calib"])
     try:
-        scheme = quantize_int8(
+        scheme = quantize_onnx_int8(
             Path(job["fp32"]), Path(job["int8_out"]), calib, symmetric=bool(job["symmetric"])
         )
     except ValueError as exc:

@@ -24,11 +24,11 @@ import numpy as np
 from converter.convert import (
     LAYOUTS,
     _medge_version,
-    _prepare,
     _scalars,
     _sha256_bytes,
     publish,
 )
+from converter.data import prepare
 from converter.errors import ConversionError
 from converter.metrics import classification_metrics
 from converter.report import write_html, write_markdown
@@ -113,7 +113,7 @@ def wrap(
     checks = [("calibration", xc), ("evaluation", xe)]
     checks += [(f"{s.recording.name} window", s.x) for s in streams]
     for what, x in checks:
-        got = _prepare(x[:1], req.preprocess, layout if not what.endswith(" window") else None)
+        got = prepare(x[:1], req.preprocess, layout if not what.endswith(" window") else None)
         if int(np.prod(got.shape[1:])) != want:
             raise ConversionError(
                 f"{what} samples of shape {tuple(x.shape[1:])} do not fit model input "

@@ -71,7 +71,8 @@ def _calibration_pitfalls(work: Path) -> list[str]:
     (unlike the 0-1 evaluation data) and only 50 samples."""
     import numpy as np
 
-    from converter.convert import _calibration_warnings, _Data
+    from converter.calibrate import calibration_warnings
+    from converter.data import Data
     from edge_agent.bundle import Decode
 
     with np.load(breast_cnn.DATA) as d:
@@ -79,8 +80,8 @@ def _calibration_pitfalls(work: Path) -> list[str]:
         xe, ye = d["val_images"], d["val_labels"].reshape(-1)
     np.save(work / "calib.npy", xc[..., None].astype(np.float32))  # 0..255, unlike eval
     np.save(work / "eval.npy", xe[..., None].astype(np.float32) / 255.0)
-    data = _Data("classification", xc, xe, ye, breast_cnn.CLASS_NAMES, 0, Decode(), yc)
-    return _calibration_warnings(_request(breast_cnn.WEIGHTS, work / "o"), data, work)
+    data = Data("classification", xc, xe, ye, breast_cnn.CLASS_NAMES, 0, Decode(), yc)
+    return calibration_warnings(_request(breast_cnn.WEIGHTS, work / "o").model, data, work)
 
 
 ONNX_TEST = "test_an_onnx_model_is_quantized_and_evaluated"

@@ -198,7 +198,7 @@ def test_jetson_int8_is_symmetric_as_tensorrt_requires(bundle_dir: Path, tmp_pat
     import onnx
     from onnx import numpy_helper
 
-    from converter.onnx_quantize import quantize_int8
+    from converter.calibrate import quantize_onnx_int8 as quantize_int8
 
     with np.load(DATA) as d:
         calib = d["train_images"].astype(np.float32) / 255.0
