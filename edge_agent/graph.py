@@ -80,12 +80,12 @@ class Graph:
 
     def add_flow(self, upstream: Any, downstream: Operator) -> Graph:
         """Wire ``upstream``'s output into ``downstream``'s input."""
-        for node in (upstream, downstream):
-            self._nodes[id(node)] = node
         if id(upstream) in self._next:
             raise ValueError(f"{self.name}: {_name(upstream)} already flows somewhere")
         if id(downstream) in self._has_upstream:
             raise ValueError(f"{self.name}: {_name(downstream)} already has an upstream")
+        for node in (upstream, downstream):
+            self._nodes[id(node)] = node
         self._next[id(upstream)] = downstream
         self._has_upstream.add(id(downstream))
         return self
