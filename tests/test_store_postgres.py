@@ -37,8 +37,10 @@ def test_urls_are_told_apart_and_passwords_never_shown(tmp_path: Path) -> None:
 
 
 def test_the_db_option_takes_a_file_or_a_url(postgres_url: str, tmp_path: Path) -> None:
-    """``--db`` of ``medge gateway run`` and ``medge dashboard``; the dashboard hands its
-    database on as a pathlib.Path, which must still open PostgreSQL."""
+    """``--db`` of ``medge gateway run`` and ``medge dashboard`` (an override of the config's
+    ``store.db`` / ``db``): a URL stays a URL, a SQLite file becomes a Path; a Path made of a
+    URL must still open PostgreSQL."""
+    from gateway.config import load_dashboard_config, load_gateway_config
     from medge.cli import build_parser
 
     url = new_database(postgres_url)
@@ -46,10 +48,13 @@ def test_the_db_option_takes_a_file_or_a_url(postgres_url: str, tmp_path: Path) 
     site = ["--site-dir", str(tmp_path)]
     assert parser.parse_args(["gateway", "run", *site, "--db", url]).db == url
     assert parser.parse_args(["dashboard", "--db", url]).db == url
-    assert parser.parse_args(["dashboard", "--db", "sqlite:///x/gw.sqlite"]).db == Path(
+    gw = load_gateway_config(None, {"store.db": url, "site_dir": str(tmp_path)})
+    assert gw.store.target() == url
+    assert load_dashboard_config(None, {"db": url}).target() == url
+    assert load_dashboard_config(None, {"db": "sqlite:///x/gw.sqlite"}).target() == Path(
         "x/gw.sqlite"
     )
-    assert parser.parse_args(["dashboard"]).db == Path("gateway.sqlite")
+    assert load_dashboard_config(None, {}).target() == Path("gateway.sqlite")
     with Store(Path(url)) as store:
         assert store.dialect == "postgresql" and store.schema_version > 0
 
