@@ -20,6 +20,8 @@ from converter.calibration_check import (
 )
 from models import breast_cnn
 
+pytestmark = pytest.mark.slow  # runs the zoo CNN with Keras
+
 with np.load(breast_cnn.DATA) as _d:
     TRAIN = _d["train_images"].astype(np.float32)  # 0..255, as stored
     VAL = _d["val_images"].astype(np.float32)

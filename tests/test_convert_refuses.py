@@ -31,6 +31,8 @@ from edge_agent.model import LoadedModel
 from edge_agent.preprocess import byte_table, to_input
 from models import breast_cnn
 
+pytestmark = pytest.mark.slow  # converts models (ONNX and Keras)
+
 HC18 = Path(__file__).parent / "data" / "hc18_pooled.npz"
 SCALE01 = Preprocess(kind="scale01")
 
