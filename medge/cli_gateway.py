@@ -117,15 +117,13 @@ def cmd_gateway_check(a: argparse.Namespace) -> int:
 
 def cmd_gateway_push_bundle(a: argparse.Namespace) -> int:
     """Pack, serve and announce a bundle to one device; return once it has fetched it."""
-    from gateway.config import parse_host_port
+    from gateway.config import load_gateway_config
     from gateway.ota import push_bundle
 
-    try:
-        host, port = parse_host_port(a.broker)
-    except ValueError as exc:
-        raise MedgeError(f"--broker: {exc}") from exc
+    cfg = load_gateway_config(a.config, _gateway_overrides(a))  # site_dir and broker
+    b = cfg.broker
     result = push_bundle(
-        a.bundle, a.site_dir, host, port, a.device, protocol=a.protocol, tls=a.tls,
+        a.bundle, cfg.site_dir, b.host, b.port, a.device, protocol=b.protocol, tls=b.tls,
         allow_downgrade=a.allow_downgrade, http_host=a.http_host, http_port=a.http_port,
         url_host=a.url_host, timeout=a.timeout,
     )
@@ -286,14 +284,21 @@ def _register_push_bundle(gsub: Any, common: Callable[..., None]) -> None:
         "(applied/rejected, stored by the gateway) says what it did (docs/device.md).",
     )
     pb.add_argument("bundle", type=Path, metavar="BUNDLE", help="bundle directory")
-    pb.add_argument("--site-dir", type=Path, required=True,
-                    help="site directory: its name and bundle-signer.key")
+    pb.add_argument("--config", type=Path, default=None, metavar="FILE",
+                    help="gateway.yaml: site_dir and broker from its 'gateway:' section (the "
+                    "flags below override them)")
+    pb.add_argument("--site-dir", type=Path, default=argparse.SUPPRESS,
+                    help="site directory: its name and bundle-signer.key; required unless the "
+                    "config names it [site_dir]")
     pb.add_argument("--device", required=True, help="the device to update")
-    pb.add_argument("--broker", default="127.0.0.1:1883",
-                    help="HOST:PORT of the site's broker (default 127.0.0.1:1883)")
-    pb.add_argument("--protocol", default="5", choices=["5", "3.1.1"], help="MQTT version")
-    pb.add_argument("--tls", action="store_true",
-                    help="connect with the site's gateway certificate (site broker)")
+    pb.add_argument("--broker", default=argparse.SUPPRESS,
+                    help="HOST:PORT of the site's broker (default 127.0.0.1:1883) "
+                    "[broker.host/port]")
+    pb.add_argument("--protocol", choices=["5", "3.1.1"], default=argparse.SUPPRESS,
+                    help="MQTT version (default 5) [broker.protocol]")
+    pb.add_argument("--tls", action="store_true", default=argparse.SUPPRESS,
+                    help="connect with the site's gateway certificate (site broker) "
+                    "[broker.tls]")
     pb.add_argument("--allow-downgrade", action="store_true",
                     help="let the device install a bundle older than the one it runs")
     pb.add_argument("--http-host", default="0.0.0.0",  # noqa: S104 - devices must reach it

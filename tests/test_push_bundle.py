@@ -86,11 +86,14 @@ def test_push_bundle_updates_a_running_device(  # type: ignore[no-untyped-def]
 
 
 def test_push_bundle_says_when_no_device_fetches(  # type: ignore[no-untyped-def]
-    bundle_dir: Path, site_dir: Path, mosquitto: RunningBroker,
+    bundle_dir: Path, site_dir: Path, mosquitto: RunningBroker, tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    code = main(["gateway", "push-bundle", str(bundle_dir), "--site-dir", str(site_dir),
-                 "--broker", f"{mosquitto.host}:{mosquitto.port}", "--device", "nobody",
-                 "--http-host", "127.0.0.1", "--timeout", "0.5"])
+    """The site and the broker from gateway.yaml (--config), as `gateway run` reads them."""
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(f"gateway:\n  site_dir: {site_dir}\n  broker:\n    host: {mosquitto.host}\n"
+                   f"    port: {mosquitto.port}\n")
+    code = main(["gateway", "push-bundle", str(bundle_dir), "--config", str(cfg),
+                 "--device", "nobody", "--http-host", "127.0.0.1", "--timeout", "0.5"])
     assert code == 2
     assert "ward-a/nobody did not fetch http://127.0.0.1:" in capsys.readouterr().err
