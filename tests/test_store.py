@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,27 @@ def target(request: pytest.FixtureRequest, tmp_path: Path) -> str | Path:
 
 def _env(seq: int, device: str = "us-01", **body: Any) -> Envelope:
     return Envelope("result", SITE, device, seq, 1_795_000_000.0 + seq, body)
+
+
+def _together(work: Callable[..., None], runs: list[tuple[Any, ...]], join_s: float) -> None:
+    """``work(*args)`` for each ``args`` of ``runs``, each in its own thread, all started at
+    once (a barrier); any exception in one fails the test."""
+    start = threading.Barrier(len(runs))
+    errors: list[BaseException] = []
+
+    def run(*args: Any) -> None:
+        try:
+            start.wait(10)
+            work(*args)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=args) for args in runs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(join_s)
+    assert errors == []
 
 
 def _versions(target: str | Path) -> list[int]:
@@ -123,23 +145,11 @@ def test_a_failing_migration_leaves_nothing_half_done(target: str | Path) -> Non
 
 
 def test_workers_starting_together_migrate_once(target: str | Path) -> None:
-    start = threading.Barrier(4)
-    errors: list[BaseException] = []
-
     def open_store() -> None:
-        try:
-            start.wait(10)
-            with Store(target) as store:
-                assert store.schema_version == LATEST
-        except BaseException as exc:
-            errors.append(exc)
+        with Store(target) as store:
+            assert store.schema_version == LATEST
 
-    threads = [threading.Thread(target=open_store) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert errors == []
+    _together(open_store, [()] * 4, join_s=60)
     assert _versions(target) == list(range(1, LATEST + 1))
 
 
@@ -156,28 +166,17 @@ def test_two_workers_store_each_seq_once(
         "b": [(d, s) for s in range(299, 99, -1) for d in reversed(devices)],
     }
     batch = {"a": 7, "b": 5}
-    news: dict[str, list[bool]] = {"a": [], "b": []}
-    errors: list[BaseException] = []
+    news: dict[str, list[bool | None]] = {"a": [], "b": []}
     Store(target).close()  # migrated once; the workers race on data only
-    start = threading.Barrier(2)
 
     def worker(name: str) -> None:
-        try:
-            with Store(target) as store:
-                start.wait(10)
-                items = plan[name]
-                for i in range(0, len(items), batch[name]):
-                    part = [(_env(s, d, pred=s % 2), None) for d, s in items[i : i + batch[name]]]
-                    news[name] += store.add_results(part)
-        except BaseException as exc:
-            errors.append(exc)
+        with Store(target) as store:
+            items = plan[name]
+            for i in range(0, len(items), batch[name]):
+                part = [(_env(s, d, pred=s % 2), None) for d, s in items[i : i + batch[name]]]
+                news[name] += store.add_results(part)
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in plan]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert errors == []
+    _together(worker, [(n,) for n in plan], join_s=120)
     assert sum(news["a"]) + sum(news["b"]) == 3 * 300, "each (device, seq) new exactly once"
     with Store(target) as store:
         for d in devices:
@@ -283,24 +282,13 @@ def test_alert_transactions_run_one_at_a_time_across_workers(target: str | Path)
     raising the same alert at once must give one open alert counted by both, never a
     second insert that breaks the one-open-alert index."""
     Store(target).close()
-    errors: list[BaseException] = []
-    start = threading.Barrier(2)
 
     def worker() -> None:
-        try:
-            with Store(target) as store:
-                start.wait(10)
-                for _ in range(40):
-                    open_alert(store, SITE, "us-01", "silent", "warning", "silent", now=time.time())
-        except BaseException as exc:
-            errors.append(exc)
+        with Store(target) as store:
+            for _ in range(40):
+                open_alert(store, SITE, "us-01", "silent", "warning", "silent", now=time.time())
 
-    threads = [threading.Thread(target=worker) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert errors == []
+    _together(worker, [()] * 2, join_s=120)
     with Store(target) as store:
         [alert] = list_alerts(store)
     assert (alert["state"], alert["count"]) == ("open", 80)
