@@ -79,14 +79,14 @@ def test_a_good_config_shows_the_bundle_s_window_and_preprocessing(
     tmp_path: Path, ecg_bundle: Path, identity: Identity, mosquitto: RunningBroker
 ) -> None:
     cfg = _config(tmp_path, ecg_bundle, identity("chk-01"), mosquitto.port)
-    r = _check(cfg)
+    r = _check(cfg, "--broker-timeout", "20")  # a loaded CI machine may be slow to answer
     assert r.returncode == 0, r.stderr
     assert "window: length 260 (bundle), mode beats (bundle), before 90 (bundle)" in r.stdout
     assert "preprocess: zscore (bundle)" in r.stdout
     assert "signature verified against 1 trusted signer(s), 1 file hash(es) checked" in r.stdout
     assert "event pvc_run on 0.5 off 0.5 (bundle)" in r.stdout
     assert _lines(r.stderr, "WARNING") == [], r.stderr  # the broker answers
-    out = json.loads(_check(cfg, "--json").stdout)
+    out = json.loads(_check(cfg, "--json", "--broker-timeout", "20").stdout)
     assert out["ok"] and out["preprocess"] == {"kind": "zscore"} and out["warnings"] == []
     assert {w["name"]: (w["value"], w["origin"]) for w in out["window"]} == {
         "length": (260, "bundle"),
@@ -99,7 +99,7 @@ def test_a_config_that_overrides_the_bundle_s_window_says_so_in_one_line(
     tmp_path: Path, ecg_bundle: Path, identity: Identity, mosquitto: RunningBroker
 ) -> None:
     cfg = _config(tmp_path, ecg_bundle, identity("chk-01"), mosquitto.port, before=130)
-    r = _check(cfg)
+    r = _check(cfg, "--broker-timeout", "20")
     assert r.returncode == 0, r.stderr
     assert "before 130 (config; the bundle says 90)" in r.stdout
     [warning] = _lines(r.stderr, "WARNING")
