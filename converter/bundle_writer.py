@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -23,8 +24,13 @@ from typing import Any
 import numpy as np
 
 from converter.budget import append_markdown
+from converter.data import Data, class_outputs
+from converter.inputs import source_bytes, source_sha256
+from converter.metrics import output_snr_db, roc_curve
+from converter.regression import vs_float
 from converter.report import write_html, write_markdown
 from converter.request import ConvertRequest
+from converter.scoring import Scored, agreement
 from edge_agent.bundle import (
     SCHEMA_VERSION,
     Artifact,
@@ -40,6 +46,8 @@ from edge_agent.bundle import (
 from edge_agent.keys import load_signer_key
 
 __all__ = [
+    "Built",
+    "finish",
     "finite",
     "medge_version",
     "provenance",
@@ -180,3 +188,78 @@ def publish(stage: Path, req: ConvertRequest, warnings: list[str]) -> Bundle:
     for w in warnings:
         log.warning("%s", w)
     return Bundle.load(req.out)
+
+
+@dataclass
+class Built:
+    """The artifacts made and what they scored, before the manifest and report."""
+
+    artifacts: list[Artifact]
+    scored: dict[str, Scored]  # variant (runtime-precision) -> evaluated
+    float_outs: np.ndarray
+    float_metrics: dict[str, Any]
+    strategy: str
+    cam: CamSpec | None = None
+    report: dict[str, Any] = field(default_factory=dict)  # extra report sections
+
+
+def _agreement(data: Data, ref: np.ndarray, got: np.ndarray) -> float:
+    if data.task == "classification":  # the classes the agent decodes
+        return agreement(class_outputs(data, ref)[1], class_outputs(data, got)[1])
+    return agreement(ref, got, data.task)
+
+
+def _vs_float(data: Data, float_outs: np.ndarray, runs: dict[str, Scored]) -> dict[str, Any]:
+    """Regression: each artifact's values against float's, in the measurement's units."""
+    if data.task != "regression":
+        return {}
+    return {"vs_float": {k: vs_float(float_outs, s.outputs) for k, s in runs.items()}}
+
+
+def finish(
+    req: ConvertRequest, fmt: str, data: Data, stage: Path, built: Built, warnings: list[str]
+) -> Bundle:
+    runs, arts = built.scored, built.artifacts
+    report: dict[str, Any] = {
+        "model": req.model.name,
+        "format": fmt,
+        "task": data.task,
+        "profile": req.profile,
+        "labels": data.labels,
+        "positive_label": req.positive_label,
+        "eval": {"file": req.eval.name, "n": len(data.xe)},
+        "variants": ["float", *runs],
+        "float": built.float_metrics,
+        **{k: s.metrics for k, s in runs.items()},
+        "agreement": {k: _agreement(data, built.float_outs, s.outputs) for k, s in runs.items()},
+        "output_snr_db": {k: output_snr_db(built.float_outs, s.outputs) for k, s in runs.items()},
+        **_vs_float(data, built.float_outs, runs),
+        "size_bytes": {
+            fmt: source_bytes(req.model),
+            **{f"{a.runtime}-{a.precision}": (stage / a.file).stat().st_size for a in arts},
+        },
+        "latency_ms": {
+            k: {"p50": s.p50_ms, "p99": float(np.percentile(s.latencies, 99) * 1e3)}
+            for k, s in runs.items()
+        },
+        **built.report,
+        "warnings": warnings,
+    }
+    if data.task == "classification" and data.positive is not None:
+        curves = {"float": built.float_outs, **{k: s.outputs for k, s in runs.items()}}
+        report["roc"] = {}
+        for k, outs in curves.items():
+            scores = class_outputs(data, outs)[0][:, data.positive]
+            fpr, tpr = roc_curve(data.y == data.positive, scores)
+            report["roc"][k] = {"fpr": fpr, "tpr": tpr}
+    report = finite(report)
+    write_reports(stage, report)
+
+    name = req.name or (req.model.stem if req.model.is_file() else req.model.name)
+    write_bundle_manifest(
+        stage, req, name=name, task=data.task, decode=data.decode, labels=data.labels,
+        artifacts=built.artifacts, metrics={k: scalars(report[k]) for k in report["variants"]},
+        provenance=provenance(source_sha256(req.model), fmt, data.xc, built.strategy),
+        cam=built.cam,
+    )  # fmt: skip
+    return publish(stage, req, warnings)

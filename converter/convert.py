@@ -15,16 +15,11 @@ into place only when complete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -32,54 +27,32 @@ import numpy as np
 
 from converter import budget as B
 from converter import progress
+from converter.bundle_writer import Built, finish, staging
 from converter.calibrate import calibration_warnings, too_few
 from converter.data import Data, class_outputs, load_data, prepare
 from converter.errors import ConversionError
-from converter.inputs import source_bytes, source_format, source_sha256
+from converter.inputs import source_format
+from converter.layout import RANK_LAYOUTS
 from converter.messages import collapse
-from converter.metrics import output_snr_db, roc_curve
 from converter.onnx_artifacts import OnnxOutcome, onnx_artifacts, onnx_source_artifacts
-from converter.regression import vs_float
-from converter.report import write_markdown
 from converter.request import ConvertRequest
 from converter.runner import CHILD_TIMEOUT_S, run_child
-from converter.scoring import Scored, agreement, run_artifact, stream_outputs
+from converter.scoring import Scored, run_artifact, stream_outputs
 from converter.strategies import convert_litert
 from converter.stream_eval import score_streams
 from edge_agent.backends import open_backend
 from edge_agent.bundle import (
-    SCHEMA_VERSION,
     Artifact,
     Bundle,
     CamSpec,
-    Manifest,
-    Provenance,
-    file_entry,
-    sign_bundle,
-    write_manifest,
 )
 from edge_agent.keys import load_signer_key
 
-__all__ = ["convert", "publish"]
+__all__ = ["convert"]
 
 log = logging.getLogger("medge.convert")
 
-LAYOUTS = {5: "NTHWC", 4: "NHWC", 3: "NTC", 2: "NC"}
 WRAPPED = (".tflite", ".onnx")  # ready artifacts: wrapped as they are (converter.wrap)
-
-
-def _medge_version() -> str:
-    try:
-        return version("medge")
-    except PackageNotFoundError:
-        return "0+unknown"
-
-
-def _sha256_bytes(*arrays: np.ndarray) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
 
 
 def _validate(req: ConvertRequest) -> str:
@@ -109,10 +82,11 @@ def convert(req: ConvertRequest) -> Bundle:
 
         return wrap(req, data.xc, data.xe, data.y, data.labels, data.streams, data.layout)
     warnings = too_few(len(data.xc))
-    req.out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{req.out.name}.", dir=req.out.parent))
-    work = Path(tempfile.mkdtemp(prefix="medge-convert-"))
-    try:
+    with (
+        staging(req.out) as stage,
+        tempfile.TemporaryDirectory(prefix="medge-convert-", ignore_cleanup_errors=True) as tmp,
+    ):
+        work = Path(tmp)
         np.save(work / "calib.npy", prepare(data.xc, req.preprocess, data.layout))
         np.save(work / "eval.npy", prepare(data.xe, req.preprocess, data.layout))
         if data.streams:
@@ -130,23 +104,7 @@ def convert(req: ConvertRequest) -> Bundle:
         for w in calibration_warnings(req.model, data, work):
             if w not in warnings:
                 warnings.append(w)
-        return _finish(req, fmt, data, stage, built, collapse(warnings))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(stage, ignore_errors=True)
-
-
-@dataclass
-class _Built:
-    """The artifacts made and what they scored, before the manifest and report."""
-
-    artifacts: list[Artifact]
-    scored: dict[str, Scored]  # variant (runtime-precision) -> evaluated
-    float_outs: np.ndarray
-    float_metrics: dict[str, Any]
-    strategy: str
-    cam: CamSpec | None = None
-    report: dict[str, Any] = field(default_factory=dict)  # extra report sections
+        return finish(req, fmt, data, stage, built, collapse(warnings))
 
 
 def _score(path: Path, runtime: str, req: ConvertRequest, data: Data) -> Scored:
@@ -162,7 +120,7 @@ def _score(path: Path, runtime: str, req: ConvertRequest, data: Data) -> Scored:
 
 def _litert_artifact(stage: Path, file: str, precision: str, layout: str | None) -> Artifact:
     backend = open_backend("litert", stage / file)
-    layout = layout or LAYOUTS.get(len(backend.inputs[0].shape))
+    layout = layout or RANK_LAYOUTS.get(len(backend.inputs[0].shape))
     return Artifact(
         file=file,
         runtime="litert",
@@ -174,7 +132,7 @@ def _litert_artifact(stage: Path, file: str, precision: str, layout: str | None)
 
 def _from_tf(
     req: ConvertRequest, fmt: str, data: Data, stage: Path, work: Path, warnings: list[str]
-) -> _Built:
+) -> Built:
     """Keras, h5 or SavedModel: LiteRT (strategies, then the budget search) and ONNX."""
     job = {
         "model": str(req.model),
@@ -270,12 +228,12 @@ def _from_tf(
     if "scheme" in onnx.info:
         strategy += f"; onnx int8 ({onnx.info['scheme']})"
     report["onnx"] = onnx.info
-    return _Built([*artifacts, *onnx.artifacts], runs, float_outs, float_m, strategy, cam, report)
+    return Built([*artifacts, *onnx.artifacts], runs, float_outs, float_m, strategy, cam, report)
 
 
 def _from_onnx(
     req: ConvertRequest, data: Data, stage: Path, work: Path, warnings: list[str]
-) -> _Built:
+) -> Built:
     """An ONNX model: itself as ONNX fp32 and its QDQ int8; no LiteRT (needs onnx2tf)."""
     onnx = onnx_source_artifacts(req.model, work / "calib.npy", stage, work, req.profile,
                                  run_child, data.layout)  # fmt: skip
@@ -308,7 +266,7 @@ def _from_onnx(
         }  # fmt: skip
     strategy = "onnx source fp32" + (f"; onnx int8 ({onnx.info['scheme']})" if "onnx-int8" in runs
                                      else "")  # fmt: skip
-    return _Built(artifacts, runs, ref.outputs, ref.metrics, strategy, None, report)
+    return Built(artifacts, runs, ref.outputs, ref.metrics, strategy, None, report)
 
 
 def _split_streams(data: Data, work: Path) -> list[np.ndarray]:
@@ -319,7 +277,7 @@ def _split_streams(data: Data, work: Path) -> list[np.ndarray]:
 
 
 def _event_section(
-    req: ConvertRequest, data: Data, built: _Built, float_streams: list[np.ndarray] | None
+    req: ConvertRequest, data: Data, built: Built, float_streams: list[np.ndarray] | None
 ) -> dict[str, Any]:
     """Event detection over the recordings by the float model and every artifact shipped (each
     scored when it was evaluated)."""
@@ -333,138 +291,3 @@ def _event_section(
                          data.labels, req.event_tolerance_s)  # fmt: skip
 
 
-def _agreement(data: Data, ref: np.ndarray, got: np.ndarray) -> float:
-    if data.task == "classification":  # the classes the agent decodes
-        return agreement(class_outputs(data, ref)[1], class_outputs(data, got)[1])
-    return agreement(ref, got, data.task)
-
-
-def _vs_float(data: Data, float_outs: np.ndarray, runs: dict[str, Scored]) -> dict[str, Any]:
-    """Regression: each artifact's values against float's, in the measurement's units."""
-    if data.task != "regression":
-        return {}
-    return {"vs_float": {k: vs_float(float_outs, s.outputs) for k, s in runs.items()}}
-
-
-def _finite(v: Any) -> Any:
-    """JSON has no inf/nan: they become None (an exact reproduction reads as SNR None)."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _finite(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_finite(x) for x in v]
-    return v
-
-
-def _finish(
-    req: ConvertRequest, fmt: str, data: Data, stage: Path, built: _Built, warnings: list[str]
-) -> Bundle:
-    runs, arts = built.scored, built.artifacts
-    report: dict[str, Any] = {
-        "model": req.model.name,
-        "format": fmt,
-        "task": data.task,
-        "profile": req.profile,
-        "labels": data.labels,
-        "positive_label": req.positive_label,
-        "eval": {"file": req.eval.name, "n": len(data.xe)},
-        "variants": ["float", *runs],
-        "float": built.float_metrics,
-        **{k: s.metrics for k, s in runs.items()},
-        "agreement": {k: _agreement(data, built.float_outs, s.outputs) for k, s in runs.items()},
-        "output_snr_db": {k: output_snr_db(built.float_outs, s.outputs) for k, s in runs.items()},
-        **_vs_float(data, built.float_outs, runs),
-        "size_bytes": {
-            fmt: source_bytes(req.model),
-            **{f"{a.runtime}-{a.precision}": (stage / a.file).stat().st_size for a in arts},
-        },
-        "latency_ms": {
-            k: {"p50": s.p50_ms, "p99": float(np.percentile(s.latencies, 99) * 1e3)}
-            for k, s in runs.items()
-        },
-        **built.report,
-        "warnings": warnings,
-    }
-    if data.task == "classification" and data.positive is not None:
-        curves = {"float": built.float_outs, **{k: s.outputs for k, s in runs.items()}}
-        report["roc"] = {}
-        for k, outs in curves.items():
-            scores = class_outputs(data, outs)[0][:, data.positive]
-            fpr, tpr = roc_curve(data.y == data.positive, scores)
-            report["roc"][k] = {"fpr": fpr, "tpr": tpr}
-    report = _finite(report)
-    (stage / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    write_markdown(stage / "report.md", report)
-    B.append_markdown(stage / "report.md", report)
-    _write_html(stage / "report.html", report)
-
-    def manifest(metrics: dict[str, Any]) -> Manifest:
-        files = {
-            p.name: file_entry(p)
-            for p in sorted(stage.iterdir())
-            if p.is_file() and p.name != "manifest.json"
-        }
-        now = datetime.now(timezone.utc)
-        return Manifest(
-            schema_version=SCHEMA_VERSION,
-            name=req.name or (req.model.stem if req.model.is_file() else req.model.name),
-            version=now.strftime("%Y%m%d.%H%M%S"),
-            created=now.isoformat(timespec="seconds"),
-            task=data.task,  # type: ignore[arg-type]
-            profile=req.profile,
-            preprocess=req.preprocess,
-            decode=data.decode,
-            labels=data.labels,
-            positive_label=req.positive_label,
-            artifacts=built.artifacts,
-            files=files,
-            metrics=metrics,
-            provenance=Provenance(
-                source_sha256=source_sha256(req.model),
-                source_format=fmt,
-                converter_version=_medge_version(),
-                calibration_sha256=_sha256_bytes(data.xc),
-                calibration_count=len(data.xc),
-                strategy=built.strategy,
-            ),
-            cam=built.cam,
-            window=req.window,
-        )
-
-    write_manifest(stage, manifest({k: _scalars(report[k]) for k in report["variants"]}))
-    return publish(stage, req, warnings)
-
-
-def _write_html(path: Path, report: dict[str, Any]) -> None:
-    from converter import report as reporting
-
-    write_html = getattr(reporting, "write_html", None)
-    if write_html is not None:
-        write_html(path, report)
-
-
-def publish(stage: Path, req: ConvertRequest, warnings: list[str]) -> Bundle:
-    """Sign the staged bundle, check it as a device would, and rename it into place."""
-    trusted = None
-    if req.sign_key is not None:
-        key = load_signer_key(req.sign_key)
-        sign_bundle(stage, key)
-        trusted = [key.public_key()]
-    else:
-        log.warning("bundle is not signed (no --sign-key): devices will refuse it")
-    Bundle.load(stage, trusted)  # the bundle we ship must pass the device's own checks
-    if req.out.exists():
-        shutil.rmtree(req.out)
-    stage.rename(req.out)
-    for w in warnings:
-        log.warning("%s", w)
-    return Bundle.load(req.out)
-
-
-def _scalars(metrics: dict[str, Any]) -> dict[str, float | None]:
-    return {
-        k: v
-        for k, v in metrics.items()
-        if isinstance(v, float | int | None) and not isinstance(v, bool)
-    }

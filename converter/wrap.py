@@ -10,41 +10,35 @@ the model was trained with, which only its authors can say.
 
 from __future__ import annotations
 
-import json
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from converter.convert import (
-    LAYOUTS,
-    _medge_version,
-    _scalars,
-    _sha256_bytes,
+from converter.bundle_writer import (
+    provenance,
     publish,
+    scalars,
+    staging,
+    write_bundle_manifest,
+    write_reports,
 )
 from converter.data import prepare
 from converter.errors import ConversionError
+from converter.layout import RANK_LAYOUTS
 from converter.metrics import classification_metrics
-from converter.report import write_html, write_markdown
 from converter.request import ConvertRequest
 from converter.scoring import class_scores, run_artifact, stream_outputs
 from converter.stream_eval import StreamWindows, event_scalars, score_streams
 from edge_agent.backends import open_backend
 from edge_agent.bundle import (
-    SCHEMA_VERSION,
     Artifact,
     Bundle,
     Decode,
-    Manifest,
-    Provenance,
     file_entry,
-    write_manifest,
 )
 
 __all__ = ["RUNTIMES", "artifact_precision", "wrap"]
@@ -124,7 +118,7 @@ def wrap(
         raise ConversionError(f"model has {n_out} outputs but {len(labels)} labels were given")
     precision = artifact_precision(runtime, req.model, backend)
     file = f"model_{precision}{suffix}"
-    layout = layout or LAYOUTS.get(len(in_spec.shape))
+    layout = layout or RANK_LAYOUTS.get(len(in_spec.shape))
     artifact = Artifact(
         file=file,
         runtime=runtime,  # type: ignore[arg-type]
@@ -134,43 +128,17 @@ def wrap(
     )
     variant = f"{runtime}-{precision}"
     decode = Decode(activation=req.activation, threshold=req.threshold, events=req.events)  # type: ignore[arg-type]
-    req.out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{req.out.name}.", dir=req.out.parent))
-    try:
+    with staging(req.out) as stage:
         shutil.copyfile(req.model, stage / file)
 
-        def manifest(metrics: dict[str, Any]) -> Manifest:
-            now = datetime.now(timezone.utc)
-            return Manifest(
-                schema_version=SCHEMA_VERSION,
-                name=req.name or req.model.stem,
-                version=now.strftime("%Y%m%d.%H%M%S"),
-                created=now.isoformat(timespec="seconds"),
-                task="classification",
-                profile=req.profile,
-                preprocess=req.preprocess,
-                decode=decode,
-                labels=labels,
-                positive_label=req.positive_label,
-                artifacts=[artifact],
-                files={
-                    p.name: file_entry(p)
-                    for p in sorted(stage.iterdir())
-                    if p.is_file() and p.name != "manifest.json"
-                },
-                metrics=metrics,
-                provenance=Provenance(
-                    source_sha256=file_entry(req.model).sha256,
-                    source_format=suffix[1:],
-                    converter_version=_medge_version(),
-                    calibration_sha256=_sha256_bytes(xc),
-                    calibration_count=len(xc),
-                    strategy="wrapped",
-                ),
-                window=req.window,
-            )
+        def manifest(metrics: dict[str, Any]) -> None:
+            write_bundle_manifest(
+                stage, req, name=req.name or req.model.stem, task="classification",
+                decode=decode, labels=labels, artifacts=[artifact], metrics=metrics,
+                provenance=provenance(file_entry(req.model).sha256, suffix[1:], xc, "wrapped"),
+            )  # fmt: skip
 
-        write_manifest(stage, manifest({}))
+        manifest({})
         t0 = time.monotonic()
         Bundle.load(stage)  # the manifest and the file check out before they are scored
         outs, lat = run_artifact(stage / file, runtime, req.preprocess, xe, layout)
@@ -204,10 +172,6 @@ def wrap(
                 req.events, labels, req.event_tolerance_s,
             )  # fmt: skip
             report[variant].update(event_scalars(report["events"], variant))
-        (stage / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        write_markdown(stage / "report.md", report)
-        write_html(stage / "report.html", report)
-        write_manifest(stage, manifest({variant: _scalars(report[variant])}))
+        write_reports(stage, report)
+        manifest({variant: scalars(report[variant])})
         return publish(stage, req, [])
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
