@@ -100,11 +100,11 @@ def upsampled(src: Path, out: Path, n_train: int, n_val: int, size: int = 96) ->
 
 def _child(args: list[str]) -> None:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    r = subprocess.run([sys.executable, "-m", "converter.litert_child", *args], env=env,
+    r = subprocess.run([sys.executable, "-m", "converter.child.litert", *args], env=env,
                        capture_output=True, text=True, check=False)  # fmt: skip
     if r.returncode:
         lines = r.stderr.strip().splitlines() or [f"exit status {r.returncode}"]
-        raise RuntimeError(f"converter.litert_child {args[0]}: {lines[-1]}")
+        raise RuntimeError(f"converter.child.litert {args[0]}: {lines[-1]}")
 
 
 def _job(model: Path, calib: np.ndarray, evalx: np.ndarray, work: Path, **extra: object) -> Path:

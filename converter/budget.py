@@ -3,7 +3,7 @@
 ``--budget sensitivity=0.005,auc=0.005`` asks for the cheapest artifact whose metrics drop
 from the float model's by no more than that. The search (converter.convert calls
 :func:`search`) tries, in order, each rung made in its own child process
-(``python -m converter.litert_child variant JOB``):
+(``python -m converter.child.litert variant JOB``):
 
 1. full int8 (the conversion strategy that won, converter.strategies);
 2. ``float-head``: full int8 with only the final softmax/sigmoid kept float — an int8 softmax

@@ -3,11 +3,11 @@
 Sources (converter.inputs): Keras ``.keras``, legacy ``.h5``, a SavedModel directory — LiteRT
 (full int8 by the first conversion strategy that works, converter.strategies; with --budget
 the cheapest artifact that meets it, converter.budget) plus ONNX fp32 and QDQ int8 for ONNX
-Runtime / TensorRT (converter.onnx_artifacts) — or an ONNX model (ONNX fp32 and int8 only).
+Runtime / TensorRT (converter.onnx) — or an ONNX model (ONNX fp32 and int8 only).
 A ready .tflite (or an .onnx with ``onnx_input="wrap"``) is wrapped instead (converter.wrap).
 Tasks: classification, segmentation (masks as targets), image_to_image (images as targets).
 
-TensorFlow runs only in child processes (converter.litert_child, converter.onnx_child); this
+TensorFlow runs only in child processes (converter.child.litert, converter.child.onnx); this
 process prepares the data with the agent's own preprocessing, evaluates every artifact with
 the agent's own runtime, and writes the bundle into a temporary directory that is renamed
 into place only when complete.
@@ -15,9 +15,7 @@ into place only when complete.
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -32,19 +30,15 @@ from converter.calibrate import calibration_warnings, too_few
 from converter.data import Data, class_outputs, load_data, prepare
 from converter.errors import ConversionError
 from converter.inputs import source_format
-from converter.layout import RANK_LAYOUTS
+from converter.litert import build_litert
 from converter.messages import collapse
-from converter.onnx_artifacts import OnnxOutcome, onnx_artifacts, onnx_source_artifacts
+from converter.onnx import OnnxOutcome, onnx_artifacts, onnx_source_artifacts
 from converter.request import ConvertRequest
-from converter.runner import CHILD_TIMEOUT_S, run_child
+from converter.runner import run_child
 from converter.scoring import Scored, run_artifact, stream_outputs
-from converter.strategies import convert_litert
 from converter.stream_eval import score_streams
-from edge_agent.backends import open_backend
 from edge_agent.bundle import (
-    Artifact,
     Bundle,
-    CamSpec,
 )
 from edge_agent.keys import load_signer_key
 
@@ -118,18 +112,6 @@ def _score(path: Path, runtime: str, req: ConvertRequest, data: Data) -> Scored:
     return scored
 
 
-def _litert_artifact(stage: Path, file: str, precision: str, layout: str | None) -> Artifact:
-    backend = open_backend("litert", stage / file)
-    layout = layout or RANK_LAYOUTS.get(len(backend.inputs[0].shape))
-    return Artifact(
-        file=file,
-        runtime="litert",
-        precision=precision,  # type: ignore[arg-type]
-        inputs=[t.model_copy(update={"layout": layout}) for t in backend.inputs],
-        outputs=backend.outputs,
-    )
-
-
 def _from_tf(
     req: ConvertRequest, fmt: str, data: Data, stage: Path, work: Path, warnings: list[str]
 ) -> Built:
@@ -148,67 +130,18 @@ def _from_tf(
     }
     if data.streams:  # float scores of the stream windows, from the same child
         job["stream"] = {"x": str(work / "stream.npy"), "out": str(work / "stream_float.npy")}
-    keys = req.strategy_keys
-    with progress.step(f"LiteRT conversion (strategies: {', '.join(keys)})"):
-        litert = convert_litert(
-            {
-                **job,
-                "tflite_out": str(work / "model.tflite"),
-                "min_agreement": req.min_agreement,
-                "extras": {p: str(work / f"extra-{p}.tflite") for p in ("fp16", "fp32")}
-                if req.float_artifacts != "none" else {},
-            },
-            work,
-            keys,
-            CHILD_TIMEOUT_S,
-        )
-    float_outs = np.load(work / "float.npy")
-    float_m = data.metrics(float_outs)
-    if data.streams:
-        float_m.update(data.event_metrics(_split_streams(data, work), req.event_tolerance_s))
 
-    def evaluate(p: Path) -> Scored:
-        return _score(p, "litert", req, data)
+    def score_float() -> tuple[np.ndarray, dict[str, Any]]:
+        float_outs = np.load(work / "float.npy")
+        float_m = data.metrics(float_outs)
+        if data.streams:
+            float_m.update(data.event_metrics(_split_streams(data, work), req.event_tolerance_s))
+        return float_outs, float_m
 
-    precision, path = litert.winner.precision, work / "model.tflite"
-    scored = evaluate(path)
-    report: dict[str, Any] = {"litert": litert.as_report()}
-    if req.budget:
-
-        def make(rung: B.Rung) -> tuple[Path, list[dict[str, Any]]]:
-            ready = work / f"extra-{rung.key}.tflite"  # fp16/fp32: made with the int8 one
-            if ready.exists():
-                return ready, []
-            out, layers = work / f"rung-{rung.key}.tflite", work / "layers.json"
-            run_child({**job, "variant": rung.key, "out": str(out), "layers_out": str(layers)},
-                      work, "converter.litert_child", f"LiteRT {rung.key} conversion",
-                      ["variant"])  # fmt: skip
-            per_layer = rung.key in ("mixed", "float-head")
-            return out, json.loads(layers.read_text()) if per_layer else []
-
-        outcome = B.search(req.budget, float_m, (precision, path, scored), make, evaluate,
-                           B.rungs(req.fallback))  # fmt: skip
-        precision, path, scored = outcome.precision, outcome.path, outcome.scored
-        report["budget"] = B.describe(outcome, req.budget)
-        if outcome.per_layer:
-            report["per_layer_error"] = outcome.per_layer
-    file = f"model_{precision}.tflite"
-    shutil.copyfile(path, stage / file)
-    artifacts = [_litert_artifact(stage, file, precision, data.layout)]
-    runs = {f"litert-{precision}": scored}
-    extras, decisions = B.float_extras(precision, scored, work, evaluate, req.float_artifacts)
-    report["float_artifacts"] = decisions
-    for extra, extra_scored in extras:
-        shutil.copyfile(work / f"extra-{extra}.tflite", stage / f"model_{extra}.tflite")
-        artifacts.append(_litert_artifact(stage, f"model_{extra}.tflite", extra, data.layout))
-        runs[f"litert-{extra}"] = extra_scored
-    cam = None
-    if req.cam:
-        info = json.loads((work / "cam.json").read_text())
-        cam = CamSpec(output=1, layer=info["layer"], upsample_to=info["size"])
-    strategy = f"litert {litert.winner.key}"
-    if report.get("budget", {}).get("winner", "int8") != "int8":
-        strategy += f" -> budget {report['budget']['winner']}"
+    lit = build_litert(req, job, data.layout, stage, work,
+                       lambda p: _score(p, "litert", req, data), score_float)  # fmt: skip
+    artifacts, runs, report, cam = lit.artifacts, lit.runs, lit.report, lit.cam
+    strategy = lit.strategy
     onnx = OnnxOutcome()
     if req.onnx:
         source = work / "model_cam.keras" if req.cam else req.model
@@ -228,7 +161,8 @@ def _from_tf(
     if "scheme" in onnx.info:
         strategy += f"; onnx int8 ({onnx.info['scheme']})"
     report["onnx"] = onnx.info
-    return Built([*artifacts, *onnx.artifacts], runs, float_outs, float_m, strategy, cam, report)
+    return Built([*artifacts, *onnx.artifacts], runs, lit.float_outs, lit.float_metrics, strategy,
+                 cam, report)  # fmt: skip
 
 
 def _from_onnx(

@@ -31,7 +31,7 @@ __all__ = [
 FP32_NAME = "model_fp32.onnx"
 INT8_NAME = "model_int8.onnx"
 TRT_WORKSPACE_MIB = 256
-CHILD = "converter.onnx_child"
+CHILD = "converter.child.onnx"
 
 # (job, workdir, module, what, args) -> None; raises ConversionError with one line.
 RunChild = Callable[[dict[str, Any], Path, str, str, Sequence[str]], None]

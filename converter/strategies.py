@@ -1,6 +1,6 @@
 """LiteRT conversion strategies, tried in order until one gives a working artifact.
 
-Every attempt runs in the converter's child process (converter.litert_child), so a converter
+Every attempt runs in the converter's child process (converter.child.litert), so a converter
 that crashes costs one attempt, not the session: measured with TF 2.21, the TFLite converter
 segfaults calibrating a Keras 3 LSTM's WHILE loop for full int8. The parent then reads which
 strategy was running, records "crashed the converter process (SIGSEGV)" and starts a fresh
@@ -40,7 +40,7 @@ __all__ = [
 EXIT_INPUT = 3  # the child's inputs are wrong (model, data, labels): no strategy can help
 EXIT_NONE_WORKED = 4  # every strategy given to the child failed or did not apply
 MIN_AGREEMENT = 0.9
-LITERT_CHILD = "converter.litert_child"
+LITERT_CHILD = "converter.child.litert"
 
 
 @dataclass(frozen=True)

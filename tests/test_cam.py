@@ -47,7 +47,7 @@ GRAD_CAM = textwrap.dedent("""\
         score = tf.gather(logits, pred, axis=1, batch_dims=1)
     alpha = tf.reduce_mean(tape.gradient(score, features), axis=(1, 2))
     grad_cam = tf.nn.relu(tf.einsum("nhwk,nk->nhw", features, alpha)).numpy()
-    from converter.rebuild import cam_model
+    from converter.child.rebuild import cam_model
     probs, float_cam = cam_model(model)[0].predict(x, verbose=0)
     np.savez(os.path.join(out, "gradcam.npz"), grad_cam=grad_cam, float_cam=float_cam,
              pred=pred.numpy(), probs=probs)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converter.onnx_artifacts import tensorrt_build
+from converter.onnx import tensorrt_build
 from edge_agent.backends import open_backend
 from edge_agent.bundle import Bundle, file_entry
 from edge_agent.errors import BackendError

@@ -1,8 +1,8 @@
 """Runs in a child process: Keras model -> LiteRT artifact, plus float predictions.
 
-    python -m converter.litert_child JOB.json
+    python -m converter.child.litert JOB.json
 
-    python -m converter.litert_child variant JOB.json   # one rung of the --budget search
+    python -m converter.child.litert variant JOB.json   # one rung of the --budget search
 
 The job names the conversion strategies to try, in order (converter.strategies). Before each
 attempt the child appends a "start" line to the job's progress file, after it the outcome, so a
@@ -53,8 +53,8 @@ def _log(progress: str | None, **record: Any) -> None:
 
 
 def _keras_model(model: Any, s: Strategy, float_probs: np.ndarray, evalx: np.ndarray) -> Any:
-    from converter.inputs import SavedModelSource
-    from converter.rebuild import RebuildError, legacy_lstm, recurrent_layers, static_batch
+    from converter.child.models import SavedModelSource
+    from converter.child.rebuild import RebuildError, legacy_lstm, recurrent_layers, static_batch
 
     if isinstance(model, SavedModelSource):
         if s.rebuild in ("none", "batch1"):
@@ -110,7 +110,7 @@ def _order_outputs(flat: bytes, names: dict[int, str]) -> bytes:
 def _converter(model: Any) -> Any:
     import tensorflow as tf
 
-    if hasattr(model, "tflite_converter"):  # converter.inputs.SavedModelSource
+    if hasattr(model, "tflite_converter"):  # converter.child.models.SavedModelSource
         return model.tflite_converter()
     return tf.lite.TFLiteConverter.from_keras_model(model)
 
@@ -139,7 +139,7 @@ def _verify(
 def _load(job: dict[str, Any]) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict[int, str]]:
     """The model (with its CAM output if asked), calibration and evaluation samples shaped
     for it, float predictions on the evaluation samples, and the names of extra outputs."""
-    from converter.inputs import load_model
+    from converter.child.models import load_model
 
     fmt = job.get("format", "keras")
     try:
@@ -149,7 +149,7 @@ def _load(job: dict[str, Any]) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray,
         _fail(f"cannot load {what} model {Path(job['model']).name}: {type(exc).__name__}: {exc}")
     cam_names: dict[int, str] = {}
     if job.get("cam") is not None:
-        from converter.rebuild import RebuildError, cam_model
+        from converter.child.rebuild import RebuildError, cam_model
 
         if fmt == "savedmodel":
             _fail("--cam needs a Keras model (.keras or .h5), not a SavedModel")

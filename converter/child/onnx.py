@@ -1,9 +1,9 @@
 """Runs in a child process: Keras/SavedModel -> ONNX fp32, or ONNX fp32 -> QDQ int8.
 
-    python -m converter.onnx_child export JOB.json     # TensorFlow + tf2onnx
-    python -m converter.onnx_child quantize JOB.json   # ONNX Runtime only, no TensorFlow
+    python -m converter.child.onnx export JOB.json     # TensorFlow + tf2onnx
+    python -m converter.child.onnx quantize JOB.json   # ONNX Runtime only, no TensorFlow
 
-Like converter.litert_child, a crash here kills only this process. On a problem we print one
+Like converter.child.litert, a crash here kills only this process. On a problem we print one
 line to stderr and exit 3. ``export`` writes a small JSON result naming the route that worked.
 """
 
@@ -45,7 +45,7 @@ def export(job: dict[str, Any]) -> None:
     except Exception as exc:  # e.g. a protobuf it does not support
         _fail(f"tf2onnx cannot be imported: {_first(exc)}")
 
-    from converter.inputs import load_model
+    from converter.child.models import load_model
 
     fmt = job.get("format", "keras")
     try:

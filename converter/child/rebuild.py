@@ -1,6 +1,6 @@
 """Rebuilds of a Keras model that the LiteRT conversion strategies need, and the CAM head.
 
-Runs only in the converter's child process (converter.litert_child): it imports Keras, and
+Runs only in the converter's child process (converter.child.litert): it imports Keras, and
 tf_keras for the legacy rebuild. Every function takes a loaded Keras 3 model and returns a new
 model with the same weights; none of them trains or changes what the model computes.
 """
