@@ -1,7 +1,7 @@
 """The accuracy-budget search (artifacts are run and scored by converter.scoring).
 
 ``--budget sensitivity=0.005,auc=0.005`` asks for the cheapest artifact whose metrics drop
-from the float model's by no more than that. The search (converter.convert calls
+from the float model's by no more than that. The search (converter.litert calls
 :func:`search`) tries, in order, each rung made in its own child process
 (``python -m converter.child.litert variant JOB``):
 

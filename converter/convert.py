@@ -37,6 +37,7 @@ from converter.request import ConvertRequest
 from converter.runner import run_child
 from converter.scoring import Scored, run_artifact, stream_outputs
 from converter.stream_eval import score_streams
+from converter.wrap import wrap
 from edge_agent.bundle import (
     Bundle,
 )
@@ -72,8 +73,6 @@ def convert(req: ConvertRequest) -> Bundle:
                               "quantize for an ONNX segmentation or image model")  # fmt: skip
     data = load_data(req, fmt)
     if wrap_it:
-        from converter.wrap import wrap
-
         return wrap(req, data.xc, data.xe, data.y, data.labels, data.streams, data.layout)
     warnings = too_few(len(data.xc))
     with (
