@@ -9,7 +9,7 @@ input frame. :func:`cam_body` is what a result carries: that heatmap as a small 
 from __future__ import annotations
 
 import base64
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -45,7 +45,7 @@ def cam_heatmap(cam: np.ndarray, class_index: int, size: tuple[int, int]) -> np.
     """One class's map as a uint8 (height, width) heatmap: ReLU (only evidence for the class),
     bilinear upsampling to ``size``, scaled so its maximum is 255 (all zero: no evidence)."""
     m = np.asarray(cam, dtype=np.float32)
-    m = m.reshape(m.shape[-3:])
+    m = cast(np.ndarray, m.reshape(m.shape[-3:]))  # numpy's stubs take a tuple[int, ...] for ()
     # one sigmoid unit: its map is evidence for class 1, its negative for class 0
     m = (m[..., 0] if class_index else -m[..., 0]) if m.shape[-1] == 1 else m[..., class_index]
     m = resize_bilinear(np.maximum(m, 0.0), size)

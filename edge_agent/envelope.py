@@ -417,6 +417,7 @@ class Opener:
             raise EnvelopeError(
                 f"epoch key of {site}/{device} is not signed by that device", Reason.SIGNATURE
             ) from exc
+        assert recipient.private is not None  # Opener keeps only keys with their private half
         try:
             key = _suite(recipient.suite).decrypt(
                 _unb64(data["ek"], "ek"), recipient.private, info=_canon(binding)
@@ -460,7 +461,7 @@ def _fingerprint(key: ec.EllipticCurvePublicKey) -> bytes:
 
 def _unb64(s: str, name: str) -> bytes:
     try:
-        return binascii.a2b_base64(s, strict_mode=True)  # the common case, one C call
+        return binascii.a2b_base64(s, strict_mode=True)  # type: ignore[call-arg]  # 3.11+; one C call
     except (ValueError, TypeError):
         pass  # Python 3.10, or an odd form the non-strict check below still accepts
     try:

@@ -178,7 +178,7 @@ def load_recipient(path: Path) -> RecipientKey:
         x_pub_b = _unb64(data["x25519"])
     except (ValueError, KeyError, TypeError) as exc:
         raise MedgeError(f"{path}: not a medge recipient key file") from exc
-    private = None
+    private: x25519.X25519PrivateKey | hpke.MLKEM768X25519PrivateKey | None = None
     has_private = "x25519_private" in data
     if has_private:
         _read_secret(path)  # mode check

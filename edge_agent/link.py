@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import paho.mqtt.client as mqtt
 
@@ -189,11 +189,12 @@ class DeviceLink:
 
     def _on_message(self, msg: mqtt.MQTTMessage) -> None:
         # any exception here rejects this message only (the session's boundary)
+        payload = cast(bytes, msg.payload)  # received: bytes (paho types it bytes | bytearray)
         if msg.topic.endswith("/cmd"):
             if self.on_command is not None:
-                self.on_command(msg.payload)
+                self.on_command(payload)
             return
-        self.acked += self.outbox.ack(decode_ack(msg.payload))
+        self.acked += self.outbox.ack(decode_ack(payload))
         self.last_acked = time.time()
 
     def _on_reject(self, msg: mqtt.MQTTMessage, _reason: Reason, _exc: BaseException) -> None:

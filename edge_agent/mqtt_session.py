@@ -40,7 +40,7 @@ log = logging.getLogger("medge.mqtt")
 
 _UNSUPPORTED_PROTOCOL = (0x84, 0x01)  # MQTT 5 reason code; MQTT 3.1.1 return code
 
-Handler = Callable[[mqtt.MQTTMessage], None]
+Handler = Callable[[mqtt.MQTTMessage], object]
 OnReject = Callable[[mqtt.MQTTMessage, Reason, BaseException], None]
 
 
@@ -58,7 +58,7 @@ def no_delay(client: mqtt.Client) -> None:
     if sock is None:
         return
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[attr-defined]
     except (OSError, AttributeError) as exc:  # not TCP (e.g. a websocket or unix socket)
         log.debug("TCP_NODELAY not set: %s", exc)
 

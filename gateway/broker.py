@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -36,7 +37,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_listening(host: str, port: int, timeout: float, alive: callable) -> bool:  # type: ignore[valid-type]
+def _wait_listening(host: str, port: int, timeout: float, alive: Callable[[], bool]) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not alive():
@@ -145,6 +146,7 @@ def start_mosquitto_conf(conf: Path, host: str, port: int) -> RunningBroker:
     broker = RunningBroker("mosquitto", host, port, "5")
     broker._proc = proc
     if not _wait_listening(host, port, 10, lambda: proc.poll() is None):
+        assert proc.stderr is not None  # stderr=PIPE
         err = proc.stderr.read().decode(errors="replace").strip() if proc.poll() is not None else ""
         broker.stop()
         raise MedgeError(f"mosquitto did not start on {host}:{port} {err}".strip())

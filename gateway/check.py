@@ -69,9 +69,9 @@ def check_store(target: Path | str) -> str:
             raise MedgeError(f"store {path}: its directory {path.parent} does not exist")
         return f"store {path}: not there yet, created on the first run"
     try:
-        with sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5) as db:
-            tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-        db.close()
+        with sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5) as conn:
+            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        conn.close()
     except sqlite3.Error as exc:
         raise MedgeError(f"store {path}: not a readable SQLite database ({exc})") from exc
     return f"store {path}: readable (SQLite, {tables} schema objects)"

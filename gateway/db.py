@@ -94,7 +94,7 @@ def sqlite_path(target: str | Path) -> Path:
     return Path(target)
 
 
-class Row(tuple):  # type: ignore[type-arg]
+class Row(tuple):
     """A PostgreSQL row that reads like ``sqlite3.Row``: by position, by name, ``dict(row)``."""
 
     _index: dict[str, int]

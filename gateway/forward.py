@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import paho.mqtt.client as mqtt
 
@@ -257,7 +257,7 @@ class Forwarder:
     def _on_message(self, msg: mqtt.MQTTMessage) -> None:
         # any exception here rejects this ack only (the session's boundary, _on_reject)
         parts = parse(msg.topic)
-        seqs = decode_ack(msg.payload)
+        seqs = decode_ack(cast(bytes, msg.payload))  # received: bytes, typed bytes | bytearray
         self.acked += self.outbox.ack(parts.site, parts.device, seqs)
 
     def _on_reject(self, _msg: mqtt.MQTTMessage, _reason: Reason, _exc: BaseException) -> None:

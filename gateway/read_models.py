@@ -65,7 +65,8 @@ def results(
     device: str | None = None,
 ) -> list[dict[str, Any]]:
     """Results with id > after_id, oldest first; with after_id=0, the newest ``limit``."""
-    where, args = ["id > ?"], [after_id]
+    where: list[str] = ["id > ?"]
+    args: list[object] = [after_id]
     if site:
         where.append("site = ?")
         args.append(site)

@@ -26,6 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import cast
 
 import paho.mqtt.client as mqtt
 
@@ -207,6 +208,8 @@ class Gateway:
 
     def _on_reject(self, msg: mqtt.MQTTMessage, reason: Reason, _exc: BaseException) -> None:
         """The session rejected ``msg`` (and logged it): count it, charge its device."""
+        site: str | None
+        device: str | None
         try:
             parts = parse(msg.topic)
             site, device = parts.site, parts.device
@@ -275,7 +278,8 @@ class Gateway:
         if parts.kind != "state" and not self.limiter.allow(parts.site, parts.device):
             self._rate_limited(parts.site, parts.device)
             return  # not acknowledged: the device's outbox sends it again
-        env = self.opener.open(msg.payload)
+        payload = cast(bytes, msg.payload)  # received: bytes (paho types it bytes | bytearray)
+        env = self.opener.open(payload)
         env.check_topic(parts)
         if env.time > time.time() + self.max_skew_s:
             raise EnvelopeError(
@@ -292,7 +296,7 @@ class Gateway:
         if env.kind in ("result", "event"):
             if "cam" in env.body:
                 env = self._check_cam(env)
-            self._pending.put((env, msg.topic, msg.payload))  # the writer commits, then acks
+            self._pending.put((env, msg.topic, payload))  # the writer commits, then acks
         elif env.kind == "state":
             state = env.body.get("state")
             if state not in ("online", "offline"):
@@ -320,7 +324,7 @@ class Gateway:
             return
         try:
             if self.forward.put_latest(env.site, env.device, env.kind, env.seq, msg.topic,
-                                       msg.payload):
+                                       cast(bytes, msg.payload)):
                 self.metrics.forward_latest.labels(env.kind).inc()
         except Exception:  # the fleet view may lag; storing and acknowledging go on
             log.exception("queueing %s of %s/%s for the cloud failed", env.kind, env.site,

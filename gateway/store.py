@@ -10,6 +10,7 @@ database. Opening a store brings its schema up to date (numbered migrations: gat
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import threading
@@ -130,7 +131,8 @@ class Store:
         out: list[bool | None] = []
         for item in items:
             try:
-                out.append(self._write(lambda db, one=item: self._store_batch(db, [one], now))[0])
+                one = functools.partial(self._store_batch, items=[item], now=now)
+                out.append(self._write(one)[0])
             except Exception as exc:
                 if not self._db.row_refused(exc):
                     raise

@@ -35,7 +35,7 @@ def _preprocess(spec: str) -> Any:
         return Preprocess(kind="mean_std", mean=mean, std=std)
     if kind not in ("none", "scale01", "zscore") or rest:
         raise MedgeError(f"--preprocess '{spec}': one of none, scale01, zscore, mean_std:M/S")
-    return Preprocess(kind=kind)
+    return Preprocess.model_validate({"kind": kind})
 
 
 def _budget(items: list[str]) -> dict[str, float]:

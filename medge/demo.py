@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_agent import Agent, AgentConfig, Bundle
 from edge_agent.bundle import SIGNATURE_NAME, sign_bundle
@@ -22,6 +22,9 @@ from gateway import Gateway, Store, start_broker
 from gateway.dashboard import DashboardServer
 from gateway.dashboard.auth import add_user
 from gateway.site import init_site, opener_for, provision_device, signer_key
+
+if TYPE_CHECKING:
+    from gateway.broker import BrokerKind
 
 __all__ = ["DemoOptions", "DeviceSummary", "run_demo"]
 
@@ -34,7 +37,7 @@ SITE = "demo-ward"
 class DemoOptions:
     duration: float | None = None
     devices: int = 2
-    broker: str = "auto"
+    broker: BrokerKind = "auto"
     host: str = "127.0.0.1"
     port: int = 8080
     rate_hz: float = 4.0
@@ -86,16 +89,17 @@ def run_demo(opts: DemoOptions, announce: Any = print) -> list[DeviceSummary]:
             threads = []
             for i in range(opts.devices):
                 name = f"us-{i + 1:02d}"
-                cfg = AgentConfig(
-                    site=SITE,
-                    device=name,
-                    bundle=bundle.directory,
-                    identity=provision_device(site_dir, name, run / "identities" / name),
-                    broker={"host": broker.host, "port": broker.port, "protocol": broker.protocol},
-                    source={"path": data, "split": "val", "rate_hz": opts.rate_hz, "loop": True},
-                    outbox={"path": run / f"outbox-us-{i + 1:02d}.sqlite"},
-                    telemetry_interval_s=1.0,
-                )
+                cfg = AgentConfig.model_validate({
+                    "site": SITE,
+                    "device": name,
+                    "bundle": bundle.directory,
+                    "identity": provision_device(site_dir, name, run / "identities" / name),
+                    "broker": {"host": broker.host, "port": broker.port,
+                               "protocol": broker.protocol},
+                    "source": {"path": data, "split": "val", "rate_hz": opts.rate_hz, "loop": True},
+                    "outbox": {"path": run / f"outbox-us-{i + 1:02d}.sqlite"},
+                    "telemetry_interval_s": 1.0,
+                })
                 agent = Agent(cfg)
                 agents.append(agent)
                 t = threading.Thread(target=agent.run, args=(stop,), name=cfg.device, daemon=True)
@@ -151,7 +155,7 @@ def _summary(store: Store, agents: list[Agent]) -> list[DeviceSummary]:
 def _install_signal_handlers(stop: threading.Event) -> dict[int, Any]:
     if threading.current_thread() is not threading.main_thread():
         return {}
-    previous = {}
+    previous: dict[int, Any] = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         previous[sig] = signal.signal(sig, lambda *_: stop.set())
     return previous

@@ -21,7 +21,7 @@ def _interpreter_class() -> Any:
     except ImportError:
         pass
     try:
-        from tflite_runtime.interpreter import Interpreter  # type: ignore[import-not-found]
+        from tflite_runtime.interpreter import Interpreter
 
         return Interpreter
     except ImportError as exc:
@@ -36,7 +36,7 @@ def _spec(detail: dict[str, Any]) -> TensorSpec:
     return TensorSpec(
         name=str(detail["name"]),
         shape=[int(d) for d in detail["shape"]],
-        dtype=np.dtype(detail["dtype"]).name,  # type: ignore[arg-type]
+        dtype=np.dtype(detail["dtype"]).name,
         quantization=quant,
     )
 

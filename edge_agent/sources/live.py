@@ -88,7 +88,8 @@ class SampleChecks:
     ) -> None:
         self.name, self.problems, self.what = name, problems, what
         self.clock = ClockCheck(problems, rate_hz, gap_periods)
-        self.n, self.last_seq, self.gap = 0, None, False
+        self.n, self.gap = 0, False
+        self.last_seq: int | None = None
 
     def sample(
         self,

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from edge_agent.errors import MedgeError, one_line
 from gateway import read_models
@@ -240,7 +241,7 @@ async def _stream(request: web.Request) -> web.StreamResponse:
 
 # -- helpers ---------------------------------------------------------------------------------
 @web.middleware
-async def _security_headers(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+async def _security_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         response = await handler(request)
     except web.HTTPException as exc:

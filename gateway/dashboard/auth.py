@@ -107,7 +107,9 @@ class Users:
         self._lock = threading.Lock()
         self._stamp: tuple[float, int] | None = None
         self._users: dict[str, dict[str, Any]] = {}
-        self._dummy = {"salt": _b64(os.urandom(16)), "hash": _b64(os.urandom(32)), **_SCRYPT}
+        self._dummy: dict[str, Any] = {
+            "salt": _b64(os.urandom(16)), "hash": _b64(os.urandom(32)), **_SCRYPT
+        }
         self.verifies = 0
         """Passwords checked so far (each one scrypt): the throttle's tests and metrics."""
         self._reload()
@@ -142,7 +144,7 @@ class Users:
             entry = self._users.get(name)
             self.verifies += 1
         known = isinstance(entry, dict)
-        record = entry if known else self._dummy
+        record = entry if isinstance(entry, dict) else self._dummy  # i.e. if known
         try:
             salt = base64.b64decode(record["salt"])
             want = base64.b64decode(record["hash"])

@@ -17,6 +17,6 @@ STOPPING = web.AppKey("stopping", asyncio.Event)
 INDEX = web.AppKey("index", str)
 TITLE = web.AppKey("title", str)
 STATIC = web.AppKey("static", Path)
-USERS = web.AppKey("users", Users | None)  # type: ignore[arg-type]
+USERS: web.AppKey[Users | None] = web.AppKey("users", Users | None)  # type: ignore[arg-type]
 SESSIONS = web.AppKey("sessions", Sessions)
 ANONYMOUS = web.AppKey("anonymous", bool)

@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from gateway.dashboard.auth import Session
 from gateway.dashboard.keys import ANONYMOUS, SESSIONS, STATIC, STORE, TITLE, USERS
@@ -68,7 +69,7 @@ def _secure(request: web.Request) -> bool:
 
 
 @web.middleware
-async def _require_session(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+async def _require_session(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.method not in ("GET", "HEAD") and not _same_origin(request):
         raise web.HTTPForbidden(text="cross-origin request refused")
     if request.path in PUBLIC or request.path.startswith("/static/"):
