@@ -36,45 +36,70 @@ class ConvertRequest:
     calib: Path = Field(description="calibration data (npz)")
     eval: Path = Field(description="evaluation data (npz)")
     out: Path = Field(description="the bundle directory to write")
-    profile: str = Field("x86", description=f"device profile: {', '.join(PROFILES)}")
-    preprocess: Preprocess = Field(default_factory=_no_preprocessing,
-                                   description="the device's preprocessing (manifest)")  # fmt: skip
-    labels: list[str] | None = Field(None, description="class names (default: from the data)")
-    positive_label: str | None = Field(None, description="the positive class")
-    threshold: float | None = Field(None, description="decision threshold of the positive class")
-    name: str | None = Field(None, description="bundle name (default: the model's)")
-    calib_split: str | None = Field(None, description="the calibration split of the npz")
-    eval_split: str | None = Field(None, description="the evaluation split of the npz")
-    force: bool = Field(False, description="replace a non-empty output directory")
-    budget: dict[str, float] = Field(default_factory=dict,
-                                     description="metric -> allowed drop from float")  # fmt: skip
-    sign_key: Path | None = Field(None, description="Ed25519 private key that signs the bundle")
-    cam: bool = Field(False, description="add the class activation map as a second output "
-                                         "(GAP -> Dense heads)")  # fmt: skip
-    cam_layer: str | None = Field(None, description="the CAM feature layer (None: from the head)")
-    strategies: list[str] | None = Field(None, description="LiteRT strategies to try, in order "
-                                                           "(default: all)")  # fmt: skip
-    min_agreement: float = Field(MIN_AGREEMENT, description="a LiteRT artifact must agree with "
-                                                            "float this often")  # fmt: skip
-    onnx: bool = Field(True, description="also make the ONNX artifacts (Keras models only)")
-    activation: str = Field("softmax", description="what the model's last layer applies: "
-                                                   "softmax, sigmoid, none")  # fmt: skip
-    task: str = Field("classification", description=f"one of {', '.join(TASKS)}")
-    onnx_input: str = Field("wrap", description="an .onnx model: wrap it as it is, or quantize "
-                                                "it (fp32 + int8)")  # fmt: skip
-    mask_threshold: float = Field(0.5, description="segmentation: a pixel is foreground at >= this")
-    fallback: list[str] | None = Field(None, description="--budget rungs after int8 (None: all; "
-                                                         "[]: none)")  # fmt: skip
-    float_artifacts: str = Field("auto", description="float LiteRT files beside int8: auto "
-                                                     "(both), none, fp16, fp32")  # fmt: skip
-    window: WindowSpec | None = Field(None, description="how the agent cuts a stream into inputs")
+    profile: str = Field(default="x86", description=f"device profile: {', '.join(PROFILES)}")
+    preprocess: Preprocess = Field(
+        default_factory=_no_preprocessing, description="the device's preprocessing (manifest)"
+    )
+    labels: list[str] | None = Field(
+        default=None, description="class names (default: from the data)"
+    )
+    positive_label: str | None = Field(default=None, description="the positive class")
+    threshold: float | None = Field(
+        default=None, description="decision threshold of the positive class"
+    )
+    name: str | None = Field(default=None, description="bundle name (default: the model's)")
+    calib_split: str | None = Field(default=None, description="the calibration split of the npz")
+    eval_split: str | None = Field(default=None, description="the evaluation split of the npz")
+    force: bool = Field(default=False, description="replace a non-empty output directory")
+    budget: dict[str, float] = Field(
+        default_factory=dict, description="metric -> allowed drop from float (--budget)"
+    )
+    sign_key: Path | None = Field(
+        default=None, description="Ed25519 private key that signs the bundle"
+    )
+    cam: bool = Field(
+        default=False,
+        description="add the class activation map as a second output (GAP -> Dense heads)",
+    )
+    cam_layer: str | None = Field(
+        default=None, description="the CAM feature layer (None: found from the head)"
+    )
+    strategies: list[str] | None = Field(
+        default=None, description="LiteRT strategies to try, in order (default: all)"
+    )
+    min_agreement: float = Field(
+        default=MIN_AGREEMENT, description="a LiteRT artifact must agree with float this often"
+    )
+    onnx: bool = Field(default=True, description="also make the ONNX artifacts (Keras models only)")
+    activation: str = Field(
+        default="softmax", description="what the model's last layer applies: softmax, sigmoid, none"
+    )
+    task: str = Field(default="classification", description=f"one of {', '.join(TASKS)}")
+    onnx_input: str = Field(
+        default="wrap", description="an .onnx model: wrap it as it is, or quantize it (fp32 + int8)"
+    )
+    mask_threshold: float = Field(
+        default=0.5, description="segmentation: a pixel is foreground at >= this"
+    )
+    fallback: list[str] | None = Field(
+        default=None, description="--budget rungs after int8 (None: all; []: none)"
+    )
+    float_artifacts: str = Field(
+        default="auto", description="float LiteRT files beside int8: auto (both), none, fp16, fp32"
+    )
+    window: WindowSpec | None = Field(
+        default=None, description="how the agent cuts a stream into inputs (manifest)"
+    )
     events: list[EventRule] = Field(default_factory=list, description="decode.events (manifest)")
-    streams: list[Path] = Field(default_factory=list,
-                                description="annotated recordings: event metrics")  # fmt: skip
-    event_tolerance_s: float = Field(0.0, description="a detection this near an annotated event "
-                                                      "still matches it")  # fmt: skip
-    layout: str | None = Field(None, description="nchw | nhwc: an image input's axes, where the "
-                                                 "model cannot say")  # fmt: skip
+    streams: list[Path] = Field(
+        default_factory=list, description="annotated recordings: event metrics"
+    )
+    event_tolerance_s: float = Field(
+        default=0.0, description="a detection this near an annotated event still matches it"
+    )
+    layout: str | None = Field(
+        default=None, description="nchw | nhwc: an image input's axes, where the model cannot say"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ConvertRequest:
