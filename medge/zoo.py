@@ -40,7 +40,7 @@ def breast_cnn_bundle() -> Bundle:
     log.info("converting the zoo's breast_cnn to full int8 (once; cached in %s)", out)
     return convert(
         # mypy reads no default from converter.request's Field("x86", ...) (positional)
-        ConvertRequest(  # type: ignore[call-arg]
+        ConvertRequest(
             model=breast_cnn.WEIGHTS,
             calib=breast_cnn.DATA,
             eval=breast_cnn.DATA,
