@@ -39,7 +39,6 @@ def breast_cnn_bundle() -> Bundle:
         pass
     log.info("converting the zoo's breast_cnn to full int8 (once; cached in %s)", out)
     return convert(
-        # mypy reads no default from converter.request's Field("x86", ...) (positional)
         ConvertRequest(
             model=breast_cnn.WEIGHTS,
             calib=breast_cnn.DATA,
