@@ -43,8 +43,7 @@ from edge_agent.backends import open_backend
 from edge_agent.bundle import Preprocess
 from models import breast_cnn
 
-TARGETS = {"size": 0.29, "latency": 0.5, "agreement": 0.995, "drop_points": 0.5,
-           "convert_s": 120.0}  # fmt: skip
+TARGETS = {"size": 0.29, "latency": 0.5, "agreement": 0.995, "drop_points": 0.5, "convert_s": 120.0}
 CLINICAL = ("sensitivity", "specificity", "auc")  # the drops judged against drop_points
 MODELS = ("mnv2-0.75-96", "mnv2-1.0-224", "zoo")
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,8 +99,13 @@ def upsampled(src: Path, out: Path, n_train: int, n_val: int, size: int = 96) ->
 
 def _child(args: list[str]) -> None:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    r = subprocess.run([sys.executable, "-m", "converter.child.litert", *args], env=env,
-                       capture_output=True, text=True, check=False)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "converter.child.litert", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if r.returncode:
         lines = r.stderr.strip().splitlines() or [f"exit status {r.returncode}"]
         raise RuntimeError(f"converter.child.litert {args[0]}: {lines[-1]}")
@@ -110,10 +114,17 @@ def _child(args: list[str]) -> None:
 def _job(model: Path, calib: np.ndarray, evalx: np.ndarray, work: Path, **extra: object) -> Path:
     np.save(work / "calib.npy", calib)
     np.save(work / "eval.npy", evalx)
-    job = {"model": str(model), "format": "keras", "task": "classification",
-           "calib": str(work / "calib.npy"), "eval": str(work / "eval.npy"),
-           "float_out": str(work / "float.npy"), "n_labels": None, "cam": None,
-           **extra}  # fmt: skip
+    job = {
+        "model": str(model),
+        "format": "keras",
+        "task": "classification",
+        "calib": str(work / "calib.npy"),
+        "eval": str(work / "eval.npy"),
+        "float_out": str(work / "float.npy"),
+        "n_labels": None,
+        "cam": None,
+        **extra,
+    }
     path = work / f"job-{len(list(work.glob('job-*')))}.json"
     path.write_text(json.dumps(job))
     return path
@@ -122,8 +133,15 @@ def _job(model: Path, calib: np.ndarray, evalx: np.ndarray, work: Path, **extra:
 def fp32_artifact(model: Path, calib: np.ndarray, evalx: np.ndarray, work: Path) -> Path:
     """The same model as a LiteRT fp32 artifact, made by the converter's own child process."""
     out = work / "model_fp32.tflite"
-    job = _job(model, calib, evalx, work, variant="fp32", out=str(out),
-               layers_out=str(work / "layers.json"))  # fmt: skip
+    job = _job(
+        model,
+        calib,
+        evalx,
+        work,
+        variant="fp32",
+        out=str(out),
+        layers_out=str(work / "layers.json"),
+    )
     _child(["variant", str(job)])
     return out
 
@@ -132,8 +150,9 @@ def int8_artifact(model: Path, calib: np.ndarray, evalx: np.ndarray, work: Path)
     """Full int8 by the converter's own child (strategy full-int8, as `medge convert` runs it),
     without the agreement gate: for an untrained model agreement is not the question."""
     out = work / "model_int8.tflite"
-    job = _job(model, calib, evalx, work, tflite_out=str(out), strategies=["full-int8"],
-               min_agreement=0.0)  # fmt: skip
+    job = _job(
+        model, calib, evalx, work, tflite_out=str(out), strategies=["full-int8"], min_agreement=0.0
+    )
     _child([str(job)])
     return out
 
@@ -199,14 +218,31 @@ PNEUMONIA_LABELS = (["normal", "pneumonia"], "pneumonia")  # PneumoniaMNIST: 1 =
 ZOO_LABELS = (list(breast_cnn.CLASS_NAMES), breast_cnn.POSITIVE)
 
 
-def measure(name: str, model: Path, data: Path, tmp: Path, labels: tuple[list[str], str],
-            profile: str = "x86") -> dict:  # fmt: skip
+def measure(
+    name: str,
+    model: Path,
+    data: Path,
+    tmp: Path,
+    labels: tuple[list[str], str],
+    profile: str = "x86",
+) -> dict:
     out = tmp / f"{name}-{profile}"
     t0 = time.monotonic()
-    convert(ConvertRequest(model=model, calib=data, eval=data, out=out, profile=profile,
-                           preprocess=Preprocess(kind="scale01"), calib_split="train",
-                           eval_split="val", labels=labels[0], positive_label=labels[1],
-                           force=True))  # fmt: skip
+    convert(
+        ConvertRequest(
+            model=model,
+            calib=data,
+            eval=data,
+            out=out,
+            profile=profile,
+            preprocess=Preprocess(kind="scale01"),
+            calib_split="train",
+            eval_split="val",
+            labels=labels[0],
+            positive_label=labels[1],
+            force=True,
+        )
+    )
     seconds = time.monotonic() - t0
     report = json.loads((out / "report.json").read_text())
     return {"out": out, "seconds": seconds, "report": report}
@@ -228,19 +264,24 @@ def _row(name: str, int8: Path, fp32: Path, sets: int) -> dict:
     }
 
 
-def ratios(name: str, model: Path, data: Path, tmp: Path, labels: tuple[list[str], str],
-           sets: int) -> dict:  # fmt: skip
+def ratios(
+    name: str, model: Path, data: Path, tmp: Path, labels: tuple[list[str], str], sets: int
+) -> dict:
     """A trained model through `medge convert` (its int8 artifact and report), fp32 beside."""
     got = measure(name, model, data, tmp, labels)
     with np.load(data) as d:
         calib = d["train_images"][:8].astype(np.float32) / 255.0
         evalx = d["val_images"][:8].astype(np.float32) / 255.0
     work = Path(tempfile.mkdtemp(dir=tmp))
-    row = _row(name, got["out"] / "model_int8.tflite", fp32_artifact(model, calib, evalx, work),
-               sets)  # fmt: skip
+    row = _row(
+        name, got["out"] / "model_int8.tflite", fp32_artifact(model, calib, evalx, work), sets
+    )
     r = got["report"]
-    drops = {m: 100.0 * (r["float"][m] - r["litert-int8"][m]) for m in ("accuracy", *CLINICAL)
-             if r["float"].get(m) is not None and r["litert-int8"].get(m) is not None}  # fmt: skip
+    drops = {
+        m: 100.0 * (r["float"][m] - r["litert-int8"][m])
+        for m in ("accuracy", *CLINICAL)
+        if r["float"].get(m) is not None and r["litert-int8"].get(m) is not None
+    }
     row.update(
         agreement=r["agreement"]["litert-int8"],
         float_acc=r["float"]["accuracy"],
@@ -255,8 +296,9 @@ def ratios(name: str, model: Path, data: Path, tmp: Path, labels: tuple[list[str
 def standard_ratios(pneumonia: Path, tmp: Path, sets: int) -> dict:
     """The standard MobileNetV2 (1000 classes, untrained): size, breakdown and latency."""
     model = tmp / "mobilenetv2_100_224.keras"
-    r = subprocess.run([sys.executable, "-c", STANDARD, str(model)], capture_output=True,
-                       text=True, check=True)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-c", STANDARD, str(model)], capture_output=True, text=True, check=True
+    )
     params = int(r.stdout.strip().splitlines()[-1])
     data = upsampled(pneumonia, tmp / "pneumonia224.npz", 128, 32, size=224)
     with np.load(data) as d:
@@ -265,8 +307,13 @@ def standard_ratios(pneumonia: Path, tmp: Path, sets: int) -> dict:
     work = Path(tempfile.mkdtemp(dir=tmp))
     int8 = int8_artifact(model, calib, evalx, work)
     fp32 = fp32_artifact(model, calib[:8], evalx[:8], work)
-    row = _row(f"MobileNetV2 alpha 1.0 224x224, 1000 classes, {params:,} parameters "
-               "(weights=None, untrained)", int8, fp32, sets)  # fmt: skip
+    row = _row(
+        f"MobileNetV2 alpha 1.0 224x224, 1000 classes, {params:,} parameters "
+        "(weights=None, untrained)",
+        int8,
+        fp32,
+        sets,
+    )
     row.update(agreement=None, n_eval=0)
     return row
 
@@ -279,36 +326,48 @@ def report_row(row: dict) -> None:
     """Print one model's numbers, each against its target, and the size breakdown."""
     print(f"\n{row['model']}")
     spread = ", ".join(f"{x:.2f}" for x in row["latency_sets"])
-    verdicts = {"size": _ok(row["size"], TARGETS["size"]),
-                "latency": _ok(row["latency"], TARGETS["latency"])}  # fmt: skip
-    print(f"  size int8/fp32       {row['size']:.3f}  (target <= {TARGETS['size']}: "
-          f"{verdicts['size']})  [{row['int8_bytes']:,} / {row['fp32_bytes']:,} "
-          "bytes]")  # fmt: skip
-    print(f"  latency int8/fp32    {row['latency']:.3f}  (target <= {TARGETS['latency']}: "
-          f"{verdicts['latency']})  [{row['int8_ms']:.3f} / {row['fp32_ms']:.3f} ms, 1 thread; "
-          f"per set {spread}]")  # fmt: skip
+    verdicts = {
+        "size": _ok(row["size"], TARGETS["size"]),
+        "latency": _ok(row["latency"], TARGETS["latency"]),
+    }
+    print(
+        f"  size int8/fp32       {row['size']:.3f}  (target <= {TARGETS['size']}: "
+        f"{verdicts['size']})  [{row['int8_bytes']:,} / {row['fp32_bytes']:,} "
+        "bytes]"
+    )
+    print(
+        f"  latency int8/fp32    {row['latency']:.3f}  (target <= {TARGETS['latency']}: "
+        f"{verdicts['latency']})  [{row['int8_ms']:.3f} / {row['fp32_ms']:.3f} ms, 1 thread; "
+        f"per set {spread}]"
+    )
     print(f"  delegation           int8: {row['delegated']['int8']}")
     print(f"                       fp32: {row['delegated']['fp32']}")
     if row.get("agreement") is None:
         print("  agreement            not judged: untrained weights (size and latency only)")
     else:
         verdicts["agreement"] = _ok(row["agreement"], TARGETS["agreement"], higher=True)
-        print(f"  agreement with float {row['agreement']:.4f}  (target >= {TARGETS['agreement']}:"
-              f" {verdicts['agreement']})  on {row['n_eval']} real validation images "
-              f"(one image = {100 / row['n_eval']:.2f} accuracy points)")  # fmt: skip
+        print(
+            f"  agreement with float {row['agreement']:.4f}  (target >= {TARGETS['agreement']}:"
+            f" {verdicts['agreement']})  on {row['n_eval']} real validation images "
+            f"(one image = {100 / row['n_eval']:.2f} accuracy points)"
+        )
         clinical = {m: d for m, d in row["drops"].items() if m in CLINICAL}
         worst = max(clinical.values()) if clinical else None
         shown = ", ".join(f"{m} {d:+.2f}" for m, d in row["drops"].items())
         if worst is not None:
             verdicts["clinical"] = _ok(worst, TARGETS["drop_points"])
             big = max(row["drops"], key=lambda m: abs(row["drops"][m]))
-            print(f"  clinical-metric drop {worst:.2f} points (target <= "
-                  f"{TARGETS['drop_points']}: {verdicts['clinical']})  float - int8, points: "
-                  f"{shown}; accuracy float {row['float_acc']:.4f}, "
-                  f"int8 {row['int8_acc']:.4f}")  # fmt: skip
+            print(
+                f"  clinical-metric drop {worst:.2f} points (target <= "
+                f"{TARGETS['drop_points']}: {verdicts['clinical']})  float - int8, points: "
+                f"{shown}; accuracy float {row['float_acc']:.4f}, "
+                f"int8 {row['int8_acc']:.4f}"
+            )
             if abs(row["drops"][big]) > TARGETS["drop_points"] >= worst:
-                print(f"                       (int8 is not worse, but not the same model either: "
-                      f"{big} moved {abs(row['drops'][big]):.2f} points)")  # fmt: skip
+                print(
+                    f"                       (int8 is not worse, but not the same model either: "
+                    f"{big} moved {abs(row['drops'][big]):.2f} points)"
+                )
     p = row["parts"]
     print(
         f"  int8 file, part by part ({p['per_channel_tensors']} per-channel tensors, "
@@ -325,10 +384,12 @@ def report_row(row: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pneumonia", type=Path,
-                    default=ROOT.parent / "shared/data/images/pneumoniamnist_dev.npz")  # fmt: skip
-    ap.add_argument("--models", default=",".join(MODELS),
-                    help=f"comma-separated, from {', '.join(MODELS)}")  # fmt: skip
+    ap.add_argument(
+        "--pneumonia", type=Path, default=ROOT.parent / "shared/data/images/pneumoniamnist_dev.npz"
+    )
+    ap.add_argument(
+        "--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}"
+    )
     ap.add_argument(
         "--profiles",
         default="rpi4,rpi5,jetson,x86",
@@ -357,17 +418,29 @@ def main() -> None:
             cmd = [sys.executable, "-c", TRAIN, str(pneu), str(mnet), str(args.epochs)]
             r = subprocess.run(cmd, capture_output=True, text=True, check=True)
             params = int(r.stdout.strip().splitlines()[-1])
-            print(f"MobileNetV2 alpha 0.75 96x96: {params:,} parameters, {args.epochs} pass(es) "
-                  f"over {args.train} real PneumoniaMNIST images in "
-                  f"{time.monotonic() - t0:.0f} s")  # fmt: skip
-            name = (f"MobileNetV2 alpha 0.75 96x96, 2 classes, {params:,} parameters "
-                    f"(trained {args.epochs} passes, PneumoniaMNIST)")  # fmt: skip
+            print(
+                f"MobileNetV2 alpha 0.75 96x96: {params:,} parameters, {args.epochs} pass(es) "
+                f"over {args.train} real PneumoniaMNIST images in "
+                f"{time.monotonic() - t0:.0f} s"
+            )
+            name = (
+                f"MobileNetV2 alpha 0.75 96x96, 2 classes, {params:,} parameters "
+                f"(trained {args.epochs} passes, PneumoniaMNIST)"
+            )
             rows.append(ratios(name, mnet, pneu, tmp, PNEUMONIA_LABELS, args.latency_sets))
         if "mnv2-1.0-224" in models:
             rows.append(standard_ratios(args.pneumonia, tmp, args.latency_sets))
         if "zoo" in models:
-            rows.append(ratios("zoo breast_cnn (BreastMNIST)", breast_cnn.WEIGHTS,
-                               breast_cnn.DATA, tmp, ZOO_LABELS, args.latency_sets))  # fmt: skip
+            rows.append(
+                ratios(
+                    "zoo breast_cnn (BreastMNIST)",
+                    breast_cnn.WEIGHTS,
+                    breast_cnn.DATA,
+                    tmp,
+                    ZOO_LABELS,
+                    args.latency_sets,
+                )
+            )
         for row in rows:
             report_row(row)
         profiles = [p for p in args.profiles.split(",") if p]

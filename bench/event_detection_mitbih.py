@@ -43,25 +43,37 @@ def main() -> None:
         rule = EventRule(name="pvc_run", label="V", on=a.on, off=a.on, min_windows=a.min_windows)
         bundle = convert(
             ConvertRequest(
-                model=MODEL, calib=BEATS, eval=BEATS, out=work / "b", labels=AAMI,
-                positive_label="V", preprocess=Preprocess(kind="zscore"), events=[rule],
+                model=MODEL,
+                calib=BEATS,
+                eval=BEATS,
+                out=work / "b",
+                labels=AAMI,
+                positive_label="V",
+                preprocess=Preprocess(kind="zscore"),
+                events=[rule],
                 window=WindowSpec(length=260, hop=1, rate_hz=360, centre="beat", before=90),
                 streams=recs,
             )
-        )  # fmt: skip
+        )
         ev = json.loads((bundle.directory / "report.json").read_text())["events"]
     m = ev["variants"]["litert-fp32"]["pvc_run"]
-    print(f"{len(recs)} records, {ev['hours']:.2f} h, "
-          f"{sum(r['windows'] for r in ev['recordings'])} beat windows (real MIT-BIH)")  # fmt: skip
+    print(
+        f"{len(recs)} records, {ev['hours']:.2f} h, "
+        f"{sum(r['windows'] for r in ev['recordings'])} beat windows (real MIT-BIH)"
+    )
     print(f"rule pvc_run: on {a.on}, min_windows {a.min_windows}")
     print(f"{'record':10s} {'runs':>5s} {'found':>6s} {'missed':>7s} {'false':>6s}")
     for info, r in zip(ev["recordings"], m["recordings"], strict=True):
-        print(f"{info['file']:10s} {info['events']['pvc_run']:5d} {r['tp']:6d} {r['fn']:7d} "
-              f"{r['fp']:6d}")  # fmt: skip
+        print(
+            f"{info['file']:10s} {info['events']['pvc_run']:5d} {r['tp']:6d} {r['fn']:7d} "
+            f"{r['fp']:6d}"
+        )
     ci = m["sensitivity_ci"]
-    print(f"sensitivity {m['sensitivity']:.3f} ({ci[0]:.3f}-{ci[1]:.3f}), precision "
-          f"{m['precision']:.3f}, false alarms/h {m['false_alarms_per_hour']:.1f}, "
-          f"window specificity {m['specificity']:.3f}")  # fmt: skip
+    print(
+        f"sensitivity {m['sensitivity']:.3f} ({ci[0]:.3f}-{ci[1]:.3f}), precision "
+        f"{m['precision']:.3f}, false alarms/h {m['false_alarms_per_hour']:.1f}, "
+        f"window specificity {m['specificity']:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -365,11 +365,17 @@ def _wrapped_bundle(root: Path) -> Path:
 
     data = Path(__file__).resolve().parent.parent / "tests" / "data"
     logging.getLogger("medge").setLevel(logging.ERROR)  # 'not signed' is expected here
-    return convert(ConvertRequest(
-        model=data / "third_party" / "classify_heartbeats_cnn.tflite",
-        calib=data / "ecg_beats.npz", eval=data / "ecg_beats.npz", out=root / "wrapped",
-        preprocess=Preprocess(kind="zscore"), labels=["N", "S", "V", "F", "Q"],
-        positive_label="V")).directory
+    return convert(
+        ConvertRequest(
+            model=data / "third_party" / "classify_heartbeats_cnn.tflite",
+            calib=data / "ecg_beats.npz",
+            eval=data / "ecg_beats.npz",
+            out=root / "wrapped",
+            preprocess=Preprocess(kind="zscore"),
+            labels=["N", "S", "V", "F", "Q"],
+            positive_label="V",
+        )
+    ).directory
 
 
 def main() -> int:

@@ -129,8 +129,10 @@ def _done(pub: dict) -> None:  # type: ignore[type-arg]
 
 def _raw(port: int, msgs: list, rate: float | None) -> tuple[float, list[float]]:  # type: ignore[type-arg]
     c = Counter(port, "rawbench/#", lambda m: [m.topic + "#" + m.payload[:12].decode()])
-    raw = [(f"rawbench/{k[0]}", f"{k[1]:012d}".encode() + p[12:], f"rawbench/{k[0]}#{k[1]:012d}")
-           for t, p, k in msgs]
+    raw = [
+        (f"rawbench/{k[0]}", f"{k[1]:012d}".encode() + p[12:], f"rawbench/{k[0]}#{k[1]:012d}")
+        for t, p, k in msgs
+    ]
     pub = _publish(port, raw, rate)
     ok = c.wait(len(raw), 120)
     t_end = max(c.times.values())
@@ -142,8 +144,11 @@ def _raw(port: int, msgs: list, rate: float | None) -> tuple[float, list[float]]
 
 
 def _gateway(port: int, msgs: list, rate: float | None) -> tuple[float, list[float]]:  # type: ignore[type-arg]
-    c = Counter(port, f"medge/v1/{SITE}/+/ack",
-                lambda m: [(m.topic.split("/")[3], s) for s in decode_ack(m.payload)])
+    c = Counter(
+        port,
+        f"medge/v1/{SITE}/+/ack",
+        lambda m: [(m.topic.split("/")[3], s) for s in decode_ack(m.payload)],
+    )
     pub = _publish(port, msgs, rate)
     ok = c.wait(len(msgs), 90)
     keys = [k for _, _, k in msgs]
@@ -161,16 +166,42 @@ def _cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _workers(site: Path, port: int, tmp: Path, n: int, tag: str, window: float = 0.005,
-             when_idle: bool = False) -> list[subprocess.Popen]:  # type: ignore[type-arg]
+def _workers(
+    site: Path,
+    port: int,
+    tmp: Path,
+    n: int,
+    tag: str,
+    window: float = 0.005,
+    when_idle: bool = False,
+) -> list[subprocess.Popen]:  # type: ignore[type-arg]
     db = tmp / f"gw-{tag}.sqlite"
     procs = []
     ports = [free_port() for _ in range(n)]
     for i in range(n):
-        cmd = [sys.executable, "-m", "medge", "gateway", "run", "--site-dir", str(site),
-               "--broker", f"127.0.0.1:{port}", "--db", str(db), "--client-id",
-               f"gw-{tag}-{i}", "--log-level", "warning", "--device-rate", "0",
-               "--batch-window", str(window), "--metrics-port", str(ports[i])]
+        cmd = [
+            sys.executable,
+            "-m",
+            "medge",
+            "gateway",
+            "run",
+            "--site-dir",
+            str(site),
+            "--broker",
+            f"127.0.0.1:{port}",
+            "--db",
+            str(db),
+            "--client-id",
+            f"gw-{tag}-{i}",
+            "--log-level",
+            "warning",
+            "--device-rate",
+            "0",
+            "--batch-window",
+            str(window),
+            "--metrics-port",
+            str(ports[i]),
+        ]
         if n > 1:
             cmd += ["--share-group", "g"]
         if when_idle:
@@ -206,8 +237,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=4000, help="messages per throughput run")
     ap.add_argument("--devices", type=int, default=4)
     ap.add_argument("--rate", type=float, default=1000.0, help="offered rate of the latency run")
-    ap.add_argument("--low-rate", type=float, default=100.0,
-                    help="offered rate of the light-load latency run")
+    ap.add_argument(
+        "--low-rate", type=float, default=100.0, help="offered rate of the light-load latency run"
+    )
     ap.add_argument("--seconds", type=float, default=3.0, help="length of each latency run")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="medge-bench-"))
@@ -238,8 +270,13 @@ def main() -> None:
     tp: dict[str, float] = {}
     cpu: dict[str, tuple[float, float]] = {}  # gateway, broker CPU s per 1,000 messages
     fixed, group, adaptive = "fixed 5 ms window", "group commit (0 ms)", "adaptive, 1 worker"
-    runs = [(fixed, 1, 0.005, True), (group, 1, 0.0, False), (adaptive, 1, 0.005, False),
-            ("adaptive, 2 workers", 2, 0.005, False), ("adaptive, 4 workers", 4, 0.005, False)]
+    runs = [
+        (fixed, 1, 0.005, True),
+        (group, 1, 0.0, False),
+        (adaptive, 1, 0.005, False),
+        ("adaptive, 2 workers", 2, 0.005, False),
+        ("adaptive, 4 workers", 4, 0.005, False),
+    ]
     try:
         sample = batch(1)[0][1]
         tp["raw"], _ = _raw(broker.port, batch(a.n), None)
@@ -254,44 +291,61 @@ def main() -> None:
                 before = sum(_cpu(p.pid) for p in procs), _cpu(broker.pid)
                 tp[name], _ = _gateway(broker.port, batch(a.n), None)
                 after = sum(_cpu(p.pid) for p in procs), _cpu(broker.pid)
-                cpu[name] = ((after[0] - before[0]) * 1000 / a.n,
-                             (after[1] - before[1]) * 1000 / a.n)
+                cpu[name] = (
+                    (after[0] - before[0]) * 1000 / a.n,
+                    (after[1] - before[1]) * 1000 / a.n,
+                )
             finally:
                 _stop(procs)
     finally:
         broker.stop()
     cores = os.cpu_count()
     lo, hi = f"{a.low_rate:.0f}/s", f"{a.rate:.0f}/s"
-    print(f"payload {len(sample)} B sealed result, QoS 1, {a.devices} devices, {a.n} msgs/run,"
-          f" {cores} cores (generator, Mosquitto and gateway share them)")
-    print(f"{'':26s} {'msg/s':>7s} {'of raw':>6s}  {lo + ' p50':>10s} {'p99':>7s}"
-          f"  {hi + ' p50':>11s} {'p99':>7s}  {'gw CPU s/1k':>11s} {'broker':>6s}")
+    print(
+        f"payload {len(sample)} B sealed result, QoS 1, {a.devices} devices, {a.n} msgs/run,"
+        f" {cores} cores (generator, Mosquitto and gateway share them)"
+    )
+    print(
+        f"{'':26s} {'msg/s':>7s} {'of raw':>6s}  {lo + ' p50':>10s} {'p99':>7s}"
+        f"  {hi + ' p50':>11s} {'p99':>7s}  {'gw CPU s/1k':>11s} {'broker':>6s}"
+    )
 
     def row(name: str) -> str:
         c = f"{cpu[name][0]:11.3f} {cpu[name][1]:6.3f}" if name in cpu else ""
-        return (f"{name:26s} {tp[name]:7.0f} {tp[name] / tp['raw']:6.2f}"
-                f"  {_pct(low[name], .5):10.2f} {_pct(low[name], .99):7.2f}"
-                f"  {_pct(lat[name], .5):11.2f} {_pct(lat[name], .99):7.2f}  {c}")
+        return (
+            f"{name:26s} {tp[name]:7.0f} {tp[name] / tp['raw']:6.2f}"
+            f"  {_pct(low[name], 0.5):10.2f} {_pct(low[name], 0.99):7.2f}"
+            f"  {_pct(lat[name], 0.5):11.2f} {_pct(lat[name], 0.99):7.2f}  {c}"
+        )
 
     print(row("raw") + "  (raw: publish->subscriber; gateway: publish->ack, one more hop)")
     for name, _, _, _ in runs:
         print(row(name))
     for name in (group, adaptive):
-        print(f"{name} vs fixed window: p50 at {lo} "
-              f"{_pct(low[name], .5) / _pct(low[fixed], .5):.2f}x, at {hi} "
-              f"{_pct(lat[name], .5) / _pct(lat[fixed], .5):.2f}x; p99 at {hi} "
-              f"{_pct(lat[name], .99) / _pct(lat[fixed], .99):.2f}x; "
-              f"throughput {tp[name] / tp[fixed]:.2f}x")
-    print(f"workers: 2 = {tp['adaptive, 2 workers'] / tp[adaptive]:.2f}x 1 worker, "
-          f"4 = {tp['adaptive, 4 workers'] / tp[adaptive]:.2f}x 1 worker")
+        print(
+            f"{name} vs fixed window: p50 at {lo} "
+            f"{_pct(low[name], 0.5) / _pct(low[fixed], 0.5):.2f}x, at {hi} "
+            f"{_pct(lat[name], 0.5) / _pct(lat[fixed], 0.5):.2f}x; p99 at {hi} "
+            f"{_pct(lat[name], 0.99) / _pct(lat[fixed], 0.99):.2f}x; "
+            f"throughput {tp[name] / tp[fixed]:.2f}x"
+        )
+    print(
+        f"workers: 2 = {tp['adaptive, 2 workers'] / tp[adaptive]:.2f}x 1 worker, "
+        f"4 = {tp['adaptive, 4 workers'] / tp[adaptive]:.2f}x 1 worker"
+    )
     busy = cpu[adaptive][0] * tp[adaptive] / 1000  # CPU s per second of one worker, flat out
-    print(f"one worker at full speed uses {busy:.2f} CPU cores of {cores} (1.0: its GIL-bound "
-          "Python is the bottleneck; the rest of the machine runs the broker and generator)")
-    print("What this means: the load generator, Mosquitto and the gateway(s) share the same "
-          f"{cores} cores, so a second or fourth worker competes with the broker and the "
-          "generator for CPU rather than adding a free core, and every worker takes one "
-          "SQLite file's write lock (an fsync) for each commit. A fog node with its own cores "
-          "for the gateway does better; the ratio to raw is the portable figure.")
+    print(
+        f"one worker at full speed uses {busy:.2f} CPU cores of {cores} (1.0: its GIL-bound "
+        "Python is the bottleneck; the rest of the machine runs the broker and generator)"
+    )
+    print(
+        "What this means: the load generator, Mosquitto and the gateway(s) share the same "
+        f"{cores} cores, so a second or fourth worker competes with the broker and the "
+        "generator for CPU rather than adding a free core, and every worker takes one "
+        "SQLite file's write lock (an fsync) for each commit. A fog node with its own cores "
+        "for the gateway does better; the ratio to raw is the portable figure."
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -115,8 +115,14 @@ def misses(budget: dict[str, float], ref: dict[str, Any], got: dict[str, Any]) -
     return out
 
 
-def _attempt(rung: str, precision: str, path: Path | None, scored: Scored | None,
-             budget: dict[str, float], ref: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+def _attempt(
+    rung: str,
+    precision: str,
+    path: Path | None,
+    scored: Scored | None,
+    budget: dict[str, float],
+    ref: dict[str, Any],
+) -> dict[str, Any]:
     rec: dict[str, Any] = {"rung": rung, "precision": precision}
     if scored is None or path is None:
         return rec
@@ -152,8 +158,14 @@ def search(
         try:
             got, layers = make(rung)
         except ConversionError as exc:
-            attempts.append({"rung": rung.key, "precision": rung.precision, "met": False,
-                             "reason": f"failed: {exc}"})  # fmt: skip
+            attempts.append(
+                {
+                    "rung": rung.key,
+                    "precision": rung.precision,
+                    "met": False,
+                    "reason": f"failed: {exc}",
+                }
+            )
             continue
         per_layer = layers or per_layer
         s = evaluate(got)
@@ -212,11 +224,18 @@ def float_extras(
         speedup = winner.p50_ms / s.p50_ms if s.p50_ms else 0.0
         asked = mode in ("auto", p)
         timing = f"{speedup:.2f}x the speed of {precision} on this machine (XNNPACK, 1 thread)"
-        why = ("--float-artifacts auto: fp16 and fp32 ship beside the winner" if mode == "auto"
-               else f"--float-artifacts {mode}")  # fmt: skip
-        decisions[p] = {"bytes": path.stat().st_size, "p50_ms": round(s.p50_ms, 4),
-                        "speedup_vs_winner": round(speedup, 2), "shipped": asked,
-                        "why": f"{why}; {timing}"}  # fmt: skip
+        why = (
+            "--float-artifacts auto: fp16 and fp32 ship beside the winner"
+            if mode == "auto"
+            else f"--float-artifacts {mode}"
+        )
+        decisions[p] = {
+            "bytes": path.stat().st_size,
+            "p50_ms": round(s.p50_ms, 4),
+            "speedup_vs_winner": round(speedup, 2),
+            "shipped": asked,
+            "why": f"{why}; {timing}",
+        }
         if asked:
             ship.append((p, s))
     return ship, decisions
@@ -228,13 +247,19 @@ def append_markdown(path: Path, report: dict[str, Any]) -> None:
     budget = report.get("budget")
     if budget:
         wanted = ", ".join(f"{k}={v}" for k, v in budget["budget"].items())
-        lines += ["", f"## Accuracy budget ({wanted}): `{budget['winner']}` won", "",
-                  f"Why: {budget['why']}.", ""]  # fmt: skip
+        lines += [
+            "",
+            f"## Accuracy budget ({wanted}): `{budget['winner']}` won",
+            "",
+            f"Why: {budget['why']}.",
+            "",
+        ]
         for a in budget["attempts"]:
             size = f", {a['bytes']} bytes, p50 {a['p50_ms']} ms" if "bytes" in a else ""
             met = "met" if a.get("met") else "missed"
-            lines.append(f"- `{a['rung']}` ({a['precision']}{size}): **{met}** — "
-                         f"{a.get('reason', '')}")  # fmt: skip
+            lines.append(
+                f"- `{a['rung']}` ({a['precision']}{size}): **{met}** — {a.get('reason', '')}"
+            )
     floats = report.get("float_artifacts")
     if floats:
         lines += ["", "## Float LiteRT artifacts beside the winner", ""]

@@ -257,9 +257,15 @@ def finish(
 
     name = req.name or (req.model.stem if req.model.is_file() else req.model.name)
     write_bundle_manifest(
-        stage, req, name=name, task=data.task, decode=data.decode, labels=data.labels,
-        artifacts=built.artifacts, metrics={k: scalars(report[k]) for k in report["variants"]},
+        stage,
+        req,
+        name=name,
+        task=data.task,
+        decode=data.decode,
+        labels=data.labels,
+        artifacts=built.artifacts,
+        metrics={k: scalars(report[k]) for k in report["variants"]},
         provenance=provenance(source_sha256(req.model), fmt, data.xc, built.strategy),
         cam=built.cam,
-    )  # fmt: skip
+    )
     return publish(stage, req, warnings)

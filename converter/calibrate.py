@@ -45,12 +45,15 @@ __all__ = [
     "too_few",
 ]
 
+
 def too_few(n: int) -> list[str]:
     """The warning for a calibration set of ``n`` samples, when it is too small."""
     if n >= MIN_CALIBRATION:
         return []
-    return [f"calibration set has only {n} samples (< {MIN_CALIBRATION}); "
-            "int8 ranges may not represent the data"]  # fmt: skip
+    return [
+        f"calibration set has only {n} samples (< {MIN_CALIBRATION}); "
+        "int8 ranges may not represent the data"
+    ]
 
 
 def representative_dataset(calib: np.ndarray) -> Callable[[], Iterator[list[np.ndarray]]]:
@@ -108,8 +111,12 @@ def calibration_warnings(model: Path, data: Data, work: Path) -> list[str]:
     keras_file = model.suffix.lower() in (".keras", ".h5")  # what the BN check can load
     if not keras_file or has_batchnorm(model) is False:
         return found
-    job = {"model": str(model), "calib": str(work / "calib.npy"), "bn_only": True,
-           "out": str(work / "calib-check.json")}  # fmt: skip
+    job = {
+        "model": str(model),
+        "calib": str(work / "calib.npy"),
+        "bn_only": True,
+        "out": str(work / "calib-check.json"),
+    }
     try:
         run_child(job, work, "converter.calibration_check", "calibration check")
         return found + list(json.loads((work / "calib-check.json").read_text()))

@@ -181,9 +181,14 @@ def bn_statistics(model_path: str | Path, calib_x: np.ndarray) -> list[dict[str,
         ratio = (a.var(0) + layer.epsilon) / mv
         off = (shift > BN_SHIFT) | (ratio > BN_VAR_RATIO) | (ratio < 1 / BN_VAR_RATIO)
         stats.append(
-            {"layer": layer.name, "shift": shift, "ratio": ratio, "off": float(off.mean()),
-             "n_off": int(off.sum())}
-        )  # fmt: skip
+            {
+                "layer": layer.name,
+                "shift": shift,
+                "ratio": ratio,
+                "off": float(off.mean()),
+                "n_off": int(off.sum()),
+            }
+        )
     return stats
 
 

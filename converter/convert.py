@@ -69,8 +69,10 @@ def convert(req: ConvertRequest) -> Bundle:
     fmt = _validate(req)
     wrap_it = fmt == "tflite" or (fmt == "onnx" and req.onnx_input == "wrap")
     if wrap_it and req.task != "classification":
-        raise ConversionError("a wrapped model is evaluated as a classifier; use --onnx-input "
-                              "quantize for an ONNX segmentation or image model")  # fmt: skip
+        raise ConversionError(
+            "a wrapped model is evaluated as a classifier; use --onnx-input "
+            "quantize for an ONNX segmentation or image model"
+        )
     data = load_data(req, fmt)
     if wrap_it:
         return wrap(req, data.xc, data.xe, data.y, data.labels, data.streams, data.layout)
@@ -137,16 +139,24 @@ def _from_tf(
             float_m.update(data.event_metrics(_split_streams(data, work), req.event_tolerance_s))
         return float_outs, float_m
 
-    lit = build_litert(req, job, data.layout, stage, work,
-                       lambda p: _score(p, "litert", req, data), score_float)  # fmt: skip
+    lit = build_litert(
+        req, job, data.layout, stage, work, lambda p: _score(p, "litert", req, data), score_float
+    )
     artifacts, runs, report, cam = lit.artifacts, lit.runs, lit.report, lit.cam
     strategy = lit.strategy
     onnx = OnnxOutcome()
     if req.onnx:
         source = work / "model_cam.keras" if req.cam else req.model
-        onnx = onnx_artifacts(source, work / "calib.npy", stage, work, req.profile,
-                              artifacts[0].inputs[0].layout, run_child,
-                              source_format="keras" if req.cam else fmt)  # fmt: skip
+        onnx = onnx_artifacts(
+            source,
+            work / "calib.npy",
+            stage,
+            work,
+            req.profile,
+            artifacts[0].inputs[0].layout,
+            run_child,
+            source_format="keras" if req.cam else fmt,
+        )
     warnings += onnx.warnings
     if cam is not None and any(len(a.outputs) <= cam.output for a in onnx.artifacts):
         warnings.append("ONNX artifacts skipped: their export lost the cam output")
@@ -160,32 +170,47 @@ def _from_tf(
     if "scheme" in onnx.info:
         strategy += f"; onnx int8 ({onnx.info['scheme']})"
     report["onnx"] = onnx.info
-    return Built([*artifacts, *onnx.artifacts], runs, lit.float_outs, lit.float_metrics, strategy,
-                 cam, report)  # fmt: skip
+    return Built(
+        [*artifacts, *onnx.artifacts],
+        runs,
+        lit.float_outs,
+        lit.float_metrics,
+        strategy,
+        cam,
+        report,
+    )
 
 
 def _from_onnx(
     req: ConvertRequest, data: Data, stage: Path, work: Path, warnings: list[str]
 ) -> Built:
     """An ONNX model: itself as ONNX fp32 and its QDQ int8; no LiteRT (needs onnx2tf)."""
-    onnx = onnx_source_artifacts(req.model, work / "calib.npy", stage, work, req.profile,
-                                 run_child, data.layout)  # fmt: skip
+    onnx = onnx_source_artifacts(
+        req.model, work / "calib.npy", stage, work, req.profile, run_child, data.layout
+    )
     warnings += onnx.warnings
-    warnings.append("no LiteRT artifact: converting ONNX to LiteRT needs onnx2tf, whose "
-                    "releases pin TensorFlow 2.19 and numpy 1.26 (this converter runs TensorFlow "
-                    "2.21 on numpy 2); convert the Keras/SavedModel source for LiteRT")  # fmt: skip
-    runs = {f"onnx-{a.precision}": _score(stage / a.file, "onnx", req, data)
-            for a in onnx.artifacts}  # fmt: skip
+    warnings.append(
+        "no LiteRT artifact: converting ONNX to LiteRT needs onnx2tf, whose "
+        "releases pin TensorFlow 2.19 and numpy 1.26 (this converter runs TensorFlow "
+        "2.21 on numpy 2); convert the Keras/SavedModel source for LiteRT"
+    )
+    runs = {
+        f"onnx-{a.precision}": _score(stage / a.file, "onnx", req, data) for a in onnx.artifacts
+    }
     ref = runs["onnx-fp32"]
     artifacts = list(onnx.artifacts)
     report: dict[str, Any] = {"onnx": onnx.info}
     if req.budget and "onnx-int8" in runs:
         missed = B.misses(req.budget, ref.metrics, runs["onnx-int8"].metrics)
         attempts = [
-            {"rung": "int8", "precision": "int8", "met": not missed,
-             "reason": "; ".join(missed) or "meets every budgeted metric"},
+            {
+                "rung": "int8",
+                "precision": "int8",
+                "met": not missed,
+                "reason": "; ".join(missed) or "meets every budgeted metric",
+            },
             {"rung": "fp32", "precision": "fp32", "met": True, "reason": "the source itself"},
-        ]  # fmt: skip
+        ]
         if missed:
             (stage / "model_int8.onnx").unlink()
             artifacts = [a for a in artifacts if a.precision != "int8"]
@@ -195,10 +220,12 @@ def _from_onnx(
             "attempts": attempts if missed else attempts[:1],
             "winner": "fp32" if missed else "int8",
             "why": "int8 missed the budget: the fp32 source ships alone"
-            if missed else "int8 meets the budget",
-        }  # fmt: skip
-    strategy = "onnx source fp32" + (f"; onnx int8 ({onnx.info['scheme']})" if "onnx-int8" in runs
-                                     else "")  # fmt: skip
+            if missed
+            else "int8 meets the budget",
+        }
+    strategy = "onnx source fp32" + (
+        f"; onnx int8 ({onnx.info['scheme']})" if "onnx-int8" in runs else ""
+    )
     return Built(artifacts, runs, ref.outputs, ref.metrics, strategy, None, report)
 
 
@@ -220,7 +247,11 @@ def _event_section(
         outputs[variant] = scored.streams
     # an ONNX source: its fp32 artifact is the float model
     outputs = {"float": float_streams or outputs["onnx-fp32"], **outputs}
-    return score_streams(data.streams, outputs, lambda o: class_outputs(data, o)[0], req.events,
-                         data.labels, req.event_tolerance_s)  # fmt: skip
-
-
+    return score_streams(
+        data.streams,
+        outputs,
+        lambda o: class_outputs(data, o)[0],
+        req.events,
+        data.labels,
+        req.event_tolerance_s,
+    )

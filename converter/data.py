@@ -201,8 +201,14 @@ class Data:
 
     def event_metrics(self, streams: list[np.ndarray], tolerance_s: float) -> dict[str, Any]:
         """``event_<rule>_<metric>`` of one variant's raw outputs over the recordings."""
-        section = score_streams(self.streams, {"v": streams}, lambda o: class_outputs(self, o)[0],
-                                self.decode.events, self.labels, tolerance_s)  # fmt: skip
+        section = score_streams(
+            self.streams,
+            {"v": streams},
+            lambda o: class_outputs(self, o)[0],
+            self.decode.events,
+            self.labels,
+            tolerance_s,
+        )
         return event_scalars(section, "v")
 
 

@@ -104,18 +104,30 @@ def _events(model: LoadedModel, paths: list[Path], variant: str, tolerance_s: fl
     for p, s in zip(paths, streams, strict=True):
         require_finite(s.x, p, None, "recording windows")
     art = model.artifact
-    outs = stream_outputs(model.bundle.path_of(art), art.runtime, m.preprocess,
-                          [s.x for s in streams], art.inputs[0].layout)  # fmt: skip
-    return score_streams(streams, {variant: outs}, lambda o: _scores(model, o)[0],
-                         m.decode.events, m.labels, tolerance_s)  # fmt: skip
+    outs = stream_outputs(
+        model.bundle.path_of(art),
+        art.runtime,
+        m.preprocess,
+        [s.x for s in streams],
+        art.inputs[0].layout,
+    )
+    return score_streams(
+        streams,
+        {variant: outs},
+        lambda o: _scores(model, o)[0],
+        m.decode.events,
+        m.labels,
+        tolerance_s,
+    )
 
 
 def _outputs(model: LoadedModel, x: np.ndarray) -> np.ndarray:
     """The artifact's raw first output of every sample, run as the device runs it."""
     art = model.artifact
     m = model.bundle.manifest
-    return run_artifact(model.bundle.path_of(art), art.runtime, m.preprocess, x,
-                        art.inputs[0].layout)[0]  # fmt: skip
+    return run_artifact(
+        model.bundle.path_of(art), art.runtime, m.preprocess, x, art.inputs[0].layout
+    )[0]
 
 
 def _scores(model: LoadedModel, outs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -171,9 +183,13 @@ def format_evaluation(result: dict[str, Any]) -> str:
         vals = []
         for k in ("sensitivity", "precision", "specificity", "false_alarms_per_hour"):
             ci = e.get(f"{k}_ci")
-            vals.append(f"{k} {'n/a' if e[k] is None else f'{e[k]:.4f}'}"
-                        + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else ""))  # fmt: skip
-        lines.append(f"{'event ' + rule:22s} {', '.join(vals)}; "
-                     f"{e['tp']} found, {e['fn']} missed, {e['fp']} false, "
-                     f"over {events['hours']:.3f} h")  # fmt: skip
+            vals.append(
+                f"{k} {'n/a' if e[k] is None else f'{e[k]:.4f}'}"
+                + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+            )
+        lines.append(
+            f"{'event ' + rule:22s} {', '.join(vals)}; "
+            f"{e['tp']} found, {e['fn']} missed, {e['fp']} false, "
+            f"over {events['hours']:.3f} h"
+        )
     return "\n".join(lines)

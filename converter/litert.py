@@ -73,7 +73,8 @@ def build_litert(
                 "tflite_out": str(work / "model.tflite"),
                 "min_agreement": req.min_agreement,
                 "extras": {p: str(work / f"extra-{p}.tflite") for p in ("fp16", "fp32")}
-                if req.float_artifacts != "none" else {},
+                if req.float_artifacts != "none"
+                else {},
             },
             work,
             keys,
@@ -90,14 +91,19 @@ def build_litert(
             if ready.exists():
                 return ready, []
             out, layers = work / f"rung-{rung.key}.tflite", work / "layers.json"
-            run_child({**job, "variant": rung.key, "out": str(out), "layers_out": str(layers)},
-                      work, LITERT_CHILD, f"LiteRT {rung.key} conversion",
-                      ["variant"])  # fmt: skip
+            run_child(
+                {**job, "variant": rung.key, "out": str(out), "layers_out": str(layers)},
+                work,
+                LITERT_CHILD,
+                f"LiteRT {rung.key} conversion",
+                ["variant"],
+            )
             per_layer = rung.key in ("mixed", "float-head")
             return out, json.loads(layers.read_text()) if per_layer else []
 
-        outcome = B.search(req.budget, float_m, (precision, path, scored), make, evaluate,
-                           B.rungs(req.fallback))  # fmt: skip
+        outcome = B.search(
+            req.budget, float_m, (precision, path, scored), make, evaluate, B.rungs(req.fallback)
+        )
         precision, path, scored = outcome.precision, outcome.path, outcome.scored
         report["budget"] = B.describe(outcome, req.budget)
         if outcome.per_layer:

@@ -88,8 +88,10 @@ def _strategies(litert: dict[str, Any]) -> list[str]:
         return []
     lines = ["", f"## LiteRT conversion: strategy `{litert['strategy']}` won", ""]
     for a in litert["attempts"]:
-        lines.append(f"- `{a['strategy']}` ({a['title']}): **{a['outcome']}**"
-                     + (f" — {_attempt_detail(a)}" if _attempt_detail(a) else ""))  # fmt: skip
+        lines.append(
+            f"- `{a['strategy']}` ({a['title']}): **{a['outcome']}**"
+            + (f" — {_attempt_detail(a)}" if _attempt_detail(a) else "")
+        )
     return lines
 
 
@@ -180,13 +182,18 @@ def _vs_float(report: dict[str, Any]) -> list[str]:
     rows = report.get("vs_float") or {}
     if not rows:
         return []
-    lines = ["## Agreement with float (Bland-Altman, artifact - float)", "",
-             "| artifact | bias | limits of agreement | Pearson r | largest difference |",
-             "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "## Agreement with float (Bland-Altman, artifact - float)",
+        "",
+        "| artifact | bias | limits of agreement | Pearson r | largest difference |",
+        "|---|---|---|---|---|",
+    ]
     for k, r in rows.items():
         loa = f"{_fmt(r.get('loa_low'))} to {_fmt(r.get('loa_high'))}"
-        lines.append(f"| {k} | {_fmt(r.get('bias'))} | {loa} | {_fmt(r.get('pearson_r'))} | "
-                     f"{_fmt(r.get('max_abs_diff'))} |")  # fmt: skip
+        lines.append(
+            f"| {k} | {_fmt(r.get('bias'))} | {loa} | {_fmt(r.get('pearson_r'))} | "
+            f"{_fmt(r.get('max_abs_diff'))} |"
+        )
     return [*lines, ""]
 
 
@@ -290,14 +297,20 @@ def roc_svg(curves: dict[str, dict[str, list[float]]], aucs: dict[str, Any]) -> 
         'stroke-dasharray="4 4"/>',
     ]
     for t in (0.0, 0.5, 1.0):
-        parts.append(f'<text x="{left + t * size}" y="{top + size + 16}" '
-                     f'text-anchor="middle">{t:g}</text>')  # fmt: skip
-        parts.append(f'<text x="{left - 6}" y="{top + (1 - t) * size + 4}" '
-                     f'text-anchor="end">{t:g}</text>')  # fmt: skip
-    parts.append(f'<text x="{left + size / 2}" y="{top + size + 36}" text-anchor="middle">'
-                 "1 − specificity (false positive rate)</text>")  # fmt: skip
-    parts.append(f'<text x="14" y="{top + size / 2}" text-anchor="middle" '
-                 f'transform="rotate(-90 14 {top + size / 2})">sensitivity</text>')  # fmt: skip
+        parts.append(
+            f'<text x="{left + t * size}" y="{top + size + 16}" text-anchor="middle">{t:g}</text>'
+        )
+        parts.append(
+            f'<text x="{left - 6}" y="{top + (1 - t) * size + 4}" text-anchor="end">{t:g}</text>'
+        )
+    parts.append(
+        f'<text x="{left + size / 2}" y="{top + size + 36}" text-anchor="middle">'
+        "1 − specificity (false positive rate)</text>"
+    )
+    parts.append(
+        f'<text x="14" y="{top + size / 2}" text-anchor="middle" '
+        f'transform="rotate(-90 14 {top + size / 2})">sensitivity</text>'
+    )
     for i, (variant, c) in enumerate(curves.items()):
         colour = _COLOURS[i % len(_COLOURS)]
         pts = " ".join(
@@ -308,11 +321,15 @@ def roc_svg(curves: dict[str, dict[str, list[float]]], aucs: dict[str, Any]) -> 
         # (a lossless artifact) still show both
         dash = ' stroke-dasharray="6 3"' if i % 2 else ""
         wide = max(1.5, 4.0 - i)
-        parts.append(f'<polyline data-variant="{_e(variant)}" points="{pts}" fill="none" '
-                     f'stroke="{colour}" stroke-width="{wide}"{dash}/>')  # fmt: skip
+        parts.append(
+            f'<polyline data-variant="{_e(variant)}" points="{pts}" fill="none" '
+            f'stroke="{colour}" stroke-width="{wide}"{dash}/>'
+        )
         ly = top + 14 + 18 * i
-        parts.append(f'<line x1="{left + size + 12}" y1="{ly - 4}" x2="{left + size + 36}" '
-                     f'y2="{ly - 4}" stroke="{colour}" stroke-width="2"{dash}/>')  # fmt: skip
+        parts.append(
+            f'<line x1="{left + size + 12}" y1="{ly - 4}" x2="{left + size + 36}" '
+            f'y2="{ly - 4}" stroke="{colour}" stroke-width="2"{dash}/>'
+        )
         a = aucs.get(variant)
         label = f"{variant} (AUC {_fmt(a)})" if a is not None else str(variant)
         parts.append(f'<text x="{left + size + 42}" y="{ly}">{_e(label)}</text>')
@@ -439,8 +456,10 @@ def _budget_html(report: dict[str, Any]) -> list[str]:
         for a in budget["attempts"]:
             size = f", {a['bytes']} bytes, p50 {a.get('p50_ms')} ms" if "bytes" in a else ""
             met = "met" if a.get("met") else "missed"
-            out.append(f"<li><code>{_e(a.get('rung'))}</code> ({_e(a.get('precision'))}"
-                       f"{_e(size)}): <b>{met}</b> {_e(a.get('reason') or '')}</li>")  # fmt: skip
+            out.append(
+                f"<li><code>{_e(a.get('rung'))}</code> ({_e(a.get('precision'))}"
+                f"{_e(size)}): <b>{met}</b> {_e(a.get('reason') or '')}</li>"
+            )
         out.append("</ul>")
     floats = report.get("float_artifacts") or {}
     if floats:

@@ -106,8 +106,10 @@ class ConvertRequest:
         _one_of("profile", self.profile, PROFILES)
         _one_of("task", self.task, TASKS)
         if self.float_artifacts not in FLOAT_ARTIFACTS:
-            raise ConversionError(f"float artifacts '{self.float_artifacts}' is not one of "
-                                  f"{', '.join(FLOAT_ARTIFACTS)}")  # fmt: skip
+            raise ConversionError(
+                f"float artifacts '{self.float_artifacts}' is not one of "
+                f"{', '.join(FLOAT_ARTIFACTS)}"
+            )
         allowed = B.budget_metrics(self.task, [r.name for r in self.events])
         unknown = sorted(set(self.budget) - set(allowed))
         if unknown:
@@ -116,13 +118,15 @@ class ConvertRequest:
             )
         B.rungs(self.fallback)  # unknown names fail here
         if (self.events or self.streams) and self.task != "classification":
-            raise ConversionError("events come from class scores: --event/--stream need "
-                                  "--task classification")  # fmt: skip
+            raise ConversionError(
+                "events come from class scores: --event/--stream need --task classification"
+            )
         if not self.streams and any(k.startswith("event_") for k in self.budget):
             raise ConversionError("an event metric in --budget needs --stream recordings to score")
         if self.streams and not (self.window and self.events):
-            raise ConversionError("--stream needs --window (how to cut it) and at least one "
-                                  "--event")  # fmt: skip
+            raise ConversionError(
+                "--stream needs --window (how to cut it) and at least one --event"
+            )
         if self.event_tolerance_s < 0:
             raise ConversionError(f"event tolerance must be >= 0 s, got {self.event_tolerance_s}")
         if self.onnx_input not in ONNX_INPUTS:

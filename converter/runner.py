@@ -33,8 +33,12 @@ def spawn(
     try:
         proc = subprocess.run(
             [sys.executable, "-m", module, *args, str(job_file)],
-            capture_output=True, text=True, timeout=timeout_s, env=env, check=False,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env=env,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         return None, ""
     return proc.returncode, proc.stderr

@@ -80,9 +80,12 @@ def run_artifact(
 
 
 def stream_outputs(
-    path: Path, runtime: str, preprocess: Preprocess, windows: Sequence[np.ndarray],
+    path: Path,
+    runtime: str,
+    preprocess: Preprocess,
+    windows: Sequence[np.ndarray],
     layout: str | None = None,
-) -> list[np.ndarray]:  # fmt: skip
+) -> list[np.ndarray]:
     """One artifact's raw outputs for every recording's windows, as a device computes them."""
     return [run_artifact(path, runtime, preprocess, x, layout)[0] for x in windows]
 

@@ -203,8 +203,12 @@ def convert_litert(
             reason = f"crashed the converter process ({signal.Signals(-rc).name})"
         else:
             reason = first_error_line(last_line(stderr)) or f"exit status {rc}"
-        record = {"strategy": running.strategy, "event": "crashed", "reason": reason,
-                  "seconds": round(time.monotonic() - t0, 1)}  # fmt: skip
+        record = {
+            "strategy": running.strategy,
+            "event": "crashed",
+            "reason": reason,
+            "seconds": round(time.monotonic() - t0, 1),
+        }
         with progress.open("a", encoding="utf-8") as f:  # read back with the child's lines
             f.write(json.dumps(record) + "\n")
         running.outcome, running.reason, running.seconds = "crashed", reason, record["seconds"]
@@ -215,8 +219,9 @@ def convert_litert(
         else f"{a.strategy}: {a.outcome}" + (f" ({a.reason})" if a.reason else "")
         for a in attempts.values()
     )
-    ops = sorted({m.group(1) for a in attempts.values() for m in _UNSUPPORTED.finditer(
-        a.reason or "")})  # fmt: skip
+    ops = sorted(
+        {m.group(1) for a in attempts.values() for m in _UNSUPPORTED.finditer(a.reason or "")}
+    )
     if ops:
         raise ConversionError(
             f"unsupported op {', '.join(ops)}: LiteRT has no builtin kernel for it "

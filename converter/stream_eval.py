@@ -164,15 +164,21 @@ def cut(rec: Recording, window: WindowSpec) -> StreamWindows:
             f"{rec.name}: no whole window of {n} samples ({total} samples recorded)"
         )
     return StreamWindows(
-        rec, np.ascontiguousarray(x[finite]), starts[finite] / rec.rate_hz, n / rec.rate_hz,
+        rec,
+        np.ascontiguousarray(x[finite]),
+        starts[finite] / rec.rate_hz,
+        n / rec.rate_hz,
         skipped,
-    )  # fmt: skip
+    )
 
 
 def detect(
-    scores: np.ndarray, times: np.ndarray, span_s: float, rules: Sequence[EventRule],
+    scores: np.ndarray,
+    times: np.ndarray,
+    span_s: float,
+    rules: Sequence[EventRule],
     labels: Sequence[str],
-) -> dict[str, list[tuple[float, float]]]:  # fmt: skip
+) -> dict[str, list[tuple[float, float]]]:
     """Per rule, the (start, end) seconds of each event the agent's tracker finds in these
     per-window class scores; an event covers its windows, so it ends one window after its last
     window's time."""
@@ -191,9 +197,12 @@ def detect(
 
 
 def _specificity(
-    times: np.ndarray, span_s: float, truth: list[tuple[float, float]],
-    found: list[tuple[float, float]], tolerance_s: float,
-) -> tuple[int, int]:  # fmt: skip
+    times: np.ndarray,
+    span_s: float,
+    truth: list[tuple[float, float]],
+    found: list[tuple[float, float]],
+    tolerance_s: float,
+) -> tuple[int, int]:
     """Windows that overlap no annotated event (widened by the tolerance): how many of them no
     detected event covers, and how many there are."""
     ends = times + span_s
@@ -254,8 +263,15 @@ def score_streams(
                 n_true, n_det = n_true + m["n_true"], n_det + m["n_detected"]
                 quiet, n_neg = quiet + q, n_neg + neg
                 detected = [list(d) for d in found[r.name]]
-                per_rec.append({"file": s.recording.name, "tp": m["tp"], "fp": m["fp"],
-                                "fn": m["fn"], "detected": detected})  # fmt: skip
+                per_rec.append(
+                    {
+                        "file": s.recording.name,
+                        "tp": m["tp"],
+                        "fp": m["fp"],
+                        "fn": m["fn"],
+                        "detected": detected,
+                    }
+                )
             per_rule[r.name] = {
                 "sensitivity": tp / n_true if n_true else None,
                 "sensitivity_ci": wilson_ci(tp, n_true),
@@ -264,10 +280,14 @@ def score_streams(
                 "false_alarms_per_hour": fp / hours if hours else None,
                 "specificity": quiet / n_neg if n_neg else None,
                 "specificity_ci": wilson_ci(quiet, n_neg),
-                "n_true": n_true, "n_detected": n_det, "tp": tp, "fp": fp, "fn": fn,
+                "n_true": n_true,
+                "n_detected": n_det,
+                "tp": tp,
+                "fp": fp,
+                "fn": fn,
                 "negative_windows": n_neg,
                 "recordings": per_rec,
-            }  # fmt: skip
+            }
         section["variants"][variant] = per_rule
     return section
 

@@ -44,8 +44,15 @@ from edge_agent.bundle import (
 __all__ = ["RUNTIMES", "artifact_precision", "wrap"]
 
 RUNTIMES = {".tflite": "litert", ".onnx": "onnx"}
-_ONNX_INT8_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
-                  "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"}  # fmt: skip
+_ONNX_INT8_OPS = {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "ConvInteger",
+    "MatMulInteger",
+    "DynamicQuantizeLinear",
+}
 
 
 def artifact_precision(runtime: str, path: Path, backend: Any) -> str:
@@ -133,10 +140,16 @@ def wrap(
 
         def manifest(metrics: dict[str, Any]) -> None:
             write_bundle_manifest(
-                stage, req, name=req.name or req.model.stem, task="classification",
-                decode=decode, labels=labels, artifacts=[artifact], metrics=metrics,
+                stage,
+                req,
+                name=req.name or req.model.stem,
+                task="classification",
+                decode=decode,
+                labels=labels,
+                artifacts=[artifact],
+                metrics=metrics,
                 provenance=provenance(file_entry(req.model).sha256, suffix[1:], xc, "wrapped"),
-            )  # fmt: skip
+            )
 
         manifest({})
         t0 = time.monotonic()
@@ -168,9 +181,13 @@ def wrap(
         if streams:
             windows = stream_outputs(stage / file, runtime, req.preprocess, [s.x for s in streams])
             report["events"] = score_streams(
-                streams, {variant: windows}, lambda o: class_scores(o, decode, labels, positive)[0],
-                req.events, labels, req.event_tolerance_s,
-            )  # fmt: skip
+                streams,
+                {variant: windows},
+                lambda o: class_scores(o, decode, labels, positive)[0],
+                req.events,
+                labels,
+                req.event_tolerance_s,
+            )
             report[variant].update(event_scalars(report["events"], variant))
         write_reports(stage, report)
         manifest({variant: scalars(report[variant])})

@@ -151,9 +151,12 @@ class Agent:
         ticker.start()
         sup.watch("telemetry", ticker)
         slot = ModelSlot(
-            self.model, self._swapped, self._rolled_back, cfg.rollback_failures,
+            self.model,
+            self._swapped,
+            self._rolled_back,
+            cfg.rollback_failures,
             cfg.rollback_within,
-        )  # fmt: skip
+        )
         self._updater = updater = Updater(
             slot,
             self.identity.signers,
@@ -165,8 +168,9 @@ class Agent:
             current_link=cfg.bundle,
         )
         source, window = split_window(self.source)  # the windowing, as its own stage
-        graph = build_graph(source, window, Probation(slot, self.stats), self._emit, self.stats,
-                            cam=cfg.cam)  # fmt: skip
+        graph = build_graph(
+            source, window, Probation(slot, self.stats), self._emit, self.stats, cam=cfg.cam
+        )
         link.on_command = updater.submit
         log.info("%s: running %s on %s", cfg.device, self.bundle.id, self.source.name)
         with updater:
@@ -215,9 +219,12 @@ class Agent:
         self._emit("event", {**body, "reason": reason})
         self._link.publish_direct("state", {"state": "online", "bundle": good.bundle.id}, True)
         log.warning(
-            "%s: rolled back from %s to %s: %s", self.cfg.device, bad.bundle.id, good.bundle.id,
+            "%s: rolled back from %s to %s: %s",
+            self.cfg.device,
+            bad.bundle.id,
+            good.bundle.id,
             reason,
-        )  # fmt: skip
+        )
 
     def telemetry(self, outbox: Outbox) -> dict[str, Any]:
         body = self.stats.snapshot()

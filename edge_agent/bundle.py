@@ -413,9 +413,7 @@ def _verify_consistency(path: Path, manifest: Manifest) -> None:
         if art.file not in manifest.files:
             raise BundleError(f"{path}: artifact '{_q(art.file)}' is not among the hashed files")
     if manifest.positive_label is not None and manifest.positive_label not in manifest.labels:
-        raise BundleError(
-            f"{path}: positive_label '{_q(manifest.positive_label)}' is not a label"
-        )
+        raise BundleError(f"{path}: positive_label '{_q(manifest.positive_label)}' is not a label")
     if manifest.decode.kind != manifest.task:
         raise BundleError(
             f"{path}: decode.kind '{manifest.decode.kind}' does not match task '{manifest.task}'"
@@ -426,9 +424,7 @@ def _verify_consistency(path: Path, manifest: Manifest) -> None:
                 f"{path}: event '{_q(rule.name)}' names unknown label '{_q(rule.label)}'"
             )
         if rule.off > rule.on:
-            raise BundleError(
-                f"{path}: event '{_q(rule.name)}' has off {rule.off} > on {rule.on}"
-            )
+            raise BundleError(f"{path}: event '{_q(rule.name)}' has off {rule.off} > on {rule.on}")
     if manifest.task != "classification":
         return
     for art in manifest.artifacts:

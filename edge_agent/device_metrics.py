@@ -240,8 +240,11 @@ def device_families(agent: Any, outbox: Any, link: Any) -> list[Family]:
             temperature_c()
         ),
     ]
-    rejected = Family(p + "messages_rejected", "counter",
-                      "Messages from the gateway (ack, cmd) rejected, by reason code.")
+    rejected = Family(
+        p + "messages_rejected",
+        "counter",
+        "Messages from the gateway (ack, cmd) rejected, by reason code.",
+    )
     for reason, n in sorted((getattr(link, "rejected", None) or {}).items()):
         rejected.add(n, "_total", reason=reason)
     fams.append(rejected)

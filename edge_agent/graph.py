@@ -65,8 +65,12 @@ def reject(work: Work, stage: str, stats: PipelineStats, exc: BaseException) -> 
     """Mark ``work`` rejected by ``stage``: counted, told in one line; the stream goes on."""
     work.rejected = stage
     n = stats.error(stage)
-    log.warning(_SAID.get(stage, "sample %s rejected by " + stage + " (%d so far): %s"),
-                work.sample.id, n, exc)  # fmt: skip
+    log.warning(
+        _SAID.get(stage, "sample %s rejected by " + stage + " (%d so far): %s"),
+        work.sample.id,
+        n,
+        exc,
+    )
 
 
 class Graph:

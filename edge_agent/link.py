@@ -79,8 +79,10 @@ class DeviceLink:
             client_id=f"medge-{self.site}-{self.device}",
             keepalive=keepalive,
             tls=tls,
-            subscriptions=[(topic(self.site, self.device, "ack"), 1),
-                           (topic(self.site, self.device, "cmd"), 1)],
+            subscriptions=[
+                (topic(self.site, self.device, "ack"), 1),
+                (topic(self.site, self.device, "cmd"), 1),
+            ],
             on_message=self._on_message,
             on_reject=self._on_reject,
             before_connect=self._arm_state,
@@ -108,9 +110,14 @@ class DeviceLink:
         self._stop.set()
         self._wake.set()
         self._pump.join(timeout=5)
-        self.session.stop(goodbye=lambda client: client.publish(
-            topic(self.site, self.device, "state"), self._state_payload("offline"),
-            qos=1, retain=True))
+        self.session.stop(
+            goodbye=lambda client: client.publish(
+                topic(self.site, self.device, "state"),
+                self._state_payload("offline"),
+                qos=1,
+                retain=True,
+            )
+        )
 
     def workers(self) -> dict[str, threading.Thread | None]:
         """The threads that must stay alive while the link runs (for a Supervisor)."""

@@ -222,8 +222,9 @@ class MqttSession:
     ) -> mqtt.MQTTMessageInfo:
         return self._client.publish(topic, payload, qos=qos, retain=retain)
 
-    def reject(self, where: str, reason: Reason, exc: BaseException,
-               msg: mqtt.MQTTMessage | None = None) -> None:
+    def reject(
+        self, where: str, reason: Reason, exc: BaseException, msg: mqtt.MQTTMessage | None = None
+    ) -> None:
         """Count, log (rate-limited) and hand to ``on_reject`` one rejected message."""
         why = str(exc) if isinstance(exc, EnvelopeError) else f"{type(exc).__name__}: {exc}"
         self.rejects.add(reason, f"{self.name}: rejected message on {where}: {why}")
@@ -232,8 +233,12 @@ class MqttSession:
                 self.on_reject(msg, reason, exc)
             except Exception as err:  # recording failed; the count above stands
                 self.callback_errors += 1
-                self.log.error("%s: recording a %s rejection failed: %s", self.name,
-                               reason.value, one_line(f"{type(err).__name__}: {err}"))
+                self.log.error(
+                    "%s: recording a %s rejection failed: %s",
+                    self.name,
+                    reason.value,
+                    one_line(f"{type(err).__name__}: {err}"),
+                )
 
     # -- connecting ------------------------------------------------------------------------
     def _make_client(self, protocol: str) -> mqtt.Client:
@@ -253,8 +258,11 @@ class MqttSession:
             client.username_pw_set(self.username, self.password)
         if self.tls is not None:
             ca, cert, key = self.tls
-            client.tls_set(ca_certs=str(ca), certfile=str(cert) if cert else None,
-                           keyfile=str(key) if key else None)
+            client.tls_set(
+                ca_certs=str(ca),
+                certfile=str(cert) if cert else None,
+                keyfile=str(key) if key else None,
+            )
         return client
 
     def _run(self) -> None:
@@ -316,8 +324,12 @@ class MqttSession:
     def _failed(self, attempt: int, why: str) -> None:
         self.connect_failures += 1
         if attempt == 0:
-            self.log.warning("%s: %s; retrying with back-off (up to %g s)", self.name,
-                             one_line(why), self.backoff[1])
+            self.log.warning(
+                "%s: %s; retrying with back-off (up to %g s)",
+                self.name,
+                one_line(why),
+                self.backoff[1],
+            )
         else:
             self.log.debug("%s: attempt %d: %s", self.name, attempt + 1, why)
 
@@ -326,8 +338,9 @@ class MqttSession:
             fn()
         except Exception as exc:
             self.callback_errors += 1
-            self.log.error("%s: %s failed: %s", self.name, what,
-                           one_line(f"{type(exc).__name__}: {exc}"))
+            self.log.error(
+                "%s: %s failed: %s", self.name, what, one_line(f"{type(exc).__name__}: {exc}")
+            )
 
     # -- paho callbacks (network thread) ---------------------------------------------------
     def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any = None) -> None:
@@ -345,8 +358,13 @@ class MqttSession:
             self._connected.set()
             if self.on_connect is not None:
                 self.on_connect(client)
-            self.log.info("%s: connected to %s:%s (MQTT %s)", self.name, self.host, self.port,
-                          self.protocol_in_use)
+            self.log.info(
+                "%s: connected to %s:%s (MQTT %s)",
+                self.name,
+                self.host,
+                self.port,
+                self.protocol_in_use,
+            )
 
         self._guard("on connect", connected)
 

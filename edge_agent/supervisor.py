@@ -84,6 +84,7 @@ class Supervisor:
     ) -> threading.Thread:
         """Start ``target`` in a watched daemon thread. ``finishes``: its return is the
         command's end (e.g. the agent's pipeline when the source ends), not a death."""
+
         def run() -> None:
             target()
             if finishes:
@@ -120,8 +121,11 @@ class Supervisor:
             if self._previous is not None:
                 self._previous(args)
             return
-        log.debug("worker %s ended by an exception", thread.name,
-                  exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+        log.debug(
+            "worker %s ended by an exception",
+            thread.name,
+            exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+        )
         self._wake.set()
 
     def check(self) -> Death | None:
@@ -136,8 +140,9 @@ class Supervisor:
                 return Death(name, why)
         return None
 
-    def wait(self, stop: threading.Event, poll: float = 0.5,
-             done: Callable[[], bool] | None = None) -> Death | None:
+    def wait(
+        self, stop: threading.Event, poll: float = 0.5, done: Callable[[], bool] | None = None
+    ) -> Death | None:
         """Block until ``stop`` is set, ``done()`` is true, or a worker dies (returned; also
         kept as :attr:`death`)."""
         while True:
@@ -155,8 +160,10 @@ class Supervisor:
         now = self._clock()
         with self._lock:
             workers = {
-                name: {"alive": thread.is_alive() or name in self._finished,
-                       **({"error": self._why[thread]} if thread in self._why else {})}
+                name: {
+                    "alive": thread.is_alive() or name in self._finished,
+                    **({"error": self._why[thread]} if thread in self._why else {}),
+                }
                 for name, thread in self._workers.items()
             }
         ok = bool(workers) and all(w["alive"] for w in workers.values())
@@ -168,8 +175,9 @@ class Supervisor:
         body: dict[str, Any] = {
             "status": "ok" if ok else "failing",
             "workers": workers,
-            "last_message_age_s": {k: round(max(0.0, now - t), 3)
-                                   for k, t in sorted(marks.items())},
+            "last_message_age_s": {
+                k: round(max(0.0, now - t), 3) for k, t in sorted(marks.items())
+            },
         }
         return ok, body
 

@@ -74,8 +74,9 @@ class UpdateError(MedgeError):
 
 
 class UpdateCommand:
-    def __init__(self, url: str, sha256: str, issued_ms: int, signer: str,
-                 allow_downgrade: bool = False) -> None:
+    def __init__(
+        self, url: str, sha256: str, issued_ms: int, signer: str, allow_downgrade: bool = False
+    ) -> None:
         self.url, self.sha256, self.issued_ms, self.signer = url, sha256, issued_ms, signer
         self.allow_downgrade = allow_downgrade
 
@@ -118,17 +119,20 @@ def verify_command(
     by_id = {key_id(k.public_bytes_raw()): k for k in trusted}
     if signer not in by_id:
         raise UpdateError(
-            one_line(f"command signed by key {signer!r}, which this device does not trust"))
+            one_line(f"command signed by key {signer!r}, which this device does not trust")
+        )
     try:
         by_id[signer].verify(sig, _canonical(doc))
     except InvalidSignature as exc:
         raise UpdateError("command signature does not verify") from exc
     if doc.get("v") != COMMAND_VERSION or doc.get("cmd") != "update-bundle":
         raise UpdateError(
-            one_line(f"unsupported command {doc.get('cmd')!r} version {doc.get('v')!r}"))
+            one_line(f"unsupported command {doc.get('cmd')!r} version {doc.get('v')!r}")
+        )
     if (doc.get("site"), doc.get("device")) != (site, device):
-        raise UpdateError(one_line(
-            f"command is for {doc.get('site')!r}/{doc.get('device')!r}, not this device"))
+        raise UpdateError(
+            one_line(f"command is for {doc.get('site')!r}/{doc.get('device')!r}, not this device")
+        )
     url, digest, issued = doc.get("url"), doc.get("sha256"), doc.get("issued_ms")
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
         raise UpdateError("command url must be http:// or https://")
@@ -220,9 +224,12 @@ class Updater:
                 raise UpdateError(f"bundle {bundle.id} is already running")
             new_v, old_v = bundle.manifest.version, running.manifest.version
             if is_downgrade(new_v, old_v) and not cmd.allow_downgrade:
-                err = UpdateError(one_line(
-                    f"bundle {bundle.id} is older than the running {running.id} (version "
-                    f"{new_v} < {old_v}): a downgrade needs a command with allow_downgrade"))
+                err = UpdateError(
+                    one_line(
+                        f"bundle {bundle.id} is older than the running {running.id} (version "
+                        f"{new_v} < {old_v}): a downgrade needs a command with allow_downgrade"
+                    )
+                )
                 err.bundle = bundle.id  # type: ignore[attr-defined]
                 raise err
             final = self.bundles / f"{bundle.manifest.name}-{bundle.manifest_sha256[:12]}"

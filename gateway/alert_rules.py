@@ -114,7 +114,9 @@ class AlertRulesFile(BaseModel):
         description="Per event kind: a severity replacing the bundle's, or 'ignore'.",
     )
     silence_after: float | None = Field(
-        default=None, gt=0, allow_inf_nan=False,
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
         description="Seconds without any message before a device is silent (default: "
         "--silence-after).",
     )

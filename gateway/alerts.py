@@ -148,14 +148,18 @@ def acknowledge(store: Store, alert_id: int, user: str, now: float | None = None
         if row["state"] != "open":
             raise AlertError(f"alert {alert_id} is {row['state']}, not open")
         db.execute(
-            "UPDATE alerts SET state='acknowledged', acked_by=?, acked_at=?, updated=? "
-            "WHERE id=?",
+            "UPDATE alerts SET state='acknowledged', acked_by=?, acked_at=?, updated=? WHERE id=?",
             (user, now, now, alert_id),
         )
         db.execute(
             "INSERT INTO audit (time, site, device, action, detail) VALUES (?,?,?,?,?)",
-            (now, row["site"], row["device"], "ack-alert",
-             f"alert {alert_id} ({row['rule']}: {row['message']}) acknowledged by {user}"[:500]),
+            (
+                now,
+                row["site"],
+                row["device"],
+                "ack-alert",
+                f"alert {alert_id} ({row['rule']}: {row['message']}) acknowledged by {user}"[:500],
+            ),
         )
         out = dict(db.execute("SELECT * FROM alerts WHERE id=?", (alert_id,)).fetchone())
     return _row(out)
@@ -178,8 +182,10 @@ def record_rules(store: Store, rules: AlertRules, now: float | None = None) -> b
         ).fetchone()
         if row is not None and row[0] == text:
             return False
-        db.execute("INSERT INTO audit (time, site, device, action, detail) VALUES (?,?,?,?,?)",
-                   (now, None, None, RULES_ACTION, text))
+        db.execute(
+            "INSERT INTO audit (time, site, device, action, detail) VALUES (?,?,?,?,?)",
+            (now, None, None, RULES_ACTION, text),
+        )
     return True
 
 
@@ -210,8 +216,11 @@ def _row(row: dict[str, Any]) -> dict[str, Any]:
         row["error"] = f"detail unreadable ({type(exc).__name__})"
         if row.get("id") not in _BAD_DETAIL:
             _BAD_DETAIL.add(row.get("id"))
-            log.error("alert %s: detail is not readable JSON (%s); shown without it",
-                      row.get("id"), type(exc).__name__)
+            log.error(
+                "alert %s: detail is not readable JSON (%s); shown without it",
+                row.get("id"),
+                type(exc).__name__,
+            )
     return row
 
 
@@ -292,7 +301,10 @@ class AlertEngine:
             state = env.body.get("state")
             if state == "offline":
                 return self._raise(
-                    env.site, env.device, "offline", self.rules.offline_severity,
+                    env.site,
+                    env.device,
+                    "offline",
+                    self.rules.offline_severity,
                     f"{env.site}/{env.device} went offline",
                     {"seq": env.seq, "time": env.time, "bundle": env.body.get("bundle")},
                 )
@@ -316,17 +328,34 @@ class AlertEngine:
         if severity is None:  # the site's rules ignore this kind
             return None
         if source == "default" and "severity" in body:
-            log.warning("%s/%s seq %d: event %s names an unknown severity %s; raised as %s",
-                        env.site, env.device, env.seq, kind,
-                        one_line(repr(body["severity"]), 40), severity)
+            log.warning(
+                "%s/%s seq %d: event %s names an unknown severity %s; raised as %s",
+                env.site,
+                env.device,
+                env.seq,
+                kind,
+                one_line(repr(body["severity"]), 40),
+                severity,
+            )
         score = body.get("score", body.get("peak"))
         shown = f" (score {score:.2f})" if isinstance(score, (int, float)) else ""
-        detail = {"seq": env.seq, "time": env.time, "event": kind, "score": score,
-                  "input": body.get("input"), "bundle": body.get("bundle"),
-                  "severity_from": source}
+        detail = {
+            "seq": env.seq,
+            "time": env.time,
+            "event": kind,
+            "score": score,
+            "input": body.get("input"),
+            "bundle": body.get("bundle"),
+            "severity_from": source,
+        }
         return self._raise(
-            env.site, env.device, f"event:{kind}", severity,
-            f"{kind} on {env.site}/{env.device}{shown}", detail, active=("open",),
+            env.site,
+            env.device,
+            f"event:{kind}",
+            severity,
+            f"{kind} on {env.site}/{env.device}{shown}",
+            detail,
+            active=("open",),
         )
 
     def check_silence(self, now: float | None = None) -> list[int]:
@@ -378,8 +407,17 @@ class AlertEngine:
             if row is None or self._silent_for(row["state"], row["last_seen"], now) is None:
                 return None
             detail = {"last_seen": row["last_seen"], "silence_after": after}
-            alert_id, new = _open(db, site, device, "silent", self.rules.silent_severity,
-                                  message, detail, now, _ACTIVE)
+            alert_id, new = _open(
+                db,
+                site,
+                device,
+                "silent",
+                self.rules.silent_severity,
+                message,
+                detail,
+                now,
+                _ACTIVE,
+            )
             self._silent.add(key)
         if new:
             self._announce(alert_id, site, device, "silent", self.rules.silent_severity, message)
@@ -411,5 +449,13 @@ class AlertEngine:
     ) -> None:
         log.warning("alert %d (%s): %s", alert_id, severity, message)
         if self._on_raise is not None:
-            self._on_raise({"id": alert_id, "site": site, "device": device, "rule": rule,
-                            "severity": severity, "message": message})
+            self._on_raise(
+                {
+                    "id": alert_id,
+                    "site": site,
+                    "device": device,
+                    "rule": rule,
+                    "severity": severity,
+                    "message": message,
+                }
+            )

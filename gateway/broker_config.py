@@ -210,8 +210,10 @@ def write_broker_config(
     log_file = out / "mosquitto.log"  # the broker appends to it as its own user
     log_file.touch()
     shared = [(out, 0o750), (out / "data", 0o770), (site_dir, 0o710), (log_file, 0o660)]
-    shared += [(p, 0o640) for p in (conf, acl, server_cert, server_key,
-                                    site_dir / "ca.crt", site_dir / "crl.pem")]
+    shared += [
+        (p, 0o640)
+        for p in (conf, acl, server_cert, server_key, site_dir / "ca.crt", site_dir / "crl.pem")
+    ]
     todo = share_with_broker(shared)
     return BrokerFiles(conf, acl, server_cert, server_key, port, todo)
 

@@ -60,8 +60,9 @@ def check_store(target: Path | str) -> str:
             finally:
                 db.close()
         except Exception as exc:
-            raise MedgeError(one_line(f"store {redact(target)}: not reachable "
-                                      f"({type(exc).__name__}: {exc})")) from exc
+            raise MedgeError(
+                one_line(f"store {redact(target)}: not reachable ({type(exc).__name__}: {exc})")
+            ) from exc
         return f"store {redact(target)}: reachable (PostgreSQL)"
     path = Path(target)
     if not path.exists():
@@ -94,11 +95,15 @@ def check_gateway(cfg: GatewayConfig, broker_timeout_s: float, out: NodeCheck) -
     build_opener(cfg)  # every key the worker opens envelopes with, the CA and the CRL
     devices = len(list((cfg.site_dir / "devices").glob("*.crt")))
     out.summary = f"site {site}, tier {cfg.tier}"
-    out.lines.append(f"site {cfg.site_dir}: {devices} registered device(s), private keys "
-                     "0600 or stricter, envelope keys loaded")
+    out.lines.append(
+        f"site {cfg.site_dir}: {devices} registered device(s), private keys "
+        "0600 or stricter, envelope keys loaded"
+    )
     rules = build_rules(cfg)
-    out.lines.append(f"alerts: silence after {rules.silence_after:g} s"
-                     + (f", rules {cfg.alerts.rules}" if cfg.alerts.rules else ""))
+    out.lines.append(
+        f"alerts: silence after {rules.silence_after:g} s"
+        + (f", rules {cfg.alerts.rules}" if cfg.alerts.rules else "")
+    )
     b = cfg.broker
     if b.tls:
         for p in (cfg.site_dir / "gateway.crt", cfg.site_dir / "gateway.key"):
@@ -106,12 +111,15 @@ def check_gateway(cfg: GatewayConfig, broker_timeout_s: float, out: NodeCheck) -
                 out.warnings.append(f"{p} not there yet: issued on the first run (--tls)")
     why = broker_reachable(b.host, b.port, broker_timeout_s)
     if why is not None:
-        out.warnings.append(f"broker {b.host}:{b.port} not reachable ({why}); the gateway "
-                            "would keep retrying")
-    out.lines.append(f"broker {b.host}:{b.port} (MQTT {b.protocol}"
-                     f"{', TLS' if b.tls else ''}, client id {b.client_id}"
-                     f"{', group ' + b.share_group if b.share_group else ''})"
-                     f"{'' if why is None else ': not reachable now'}")
+        out.warnings.append(
+            f"broker {b.host}:{b.port} not reachable ({why}); the gateway would keep retrying"
+        )
+    out.lines.append(
+        f"broker {b.host}:{b.port} (MQTT {b.protocol}"
+        f"{', TLS' if b.tls else ''}, client id {b.client_id}"
+        f"{', group ' + b.share_group if b.share_group else ''})"
+        f"{'' if why is None else ': not reachable now'}"
+    )
     out.lines.append(check_store(cfg.store.target()))
     if cfg.forward.to is not None:
         if cfg.forward.tls is not None:
@@ -121,9 +129,10 @@ def check_gateway(cfg: GatewayConfig, broker_timeout_s: float, out: NodeCheck) -
         outbox = cfg.forward_outbox()
         if not outbox.parent.is_dir():
             raise MedgeError(f"forward outbox {outbox}: its directory does not exist")
-        out.lines.append(f"forward to {cfg.forward.to} through {outbox}"
-                         + (f", backfill since {cfg.forward.backfill}"
-                            if cfg.forward.backfill else ""))
+        out.lines.append(
+            f"forward to {cfg.forward.to} through {outbox}"
+            + (f", backfill since {cfg.forward.backfill}" if cfg.forward.backfill else "")
+        )
     if cfg.metrics.port is not None:
         out.lines.append(f"metrics on {cfg.metrics.host}:{cfg.metrics.port}")
 
@@ -133,8 +142,7 @@ def check_dashboard(cfg: DashboardConfig, out: NodeCheck) -> None:
 
     users = check_access(cfg.users, cfg.allow_anonymous)  # the users file: mode, format
     who = f"users {cfg.users}" if users is not None else "anonymous (local tests only)"
-    out.lines.append(f"dashboard on {cfg.host}:{cfg.port}, {who}; "
-                     + check_store(cfg.target()))
+    out.lines.append(f"dashboard on {cfg.host}:{cfg.port}, {who}; " + check_store(cfg.target()))
 
 
 def check_node(path: Path, broker_timeout_s: float = 2.0) -> NodeCheck:

@@ -61,23 +61,30 @@ class BrokerSettings(_Strict):
     host: str = Field(default="127.0.0.1", description="The site's MQTT broker host.")
     port: int = Field(default=1883, ge=1, le=65535, description="The site's MQTT broker port.")
     protocol: Literal["5", "3.1.1"] = Field(
-        default="5", description="MQTT protocol version (3.1.1 for brokers without MQTT 5).")
+        default="5", description="MQTT protocol version (3.1.1 for brokers without MQTT 5)."
+    )
     tls: bool = Field(
         default=False,
         description="Connect with the site's gateway certificate (site broker from 'medge "
-        "gateway broker-config').")
-    client_id: str = Field(default="medge-gateway", min_length=1,
-                           description="MQTT client id of this worker.")
+        "gateway broker-config').",
+    )
+    client_id: str = Field(
+        default="medge-gateway", min_length=1, description="MQTT client id of this worker."
+    )
     share_group: str | None = Field(
-        default=None, min_length=1,
-        description="MQTT 5 shared-subscription group for several workers of one site.")
+        default=None,
+        min_length=1,
+        description="MQTT 5 shared-subscription group for several workers of one site.",
+    )
 
 
 class StoreSettings(_Strict):
     db: str = Field(
-        default="gateway.sqlite", min_length=1,
+        default="gateway.sqlite",
+        min_length=1,
         description="A SQLite file (also sqlite:///FILE) or a PostgreSQL URL "
-        "postgresql://USER[:PASSWORD]@HOST[:PORT]/DB shared by several gateway workers.")
+        "postgresql://USER[:PASSWORD]@HOST[:PORT]/DB shared by several gateway workers.",
+    )
 
     @field_validator("db")
     @classmethod
@@ -91,34 +98,49 @@ class StoreSettings(_Strict):
 
 class LimitSettings(_Strict):
     device_rate: float = Field(
-        default=100.0, ge=0, allow_inf_nan=False,
+        default=100.0,
+        ge=0,
+        allow_inf_nan=False,
         description="Flood limit per device, messages per second (0: no limit); messages over "
-        "it are not acknowledged, so the device resends them.")
+        "it are not acknowledged, so the device resends them.",
+    )
     device_burst: float = Field(
-        default=1000.0, ge=1, allow_inf_nan=False,
-        description="Messages a device may send at once above its rate.")
+        default=1000.0,
+        ge=1,
+        allow_inf_nan=False,
+        description="Messages a device may send at once above its rate.",
+    )
 
 
 class BatchingSettings(_Strict):
     window: float = Field(
-        default=0.005, ge=0, le=10, allow_inf_nan=False,
+        default=0.005,
+        ge=0,
+        le=10,
+        allow_inf_nan=False,
         description="Under load, gather results this many seconds into one store commit; a "
-        "result that finds the gateway idle is committed at once.")
+        "result that finds the gateway idle is committed at once.",
+    )
     when_idle: bool = Field(
         default=False,
-        description="Wait the window also when idle (a fixed window; for comparison).")
+        description="Wait the window also when idle (a fixed window; for comparison).",
+    )
     max: int = Field(default=500, ge=1, description="At most this many results per commit.")
 
 
 class AlertSettings(_Strict):
     silence_after: float = Field(
-        default=30.0, gt=0, allow_inf_nan=False,
+        default=30.0,
+        gt=0,
+        allow_inf_nan=False,
         description="Alert when a device sends nothing for this many seconds (the rules "
-        "file's silence_after wins).")
+        "file's silence_after wins).",
+    )
     rules: Path | None = Field(
         default=None,
         description="Alert rules file: severity per event kind, silence, offline "
-        "(docs/dashboard.md, 'Alerts').")
+        "(docs/dashboard.md, 'Alerts').",
+    )
 
 
 class ForwardTls(_Strict):
@@ -134,18 +156,24 @@ class ForwardSettings(_Strict):
     to: str | None = Field(
         default=None,
         description="HOST:PORT of the cloud broker: forward every stored result and event "
-        "through an outbox on disk, deleted only on the cloud gateway's ack. None: off.")
+        "through an outbox on disk, deleted only on the cloud gateway's ack. None: off.",
+    )
     outbox: Path | None = Field(
         default=None,
-        description="The forward outbox (default: DB.forward.sqlite beside a SQLite store).")
+        description="The forward outbox (default: DB.forward.sqlite beside a SQLite store).",
+    )
     tls: ForwardTls | None = Field(default=None, description="TLS to the cloud broker.")
     resend_after: float = Field(
-        default=10.0, gt=0, allow_inf_nan=False,
-        description="Resend to the cloud what it has not acknowledged after this many seconds.")
+        default=10.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Resend to the cloud what it has not acknowledged after this many seconds.",
+    )
     backfill: str | None = Field(
         default=None,
         description="Also queue the results already stored since then (all, 30m, 24h, 7d, an "
-        "ISO date/time or a Unix time); the cloud keeps each once.")
+        "ISO date/time or a Unix time); the cloud keeps each once.",
+    )
 
     @field_validator("to")
     @classmethod
@@ -169,9 +197,12 @@ class ForwardSettings(_Strict):
 
 class MetricsSettings(_Strict):
     port: int | None = Field(
-        default=None, ge=0, le=65535,
+        default=None,
+        ge=0,
+        le=65535,
         description="Serve Prometheus metrics and /healthz on this port (0: any free port); "
-        "None: off.")
+        "None: off.",
+    )
     host: str = Field(default="127.0.0.1", description="Address of the metrics endpoint.")
 
 
@@ -179,44 +210,59 @@ class GatewayConfig(_Strict):
     """``medge gateway run``: one gateway worker."""
 
     site_dir: Path = Field(
-        description="Site directory (from 'medge site init'): keys and registered devices.")
+        description="Site directory (from 'medge site init'): keys and registered devices."
+    )
     tier: Literal["fog", "cloud"] = Field(
         default="fog",
         description="fog: the site's gateway; cloud: the tier that stores what fog gateways "
-        "forward and acknowledges it (docs/forwarding.md).")
-    broker: BrokerSettings = Field(default_factory=BrokerSettings,
-                                   description="The broker devices publish to.")
+        "forward and acknowledges it (docs/forwarding.md).",
+    )
+    broker: BrokerSettings = Field(
+        default_factory=BrokerSettings, description="The broker devices publish to."
+    )
     store: StoreSettings = Field(default_factory=StoreSettings, description="Where results go.")
-    limits: LimitSettings = Field(default_factory=LimitSettings,
-                                  description="Flood limit per device.")
-    batching: BatchingSettings = Field(default_factory=BatchingSettings,
-                                       description="Group commit of results.")
+    limits: LimitSettings = Field(
+        default_factory=LimitSettings, description="Flood limit per device."
+    )
+    batching: BatchingSettings = Field(
+        default_factory=BatchingSettings, description="Group commit of results."
+    )
     alerts: AlertSettings = Field(default_factory=AlertSettings, description="Alert rules.")
-    forward: ForwardSettings = Field(default_factory=ForwardSettings,
-                                     description="Forwarding to the cloud tier.")
-    metrics: MetricsSettings = Field(default_factory=MetricsSettings,
-                                     description="The Prometheus endpoint.")
+    forward: ForwardSettings = Field(
+        default_factory=ForwardSettings, description="Forwarding to the cloud tier."
+    )
+    metrics: MetricsSettings = Field(
+        default_factory=MetricsSettings, description="The Prometheus endpoint."
+    )
     relay_for: list[Path] = Field(
         default_factory=list,
         description="End-to-end mode: accept messages sealed to these public keys (the "
-        "cloud's) unread, checking each device signature.")
+        "cloud's) unread, checking each device signature.",
+    )
     cloud_key: list[Path] = Field(
         default_factory=list,
         description="Also open messages sealed to these private keys (the cloud's, from "
-        "'medge site cloud-key').")
+        "'medge site cloud-key').",
+    )
 
     def check_combination(self) -> None:
         """What no single field can say; raises ConfigError."""
         if self.tier == "cloud" and (self.relay_for or self.forward.to):
-            raise ConfigError("--tier cloud opens every message itself: no --relay-for/"
-                              "--forward-to (tier cloud: no relay_for/forward.to)")
+            raise ConfigError(
+                "--tier cloud opens every message itself: no --relay-for/"
+                "--forward-to (tier cloud: no relay_for/forward.to)"
+            )
         if self.forward.backfill and not self.forward.to:
-            raise ConfigError("--backfill re-queues stored results for the cloud: add "
-                              "--forward-to (forward.backfill needs forward.to)")
+            raise ConfigError(
+                "--backfill re-queues stored results for the cloud: add "
+                "--forward-to (forward.backfill needs forward.to)"
+            )
         if self.forward.to and self.forward.outbox is None and is_db_url(self.store.db):
-            raise ConfigError("--forward-to with a PostgreSQL --db needs --forward-outbox FILE "
-                              "(forward.outbox): the forward outbox is a file on this "
-                              "gateway's own disk")
+            raise ConfigError(
+                "--forward-to with a PostgreSQL --db needs --forward-outbox FILE "
+                "(forward.outbox): the forward outbox is a file on this "
+                "gateway's own disk"
+            )
 
     def forward_outbox(self) -> Path:
         """The forward outbox: as set, else DB.forward.sqlite beside a SQLite store."""
@@ -232,22 +278,26 @@ class DashboardConfig(_Strict):
     db: str | None = Field(
         default=None,
         description="The store to show (a SQLite file or a PostgreSQL URL); default: the "
-        "gateway section's store.db, else gateway.sqlite.")
+        "gateway section's store.db, else gateway.sqlite.",
+    )
     host: str = Field(default="127.0.0.1", description="Address to listen on.")
     port: int = Field(default=8080, ge=0, le=65535, description="Port (0: any free port).")
-    users: Path | None = Field(default=None,
-                               description="Users file (from 'medge dashboard add-user').")
+    users: Path | None = Field(
+        default=None, description="Users file (from 'medge dashboard add-user')."
+    )
     allow_anonymous: bool = Field(
         default=False,
-        description="Serve without login (local tests only: the data is patient-derived).")
+        description="Serve without login (local tests only: the data is patient-derived).",
+    )
     title: str = Field(default="medge", description="Title shown on the page.")
     trusted_proxy: list[str] = Field(
         default_factory=list,
         description="Reverse proxies (ADDRESS[/BITS]) whose X-Forwarded-For/-Proto are "
-        "believed; from anyone else they are ignored.")
+        "believed; from anyone else they are ignored.",
+    )
     secure_cookies: bool = Field(
-        default=False, description="Mark the session cookie Secure (the page is reached over "
-        "TLS).")
+        default=False, description="Mark the session cookie Secure (the page is reached over TLS)."
+    )
 
     @field_validator("db")
     @classmethod
@@ -262,16 +312,23 @@ class DashboardConfig(_Strict):
 class NodeConfig(_Strict):
     """The whole file: either section may be left out (it is then not configured)."""
 
-    gateway: GatewayConfig | None = Field(default=None,
-                                          description="The gateway service.")
-    dashboard: DashboardConfig | None = Field(default=None,
-                                              description="The dashboard service.")
+    gateway: GatewayConfig | None = Field(default=None, description="The gateway service.")
+    dashboard: DashboardConfig | None = Field(default=None, description="The dashboard service.")
 
 
 # -- loading -------------------------------------------------------------------------------
 
-_GATEWAY_PATHS = ("site_dir", "store.db", "alerts.rules", "forward.outbox", "forward.tls.ca",
-                  "forward.tls.cert", "forward.tls.key", "relay_for", "cloud_key")
+_GATEWAY_PATHS = (
+    "site_dir",
+    "store.db",
+    "alerts.rules",
+    "forward.outbox",
+    "forward.tls.ca",
+    "forward.tls.cert",
+    "forward.tls.key",
+    "relay_for",
+    "cloud_key",
+)
 _DASHBOARD_PATHS = ("db", "users")
 
 

@@ -85,7 +85,11 @@ class ForwardOutbox:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._q = DurableQueue(
-            self.path, _SCHEMA, "forward", ("site", "device", "seq"), "priority, created",
+            self.path,
+            _SCHEMA,
+            "forward",
+            ("site", "device", "seq"),
+            "priority, created",
             timeout=30,
         )
         self._lock, self._db = self._q.lock, self._q.db  # also for the table `latest`
@@ -338,14 +342,28 @@ def backfill(store: Store, outbox: ForwardOutbox, since: float, page: int = 1000
             if message is None:
                 missing += 1
                 continue
-            items.append((r["site"], r["device"], int(r["seq"]), r["kind"],
-                          topic(r["site"], r["device"], r["kind"]), bytes(message)))
+            items.append(
+                (
+                    r["site"],
+                    r["device"],
+                    int(r["seq"]),
+                    r["kind"],
+                    topic(r["site"], r["device"], r["kind"]),
+                    bytes(message),
+                )
+            )
         if items:
             outbox.put_many(items)
         queued += len(items)
     if missing:
-        log.warning("backfill: %d stored result(s) have no original message to forward "
-                    "(stored before the gateway kept one)", missing)
-    log.info("backfill: %d result(s) since %s queued for the cloud", queued,
-             dt.datetime.fromtimestamp(since, dt.timezone.utc).isoformat())
+        log.warning(
+            "backfill: %d stored result(s) have no original message to forward "
+            "(stored before the gateway kept one)",
+            missing,
+        )
+    log.info(
+        "backfill: %d result(s) since %s queued for the cloud",
+        queued,
+        dt.datetime.fromtimestamp(since, dt.timezone.utc).isoformat(),
+    )
     return queued

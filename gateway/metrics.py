@@ -83,32 +83,55 @@ class GatewayMetrics:
         self.registry = pc.CollectorRegistry()
         reg = self.registry
         self.received = pc.Counter(
-            "medge_gateway_messages_received", "Messages that arrived, of any kind and fate.",
-            registry=reg)
+            "medge_gateway_messages_received",
+            "Messages that arrived, of any kind and fate.",
+            registry=reg,
+        )
         self.stored = pc.Counter(
-            "medge_gateway_messages_stored", "Results and events stored (the first time).",
-            ["kind"], registry=reg)
+            "medge_gateway_messages_stored",
+            "Results and events stored (the first time).",
+            ["kind"],
+            registry=reg,
+        )
         self.duplicates = pc.Counter(
-            "medge_gateway_duplicates", "Results and events already stored, acknowledged again.",
-            registry=reg)
+            "medge_gateway_duplicates",
+            "Results and events already stored, acknowledged again.",
+            registry=reg,
+        )
         self.rejected = pc.Counter(
-            "medge_gateway_messages_rejected", "Messages rejected, by reason code.",
-            ["reason"], registry=reg)
+            "medge_gateway_messages_rejected",
+            "Messages rejected, by reason code.",
+            ["reason"],
+            registry=reg,
+        )
         self.acks = pc.Counter(
-            "medge_gateway_acks", "Acknowledgements published to devices.", registry=reg)
+            "medge_gateway_acks", "Acknowledgements published to devices.", registry=reg
+        )
         self.alerts_raised = pc.Counter(
-            "medge_gateway_alerts_raised", "Alerts opened by this gateway.",
-            ["rule", "severity"], registry=reg)
+            "medge_gateway_alerts_raised",
+            "Alerts opened by this gateway.",
+            ["rule", "severity"],
+            registry=reg,
+        )
         self.store_write = pc.Histogram(
-            "medge_gateway_store_write_seconds", "Time to commit one message to the store.",
-            ["kind"], buckets=WRITE_BUCKETS, registry=reg)
+            "medge_gateway_store_write_seconds",
+            "Time to commit one message to the store.",
+            ["kind"],
+            buckets=WRITE_BUCKETS,
+            registry=reg,
+        )
         self.cam_dropped = pc.Counter(
-            "medge_gateway_cam_dropped", "CAM thumbnails removed from result bodies, by reason.",
-            ["reason"], registry=reg)
+            "medge_gateway_cam_dropped",
+            "CAM thumbnails removed from result bodies, by reason.",
+            ["reason"],
+            registry=reg,
+        )
         self.forward_latest = pc.Counter(
             "medge_gateway_forward_latest",
             "State and telemetry messages queued for the cloud (latest per device).",
-            ["kind"], registry=reg)
+            ["kind"],
+            registry=reg,
+        )
         for reason in Reason:  # every code shows, at 0 until it happens
             self.rejected.labels(reason.value)
         if store is not None:
@@ -119,9 +142,15 @@ class GatewayMetrics:
         what :class:`~gateway.service.GatewayStats` shows."""
 
         def total(counter: Any, **match: str) -> int:
-            return int(sum(s.value for family in counter.collect() for s in family.samples
-                           if s.name.endswith("_total")
-                           and all(s.labels.get(k) == v for k, v in match.items())))
+            return int(
+                sum(
+                    s.value
+                    for family in counter.collect()
+                    for s in family.samples
+                    if s.name.endswith("_total")
+                    and all(s.labels.get(k) == v for k, v in match.items())
+                )
+            )
 
         return {
             "received": total(self.received),
@@ -162,26 +191,32 @@ class _FleetCollector:
         now = self.clock()
         devices = self.store.query("SELECT site, device, state, last_seen FROM devices")
         alerts = self.store.query(
-            "SELECT severity, count(*) AS n FROM alerts WHERE state='open' GROUP BY severity")
+            "SELECT severity, count(*) AS n FROM alerts WHERE state='open' GROUP BY severity"
+        )
         by_severity = {r["severity"]: r["n"] for r in alerts}
-        open_ = GaugeMetricFamily("medge_gateway_alerts_open",
-                                  "Alerts open (not yet acknowledged).", labels=["severity"])
+        open_ = GaugeMetricFamily(
+            "medge_gateway_alerts_open", "Alerts open (not yet acknowledged).", labels=["severity"]
+        )
         for severity in SEVERITIES:
             open_.add_metric([severity], by_severity.get(severity, 0))
         yield open_
         states: dict[str, int] = {"online": 0, "offline": 0, "unknown": 0}
         for d in devices:
             states[d["state"]] = states.get(d["state"], 0) + 1
-        fleet = GaugeMetricFamily("medge_gateway_devices", "Known devices by state.",
-                                  labels=["state"])
+        fleet = GaugeMetricFamily(
+            "medge_gateway_devices", "Known devices by state.", labels=["state"]
+        )
         for state, n in sorted(states.items()):
             fleet.add_metric([state], n)
         yield fleet
-        yield GaugeMetricFamily("medge_gateway_devices_online",
-                                "Devices whose state is online.", value=states["online"])
-        age = GaugeMetricFamily("medge_gateway_device_last_seen_age_seconds",
-                                "Seconds since a device's last accepted message.",
-                                labels=["site", "device"])
+        yield GaugeMetricFamily(
+            "medge_gateway_devices_online", "Devices whose state is online.", value=states["online"]
+        )
+        age = GaugeMetricFamily(
+            "medge_gateway_device_last_seen_age_seconds",
+            "Seconds since a device's last accepted message.",
+            labels=["site", "device"],
+        )
         for d in devices:
             if d["last_seen"] is not None:
                 age.add_metric([d["site"], d["device"]], max(0.0, now - d["last_seen"]))
@@ -197,8 +232,13 @@ class MetricsServer:
     a background thread: ``with MetricsServer(m, port=0, health=sup.health) as s: s.url``;
     ``port=0`` picks a free port."""
 
-    def __init__(self, metrics: GatewayMetrics, host: str = "127.0.0.1", port: int = 0,
-                 health: Health | None = None) -> None:
+    def __init__(
+        self,
+        metrics: GatewayMetrics,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        health: Health | None = None,
+    ) -> None:
         self.metrics, self.host, self.port, self.health = metrics, host, port, health
         self.url = ""
         self._server: ThreadingHTTPServer | None = None
@@ -242,8 +282,9 @@ class MetricsServer:
             raise MedgeError(f"metrics: cannot listen on {self.host}:{self.port}: {exc}") from exc
         self._server.daemon_threads = True
         self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        name="gateway-metrics", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="gateway-metrics", daemon=True
+        )
         self._thread.start()
         shown = f"[{self.host}]" if ":" in self.host else self.host
         self.url = f"http://{shown}:{self.port}/metrics"

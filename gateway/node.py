@@ -75,8 +75,9 @@ def run_gateway(cfg: GatewayConfig, stop: threading.Event) -> GatewayStats:
             if forward is not None and since is not None:
                 backfill(store, forward.outbox, since)
             if cfg.metrics.port is not None:
-                metrics = MetricsServer(gw.metrics, cfg.metrics.host, cfg.metrics.port,
-                                        health=sup.health).start()
+                metrics = MetricsServer(
+                    gw.metrics, cfg.metrics.host, cfg.metrics.port, health=sup.health
+                ).start()
             log.info("storing into %s; Ctrl-C to stop", store.location)
             death = sup.wait(stop)
         finally:

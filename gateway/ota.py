@@ -44,7 +44,11 @@ def pack_bundle(bundle_dir: Path, out_dir: Path) -> tuple[Path, str]:
 
 
 def update_command(
-    key: ed25519.Ed25519PrivateKey, site: str, device: str, url: str, sha256: str,
+    key: ed25519.Ed25519PrivateKey,
+    site: str,
+    device: str,
+    url: str,
+    sha256: str,
     allow_downgrade: bool = False,
 ) -> bytes:
     """A signed update command for one device (``key``: the site's bundle signer);
@@ -64,15 +68,22 @@ def update_command(
 
 
 def publish_command(
-    host: str, port: int, site: str, device: str, payload: bytes, protocol: str = "5",
-    timeout: float = 10.0, tls: tuple[Path, Path, Path] | None = None,
+    host: str,
+    port: int,
+    site: str,
+    device: str,
+    payload: bytes,
+    protocol: str = "5",
+    timeout: float = 10.0,
+    tls: tuple[Path, Path, Path] | None = None,
 ) -> None:
     """Publish one command on ``medge/v1/<site>/<device>/cmd`` (QoS 1) and wait for it,
     through an :class:`~edge_agent.mqtt_session.MqttSession` (a broker that is not up yet is
     retried with back-off for ``timeout`` seconds); ``tls``: (ca, cert, key) of a client the
     site broker lets publish commands (the gateway's)."""
-    with MqttSession("ota", host, port, protocol=protocol, reconnect_max_s=2.0, tls=tls,
-                     logger=log) as session:
+    with MqttSession(
+        "ota", host, port, protocol=protocol, reconnect_max_s=2.0, tls=tls, logger=log
+    ) as session:
         if not session.wait_connected(timeout):
             raise MedgeError(f"cannot reach the broker at {host}:{port}")
         info = session.publish(topic(site, device, "cmd"), payload, qos=1)
@@ -88,12 +99,14 @@ class BundleServer:
     """Serves the files of one directory over HTTP in a thread. Use as a context manager.
     ``url_host``: the name devices reach this machine by, in :meth:`url` (default ``host``)."""
 
-    def __init__(self, directory: Path, host: str = "127.0.0.1", port: int = 0,
-                 url_host: str | None = None) -> None:
+    def __init__(
+        self, directory: Path, host: str = "127.0.0.1", port: int = 0, url_host: str | None = None
+    ) -> None:
         self._fetched: dict[str, int] = {}
         self._cond = threading.Condition()
-        handler = functools.partial(_QuietHandler, directory=str(directory),
-                                    on_fetched=self._on_fetched)
+        handler = functools.partial(
+            _QuietHandler, directory=str(directory), on_fetched=self._on_fetched
+        )
         self._server = http.server.ThreadingHTTPServer((host, port), handler)
         self.host, self.port = host, self._server.server_address[1]
         self.url_host = url_host or host
@@ -132,8 +145,9 @@ class BundleServer:
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def __init__(self, *args: Any, on_fetched: Callable[[str], None] | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, on_fetched: Callable[[str], None] | None = None, **kwargs: Any
+    ) -> None:
         self._on_fetched, self._status = on_fetched, 0
         super().__init__(*args, **kwargs)
 
@@ -162,9 +176,18 @@ def _address_toward(host: str, port: int) -> str:
 
 
 def push_bundle(
-    bundle: Path, site_dir: Path, host: str, port: int, device: str, protocol: str = "5",
-    tls: bool = False, allow_downgrade: bool = False, http_host: str = "0.0.0.0",  # noqa: S104
-    http_port: int = 0, url_host: str | None = None, timeout: float = 600.0,
+    bundle: Path,
+    site_dir: Path,
+    host: str,
+    port: int,
+    device: str,
+    protocol: str = "5",
+    tls: bool = False,
+    allow_downgrade: bool = False,
+    http_host: str = "0.0.0.0",  # noqa: S104
+    http_port: int = 0,
+    url_host: str | None = None,
+    timeout: float = 600.0,
 ) -> dict[str, Any]:
     """Verify and pack ``bundle``, serve it, publish a signed update command to ``device`` of
     the site in ``site_dir`` (its bundle signer signs), and return once the device has
@@ -181,15 +204,26 @@ def push_bundle(
         files = gateway_client_files(site_dir)
     with tempfile.TemporaryDirectory(prefix="medge-ota-") as tmp:
         archive, digest = pack_bundle(bundle, Path(tmp))
-        shown = url_host or (http_host if http_host not in ("0.0.0.0", "::", "")  # noqa: S104
-                             else _address_toward(host, port))
+        shown = url_host or (
+            http_host
+            if http_host not in ("0.0.0.0", "::", "")  # noqa: S104
+            else _address_toward(host, port)
+        )
         with BundleServer(Path(tmp), http_host, http_port, url_host=shown) as server:
             url = server.url(archive.name)
             cmd = update_command(key, site, device, url, digest, allow_downgrade=allow_downgrade)
             publish_command(host, port, site, device, cmd, protocol=protocol, tls=files)
             log.info("update command for %s/%s published; serving %s", site, device, url)
             if not server.wait_fetched(archive.name, timeout):
-                raise MedgeError(f"{site}/{device} did not fetch {url} within {timeout:g} s "
-                                 "(is it online, and can it reach this address? --url-host)")
-    return {"site": site, "device": device, "url": url, "sha256": digest,
-            "archive": archive.name, "allow_downgrade": allow_downgrade}
+                raise MedgeError(
+                    f"{site}/{device} did not fetch {url} within {timeout:g} s "
+                    "(is it online, and can it reach this address? --url-host)"
+                )
+    return {
+        "site": site,
+        "device": device,
+        "url": url,
+        "sha256": digest,
+        "archive": archive.name,
+        "allow_downgrade": allow_downgrade,
+    }

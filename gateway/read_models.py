@@ -121,9 +121,7 @@ def telemetry_history(
     return rows[::-1]
 
 
-def results_per_minute(
-    store: Store, site: str, device: str, since: float
-) -> list[dict[str, Any]]:
+def results_per_minute(store: Store, site: str, device: str, since: float) -> list[dict[str, Any]]:
     """Results and events stored per minute of receipt since ``since`` (minutes with none
     are absent), oldest first."""
     return store.query(

@@ -117,8 +117,7 @@ class Gateway:
         self._audited: dict[tuple[str | None, str | None, str], list[float]] = {}
         self._pending: queue.Queue[tuple[Envelope, str, bytes]] = queue.Queue()
         self._writer_stop = threading.Event()
-        self._writer = threading.Thread(target=self._run_writer, name="gateway-writer",
-                                        daemon=True)
+        self._writer = threading.Thread(target=self._run_writer, name="gateway-writer", daemon=True)
         self.store_failures_fatal = 3  # failed commits in a row that end the writer
         self._v5 = protocol == "5"
         prefix = f"$share/{share_group}/" if share_group and self._v5 else ""
@@ -154,10 +153,21 @@ class Gateway:
             from gateway.broker_config import gateway_client_files
 
             tls = gateway_client_files(cfg.site_dir)
-        return cls(store, opener, b.host, b.port, b.protocol, client_id=b.client_id,
-                   share_group=b.share_group, tls=tls, rules=rules, forward=forward,
-                   device_rate=cfg.limits.device_rate, device_burst=cfg.limits.device_burst,
-                   batching=cfg.batching)
+        return cls(
+            store,
+            opener,
+            b.host,
+            b.port,
+            b.protocol,
+            client_id=b.client_id,
+            share_group=b.share_group,
+            tls=tls,
+            rules=rules,
+            forward=forward,
+            device_rate=cfg.limits.device_rate,
+            device_burst=cfg.limits.device_burst,
+            batching=cfg.batching,
+        )
 
     @property
     def stats(self) -> GatewayStats:
@@ -244,7 +254,8 @@ class Gateway:
         q = self._pending
         with q.all_tasks_done:
             q.all_tasks_done.wait_for(
-                lambda: q.unfinished_tasks == 0 or not self._writer.is_alive(), timeout)
+                lambda: q.unfinished_tasks == 0 or not self._writer.is_alive(), timeout
+            )
 
     def _record_reject(self, reason: Reason, site: str | None, device: str | None) -> None:
         self.metrics.reject(reason)
@@ -267,7 +278,11 @@ class Gateway:
             log.warning(
                 "rate limit: %s/%s sends more than %g msg/s (burst %g); %d message(s) rejected "
                 "unacknowledged (the device resends them); next report in %g s",
-                site, device, self.limiter.rate, self.limiter.burst, count,
+                site,
+                device,
+                self.limiter.rate,
+                self.limiter.burst,
+                count,
                 self.limit_log_interval,
             )
 
@@ -284,7 +299,8 @@ class Gateway:
         if env.time > time.time() + self.max_skew_s:
             raise EnvelopeError(
                 f"time {env.time:.0f} is more than {self.max_skew_s:.0f} s "
-                "ahead of the gateway's clock", Reason.CLOCK
+                "ahead of the gateway's clock",
+                Reason.CLOCK,
             )
         if env.kind in ("state", "telemetry") and not self.store.advance(
             env.site, env.device, env.kind, env.seq
@@ -323,12 +339,14 @@ class Gateway:
         if self.forward is None:
             return
         try:
-            if self.forward.put_latest(env.site, env.device, env.kind, env.seq, msg.topic,
-                                       cast(bytes, msg.payload)):
+            if self.forward.put_latest(
+                env.site, env.device, env.kind, env.seq, msg.topic, cast(bytes, msg.payload)
+            ):
                 self.metrics.forward_latest.labels(env.kind).inc()
         except Exception:  # the fleet view may lag; storing and acknowledging go on
-            log.exception("queueing %s of %s/%s for the cloud failed", env.kind, env.site,
-                          env.device)
+            log.exception(
+                "queueing %s of %s/%s for the cloud failed", env.kind, env.site, env.device
+            )
 
     def _check_cam(self, env: Envelope) -> Envelope:
         """Keep a result's CAM thumbnail only if it is a small PNG (gateway.dashboard.cam);
@@ -338,8 +356,13 @@ class Gateway:
         if why is None:
             return env
         self.metrics.cam_dropped.labels(why).inc()
-        log.warning("CAM of %s/%s seq %d dropped (%s); the result is stored without it",
-                    env.site, env.device, env.seq, why)
+        log.warning(
+            "CAM of %s/%s seq %d dropped (%s); the result is stored without it",
+            env.site,
+            env.device,
+            env.seq,
+            why,
+        )
         return replace(env, body={k: v for k, v in env.body.items() if k != "cam"})
 
     def _run_writer(self) -> None:
@@ -361,8 +384,9 @@ class Gateway:
             while len(batch) < self.batching.max:
                 try:  # what queued up during the last commit joins this one
                     wait = deadline - time.monotonic()
-                    batch.append(self._pending.get(timeout=wait) if wait > 0
-                                 else self._pending.get_nowait())
+                    batch.append(
+                        self._pending.get(timeout=wait) if wait > 0 else self._pending.get_nowait()
+                    )
                 except queue.Empty:
                     break
             try:
@@ -371,11 +395,13 @@ class Gateway:
             except Exception as exc:  # not acknowledged: the devices send these again
                 failures += 1
                 why = one_line(f"{type(exc).__name__}: {exc}")
-                log.error("storing %d result(s) failed (%d in a row): %s", len(batch),
-                          failures, why)
+                log.error(
+                    "storing %d result(s) failed (%d in a row): %s", len(batch), failures, why
+                )
                 if failures >= self.store_failures_fatal:  # the store is gone: end the writer
-                    raise MedgeError(f"the store failed {failures} commits in a row: {why}"
-                                     ) from exc
+                    raise MedgeError(
+                        f"the store failed {failures} commits in a row: {why}"
+                    ) from exc
             finally:
                 for _ in batch:
                     self._pending.task_done()

@@ -140,13 +140,22 @@ class Store:
                 self.refused += 1
                 log.error(
                     "store %s refused %s of %s/%s seq %d (%s: %s); %d refused so far",
-                    self.location, env.kind, env.site, env.device, env.seq,
-                    type(exc).__name__, _first_line(exc), self.refused,
+                    self.location,
+                    env.kind,
+                    env.site,
+                    env.device,
+                    env.seq,
+                    type(exc).__name__,
+                    _first_line(exc),
+                    self.refused,
                 )
                 out.append(None)
         if None not in out:  # the batch failed, yet every row alone went in: say so
-            log.warning("store %s: a batch failed (%s) but each row was stored alone",
-                        self.location, _first_line(batch_error))
+            log.warning(
+                "store %s: a batch failed (%s) but each row was stored alone",
+                self.location,
+                _first_line(batch_error),
+            )
         return out
 
     def _store_batch(
@@ -165,8 +174,7 @@ class Store:
             counts[(env.site, env.device)] += new
             totals[(env.site, env.device)] += 1
         db.executemany(
-            "UPDATE devices SET stored=stored+?, duplicates=duplicates+? "
-            "WHERE site=? AND device=?",
+            "UPDATE devices SET stored=stored+?, duplicates=duplicates+? WHERE site=? AND device=?",
             [(counts[k], totals[k] - counts[k], *k) for k in keys],
         )
         return news

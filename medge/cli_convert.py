@@ -17,8 +17,19 @@ from edge_agent.errors import MedgeError
 
 __all__ = ["cmd_convert", "cmd_evaluate", "register"]
 
-_SHOWN = ("accuracy", "sensitivity", "specificity", "auc", "dice", "hd95", "psnr", "ssim", "mae",
-          "rmse", "pearson_r")
+_SHOWN = (
+    "accuracy",
+    "sensitivity",
+    "specificity",
+    "auc",
+    "dice",
+    "hd95",
+    "psnr",
+    "ssim",
+    "mae",
+    "rmse",
+    "pearson_r",
+)
 
 
 def _preprocess(spec: str) -> Any:
@@ -143,9 +154,7 @@ def _print_converted(a: argparse.Namespace, bundle: Any) -> int:
         print(f"wrote {bundle.directory} ({bundle.id})")
         for variant, metrics in m.metrics.items():
             shown = ", ".join(
-                f"{k} {v:.4f}"
-                for k, v in metrics.items()
-                if k in _SHOWN and v is not None
+                f"{k} {v:.4f}" for k, v in metrics.items() if k in _SHOWN and v is not None
             )
             print(f"  {variant:12s} {shown}")
         print(f"  report: {bundle.directory / 'report.md'}")
@@ -158,8 +167,15 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
     if a.data is None and not a.streams:
         raise MedgeError("medge evaluate needs --data, --stream, or both")
-    result = evaluate_bundle(a.bundle, a.data, a.split, a.runtime, a.precision,
-                             streams=a.streams, tolerance_s=a.event_tolerance_s)  # fmt: skip
+    result = evaluate_bundle(
+        a.bundle,
+        a.data,
+        a.split,
+        a.runtime,
+        a.precision,
+        streams=a.streams,
+        tolerance_s=a.event_tolerance_s,
+    )
     if a.json:
         print(json.dumps(result, indent=2))
     else:
@@ -181,11 +197,17 @@ def register(sub: Any, common: Callable[..., None]) -> None:
     )
     e.add_argument("bundle", type=Path, help="bundle directory")
     e.add_argument("--data", type=Path, help="labelled npz (x/y or <split>_images/_labels)")
-    _add_stream_options(e, "annotated recording (signal, rate_hz, events (N,2) seconds, "
-                        "r_peaks for beat windows): event sensitivity, precision, specificity "
-                        "and false alarms per hour (repeatable)")  # fmt: skip
-    e.add_argument("--split", help="split of a MedMNIST-style npz (default: x/y, else val, "
-                   "else test; a split the file lacks is an error)")
+    _add_stream_options(
+        e,
+        "annotated recording (signal, rate_hz, events (N,2) seconds, "
+        "r_peaks for beat windows): event sensitivity, precision, specificity "
+        "and false alarms per hour (repeatable)",
+    )
+    e.add_argument(
+        "--split",
+        help="split of a MedMNIST-style npz (default: x/y, else val, "
+        "else test; a split the file lacks is an error)",
+    )
     e.add_argument(
         "--runtime",
         default="litert",
@@ -203,11 +225,23 @@ def register(sub: Any, common: Callable[..., None]) -> None:
 
 def _add_stream_options(p: argparse.ArgumentParser, stream_help: str) -> None:
     """--stream and --event-tolerance, the same for convert and evaluate."""
-    p.add_argument("--stream", dest="streams", type=Path, action="append", default=[],
-                   metavar="REC.npz", help=stream_help)  # fmt: skip
-    p.add_argument("--event-tolerance", dest="event_tolerance_s", type=float, default=0.0,
-                   metavar="SECONDS",
-                   help="a detection this near an annotated event still matches it (default 0)")
+    p.add_argument(
+        "--stream",
+        dest="streams",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="REC.npz",
+        help=stream_help,
+    )
+    p.add_argument(
+        "--event-tolerance",
+        dest="event_tolerance_s",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="a detection this near an annotated event still matches it (default 0)",
+    )
 
 
 def _add_convert(sub: Any, common: Callable[..., None]) -> None:
@@ -224,93 +258,182 @@ def _add_convert(sub: Any, common: Callable[..., None]) -> None:
         "runtime; --onnx-input quantize makes ONNX fp32 + int8 from an .onnx instead.",
     )
     # each option's dest is the ConvertRequest field it fills
-    c.add_argument("model", type=Path,
-                   help="trained model: .keras, legacy .h5, a SavedModel directory, or .onnx; "
-                   "or a ready .tflite to wrap")
-    c.add_argument("--calib", type=Path, required=True,
-                   help="calibration data: npz with x (or <split>_images)")
-    c.add_argument("--eval", type=Path, required=True,
-                   help="labelled evaluation data: npz with x/y (or <split>_images/_labels)")
+    c.add_argument(
+        "model",
+        type=Path,
+        help="trained model: .keras, legacy .h5, a SavedModel directory, or .onnx; "
+        "or a ready .tflite to wrap",
+    )
+    c.add_argument(
+        "--calib", type=Path, required=True, help="calibration data: npz with x (or <split>_images)"
+    )
+    c.add_argument(
+        "--eval",
+        type=Path,
+        required=True,
+        help="labelled evaluation data: npz with x/y (or <split>_images/_labels)",
+    )
     c.add_argument("--out", type=Path, required=True, help="bundle directory to write")
-    c.add_argument("--profile", default="x86", choices=["rpi4", "rpi5", "jetson", "x86"],
-                   help="target device profile (default: x86)")
-    c.add_argument("--preprocess", default="none",
-                   help="how raw samples become model input: none, scale01 (x/255), zscore "
-                   "(per window, per channel), mean_std:M1,M2/S1,S2 (default: none)")
-    c.add_argument("--labels", help="class names in output order, comma-separated (default: "
-                   "the npz's 'labels' array)")
-    c.add_argument("--positive", dest="positive_label", metavar="POSITIVE",
-                   help="the clinically positive class, for sensitivity")
-    c.add_argument("--threshold", type=float,
-                   help="binary models: predict the positive class when its score >= this")
+    c.add_argument(
+        "--profile",
+        default="x86",
+        choices=["rpi4", "rpi5", "jetson", "x86"],
+        help="target device profile (default: x86)",
+    )
+    c.add_argument(
+        "--preprocess",
+        default="none",
+        help="how raw samples become model input: none, scale01 (x/255), zscore "
+        "(per window, per channel), mean_std:M1,M2/S1,S2 (default: none)",
+    )
+    c.add_argument(
+        "--labels",
+        help="class names in output order, comma-separated (default: the npz's 'labels' array)",
+    )
+    c.add_argument(
+        "--positive",
+        dest="positive_label",
+        metavar="POSITIVE",
+        help="the clinically positive class, for sensitivity",
+    )
+    c.add_argument(
+        "--threshold",
+        type=float,
+        help="binary models: predict the positive class when its score >= this",
+    )
     c.add_argument("--name", help="bundle name (default: the model file's stem)")
-    c.add_argument("--calib-split",
-                   help="split of a MedMNIST-style calibration npz (default: x/y, else train; "
-                   "a split the file lacks is an error, never another split)")
-    c.add_argument("--eval-split", help="split of a MedMNIST-style evaluation npz (default: x/y, "
-                   "else val, else test; never train unless named)")
-    c.add_argument("--budget", action="append", default=[], metavar="METRIC=DROP",
-                   help="largest allowed drop from float, e.g. sensitivity=0.005,auc=0.005 "
-                   "(repeatable; segmentation: dice, iou, hd95 (a rise); image_to_image: psnr, "
-                   "ssim); the cheapest artifact that meets it wins; none does: no bundle, exit 2")
-    c.add_argument("--sign-key", type=Path,
-                   help="Ed25519 key that signs the bundle (a site's bundle-signer.key); "
-                   "devices refuse unsigned bundles")
+    c.add_argument(
+        "--calib-split",
+        help="split of a MedMNIST-style calibration npz (default: x/y, else train; "
+        "a split the file lacks is an error, never another split)",
+    )
+    c.add_argument(
+        "--eval-split",
+        help="split of a MedMNIST-style evaluation npz (default: x/y, "
+        "else val, else test; never train unless named)",
+    )
+    c.add_argument(
+        "--budget",
+        action="append",
+        default=[],
+        metavar="METRIC=DROP",
+        help="largest allowed drop from float, e.g. sensitivity=0.005,auc=0.005 "
+        "(repeatable; segmentation: dice, iou, hd95 (a rise); image_to_image: psnr, "
+        "ssim); the cheapest artifact that meets it wins; none does: no bundle, exit 2",
+    )
+    c.add_argument(
+        "--sign-key",
+        type=Path,
+        help="Ed25519 key that signs the bundle (a site's bundle-signer.key); "
+        "devices refuse unsigned bundles",
+    )
     c.add_argument("--force", action="store_true", help="replace an existing --out directory")
-    c.add_argument("--cam", dest="cam_layer", nargs="?", const="", metavar="LAYER",
-                   help="add the class activation map as a second output (CNNs with a global-"
-                   "average-pooling head; LAYER: the feature layer, found from the head by "
-                   "default)")
-    c.add_argument("--strategy", dest="strategies", action="append", metavar="NAME",
-                   help="LiteRT conversion strategy to try (repeatable, in order; default all: "
-                   "full-int8, unrolled-int8, legacy-lstm-int8, mixed-int8, dynamic-range)")
-    c.add_argument("--min-agreement", type=float, default=0.9,
-                   help="a LiteRT artifact must agree with float on this fraction of the "
-                   "evaluation samples, else the next strategy is tried (default 0.9)")
-    c.add_argument("--no-onnx", dest="onnx", action="store_false",
-                   help="make the LiteRT artifact only")
-    c.add_argument("--activation", default="softmax", choices=["softmax", "sigmoid", "none"],
-                   help="what the model's last layer applies (default softmax; none = logits)")
-    c.add_argument("--float-artifacts", default="auto", choices=["auto", "none", "fp16", "fp32"],
-                   help="float LiteRT files beside the int8 one: auto = fp16 and fp32 (the same "
-                   "files on any machine; each is timed here and the report says how it "
-                   "compares), none (not even made), or only fp16/fp32 (default auto; a device "
-                   "picks one with its config's precision)")
-    c.add_argument("--fallback", metavar="RUNGS",
-                   help="with --budget: what the search may fall back to when full int8 misses, "
-                   "in this order: float-head (int8, final softmax/sigmoid float), mixed (int8, "
-                   "worst layers float too), int16x8, fp16, fp32 "
-                   "(default all; 'none': full int8 or nothing)")
-    c.add_argument("--task", default="classification",
-                   choices=["classification", "segmentation", "image_to_image", "regression"],
-                   help="what the model does (default classification); segmentation: the npz's "
-                   "y (or <split>_masks) holds masks, scored by Dice/IoU/HD95; image_to_image: "
-                   "y (or <split>_targets) holds the wanted images, scored by PSNR/SSIM; "
-                   "regression: y (or <split>_targets) holds the values, scored by MAE, RMSE, "
-                   "Pearson r and Bland-Altman limits")
-    c.add_argument("--layout", choices=["nchw", "nhwc"],
-                   help="the image input's axis order where the model cannot say it (default: "
-                   "read from the model: Keras data_format, an ONNX/LiteRT input [N,C,H,W] with "
-                   "C in 1/3/4; an ambiguous one is an error). Samples are HWC images either "
-                   "way; nchw transposes them, in calibration, evaluation and on the device")
-    c.add_argument("--mask-threshold", type=float, default=0.5,
-                   help="segmentation: a pixel is foreground when its probability >= this "
-                   "(default 0.5)")
-    c.add_argument("--onnx-input", default="wrap", choices=["wrap", "quantize"],
-                   help="an .onnx model: wrap it as it is (default), or quantize it: ONNX fp32 "
-                   "(the model) and QDQ int8, both evaluated (no LiteRT artifact: that needs "
-                   "onnx2tf)")
-    c.add_argument("--window", metavar="SPEC",
-                   help="how the device cuts a stream into inputs, written to the manifest: "
-                   "length=N[,hop=N][,rate_hz=HZ][,centre=beat[,before=N]][,label=last|majority|"
-                   "max] (hop defaults to length; centre=beat: one window per R peak)")
-    c.add_argument("--event", dest="events", action="append", default=[], metavar="SPEC",
-                   help="an event rule for decode.events (repeatable): name=N,label=L,on=P"
-                   "[,off=P][,min_windows=K][,refractory_s=S][,alert=yes|no]; an event starts "
-                   "when L's score is >= on for K windows and ends below off (default: on)")
-    _add_stream_options(c, "annotated recording to score event detection on, for float and "
-                        "every artifact (needs --window and --event; npz: signal, rate_hz, "
-                        "events (N,2) seconds, r_peaks for beat windows; repeatable; "
-                        "docs/report.md)")  # fmt: skip
+    c.add_argument(
+        "--cam",
+        dest="cam_layer",
+        nargs="?",
+        const="",
+        metavar="LAYER",
+        help="add the class activation map as a second output (CNNs with a global-"
+        "average-pooling head; LAYER: the feature layer, found from the head by "
+        "default)",
+    )
+    c.add_argument(
+        "--strategy",
+        dest="strategies",
+        action="append",
+        metavar="NAME",
+        help="LiteRT conversion strategy to try (repeatable, in order; default all: "
+        "full-int8, unrolled-int8, legacy-lstm-int8, mixed-int8, dynamic-range)",
+    )
+    c.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.9,
+        help="a LiteRT artifact must agree with float on this fraction of the "
+        "evaluation samples, else the next strategy is tried (default 0.9)",
+    )
+    c.add_argument(
+        "--no-onnx", dest="onnx", action="store_false", help="make the LiteRT artifact only"
+    )
+    c.add_argument(
+        "--activation",
+        default="softmax",
+        choices=["softmax", "sigmoid", "none"],
+        help="what the model's last layer applies (default softmax; none = logits)",
+    )
+    c.add_argument(
+        "--float-artifacts",
+        default="auto",
+        choices=["auto", "none", "fp16", "fp32"],
+        help="float LiteRT files beside the int8 one: auto = fp16 and fp32 (the same "
+        "files on any machine; each is timed here and the report says how it "
+        "compares), none (not even made), or only fp16/fp32 (default auto; a device "
+        "picks one with its config's precision)",
+    )
+    c.add_argument(
+        "--fallback",
+        metavar="RUNGS",
+        help="with --budget: what the search may fall back to when full int8 misses, "
+        "in this order: float-head (int8, final softmax/sigmoid float), mixed (int8, "
+        "worst layers float too), int16x8, fp16, fp32 "
+        "(default all; 'none': full int8 or nothing)",
+    )
+    c.add_argument(
+        "--task",
+        default="classification",
+        choices=["classification", "segmentation", "image_to_image", "regression"],
+        help="what the model does (default classification); segmentation: the npz's "
+        "y (or <split>_masks) holds masks, scored by Dice/IoU/HD95; image_to_image: "
+        "y (or <split>_targets) holds the wanted images, scored by PSNR/SSIM; "
+        "regression: y (or <split>_targets) holds the values, scored by MAE, RMSE, "
+        "Pearson r and Bland-Altman limits",
+    )
+    c.add_argument(
+        "--layout",
+        choices=["nchw", "nhwc"],
+        help="the image input's axis order where the model cannot say it (default: "
+        "read from the model: Keras data_format, an ONNX/LiteRT input [N,C,H,W] with "
+        "C in 1/3/4; an ambiguous one is an error). Samples are HWC images either "
+        "way; nchw transposes them, in calibration, evaluation and on the device",
+    )
+    c.add_argument(
+        "--mask-threshold",
+        type=float,
+        default=0.5,
+        help="segmentation: a pixel is foreground when its probability >= this (default 0.5)",
+    )
+    c.add_argument(
+        "--onnx-input",
+        default="wrap",
+        choices=["wrap", "quantize"],
+        help="an .onnx model: wrap it as it is (default), or quantize it: ONNX fp32 "
+        "(the model) and QDQ int8, both evaluated (no LiteRT artifact: that needs "
+        "onnx2tf)",
+    )
+    c.add_argument(
+        "--window",
+        metavar="SPEC",
+        help="how the device cuts a stream into inputs, written to the manifest: "
+        "length=N[,hop=N][,rate_hz=HZ][,centre=beat[,before=N]][,label=last|majority|"
+        "max] (hop defaults to length; centre=beat: one window per R peak)",
+    )
+    c.add_argument(
+        "--event",
+        dest="events",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="an event rule for decode.events (repeatable): name=N,label=L,on=P"
+        "[,off=P][,min_windows=K][,refractory_s=S][,alert=yes|no]; an event starts "
+        "when L's score is >= on for K windows and ends below off (default: on)",
+    )
+    _add_stream_options(
+        c,
+        "annotated recording to score event detection on, for float and "
+        "every artifact (needs --window and --event; npz: signal, rate_hz, "
+        "events (N,2) seconds, r_peaks for beat windows; repeatable; "
+        "docs/report.md)",
+    )
     common(c, json_flag=True)
     c.set_defaults(func=cmd_convert)

@@ -31,24 +31,48 @@ _DB_HELP = (
     "URL postgresql://USER[:PASSWORD]@HOST[:PORT]/DB shared by several gateway workers "
     "(docs/config.md, 'Gateway storage')"
 )
-_CONFIG_HELP = ("gateway.yaml: the 'gateway:' and 'dashboard:' sections (docs/gateway-config.md); "
-                "a flag given here overrides the file")
+_CONFIG_HELP = (
+    "gateway.yaml: the 'gateway:' and 'dashboard:' sections (docs/gateway-config.md); "
+    "a flag given here overrides the file"
+)
 
 # flag (argparse dest) -> key of the config section it overrides (flag > file > default)
 _GATEWAY_FLAGS = {
-    "site_dir": "site_dir", "db": "store.db", "protocol": "broker.protocol",
-    "client_id": "broker.client_id", "share_group": "broker.share_group", "tls": "broker.tls",
-    "relay_for": "relay_for", "tier": "tier", "cloud_key": "cloud_key",
-    "forward_to": "forward.to", "forward_outbox": "forward.outbox",
-    "forward_resend_after": "forward.resend_after", "backfill": "forward.backfill",
-    "device_rate": "limits.device_rate", "device_burst": "limits.device_burst",
-    "batch_window": "batching.window", "batch_when_idle": "batching.when_idle",
-    "silence_after": "alerts.silence_after", "alert_rules": "alerts.rules",
-    "metrics_port": "metrics.port", "metrics_host": "metrics.host",
+    "site_dir": "site_dir",
+    "db": "store.db",
+    "protocol": "broker.protocol",
+    "client_id": "broker.client_id",
+    "share_group": "broker.share_group",
+    "tls": "broker.tls",
+    "relay_for": "relay_for",
+    "tier": "tier",
+    "cloud_key": "cloud_key",
+    "forward_to": "forward.to",
+    "forward_outbox": "forward.outbox",
+    "forward_resend_after": "forward.resend_after",
+    "backfill": "forward.backfill",
+    "device_rate": "limits.device_rate",
+    "device_burst": "limits.device_burst",
+    "batch_window": "batching.window",
+    "batch_when_idle": "batching.when_idle",
+    "silence_after": "alerts.silence_after",
+    "alert_rules": "alerts.rules",
+    "metrics_port": "metrics.port",
+    "metrics_host": "metrics.host",
 }
-_DASHBOARD_FLAGS = {name: name for name in (
-    "db", "host", "port", "users", "allow_anonymous", "title", "trusted_proxy",
-    "secure_cookies")}
+_DASHBOARD_FLAGS = {
+    name: name
+    for name in (
+        "db",
+        "host",
+        "port",
+        "users",
+        "allow_anonymous",
+        "title",
+        "trusted_proxy",
+        "secure_cookies",
+    )
+}
 
 
 def _overrides(a: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]:
@@ -123,15 +147,26 @@ def cmd_gateway_push_bundle(a: argparse.Namespace) -> int:
     cfg = load_gateway_config(a.config, _gateway_overrides(a))  # site_dir and broker
     b = cfg.broker
     result = push_bundle(
-        a.bundle, cfg.site_dir, b.host, b.port, a.device, protocol=b.protocol, tls=b.tls,
-        allow_downgrade=a.allow_downgrade, http_host=a.http_host, http_port=a.http_port,
-        url_host=a.url_host, timeout=a.timeout,
+        a.bundle,
+        cfg.site_dir,
+        b.host,
+        b.port,
+        a.device,
+        protocol=b.protocol,
+        tls=b.tls,
+        allow_downgrade=a.allow_downgrade,
+        http_host=a.http_host,
+        http_port=a.http_port,
+        url_host=a.url_host,
+        timeout=a.timeout,
     )
     if a.json:
         print(json.dumps(result))
     else:
-        print(f"{a.device}: fetched {result['url']} (sha256 {result['sha256'][:12]}); its "
-              "update event says whether it applied it")
+        print(
+            f"{a.device}: fetched {result['url']} (sha256 {result['sha256'][:12]}); its "
+            "update event says whether it applied it"
+        )
     return 0
 
 
@@ -179,77 +214,144 @@ def _register_run(gsub: Any, common: Callable[..., None]) -> None:
     # no flag has a default here: one not given leaves gateway.yaml's value, or the config's
     # default (gateway/config.py), which the help texts name
     gr = gsub.add_parser(
-        "run", help="run the gateway against a broker", argument_default=argparse.SUPPRESS,
+        "run",
+        help="run the gateway against a broker",
+        argument_default=argparse.SUPPRESS,
         description="Run one gateway worker: subscribe, open, store, acknowledge, alert, "
         "forward. Settings come from --config gateway.yaml (section 'gateway:', "
-        "docs/gateway-config.md); each flag given overrides the file's key.")
+        "docs/gateway-config.md); each flag given overrides the file's key.",
+    )
     gr.add_argument("--config", type=Path, default=None, metavar="FILE", help=_CONFIG_HELP)
     gr.add_argument("--broker", help="HOST:PORT (default 127.0.0.1:1883) [broker.host/port]")
-    gr.add_argument("--protocol", choices=["5", "3.1.1"],
-                    help="MQTT version (default 5) [broker.protocol]")
-    gr.add_argument("--site-dir", type=Path,
-                    help="site directory (from 'medge site init'): keys and registered devices; "
-                    "required unless the config names it [site_dir]")
+    gr.add_argument(
+        "--protocol", choices=["5", "3.1.1"], help="MQTT version (default 5) [broker.protocol]"
+    )
+    gr.add_argument(
+        "--site-dir",
+        type=Path,
+        help="site directory (from 'medge site init'): keys and registered devices; "
+        "required unless the config names it [site_dir]",
+    )
     gr.add_argument("--db", metavar="FILE|URL", help=_DB_HELP + " [store.db]")
-    gr.add_argument("--client-id",
-                    help="MQTT client id of this worker (default medge-gateway) "
-                    "[broker.client_id]")
-    gr.add_argument("--share-group", help="MQTT 5 shared-subscription group for several "
-                    "workers [broker.share_group]")
-    gr.add_argument("--relay-for", type=Path, action="append",
-                    help="end-to-end mode: accept messages sealed to this public key (the "
-                    "cloud's) unread, checking each device signature (repeatable) [relay_for]")
-    gr.add_argument("--tls", action="store_true",
-                    help="connect with the site's gateway certificate (site broker from "
-                    "'medge gateway broker-config') [broker.tls]")
-    gr.add_argument("--tier", choices=["fog", "cloud"],
-                    help="fog: the site's gateway (default); cloud: the cloud tier that stores "
-                    "what fog gateways forward and acks them (docs/forwarding.md) [tier]")
-    gr.add_argument("--cloud-key", type=Path, action="append", metavar="FILE",
-                    help="also open messages sealed to this private key (the cloud's, from "
-                    "'medge site cloud-key'; end-to-end mode) (repeatable) [cloud_key]")
-    gr.add_argument("--forward-to", metavar="HOST:PORT",
-                    help="forward every stored result/event to this cloud broker through an "
-                    "outbox on disk, deleted only on the cloud gateway's ack [forward.to]")
-    gr.add_argument("--forward-outbox", type=Path, metavar="FILE",
-                    help="the forward outbox (default: DB.forward.sqlite beside --db) "
-                    "[forward.outbox]")
-    gr.add_argument("--forward-tls", type=Path, nargs=3, metavar=("CA", "CERT", "KEY"),
-                    help="TLS to the cloud broker: CA certificate, client certificate, key "
-                    "[forward.tls]")
-    gr.add_argument("--forward-resend-after", type=float, metavar="SECONDS",
-                    help="resend to the cloud what it has not acknowledged (default 10) "
-                    "[forward.resend_after]")
-    gr.add_argument("--backfill", metavar="SINCE",
-                    help="with --forward-to: also queue for the cloud the results already "
-                    "stored since SINCE (all, 30m, 24h, 7d, an ISO date/time or a Unix time); "
-                    "the cloud keeps each once [forward.backfill]")
-    gr.add_argument("--device-rate", type=float, metavar="MSG_PER_S",
-                    help="flood limit per device: messages per second (default 100; 0: no "
-                    "limit); messages over it are not acknowledged, so the device resends them "
-                    "[limits.device_rate]")
-    gr.add_argument("--device-burst", type=float, metavar="N",
-                    help="messages a device may send at once above its rate (default 1000) "
-                    "[limits.device_burst]")
-    gr.add_argument("--batch-window", type=float, metavar="SECONDS",
-                    help="under load, gather results this long into one store commit (default "
-                    "0.005); a result that finds the gateway idle is committed at once "
-                    "[batching.window]")
-    gr.add_argument("--batch-when-idle", action="store_true",
-                    help="wait the batch window also when idle (a fixed window, as before "
-                    "adaptive batching; for comparison) [batching.when_idle]")
-    gr.add_argument("--silence-after", type=float, metavar="SECONDS",
-                    help="alert when a device sends nothing for this long (default 30) "
-                    "[alerts.silence_after]")
-    gr.add_argument("--alert-rules", type=Path, metavar="FILE.yaml",
-                    help="alert rules: severity per event kind, silence, offline "
-                    "(docs/dashboard.md, 'Alerts'); its silence_after wins over --silence-after "
-                    "[alerts.rules]")
-    gr.add_argument("--metrics-port", type=int, metavar="N",
-                    help="serve Prometheus metrics at http://HOST:N/metrics (0: any free port) "
-                    "[metrics.port]")
-    gr.add_argument("--metrics-host",
-                    help="address of the metrics endpoint (default loopback) [metrics.host]")
+    gr.add_argument(
+        "--client-id",
+        help="MQTT client id of this worker (default medge-gateway) [broker.client_id]",
+    )
+    gr.add_argument(
+        "--share-group",
+        help="MQTT 5 shared-subscription group for several workers [broker.share_group]",
+    )
+    gr.add_argument(
+        "--relay-for",
+        type=Path,
+        action="append",
+        help="end-to-end mode: accept messages sealed to this public key (the "
+        "cloud's) unread, checking each device signature (repeatable) [relay_for]",
+    )
+    gr.add_argument(
+        "--tls",
+        action="store_true",
+        help="connect with the site's gateway certificate (site broker from "
+        "'medge gateway broker-config') [broker.tls]",
+    )
+    gr.add_argument(
+        "--tier",
+        choices=["fog", "cloud"],
+        help="fog: the site's gateway (default); cloud: the cloud tier that stores "
+        "what fog gateways forward and acks them (docs/forwarding.md) [tier]",
+    )
+    gr.add_argument(
+        "--cloud-key",
+        type=Path,
+        action="append",
+        metavar="FILE",
+        help="also open messages sealed to this private key (the cloud's, from "
+        "'medge site cloud-key'; end-to-end mode) (repeatable) [cloud_key]",
+    )
+    gr.add_argument(
+        "--forward-to",
+        metavar="HOST:PORT",
+        help="forward every stored result/event to this cloud broker through an "
+        "outbox on disk, deleted only on the cloud gateway's ack [forward.to]",
+    )
+    gr.add_argument(
+        "--forward-outbox",
+        type=Path,
+        metavar="FILE",
+        help="the forward outbox (default: DB.forward.sqlite beside --db) [forward.outbox]",
+    )
+    gr.add_argument(
+        "--forward-tls",
+        type=Path,
+        nargs=3,
+        metavar=("CA", "CERT", "KEY"),
+        help="TLS to the cloud broker: CA certificate, client certificate, key [forward.tls]",
+    )
+    gr.add_argument(
+        "--forward-resend-after",
+        type=float,
+        metavar="SECONDS",
+        help="resend to the cloud what it has not acknowledged (default 10) [forward.resend_after]",
+    )
+    gr.add_argument(
+        "--backfill",
+        metavar="SINCE",
+        help="with --forward-to: also queue for the cloud the results already "
+        "stored since SINCE (all, 30m, 24h, 7d, an ISO date/time or a Unix time); "
+        "the cloud keeps each once [forward.backfill]",
+    )
+    gr.add_argument(
+        "--device-rate",
+        type=float,
+        metavar="MSG_PER_S",
+        help="flood limit per device: messages per second (default 100; 0: no "
+        "limit); messages over it are not acknowledged, so the device resends them "
+        "[limits.device_rate]",
+    )
+    gr.add_argument(
+        "--device-burst",
+        type=float,
+        metavar="N",
+        help="messages a device may send at once above its rate (default 1000) "
+        "[limits.device_burst]",
+    )
+    gr.add_argument(
+        "--batch-window",
+        type=float,
+        metavar="SECONDS",
+        help="under load, gather results this long into one store commit (default "
+        "0.005); a result that finds the gateway idle is committed at once "
+        "[batching.window]",
+    )
+    gr.add_argument(
+        "--batch-when-idle",
+        action="store_true",
+        help="wait the batch window also when idle (a fixed window, as before "
+        "adaptive batching; for comparison) [batching.when_idle]",
+    )
+    gr.add_argument(
+        "--silence-after",
+        type=float,
+        metavar="SECONDS",
+        help="alert when a device sends nothing for this long (default 30) [alerts.silence_after]",
+    )
+    gr.add_argument(
+        "--alert-rules",
+        type=Path,
+        metavar="FILE.yaml",
+        help="alert rules: severity per event kind, silence, offline "
+        "(docs/dashboard.md, 'Alerts'); its silence_after wins over --silence-after "
+        "[alerts.rules]",
+    )
+    gr.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="N",
+        help="serve Prometheus metrics at http://HOST:N/metrics (0: any free port) [metrics.port]",
+    )
+    gr.add_argument(
+        "--metrics-host", help="address of the metrics endpoint (default loopback) [metrics.host]"
+    )
     common(gr)
     gr.set_defaults(func=cmd_gateway_run)
 
@@ -267,8 +369,13 @@ def _register_check(gsub: Any, common: Callable[..., None]) -> None:
         "store. An unreachable broker is a warning, not a failure (docs/gateway-config.md).",
     )
     k.add_argument("config", type=Path, metavar="FILE", help="gateway.yaml")
-    k.add_argument("--broker-timeout", type=float, default=2.0, metavar="S",
-                   help="seconds to wait for a TCP connection to the broker (default 2)")
+    k.add_argument(
+        "--broker-timeout",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="seconds to wait for a TCP connection to the broker (default 2)",
+    )
     common(k, json_flag=True)
     k.set_defaults(func=cmd_gateway_check)
 
@@ -284,33 +391,64 @@ def _register_push_bundle(gsub: Any, common: Callable[..., None]) -> None:
         "(applied/rejected, stored by the gateway) says what it did (docs/device.md).",
     )
     pb.add_argument("bundle", type=Path, metavar="BUNDLE", help="bundle directory")
-    pb.add_argument("--config", type=Path, default=None, metavar="FILE",
-                    help="gateway.yaml: site_dir and broker from its 'gateway:' section (the "
-                    "flags below override them)")
-    pb.add_argument("--site-dir", type=Path, default=argparse.SUPPRESS,
-                    help="site directory: its name and bundle-signer.key; required unless the "
-                    "config names it [site_dir]")
+    pb.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="gateway.yaml: site_dir and broker from its 'gateway:' section (the "
+        "flags below override them)",
+    )
+    pb.add_argument(
+        "--site-dir",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="site directory: its name and bundle-signer.key; required unless the "
+        "config names it [site_dir]",
+    )
     pb.add_argument("--device", required=True, help="the device to update")
-    pb.add_argument("--broker", default=argparse.SUPPRESS,
-                    help="HOST:PORT of the site's broker (default 127.0.0.1:1883) "
-                    "[broker.host/port]")
-    pb.add_argument("--protocol", choices=["5", "3.1.1"], default=argparse.SUPPRESS,
-                    help="MQTT version (default 5) [broker.protocol]")
-    pb.add_argument("--tls", action="store_true", default=argparse.SUPPRESS,
-                    help="connect with the site's gateway certificate (site broker) "
-                    "[broker.tls]")
-    pb.add_argument("--allow-downgrade", action="store_true",
-                    help="let the device install a bundle older than the one it runs")
-    pb.add_argument("--http-host", default="0.0.0.0",  # noqa: S104 - devices must reach it
-                    help="address the bundle is served on (default all)")
-    pb.add_argument("--http-port", type=int, default=0,
-                    help="port it is served on (default: any free port)")
-    pb.add_argument("--url-host",
-                    help="host name or address the device fetches the bundle from (default: "
-                    "this machine's address toward the broker)")
-    pb.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
-                    help="give up when the device has not fetched the bundle by then "
-                    "(default 600)")
+    pb.add_argument(
+        "--broker",
+        default=argparse.SUPPRESS,
+        help="HOST:PORT of the site's broker (default 127.0.0.1:1883) [broker.host/port]",
+    )
+    pb.add_argument(
+        "--protocol",
+        choices=["5", "3.1.1"],
+        default=argparse.SUPPRESS,
+        help="MQTT version (default 5) [broker.protocol]",
+    )
+    pb.add_argument(
+        "--tls",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="connect with the site's gateway certificate (site broker) [broker.tls]",
+    )
+    pb.add_argument(
+        "--allow-downgrade",
+        action="store_true",
+        help="let the device install a bundle older than the one it runs",
+    )
+    pb.add_argument(
+        "--http-host",
+        default="0.0.0.0",  # noqa: S104 - devices must reach it
+        help="address the bundle is served on (default all)",
+    )
+    pb.add_argument(
+        "--http-port", type=int, default=0, help="port it is served on (default: any free port)"
+    )
+    pb.add_argument(
+        "--url-host",
+        help="host name or address the device fetches the bundle from (default: "
+        "this machine's address toward the broker)",
+    )
+    pb.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="give up when the device has not fetched the bundle by then (default 600)",
+    )
     common(pb, json_flag=True)
     pb.set_defaults(func=cmd_gateway_push_bundle)
 
@@ -329,27 +467,43 @@ def _register_dashboard(sub: Any, common: Callable[..., None]) -> None:
     d.add_argument("--db", metavar="FILE|URL", help=_DB_HELP + " [db]")
     d.add_argument("--host", help="address to listen on (default loopback) [host]")
     d.add_argument("--port", type=int, help="port (default 8080) [port]")
-    d.add_argument("--users", type=Path,
-                   help="users file (from 'medge dashboard add-user') [users]")
-    d.add_argument("--allow-anonymous", action="store_true",
-                   help="serve without login (local tests only: the data is patient-derived) "
-                   "[allow_anonymous]")
+    d.add_argument(
+        "--users", type=Path, help="users file (from 'medge dashboard add-user') [users]"
+    )
+    d.add_argument(
+        "--allow-anonymous",
+        action="store_true",
+        help="serve without login (local tests only: the data is patient-derived) "
+        "[allow_anonymous]",
+    )
     d.add_argument("--title", help="title shown on the page (default medge) [title]")
-    d.add_argument("--trusted-proxy", action="append", metavar="ADDRESS[/BITS]",
-                   help="a reverse proxy whose X-Forwarded-For/-Proto are believed (repeatable; "
-                   "from anyone else they are ignored) [trusted_proxy]")
-    d.add_argument("--secure-cookies", action="store_true",
-                   help="mark the session cookie Secure (the page is reached over TLS) "
-                   "[secure_cookies]")
+    d.add_argument(
+        "--trusted-proxy",
+        action="append",
+        metavar="ADDRESS[/BITS]",
+        help="a reverse proxy whose X-Forwarded-For/-Proto are believed (repeatable; "
+        "from anyone else they are ignored) [trusted_proxy]",
+    )
+    d.add_argument(
+        "--secure-cookies",
+        action="store_true",
+        help="mark the session cookie Secure (the page is reached over TLS) [secure_cookies]",
+    )
     common(d)
     d.set_defaults(func=cmd_dashboard)
     dsub = d.add_subparsers(dest="dashboard_command", metavar="ACTION")
-    du = dsub.add_parser("add-user", help="add a dashboard user (or set a new password)",
-                         description="Add a user to a users file (created mode 0600); the "
-                         "password is stored as scrypt with a random salt.")
+    du = dsub.add_parser(
+        "add-user",
+        help="add a dashboard user (or set a new password)",
+        description="Add a user to a users file (created mode 0600); the "
+        "password is stored as scrypt with a random salt.",
+    )
     du.add_argument("name", help="user name: 1-64 of [A-Za-z0-9_.@-]")
     du.add_argument("--users", type=Path, required=True, help="users file")
-    du.add_argument("--password-stdin", action="store_true",
-                    help="read the password from the first line of stdin instead of a prompt")
+    du.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from the first line of stdin instead of a prompt",
+    )
     common(du)
     du.set_defaults(func=cmd_dashboard_add_user)

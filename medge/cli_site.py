@@ -40,8 +40,10 @@ def cmd_site_cloud_key(a: argparse.Namespace) -> int:
     from gateway.site import write_recipient
 
     public = write_recipient(a.out, "mlkem768-x25519" if a.post_quantum else "x25519")
-    print(f"private key {a.out} (mode 0600: it stays in the cloud); give {public} to sites "
-          "('medge device provision --recipient', 'medge gateway run --relay-for')")
+    print(
+        f"private key {a.out} (mode 0600: it stays in the cloud); give {public} to sites "
+        "('medge device provision --recipient', 'medge gateway run --relay-for')"
+    )
     return 0
 
 
@@ -90,10 +92,13 @@ def register(sub: Any, common: Any) -> None:
     r.add_argument("--dir", type=Path, required=True, help="site directory")
     common(r)
     r.set_defaults(func=cmd_site_rotate)
-    k = ssub.add_parser("cloud-key", help="a key for end-to-end mode: only its holder reads bodies",
-                        description="Create the recipient key of a receiver beyond the fog "
-                        "gateway (the cloud). Devices provisioned with --recipient seal bodies "
-                        "to it; the site gateway relays them unread (docs/security.md).")
+    k = ssub.add_parser(
+        "cloud-key",
+        help="a key for end-to-end mode: only its holder reads bodies",
+        description="Create the recipient key of a receiver beyond the fog "
+        "gateway (the cloud). Devices provisioned with --recipient seal bodies "
+        "to it; the site gateway relays them unread (docs/security.md).",
+    )
     k.add_argument("--out", type=Path, required=True, help="private key file to write")
     k.add_argument("--post-quantum", action="store_true", help="ML-KEM-768+X25519 hybrid")
     common(k)
@@ -116,9 +121,12 @@ def register(sub: Any, common: Any) -> None:
         help="identity directory to write (goes into the device package)",
     )
     p.add_argument("--days", type=int, default=825, help="certificate lifetime (default 825)")
-    p.add_argument("--recipient", type=Path,
-                   help="end-to-end mode: seal to this public key (the cloud's, from 'medge site "
-                   "cloud-key') instead of the site gateway's")
+    p.add_argument(
+        "--recipient",
+        type=Path,
+        help="end-to-end mode: seal to this public key (the cloud's, from 'medge site "
+        "cloud-key') instead of the site gateway's",
+    )
     common(p)
     p.set_defaults(func=cmd_device_provision)
     v = dsub.add_parser("revoke", help="revoke a device: the gateway refuses it from then on")

@@ -89,17 +89,27 @@ def run_demo(opts: DemoOptions, announce: Any = print) -> list[DeviceSummary]:
             threads = []
             for i in range(opts.devices):
                 name = f"us-{i + 1:02d}"
-                cfg = AgentConfig.model_validate({
-                    "site": SITE,
-                    "device": name,
-                    "bundle": bundle.directory,
-                    "identity": provision_device(site_dir, name, run / "identities" / name),
-                    "broker": {"host": broker.host, "port": broker.port,
-                               "protocol": broker.protocol},
-                    "source": {"path": data, "split": "val", "rate_hz": opts.rate_hz, "loop": True},
-                    "outbox": {"path": run / f"outbox-us-{i + 1:02d}.sqlite"},
-                    "telemetry_interval_s": 1.0,
-                })
+                cfg = AgentConfig.model_validate(
+                    {
+                        "site": SITE,
+                        "device": name,
+                        "bundle": bundle.directory,
+                        "identity": provision_device(site_dir, name, run / "identities" / name),
+                        "broker": {
+                            "host": broker.host,
+                            "port": broker.port,
+                            "protocol": broker.protocol,
+                        },
+                        "source": {
+                            "path": data,
+                            "split": "val",
+                            "rate_hz": opts.rate_hz,
+                            "loop": True,
+                        },
+                        "outbox": {"path": run / f"outbox-us-{i + 1:02d}.sqlite"},
+                        "telemetry_interval_s": 1.0,
+                    }
+                )
                 agent = Agent(cfg)
                 agents.append(agent)
                 t = threading.Thread(target=agent.run, args=(stop,), name=cfg.device, daemon=True)

@@ -20,8 +20,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["PostgresMissing", "PostgresServer", "new_database", "postgres_bin", "require_postgres",
-           "start_postgres"]
+__all__ = [
+    "PostgresMissing",
+    "PostgresServer",
+    "new_database",
+    "postgres_bin",
+    "require_postgres",
+    "start_postgres",
+]
 
 INSTALL_HINT = (
     "PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install -y postgresql "
@@ -50,8 +56,9 @@ def postgres_bin() -> Path:
     """The folder holding initdb and pg_ctl: the newest /usr/lib/postgresql/*/bin, or PATH."""
     found = sorted(
         glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-        key=lambda p: int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit()
-        else 0,
+        key=lambda p: (
+            int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0
+        ),
     )
     if found:
         return Path(found[-1]).parent
@@ -113,8 +120,19 @@ def start_postgres(timeout: float = 60.0) -> Iterator[PostgresServer]:
     try:
         _run(
             prefix,
-            [str(bindir / "initdb"), "-D", str(data), "-U", SUPERUSER, "--auth=trust",
-             "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions"],
+            [
+                str(bindir / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                SUPERUSER,
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+                "--no-instructions",
+            ],
             folder,
             timeout,
         )
@@ -128,8 +146,19 @@ def start_postgres(timeout: float = 60.0) -> Iterator[PostgresServer]:
             try:
                 _run(
                     prefix,
-                    [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(folder / "server.log"),
-                     "-w", "-t", str(int(timeout)), "-o", options, "start"],
+                    [
+                        str(bindir / "pg_ctl"),
+                        "-D",
+                        str(data),
+                        "-l",
+                        str(folder / "server.log"),
+                        "-w",
+                        "-t",
+                        str(int(timeout)),
+                        "-o",
+                        options,
+                        "start",
+                    ],
                     folder,
                     timeout + 10,
                 )
@@ -151,8 +180,12 @@ def start_postgres(timeout: float = 60.0) -> Iterator[PostgresServer]:
     finally:
         if started:
             with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
-                _run(prefix, [str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate",
-                              "-w", "stop"], folder, 60)
+                _run(
+                    prefix,
+                    [str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+                    folder,
+                    60,
+                )
         shutil.rmtree(folder, ignore_errors=True)
 
 

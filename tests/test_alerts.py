@@ -48,16 +48,21 @@ def publisher(broker: Any) -> Iterator[Callable[[str, str, bytes], None]]:
     c.loop_start()
     try:
         yield lambda device, kind, payload: c.publish(
-            topic(SITE, device, kind), payload, qos=1).wait_for_publish(5)
+            topic(SITE, device, kind), payload, qos=1
+        ).wait_for_publish(5)
     finally:
         c.loop_stop()
         c.disconnect()
 
 
-def fall(device: str, seq: int, event: str = "fall", score: float = 0.97,
-         **extra: Any) -> Envelope:
-    body = {"event": event, "score": score, "input": f"imu-replay:subject07#{seq}",
-            "bundle": "fall-lstm@1#abc", **extra}
+def fall(device: str, seq: int, event: str = "fall", score: float = 0.97, **extra: Any) -> Envelope:
+    body = {
+        "event": event,
+        "score": score,
+        "input": f"imu-replay:subject07#{seq}",
+        "bundle": "fall-lstm@1#abc",
+        **extra,
+    }
     return Envelope("event", SITE, device, seq, time.time(), body)
 
 
@@ -74,9 +79,11 @@ def test_a_fall_event_raises_an_alert_within_a_second(  # type: ignore[no-untype
     mosquitto, sealer, opener, tmp_path: Path
 ) -> None:
     wr = sealer("wr-01")
-    with Store(tmp_path / "gw.sqlite") as store, \
-            Gateway(store, opener, mosquitto.host, mosquitto.port) as gw, \
-            publisher(mosquitto) as send:
+    with (
+        Store(tmp_path / "gw.sqlite") as store,
+        Gateway(store, opener, mosquitto.host, mosquitto.port) as gw,
+        publisher(mosquitto) as send,
+    ):
         sealed = wr.seal(fall("wr-01", 1))
         started = time.perf_counter()
         send("wr-01", "event", sealed)
@@ -87,7 +94,11 @@ def test_a_fall_event_raises_an_alert_within_a_second(  # type: ignore[no-untype
         (ARTIFACTS / "alert-latency.json").write_text(json.dumps({"fall_alert_s": latency}))
 
         assert (alert["site"], alert["device"], alert["severity"], alert["state"]) == (
-            SITE, "wr-01", "critical", "open")
+            SITE,
+            "wr-01",
+            "critical",
+            "open",
+        )
         assert alert["message"] == "fall on ward-a/wr-01 (score 0.97)"
         assert alert["detail"]["seq"] == 1
         assert alert["detail"]["input"] == "imu-replay:subject07#1"
@@ -108,15 +119,15 @@ def test_a_fall_event_raises_an_alert_within_a_second(  # type: ignore[no-untype
         acked = acknowledge(store, alert["id"], "nurse-1")
         assert (acked["state"], acked["acked_by"]) == ("acknowledged", "nurse-1")
         [audit] = store.audit("ack-alert")
-        assert "nurse-1" in audit["detail"] and (audit["site"], audit["device"]) == (
-            SITE, "wr-01")
+        assert "nurse-1" in audit["detail"] and (audit["site"], audit["device"]) == (SITE, "wr-01")
         with pytest.raises(AlertError, match="acknowledged, not open"):
             acknowledge(store, alert["id"], "nurse-1")
 
         # Once acknowledged, the next fall is a new alert.
         send("wr-01", "event", wr.seal(fall("wr-01", 4)))
-        newest = wait_for(lambda: [a for a in of_rule(store, "event:fall")
-                                   if a["state"] == "open"])[0]
+        newest = wait_for(
+            lambda: [a for a in of_rule(store, "event:fall") if a["state"] == "open"]
+        )[0]
         assert newest["id"] != alert["id"]
         assert [a["state"] for a in of_rule(store, "event:fall")] == ["open", "acknowledged"]
 
@@ -126,9 +137,11 @@ def test_a_silent_device_raises_an_alert_and_speaking_resolves_it(  # type: igno
 ) -> None:
     us = sealer("us-21")
     rules = AlertRules(silence_after=1.0)
-    with Store(tmp_path / "gw.sqlite") as store, \
-            Gateway(store, opener, mosquitto.host, mosquitto.port, rules=rules), \
-            publisher(mosquitto) as send:
+    with (
+        Store(tmp_path / "gw.sqlite") as store,
+        Gateway(store, opener, mosquitto.host, mosquitto.port, rules=rules),
+        publisher(mosquitto) as send,
+    ):
         send("us-21", "state", us.seal(state("us-21", 1, "online")))
         spoke = time.monotonic()
         wait_for(store.devices)
@@ -159,14 +172,19 @@ def test_offline_is_a_warning_resolved_by_online(  # type: ignore[no-untyped-def
     """What the broker publishes for a device's Last Will: its retained state 'offline'."""
     us = sealer("us-22")
     rules = AlertRules(silence_after=0.5)
-    with Store(tmp_path / "gw.sqlite") as store, \
-            Gateway(store, opener, mosquitto.host, mosquitto.port, rules=rules) as gw, \
-            publisher(mosquitto) as send:
+    with (
+        Store(tmp_path / "gw.sqlite") as store,
+        Gateway(store, opener, mosquitto.host, mosquitto.port, rules=rules) as gw,
+        publisher(mosquitto) as send,
+    ):
         send("us-22", "state", us.seal(state("us-22", 1, "online")))
         send("us-22", "state", us.seal(state("us-22", 2, "offline")))
         alert = wait_for(lambda: of_rule(store, "offline"))[0]
         assert (alert["severity"], alert["state"], alert["message"]) == (
-            "warning", "open", "ward-a/us-22 went offline")
+            "warning",
+            "open",
+            "ward-a/us-22 went offline",
+        )
         time.sleep(0.9)  # longer than silence_after: an offline device is not also "silent"
         assert of_rule(store, "silent") == []
         # a replayed older 'online' is rejected and resolves nothing
@@ -187,9 +205,11 @@ def test_one_open_alert_per_condition(tmp_path: Path) -> None:
         assert list_alerts(store)[0]["count"] == 2
         # the database itself refuses a second open alert for one condition
         with pytest.raises(sqlite3.IntegrityError), store.transaction() as db:
-            db.execute("INSERT INTO alerts (site, device, rule, severity, message, opened, "
-                       "updated) VALUES (?,?,?,?,?,?,?)",
-                       (SITE, "d1", "silent", "warning", "dup", 0.0, 0.0))
+            db.execute(
+                "INSERT INTO alerts (site, device, rule, severity, message, opened, "
+                "updated) VALUES (?,?,?,?,?,?,?)",
+                (SITE, "d1", "silent", "warning", "dup", 0.0, 0.0),
+            )
         with pytest.raises(UnknownAlert):
             acknowledge(store, 999, "x")
         with pytest.raises(AlertError, match="severity"):
@@ -248,8 +268,17 @@ def tracked(device: str, rules: list[EventRule], scores: list[float]) -> list[En
     out = []
     for seq, body in enumerate(bodies, start=1):
         raising = body["alert"] is not False and body["state"] == "start"
-        out.append(Envelope("event", SITE, device, seq, time.time(), body,
-                            alert=body["event"] if raising else None))
+        out.append(
+            Envelope(
+                "event",
+                SITE,
+                device,
+                seq,
+                time.time(),
+                body,
+                alert=body["event"] if raising else None,
+            )
+        )
     return out
 
 
@@ -260,16 +289,25 @@ def test_a_pvc_run_marked_alert_raises_an_alert_like_a_fall(  # type: ignore[no-
     scores = [0.1, 0.9, 0.95, 0.9, 0.2, 0.1]
     events = tracked("ecg-03", [PVC, QUIET], scores)
     assert [(e.body["event"], e.body["state"]) for e in events] == [
-        ("ectopic", "start"), ("pvc_run", "start"), ("pvc_run", "end"), ("ectopic", "end")]
-    with Store(tmp_path / "gw.sqlite") as store, \
-            Gateway(store, opener, mosquitto.host, mosquitto.port) as gw, \
-            publisher(mosquitto) as send:
+        ("ectopic", "start"),
+        ("pvc_run", "start"),
+        ("pvc_run", "end"),
+        ("ectopic", "end"),
+    ]
+    with (
+        Store(tmp_path / "gw.sqlite") as store,
+        Gateway(store, opener, mosquitto.host, mosquitto.port) as gw,
+        publisher(mosquitto) as send,
+    ):
         for env in events:
             send("ecg-03", "event", ecg.seal(env))
         wait_for(lambda: gw.stats.stored == 4)
         [alert] = wait_for(lambda: list_alerts(store))
         assert (alert["rule"], alert["severity"], alert["state"]) == (
-            "event:pvc_run", "warning", "open"), "the bundle's severity, one alert per run"
+            "event:pvc_run",
+            "warning",
+            "open",
+        ), "the bundle's severity, one alert per run"
         assert alert["message"] == "pvc_run on ward-a/ecg-03 (score 0.95)"
         assert alert["detail"]["severity_from"] == "bundle"
         assert alert["detail"]["input"] == ["mitdb-106#1", "mitdb-106#2"]
@@ -285,8 +323,7 @@ def test_a_relay_raises_from_the_clear_header(tmp_path: Path) -> None:
         engine.on_envelope(sealed)
         engine.on_envelope(Envelope("event", SITE, "r1", 2, time.time(), {}, alert="apnea"))
         engine.on_envelope(Envelope("event", SITE, "r1", 3, time.time(), {}))  # no alert
-        got = {a["rule"]: (a["severity"], a["detail"]["severity_from"])
-               for a in list_alerts(store)}
+        got = {a["rule"]: (a["severity"], a["detail"]["severity_from"]) for a in list_alerts(store)}
         assert got == {"event:pvc_run": ("critical", "default"), "event:apnea": ("info", "rule")}
 
 
@@ -304,8 +341,7 @@ def test_configured_rules_change_severity_and_silence(tmp_path: Path) -> None:
     path = tmp_path / "alert-rules.yaml"
     path.write_text(RULES_YAML)
     rules = load_alert_rules(path, silence_after=30.0)
-    assert rules.silence_after == 2.5 and rules.events == {"pvc_run": "critical",
-                                                           "cough": "ignore"}
+    assert rules.silence_after == 2.5 and rules.events == {"pvc_run": "critical", "cough": "ignore"}
     now = [1_000_000.0]
     with Store(tmp_path / "s.sqlite") as store:
         engine = AlertEngine(store, rules, clock=lambda: now[0])
@@ -315,10 +351,8 @@ def test_configured_rules_change_severity_and_silence(tmp_path: Path) -> None:
         assert engine.on_envelope(cough) is None, "a kind the site ignores is only recorded"
         unnamed = Envelope("event", SITE, "ecg-04", 10, now[0], {"event": "slump"})
         engine.on_envelope(unnamed)
-        got = {a["rule"]: (a["severity"], a["detail"]["severity_from"])
-               for a in list_alerts(store)}
-        assert got == {"event:pvc_run": ("critical", "rule"),
-                       "event:slump": ("warning", "default")}
+        got = {a["rule"]: (a["severity"], a["detail"]["severity_from"]) for a in list_alerts(store)}
+        assert got == {"event:pvc_run": ("critical", "rule"), "event:slump": ("warning", "default")}
 
         # silence after 2.5 s, not the default 30; offline at the configured severity
         store.set_state(SITE, "ecg-05", "online", now[0])
@@ -330,7 +364,8 @@ def test_configured_rules_change_severity_and_silence(tmp_path: Path) -> None:
         now[0] += 0.2
         [silent] = engine.check_silence()
         assert next(a for a in list_alerts(store) if a["id"] == silent)["message"] == (
-            "ward-a/ecg-05 silent for 2.5 s")
+            "ward-a/ecg-05 silent for 2.5 s"
+        )
         engine.on_envelope(state("ecg-05", 1, "offline"))
         assert of_rule(store, "offline")[0]["severity"] == "info"
         assert current_rules(store) is not None
@@ -362,6 +397,7 @@ def test_the_dashboard_shows_the_rules_the_gateway_recorded(tmp_path: Path) -> N
 
     with Store(tmp_path / "s.sqlite") as store:
         with DashboardServer(store.path, port=0, allow_anonymous=True) as dash:
+
             def rules() -> Any:
                 conn = http.client.HTTPConnection("127.0.0.1", dash.port, timeout=5)
                 try:

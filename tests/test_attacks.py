@@ -45,8 +45,13 @@ GOOD, BAD = "us-01", "mallory"
 USER, PASSWORD = "ward-nurse", "correct horse battery staple"
 
 
-def _http(port: int, method: str, path: str, body: str | None = None,
-          headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], str]:
+def _http(
+    port: int,
+    method: str,
+    path: str,
+    body: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], str]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     head = dict(headers or {})
     if body is not None:
@@ -81,10 +86,26 @@ class Fog:
         log = self.tmp / f"gateway-{len(self.logs)}.log"
         self.logs.append(log)
         self.gateway = subprocess.Popen(
-            [sys.executable, "-m", "medge", "gateway", "run", "--site-dir", str(self.site),
-             "--broker", f"127.0.0.1:{self.broker.port}", "--tls", "--db", str(self.db),
-             "--metrics-port", str(self.metrics_port)],
-            stdout=subprocess.DEVNULL, stderr=log.open("w"), text=True)
+            [
+                sys.executable,
+                "-m",
+                "medge",
+                "gateway",
+                "run",
+                "--site-dir",
+                str(self.site),
+                "--broker",
+                f"127.0.0.1:{self.broker.port}",
+                "--tls",
+                "--db",
+                str(self.db),
+                "--metrics-port",
+                str(self.metrics_port),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log.open("w"),
+            text=True,
+        )
         wait_for(lambda: self.metrics() is not None, 30, "the gateway's metrics port")
 
     def stop_gateway(self) -> None:
@@ -113,8 +134,11 @@ class Fog:
 
     def rejected(self) -> dict[str, float]:
         prefix = 'medge_gateway_messages_rejected_total{reason="'
-        return {k[len(prefix):-2]: v for k, v in (self.metrics() or {}).items()
-                if k.startswith(prefix)}
+        return {
+            k[len(prefix) : -2]: v
+            for k, v in (self.metrics() or {}).items()
+            if k.startswith(prefix)
+        }
 
     def assert_alive(self) -> None:
         assert self.gateway is not None and self.gateway.poll() is None, self.log_text()[-3000:]
@@ -123,8 +147,12 @@ class Fog:
     def stored_seqs(self, device: str = GOOD) -> set[int]:
         con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=5)
         try:
-            return {r[0] for r in con.execute(
-                "SELECT seq FROM results WHERE site=? AND device=?", (SITE, device))}
+            return {
+                r[0]
+                for r in con.execute(
+                    "SELECT seq FROM results WHERE site=? AND device=?", (SITE, device)
+                )
+            }
         finally:
             con.close()
 
@@ -138,8 +166,9 @@ class Fog:
         self.assert_alive()
 
     # -- the attacker ----------------------------------------------------------------------
-    def send(self, payload: bytes, kind: str = "result", retain: bool = False,
-             device: str = BAD) -> None:
+    def send(
+        self, payload: bytes, kind: str = "result", retain: bool = False, device: str = BAD
+    ) -> None:
         assert self.mallory is not None
         info = self.mallory.publish(topic(SITE, device, kind), payload, qos=1, retain=retain)
         info.wait_for_publish(10)
@@ -149,8 +178,14 @@ class Fog:
         (what a hostile device can put there, NaN and 10**30 included)."""
         assert self.mallory_sealer is not None
         mark: dict[str, Any] = {}
-        env = Envelope(kind, SITE, BAD, next(self.seqs) + 1_000_000, time.time(),
-                       mark if raw is not None else body)
+        env = Envelope(
+            kind,
+            SITE,
+            BAD,
+            next(self.seqs) + 1_000_000,
+            time.time(),
+            mark if raw is not None else body,
+        )
         if raw is None:
             return self.mallory_sealer.seal(env)
         canon = envelope_mod._canon
@@ -162,17 +197,22 @@ class Fog:
 
     def counted(self, before: dict[str, float], n: int, timeout: float = 15) -> dict[str, float]:
         """Wait until ``n`` more rejections are counted; the increase by reason."""
+
         def grew() -> dict[str, float] | None:
             now = self.rejected()
             diff = {k: v - before.get(k, 0.0) for k, v in now.items() if v > before.get(k, 0.0)}
             return diff if sum(diff.values()) >= n else None
+
         return wait_for(grew, timeout, f"{n} rejection(s) to be counted")
 
 
 def _client(ident: Path, broker: RunningBroker) -> mqtt.Client:
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=BAD, protocol=mqtt.MQTTv5)
-    c.tls_set(ca_certs=str(ident / SITE_CA), certfile=str(ident / DEVICE_CERT),
-              keyfile=str(ident / DEVICE_KEY))
+    c.tls_set(
+        ca_certs=str(ident / SITE_CA),
+        certfile=str(ident / DEVICE_CERT),
+        keyfile=str(ident / DEVICE_KEY),
+    )
     connected = threading.Event()
     c.on_connect = lambda *_a: connected.set()
     c.connect(broker.host, broker.port)
@@ -194,16 +234,46 @@ def fog(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fog]:
         f = Fog(tmp, site, broker, tmp / "gateway.sqlite", free_port(), free_port())
         f.start_gateway()
         users = tmp / "users.json"
-        subprocess.run([sys.executable, "-m", "medge", "dashboard", "add-user", USER,
-                        "--users", str(users), "--password-stdin"],
-                       input=PASSWORD + "\n", text=True, check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "medge",
+                "dashboard",
+                "add-user",
+                USER,
+                "--users",
+                str(users),
+                "--password-stdin",
+            ],
+            input=PASSWORD + "\n",
+            text=True,
+            check=True,
+            capture_output=True,
+        )
         dash_log = tmp / "dashboard.log"
         f.dashboard = subprocess.Popen(
-            [sys.executable, "-m", "medge", "dashboard", "--db", str(f.db), "--users",
-             str(users), "--port", str(f.dashboard_port)],
-            stdout=subprocess.DEVNULL, stderr=dash_log.open("w"), text=True)
-        wait_for(lambda: _ok(lambda: _http(f.dashboard_port, "GET", "/login")[0] == 200), 30,
-                 "the dashboard")
+            [
+                sys.executable,
+                "-m",
+                "medge",
+                "dashboard",
+                "--db",
+                str(f.db),
+                "--users",
+                str(users),
+                "--port",
+                str(f.dashboard_port),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=dash_log.open("w"),
+            text=True,
+        )
+        wait_for(
+            lambda: _ok(lambda: _http(f.dashboard_port, "GET", "/login")[0] == 200),
+            30,
+            "the dashboard",
+        )
         idn = DeviceIdentity.load(good_ident, SITE, GOOD)
         epochs = itertools.count(1)
         box = Outbox(tmp / "good.outbox.sqlite", SITE, GOOD)
@@ -236,8 +306,21 @@ def _ok(check: Callable[[], bool]) -> bool:
 
 
 # -- the attacks -------------------------------------------------------------------------------
-HEADER_FIELDS = ("v", "kind", "site", "device", "seq", "time", "kid", "suite", "epoch", "ek",
-                 "es", "alert", "ct")
+HEADER_FIELDS = (
+    "v",
+    "kind",
+    "site",
+    "device",
+    "seq",
+    "time",
+    "kid",
+    "suite",
+    "epoch",
+    "ek",
+    "es",
+    "alert",
+    "ct",
+)
 WRONG_TYPES: tuple[Any, ...] = ([], ["result"], {}, {"a": 1}, None, True, 1.5, -1, 10**30, "x")
 
 
@@ -252,8 +335,16 @@ def test_wrong_json_types_in_every_header_field(fog: Fog) -> None:
             fog.send(json.dumps({**good, name: value}).encode())
             sent += 1
     grew = fog.counted(before, sent)
-    assert set(grew) <= {"malformed", "topic", "unknown_key", "authentication", "schema",
-                         "signature", "header_mismatch", "device"}, grew
+    assert set(grew) <= {
+        "malformed",
+        "topic",
+        "unknown_key",
+        "authentication",
+        "schema",
+        "signature",
+        "header_mismatch",
+        "device",
+    }, grew
     fog.good_result_is_stored()
 
 
@@ -268,17 +359,29 @@ def test_deeply_nested_and_huge_headers_are_rejected(fog: Fog) -> None:
     fog.good_result_is_stored()
 
 
-@pytest.mark.parametrize(("kind", "raw"), [
-    ("telemetry", b'{"cpu_percent":100000000000000000000000000000000000000}'),
-    ("result", b'{"input":"m#2","pred":100000000000000000000000000000000000000,"scores":[1]}'),
-    ("result", b'{"input":"m#3","pred":0,"scores":[NaN,Infinity]}'),
-    ("telemetry", b'{"cpu_percent":NaN}'),
-    ("result", b'{"input":"m#4","pred":0,"scores":' + b"[" * 1000 + b"]" * 1000 + b"}"),
-    ("telemetry", b'{"x":' + b'{"x":' * 1000 + b"1" + b"}" * 1001),
-    ("state", b'{"state":["online"]}'),
-    ("telemetry", b'{"fps":"' + b"A" * 100_000 + b'"}'),
-], ids=["telemetry-bigint", "result-bigint", "result-nan", "telemetry-nan", "result-deep",
-        "telemetry-deep", "state-list", "telemetry-long-string"])
+@pytest.mark.parametrize(
+    ("kind", "raw"),
+    [
+        ("telemetry", b'{"cpu_percent":100000000000000000000000000000000000000}'),
+        ("result", b'{"input":"m#2","pred":100000000000000000000000000000000000000,"scores":[1]}'),
+        ("result", b'{"input":"m#3","pred":0,"scores":[NaN,Infinity]}'),
+        ("telemetry", b'{"cpu_percent":NaN}'),
+        ("result", b'{"input":"m#4","pred":0,"scores":' + b"[" * 1000 + b"]" * 1000 + b"}"),
+        ("telemetry", b'{"x":' + b'{"x":' * 1000 + b"1" + b"}" * 1001),
+        ("state", b'{"state":["online"]}'),
+        ("telemetry", b'{"fps":"' + b"A" * 100_000 + b'"}'),
+    ],
+    ids=[
+        "telemetry-bigint",
+        "result-bigint",
+        "result-nan",
+        "telemetry-nan",
+        "result-deep",
+        "telemetry-deep",
+        "state-list",
+        "telemetry-long-string",
+    ],
+)
 def test_authenticated_hostile_bodies_are_rejected(fog: Fog, kind: str, raw: bytes) -> None:
     before = fog.rejected()
     fog.send(fog.sealed(kind, None, raw), kind=kind)
@@ -328,8 +431,11 @@ def test_hostile_telemetry_does_not_hide_an_open_fall_alert(fog: Fog) -> None:
     fog.good_box.put("event", {"event": "fall", "state": "start", "score": 0.97})
     fog.good_link.notify()
     before = fog.rejected()
-    hostile = [b'{"cpu_percent":{"a":[1,2,{"b":null}]},"fps":"' + b"\xe2\x80\xae" * 50 + b'"}',
-               b'{"mem":1e400}', b'{"a":' * 50 + b"1" + b"}" * 50]
+    hostile = [
+        b'{"cpu_percent":{"a":[1,2,{"b":null}]},"fps":"' + b"\xe2\x80\xae" * 50 + b'"}',
+        b'{"mem":1e400}',
+        b'{"a":' * 50 + b"1" + b"}" * 50,
+    ]
     for raw in hostile:
         fog.send(fog.sealed("telemetry", None, raw), kind="telemetry")
     fog.counted(before, len(hostile))
@@ -337,13 +443,15 @@ def test_hostile_telemetry_does_not_hide_an_open_fall_alert(fog: Fog) -> None:
     cookie = _login(fog.dashboard_port)
 
     def fall_alert_open() -> bool:
-        status, _, text = _http(fog.dashboard_port, "GET", "/api/alerts",
-                                headers={"Cookie": cookie})
+        status, _, text = _http(
+            fog.dashboard_port, "GET", "/api/alerts", headers={"Cookie": cookie}
+        )
         assert status == 200, text[:300]
         alerts = json.loads(text)
         alerts = alerts.get("alerts", []) if isinstance(alerts, dict) else alerts
-        return any(a.get("rule") in ("fall", "event:fall") and a.get("state") == "open"
-                   for a in alerts)
+        return any(
+            a.get("rule") in ("fall", "event:fall") and a.get("state") == "open" for a in alerts
+        )
 
     wait_for(fall_alert_open, 15, "the fall alert")
     status, _, text = _http(fog.dashboard_port, "GET", "/api/devices", headers={"Cookie": cookie})

@@ -64,8 +64,9 @@ def _publish(broker: RunningBroker, items: list[tuple[str, bytes]], retain: bool
 
 
 @contextmanager
-def _device(tmp: Path, broker: RunningBroker, ident: Path, device: str,
-            resend_after: float = 0.5) -> Iterator[tuple[Outbox, DeviceLink]]:
+def _device(
+    tmp: Path, broker: RunningBroker, ident: Path, device: str, resend_after: float = 0.5
+) -> Iterator[tuple[Outbox, DeviceLink]]:
     """A device as its agent runs it: sealed results in a disk outbox, deleted only on the
     gateway's ack."""
     idn = DeviceIdentity.load(ident, SITE, device)
@@ -78,8 +79,10 @@ def _device(tmp: Path, broker: RunningBroker, ident: Path, device: str,
 
 
 def _put(box: Outbox, link: DeviceLink, n: int = 1) -> list[int]:
-    seqs = [box.put("result", {"input": f"s#{i}", "pred": 1, "scores": [0.2, 0.8]}).seq
-            for i in range(n)]
+    seqs = [
+        box.put("result", {"input": f"s#{i}", "pred": 1, "scores": [0.2, 0.8]}).seq
+        for i in range(n)
+    ]
     box.flush()
     link.notify()
     return seqs
@@ -87,16 +90,21 @@ def _put(box: Outbox, link: DeviceLink, n: int = 1) -> list[int]:
 
 def _bad_header(sealer: Any, device: str, field: str) -> bytes:
     """A real sealed result whose header holds a list where a string belongs."""
-    doc = json.loads(sealer(device).seal(
-        Envelope("result", SITE, device, 1, time.time(), {"pred": 0})))
+    doc = json.loads(
+        sealer(device).seal(Envelope("result", SITE, device, 1, time.time(), {"pred": 0}))
+    )
     assert isinstance(doc[field], str), sorted(doc)
     doc[field] = [doc[field], "x"]
     return json.dumps(doc).encode()
 
 
 def _rejected(gw: Gateway, reason: Reason) -> float:
-    return gw.metrics.registry.get_sample_value(  # type: ignore[no-any-return]
-        "medge_gateway_messages_rejected_total", {"reason": reason.value}) or 0.0
+    return (
+        gw.metrics.registry.get_sample_value(  # type: ignore[no-any-return]
+            "medge_gateway_messages_rejected_total", {"reason": reason.value}
+        )
+        or 0.0
+    )
 
 
 def _all_alive(gw: Gateway) -> bool:
@@ -105,14 +113,21 @@ def _all_alive(gw: Gateway) -> bool:
 
 @pytest.mark.parametrize("field", ["kind", "kid", "site"])
 def test_a_list_in_a_header_field_is_rejected_and_the_gateway_goes_on(  # type: ignore[no-untyped-def]
-    tmp_path: Path, mosquitto: RunningBroker, opener, sealer, identity, field: str,
+    tmp_path: Path,
+    mosquitto: RunningBroker,
+    opener,
+    sealer,
+    identity,
+    field: str,
 ) -> None:
     with (
         Store(tmp_path / "gw.sqlite") as store,
         Gateway(store, opener, mosquitto.host, mosquitto.port) as gw,
     ):
-        _publish(mosquitto, [(topic(SITE, "bd-poison", "result"), _bad_header(
-            sealer, "bd-poison", field))])
+        _publish(
+            mosquitto,
+            [(topic(SITE, "bd-poison", "result"), _bad_header(sealer, "bd-poison", field))],
+        )
         wait_for(lambda: gw.stats.rejected == 1, 10, "the rejection")
         assert _rejected(gw, Reason.MALFORMED) == 1
         assert gw.session.rejected[Reason.MALFORMED.value] == 1
@@ -126,11 +141,18 @@ def test_a_list_in_a_header_field_is_rejected_and_the_gateway_goes_on(  # type: 
 
 
 def test_a_retained_poison_message_is_rejected_and_the_gateway_goes_on(  # type: ignore[no-untyped-def]
-    tmp_path: Path, mosquitto: RunningBroker, opener, sealer, identity,
+    tmp_path: Path,
+    mosquitto: RunningBroker,
+    opener,
+    sealer,
+    identity,
 ) -> None:
     """Retained: the broker hands it to the gateway at every subscribe, first of all."""
-    _publish(mosquitto, [(topic(SITE, "bd-retained", "state"),
-                          _bad_header(sealer, "bd-retained", "kind"))], retain=True)
+    _publish(
+        mosquitto,
+        [(topic(SITE, "bd-retained", "state"), _bad_header(sealer, "bd-retained", "kind"))],
+        retain=True,
+    )
     with (
         Store(tmp_path / "gw.sqlite") as store,
         Gateway(store, opener, mosquitto.host, mosquitto.port) as gw,
@@ -145,7 +167,8 @@ def test_a_retained_poison_message_is_rejected_and_the_gateway_goes_on(  # type:
 
 
 def test_a_handler_that_raises_is_counted_as_handler_and_the_session_goes_on(
-    mosquitto: RunningBroker, caplog: pytest.LogCaptureFixture,
+    mosquitto: RunningBroker,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="medge.test-boundary")
     got: list[bytes] = []
@@ -157,9 +180,15 @@ def test_a_handler_that_raises_is_counted_as_handler_and_the_session_goes_on(
 
     t = "medge/v1/ward-a/bd-handler/test"
     subscribed = threading.Event()
-    with MqttSession("test", mosquitto.host, mosquitto.port, subscriptions=[(t, 1)],
-                     on_message=handle, logger=logging.getLogger("medge.test-boundary"),
-                     on_subscribed=subscribed.set) as session:
+    with MqttSession(
+        "test",
+        mosquitto.host,
+        mosquitto.port,
+        subscriptions=[(t, 1)],
+        on_message=handle,
+        logger=logging.getLogger("medge.test-boundary"),
+        on_subscribed=subscribed.set,
+    ) as session:
         assert session.wait_connected(10)
         wait_for(subscribed.is_set, 10, "the subscription")
         _publish(mosquitto, [(t, b"boom"), (t, b"boom"), (t, b"boom"), (t, b"after")])
@@ -174,13 +203,20 @@ def test_a_handler_that_raises_is_counted_as_handler_and_the_session_goes_on(
 
 @pytest.mark.slow
 def test_nested_json_on_ack_and_cmd_stops_neither_the_link_nor_the_update_thread(  # type: ignore[no-untyped-def]
-    bundle_dir: Path, tmp_path: Path, mosquitto: RunningBroker, identity, opener,
+    bundle_dir: Path,
+    tmp_path: Path,
+    mosquitto: RunningBroker,
+    identity,
+    opener,
 ) -> None:
     from edge_agent import Agent, AgentConfig
     from models import breast_cnn
 
     cfg = AgentConfig(
-        site=SITE, device="bd-agent", bundle=bundle_dir, identity=identity("bd-agent"),
+        site=SITE,
+        device="bd-agent",
+        bundle=bundle_dir,
+        identity=identity("bd-agent"),
         broker={"host": mosquitto.host, "port": mosquitto.port},
         source={"path": breast_cnn.DATA, "split": "val", "rate_hz": 10},  # ~8 s of samples
         outbox={"path": tmp_path / "outbox.sqlite", "resend_after_s": 0.5},
@@ -191,24 +227,32 @@ def test_nested_json_on_ack_and_cmd_stops_neither_the_link_nor_the_update_thread
     runner = threading.Thread(target=lambda: result.append(agent.run(stop, 30.0)))
     runner.start()
     try:
+
         def workers() -> dict[str, Any]:
             return agent.supervisor.health()[1]["workers"]  # type: ignore[no-any-return]
 
-        wait_for(lambda: "update" in workers() and agent._link is not None
-                 and agent._link.connected, 20, "the agent's link and update thread")
+        wait_for(
+            lambda: "update" in workers() and agent._link is not None and agent._link.connected,
+            20,
+            "the agent's link and update thread",
+        )
         link = agent._link
         assert link is not None
-        _publish(mosquitto, [(topic(SITE, "bd-agent", "ack"), DEEP),
-                             (topic(SITE, "bd-agent", "cmd"), DEEP)])
+        _publish(
+            mosquitto,
+            [(topic(SITE, "bd-agent", "ack"), DEEP), (topic(SITE, "bd-agent", "cmd"), DEEP)],
+        )
         wait_for(lambda: link.bad_acks == 1, 10, "the deep ack's rejection")
         assert sum(link.rejected.values()) == 1  # the command is the update thread's to refuse
         with (
             Store(tmp_path / "gw.sqlite") as store,
             Gateway(store, opener, mosquitto.host, mosquitto.port),
         ):
+
             def reported() -> bool:
-                rows = store.query("SELECT body FROM results WHERE device=? AND kind='event'",
-                                   ("bd-agent",))
+                rows = store.query(
+                    "SELECT body FROM results WHERE device=? AND kind='event'", ("bd-agent",)
+                )
                 return any(json.loads(r["body"]).get("update") == "rejected" for r in rows)
 
             wait_for(reported, 20, "the update thread's report of the deep command")
@@ -237,7 +281,10 @@ def _healthz(url: str) -> tuple[int, dict[str, Any]]:
 
 
 def test_healthz_reports_liveness_and_503_once_the_writer_died(  # type: ignore[no-untyped-def]
-    tmp_path: Path, mosquitto: RunningBroker, opener, identity,
+    tmp_path: Path,
+    mosquitto: RunningBroker,
+    opener,
+    identity,
 ) -> None:
     db = tmp_path / "gw.sqlite"
     with (
@@ -250,19 +297,22 @@ def test_healthz_reports_liveness_and_503_once_the_writer_died(  # type: ignore[
         sup.track("stored", lambda: gw.last_stored)
         with MetricsServer(gw.metrics, port=0, health=sup.health) as server:
             url = server.url.replace("/metrics", "/healthz")
-            with _device(tmp_path, mosquitto, identity("bd-health"), "bd-health",
-                         resend_after=0.2) as (box, link):
+            with _device(
+                tmp_path, mosquitto, identity("bd-health"), "bd-health", resend_after=0.2
+            ) as (box, link):
                 _put(box, link)
                 assert link.drain(10)
                 status, body = _healthz(url)
                 assert status == 200 and body["status"] == "ok"
-                assert set(body["workers"]) == {"gateway-writer", "gateway-mqtt",
-                                                "alert-watchdog"}
+                assert set(body["workers"]) == {"gateway-writer", "gateway-mqtt", "alert-watchdog"}
                 assert 0 <= body["last_message_age_s"]["stored"] < 10
                 _break_the_store(db)
                 _put(box, link)  # resent every 0.2 s: the writer fails, and fails again
-                wait_for(lambda: not gw.workers()["gateway-writer"].is_alive(),  # type: ignore[union-attr]
-                         20, "the writer to give up")
+                wait_for(
+                    lambda: not gw.workers()["gateway-writer"].is_alive(),  # type: ignore[union-attr]
+                    20,
+                    "the writer to give up",
+                )
             status, body = _healthz(url)
         assert status == 503 and body["status"] == "failing"
         writer = body["workers"]["gateway-writer"]
@@ -274,10 +324,27 @@ def test_healthz_reports_liveness_and_503_once_the_writer_died(  # type: ignore[
 
 def _gateway_run(site_dir: Path, broker: str, db: Path, metrics_port: int) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "medge", "gateway", "run", "--site-dir", str(site_dir),
-         "--broker", broker, "--db", str(db), "--metrics-port", str(metrics_port),
-         "--log-level", "info"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ),
+        [
+            sys.executable,
+            "-m",
+            "medge",
+            "gateway",
+            "run",
+            "--site-dir",
+            str(site_dir),
+            "--broker",
+            broker,
+            "--db",
+            str(db),
+            "--metrics-port",
+            str(metrics_port),
+            "--log-level",
+            "info",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
     )
 
 
@@ -297,15 +364,20 @@ def _healthy(proc: subprocess.Popen[str], url: str, timeout: float) -> dict[str,
 
 @pytest.mark.slow
 def test_a_dead_worker_ends_gateway_run_non_zero_on_one_line(  # type: ignore[no-untyped-def]
-    tmp_path: Path, mosquitto: RunningBroker, site_dir: Path, identity,
+    tmp_path: Path,
+    mosquitto: RunningBroker,
+    site_dir: Path,
+    identity,
 ) -> None:
     db, port = tmp_path / "gw.sqlite", free_port("127.0.0.1")
     proc = _gateway_run(site_dir, f"{mosquitto.host}:{mosquitto.port}", db, port)
     try:
         body = _healthy(proc, f"http://127.0.0.1:{port}/healthz", 30)
         assert all(w["alive"] for w in body["workers"].values())
-        with _device(tmp_path, mosquitto, identity("bd-dies"), "bd-dies",
-                     resend_after=0.2) as (box, link):
+        with _device(tmp_path, mosquitto, identity("bd-dies"), "bd-dies", resend_after=0.2) as (
+            box,
+            link,
+        ):
             _break_the_store(db)
             _put(box, link)  # resent until the writer gives up and the process ends
             proc.wait(timeout=60)
@@ -323,18 +395,25 @@ def test_a_dead_worker_ends_gateway_run_non_zero_on_one_line(  # type: ignore[no
 
 @pytest.mark.slow
 def test_gateway_run_retries_a_closed_port_then_connects(  # type: ignore[no-untyped-def]
-    tmp_path: Path, site_dir: Path, sealer,
+    tmp_path: Path,
+    site_dir: Path,
+    sealer,
 ) -> None:
     broker_port, port = free_port("127.0.0.1"), free_port("127.0.0.1")
     db = tmp_path / "gw.sqlite"
     proc = _gateway_run(site_dir, f"127.0.0.1:{broker_port}", db, port)
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")),  # type: ignore[union-attr]
-                              daemon=True)
+    reader = threading.Thread(
+        target=lambda: lines.extend(iter(proc.stderr.readline, "")),  # type: ignore[union-attr]
+        daemon=True,
+    )
     reader.start()
     try:
-        wait_for(lambda: any("retrying with back-off" in ln for ln in lines), 20,
-                 "the warning that the broker is not there")
+        wait_for(
+            lambda: any("retrying with back-off" in ln for ln in lines),
+            20,
+            "the warning that the broker is not there",
+        )
         assert proc.poll() is None, "a broker that is down is retried, not fatal"
         warned = [ln for ln in lines if "retrying with back-off" in ln]
         assert len(warned) == 1 and f"127.0.0.1:{broker_port}" in warned[0]
@@ -342,8 +421,15 @@ def test_gateway_run_retries_a_closed_port_then_connects(  # type: ignore[no-unt
             wait_for(lambda: any("connected to" in ln for ln in lines), 40, "the connection")
             _healthy(proc, f"http://127.0.0.1:{port}/healthz", 10)
             s = sealer("bd-late")
-            _publish(broker, [(topic(SITE, "bd-late", "result"), s.seal(
-                Envelope("result", SITE, "bd-late", 1, time.time(), {"pred": 0})))])
+            _publish(
+                broker,
+                [
+                    (
+                        topic(SITE, "bd-late", "result"),
+                        s.seal(Envelope("result", SITE, "bd-late", 1, time.time(), {"pred": 0})),
+                    )
+                ],
+            )
             with Store(db) as store:
                 wait_for(lambda: store.result_count() == 1, 10, "the result stored")
             proc.send_signal(signal.SIGINT)
@@ -389,14 +475,17 @@ def test_device_healthz_reports_a_dead_worker() -> None:
             death = sup.wait(alive)
         stop.set()
     assert status == 503
-    assert body["workers"]["link-pump"] == {"alive": False,
-                                            "error": "RuntimeError: link pump bug"}
+    assert body["workers"]["link-pump"] == {"alive": False, "error": "RuntimeError: link pump bug"}
     assert death is not None
     assert death.line() == "worker link-pump died: RuntimeError: link pump bug"
 
 
 def test_a_flood_of_rejections_is_counted_in_full_and_audited_in_pace(  # type: ignore[no-untyped-def]
-    tmp_path: Path, mosquitto: RunningBroker, opener, sealer, identity,
+    tmp_path: Path,
+    mosquitto: RunningBroker,
+    opener,
+    sealer,
+    identity,
 ) -> None:
     """Every rejected message counts (metrics, the device's counter); the audit table gets one
     row per device, reason and interval, and the next row says how many it folded in."""

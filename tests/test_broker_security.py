@@ -95,8 +95,11 @@ def test_device_cannot_publish_or_read_as_another(  # type: ignore[no-untyped-de
             c.connect(broker.host, broker.port)
             c.loop_start()
             clients.append(c)
-        wait_for(lambda: spy_seen["connack"] is not None and owner_seen["connack"] is not None,
-                 5, "both CONNACKs")
+        wait_for(
+            lambda: spy_seen["connack"] is not None and owner_seen["connack"] is not None,
+            5,
+            "both CONNACKs",
+        )
         own = spy.publish(topic("ward-b", "us-01", "telemetry"), b"x", qos=1)
         other = spy.publish(topic("ward-b", "us-02", "result"), b"x", qos=1)
         wait_for(lambda: len(spy_seen["pubacks"]) == 2, 5, "two PUBACKs")
@@ -129,8 +132,11 @@ def test_client_id_of_another_device_does_not_take_over_its_session(  # type: ig
     attacker.connect(broker.host, broker.port)
     attacker.loop_start()
     try:
-        wait_for(lambda: v_seen["connack"] is not None and a_seen["connack"] is not None,
-                 5, "both CONNACKs")
+        wait_for(
+            lambda: v_seen["connack"] is not None and a_seen["connack"] is not None,
+            5,
+            "both CONNACKs",
+        )
         time.sleep(1.0)
         assert v_seen["disconnects"] == 0, "the victim keeps its session"
         assert victim.is_connected()

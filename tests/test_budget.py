@@ -19,17 +19,32 @@ from models import breast_cnn
 
 DATA = str(breast_cnn.DATA)
 BASE = [
-    "--calib", DATA, "--calib-split", "train", "--eval", DATA, "--eval-split", "val",
-    "--preprocess", "scale01", "--labels", "malignant,benign", "--positive", "malignant",
+    "--calib",
+    DATA,
+    "--calib-split",
+    "train",
+    "--eval",
+    DATA,
+    "--eval-split",
+    "val",
+    "--preprocess",
+    "scale01",
+    "--labels",
+    "malignant,benign",
+    "--positive",
+    "malignant",
     "--no-onnx",
-]  # fmt: skip
+]
 
 
 def medge(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "medge", *args],
-        capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
 
 
 def test_misses_counts_drops_and_rises_for_lower_is_better_metrics() -> None:
@@ -60,18 +75,24 @@ def runs(
 
     def run(name: str, *budget: str) -> Callable[[], tuple[Path, subprocess.CompletedProcess[str]]]:
         work = tmp_path_factory.mktemp(name)
-        return lambda: (work, medge("convert", str(breast_cnn.WEIGHTS), *BASE, "--out",
-                                    str(work / "b"), *budget))  # fmt: skip
+        return lambda: (
+            work,
+            medge("convert", str(breast_cnn.WEIGHTS), *BASE, "--out", str(work / "b"), *budget),
+        )
 
     # measured on the 78 validation images (float AUC 0.9282): full int8 loses 0.0129 AUC
     # (output quantization coarsens the scores), float-head 0.0021, mixed 0.0008 — so a 0.0015
     # AUC budget walks int8 -> float-head -> mixed
-    started = side_by_side({
-        "test_a_budget_int8_misses_falls_back_to_the_cheapest_that_meets_it":
-            run("fallback", "--budget", "auc=0.0015,sensitivity=0.05"),
-        "test_an_impossible_budget_exits_nonzero_in_one_line_and_leaves_nothing":
-            run("impossible", "--budget", "auc=0", "--fallback", "mixed"),
-    })  # fmt: skip
+    started = side_by_side(
+        {
+            "test_a_budget_int8_misses_falls_back_to_the_cheapest_that_meets_it": run(
+                "fallback", "--budget", "auc=0.0015,sensitivity=0.05"
+            ),
+            "test_an_impossible_budget_exits_nonzero_in_one_line_and_leaves_nothing": run(
+                "impossible", "--budget", "auc=0", "--fallback", "mixed"
+            ),
+        }
+    )
     return {name: f.result() for name, f in started.items()}
 
 

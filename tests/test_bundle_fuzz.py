@@ -27,13 +27,18 @@ from edge_agent.errors import BundleError, ConfigError
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner,
-                                                                max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
     max_leaves=20,
 )
-FUZZ = settings(max_examples=600, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                       HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=600,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 @pytest.fixture(scope="module")
@@ -126,13 +131,19 @@ def _edited(bundle: Path, original: bytes, edit: Any) -> str:
 @pytest.mark.parametrize(
     ("edit", "shown"),
     [
-        (lambda d: d["files"].update({"evil\nname": d["files"]["report.json"]}),
-         "file 'evil\\nname' listed in the manifest is missing"),
-        (lambda d: d["metrics"].update({"x\ny": {"auc": "high"}}),
-         "manifest field 'metrics.x\\ny.auc'"),
+        (
+            lambda d: d["files"].update({"evil\nname": d["files"]["report.json"]}),
+            "file 'evil\\nname' listed in the manifest is missing",
+        ),
+        (
+            lambda d: d["metrics"].update({"x\ny": {"auc": "high"}}),
+            "manifest field 'metrics.x\\ny.auc'",
+        ),
         (lambda d: d.update(schema_version="9\r\n.0"), "schema version 9\\r\\n.0 is not"),
-        (lambda d: d.update(positive_label="benign\nmalignant"),
-         "positive_label 'benign\\nmalignant' is not a label"),
+        (
+            lambda d: d.update(positive_label="benign\nmalignant"),
+            "positive_label 'benign\\nmalignant' is not a label",
+        ),
     ],
     ids=["file-name", "metrics-key", "schema-version", "positive-label"],
 )
@@ -160,23 +171,38 @@ def test_a_newline_in_the_signers_key_id_stays_on_one_line(work: Any) -> None:
 
 def test_the_agent_config_loader_keeps_a_newline_key_on_one_line(tmp_path: Path) -> None:
     cfg = tmp_path / "agent.yaml"
-    cfg.write_text('site: ward-a\ndevice: us-01\nbundle: b\nidentity: i\n'
-                   'source: {path: x.npz}\n"co\\nlour": red\n')
+    cfg.write_text(
+        "site: ward-a\ndevice: us-01\nbundle: b\nidentity: i\n"
+        'source: {path: x.npz}\n"co\\nlour": red\n'
+    )
     with pytest.raises(ConfigError) as exc:
         load_config(cfg)
     assert "\n" not in str(exc.value) and "co\\nlour: Extra inputs" in str(exc.value)
 
 
 def _medge(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "medge", *argv], capture_output=True,
-                          text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "medge", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def test_the_medge_error_line_is_one_line(work: Any, tmp_path: Path) -> None:
     """`medge convert` names an untrusted path in its error; `medge evaluate` a manifest's key:
     either way stderr ends in one `medge: error:` line."""
-    r = _medge("convert", str(tmp_path / "no\nmodel.keras"), "--calib", "x.npz", "--eval",
-               "x.npz", "--out", str(tmp_path / "out"))
+    r = _medge(
+        "convert",
+        str(tmp_path / "no\nmodel.keras"),
+        "--calib",
+        "x.npz",
+        "--eval",
+        "x.npz",
+        "--out",
+        str(tmp_path / "out"),
+    )
     assert r.returncode == 2
     assert r.stderr.splitlines()[-1].startswith("medge: error: ")
     assert "no\\nmodel.keras: no such model file" in r.stderr.splitlines()[-1]

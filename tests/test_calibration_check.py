@@ -133,8 +133,15 @@ def test_the_bn_child_runs_only_for_models_with_batchnorm(tmp_path: Path) -> Non
     assert has_batchnorm(breast_cnn.WEIGHTS) is True  # the zoo CNN has BN layers
     plain = tmp_path / "plain.keras"
     with zipfile.ZipFile(plain, "w") as z:
-        z.writestr("config.json", json.dumps({"class_name": "Sequential", "config": {
-            "layers": [{"class_name": "Conv2D"}, {"class_name": "Dense"}]}}))  # fmt: skip
+        z.writestr(
+            "config.json",
+            json.dumps(
+                {
+                    "class_name": "Sequential",
+                    "config": {"layers": [{"class_name": "Conv2D"}, {"class_name": "Dense"}]},
+                }
+            ),
+        )
     assert has_batchnorm(plain) is False
     (tmp_path / "broken.keras").write_bytes(b"not a zip")
     (tmp_path / "m.h5").write_bytes(b"")
@@ -142,8 +149,12 @@ def test_the_bn_child_runs_only_for_models_with_batchnorm(tmp_path: Path) -> Non
     assert has_batchnorm(tmp_path / "m.h5") is None
     # the child's BN-only job, as the converter runs it: a warning list, nothing else
     np.save(tmp_path / "calib.npy", TRAIN[:50])  # 0-255 data: the BN layers see a shift
-    job = {"model": str(breast_cnn.WEIGHTS), "calib": str(tmp_path / "calib.npy"),
-           "bn_only": True, "out": str(tmp_path / "w.json")}  # fmt: skip
+    job = {
+        "model": str(breast_cnn.WEIGHTS),
+        "calib": str(tmp_path / "calib.npy"),
+        "bn_only": True,
+        "out": str(tmp_path / "w.json"),
+    }
     (tmp_path / "job.json").write_text(json.dumps(job))
     child = [sys.executable, "-m", "converter.calibration_check", str(tmp_path / "job.json")]
     subprocess.run(child, check=True, timeout=120, capture_output=True)

@@ -76,28 +76,60 @@ def cam(tmp_path_factory: pytest.TempPathFactory, site_dir: Path) -> dict[str, A
         out = work / "breast-cnn-cam"
         convert(
             ConvertRequest(
-                model=breast_cnn.WEIGHTS, calib=breast_cnn.DATA, eval=breast_cnn.DATA,
-                out=out, preprocess=Preprocess(kind="scale01"), labels=breast_cnn.CLASS_NAMES,
-                positive_label=breast_cnn.POSITIVE, calib_split="train", eval_split="val",
-                name="breast-cnn-cam", sign_key=site_dir / "bundle-signer.key", cam=True,
+                model=breast_cnn.WEIGHTS,
+                calib=breast_cnn.DATA,
+                eval=breast_cnn.DATA,
+                out=out,
+                preprocess=Preprocess(kind="scale01"),
+                labels=breast_cnn.CLASS_NAMES,
+                positive_label=breast_cnn.POSITIVE,
+                calib_split="train",
+                eval_split="val",
+                name="breast-cnn-cam",
+                sign_key=site_dir / "bundle-signer.key",
+                cam=True,
                 float_artifacts="none",  # the same file list on a quiet or a loaded machine
             )
-        )  # fmt: skip
+        )
         return out
 
     def grad_cam_then_flat_head() -> tuple[Path, subprocess.CompletedProcess[str]]:
         r = subprocess.run(
             [sys.executable, "-c", GRAD_CAM, str(work)],
-            capture_output=True, text=True, timeout=300, check=False,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         flat = subprocess.run(
-            [sys.executable, "-m", "medge", "convert", str(work / "flat_head.keras"),
-             "--calib", str(breast_cnn.DATA), "--calib-split", "train",
-             "--eval", str(breast_cnn.DATA), "--eval-split", "val", "--preprocess", "scale01",
-             "--labels", "malignant,benign", "--cam", "--out", str(work / "flat")],
-            capture_output=True, text=True, timeout=300, check=False,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "medge",
+                "convert",
+                str(work / "flat_head.keras"),
+                "--calib",
+                str(breast_cnn.DATA),
+                "--calib-split",
+                "train",
+                "--eval",
+                str(breast_cnn.DATA),
+                "--eval-split",
+                "val",
+                "--preprocess",
+                "scale01",
+                "--labels",
+                "malignant,benign",
+                "--cam",
+                "--out",
+                str(work / "flat"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
         return work / "gradcam.npz", flat
 
     with ThreadPoolExecutor(2) as pool:
@@ -115,8 +147,10 @@ def test_manifest_declares_the_cam_as_an_optional_second_output(
     assert m.cam is not None
     assert (m.cam.output, m.cam.layer, m.cam.upsample_to) == (1, "last_conv", [28, 28])
     assert [(a.runtime, a.precision) for a in m.artifacts] == [
-        ("litert", "int8"), ("onnx", "fp32"), ("onnx", "int8"),
-    ]  # fmt: skip
+        ("litert", "int8"),
+        ("onnx", "fp32"),
+        ("onnx", "int8"),
+    ]
     for art in m.artifacts:
         assert [o.shape for o in art.outputs] == [[1, 2], [1, 7, 7, 2]], art.file
         assert art.outputs[1].name == "cam", art.file
@@ -170,9 +204,10 @@ def test_heatmap_functions() -> None:
     rng = np.random.default_rng(0)
     a = rng.normal(size=(7, 7)).astype(np.float32)
     np.testing.assert_allclose(
-        resize_bilinear(a, (28, 28)), cv2.resize(a, (28, 28), interpolation=cv2.INTER_LINEAR),
+        resize_bilinear(a, (28, 28)),
+        cv2.resize(a, (28, 28), interpolation=cv2.INTER_LINEAR),
         atol=1e-5,
-    )  # fmt: skip
+    )
     cam = np.zeros((1, 7, 7, 2), np.float32)
     cam[0, 2, 3, 1] = 2.0
     cam[0, :, :, 0] = -1.0

@@ -48,18 +48,30 @@ m.export(sys.argv[2])  # a SavedModel directory
 def sources(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("sources")
     h5, sm = d / "breast_cnn.h5", d / "breast_cnn_savedmodel"
-    r = subprocess.run([sys.executable, "-c", SAVE, str(h5), str(sm)],
-                       capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-c", SAVE, str(h5), str(sm)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return h5, sm
 
 
 def _request(model: Path, out: Path, **kw: object) -> ConvertRequest:
     return ConvertRequest(
-        model=model, calib=breast_cnn.DATA, eval=breast_cnn.DATA, out=out,
-        preprocess=Preprocess(kind="scale01"), labels=breast_cnn.CLASS_NAMES,
-        positive_label=breast_cnn.POSITIVE, calib_split="train", eval_split="val", **kw,  # type: ignore[arg-type]
-    )  # fmt: skip
+        model=model,
+        calib=breast_cnn.DATA,
+        eval=breast_cnn.DATA,
+        out=out,
+        preprocess=Preprocess(kind="scale01"),
+        labels=breast_cnn.CLASS_NAMES,
+        positive_label=breast_cnn.POSITIVE,
+        calib_split="train",
+        eval_split="val",
+        **kw,  # type: ignore[arg-type]
+    )
 
 
 def _keras_float(bundle_dir: Path) -> dict[str, float]:
@@ -121,15 +133,19 @@ def keras_sources(
     """The .h5 and SavedModel conversions, started together once the sources are saved."""
     h5, sm = sources
     work = h5.parent
-    return side_by_side({
-        # asked for fp16 beside int8: shipped whatever the timing says (the timing is recorded)
-        "test_a_legacy_h5_converts_like_the_keras_file": lambda: (
-            work / "h5", convert(_request(h5, work / "h5", onnx=False, float_artifacts="fp16"))
-        ),
-        "test_a_savedmodel_converts_to_litert_and_onnx": lambda: (
-            work / "sm", convert(_request(sm, work / "sm", float_artifacts="none"))
-        ),
-    })  # fmt: skip
+    return side_by_side(
+        {
+            # asked for fp16 beside int8: shipped whatever the timing says (the timing is recorded)
+            "test_a_legacy_h5_converts_like_the_keras_file": lambda: (
+                work / "h5",
+                convert(_request(h5, work / "h5", onnx=False, float_artifacts="fp16")),
+            ),
+            "test_a_savedmodel_converts_to_litert_and_onnx": lambda: (
+                work / "sm",
+                convert(_request(sm, work / "sm", float_artifacts="none")),
+            ),
+        }
+    )
 
 
 def test_formats_are_told_apart_in_one_line(tmp_path: Path, sources: tuple[Path, Path]) -> None:
@@ -152,8 +168,10 @@ def test_a_legacy_h5_converts_like_the_keras_file(
     out, b = keras_sources["test_a_legacy_h5_converts_like_the_keras_file"].result()
     m = b.manifest
     assert m.provenance.source_format == "h5"
-    assert [(a.runtime, a.precision) for a in m.artifacts] == [("litert", "int8"),
-                                                               ("litert", "fp16")]  # fmt: skip
+    assert [(a.runtime, a.precision) for a in m.artifacts] == [
+        ("litert", "int8"),
+        ("litert", "fp16"),
+    ]
     report = json.loads((out / "report.json").read_text())
     fp16 = report["float_artifacts"]["fp16"]
     assert fp16["shipped"] and fp16["speedup_vs_winner"] > 0
@@ -175,8 +193,10 @@ def test_a_savedmodel_converts_to_litert_and_onnx(
     m = b.manifest
     assert m.provenance.source_format == "savedmodel"
     assert [(a.runtime, a.precision) for a in m.artifacts] == [
-        ("litert", "int8"), ("onnx", "fp32"), ("onnx", "int8"),
-    ]  # fmt: skip
+        ("litert", "int8"),
+        ("onnx", "fp32"),
+        ("onnx", "int8"),
+    ]
     report = json.loads((out / "report.json").read_text())
     assert report["onnx"]["route"] == "tf2onnx.convert.from_function"
     assert report["float"]["auc"] == pytest.approx(_keras_float(bundle_dir)["auc"], abs=1e-9)

@@ -92,8 +92,14 @@ def _train(out: Path) -> None:
         if epochs:
             model.fit(x[:480] / scale, y[:480], epochs=epochs, batch_size=32, verbose=0)
         model.save(out / f"{name}.keras")
-        np.savez(out / f"{name}.npz", train_images=x[:480], train_labels=y[:480],
-                 val_images=x[480:], val_labels=y[480:], labels=np.array(LABELS))  # fmt: skip
+        np.savez(
+            out / f"{name}.npz",
+            train_images=x[:480],
+            train_labels=y[:480],
+            val_images=x[480:],
+            val_labels=y[480:],
+            labels=np.array(LABELS),
+        )
         return model
 
     # The LSTM saved with a static batch of one (the trained layers on a batch-1 input): the
@@ -120,38 +126,73 @@ def _convert(models: Path, name: str, out: Path, **kw: object) -> dict:  # type:
     scale = Preprocess(kind="none" if name in ("lstm", "gru", "bilstm") else "scale01")
     convert(
         ConvertRequest(
-            model=models / f"{name}.keras", calib=models / f"{name}.npz",
-            eval=models / f"{name}.npz", calib_split="train", eval_split="val",
-            out=out, preprocess=scale, positive_label="fall", onnx=False, **kw,  # type: ignore[arg-type]
+            model=models / f"{name}.keras",
+            calib=models / f"{name}.npz",
+            eval=models / f"{name}.npz",
+            calib_split="train",
+            eval_split="val",
+            out=out,
+            preprocess=scale,
+            positive_label="fall",
+            onnx=False,
+            **kw,  # type: ignore[arg-type]
         )
-    )  # fmt: skip
+    )
     return json.loads((out / "report.json").read_text())
 
 
 def _cli_convert(models: Path, name: str, out: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "medge", "convert", str(models / f"{name}.keras"),
-         "--calib", str(models / f"{name}.npz"), "--calib-split", "train",
-         "--eval", str(models / f"{name}.npz"), "--eval-split", "val", "--no-onnx",
-         "--preprocess", "scale01", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "medge",
+            "convert",
+            str(models / f"{name}.keras"),
+            "--calib",
+            str(models / f"{name}.npz"),
+            "--calib-split",
+            "train",
+            "--eval",
+            str(models / f"{name}.npz"),
+            "--eval-split",
+            "val",
+            "--no-onnx",
+            "--preprocess",
+            "scale01",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 # job -> (its test, model, strategies or "cli"): each conversion once, two at a time (each is
 # mostly one single-threaded converter child), the longest first, each in its own directory;
 # a test waits for its own conversion only.
 JOBS = {
-    "bilstm": ("test_bidirectional_lstm_through_the_fused_legacy_lstm", "bilstm",
-               ["full-int8", "legacy-lstm-int8"]),
+    "bilstm": (
+        "test_bidirectional_lstm_through_the_fused_legacy_lstm",
+        "bilstm",
+        ["full-int8", "legacy-lstm-int8"],
+    ),
     "lstm": ("test_keras3_lstm_crashes_full_int8_and_the_unrolled_rebuild_wins", "lstm", None),
     "gru": ("test_gru_fails_full_int8_with_the_converters_error_and_unrolls", "gru", None),
-    "clip": ("test_cnn_lstm_clip_falls_back_to_dynamic_range", "clip",
-             ["full-int8", "dynamic-range"]),
-    "gru-legacy": ("test_a_strategy_that_does_not_apply_is_skipped_with_its_reason", "gru",
-                   ["legacy-lstm-int8"]),
+    "clip": (
+        "test_cnn_lstm_clip_falls_back_to_dynamic_range",
+        "clip",
+        ["full-int8", "dynamic-range"],
+    ),
+    "gru-legacy": (
+        "test_a_strategy_that_does_not_apply_is_skipped_with_its_reason",
+        "gru",
+        ["legacy-lstm-int8"],
+    ),
     "bicubic": ("test_unsupported_op_is_one_clear_line", "bicubic", "cli"),
-}  # fmt: skip
+}
 
 
 @pytest.fixture(scope="module")
@@ -159,9 +200,12 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny models, trained in one child (one TensorFlow start)."""
     models = tmp_path_factory.mktemp("recurrent")
     r = subprocess.run(
-        [sys.executable, __file__, str(models)], capture_output=True, text=True, timeout=240,
+        [sys.executable, __file__, str(models)],
+        capture_output=True,
+        text=True,
+        timeout=240,
         check=False,
-    )  # fmt: skip
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return models
 

@@ -153,12 +153,13 @@ def test_a_channels_first_keras_model_is_converted_channels_first(
     inner = keras.Sequential(
         [
             keras.Input((3, 28, 28)),
-            keras.layers.Conv2D(4, 3, padding="same", activation="relu",
-                                data_format="channels_first"),
+            keras.layers.Conv2D(
+                4, 3, padding="same", activation="relu", data_format="channels_first"
+            ),
             keras.layers.GlobalAveragePooling2D(data_format="channels_first"),
             keras.layers.Dense(3),
         ]
-    )  # fmt: skip
+    )
     logits = inner.predict(_chw(xv), verbose=0)
     inner.layers[-1].bias.assign(-(logits - logits.mean(1, keepdims=True)).mean(0))
     model = keras.Sequential([inner, keras.layers.Softmax()])
@@ -167,10 +168,18 @@ def test_a_channels_first_keras_model_is_converted_channels_first(
     data = _npz(tmp_path / "rgb.npz", x=xv, y=y)
     out = tmp_path / "bundle"
     convert(
-        ConvertRequest(model=tmp_path / "cf.keras", calib=data, eval=data, out=out,
-                       preprocess=SCALE01, labels=["a", "b", "c"], onnx=False,
-                       strategies=["dynamic-range"], float_artifacts="none")
-    )  # fmt: skip
+        ConvertRequest(
+            model=tmp_path / "cf.keras",
+            calib=data,
+            eval=data,
+            out=out,
+            preprocess=SCALE01,
+            labels=["a", "b", "c"],
+            onnx=False,
+            strategies=["dynamic-range"],
+            float_artifacts="none",
+        )
+    )
     bundle = Bundle.load(out)
     art = bundle.manifest.artifacts[0]
     assert (art.inputs[0].shape, art.inputs[0].layout) == ([1, 3, 28, 28], "NCHW")

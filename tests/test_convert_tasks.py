@@ -67,16 +67,31 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("tasks")
     tx, tm, tc = blobs(192, 1)
     vx, vm, vc = blobs(48, 2)
-    np.savez(d / "blobs.npz", train_images=tx, train_masks=tm, train_targets=tc,
-             val_images=vx, val_masks=vm, val_targets=vc)  # fmt: skip
+    np.savez(
+        d / "blobs.npz",
+        train_images=tx,
+        train_masks=tm,
+        train_targets=tc,
+        val_images=vx,
+        val_masks=vm,
+        val_targets=vc,
+    )
     return d / "blobs.npz"
 
 
 def _request(model: Path, data: Path, out: Path, task: str, **kw: object) -> ConvertRequest:
-    return ConvertRequest(model=model, calib=data, eval=data, out=out, task=task,
-                          preprocess=Preprocess(kind="scale01"), calib_split="train",
-                          eval_split="val", activation="sigmoid" if task == "segmentation"
-                          else "none", **kw)  # type: ignore[arg-type]  # fmt: skip
+    return ConvertRequest(
+        model=model,
+        calib=data,
+        eval=data,
+        out=out,
+        task=task,
+        preprocess=Preprocess(kind="scale01"),
+        calib_split="train",
+        eval_split="val",
+        activation="sigmoid" if task == "segmentation" else "none",
+        **kw,
+    )  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +100,13 @@ def bundles(data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, o
     time: task -> (bundle, its directory), or the error. LiteRT only (the tests here are not
     about ONNX) and no float artifact beside int8 (the file list must not depend on timing)."""
     work = tmp_path_factory.mktemp("task-models")
-    r = subprocess.run([sys.executable, "-c", TRAIN, str(data), str(work)],
-                       capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-c", TRAIN, str(data), str(work)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     jobs = {
         "segmentation": ("unet", {"budget": {"dice": 0.05}}),
@@ -97,8 +117,9 @@ def bundles(data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, o
         name, kw = jobs[task]
         out = work / f"{task}-bundle"
         try:
-            req = _request(work / f"{name}.keras", data, out, task, onnx=False,
-                           float_artifacts="none", **kw)  # fmt: skip
+            req = _request(
+                work / f"{name}.keras", data, out, task, onnx=False, float_artifacts="none", **kw
+            )
             return convert(req), out
         except ConversionError as exc:
             return exc
@@ -147,17 +168,22 @@ def test_image_to_image_bundle_reports_psnr_and_ssim(
     with np.load(data) as d:
         noisy = d["val_images"].astype(np.float64) / 255.0
         clean = d["val_targets"].astype(np.float64)
-    input_psnr = float(np.mean(10 * np.log10(np.ptp(clean) ** 2 /
-                                             ((noisy - clean) ** 2).mean((1, 2)))))  # fmt: skip
+    input_psnr = float(
+        np.mean(10 * np.log10(np.ptp(clean) ** 2 / ((noisy - clean) ** 2).mean((1, 2))))
+    )
     assert fl["psnr"] > input_psnr + 3, "the denoiser must actually denoise"
     assert fl["psnr"] - q["psnr"] <= 3.0 and q["ssim"] > 0.5
     assert report["output_snr_db"]["litert-int8"] > 15
 
 
 def test_segmentation_needs_masks(data: Path, tmp_path: Path) -> None:
-    np.savez(tmp_path / "nomask.npz", val_images=np.zeros((4, SIZE, SIZE), np.uint8),
-             val_labels=np.zeros(4, np.int64))  # fmt: skip
+    np.savez(
+        tmp_path / "nomask.npz",
+        val_images=np.zeros((4, SIZE, SIZE), np.uint8),
+        val_labels=np.zeros(4, np.int64),
+    )
     (tmp_path / "m.keras").write_bytes(b"not read: the data is checked first")
     with pytest.raises(ConversionError, match="segmentation data needs x/y or <split>_images"):
-        convert(_request(tmp_path / "m.keras", tmp_path / "nomask.npz", tmp_path / "o",
-                         "segmentation"))  # fmt: skip
+        convert(
+            _request(tmp_path / "m.keras", tmp_path / "nomask.npz", tmp_path / "o", "segmentation")
+        )

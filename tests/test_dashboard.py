@@ -26,8 +26,14 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 SITE, DEVICE = "ward-a", "us-01"
 BUNDLE = "breast-cnn@1#abc"
 CHROMIUM_ARGS = [
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 TIMEOUT_MS = 20_000  # generous: CI machines are shared and slow at times
 USER, PASSWORD = "clinician", "correct horse battery"
@@ -37,19 +43,29 @@ def result(seq: int, pred: int, label: int | None, device: str = DEVICE) -> Enve
     names = ["malignant", "benign"]
     scores = [0.9, 0.1] if pred == 0 else [0.2, 0.8]
     body: dict[str, Any] = {
-        "input": f"breastmnist_dev:val#{seq}", "pred": pred, "pred_label": names[pred],
-        "scores": scores, "latency_ms": 0.4, "bundle": BUNDLE,
+        "input": f"breastmnist_dev:val#{seq}",
+        "pred": pred,
+        "pred_label": names[pred],
+        "scores": scores,
+        "latency_ms": 0.4,
+        "bundle": BUNDLE,
     }
     if label is not None:
         body |= {"label": label, "label_name": names[label]}
-    return Envelope(kind="result", site=SITE, device=device, seq=seq, time=time.time(),
-                    body=body)
+    return Envelope(kind="result", site=SITE, device=device, seq=seq, time=time.time(), body=body)
 
 
 def telemetry(fps: float = 5.0) -> dict[str, Any]:
-    return {"fps": fps, "latency_ms": {"total": {"p50": 0.4, "p99": 0.9}}, "cpu_percent": 12.0,
-            "rss_mb": 80.0, "temperature_c": None, "outbox_depth": 0, "sent": 10,
-            "bundle": BUNDLE}
+    return {
+        "fps": fps,
+        "latency_ms": {"total": {"p50": 0.4, "p99": 0.9}},
+        "cpu_percent": 12.0,
+        "rss_mb": 80.0,
+        "temperature_c": None,
+        "outbox_depth": 0,
+        "sent": 10,
+        "bundle": BUNDLE,
+    }
 
 
 @pytest.fixture
@@ -65,9 +81,14 @@ def users(tmp_path: Path) -> Path:
     return path
 
 
-def request(port: int, method: str, path: str, cookie: str | None = None,
-            body: str | None = None, headers: dict[str, str] | None = None
-            ) -> tuple[int, dict[str, str], str]:
+def request(
+    port: int,
+    method: str,
+    path: str,
+    cookie: str | None = None,
+    body: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], str]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     head = dict(headers or {})
     if cookie:
@@ -164,8 +185,14 @@ def test_no_anonymous_access_and_logins_are_audited(store: Store, users: Path) -
     with DashboardServer(store.path, port=0, users=users) as dash:
         status, headers, _ = request(dash.port, "GET", "/")
         assert (status, headers["location"]) == (303, "login")
-        for path in ("/api/devices", "/api/results", "/api/alerts", "/api/history",
-                     "/api/stream", "/api/me"):
+        for path in (
+            "/api/devices",
+            "/api/results",
+            "/api/alerts",
+            "/api/history",
+            "/api/stream",
+            "/api/me",
+        ):
             status, headers, text = request(dash.port, "GET", path)
             assert status == 401, path
             assert "breastmnist" not in text
@@ -182,15 +209,24 @@ def test_no_anonymous_access_and_logins_are_audited(store: Store, users: Path) -
         cookie = login(dash.port)
         token = cookie.split("=", 1)[1]
         assert len(token) >= 40, "a random token (secrets.token_urlsafe(32))"
-        _, headers, _ = request(dash.port, "POST", "/login",
-                                body=urllib.parse.urlencode({"name": USER, "password": PASSWORD}))
+        _, headers, _ = request(
+            dash.port,
+            "POST",
+            "/login",
+            body=urllib.parse.urlencode({"name": USER, "password": PASSWORD}),
+        )
         flags = [f.strip().lower() for f in headers["set-cookie"].split(";")]
         assert "httponly" in flags and "samesite=strict" in flags and "path=/" in flags
         assert get_json(dash.port, "/api/me", cookie) == {"user": USER, "anonymous": False}
         assert request(dash.port, "GET", "/api/devices", "medge_session=forged")[0] == 401
         # a state-changing request from another site's page is refused outright
-        status, _, _ = request(dash.port, "POST", "/api/alerts/1/ack", cookie,
-                               headers={"Origin": "http://evil.example"})
+        status, _, _ = request(
+            dash.port,
+            "POST",
+            "/api/alerts/1/ack",
+            cookie,
+            headers={"Origin": "http://evil.example"},
+        )
         assert status == 403
         assert request(dash.port, "POST", "/api/alerts/1/ack", cookie)[0] == 404
 
@@ -236,9 +272,23 @@ def test_cli_add_user_and_refusal(tmp_path: Path) -> None:
 
     path = tmp_path / "users.json"
     run = subprocess.run(
-        [sys.executable, "-m", "medge", "dashboard", "add-user", "ward-nurse", "--users",
-         str(path), "--password-stdin"],
-        input="a long pass phrase\n", capture_output=True, text=True, timeout=60, check=False)
+        [
+            sys.executable,
+            "-m",
+            "medge",
+            "dashboard",
+            "add-user",
+            "ward-nurse",
+            "--users",
+            str(path),
+            "--password-stdin",
+        ],
+        input="a long pass phrase\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert run.returncode == 0, run.stderr
     assert os.stat(path).st_mode & 0o777 == 0o600
     users = Users(path)
@@ -246,8 +296,21 @@ def test_cli_add_user_and_refusal(tmp_path: Path) -> None:
     assert not users.verify("ward-nurse", "a long pass phrase ")
     assert not users.verify("nobody", "a long pass phrase")
     run = subprocess.run(
-        [sys.executable, "-m", "medge", "dashboard", "--db", str(tmp_path / "gw.sqlite"),
-         "--port", "0"], capture_output=True, text=True, timeout=60, check=False)
+        [
+            sys.executable,
+            "-m",
+            "medge",
+            "dashboard",
+            "--db",
+            str(tmp_path / "gw.sqlite"),
+            "--port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert run.returncode == 2
     assert run.stderr.startswith("medge: error: the dashboard shows patient-derived data")
 
@@ -303,8 +366,11 @@ def read_events(response: http.client.HTTPResponse, want_results: int) -> list[d
 # -- in a browser ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    path = os.environ.get("MEDGE_CHROMIUM") or shutil.which("chromium") or shutil.which(
-        "chromium-browser")
+    path = (
+        os.environ.get("MEDGE_CHROMIUM")
+        or shutil.which("chromium")
+        or shutil.which("chromium-browser")
+    )
     if path is None:
         pytest.fail("Chromium is not installed: apt-get install -y chromium (see .ci/run)")
     with sync_playwright() as pw:
@@ -392,7 +458,8 @@ def test_page_counts_a_duplicate_without_a_new_row(store: Store, page: Any, user
         assert store.add_result(result(8, pred=1, label=None))  # a later row still comes
         expect(page.locator("tr.result")).to_have_count(2, timeout=TIMEOUT_MS)
         expect(page.locator("tr.result").first.locator(".input")).to_have_text(
-            "breastmnist_dev:val#8")
+            "breastmnist_dev:val#8"
+        )
         expect(page.locator("tr.result").first.locator(".check")).to_have_text("—")
         expect(page.locator("#result-count")).to_have_text("2 shown")
         shoot(page, "duplicate")
@@ -400,7 +467,12 @@ def test_page_counts_a_duplicate_without_a_new_row(store: Store, page: Any, user
 
 @pytest.mark.slow
 def test_whole_chain_as_a_person_watches_it(
-    bundle_dir: Path, mosquitto: Any, tmp_path: Path, page: Any, identity: Any, opener: Any,
+    bundle_dir: Path,
+    mosquitto: Any,
+    tmp_path: Path,
+    page: Any,
+    identity: Any,
+    opener: Any,
     users: Path,
 ) -> None:
     """A real device, through a real Mosquitto and gateway, on the page a person opens."""
@@ -411,14 +483,21 @@ def test_whole_chain_as_a_person_watches_it(
     from models import breast_cnn
 
     cfg = AgentConfig(
-        site="ward-a", device="us-07", bundle=bundle_dir, identity=identity("us-07"),
+        site="ward-a",
+        device="us-07",
+        bundle=bundle_dir,
+        identity=identity("us-07"),
         broker={"host": mosquitto.host, "port": mosquitto.port},
         source={"path": breast_cnn.DATA, "split": "val", "rate_hz": 15, "limit": 40},
-        outbox={"path": tmp_path / "outbox.sqlite"}, telemetry_interval_s=0.3,
+        outbox={"path": tmp_path / "outbox.sqlite"},
+        telemetry_interval_s=0.3,
     )
     db = tmp_path / "gw.sqlite"
-    with Store(db) as gw_store, Gateway(gw_store, opener, mosquitto.host, mosquitto.port), \
-            DashboardServer(db, port=0, users=users) as dash:
+    with (
+        Store(db) as gw_store,
+        Gateway(gw_store, opener, mosquitto.host, mosquitto.port),
+        DashboardServer(db, port=0, users=users) as dash,
+    ):
         sign_in(page, dash)
         agent = Agent(cfg)
         runner = threading.Thread(target=agent.run, args=(threading.Event(),))
@@ -446,7 +525,8 @@ def test_whole_chain_as_a_person_watches_it(
         assert len(fps.get_attribute("points").split()) >= 2
         # a clean stop says "offline": a warning alert (docs/dashboard.md)
         expect(page.locator('tr.alert[data-rule="offline"] .message')).to_have_text(
-            "ward-a/us-07 went offline", timeout=TIMEOUT_MS)
+            "ward-a/us-07 went offline", timeout=TIMEOUT_MS
+        )
         shoot(page, "whole-chain")
 
 
@@ -477,8 +557,14 @@ def test_login_alert_acknowledge_and_charts(store: Store, page: Any, users: Path
         expect(page.locator("#alerts-empty")).to_be_visible()
 
         # A fall arrives (as the gateway handles it): the alert shows up without a reload.
-        event = Envelope("event", SITE, "wr-01", 6, time.time(),
-                         {"event": "fall", "score": 0.97, "input": "imu:s07#6", "bundle": BUNDLE})
+        event = Envelope(
+            "event",
+            SITE,
+            "wr-01",
+            6,
+            time.time(),
+            {"event": "fall", "score": 0.97, "input": "imu:s07#6", "bundle": BUNDLE},
+        )
         assert store.add_result(event)
         alert_id = engine.on_envelope(event)
         row = page.locator(f'tr.alert[data-alert-id="{alert_id}"]')
@@ -538,19 +624,25 @@ def cam_png(index: int = 0) -> str:
     rows = b"".join(b"\x00" + raw[y].tobytes() for y in range(raw.shape[0]))
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
 
-    png = (b"\x89PNG\r\n\x1a\n"
-           + chunk(b"IHDR", struct.pack(">IIBBBBB", raw.shape[1], raw.shape[0], 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", raw.shape[1], raw.shape[0], 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
     return base64.b64encode(png).decode()
 
 
 def with_cam(seq: int, cam: Any) -> Envelope:
     env = result(seq, pred=1, label=1)
-    return Envelope(env.kind, env.site, env.device, env.seq, env.time,
-                    {**env.body, "cam": cam})
+    return Envelope(env.kind, env.site, env.device, env.seq, env.time, {**env.body, "cam": cam})
 
 
 def test_check_cam_accepts_only_small_pngs() -> None:
@@ -559,11 +651,10 @@ def test_check_cam_accepts_only_small_pngs() -> None:
     from gateway.dashboard.cam import CAM_MAX_BYTES, check_cam
 
     good = cam_png()
-    assert check_cam({"png": good, "label": "benign"}) == ({"png": good, "label": "benign"},
-                                                           None)
+    assert check_cam({"png": good, "label": "benign"}) == ({"png": good, "label": "benign"}, None)
     gif = base64.b64encode(b"GIF89a" + b"\x00" * 30).decode()
     assert check_cam({"png": gif}) == (None, "not_png")
-    assert check_cam({"png": "iVBORw0KGgo=\"><script>"}) == (None, "malformed")
+    assert check_cam({"png": 'iVBORw0KGgo="><script>'}) == (None, "malformed")
     assert check_cam({"png": "not base64!"}) == (None, "malformed")
     assert check_cam("iVBOR") == (None, "malformed")
     assert check_cam({"png": "A" * (CAM_MAX_BYTES * 2)}) == (None, "too_large")
@@ -614,7 +705,9 @@ def test_page_shows_a_cam_thumbnail(store: Store, page: Any, users: Path) -> Non
         expect(thumb).to_have_attribute("alt", "Class activation map: benign")
         page.wait_for_function(
             "() => { const i = document.querySelector('tr.result[data-id=\"2\"] img.cam-thumb');"
-            " return i && i.complete && i.naturalWidth > 0; }", timeout=TIMEOUT_MS)
+            " return i && i.complete && i.naturalWidth > 0; }",
+            timeout=TIMEOUT_MS,
+        )
         size = thumb.evaluate("i => [i.naturalWidth, i.naturalHeight]")
         assert size == [28, 28], size
         expect(page.locator('tr.result[data-id="3"] .cam')).to_have_text("—")
@@ -627,7 +720,7 @@ HOSTILE_TELEMETRY = {  # device -> telemetry column as an older, unvalidated gat
     "hx-deep": "[" * 100_000 + "]" * 100_000,  # json.loads: RecursionError
     "hx-string": '"not an object"',
     "hx-types": '{"fps": NaN, "latency_ms": {"total": [1, 2]}, "cpu_percent": "hot",'
-                ' "outbox_depth": {"x": 1}, "rss_mb": true}',
+    ' "outbox_depth": {"x": 1}, "rss_mb": true}',
     "hx-bigint": '{"fps": 123456789012345678901234567890, "results": -99999999999999999999}',
     "hx-garbage": "{not json",
 }
@@ -645,10 +738,18 @@ def _hostile_store(store: Store) -> int:
     for device, text in HOSTILE_TELEMETRY.items():
         store.set_state(SITE, device, "online", now, BUNDLE)
         with store.transaction() as db:
-            db.execute("UPDATE devices SET telemetry=? WHERE site=? AND device=?",
-                       (text, SITE, device))
-    alert_id, _ = open_alert(store, SITE, DEVICE, "event:fall", "critical",
-                             f"fall on {SITE}/{DEVICE} (score 0.97)", now=now)
+            db.execute(
+                "UPDATE devices SET telemetry=? WHERE site=? AND device=?", (text, SITE, device)
+            )
+    alert_id, _ = open_alert(
+        store,
+        SITE,
+        DEVICE,
+        "event:fall",
+        "critical",
+        f"fall on {SITE}/{DEVICE} (score 0.97)",
+        now=now,
+    )
     return alert_id
 
 

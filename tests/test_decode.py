@@ -84,22 +84,24 @@ def seg_graph(classes: int) -> onnx.ModelProto:
             helper.make_node("Softmax", ["z"], ["y"], axis=3),
         ]
     graph = helper.make_graph(
-        nodes, "seg",
+        nodes,
+        "seg",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 28, 28, 1])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 28, 28, classes])],
         [_const("t", DARK), _const("k", 40.0), _const("two", 2.0), _const("zero", 0.0)],
-    )  # fmt: skip
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def invert_graph() -> onnx.ModelProto:
     """Image to image: 1 - x."""
     graph = helper.make_graph(
-        [helper.make_node("Sub", ["one", "x"], ["y"])], "invert",
+        [helper.make_node("Sub", ["one", "x"], ["y"])],
+        "invert",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 28, 28, 1])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 28, 28, 1])],
         [_const("one", 1.0)],
-    )  # fmt: skip
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -118,12 +120,15 @@ def cam_graph() -> onnx.ModelProto:
         helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
     ]
     graph = helper.make_graph(
-        nodes, "cam",
+        nodes,
+        "cam",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 28, 28, 1])],
-        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [1, 2]),
-         helper.make_tensor_value_info("cam", TensorProto.FLOAT, [1, 7, 7, 2])],
+        [
+            helper.make_tensor_value_info("probs", TensorProto.FLOAT, [1, 2]),
+            helper.make_tensor_value_info("cam", TensorProto.FLOAT, [1, 7, 7, 2]),
+        ],
         [_const("one", 1.0), _const("eight", 8.0)],
-    )  # fmt: skip
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -144,18 +149,29 @@ def onnx_bundle(
         return TensorSpec(name=v.name, shape=dims, dtype="float32")
 
     art = Artifact(
-        file="model_fp32.onnx", runtime="onnx", precision="fp32",
-        inputs=[spec(v) for v in model.graph.input], outputs=[spec(v) for v in model.graph.output],
-    )  # fmt: skip
+        file="model_fp32.onnx",
+        runtime="onnx",
+        precision="fp32",
+        inputs=[spec(v) for v in model.graph.input],
+        outputs=[spec(v) for v in model.graph.output],
+    )
     manifest = Manifest(
-        schema_version=SCHEMA_VERSION, name=f"tiny-{task}", version="1", created="2026-11-26",
-        task=task, profile="x86", preprocess=Preprocess(kind="scale01"),  # type: ignore[arg-type]
-        decode=Decode(kind=task, **(decode or {})), labels=labels,  # type: ignore[arg-type]
-        artifacts=[art], files={art.file: file_entry(out / art.file)},
-        provenance=Provenance(source_sha256="0" * 64, source_format="onnx",
-                              converter_version="hand-written"),
+        schema_version=SCHEMA_VERSION,
+        name=f"tiny-{task}",
+        version="1",
+        created="2026-11-26",
+        task=task,
+        profile="x86",
+        preprocess=Preprocess(kind="scale01"),  # type: ignore[arg-type]
+        decode=Decode(kind=task, **(decode or {})),
+        labels=labels,  # type: ignore[arg-type]
+        artifacts=[art],
+        files={art.file: file_entry(out / art.file)},
+        provenance=Provenance(
+            source_sha256="0" * 64, source_format="onnx", converter_version="hand-written"
+        ),
         cam=cam,
-    )  # fmt: skip
+    )
     write_manifest(out, manifest)
     sign_bundle(out, load_signer_key(key))
     return Bundle.load(out, [load_signer_key(key).public_key()])
@@ -198,8 +214,9 @@ def test_sigmoid_mask_of_real_images_gives_area_bbox_components_and_contour(
 
 def test_softmax_mask_counts_pixels_per_class(tmp_path: Path, key: Path) -> None:
     labels = ["background", "lesion", "rim"]
-    b = onnx_bundle(tmp_path / "k", seg_graph(3), "segmentation", labels, key,
-                    {"mask_threshold": 0.4})  # fmt: skip
+    b = onnx_bundle(
+        tmp_path / "k", seg_graph(3), "segmentation", labels, key, {"mask_threshold": 0.4}
+    )
     [r] = run_npz(LoadedModel(b, "onnx"), 1)
     x = images(1)[0].astype(np.float32) / 255.0
     logit = 40.0 * (DARK - x)
@@ -234,9 +251,8 @@ def test_components_and_the_traced_contour_agree_with_opencv() -> None:
     poly = simplify_polygon(traced)
     # the L shape keeps its 6 corners (and the 2 diagonal steps where its blocks join)
     assert sorted(map(tuple, poly)) == sorted(
-        [(8, 5), (24, 5), (24, 19), (10, 19), (9, 20), (9, 24), (3, 24), (3, 12), (7, 12),
-         (8, 11)]
-    )  # fmt: skip
+        [(8, 5), (24, 5), (24, 19), (10, 19), (9, 20), (9, 24), (3, 24), (3, 12), (7, 12), (8, 11)]
+    )
     area = cv2.contourArea(np.array(poly, np.int32).reshape(-1, 1, 2))
     assert area == cv2.contourArea(found[0])
     yy, xx = np.mgrid[:60, :60]
@@ -276,8 +292,7 @@ def test_cam_in_results_is_a_small_png_whose_hottest_region_is_the_devices(
     tmp_path: Path, key: Path
 ) -> None:
     cam = CamSpec(output=1, layer="pool", upsample_to=[112, 112])
-    b = onnx_bundle(tmp_path / "c", cam_graph(), "classification", ["dark", "bright"], key,
-                    cam=cam)  # fmt: skip
+    b = onnx_bundle(tmp_path / "c", cam_graph(), "classification", ["dark", "bright"], key, cam=cam)
     model = LoadedModel(b, "onnx")
     sent = run_npz(model, 4)
     assert len(sent) == 4
@@ -357,8 +372,11 @@ def test_without_opencv_npz_ecg_and_segmentation_work_and_video_says_what_to_ins
     (pngs / "us-0.png").write_bytes(encode_png(images(1)[0]))
     r = subprocess.run(
         [sys.executable, "-c", NO_CV2, str(b.directory), str(IMAGES), str(data), str(pngs)],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout.splitlines()[-1])
     assert got["cv2"] is True and got["ecg"] == 3
@@ -369,8 +387,10 @@ def test_without_opencv_npz_ecg_and_segmentation_work_and_video_says_what_to_ins
     for a, c in zip(got["results"], with_cv2, strict=True):  # numpy fallback == OpenCV
         ma, mc = a["mask"], c["mask"]
         assert (ma["area_px"], ma["bbox"], ma["components"]) == (
-            mc["area_px"], mc["bbox"], mc["components"],
-        )  # fmt: skip
+            mc["area_px"],
+            mc["bbox"],
+            mc["components"],
+        )
         pa = cv2.contourArea(np.array(ma["contour"], np.int32).reshape(-1, 1, 2))
         pc = cv2.contourArea(np.array(mc["contour"], np.int32).reshape(-1, 1, 2))
         assert pa == pytest.approx(pc, rel=0.1, abs=3)

@@ -20,10 +20,23 @@ pytestmark = pytest.mark.slow
 
 DICOM = Path(__file__).parent / "data" / "dicom"
 # DICOM PS3.15 Annex E basic profile: a selection of what must never be forwarded
-IDENTIFYING = ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs",
-               "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "AccessionNumber",
-               "InstitutionName", "ReferringPhysicianName", "StationName", "DeviceSerialNumber",
-               "StudyID", "FrameOfReferenceUID", "MediaStorageSOPInstanceUID")
+IDENTIFYING = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "OtherPatientIDs",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "AccessionNumber",
+    "InstitutionName",
+    "ReferringPhysicianName",
+    "StationName",
+    "DeviceSerialNumber",
+    "StudyID",
+    "FrameOfReferenceUID",
+    "MediaStorageSOPInstanceUID",
+)
 
 
 def _identifiers() -> set[str]:
@@ -45,7 +58,10 @@ def test_results_from_dicom_carry_no_patient_identifiers(  # type: ignore[no-unt
     secrets = _identifiers()
     assert any("^" in s for s in secrets) and any(s.count(".") > 5 for s in secrets), secrets
     cfg = AgentConfig(
-        site="ward-a", device="us-11", bundle=bundle_dir, identity=identity("us-11"),
+        site="ward-a",
+        device="us-11",
+        bundle=bundle_dir,
+        identity=identity("us-11"),
         broker={"host": mosquitto.host, "port": mosquitto.port},
         source={"kind": "dicom", "path": DICOM, "color": "grey", "size": [28, 28]},
         outbox={"path": tmp_path / "outbox.sqlite"},

@@ -149,8 +149,10 @@ def test_duplicates_are_acked_not_stored_and_bad_messages_rejected(  # type: ign
         state = topic("ward-a", "us-09", "state")
         send(state, s09.seal(Envelope("state", "ward-a", "us-09", 50, now, {"state": "online"})))
         send(state, s09.seal(Envelope("state", "ward-a", "us-09", 49, now, {"state": "offline"})))
-        send(state, s09.seal(Envelope("state", "ward-a", "us-09", 51, now + 3600,
-                                      {"state": "online"})))  # from the future
+        send(
+            state,
+            s09.seal(Envelope("state", "ward-a", "us-09", 51, now + 3600, {"state": "online"})),
+        )  # from the future
         within(lambda: len(acks) >= 2 and gw.stats.rejected >= 5, 5)
         c.loop_stop()
         c.disconnect()

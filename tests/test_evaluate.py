@@ -139,9 +139,13 @@ def test_segmentation_threshold_comes_from_the_manifest(tmp_path: Path, seg_data
         {"k": 20.0, "b": 10.0, "two": 2.0, "zero": 0.0},
     )
     b = _bundle(
-        tmp_path / "seg3", model, "segmentation", ["bg", "lesion", "rim"],
-        activation="none", mask_threshold=0.8,
-    )  # fmt: skip
+        tmp_path / "seg3",
+        model,
+        "segmentation",
+        ["bg", "lesion", "rim"],
+        activation="none",
+        mask_threshold=0.8,
+    )
     got = evaluate_bundle(b, seg_data, runtime="onnx")
     logit = 20 * X01 - 10
     z = np.stack([np.zeros_like(logit), logit, logit - 2], -1)
@@ -211,10 +215,23 @@ def test_evaluate_cli_prints_segmentation_metrics(tmp_path: Path, seg_data: Path
     model = _graph([helper.make_node("Sigmoid", ["x"], ["y"])], [1, 28, 28, 1], {})
     b = _bundle(tmp_path / "seg", model, "segmentation", ["bg", "fg"], activation="sigmoid")
     r = subprocess.run(
-        [sys.executable, "-m", "medge", "evaluate", str(b), "--data", str(seg_data),
-         "--runtime", "onnx", "--json"],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "medge",
+            "evaluate",
+            str(b),
+            "--data",
+            str(seg_data),
+            "--runtime",
+            "onnx",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
     # sigmoid(x) >= 0.5 for every x >= 0: the whole image is foreground

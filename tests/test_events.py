@@ -69,13 +69,32 @@ def test_a_score_flickering_around_the_threshold_is_one_event() -> None:
 def test_min_windows_needs_that_many_consecutive_windows() -> None:
     t = EventTracker([rule(min_windows=3)], ["adl", "fall"])
     assert run(t, [0.9, 0.9, 0.1, 0.9, 0.1, 0.9, 0.95, 0.9, 0.3]) == [
-        {"event": "fall", "state": "start", "label": "fall", "start": 5.0, "peak": 0.95,
-         "windows": 3, "input": ["w5", "w6", "w7"], "alert": True, "severity": "critical"},
-        {"event": "fall", "state": "end", "label": "fall", "start": 5.0, "peak": 0.95,
-         "windows": 3, "input": ["w5", "w6", "w7"], "alert": True, "severity": "critical",
-         "end": 7.0,
-         "duration_s": 2.0, "ended_by": "score"},
-    ]  # fmt: skip
+        {
+            "event": "fall",
+            "state": "start",
+            "label": "fall",
+            "start": 5.0,
+            "peak": 0.95,
+            "windows": 3,
+            "input": ["w5", "w6", "w7"],
+            "alert": True,
+            "severity": "critical",
+        },
+        {
+            "event": "fall",
+            "state": "end",
+            "label": "fall",
+            "start": 5.0,
+            "peak": 0.95,
+            "windows": 3,
+            "input": ["w5", "w6", "w7"],
+            "alert": True,
+            "severity": "critical",
+            "end": 7.0,
+            "duration_s": 2.0,
+            "ended_by": "score",
+        },
+    ]
 
 
 def test_refractory_time_suppresses_a_second_onset_and_counts_it() -> None:
@@ -97,8 +116,10 @@ def test_rules_track_their_own_labels_and_bad_names_are_refused() -> None:
     t = EventTracker(rules, ["adl", "fall", "slump"])
     got = t.update(0.0, [0.2, 0.1, 0.7], "w0") + t.update(1.0, [0.0, 0.9, 0.1], "w1")
     assert [(e["event"], e["state"]) for e in got] == [
-        ("slump", "start"), ("fall", "start"), ("slump", "end"),
-    ]  # fmt: skip
+        ("slump", "start"),
+        ("fall", "start"),
+        ("slump", "end"),
+    ]
     with pytest.raises(BundleError, match="event name 'Fall!' must be 1-32 of"):
         EventTracker([rule(name="Fall!")], ["adl", "fall"])
 
@@ -108,19 +129,32 @@ def beat_bundle(out: Path, key: Path, events: list[EventRule], window: WindowSpe
     out.mkdir(parents=True)
     shutil.copy(MODEL, out / "model_fp32.tflite")
     art = Artifact(
-        file="model_fp32.tflite", runtime="litert", precision="fp32",
+        file="model_fp32.tflite",
+        runtime="litert",
+        precision="fp32",
         inputs=[TensorSpec(name="serving_default_input_1:0", shape=[1, 260], dtype="float32")],
         outputs=[TensorSpec(name="StatefulPartitionedCall:0", shape=[1, 5], dtype="float32")],
-    )  # fmt: skip
+    )
     manifest = Manifest(
-        schema_version=SCHEMA_VERSION, name="ecg-beats-events", version="1", created="2026-11-26",
-        task="classification", profile="x86", preprocess=Preprocess(kind="zscore"),
-        decode=Decode(kind="classification", events=events), labels=AAMI, positive_label="V",
-        artifacts=[art], files={art.file: file_entry(out / art.file)},
-        provenance=Provenance(source_sha256=file_entry(MODEL).sha256, source_format="tflite",
-                              converter_version="hand-written"),
+        schema_version=SCHEMA_VERSION,
+        name="ecg-beats-events",
+        version="1",
+        created="2026-11-26",
+        task="classification",
+        profile="x86",
+        preprocess=Preprocess(kind="zscore"),
+        decode=Decode(kind="classification", events=events),
+        labels=AAMI,
+        positive_label="V",
+        artifacts=[art],
+        files={art.file: file_entry(out / art.file)},
+        provenance=Provenance(
+            source_sha256=file_entry(MODEL).sha256,
+            source_format="tflite",
+            converter_version="hand-written",
+        ),
         window=window,
-    )  # fmt: skip
+    )
     write_manifest(out, manifest)
     sign_bundle(out, load_signer_key(key))
     return out
@@ -144,9 +178,11 @@ def test_pvc_runs_of_a_real_record_are_found_as_events(tmp_path: Path, site_dir:
     assert (source.cfg.mode, source.cfg.length) == ("beats", 260)  # from the manifest
     sent: list[tuple[str, dict[str, Any]]] = []
     run_pipeline(
-        source.stream(threading.Event()), LoadedModel(bundle),
-        lambda kind, body: sent.append((kind, body)), PipelineStats(),
-    )  # fmt: skip
+        source.stream(threading.Event()),
+        LoadedModel(bundle),
+        lambda kind, body: sent.append((kind, body)),
+        PipelineStats(),
+    )
     results = [b for k, b in sent if k == "result"]
     ends = [b for k, b in sent if k == "event" and b["state"] == "end"]
     starts = [b for k, b in sent if k == "event" and b["state"] == "start"]
@@ -173,7 +209,9 @@ def test_pvc_runs_of_a_real_record_are_found_as_events(tmp_path: Path, site_dir:
 
 
 def test_an_event_message_seals_with_its_name_in_the_clear_alert_header(
-    tmp_path: Path, sealer, opener  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+    sealer,
+    opener,  # type: ignore[no-untyped-def]
 ) -> None:
     from edge_agent.outbox import Outbox
 
@@ -202,14 +240,21 @@ def test_centred_beat_windows_follow_the_manifest_and_a_wrong_rate_is_refused(
     # the config's own window settings win over the manifest's
     own = open_source(EcgSettings(path=RECORD, mode="beats", length=100), bundle.manifest.window)
     assert isinstance(own, EcgSource) and (own.cfg.mode, own.cfg.length) == ("beats", 100)
-    with pytest.raises(SourceError, match=r"source rate 360 Hz does not match the model's "
-                       r"window rate_hz 250 Hz \(bundle manifest\)"):  # fmt: skip
+    with pytest.raises(
+        SourceError,
+        match=r"source rate 360 Hz does not match the model's "
+        r"window rate_hz 250 Hz \(bundle manifest\)",
+    ):
         open_source(EcgSettings(path=RECORD), WindowSpec(length=200, hop=50, rate_hz=250))
 
 
 @pytest.mark.slow
 def test_the_agent_windows_as_the_manifest_says_and_the_gateway_alerts_on_pvc_runs(
-    tmp_path: Path, site_dir: Path, identity, opener, mosquitto  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+    site_dir: Path,
+    identity,
+    opener,
+    mosquitto,  # type: ignore[no-untyped-def]
 ) -> None:
     """End to end on a real broker and gateway: the agent's ECG source takes its beat windows
     from the bundle (agent config: path and offset only), events reach the store sealed, and
@@ -224,11 +269,14 @@ def test_the_agent_windows_as_the_manifest_says_and_the_gateway_alerts_on_pvc_ru
     window = WindowSpec(length=260, hop=1, rate_hz=360, centre="beat")
     bundle = beat_bundle(tmp_path / "b", site_dir / "bundle-signer.key", events, window)
     cfg = AgentConfig(
-        site="ward-a", device="ecg-01", bundle=bundle, identity=identity("ecg-01"),
+        site="ward-a",
+        device="ecg-01",
+        bundle=bundle,
+        identity=identity("ecg-01"),
         broker={"host": mosquitto.host, "port": mosquitto.port, "protocol": mosquitto.protocol},
         source={"kind": "ecg", "path": RECORD, "before": 90},
         outbox={"path": tmp_path / "outbox.sqlite", "resend_after_s": 0.5},
-    )  # fmt: skip
+    )
     rules = AlertRules(events={"pvc_run": "critical"})
     with (
         Store(tmp_path / "gw.sqlite") as store,

@@ -23,8 +23,15 @@ pytestmark = pytest.mark.slow
 
 def _medge(*argv: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ}
-    return subprocess.run([sys.executable, "-m", "medge", *argv], capture_output=True,
-                          text=True, input=stdin, timeout=300, check=False, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "medge", *argv],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=300,
+        check=False,
+        env=env,
+    )
 
 
 PUBLIC = (".crt", ".pem")  # certificates, public keys and the CRL: written 0644 on purpose
@@ -34,10 +41,13 @@ PUBLIC_NAMES = ("recipient.json", "site.json")  # the gateway's public HPKE key,
 def _open_to_others(root: Path) -> list[str]:
     """Every file (and directory) under ``root`` with any group or other permission bit,
     but public certificates and keys."""
-    return sorted(f"{p.relative_to(root)} {stat.S_IMODE(p.lstat().st_mode):o}"
-                  for p in [root, *root.rglob("*")]
-                  if not p.is_symlink() and stat.S_IMODE(p.lstat().st_mode) & 0o077
-                  and not (p.is_file() and (p.suffix in PUBLIC or p.name in PUBLIC_NAMES)))
+    return sorted(
+        f"{p.relative_to(root)} {stat.S_IMODE(p.lstat().st_mode):o}"
+        for p in [root, *root.rglob("*")]
+        if not p.is_symlink()
+        and stat.S_IMODE(p.lstat().st_mode) & 0o077
+        and not (p.is_file() and (p.suffix in PUBLIC or p.name in PUBLIC_NAMES))
+    )
 
 
 def test_a_real_run_leaves_every_file_owner_only(  # type: ignore[no-untyped-def]
@@ -46,8 +56,19 @@ def test_a_real_run_leaves_every_file_owner_only(  # type: ignore[no-untyped-def
     old = os.umask(0o022)  # as a typical login shell: the files must not inherit it
     try:
         work = tmp_path / "demo"
-        r = _medge("demo", "--duration", "6", "--devices", "1", "--port", "0",
-                   "--workdir", str(work), "--log-level", "warning")
+        r = _medge(
+            "demo",
+            "--duration",
+            "6",
+            "--devices",
+            "1",
+            "--port",
+            "0",
+            "--workdir",
+            str(work),
+            "--log-level",
+            "warning",
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         site = tmp_path / "site"
         r = _medge("site", "init", "--dir", str(site), "--site", "ward-a")
@@ -56,9 +77,24 @@ def test_a_real_run_leaves_every_file_owner_only(  # type: ignore[no-untyped-def
         db = tmp_path / "gw" / "gateway.sqlite"
         db.parent.mkdir(mode=0o700)
         gw = subprocess.Popen(
-            [sys.executable, "-m", "medge", "gateway", "run", "--site-dir", str(site),
-             "--db", str(db), "--broker", f"{mosquitto.host}:{mosquitto.port}",
-             "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            [
+                sys.executable,
+                "-m",
+                "medge",
+                "gateway",
+                "run",
+                "--site-dir",
+                str(site),
+                "--db",
+                str(db),
+                "--broker",
+                f"{mosquitto.host}:{mosquitto.port}",
+                "--log-level",
+                "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         try:
             wal, shm = db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")
             deadline = time.monotonic() + 60
@@ -72,14 +108,27 @@ def test_a_real_run_leaves_every_file_owner_only(  # type: ignore[no-untyped-def
             gw.wait(30)
         assert running == [], "while running: the store, its -wal and -shm"
         users = tmp_path / "users.json"
-        r = _medge("dashboard", "add-user", "nurse", "--users", str(users),
-                   "--password-stdin", stdin="a long enough password\n")
+        r = _medge(
+            "dashboard",
+            "add-user",
+            "nurse",
+            "--users",
+            str(users),
+            "--password-stdin",
+            stdin="a long enough password\n",
+        )
         assert r.returncode == 0, r.stderr[-2000:]
     finally:
         os.umask(old)
     made = {p.name for p in work.rglob("*")}
-    for name in ("gateway.sqlite", "outbox-us-01.sqlite", "device.key", "ca.key",
-                 "bundle-signer.key", "dashboard-users.json"):
+    for name in (
+        "gateway.sqlite",
+        "outbox-us-01.sqlite",
+        "device.key",
+        "ca.key",
+        "bundle-signer.key",
+        "dashboard-users.json",
+    ):
         assert name in made, f"the demo made no {name}: {sorted(made)}"
     assert _open_to_others(work) == []
     assert _open_to_others(site) == []

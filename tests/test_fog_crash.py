@@ -27,14 +27,35 @@ SITE, DEVICE = "ward-a", "fc-01"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _fog(site_dir: Path, fog: RunningBroker, cloud: RunningBroker, tmp: Path
-         ) -> subprocess.Popen[str]:
+def _fog(
+    site_dir: Path, fog: RunningBroker, cloud: RunningBroker, tmp: Path
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "medge", "gateway", "run", "--site-dir", str(site_dir),
-         "--broker", f"{fog.host}:{fog.port}", "--db", str(tmp / "fog.sqlite"),
-         "--client-id", "fog", "--forward-to", f"{cloud.host}:{cloud.port}",
-         "--forward-resend-after", "1", "--log-level", "warning"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "medge",
+            "gateway",
+            "run",
+            "--site-dir",
+            str(site_dir),
+            "--broker",
+            f"{fog.host}:{fog.port}",
+            "--db",
+            str(tmp / "fog.sqlite"),
+            "--client-id",
+            "fog",
+            "--forward-to",
+            f"{cloud.host}:{cloud.port}",
+            "--forward-resend-after",
+            "1",
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env=dict(os.environ),
     )
 
@@ -54,10 +75,17 @@ def test_sigkilled_fog_gateway_loses_and_duplicates_nothing(  # type: ignore[no-
     box = Outbox(tmp_path / "device.outbox.sqlite", SITE, DEVICE)
     box.sealer = Sealer(SITE, DEVICE, idn.key, idn.recipient, lambda: next(epochs))
     sent: list[int] = []
-    with start_broker("mosquitto") as cloud_broker, \
-            Store(tmp_path / "cloud.sqlite") as cloud_store, \
-            Gateway(cloud_store, opener_for(site_dir), cloud_broker.host, cloud_broker.port,
-                    client_id="cloud") as cloud:
+    with (
+        start_broker("mosquitto") as cloud_broker,
+        Store(tmp_path / "cloud.sqlite") as cloud_store,
+        Gateway(
+            cloud_store,
+            opener_for(site_dir),
+            cloud_broker.host,
+            cloud_broker.port,
+            client_id="cloud",
+        ) as cloud,
+    ):
         fog = _fog(site_dir, mosquitto, cloud_broker, tmp_path)
         try:
             with box, DeviceLink(box, mosquitto.host, mosquitto.port, resend_after=1.0) as link:
@@ -76,8 +104,11 @@ def test_sigkilled_fog_gateway_loses_and_duplicates_nothing(  # type: ignore[no-
                 assert killed_at is not None, "the gateway was killed mid-stream"
                 assert killed_at < len(sent)
                 assert link.drain(60), "every result acknowledged after the restart"
-            wait_for(lambda: cloud_store.result_count(SITE, DEVICE) == len(sent), 60,
-                     "the cloud to have every result")
+            wait_for(
+                lambda: cloud_store.result_count(SITE, DEVICE) == len(sent),
+                60,
+                "the cloud to have every result",
+            )
         finally:
             fog.send_signal(signal.SIGINT)
             _, err = fog.communicate(timeout=20)

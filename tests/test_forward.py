@@ -43,12 +43,14 @@ def _device(
     idn = DeviceIdentity.load(ident, SITE, device)
     epochs = itertools.count(1)
     box = Outbox(tmp / f"{device}.outbox.sqlite", SITE, device)
-    box.sealer = Sealer(SITE, device, idn.key, idn.recipient, lambda: next(epochs),
-                        end_to_end=end_to_end)
+    box.sealer = Sealer(
+        SITE, device, idn.key, idn.recipient, lambda: next(epochs), end_to_end=end_to_end
+    )
     if end_to_end:
         assert idn.gateway_recipient is not None
-        box.status_sealer = Sealer(SITE, device, idn.key, idn.gateway_recipient,
-                                   lambda: next(epochs))
+        box.status_sealer = Sealer(
+            SITE, device, idn.key, idn.gateway_recipient, lambda: next(epochs)
+        )
     with box, DeviceLink(box, broker.host, broker.port, resend_after=0.5) as link:
         assert link.wait_connected(10)
         yield box, link
@@ -69,15 +71,20 @@ def _seqs(store: Store, device: str) -> list[int]:
 
 
 def _fog(tmp: Path, fog: RunningBroker, cloud: RunningBroker, opener, name: str = "fog"):  # type: ignore[no-untyped-def]
-    fwd = Forwarder(ForwardOutbox(tmp / f"{name}.forward.sqlite"), cloud.host, cloud.port,
-                    client_id=f"{name}-forward", resend_after=1.0)
-    return Gateway(Store(tmp / f"{name}.sqlite"), opener, fog.host, fog.port,
-                   client_id=name, forward=fwd)
+    fwd = Forwarder(
+        ForwardOutbox(tmp / f"{name}.forward.sqlite"),
+        cloud.host,
+        cloud.port,
+        client_id=f"{name}-forward",
+        resend_after=1.0,
+    )
+    return Gateway(
+        Store(tmp / f"{name}.sqlite"), opener, fog.host, fog.port, client_id=name, forward=fwd
+    )
 
 
 def _cloud(tmp: Path, cloud: RunningBroker, opener) -> Gateway:  # type: ignore[no-untyped-def]
-    return Gateway(Store(tmp / "cloud.sqlite"), opener, cloud.host, cloud.port,
-                   client_id="cloud")
+    return Gateway(Store(tmp / "cloud.sqlite"), opener, cloud.host, cloud.port, client_id="cloud")
 
 
 def test_every_result_reaches_the_cloud_once_across_crashes(  # type: ignore[no-untyped-def]
@@ -158,8 +165,14 @@ def test_shared_subscription_workers_split_and_survive_a_stop(  # type: ignore[n
     stored once, and stopping one mid-stream loses nothing (the device resends)."""
     db = tmp_path / "shared.sqlite"
     workers = [
-        Gateway(Store(db), opener_for(site_dir), mosquitto.host, mosquitto.port,
-                client_id=f"w{i}", share_group="g").start()
+        Gateway(
+            Store(db),
+            opener_for(site_dir),
+            mosquitto.host,
+            mosquitto.port,
+            client_id=f"w{i}",
+            share_group="g",
+        ).start()
         for i in range(2)
     ]
     try:
@@ -187,15 +200,32 @@ def test_results_state_and_telemetry_forwarded_over_tls(  # type: ignore[no-unty
     cloud's fleet view gets each device's latest state and telemetry."""
     port = free_port()
     files = write_broker_config(site_dir, tmp_path / "cloud-broker", port=port)
-    fwd = Forwarder(ForwardOutbox(tmp_path / "fog.forward.sqlite"), "127.0.0.1", port,
-                    client_id="fog-forward", resend_after=1.0,
-                    tls=forwarder_client_files(site_dir))
+    fwd = Forwarder(
+        ForwardOutbox(tmp_path / "fog.forward.sqlite"),
+        "127.0.0.1",
+        port,
+        client_id="fog-forward",
+        resend_after=1.0,
+        tls=forwarder_client_files(site_dir),
+    )
     with (
         start_mosquitto_conf(files.conf, "127.0.0.1", port) as cloud_broker,
-        Gateway(Store(tmp_path / "cloud.sqlite"), opener_for(site_dir), cloud_broker.host,
-                cloud_broker.port, client_id="cloud", tls=gateway_client_files(site_dir)) as cloud,
-        Gateway(Store(tmp_path / "fog.sqlite"), opener_for(site_dir), mosquitto.host,
-                mosquitto.port, client_id="fog", forward=fwd) as fog,
+        Gateway(
+            Store(tmp_path / "cloud.sqlite"),
+            opener_for(site_dir),
+            cloud_broker.host,
+            cloud_broker.port,
+            client_id="cloud",
+            tls=gateway_client_files(site_dir),
+        ) as cloud,
+        Gateway(
+            Store(tmp_path / "fog.sqlite"),
+            opener_for(site_dir),
+            mosquitto.host,
+            mosquitto.port,
+            client_id="fog",
+            forward=fwd,
+        ) as fog,
         _device(tmp_path, mosquitto, identity("fw-tls"), "fw-tls") as (box, link),
     ):
         sent = _send(box, link, 30)
@@ -204,14 +234,22 @@ def test_results_state_and_telemetry_forwarded_over_tls(  # type: ignore[no-unty
         assert link.drain(20)
         _wait(lambda: fwd.outbox.depth() == 0, 20, "the cloud to ack every result")
         assert fwd.connected
-        _wait(lambda: any(d["device"] == "fw-tls" and (d["telemetry"] or {}).get("fps") == 6.0
-                          and d["state"] == "online" for d in cloud.store.devices()),
-              20, "the cloud's fleet view: online, latest telemetry")
+        _wait(
+            lambda: any(
+                d["device"] == "fw-tls"
+                and (d["telemetry"] or {}).get("fps") == 6.0
+                and d["state"] == "online"
+                for d in cloud.store.devices()
+            ),
+            20,
+            "the cloud's fleet view: online, latest telemetry",
+        )
         assert sorted(_seqs(cloud.store, "fw-tls")) == sent
         assert fwd.outbox.latest_pending() == 0
         assert cloud.stats.rejected == 0 and fog.stats.rejected == 0
         latest = fog.metrics.registry.get_sample_value(
-            "medge_gateway_forward_latest_total", {"kind": "telemetry"})
+            "medge_gateway_forward_latest_total", {"kind": "telemetry"}
+        )
         assert latest == 3
     cloud.store.close()
     fog.store.close()
@@ -224,8 +262,9 @@ def test_backfill_queues_what_was_stored_before_forwarding(  # type: ignore[no-u
     db = tmp_path / "fog.sqlite"
     with cloud_broker, _cloud(tmp_path, cloud_broker, opener_for(site_dir)) as cloud:
         with (
-            Gateway(Store(db), opener_for(site_dir), mosquitto.host, mosquitto.port,
-                    client_id="fog") as fog,
+            Gateway(
+                Store(db), opener_for(site_dir), mosquitto.host, mosquitto.port, client_id="fog"
+            ) as fog,
             _device(tmp_path, mosquitto, identity("fw-bf"), "fw-bf") as (box, link),
         ):
             sent = _send(box, link, 25)
@@ -266,7 +305,8 @@ def test_backfill_needs_forward_to(site_dir: Path, capsys: pytest.CaptureFixture
     code = main(["gateway", "run", "--site-dir", str(site_dir), "--backfill", "all"])
     assert code == 2
     assert "--backfill re-queues stored results for the cloud: add --forward-to" in (
-        capsys.readouterr().err)
+        capsys.readouterr().err
+    )
 
 
 def test_broker_config_issues_the_forwarder_identity(
@@ -278,8 +318,9 @@ def test_broker_config_issues_the_forwarder_identity(
     from medge.cli import main
 
     out = tmp_path / "cloud-broker"
-    code = main(["gateway", "broker-config", "--site-dir", str(site_dir), "--out", str(out),
-                 "--forwarder"])
+    code = main(
+        ["gateway", "broker-config", "--site-dir", str(site_dir), "--out", str(out), "--forwarder"]
+    )
     assert code == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if "--forward-tls" in ln)
     ca, cert, key = (Path(p) for p in line.split("--forward-tls ", 1)[1].split())

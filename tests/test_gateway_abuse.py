@@ -34,13 +34,18 @@ SITE = "ward-a"
 
 
 def _rejected(gw: Gateway, reason: str) -> float:
-    return gw.metrics.registry.get_sample_value(
-        "medge_gateway_messages_rejected_total", {"reason": reason}) or 0.0
+    return (
+        gw.metrics.registry.get_sample_value(
+            "medge_gateway_messages_rejected_total", {"reason": reason}
+        )
+        or 0.0
+    )
 
 
 @contextmanager
-def _device(tmp: Path, broker: RunningBroker, ident: Path, device: str,
-            tls: bool = False) -> Iterator[tuple[Outbox, DeviceLink]]:
+def _device(
+    tmp: Path, broker: RunningBroker, ident: Path, device: str, tls: bool = False
+) -> Iterator[tuple[Outbox, DeviceLink]]:
     """A device as its agent runs it: sealed results in a disk outbox, deleted only on the
     gateway's ack, resent after 0.5 s without one."""
     idn = DeviceIdentity.load(ident, SITE, device)
@@ -54,8 +59,10 @@ def _device(tmp: Path, broker: RunningBroker, ident: Path, device: str,
 
 
 def _put(box: Outbox, link: DeviceLink, n: int) -> list[int]:
-    seqs = [box.put("result", {"input": f"s#{i}", "pred": 1, "scores": [0.2, 0.8]}).seq
-            for i in range(n)]
+    seqs = [
+        box.put("result", {"input": f"s#{i}", "pred": 1, "scores": [0.2, 0.8]}).seq
+        for i in range(n)
+    ]
     link.notify()
     return seqs
 
@@ -65,19 +72,31 @@ def _seqs(store: Store, device: str) -> list[int]:
 
 
 def _lines(caplog: pytest.LogCaptureFixture, *needles: str) -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.name.startswith("medge.gateway") and all(n in r.getMessage() for n in needles)]
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("medge.gateway") and all(n in r.getMessage() for n in needles)
+    ]
 
 
 def test_a_flooding_device_is_limited_and_loses_nothing_while_others_are_served(  # type: ignore[no-untyped-def]
-    tmp_path: Path, mosquitto: RunningBroker, site_dir: Path, identity,
+    tmp_path: Path,
+    mosquitto: RunningBroker,
+    site_dir: Path,
+    identity,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="medge.gateway")
     with (
         Store(tmp_path / "gw.sqlite") as store,
-        Gateway(store, opener_for(site_dir), mosquitto.host, mosquitto.port,
-                device_rate=40, device_burst=20) as gw,
+        Gateway(
+            store,
+            opener_for(site_dir),
+            mosquitto.host,
+            mosquitto.port,
+            device_rate=40,
+            device_burst=20,
+        ) as gw,
         _device(tmp_path, mosquitto, identity("ab-flood"), "ab-flood") as (fbox, flink),
         _device(tmp_path, mosquitto, identity("ab-calm"), "ab-calm") as (cbox, clink),
     ):
@@ -100,14 +119,17 @@ def test_a_flooding_device_is_limited_and_loses_nothing_while_others_are_served(
     assert "not acknowledged" in limited[0] or "unacknowledged" in limited[0]
 
 
-def test_state_is_never_rate_limited(sealer, opener, mosquitto: RunningBroker,  # type: ignore[no-untyped-def]
-                                     tmp_path: Path) -> None:
+def test_state_is_never_rate_limited(
+    sealer,
+    opener,
+    mosquitto: RunningBroker,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
     s = sealer("ab-state")
     c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     with (
         Store(tmp_path / "gw.sqlite") as store,
-        Gateway(store, opener, mosquitto.host, mosquitto.port, device_rate=1,
-                device_burst=1) as gw,
+        Gateway(store, opener, mosquitto.host, mosquitto.port, device_rate=1, device_burst=1) as gw,
     ):
         c.connect(mosquitto.host, mosquitto.port)
         c.loop_start()
@@ -155,20 +177,27 @@ def test_oversized_message_through_the_broker_is_rejected_counted_and_logged(  #
 
 
 def test_bad_input_each_has_a_reason_and_one_line_naming_the_device(  # type: ignore[no-untyped-def]
-    tmp_path: Path, mosquitto: RunningBroker, site_dir: Path, identity, sealer,
+    tmp_path: Path,
+    mosquitto: RunningBroker,
+    site_dir: Path,
+    identity,
+    sealer,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="medge.gateway")
     now = time.time()
     good = DeviceIdentity.load(identity("ab-good"), SITE, "ab-good")
     # an unknown device: a key the site never certified, sealed to the right gateway key
-    stranger = Sealer(SITE, "ab-stranger", ec.generate_private_key(ec.SECP256R1()),
-                      good.recipient, lambda: 1)
+    stranger = Sealer(
+        SITE, "ab-stranger", ec.generate_private_key(ec.SECP256R1()), good.recipient, lambda: 1
+    )
     # a wrong key: a registered device sealing to a key that is not the gateway's
     other = write_recipient(tmp_path / "other.json")
     wrong = DeviceIdentity.load(
         provision_device(site_dir, "ab-wrongkey", tmp_path / "wk", recipient=other),
-        SITE, "ab-wrongkey")
+        SITE,
+        "ab-wrongkey",
+    )
     wrong_sealer = Sealer(SITE, "ab-wrongkey", wrong.key, wrong.recipient, lambda: 1)
 
     def sealed(s: Sealer, device: str) -> bytes:
@@ -211,8 +240,11 @@ def test_broker_config_stops_oversized_messages_before_the_gateway(  # type: ign
     def client() -> tuple[mqtt.Client, dict[str, Any]]:
         seen: dict[str, Any] = {"pubacks": {}, "disconnects": []}
         c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        c.tls_set(ca_certs=str(ident / SITE_CA), certfile=str(ident / DEVICE_CERT),
-                  keyfile=str(ident / DEVICE_KEY))
+        c.tls_set(
+            ca_certs=str(ident / SITE_CA),
+            certfile=str(ident / DEVICE_CERT),
+            keyfile=str(ident / DEVICE_KEY),
+        )
         c.on_publish = lambda _c, _u, mid, rc, _p=None: seen["pubacks"].__setitem__(mid, rc)
         c.on_disconnect = lambda _c, _u, _f, rc, _p=None: seen["disconnects"].append(rc)
         c.connect(broker.host, broker.port)
@@ -225,9 +257,14 @@ def test_broker_config_stops_oversized_messages_before_the_gateway(  # type: ign
         c, seen = client()
         try:
             info = c.publish(t, payload, qos=1)
-            wait_for(lambda: bool(seen["disconnects"]) or (
-                info.mid in seen["pubacks"] and seen["pubacks"][info.mid].is_failure), 10,
-                "the broker to refuse the message")
+            wait_for(
+                lambda: (
+                    bool(seen["disconnects"])
+                    or (info.mid in seen["pubacks"] and seen["pubacks"][info.mid].is_failure)
+                ),
+                10,
+                "the broker to refuse the message",
+            )
         finally:
             c.loop_stop()
             c.disconnect()
@@ -235,8 +272,9 @@ def test_broker_config_stops_oversized_messages_before_the_gateway(  # type: ign
     with (
         start_mosquitto_conf(files.conf, "127.0.0.1", port) as broker,
         Store(tmp_path / "gw.sqlite") as store,
-        Gateway(store, opener_for(site), broker.host, broker.port,
-                tls=gateway_client_files(site)) as gw,
+        Gateway(
+            store, opener_for(site), broker.host, broker.port, tls=gateway_client_files(site)
+        ) as gw,
     ):
         c, _ = client()
         try:
@@ -262,27 +300,41 @@ def test_a_bad_cam_is_dropped_and_counted_the_result_kept(  # type: ignore[no-un
 
     caplog.set_level(logging.WARNING, logger="medge.gateway")
     s = sealer("ab-cam")
-    png = base64.b64encode(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + (8).to_bytes(4, "big") * 2
-                           + b"\x08\x00\x00\x00\x00").decode()
-    cams = {1: {"png": png, "label": "benign"}, 2: {"png": "PHN2Zz4=", "label": "svg"},
-            3: {"png": "A" * 40_000}}
-    items = [(topic(SITE, "ab-cam", "result"),
-              s.seal(Envelope("result", SITE, "ab-cam", seq, time.time(),
-                              {"pred": 1, "cam": cam})))
-             for seq, cam in cams.items()]
+    png = base64.b64encode(
+        b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"
+        + (8).to_bytes(4, "big") * 2
+        + b"\x08\x00\x00\x00\x00"
+    ).decode()
+    cams = {
+        1: {"png": png, "label": "benign"},
+        2: {"png": "PHN2Zz4=", "label": "svg"},
+        3: {"png": "A" * 40_000},
+    }
+    items = [
+        (
+            topic(SITE, "ab-cam", "result"),
+            s.seal(Envelope("result", SITE, "ab-cam", seq, time.time(), {"pred": 1, "cam": cam})),
+        )
+        for seq, cam in cams.items()
+    ]
     with (
         Store(tmp_path / "gw.sqlite") as store,
         Gateway(store, opener, mosquitto.host, mosquitto.port) as gw,
     ):
         _raw_publish(mosquitto, items)
         wait_for(lambda: store.result_count() == 3, 10, "three results")
-        bodies = {r["seq"]: json.loads(r["body"])
-                  for r in store.query("SELECT seq, body FROM results")}
+        bodies = {
+            r["seq"]: json.loads(r["body"]) for r in store.query("SELECT seq, body FROM results")
+        }
         assert bodies[1]["cam"] == cams[1], "a small PNG is kept"
         assert "cam" not in bodies[2] and "cam" not in bodies[3]
         assert bodies[2]["pred"] == 1, "the result itself is stored"
-        dropped = {r: gw.metrics.registry.get_sample_value(
-            "medge_gateway_cam_dropped_total", {"reason": r}) for r in ("not_png", "too_large")}
+        dropped = {
+            r: gw.metrics.registry.get_sample_value(
+                "medge_gateway_cam_dropped_total", {"reason": r}
+            )
+            for r in ("not_png", "too_large")
+        }
         assert dropped == {"not_png": 1, "too_large": 1}
         assert gw.stats.rejected == 0
     assert len(_lines(caplog, "CAM", "ward-a/ab-cam")) == 2

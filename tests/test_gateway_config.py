@@ -65,8 +65,9 @@ def test_the_file_sets_what_it_names_and_paths_are_relative_to_it(tmp_path: Path
 
 def test_a_flag_beats_the_file_which_beats_the_default(tmp_path: Path) -> None:
     path = _write(tmp_path, EXAMPLE)
-    cfg = load_gateway_config(path, {"broker.port": 1884, "store.db": "other.sqlite",
-                                     "batching.when_idle": True})
+    cfg = load_gateway_config(
+        path, {"broker.port": 1884, "store.db": "other.sqlite", "batching.when_idle": True}
+    )
     assert cfg.broker.port == 1884 and cfg.broker.host == "10.0.0.2"
     assert cfg.store.db == "other.sqlite", "a flag's path is the working directory's"
     assert cfg.batching.when_idle and cfg.batching.window == 0.01
@@ -76,16 +77,24 @@ def test_a_flag_beats_the_file_which_beats_the_default(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "where"),
     [
-        ("gateway:\n  site_dir: s\n  limits:\n    device_rate: -1\n",
-         ":4: gateway.limits.device_rate: Input should be greater than or equal to 0"),
-        ("gateway:\n  site_dir: s\n  broker:\n    hots: x\n",
-         ":4: gateway.broker.hots: Extra inputs are not permitted"),
+        (
+            "gateway:\n  site_dir: s\n  limits:\n    device_rate: -1\n",
+            ":4: gateway.limits.device_rate: Input should be greater than or equal to 0",
+        ),
+        (
+            "gateway:\n  site_dir: s\n  broker:\n    hots: x\n",
+            ":4: gateway.broker.hots: Extra inputs are not permitted",
+        ),
         ("gateway:\n  broker:\n    host: x\n", ":1: gateway.site_dir: Field required"),
-        ("dashboard:\n  port: 8080\n  title: t\n  secure_cookies: maybe\n",
-         ":4: dashboard.secure_cookies: Input should be a valid boolean, unable to interpret "
-         "input"),
-        ("gateway:\n  site_dir: s\n  forward:\n    to: cloud\n",
-         ":4: gateway.forward.to: Value error, 'cloud' is not HOST:PORT"),
+        (
+            "dashboard:\n  port: 8080\n  title: t\n  secure_cookies: maybe\n",
+            ":4: dashboard.secure_cookies: Input should be a valid boolean, unable to interpret "
+            "input",
+        ),
+        (
+            "gateway:\n  site_dir: s\n  forward:\n    to: cloud\n",
+            ":4: gateway.forward.to: Value error, 'cloud' is not HOST:PORT",
+        ),
         ("gatway:\n  site_dir: s\n", ":1: gatway: Extra inputs are not permitted"),
     ],
 )
@@ -108,8 +117,10 @@ def test_a_bad_flag_is_named_as_a_flag(tmp_path: Path) -> None:
     [
         ({"tier": "cloud", "forward.to": "c:1883"}, "cloud opens every message itself"),
         ({"forward.backfill": "24h"}, "forward.backfill needs forward.to"),
-        ({"forward.to": "c:1883", "store.db": "postgresql://u@h/db"},
-         "needs --forward-outbox FILE"),
+        (
+            {"forward.to": "c:1883", "store.db": "postgresql://u@h/db"},
+            "needs --forward-outbox FILE",
+        ),
     ],
 )
 def test_combinations_no_field_can_refuse(over: dict[str, object], why: str) -> None:
@@ -156,9 +167,12 @@ def test_check_config_passes_a_good_file_and_warns_of_the_broker(
 ) -> None:
     from gateway.broker import free_port
 
-    path = _write(tmp_path, f"gateway:\n  site_dir: {site_dir}\n  store:\n    db: gw.sqlite\n"
-                  f"  broker:\n    port: {free_port('127.0.0.1')}\n"
-                  "dashboard:\n  allow_anonymous: true\n")
+    path = _write(
+        tmp_path,
+        f"gateway:\n  site_dir: {site_dir}\n  store:\n    db: gw.sqlite\n"
+        f"  broker:\n    port: {free_port('127.0.0.1')}\n"
+        "dashboard:\n  allow_anonymous: true\n",
+    )
     code, out, _ = _cli(capsys, "gateway", "check-config", str(path), "--json")
     assert code == 0
     doc = json.loads(out)
@@ -193,12 +207,29 @@ def test_gateway_run_reads_the_file_and_flags_override_it(
     from gateway.broker import free_port
 
     port = free_port("127.0.0.1")
-    path = _write(tmp_path, f"gateway:\n  site_dir: {site_dir}\n  store:\n    db: gw.sqlite\n"
-                  f"  broker:\n    port: {mosquitto.port}\n  metrics:\n    port: 1\n")
+    path = _write(
+        tmp_path,
+        f"gateway:\n  site_dir: {site_dir}\n  store:\n    db: gw.sqlite\n"
+        f"  broker:\n    port: {mosquitto.port}\n  metrics:\n    port: 1\n",
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "medge", "gateway", "run", "--config", str(path),
-         "--metrics-port", str(port), "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "medge",
+            "gateway",
+            "run",
+            "--config",
+            str(path),
+            "--metrics-port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -224,8 +255,11 @@ def test_the_dashboard_section_serves_the_gateways_store(tmp_path: Path) -> None
     from gateway import Store
     from gateway.dashboard.server import DashboardServer
 
-    path = _write(tmp_path, "gateway:\n  site_dir: s\n  store:\n    db: gw.sqlite\n"
-                  "dashboard:\n  allow_anonymous: true\n  title: Ward A\n")
+    path = _write(
+        tmp_path,
+        "gateway:\n  site_dir: s\n  store:\n    db: gw.sqlite\n"
+        "dashboard:\n  allow_anonymous: true\n  title: Ward A\n",
+    )
     with Store(tmp_path / "gw.sqlite"):
         pass
     cfg = load_dashboard_config(path, {"port": 0})

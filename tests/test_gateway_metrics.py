@@ -71,9 +71,11 @@ def test_metrics_count_what_the_gateway_did(  # type: ignore[no-untyped-def]
         ("result", b'{"v": 2}'),  # malformed
         ("result", mx.seal(Envelope("result", SITE, DEVICE, 7, now + 3600, {}))),  # clock
     ]
-    with Store(tmp_path / "gw.sqlite") as store, \
-            Gateway(store, opener, mosquitto.host, mosquitto.port) as gw, \
-            MetricsServer(gw.metrics, port=0) as server:
+    with (
+        Store(tmp_path / "gw.sqlite") as store,
+        Gateway(store, opener, mosquitto.host, mosquitto.port) as gw,
+        MetricsServer(gw.metrics, port=0) as server,
+    ):
         assert server.url == f"http://127.0.0.1:{server.port}/metrics"
         c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         c.connect(mosquitto.host, mosquitto.port)
@@ -90,8 +92,11 @@ def test_metrics_count_what_the_gateway_did(  # type: ignore[no-untyped-def]
     assert value(m, "medge_gateway_messages_stored_total", kind="event") == 1
     assert value(m, "medge_gateway_duplicates_total") == 1
     assert value(m, "medge_gateway_acks_total") == 5
-    rejected = {labels[0][1]: v for (name, labels), v in m.items()
-                if name == "medge_gateway_messages_rejected_total"}
+    rejected = {
+        labels[0][1]: v
+        for (name, labels), v in m.items()
+        if name == "medge_gateway_messages_rejected_total"
+    }
     assert rejected["malformed"] == 2
     assert rejected["replay"] == 1
     assert rejected["clock"] == 1
@@ -118,10 +123,12 @@ def test_every_reason_code_shows_at_zero_and_counts_by_code() -> None:
 
     def count(reason: Reason) -> float | None:
         return m.registry.get_sample_value(  # type: ignore[no-any-return]
-            "medge_gateway_messages_rejected_total", {"reason": reason.value})
+            "medge_gateway_messages_rejected_total", {"reason": reason.value}
+        )
 
     assert {r: count(r) for r in Reason} == {
-        r: 1.0 if r in (Reason.SIGNATURE, Reason.HANDLER) else 0.0 for r in Reason}
+        r: 1.0 if r in (Reason.SIGNATURE, Reason.HANDLER) else 0.0 for r in Reason
+    }
 
 
 def test_stats_are_read_from_the_counters_not_counted_twice() -> None:
@@ -136,8 +143,9 @@ def test_stats_are_read_from_the_counters_not_counted_twice() -> None:
     m.reject(Reason.RATE_LIMIT)
     m.reject(Reason.STORE)
     m.reject(Reason.MALFORMED)
-    assert GatewayStats.of(m) == GatewayStats(received=5, stored=3, duplicates=1, rejected=3,
-                                              acks=4, rate_limited=1, store_refused=1)
+    assert GatewayStats.of(m) == GatewayStats(
+        received=5, stored=3, duplicates=1, rejected=3, acks=4, rate_limited=1, store_refused=1
+    )
 
 
 @pytest.mark.slow
@@ -146,10 +154,29 @@ def test_gateway_run_serves_metrics(  # type: ignore[no-untyped-def]
 ) -> None:
     port = free_port("127.0.0.1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "medge", "gateway", "run", "--site-dir", str(site_dir),
-         "--broker", f"{mosquitto.host}:{mosquitto.port}", "--db", str(tmp_path / "gw.sqlite"),
-         "--silence-after", "5", "--metrics-port", str(port), "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ),
+        [
+            sys.executable,
+            "-m",
+            "medge",
+            "gateway",
+            "run",
+            "--site-dir",
+            str(site_dir),
+            "--broker",
+            f"{mosquitto.host}:{mosquitto.port}",
+            "--db",
+            str(tmp_path / "gw.sqlite"),
+            "--silence-after",
+            "5",
+            "--metrics-port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
     )
     try:
         url = f"http://127.0.0.1:{port}/metrics"

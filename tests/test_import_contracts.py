@@ -58,8 +58,11 @@ def imported_names(source: str, package: str) -> Iterator[tuple[int, str]]:
             and isinstance(node.args[0].value, str)
             and (
                 (isinstance(node.func, ast.Name) and node.func.id == "__import__")
-                or (isinstance(node.func, ast.Attribute) and node.func.attr == "import_module"
-                    and not (node.keywords or len(node.args) > 1))
+                or (
+                    isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "import_module"
+                    and not (node.keywords or len(node.args) > 1)
+                )
             )
         ):
             yield node.lineno, node.args[0].value
@@ -92,8 +95,14 @@ def test_the_reader_sees_every_kind_of_import() -> None:
         "    importlib.import_module('gateway.store')\n    __import__('models')\n"
     )
     assert [name for _, name in imported_names(code, "edge_agent.sources")] == [
-        "numpy", "edge_agent.sources", "edge_agent.bundle", "converter.convert",
-        "tensorflow", "keras", "gateway.store", "models",
+        "numpy",
+        "edge_agent.sources",
+        "edge_agent.bundle",
+        "converter.convert",
+        "tensorflow",
+        "keras",
+        "gateway.store",
+        "models",
     ]
 
 

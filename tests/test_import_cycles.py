@@ -163,8 +163,11 @@ def test_no_import_cycles() -> None:
 
 def test_converter_has_no_cycle_even_through_lazy_imports() -> None:
     eager, lazy = graph()
-    conv = {m: {t for t in eager[m] | lazy[m] if t.startswith("converter")}
-            for m in eager if m.startswith("converter")}  # fmt: skip
+    conv = {
+        m: {t for t in eager[m] | lazy[m] if t.startswith("converter")}
+        for m in eager
+        if m.startswith("converter")
+    }
     assert not cycles(conv), f"converter cycles (lazy imports included): {cycles(conv)}"
 
 
@@ -173,18 +176,32 @@ def test_the_graph_is_read() -> None:
     assert "converter.convert" in eager["converter"]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [frozenset("abc")]
     assert sum(len(v) for v in eager.values()) > 50
-    assert all(not m.startswith("converter") for t in eager if t.startswith("edge_agent")
-               for m in eager[t])  # fmt: skip
+    assert all(
+        not m.startswith("converter") for t in eager if t.startswith("edge_agent") for m in eager[t]
+    )
 
 
 if __name__ == "__main__":  # numbers for a report
     e, z = graph()
-    print("module-level edges", sum(len(v) for v in e.values()),
-          "lazy edges", sum(len(v) for v in z.values()))
+    print(
+        "module-level edges",
+        sum(len(v) for v in e.values()),
+        "lazy edges",
+        sum(len(v) for v in z.values()),
+    )
     print("cycles (module level):", [sorted(c) for c in cycles(e)])
     print("cycles (lazy included):", [sorted(c) for c in lazy_cycles()])
-    conv = {m: {t for t in e[m] | z[m] if t.startswith("converter")} for m in e
-            if m.startswith("converter")}
+    conv = {
+        m: {t for t in e[m] | z[m] if t.startswith("converter")}
+        for m in e
+        if m.startswith("converter")
+    }
     print("converter cycles (lazy included):", [sorted(c) for c in cycles(conv)])
-    print("converter lazy edges:", sum(len({t for t in z[m] if t.startswith("converter")})
-                                       for m in z if m.startswith("converter")))
+    print(
+        "converter lazy edges:",
+        sum(
+            len({t for t in z[m] if t.startswith("converter")})
+            for m in z
+            if m.startswith("converter")
+        ),
+    )

@@ -29,18 +29,26 @@ def users(tmp_path: Path) -> Path:
     return path
 
 
-def post_login(port: int, name: str, password: str, source: str = ATTACKER,
-               headers: dict[str, str] | None = None) -> tuple[int, dict[str, str]]:
+def post_login(
+    port: int,
+    name: str,
+    password: str,
+    source: str = ATTACKER,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str]]:
     """POST /login; the status and headers (the page's text under ``body``)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60, source_address=(source, 0))
     form = urllib.parse.urlencode({"name": name, "password": password})
     try:
-        conn.request("POST", "/login", body=form, headers={
-            "Content-Type": "application/x-www-form-urlencoded", **(headers or {})})
+        conn.request(
+            "POST",
+            "/login",
+            body=form,
+            headers={"Content-Type": "application/x-www-form-urlencoded", **(headers or {})},
+        )
         response = conn.getresponse()
         body = response.read().decode()
-        return response.status, {**{k.lower(): v for k, v in response.getheaders()},
-                                 "body": body}
+        return response.status, {**{k.lower(): v for k, v in response.getheaders()}, "body": body}
     finally:
         conn.close()
 
@@ -50,8 +58,10 @@ def audit(store: Store, action: str) -> list[str]:
 
 
 def test_200_parallel_guesses_evaluate_at_most_the_limit(users: Path, tmp_path: Path) -> None:
-    with Store(tmp_path / "gw.sqlite") as store, \
-            DashboardServer(store.path, users=users, login_policy=FAST) as dash:
+    with (
+        Store(tmp_path / "gw.sqlite") as store,
+        DashboardServer(store.path, users=users, login_policy=FAST) as dash,
+    ):
         statuses: list[int] = []
         lock = threading.Lock()
         start = threading.Barrier(50)
@@ -102,47 +112,70 @@ def test_200_parallel_guesses_evaluate_at_most_the_limit(users: Path, tmp_path: 
 
 
 def test_spoofed_forwarded_for_from_a_non_proxy_is_ignored(users: Path, tmp_path: Path) -> None:
-    with Store(tmp_path / "gw.sqlite") as store, \
-            DashboardServer(store.path, users=users, login_policy=FAST) as dash:
+    with (
+        Store(tmp_path / "gw.sqlite") as store,
+        DashboardServer(store.path, users=users, login_policy=FAST) as dash,
+    ):
         for i in range(FAST.address_limit):  # a new "address" each time, and new names
-            status, _ = post_login(dash.port, f"guess{i}", "wrong-password",
-                                   headers={"X-Forwarded-For": f"198.51.100.{i}"})
+            status, _ = post_login(
+                dash.port,
+                f"guess{i}",
+                "wrong-password",
+                headers={"X-Forwarded-For": f"198.51.100.{i}"},
+            )
             assert status == 401
-        status, _ = post_login(dash.port, "guess-more", "wrong-password",
-                               headers={"X-Forwarded-For": "198.51.100.99"})
+        status, _ = post_login(
+            dash.port, "guess-more", "wrong-password", headers={"X-Forwarded-For": "198.51.100.99"}
+        )
         assert status == 429, "the header did not make a new address"
         assert all(d.endswith(f"from {ATTACKER}") for d in audit(store, "login-failed"))
-        status, headers = post_login(dash.port, USER, PASSWORD, source=CLINIC,
-                                     headers={"X-Forwarded-Proto": "https"})
+        status, headers = post_login(
+            dash.port, USER, PASSWORD, source=CLINIC, headers={"X-Forwarded-Proto": "https"}
+        )
         assert status == 303 and "Secure" not in headers["set-cookie"], "proto not believed"
 
 
 def test_a_trusted_proxy_names_the_client_and_tls(users: Path, tmp_path: Path) -> None:
     policy = LoginPolicy(user_delay_s=0.05, user_max_delay_s=0.4, trusted_proxies=(ATTACKER,))
-    with Store(tmp_path / "gw.sqlite") as store, \
-            DashboardServer(store.path, users=users, login_policy=policy) as dash:
+    with (
+        Store(tmp_path / "gw.sqlite") as store,
+        DashboardServer(store.path, users=users, login_policy=policy) as dash,
+    ):
         for i in range(policy.address_limit):
-            status, _ = post_login(dash.port, f"guess{i}", "wrong-password",
-                                   headers={"X-Forwarded-For": "203.0.113.7"})
+            status, _ = post_login(
+                dash.port, f"guess{i}", "wrong-password", headers={"X-Forwarded-For": "203.0.113.7"}
+            )
             assert status == 401
-        status, _ = post_login(dash.port, "guess-more", "wrong-password",
-                               headers={"X-Forwarded-For": "203.0.113.7"})
+        status, _ = post_login(
+            dash.port, "guess-more", "wrong-password", headers={"X-Forwarded-For": "203.0.113.7"}
+        )
         assert status == 429, "the client the proxy named is throttled"
         # another client behind the same proxy is not; a forged first hop does not help
-        status, headers = post_login(dash.port, USER, PASSWORD, headers={
-            "X-Forwarded-For": "203.0.113.7, 192.0.2.44", "X-Forwarded-Proto": "https"})
+        status, headers = post_login(
+            dash.port,
+            USER,
+            PASSWORD,
+            headers={"X-Forwarded-For": "203.0.113.7, 192.0.2.44", "X-Forwarded-Proto": "https"},
+        )
         assert status == 303 and "Secure" in headers["set-cookie"]
         assert audit(store, "login")[0] == f"user {USER!r} from 192.0.2.44"
         # an X-Forwarded-For from an address that is not the proxy is ignored
-        status, _ = post_login(dash.port, "x", "wrong-password", source=CLINIC,
-                               headers={"X-Forwarded-For": "203.0.113.99"})
+        status, _ = post_login(
+            dash.port,
+            "x",
+            "wrong-password",
+            source=CLINIC,
+            headers={"X-Forwarded-For": "203.0.113.99"},
+        )
         assert status == 401 and audit(store, "login-failed")[0].endswith(f"from {CLINIC}")
 
 
 def test_secure_cookies_flag(users: Path, tmp_path: Path) -> None:
     policy = LoginPolicy(secure_cookies=True)
-    with Store(tmp_path / "gw.sqlite") as store, \
-            DashboardServer(store.path, users=users, login_policy=policy) as dash:
+    with (
+        Store(tmp_path / "gw.sqlite") as store,
+        DashboardServer(store.path, users=users, login_policy=policy) as dash,
+    ):
         status, headers = post_login(dash.port, USER, PASSWORD)
         assert status == 303 and "Secure" in headers["set-cookie"]
 
@@ -150,8 +183,10 @@ def test_secure_cookies_flag(users: Path, tmp_path: Path) -> None:
 # -- the throttle on its own, on a test clock ------------------------------------------------
 def test_delays_grow_per_user_and_never_lock() -> None:
     now = [0.0]
-    t = LoginThrottle(LoginPolicy(address_limit=1000, user_free=3, user_delay_s=1.0,
-                                  user_max_delay_s=8.0), clock=lambda: now[0])
+    t = LoginThrottle(
+        LoginPolicy(address_limit=1000, user_free=3, user_delay_s=1.0, user_max_delay_s=8.0),
+        clock=lambda: now[0],
+    )
     waits = []
     for i in range(8):
         slot = t.reserve(USER, f"10.0.0.{i}")  # a new address each time

@@ -106,9 +106,20 @@ def test_onnx_int8_file_is_less_than_half_the_fp32_one(bundle_dir: Path) -> None
 @pytest.mark.slow
 def test_evaluate_cli_reproduces_the_onnx_int8_metrics(bundle_dir: Path) -> None:
     r = _run(
-        "-m", "medge", "evaluate", str(bundle_dir), "--data", DATA, "--split", "val",
-        "--runtime", "onnx", "--precision", "int8", "--json",
-    )  # fmt: skip
+        "-m",
+        "medge",
+        "evaluate",
+        str(bundle_dir),
+        "--data",
+        DATA,
+        "--split",
+        "val",
+        "--runtime",
+        "onnx",
+        "--precision",
+        "int8",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
     want = Bundle.load(bundle_dir).manifest.metrics["onnx-int8"]
@@ -119,12 +130,28 @@ def test_evaluate_cli_reproduces_the_onnx_int8_metrics(bundle_dir: Path) -> None
 
 def test_evaluate_cli_names_a_missing_artifact(bundle_dir: Path) -> None:
     r = _run(
-        "-m", "medge", "evaluate", str(bundle_dir), "--data", DATA, "--split", "val",
-        "--runtime", "onnx", "--precision", "fp16",
-    )  # fmt: skip
+        "-m",
+        "medge",
+        "evaluate",
+        str(bundle_dir),
+        "--data",
+        DATA,
+        "--split",
+        "val",
+        "--runtime",
+        "onnx",
+        "--precision",
+        "fp16",
+    )
     assert r.returncode == 2
-    has = ", ".join(["litert/int8", *[f"litert/{p}" for p in _float_shipped(bundle_dir)],
-                     "onnx/fp32", "onnx/int8"])  # fmt: skip
+    has = ", ".join(
+        [
+            "litert/int8",
+            *[f"litert/{p}" for p in _float_shipped(bundle_dir)],
+            "onnx/fp32",
+            "onnx/int8",
+        ]
+    )
     assert f"no onnx fp16 artifact (has {has})" in r.stderr
 
 
@@ -239,12 +266,33 @@ def test_tensorrt_build_settings_are_a_trtexec_line() -> None:
 
 def _convert_without_tf2onnx(work: Path) -> subprocess.CompletedProcess[str]:
     return _run(
-        "-m", "medge", "convert", str(breast_cnn.WEIGHTS), "--calib", DATA,
-        "--calib-split", "train", "--eval", DATA, "--eval-split", "val",
-        "--preprocess", "scale01", "--labels", "malignant,benign", "--positive", "malignant",
-        "--profile", "jetson", "--out", str(work / "b"), "--json", "--float-artifacts", "none",
+        "-m",
+        "medge",
+        "convert",
+        str(breast_cnn.WEIGHTS),
+        "--calib",
+        DATA,
+        "--calib-split",
+        "train",
+        "--eval",
+        DATA,
+        "--eval-split",
+        "val",
+        "--preprocess",
+        "scale01",
+        "--labels",
+        "malignant,benign",
+        "--positive",
+        "malignant",
+        "--profile",
+        "jetson",
+        "--out",
+        str(work / "b"),
+        "--json",
+        "--float-artifacts",
+        "none",
         env=_shadow(work, "tf2onnx"),
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -255,9 +303,14 @@ def conversions(
     """The one conversion of this module, started with the module so that it works while the
     tests on the shared bundle run: test -> Future of (its directory, the finished run)."""
     work = tmp_path_factory.mktemp("no-tf2onnx")
-    return side_by_side({
-        "test_onnx_failure_keeps_the_litert_bundle": lambda: (work, _convert_without_tf2onnx(work))
-    })  # fmt: skip
+    return side_by_side(
+        {
+            "test_onnx_failure_keeps_the_litert_bundle": lambda: (
+                work,
+                _convert_without_tf2onnx(work),
+            )
+        }
+    )
 
 
 @pytest.mark.slow

@@ -139,8 +139,12 @@ def test_a_packaged_ecg_agent_raises_the_events_evaluate_reports(
     env = {**os.environ, "PYTHON": sys.executable, "PIP_NO_INDEX": "1"}
     done = subprocess.run(
         ["sh", str(pkg / "install.sh"), "--prefix", str(prefix), "--no-systemd"],
-        capture_output=True, text=True, env=env, timeout=300, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     # install.sh ends with the installed check-config: the window it will use, and whence
     assert "window: length 260 (bundle), mode beats (bundle), before 90 (bundle)" in done.stdout

@@ -44,8 +44,17 @@ def test_the_graph_runs_from_the_source_to_the_outbox_in_flow_order(
     stats = PipelineStats()
     g = build_graph(source, window, Bind(model), lambda k, b: sent.append((k, b)), stats)
     names = [type(op).__name__ for op in g.operators()]
-    assert names == ["NpzReplay", "Window", "Bind", "Preprocess", "Infer", "Decode", "Result",
-                     "Events", "Publish"]  # fmt: skip
+    assert names == [
+        "NpzReplay",
+        "Window",
+        "Bind",
+        "Preprocess",
+        "Infer",
+        "Decode",
+        "Result",
+        "Events",
+        "Publish",
+    ]
     g.run(threading.Event())
     assert [k for k, _ in sent] == ["result"] * 4 and stats.results == 4
     assert sent[0][1]["bundle"] == loaded_bundle.id
@@ -105,8 +114,9 @@ class _Broken:
 def test_probation_is_a_stage_that_rejects_then_rolls_back(loaded_bundle: Bundle) -> None:
     good = LoadedModel(loaded_bundle)
     told: list[str] = []
-    slot = ModelSlot(good, lambda old, new: told.append("swap"),
-                     lambda bad, back, why: told.append(why), 2, 10)  # fmt: skip
+    slot = ModelSlot(
+        good, lambda old, new: told.append("swap"), lambda bad, back, why: told.append(why), 2, 10
+    )
     slot.offer(_Broken(good))  # type: ignore[arg-type]
     stats = PipelineStats()
     sent: list[tuple[str, dict[str, Any]]] = []

@@ -53,8 +53,10 @@ def test_byte_table_prepares_exactly_what_normalize_and_quantize_do() -> None:
     sample = rng.integers(0, 256, size=(28, 28), dtype=np.uint8)
     for kind in ("scale01", "none"):
         spec = Preprocess(kind=kind)
-        for dtype, q in (("int8", Quantization(scale=1 / 255, zero_point=-128)),
-                         ("uint8", Quantization(scale=0.7, zero_point=3))):
+        for dtype, q in (
+            ("int8", Quantization(scale=1 / 255, zero_point=-128)),
+            ("uint8", Quantization(scale=0.7, zero_point=3)),
+        ):
             t = TensorSpec(name="x", shape=[1, 28, 28, 1], dtype=dtype, quantization=q)
             table = byte_table(spec, t)
             assert table is not None

@@ -41,14 +41,22 @@ def _wait(pred, timeout: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
 
 
 def test_push_bundle_updates_a_running_device(  # type: ignore[no-untyped-def]
-    bundle_dir: Path, site_dir: Path, identity, opener, mosquitto: RunningBroker,
-    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    bundle_dir: Path,
+    site_dir: Path,
+    identity,
+    opener,
+    mosquitto: RunningBroker,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     device = "push-01"
     new = _newer(bundle_dir, tmp_path / "v2", site_dir)
     new_id, old_id = Bundle.load(new).id, Bundle.load(bundle_dir).id
     cfg = AgentConfig(
-        site="ward-a", device=device, bundle=bundle_dir, identity=identity(device),
+        site="ward-a",
+        device=device,
+        bundle=bundle_dir,
+        identity=identity(device),
         broker={"host": mosquitto.host, "port": mosquitto.port, "protocol": mosquitto.protocol},
         source={"path": breast_cnn.DATA, "split": "val", "rate_hz": 15},
         outbox={"path": tmp_path / "state" / "outbox.sqlite", "resend_after_s": 0.5},
@@ -56,8 +64,9 @@ def test_push_bundle_updates_a_running_device(  # type: ignore[no-untyped-def]
     )
 
     def events() -> list[dict]:  # type: ignore[type-arg]
-        rows = store.query("SELECT body FROM results WHERE device=? AND kind='event' "
-                           "ORDER BY seq", (device,))
+        rows = store.query(
+            "SELECT body FROM results WHERE device=? AND kind='event' ORDER BY seq", (device,)
+        )
         return [json.loads(r["body"]) for r in rows]
 
     with (
@@ -68,12 +77,34 @@ def test_push_bundle_updates_a_running_device(  # type: ignore[no-untyped-def]
         t = threading.Thread(target=agent.run, args=(threading.Event(),))
         t.start()
         try:
-            assert _wait(lambda: store.query(
-                "SELECT count(*) AS n FROM results WHERE device=?", (device,))[0]["n"] >= 5)
-            code = main(["gateway", "push-bundle", str(new), "--site-dir", str(site_dir),
-                         "--broker", f"{mosquitto.host}:{mosquitto.port}",
-                         "--protocol", mosquitto.protocol, "--device", device,
-                         "--http-host", "127.0.0.1", "--timeout", "30", "--json"])
+            assert _wait(
+                lambda: (
+                    store.query("SELECT count(*) AS n FROM results WHERE device=?", (device,))[0][
+                        "n"
+                    ]
+                    >= 5
+                )
+            )
+            code = main(
+                [
+                    "gateway",
+                    "push-bundle",
+                    str(new),
+                    "--site-dir",
+                    str(site_dir),
+                    "--broker",
+                    f"{mosquitto.host}:{mosquitto.port}",
+                    "--protocol",
+                    mosquitto.protocol,
+                    "--device",
+                    device,
+                    "--http-host",
+                    "127.0.0.1",
+                    "--timeout",
+                    "30",
+                    "--json",
+                ]
+            )
             assert code == 0, capsys.readouterr().err
             out = json.loads(capsys.readouterr().out)
             assert out["device"] == device and out["url"].startswith("http://127.0.0.1:")
@@ -86,14 +117,32 @@ def test_push_bundle_updates_a_running_device(  # type: ignore[no-untyped-def]
 
 
 def test_push_bundle_says_when_no_device_fetches(  # type: ignore[no-untyped-def]
-    bundle_dir: Path, site_dir: Path, mosquitto: RunningBroker, tmp_path: Path,
+    bundle_dir: Path,
+    site_dir: Path,
+    mosquitto: RunningBroker,
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The site and the broker from gateway.yaml (--config), as `gateway run` reads them."""
     cfg = tmp_path / "gateway.yaml"
-    cfg.write_text(f"gateway:\n  site_dir: {site_dir}\n  broker:\n    host: {mosquitto.host}\n"
-                   f"    port: {mosquitto.port}\n")
-    code = main(["gateway", "push-bundle", str(bundle_dir), "--config", str(cfg),
-                 "--device", "nobody", "--http-host", "127.0.0.1", "--timeout", "0.5"])
+    cfg.write_text(
+        f"gateway:\n  site_dir: {site_dir}\n  broker:\n    host: {mosquitto.host}\n"
+        f"    port: {mosquitto.port}\n"
+    )
+    code = main(
+        [
+            "gateway",
+            "push-bundle",
+            str(bundle_dir),
+            "--config",
+            str(cfg),
+            "--device",
+            "nobody",
+            "--http-host",
+            "127.0.0.1",
+            "--timeout",
+            "0.5",
+        ]
+    )
     assert code == 2
     assert "ward-a/nobody did not fetch http://127.0.0.1:" in capsys.readouterr().err

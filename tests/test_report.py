@@ -159,8 +159,15 @@ def test_segmentation_and_event_sections(tmp_path: Path) -> None:
         "events": {
             "tolerance_s": 0.5,
             "hours": 1.0,
-            "recordings": [{"file": "ward <i>.npz", "duration_s": 3600.0, "windows": 100,
-                            "skipped": {"invalid": 2}, "events": {"fall": 2}}],
+            "recordings": [
+                {
+                    "file": "ward <i>.npz",
+                    "duration_s": 3600.0,
+                    "windows": 100,
+                    "skipped": {"invalid": 2},
+                    "events": {"fall": 2},
+                }
+            ],
             "variants": {
                 "float": {"fall": event_metrics([(1, 2), (5, 6)], [(1.5, 1.7)], duration_s=3600)}
             },

@@ -45,6 +45,12 @@ def test_the_schemas_describe_the_models_fields() -> None:
 
 
 def test_check_mode_says_current_or_names_the_stale_file() -> None:
-    r = subprocess.run([sys.executable, "tools/export_schema.py", "--check"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60, check=False)
+    r = subprocess.run(
+        [sys.executable, "tools/export_schema.py", "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert (r.returncode, r.stderr) == (0, "")

@@ -31,9 +31,14 @@ def rows() -> list[list[str]]:
 
 def settings(broker: RunningBroker, sensor: str, **kw: Any) -> MqttSensorSettings:
     return MqttSensorSettings(
-        host=broker.host, port=broker.port, site="ward-a", device="wrist-01", sensor=sensor,
-        idle_timeout_s=1.0, **kw,
-    )  # fmt: skip
+        host=broker.host,
+        port=broker.port,
+        site="ward-a",
+        device="wrist-01",
+        sensor=sensor,
+        idle_timeout_s=1.0,
+        **kw,
+    )
 
 
 def publish(
@@ -106,15 +111,20 @@ def test_compact_batches_windowed_as_the_manifest_says(mosquitto: RunningBroker)
     assert src.errors == {"malformed": 1}
     np.testing.assert_allclose(out[-1].data[-1], vals[99], rtol=1e-6)
     assert out[1].time == pytest.approx(times[0] + 20 * 0.05)  # t0 + i * dt
-    with pytest.raises(SourceError, match="source rate 20 Hz does not match the model's window "
-                       r"rate_hz 50 Hz"):  # fmt: skip
+    with pytest.raises(
+        SourceError,
+        match="source rate 20 Hz does not match the model's window "
+        r"rate_hz 50 Hz",
+    ):
         open_source(cfg, WindowSpec(length=40, hop=20, rate_hz=50))
 
 
 def test_a_full_queue_pushes_back_then_counts_overflow(mosquitto: RunningBroker) -> None:
     r = rows()[:60]
-    msgs = [json.dumps({"seq": i, "values": [float(v) for v in f[3:6]]}).encode()
-            for i, f in enumerate(r)]  # fmt: skip
+    msgs = [
+        json.dumps({"seq": i, "values": [float(v) for v in f[3:6]]}).encode()
+        for i, f in enumerate(r)
+    ]
     # back-pressure: a queue of 4 and a slow reader lose nothing
     src = subscribed(MqttSensorSource(settings(mosquitto, "slow", queue=4, block_s=10)))
     threading.Thread(target=publish, args=(mosquitto, src.topic, msgs), daemon=True).start()
@@ -133,8 +143,10 @@ def test_a_full_queue_pushes_back_then_counts_overflow(mosquitto: RunningBroker)
 
 def test_over_mqtt_3_1_1_on_the_embedded_broker(embedded_broker: RunningBroker) -> None:
     r = rows()[:30]
-    msgs = [json.dumps({"seq": i, "t": int(f[2]) / 1e9, "values": [float(v) for v in f[3:6]]})
-            .encode() for i, f in enumerate(r)]  # fmt: skip
+    msgs = [
+        json.dumps({"seq": i, "t": int(f[2]) / 1e9, "values": [float(v) for v in f[3:6]]}).encode()
+        for i, f in enumerate(r)
+    ]
     cfg = settings(embedded_broker, "gyro", protocol="3.1.1", rate_hz=20)
     src = subscribed(MqttSensorSource(cfg))
     threading.Thread(
@@ -147,8 +159,9 @@ def test_over_mqtt_3_1_1_on_the_embedded_broker(embedded_broker: RunningBroker) 
 def test_parse_payload_forms() -> None:
     one = parse_payload(b'{"t": 1.5, "values": [1, 2, 3], "seq": 7}', "json", ["x", "y", "z"])
     assert [(v.tolist(), t, s) for v, t, _, s in one] == [([1.0, 2.0, 3.0], 1.5, 7)]
-    listed = parse_payload(b'[{"x": 1, "y": 2, "z": 3}, {"x": 4, "y": 5, "z": 6}]', "json",
-                           ["x", "y", "z"])  # fmt: skip
+    listed = parse_payload(
+        b'[{"x": 1, "y": 2, "z": 3}, {"x": 4, "y": 5, "z": 6}]', "json", ["x", "y", "z"]
+    )
     assert [v.tolist() for v, *_ in listed] == [[1, 2, 3], [4, 5, 6]]
     csv = parse_payload(b"0.1,1,2,3\n0.2,4,5,6\n", "csv", ["x", "y", "z"], csv_time=True)
     assert [t for _, t, _, _ in csv] == [0.1, 0.2]

@@ -189,11 +189,25 @@ def test_two_workers_store_each_seq_once(
 
 def test_values_round_trip_exactly(target: str | Path) -> None:
     sealed = bytes(range(256)) * 3  # every byte value, NUL included
-    env = Envelope("event", SITE, "us-01", 2**40 + 3, 1_795_655_870.123456789,
-                   {"pred": 1, "scores": [0.1, 0.9000000000000001], "label": 0,
-                    "input": "img#3", "label_name": "benign", "pred_label": "malignant",
-                    "bundle": "breast-cnn@abc", "input_sha256": "ab" * 32},
-                   sealed=sealed, alert="fall")
+    env = Envelope(
+        "event",
+        SITE,
+        "us-01",
+        2**40 + 3,
+        1_795_655_870.123456789,
+        {
+            "pred": 1,
+            "scores": [0.1, 0.9000000000000001],
+            "label": 0,
+            "input": "img#3",
+            "label_name": "benign",
+            "pred_label": "malignant",
+            "bundle": "breast-cnn@abc",
+            "input_sha256": "ab" * 32,
+        },
+        sealed=sealed,
+        alert="fall",
+    )
     with Store(target) as store:
         assert store.add_result(env, received=1_795_655_871.000000123, raw=None)
         [row] = read_models.results(store)
@@ -218,8 +232,7 @@ def test_sql_written_by_other_modules_runs_unchanged(target: str | Path) -> None
     with Store(target) as store:
         store.set_state(SITE, "us-01", "online", 10.0, "b1")
         rows = store.query(
-            "SELECT count(*) AS n, '?%' AS lit FROM devices WHERE site LIKE 'ward%' "
-            "AND device = ?",
+            "SELECT count(*) AS n, '?%' AS lit FROM devices WHERE site LIKE 'ward%' AND device = ?",
             ("us-01",),
         )
         assert rows == [{"n": 1, "lit": "?%"}]
@@ -264,8 +277,9 @@ def test_telemetry_history_and_replay_seqs(target: str | Path) -> None:
         assert store.advance(SITE, "us-01", "telemetry", 5)
         assert not store.advance(SITE, "us-01", "telemetry", 5), "a replay is not newer"
         assert not store.advance(SITE, "us-01", "telemetry", 4)
-        store.set_telemetry(SITE, "us-01", {"fps": 2.5, "results": 3,
-                                            "latency_ms": {"total": {"p50": 4.25}}})
+        store.set_telemetry(
+            SITE, "us-01", {"fps": 2.5, "results": 3, "latency_ms": {"total": {"p50": 4.25}}}
+        )
         [point] = read_models.telemetry_history(store, SITE, "us-01", 0.0)
         assert (point["fps"], point["latency_p50"], point["results"]) == (2.5, 4.25, 3)
         [dev] = read_models.devices(store)

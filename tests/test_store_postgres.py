@@ -135,8 +135,14 @@ def test_two_gateway_workers_store_an_agents_results_once(  # type: ignore[no-un
         else new_database(request.getfixturevalue("postgres_url"))
     )
     workers = [
-        Gateway(Store(target), opener, mosquitto.host, mosquitto.port,
-                client_id=f"gw-{engine}-{i}", share_group="store").start()
+        Gateway(
+            Store(target),
+            opener,
+            mosquitto.host,
+            mosquitto.port,
+            client_id=f"gw-{engine}-{i}",
+            share_group="store",
+        ).start()
         for i in range(2)
     ]
     try:

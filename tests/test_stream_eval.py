@@ -43,12 +43,19 @@ def recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def wrapped(tmp_path_factory: pytest.TempPathFactory, recording: Path, site_dir: Path) -> Bundle:
     return convert(
         ConvertRequest(
-            model=MODEL, calib=BEATS, eval=BEATS, out=tmp_path_factory.mktemp("w") / "ecg",
-            preprocess=Preprocess(kind="zscore"), labels=AAMI, positive_label="V",
-            sign_key=site_dir / "bundle-signer.key", window=BEAT_WINDOW, events=[PVC_RUN],
+            model=MODEL,
+            calib=BEATS,
+            eval=BEATS,
+            out=tmp_path_factory.mktemp("w") / "ecg",
+            preprocess=Preprocess(kind="zscore"),
+            labels=AAMI,
+            positive_label="V",
+            sign_key=site_dir / "bundle-signer.key",
+            window=BEAT_WINDOW,
+            events=[PVC_RUN],
             streams=[recording],
         )
-    )  # fmt: skip
+    )
 
 
 def test_a_wrapped_beat_classifier_finds_every_pvc_run_of_a_real_record(wrapped: Bundle) -> None:
@@ -93,8 +100,14 @@ def test_evaluate_scores_a_recording_with_the_bundle_s_own_window_and_rules(
 
 def test_a_bundle_without_rules_cannot_find_events(tmp_path: Path, recording: Path) -> None:
     plain = convert(
-        ConvertRequest(model=MODEL, calib=BEATS, eval=BEATS, out=tmp_path / "p", labels=AAMI,
-                       preprocess=Preprocess(kind="zscore"))
+        ConvertRequest(
+            model=MODEL,
+            calib=BEATS,
+            eval=BEATS,
+            out=tmp_path / "p",
+            labels=AAMI,
+            preprocess=Preprocess(kind="zscore"),
+        )
     )
     with pytest.raises(ConversionError, match="has no window and event rules"):
         evaluate_bundle(plain.directory, None, streams=[recording])
@@ -126,9 +139,17 @@ def test_a_rise_in_false_alarms_is_the_loss_a_budget_counts() -> None:
 
 def test_an_event_budget_needs_recordings(tmp_path: Path) -> None:
     with pytest.raises(ConversionError, match="event metric in --budget needs --stream"):
-        convert(ConvertRequest(model=MODEL, calib=BEATS, eval=BEATS, out=tmp_path / "o",
-                               labels=AAMI, events=[PVC_RUN],
-                               budget={"event_pvc_run_sensitivity": 0.0}))  # fmt: skip
+        convert(
+            ConvertRequest(
+                model=MODEL,
+                calib=BEATS,
+                eval=BEATS,
+                out=tmp_path / "o",
+                labels=AAMI,
+                events=[PVC_RUN],
+                budget={"event_pvc_run_sensitivity": 0.0},
+            )
+        )
 
 
 @pytest.mark.parametrize(
@@ -136,18 +157,38 @@ def test_an_event_budget_needs_recordings(tmp_path: Path) -> None:
     [
         ({"signal": np.zeros(100)}, None, "needs its sampling rate"),
         ({"signal": np.zeros(100), "fs": 360}, None, "no annotated events for rule 'pvc_run'"),
-        ({"signal": np.zeros(100), "fs": 360, "events": np.array([[2.0, 1.0]])}, None,
-         "'events' must be \\(N, 2\\) finite start/end seconds"),
-        ({"signal": np.zeros(100), "fs": 360, "events": np.zeros((0, 2)), "events_fall":
-          np.zeros((0, 2))}, None, "'events_fall' names no event rule"),
-        ({"signal": np.zeros(100), "fs": 250, "events": np.zeros((0, 2))}, BEAT_WINDOW,
-         "recorded at 250 Hz but the model's window rate_hz is 360 Hz"),
-        ({"signal": np.zeros(1000), "fs": 360, "events": np.zeros((0, 2))}, BEAT_WINDOW,
-         "beat windows need 'r_peaks'"),
-        ({"signal": np.zeros(100), "fs": 360, "events": np.zeros((0, 2))},
-         WindowSpec(length=260, hop=1), "no whole window of 260 samples"),
+        (
+            {"signal": np.zeros(100), "fs": 360, "events": np.array([[2.0, 1.0]])},
+            None,
+            "'events' must be \\(N, 2\\) finite start/end seconds",
+        ),
+        (
+            {
+                "signal": np.zeros(100),
+                "fs": 360,
+                "events": np.zeros((0, 2)),
+                "events_fall": np.zeros((0, 2)),
+            },
+            None,
+            "'events_fall' names no event rule",
+        ),
+        (
+            {"signal": np.zeros(100), "fs": 250, "events": np.zeros((0, 2))},
+            BEAT_WINDOW,
+            "recorded at 250 Hz but the model's window rate_hz is 360 Hz",
+        ),
+        (
+            {"signal": np.zeros(1000), "fs": 360, "events": np.zeros((0, 2))},
+            BEAT_WINDOW,
+            "beat windows need 'r_peaks'",
+        ),
+        (
+            {"signal": np.zeros(100), "fs": 360, "events": np.zeros((0, 2))},
+            WindowSpec(length=260, hop=1),
+            "no whole window of 260 samples",
+        ),
     ],
-)  # fmt: skip
+)
 def test_a_bad_recording_is_one_line_naming_the_problem(
     tmp_path: Path, arrays: dict[str, np.ndarray], window: WindowSpec | None, message: str
 ) -> None:
@@ -213,22 +254,33 @@ def test_a_converted_model_reports_events_for_float_and_every_artifact(
     mechanics, not a held-out result), converted with the recording: the float model's scores
     come from the conversion child, every artifact's from its device runtime."""
     model = tmp_path / "beats.keras"
-    subprocess.run([sys.executable, "-c", TRAIN, str(BEATS), str(model)], check=True,
-                   timeout=300)  # fmt: skip
+    subprocess.run([sys.executable, "-c", TRAIN, str(BEATS), str(model)], check=True, timeout=300)
     bundle = convert(
         ConvertRequest(
-            model=model, calib=BEATS, eval=BEATS, out=tmp_path / "b", labels=AAMI,
-            positive_label="V", preprocess=Preprocess(kind="zscore"), window=BEAT_WINDOW,
-            events=[PVC_RUN], streams=[recording], event_tolerance_s=0.5,
-            float_artifacts="none", strategies=["full-int8"], fallback=[],
+            model=model,
+            calib=BEATS,
+            eval=BEATS,
+            out=tmp_path / "b",
+            labels=AAMI,
+            positive_label="V",
+            preprocess=Preprocess(kind="zscore"),
+            window=BEAT_WINDOW,
+            events=[PVC_RUN],
+            streams=[recording],
+            event_tolerance_s=0.5,
+            float_artifacts="none",
+            strategies=["full-int8"],
+            fallback=[],
             budget={"event_pvc_run_sensitivity": 0.0, "event_pvc_run_false_alarms_per_hour": 0},
         )
-    )  # fmt: skip
+    )
     report = json.loads((bundle.directory / "report.json").read_text())
     # the budget in the events' own terms: int8 finds every run float finds, no extra alarm
     [attempt] = report["budget"]["attempts"]
     assert attempt["met"] and set(attempt["metrics"]) == {
-        "event_pvc_run_sensitivity", "event_pvc_run_false_alarms_per_hour"}
+        "event_pvc_run_sensitivity",
+        "event_pvc_run_false_alarms_per_hour",
+    }
     ev = report["events"]
     variants = {"float", "litert-int8", "onnx-fp32", "onnx-int8"}  # ONNX Runtime's too
     assert set(ev["variants"]) == variants and ev["tolerance_s"] == 0.5
@@ -240,8 +292,13 @@ def test_a_converted_model_reports_events_for_float_and_every_artifact(
 
 
 def _medge(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "medge", *args], capture_output=True, text=True,
-                          timeout=180, check=False)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "medge", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
 
 
 def test_the_cli_writes_window_and_rules_and_evaluate_scores_a_recording(
@@ -249,13 +306,30 @@ def test_the_cli_writes_window_and_rules_and_evaluate_scores_a_recording(
 ) -> None:
     out = tmp_path / "ecg"
     r = _medge(
-        "convert", str(MODEL), "--calib", str(BEATS), "--eval", str(BEATS), "--out", str(out),
-        "--labels", ",".join(AAMI), "--positive", "V", "--preprocess", "zscore",
-        "--window", "length=260,rate_hz=360,centre=beat,before=90",
-        "--event", "name=pvc_run,label=V,on=0.5,min_windows=2",
-        "--event", "name=pvc_triplet,label=V,on=0.5,min_windows=3,alert=no",
-        "--stream", str(recording), "--json",
-    )  # fmt: skip
+        "convert",
+        str(MODEL),
+        "--calib",
+        str(BEATS),
+        "--eval",
+        str(BEATS),
+        "--out",
+        str(out),
+        "--labels",
+        ",".join(AAMI),
+        "--positive",
+        "V",
+        "--preprocess",
+        "zscore",
+        "--window",
+        "length=260,rate_hz=360,centre=beat,before=90",
+        "--event",
+        "name=pvc_run,label=V,on=0.5,min_windows=2",
+        "--event",
+        "name=pvc_triplet,label=V,on=0.5,min_windows=3,alert=no",
+        "--stream",
+        str(recording),
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["window"]["centre"] == "beat" and manifest["window"]["hop"] == 260
@@ -277,16 +351,29 @@ def test_the_cli_writes_window_and_rules_and_evaluate_scores_a_recording(
         (["--window", "length=260,centre=middle"], "--window: centre: Input should be 'none'"),
         (["--window", "260"], "--window '260': use KEY=VALUE"),
         (["--window", "length=260", "--event", "name=x,label=V"], "--event: on: Field required"),
-        (["--window", "length=260", "--event", "name=fall,label=fall,on=0.5"],
-         "event 'fall' names unknown label 'fall'"),
+        (
+            ["--window", "length=260", "--event", "name=fall,label=fall,on=0.5"],
+            "event 'fall' names unknown label 'fall'",
+        ),
         (["--stream", "rec.npz"], "--stream needs --window"),
     ],
-)  # fmt: skip
+)
 def test_bad_window_event_or_stream_options_are_one_line(
     tmp_path: Path, args: list[str], message: str
 ) -> None:
-    r = _medge("convert", str(MODEL), "--calib", str(BEATS), "--eval", str(BEATS), "--out",
-               str(tmp_path / "o"), "--labels", ",".join(AAMI), *args)  # fmt: skip
+    r = _medge(
+        "convert",
+        str(MODEL),
+        "--calib",
+        str(BEATS),
+        "--eval",
+        str(BEATS),
+        "--out",
+        str(tmp_path / "o"),
+        "--labels",
+        ",".join(AAMI),
+        *args,
+    )
     assert r.returncode != 0 and not (tmp_path / "o").exists()
     assert message in r.stderr, r.stderr
     assert len([x for x in r.stderr.splitlines() if x.strip()]) == 1, r.stderr

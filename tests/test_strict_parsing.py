@@ -27,10 +27,38 @@ from edge_agent.topics import parse
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import fuzz  # bench/fuzz.py: the mutators and a sealing rig
 
-HEADER_FIELDS = ("v", "kind", "site", "device", "seq", "time", "kid", "suite", "epoch", "ek",
-                 "es", "alert", "ct")
-WRONG = [None, True, 0, -1, 2**64, -(2**70), 1.5, "", "x" * 5000, [], ["result"], {},
-         {"kind": "result"}, [[[[]]]], "\ud800"]
+HEADER_FIELDS = (
+    "v",
+    "kind",
+    "site",
+    "device",
+    "seq",
+    "time",
+    "kid",
+    "suite",
+    "epoch",
+    "ek",
+    "es",
+    "alert",
+    "ct",
+)
+WRONG = [
+    None,
+    True,
+    0,
+    -1,
+    2**64,
+    -(2**70),
+    1.5,
+    "",
+    "x" * 5000,
+    [],
+    ["result"],
+    {},
+    {"kind": "result"},
+    [[[[]]]],
+    "\ud800",
+]
 WRONG_TEXT = ["NaN", "Infinity", "-Infinity", "1e400", "1" * 5000, "[" * 5000 + "]" * 5000]
 
 
@@ -68,8 +96,15 @@ def test_every_header_field_of_every_wrong_type_is_an_envelope_error(
             continue
         doc = {**good, field: value}
         payload = json.dumps(doc).encode("utf-8", "surrogatepass")
-        _refused(rig.opener, payload, Reason.MALFORMED, Reason.AUTHENTICATION, Reason.SIZE,
-                 Reason.UNKNOWN_KEY, Reason.SIGNATURE)
+        _refused(
+            rig.opener,
+            payload,
+            Reason.MALFORMED,
+            Reason.AUTHENTICATION,
+            Reason.SIZE,
+            Reason.UNKNOWN_KEY,
+            Reason.SIGNATURE,
+        )
     for text in WRONG_TEXT:
         payload = json.dumps({**good, field: "@@"}).replace('"@@"', text).encode()
         _refused(rig.opener, payload, Reason.MALFORMED, Reason.SIZE)
@@ -86,15 +121,20 @@ def test_header_reason_codes(rig: fuzz.Rig) -> None:
     good = json.loads(_sealed(rig))
     assert _refused(rig.opener, b"x" * (300 * 1024)) is Reason.SIZE
     assert _refused(rig.opener, json.dumps({**good, "kid": "x-nobody"}).encode()) is (
-        Reason.UNKNOWN_KEY)
+        Reason.UNKNOWN_KEY
+    )
     assert _refused(rig.opener, json.dumps({**good, "device": "fz-stranger"}).encode()) is (
-        Reason.DEVICE)
+        Reason.DEVICE
+    )
     assert _refused(rig.opener, json.dumps({**good, "time": fuzz.NOW + 1}).encode()) is (
-        Reason.AUTHENTICATION)
+        Reason.AUTHENTICATION
+    )
     es = good["es"]
     forged = es[:10] + ("A" if es[10] != "A" else "B") + es[11:]
     assert _refused(rig.opener, json.dumps({**good, "es": forged, "epoch": 77}).encode()) in (
-        Reason.SIGNATURE, Reason.MALFORMED)
+        Reason.SIGNATURE,
+        Reason.MALFORMED,
+    )
     env = rig.opener.open(_sealed(rig))
     with pytest.raises(EnvelopeError) as exc:
         env.check_topic(parse(f"medge/v1/{fuzz.SITE}/other/result"))
@@ -108,11 +148,13 @@ def test_header_reason_codes(rig: fuzz.Rig) -> None:
 # -- authenticated bodies ---------------------------------------------------------------------
 BAD_BODIES = {
     "pred beyond 64 bits": ("result", b'{"pred": 18446744073709551616}', Reason.SCHEMA),
-    "telemetry int beyond 64 bits": ("telemetry", b'{"results": 99999999999999999999}',
-                                     Reason.SCHEMA),
+    "telemetry int beyond 64 bits": (
+        "telemetry",
+        b'{"results": 99999999999999999999}',
+        Reason.SCHEMA,
+    ),
     "1000 levels": ("telemetry", b'{"a":' + b"[" * 1000 + b"]" * 1000 + b"}", Reason.MALFORMED),
-    "60000 levels": ("result", b'{"x":' + b"[" * 60_000 + b"]" * 60_000 + b"}",
-                      Reason.MALFORMED),
+    "60000 levels": ("result", b'{"x":' + b"[" * 60_000 + b"]" * 60_000 + b"}", Reason.MALFORMED),
     "7 levels": ("event", b'{"x":[[[[[[[1]]]]]]]}', Reason.MALFORMED),
     "NaN": ("telemetry", b'{"fps": NaN}', Reason.MALFORMED),
     "Infinity": ("result", b'{"latency_ms": Infinity}', Reason.MALFORMED),
@@ -142,8 +184,13 @@ def test_every_legitimate_body_still_opens(rig: fuzz.Rig) -> None:
     for kind, bodies in fuzz.VALID_BODIES.items():
         for body in bodies:
             assert rig.opener.open(_sealed(rig, kind, body)).body == body
-    for body in ({}, {"pred": 0}, {"event": "fall", "score": 0.97}, {"fps": 5.0},
-                 {"pred": 1, "cam": {"png": "not-a-png"}}):  # a bad cam is the gateway's to drop
+    for body in (
+        {},
+        {"pred": 0},
+        {"event": "fall", "score": 0.97},
+        {"fps": 5.0},
+        {"pred": 1, "cam": {"png": "not-a-png"}},
+    ):  # a bad cam is the gateway's to drop
         kind = "event" if "event" in body else "telemetry" if "fps" in body else "result"
         assert rig.opener.open(_sealed(rig, kind, body)).body == body
 
@@ -157,10 +204,10 @@ def test_check_body_limits() -> None:
 
 
 # -- seeded mutations: never another exception --------------------------------------------------
-@pytest.mark.parametrize("parser", ["envelope", "telemetry", "state", "result", "event", "ack",
-                                    "cmd", "config"])
-def test_seeded_mutations_raise_only_our_errors(rig: fuzz.Rig, tmp_path: Path,
-                                                parser: str) -> None:
+@pytest.mark.parametrize(
+    "parser", ["envelope", "telemetry", "state", "result", "event", "ack", "cmd", "config"]
+)
+def test_seeded_mutations_raise_only_our_errors(rig: fuzz.Rig, tmp_path: Path, parser: str) -> None:
     make, check = fuzz.parsers(rig, None, tmp_path)[parser]
     n = 150 if parser == "config" else 1500
     result = fuzz.campaign(parser, make, check, n, seed=20261211)
@@ -223,8 +270,10 @@ def test_write_atomic_replaces_with_mode_and_leaves_no_temp(tmp_path: Path) -> N
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     write_atomic(tmp_path / "public.pem", b"pub", 0o644)
     assert stat.S_IMODE((tmp_path / "public.pem").stat().st_mode) == 0o644
-    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["public.pem",
-                                                                          "secret.pem"]
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == [
+        "public.pem",
+        "secret.pem",
+    ]
     (tmp_path / "blocked").write_text("a file, not a directory")
     with pytest.raises(MedgeError, match="cannot write"):
         write_atomic(tmp_path / "blocked" / "x", b"x")

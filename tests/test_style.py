@@ -1,5 +1,6 @@
-"""The style that tooling can check, checked with the tests: ``ruff check`` over the whole tree
-(rules in pyproject.toml). The import rules between packages are tests/test_import_contracts.py."""
+"""The style that tooling can check, checked with the tests: ``ruff check`` and
+``ruff format --check`` over the whole tree (rules in pyproject.toml). The import rules
+between packages are tests/test_import_contracts.py."""
 
 from __future__ import annotations
 
@@ -23,6 +24,22 @@ def _ruff() -> list[str]:
 def test_ruff_check_passes_on_the_whole_tree() -> None:
     r = subprocess.run(
         [*_ruff(), "check", "--no-cache", "--output-format", "concise", "."],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+def test_ruff_format_leaves_the_whole_tree_as_it_is() -> None:
+    r = subprocess.run(
+        [*_ruff(), "format", "--check", "--no-cache", "."],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert r.returncode == 0, "run `ruff format .`:\n" + r.stdout[-4000:] + r.stderr[-2000:]

@@ -18,6 +18,10 @@ def test_mypy_passes_on_the_public_packages() -> None:
     )
     r = subprocess.run(
         [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml")],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]

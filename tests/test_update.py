@@ -304,8 +304,9 @@ def test_a_bundle_that_fails_at_run_time_is_rolled_back(  # type: ignore[no-unty
         wait_for(lambda: len(_results(store, device)) >= 5, 20, "5 results")
         cmd = update_command(key, "ward-a", device, server.url(archive.name), digest)
         publish_command(mosquitto.host, mosquitto.port, "ward-a", device, cmd)
-        wait_for(lambda: agent.bundle.id == v2_id, 20,
-                 "the short-table bundle to pass its self-test")
+        wait_for(
+            lambda: agent.bundle.id == v2_id, 20, "the short-table bundle to pass its self-test"
+        )
         gate.set()  # now the bright images come
         t.join(timeout=60)
         assert not t.is_alive()
@@ -332,8 +333,15 @@ def test_a_bundle_that_fails_at_run_time_is_rolled_back(  # type: ignore[no-unty
 # -- downgrades and strict parsing, on the Updater itself ----------------------------------
 def _updater(bundle: Path, site_dir: Path, state: Path, reports: list[dict]) -> Updater:  # type: ignore[type-arg]
     slot = ModelSlot(LoadedModel(Bundle.load(bundle)), on_swap=lambda old, new: None)
-    return Updater(slot, [signer_key(site_dir).public_key()], "ward-a", "ota-04", state,
-                   reports.append, LoadedModel)
+    return Updater(
+        slot,
+        [signer_key(site_dir).public_key()],
+        "ward-a",
+        "ota-04",
+        state,
+        reports.append,
+        LoadedModel,
+    )
 
 
 def test_an_older_bundle_needs_allow_downgrade(
@@ -363,12 +371,22 @@ def test_an_older_bundle_needs_allow_downgrade(
 def test_update_commands_are_parsed_strictly(site_dir: Path) -> None:
     key = signer_key(site_dir)
     trusted = [key.public_key()]
-    base = {"v": 2, "cmd": "update-bundle", "site": "ward-a", "device": "ota-04",
-            "url": "http://fog/x.tar.gz", "sha256": "a" * 64, "issued_ms": 1}
-    assert verify_command(sign_command(base, key), trusted, "ward-a", "ota-04").allow_downgrade \
+    base = {
+        "v": 2,
+        "cmd": "update-bundle",
+        "site": "ward-a",
+        "device": "ota-04",
+        "url": "http://fog/x.tar.gz",
+        "sha256": "a" * 64,
+        "issued_ms": 1,
+    }
+    assert (
+        verify_command(sign_command(base, key), trusted, "ward-a", "ota-04").allow_downgrade
         is False
-    ok = verify_command(sign_command({**base, "allow_downgrade": True}, key), trusted,
-                        "ward-a", "ota-04")
+    )
+    ok = verify_command(
+        sign_command({**base, "allow_downgrade": True}, key), trusted, "ward-a", "ota-04"
+    )
     assert ok.allow_downgrade is True
     bad = {
         "deep": b'{"v":' + b"[" * 100_000 + b"]" * 100_000 + b"}",

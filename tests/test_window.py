@@ -102,8 +102,11 @@ def test_manifest_window_cuts_a_real_imu_replay_when_the_config_has_none() -> No
     # the source's own window wins; a model trained at another rate is refused in one line
     own = open_source(ImuSettings(path=de, window={"length": 10, "hop": 10}), spec)
     assert isinstance(own, WindowedSource) and own.settings.length == 10
-    with pytest.raises(SourceError, match=r"source rate 20 Hz does not match the model's "
-                       r"window rate_hz 50 Hz"):  # fmt: skip
+    with pytest.raises(
+        SourceError,
+        match=r"source rate 20 Hz does not match the model's "
+        r"window rate_hz 50 Hz",
+    ):
         open_source(ImuSettings(path=de), WindowSpec(length=40, hop=20, rate_hz=50))
     npz = Path(__file__).parents[1] / "models" / "data" / "breastmnist_dev.npz"
     assert isinstance(open_source(NpzSettings(path=npz), spec), NpzReplay)  # ready inputs

@@ -32,17 +32,27 @@ AAMI = ["N", "S", "V", "F", "Q"]
 def medge(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "medge", *args],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def _wrap(model: Path, out: Path, sign_key: Path | None = None) -> Bundle:
     return convert(
         ConvertRequest(
-            model=model, calib=ECG, eval=ECG, out=out, preprocess=Preprocess(kind="zscore"),
-            labels=AAMI, positive_label="V", name="ecg-beats", sign_key=sign_key,
+            model=model,
+            calib=ECG,
+            eval=ECG,
+            out=out,
+            preprocess=Preprocess(kind="zscore"),
+            labels=AAMI,
+            positive_label="V",
+            name="ecg-beats",
+            sign_key=sign_key,
         )
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +80,7 @@ def test_zscore_is_the_normalization_the_model_was_trained_with() -> None:
         np.testing.assert_allclose(ours, (w - w.mean()) / w.std(), rtol=1e-4, atol=1e-4)
 
 
-def test_wrapped_bundle_is_signed_and_describes_the_model(
-    ecg_bundle: Path, site_dir: Path
-) -> None:
+def test_wrapped_bundle_is_signed_and_describes_the_model(ecg_bundle: Path, site_dir: Path) -> None:
     b = Bundle.load(ecg_bundle, [load_signer_key(site_dir / "bundle-signer.key").public_key()])
     m = b.manifest
     assert (m.provenance.source_format, m.provenance.strategy) == ("tflite", "wrapped")
@@ -104,24 +112,29 @@ def test_weight_only_quantized_variant_reads_as_dynamic(tmp_path: Path) -> None:
     b = _wrap(QUANTIZED, tmp_path / "q")
     art = b.manifest.artifacts[0]
     assert (art.file, art.precision, art.inputs[0].dtype) == (
-        "model_dynamic.tflite", "dynamic", "float32",
-    )  # fmt: skip
+        "model_dynamic.tflite",
+        "dynamic",
+        "float32",
+    )
     assert b.manifest.metrics["litert-dynamic"]["sensitivity"] >= 0.93
 
 
 @pytest.mark.slow
-def test_an_onnx_model_is_wrapped_and_run_by_onnx_runtime(
-    bundle_dir: Path, tmp_path: Path
-) -> None:
+def test_an_onnx_model_is_wrapped_and_run_by_onnx_runtime(bundle_dir: Path, tmp_path: Path) -> None:
     """The zoo bundle's own fp32 ONNX file, wrapped: same metrics as in that bundle."""
     b = convert(
         ConvertRequest(
-            model=bundle_dir / "model_fp32.onnx", calib=breast_cnn.DATA, eval=breast_cnn.DATA,
-            calib_split="train", eval_split="val", out=tmp_path / "o",
-            preprocess=Preprocess(kind="scale01"), labels=breast_cnn.CLASS_NAMES,
+            model=bundle_dir / "model_fp32.onnx",
+            calib=breast_cnn.DATA,
+            eval=breast_cnn.DATA,
+            calib_split="train",
+            eval_split="val",
+            out=tmp_path / "o",
+            preprocess=Preprocess(kind="scale01"),
+            labels=breast_cnn.CLASS_NAMES,
             positive_label=breast_cnn.POSITIVE,
         )
-    )  # fmt: skip
+    )
     m = b.manifest
     assert m.provenance.source_format == "onnx" and m.provenance.strategy == "wrapped"
     assert [(a.runtime, a.precision) for a in m.artifacts] == [("onnx", "fp32")]
@@ -135,8 +148,11 @@ def test_an_onnx_model_is_wrapped_and_run_by_onnx_runtime(
     [
         ("truncated", "LiteRT cannot load bad.tflite: The model is not a valid Flatbuffer buffer"),
         ("wrong-shape", "calibration samples of shape (28, 28) do not fit model input (1, 260)"),
-        ("wrong-labels", "classify_heartbeats_cnn.tflite outputs 5 values per sample but 3 labels "
-         "were given (N, S, V)"),
+        (
+            "wrong-labels",
+            "classify_heartbeats_cnn.tflite outputs 5 values per sample but 3 labels "
+            "were given (N, S, V)",
+        ),
         ("budget", "--budget compares with a float model, which a wrapped model lacks"),
         ("cam", "--cam adds an output to a Keras model; a wrapped model has none"),
     ],
@@ -157,9 +173,20 @@ def test_bad_input_is_one_clear_line(tmp_path: Path, make: str, message: str) ->
         extra = ["--cam"]
     out = tmp_path / "out"
     r = medge(
-        "convert", str(model), "--calib", str(calib), "--eval", str(ECG), "--labels", labels,
-        "--preprocess", "zscore", "--out", str(out), *extra,
-    )  # fmt: skip
+        "convert",
+        str(model),
+        "--calib",
+        str(calib),
+        "--eval",
+        str(ECG),
+        "--labels",
+        labels,
+        "--preprocess",
+        "zscore",
+        "--out",
+        str(out),
+        *extra,
+    )
     assert r.returncode == 2
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("medge: error:")]
     assert errors == [f"medge: error: {message}"], r.stderr

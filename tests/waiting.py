@@ -28,8 +28,12 @@ def within(cond: Callable[[], T], timeout: float, every: float = 0.02) -> T | No
         time.sleep(min(every, left))
 
 
-def wait_for(cond: Callable[[], T], timeout: float = 5.0,
-             what: str | Callable[[], object] = "the condition", every: float = 0.02) -> T:
+def wait_for(
+    cond: Callable[[], T],
+    timeout: float = 5.0,
+    what: str | Callable[[], object] = "the condition",
+    every: float = 0.02,
+) -> T:
     """``within``, failing the test on a timeout with what was awaited (``what``, or what it
     returns when it is a callable: the state worth seeing at that moment)."""
     got = within(cond, timeout, every)

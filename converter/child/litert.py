@@ -192,8 +192,9 @@ def _load(job: dict[str, Any]) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray,
         xs = np.load(stream["x"])
         if int(np.prod(xs.shape[1:])) != int(np.prod(in_shape)):
             _fail(f"stream windows of shape {xs.shape[1:]} do not fit model input {in_shape}")
-        out = model.predict(xs.reshape((-1, *in_shape)).astype(np.float32), batch_size=64,
-                            verbose=0)  # fmt: skip
+        out = model.predict(
+            xs.reshape((-1, *in_shape)).astype(np.float32), batch_size=64, verbose=0
+        )
         out = out[0] if isinstance(out, list | tuple) else out
         np.save(stream["out"], np.asarray(out, dtype=np.float32))
     return model, calib, evalx, probs, cam_names
@@ -250,13 +251,25 @@ def main(job_path: str) -> None:
         except Exception as exc:
             out_path.unlink(missing_ok=True)
             reason = first_error_line(str(exc) or type(exc).__name__)
-            _log(progress, strategy=key, event="failed", reason=reason,
-                 seconds=round(time.monotonic() - t0, 1))  # fmt: skip
+            _log(
+                progress,
+                strategy=key,
+                event="failed",
+                reason=reason,
+                seconds=round(time.monotonic() - t0, 1),
+            )
             if not progress:
                 _fail(f"TFLite converter refused the model: {reason}")
             continue
-        _log(progress, strategy=key, event="won", bytes=len(flat), agreement=agree, ops=ops,
-             seconds=round(time.monotonic() - t0, 1))  # fmt: skip
+        _log(
+            progress,
+            strategy=key,
+            event="won",
+            bytes=len(flat),
+            agreement=agree,
+            ops=ops,
+            seconds=round(time.monotonic() - t0, 1),
+        )
         if job.get("extras"):
             _extras(model, cam_names, job["extras"])
         return
@@ -280,10 +293,14 @@ def _per_layer(model: Any, calib: np.ndarray) -> list[dict[str, Any]]:
     debugger.layer_statistics_dump(buf)
     rows = list(csv.DictReader(io.StringIO(buf.getvalue())))
     return [
-        {"layer": r["tensor_name"], "op": r["op_name"], "snr_db": round(float(r["snr_db"]), 2),
-         "kept_float": False}
+        {
+            "layer": r["tensor_name"],
+            "op": r["op_name"],
+            "snr_db": round(float(r["snr_db"]), 2),
+            "kept_float": False,
+        }
         for r in rows
-    ]  # fmt: skip
+    ]
 
 
 def _debugger(model: Any, calib: np.ndarray, denylist: list[str], metrics: dict[str, Any]) -> Any:

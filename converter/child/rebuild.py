@@ -25,12 +25,29 @@ __all__ = [
 _IGNORED = {"seed", "build_config", "compile_config", "quantization_config", "registered_name"}
 # Keyword arguments every tf_keras layer accepts on top of its own.
 _LEGACY_BASE = {
-    "input_dim", "input_shape", "batch_input_shape", "batch_size", "weights",
-    "activity_regularizer", "autocast", "implementation", "name", "trainable", "dtype", "dynamic",
-}  # fmt: skip
+    "input_dim",
+    "input_shape",
+    "batch_input_shape",
+    "batch_size",
+    "weights",
+    "activity_regularizer",
+    "autocast",
+    "implementation",
+    "name",
+    "trainable",
+    "dtype",
+    "dynamic",
+}
 # Layers between a global average pooling and the classifier Dense that do nothing at inference.
-_PASS_THROUGH = {"Dropout", "SpatialDropout1D", "SpatialDropout2D", "GaussianNoise",
-                 "GaussianDropout", "AlphaDropout", "Identity"}  # fmt: skip
+_PASS_THROUGH = {
+    "Dropout",
+    "SpatialDropout1D",
+    "SpatialDropout2D",
+    "GaussianNoise",
+    "GaussianDropout",
+    "AlphaDropout",
+    "Identity",
+}
 
 
 class RebuildError(Exception):
@@ -173,8 +190,11 @@ def legacy_lstm(model: Any) -> Any:
             node = {"args": [{"class_name": "__keras_tensor__", "config": history}], "kwargs": {}}
             chain.append({**layer, "inbound_nodes": [node]})
             prev = layer["config"]["name"]
-        cfg = {"layers": chain, "input_layers": [[chain[0]["config"]["name"], 0, 0]],
-               "output_layers": [[prev, 0, 0]]}  # fmt: skip
+        cfg = {
+            "layers": chain,
+            "input_layers": [[chain[0]["config"]["name"], 0, 0]],
+            "output_layers": [[prev, 0, 0]],
+        }
     tensors: dict[str, Any] = {}
     legacy_layers: dict[str, Any] = {}
     for layer in cfg["layers"]:
@@ -201,8 +221,10 @@ def legacy_lstm(model: Any) -> Any:
 
     def pick(spec: Any) -> list[Any]:
         specs = [spec] if spec and isinstance(spec[0], str) else spec
-        return [_resolve({"class_name": "__keras_tensor__", "config": {"keras_history": s}},
-                         tensors) for s in specs]  # fmt: skip
+        return [
+            _resolve({"class_name": "__keras_tensor__", "config": {"keras_history": s}}, tensors)
+            for s in specs
+        ]
 
     inputs, outputs = pick(cfg["input_layers"]), pick(cfg["output_layers"])
     legacy = tf_keras.Model(inputs, outputs if len(outputs) > 1 else outputs[0])

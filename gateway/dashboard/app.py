@@ -53,8 +53,10 @@ BATCH = 500  # rows read per query while a stream catches up
 MAX_LIMIT = 1000  # the most rows /api/results returns at once
 ALERTS_SHOWN = 50  # alerts in the panel: open and acknowledged first, then recently resolved
 MAX_HISTORY_MIN = 24 * 60  # the longest chart window (the store keeps 24 h)
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-       "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
 _CAM_LOGGED_MAX = 10_000  # result ids whose dropped CAM was logged (one line each)
 
 
@@ -159,8 +161,9 @@ async def _alerts(request: web.Request) -> web.Response:
 async def _ack(request: web.Request) -> web.Response:
     alert_id = int(request.match_info["id"])
     try:
-        alert = await asyncio.to_thread(acknowledge, request.app[STORE], alert_id,
-                                        login.user_of(request))
+        alert = await asyncio.to_thread(
+            acknowledge, request.app[STORE], alert_id, login.user_of(request)
+        )
     except UnknownAlert as exc:
         raise web.HTTPNotFound(text=str(exc)) from None
     except AlertError as exc:
@@ -171,20 +174,29 @@ async def _ack(request: web.Request) -> web.Response:
 async def _history(request: web.Request) -> web.Response:
     """Per device: telemetry points (fps, latency p50, ...) and results stored per minute over
     the last ``minutes`` (default 60), for the charts."""
-    minutes = min(max(_int_param(request.query.get("minutes"), 60, "minutes"), 1),
-                  MAX_HISTORY_MIN)
+    minutes = min(max(_int_param(request.query.get("minutes"), 60, "minutes"), 1), MAX_HISTORY_MIN)
     site, device = _device_param(request)
     store = request.app[STORE]
 
     def read() -> dict[str, Any]:
         now = time.time()
         since = now - minutes * 60
-        keys = [(d["site"], d["device"]) for d in read_models.devices(store)
-                if site in (None, d["site"]) and device in (None, d["device"])]
-        return {"now": now, "since": since, "devices": {
-            f"{s}/{d}": {"telemetry": read_models.telemetry_history(store, s, d, since),
-                         "results_per_minute": read_models.results_per_minute(store, s, d, since)}
-            for s, d in keys}}
+        keys = [
+            (d["site"], d["device"])
+            for d in read_models.devices(store)
+            if site in (None, d["site"]) and device in (None, d["device"])
+        ]
+        return {
+            "now": now,
+            "since": since,
+            "devices": {
+                f"{s}/{d}": {
+                    "telemetry": read_models.telemetry_history(store, s, d, since),
+                    "results_per_minute": read_models.results_per_minute(store, s, d, since),
+                }
+                for s, d in keys
+            },
+        }
 
     return _json(await _read("history", read))
 
@@ -195,8 +207,13 @@ async def _stream(request: web.Request) -> web.StreamResponse:
     if cursor is None:  # no cursor given: only what arrives from now on
         newest = await asyncio.to_thread(read_models.results, store, 0, 1)
         cursor = newest[-1]["id"] if newest else 0
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        }
+    )
     await response.prepare(request)
     loop = asyncio.get_running_loop()
     last: dict[str, str] = {}
@@ -208,8 +225,10 @@ async def _stream(request: web.Request) -> web.StreamResponse:
             if transport is None or transport.is_closing():
                 break  # the client went away
             chunks: list[bytes] = []
-            for name, read in (("devices", lambda: read_models.devices(store)),
-                               ("alerts", lambda: list_alerts(store, ALERTS_SHOWN))):
+            for name, read in (
+                ("devices", lambda: read_models.devices(store)),
+                ("alerts", lambda: list_alerts(store, ALERTS_SHOWN)),
+            ):
                 event = name
                 try:
                     data = _dumps_rows(await asyncio.to_thread(read), name[:-1])
@@ -285,8 +304,13 @@ def _with_cams(store: Store, rows: list[dict[str, Any]]) -> list[dict[str, Any]]
             row["cam"] = cam
         elif f["id"] not in _cam_logged and len(_cam_logged) < _CAM_LOGGED_MAX:
             _cam_logged.add(f["id"])
-            log.warning("result %d of %s/%s: CAM thumbnail not shown (%s)", f["id"],
-                        row["site"], row["device"], why)
+            log.warning(
+                "result %d of %s/%s: CAM thumbnail not shown (%s)",
+                f["id"],
+                row["site"],
+                row["device"],
+                why,
+            )
     return rows
 
 
@@ -363,10 +387,18 @@ def _dumps_row(row: dict[str, Any], what: str) -> str:
         return _dumps(row)
     except (ValueError, TypeError, RecursionError) as exc:
         FAULTS["rows"] += 1
-        keys = {k: row.get(k) for k in ("id", "site", "device", "seq", "kind")
-                if isinstance(row.get(k), (str, int))}
-        log.warning("%s %s shown as an error: %s (%d rows so far)", what,
-                    "/".join(str(v) for v in keys.values()), type(exc).__name__, FAULTS["rows"])
+        keys = {
+            k: row.get(k)
+            for k in ("id", "site", "device", "seq", "kind")
+            if isinstance(row.get(k), (str, int))
+        }
+        log.warning(
+            "%s %s shown as an error: %s (%d rows so far)",
+            what,
+            "/".join(str(v) for v in keys.values()),
+            type(exc).__name__,
+            FAULTS["rows"],
+        )
         return _dumps({**keys, "error": f"{what} unreadable ({type(exc).__name__})"})
 
 

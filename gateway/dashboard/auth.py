@@ -92,8 +92,10 @@ def _read(path: Path) -> dict[str, Any]:
         raise MedgeError(f"cannot read users file {path}: {exc.strerror or exc}") from exc
     except ValueError as exc:
         raise MedgeError(f"users file {path} is not JSON: {exc}") from exc
-    if not isinstance(data, dict) or data.get("version") != 1 or not isinstance(
-        data.get("users"), dict
+    if (
+        not isinstance(data, dict)
+        or data.get("version") != 1
+        or not isinstance(data.get("users"), dict)
     ):
         raise MedgeError(f"users file {path} is not a medge users file (version 1)")
     return data
@@ -108,7 +110,9 @@ class Users:
         self._stamp: tuple[float, int] | None = None
         self._users: dict[str, dict[str, Any]] = {}
         self._dummy: dict[str, Any] = {
-            "salt": _b64(os.urandom(16)), "hash": _b64(os.urandom(32)), **_SCRYPT
+            "salt": _b64(os.urandom(16)),
+            "hash": _b64(os.urandom(32)),
+            **_SCRYPT,
         }
         self.verifies = 0
         """Passwords checked so far (each one scrypt): the throttle's tests and metrics."""

@@ -54,8 +54,9 @@ def install(app: web.Application, policy: LoginPolicy | None = None) -> None:
 
 def _address(request: web.Request) -> str:
     """The client: the TCP peer, or what a trusted proxy says in X-Forwarded-For."""
-    return client_address(request.remote, request.headers.get("X-Forwarded-For"),
-                          request.app[THROTTLE].policy)
+    return client_address(
+        request.remote, request.headers.get("X-Forwarded-For"), request.app[THROTTLE].policy
+    )
 
 
 def _secure(request: web.Request) -> bool:
@@ -82,7 +83,8 @@ async def _require_session(request: web.Request, handler: Handler) -> web.Stream
     if session is None:
         if request.path.startswith("/api/"):
             raise web.HTTPUnauthorized(
-                text='{"error": "login required"}', content_type="application/json")
+                text='{"error": "login required"}', content_type="application/json"
+            )
         raise web.HTTPSeeOther("login")
     request[USER] = session.user
     request[_TOKEN] = token
@@ -101,9 +103,11 @@ def _same_origin(request: web.Request) -> bool:
 def _page(request: web.Request, message: str = "", status: int = 200) -> web.Response:
     raw = (request.app[STATIC] / "login.html").read_text(encoding="utf-8")
     body = raw.replace("{{title}}", html.escape(request.app[TITLE])).replace(
-        "{{message}}", html.escape(message))
-    return web.Response(text=body, status=status, content_type="text/html",
-                        headers={"Cache-Control": "no-store"})
+        "{{message}}", html.escape(message)
+    )
+    return web.Response(
+        text=body, status=status, content_type="text/html", headers={"Cache-Control": "no-store"}
+    )
 
 
 async def _login_page(request: web.Request) -> web.StreamResponse:
@@ -127,9 +131,11 @@ async def _login(request: web.Request) -> web.StreamResponse:
     slot = throttle.reserve(name, address)
     if not slot.granted:
         await asyncio.to_thread(store.add_audit, "login-throttled", f"{seen} ({slot.why})")
-        text = ("Too many failed attempts from this address; wait a few minutes."
-                if slot.why == "address" else
-                "Too many failed attempts for this name; try again in a moment.")
+        text = (
+            "Too many failed attempts from this address; wait a few minutes."
+            if slot.why == "address"
+            else "Too many failed attempts for this name; try again in a moment."
+        )
         response = _page(request, text, 429)
         response.headers["Retry-After"] = throttle.retry_header(slot)
         return response
@@ -144,16 +150,26 @@ async def _login(request: web.Request) -> web.StreamResponse:
     token = sessions.create(name)
     await asyncio.to_thread(store.add_audit, "login", seen)
     response = web.HTTPSeeOther("./")
-    response.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path="/",
-                        secure=_secure(request), max_age=int(sessions.ttl_s))
+    response.set_cookie(
+        COOKIE,
+        token,
+        httponly=True,
+        samesite="Strict",
+        path="/",
+        secure=_secure(request),
+        max_age=int(sessions.ttl_s),
+    )
     raise response
 
 
 async def _logout(request: web.Request) -> web.StreamResponse:
     session = request.app[SESSIONS].end(request.cookies.get(COOKIE))
     if session is not None:
-        await asyncio.to_thread(request.app[STORE].add_audit, "logout",
-                                f"user {session.user!r} from {_address(request)}")
+        await asyncio.to_thread(
+            request.app[STORE].add_audit,
+            "logout",
+            f"user {session.user!r} from {_address(request)}",
+        )
     response = web.HTTPSeeOther("login")
     response.del_cookie(COOKIE, path="/")
     raise response

@@ -46,17 +46,18 @@ async def health(app: web.Application) -> tuple[bool, dict[str, Any]]:
     store: dict[str, Any] = {"alive": True}
     ages: dict[str, float] = {}
     try:
-        rows = await asyncio.to_thread(app[STORE].query,
-                                       "SELECT max(received) AS t FROM results")
+        rows = await asyncio.to_thread(app[STORE].query, "SELECT max(received) AS t FROM results")
         newest = rows[0]["t"] if rows else None
         if newest is not None:
             ages["stored"] = round(max(0.0, time.time() - float(newest)), 3)
     except Exception as exc:  # any failure of the store is its ill health
         store = {"alive": False, "error": one_line(f"{type(exc).__name__}: {exc}")}
     ok = bool(store["alive"])
-    return ok, {"status": "ok" if ok else "failing",
-                "workers": {"dashboard-http": {"alive": True}, "store": store},
-                "last_message_age_s": ages}
+    return ok, {
+        "status": "ok" if ok else "failing",
+        "workers": {"dashboard-http": {"alive": True}, "store": store},
+        "last_message_age_s": ages,
+    }
 
 
 @web.middleware
@@ -66,9 +67,12 @@ async def _healthz(
     if request.path != "/healthz":
         return await handler(request)
     ok, body = await health(request.app)
-    return web.Response(status=200 if ok else 503, text=json.dumps(body, sort_keys=True),
-                        content_type="application/json",
-                        headers={"Cache-Control": "no-store"})
+    return web.Response(
+        status=200 if ok else 503,
+        text=json.dumps(body, sort_keys=True),
+        content_type="application/json",
+        headers={"Cache-Control": "no-store"},
+    )
 
 
 def _app(db_path: str | Path, **app_args: Any) -> web.Application:
@@ -101,16 +105,26 @@ class DashboardServer:
     free port. Without ``users`` it refuses to start unless ``allow_anonymous=True``.
     """
 
-    def __init__(self, db_path: str | Path, host: str = "127.0.0.1", port: int = 0,
-                 title: str = "medge", users: Path | None = None, allow_anonymous: bool = False,
-                 session_ttl_s: float = SESSION_TTL_S,
-                 login_policy: LoginPolicy | None = None) -> None:
+    def __init__(
+        self,
+        db_path: str | Path,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        title: str = "medge",
+        users: Path | None = None,
+        allow_anonymous: bool = False,
+        session_ttl_s: float = SESSION_TTL_S,
+        login_policy: LoginPolicy | None = None,
+    ) -> None:
         check_access(users, allow_anonymous)  # refuse at once, not in the server's thread
         self.db_path, self.host, self.port, self.title = db_path, host, port, title
-        self._app_args: dict[str, Any] = {"title": title, "users": users,
-                                          "allow_anonymous": allow_anonymous,
-                                          "session_ttl_s": session_ttl_s,
-                                          "login_policy": login_policy}
+        self._app_args: dict[str, Any] = {
+            "title": title,
+            "users": users,
+            "allow_anonymous": allow_anonymous,
+            "session_ttl_s": session_ttl_s,
+            "login_policy": login_policy,
+        }
         self.url = ""  # set by start(), with the port actually bound
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -119,12 +133,20 @@ class DashboardServer:
         self._error: BaseException | None = None
 
     @classmethod
-    def from_config(cls, cfg: DashboardConfig, session_ttl_s: float = SESSION_TTL_S
-                    ) -> DashboardServer:
+    def from_config(
+        cls, cfg: DashboardConfig, session_ttl_s: float = SESSION_TTL_S
+    ) -> DashboardServer:
         """A server with the settings of gateway.yaml's ``dashboard:`` section."""
-        return cls(cfg.target(), cfg.host, cfg.port, cfg.title, users=cfg.users,
-                   allow_anonymous=cfg.allow_anonymous, session_ttl_s=session_ttl_s,
-                   login_policy=login_policy_of(cfg))
+        return cls(
+            cfg.target(),
+            cfg.host,
+            cfg.port,
+            cfg.title,
+            users=cfg.users,
+            allow_anonymous=cfg.allow_anonymous,
+            session_ttl_s=session_ttl_s,
+            login_policy=login_policy_of(cfg),
+        )
 
     def __enter__(self) -> DashboardServer:
         return self.start()
@@ -155,7 +177,8 @@ class DashboardServer:
         try:
             try:
                 self._runner, self.url = loop.run_until_complete(
-                    _start(self.db_path, self.host, self.port, **self._app_args))
+                    _start(self.db_path, self.host, self.port, **self._app_args)
+                )
                 self.port = int(self.url.rsplit(":", 1)[1].rstrip("/"))
             except BaseException as exc:
                 self._error = exc
@@ -187,25 +210,44 @@ class DashboardServer:
 
 def login_policy_of(cfg: DashboardConfig) -> LoginPolicy:
     """The login policy of a ``dashboard:`` section (trusted proxies, Secure cookies)."""
-    return LoginPolicy(trusted_proxies=tuple(cfg.trusted_proxy),
-                       secure_cookies=cfg.secure_cookies)
+    return LoginPolicy(trusted_proxies=tuple(cfg.trusted_proxy), secure_cookies=cfg.secure_cookies)
 
 
 def run_config(cfg: DashboardConfig) -> None:
     """:func:`run_dashboard` with the settings of gateway.yaml's ``dashboard:`` section."""
-    run_dashboard(cfg.target(), cfg.host, cfg.port, cfg.title, users=cfg.users,
-                  allow_anonymous=cfg.allow_anonymous, login_policy=login_policy_of(cfg))
+    run_dashboard(
+        cfg.target(),
+        cfg.host,
+        cfg.port,
+        cfg.title,
+        users=cfg.users,
+        allow_anonymous=cfg.allow_anonymous,
+        login_policy=login_policy_of(cfg),
+    )
 
 
-def run_dashboard(db_path: str | Path, host: str, port: int, title: str = "medge",
-                  users: Path | None = None, allow_anonymous: bool = False,
-                  login_policy: LoginPolicy | None = None) -> None:
+def run_dashboard(
+    db_path: str | Path,
+    host: str,
+    port: int,
+    title: str = "medge",
+    users: Path | None = None,
+    allow_anonymous: bool = False,
+    login_policy: LoginPolicy | None = None,
+) -> None:
     """Serve the dashboard until SIGINT (Ctrl-C) or SIGTERM."""
     check_access(users, allow_anonymous)
 
     async def main() -> None:
-        runner, url = await _start(db_path, host, port, title=title, users=users,
-                                   allow_anonymous=allow_anonymous, login_policy=login_policy)
+        runner, url = await _start(
+            db_path,
+            host,
+            port,
+            title=title,
+            users=users,
+            allow_anonymous=allow_anonymous,
+            login_policy=login_policy,
+        )
         log.info("dashboard on %s (database %s)", url, redact(db_path))
         stop = asyncio.Event()
         watch = asyncio.create_task(_supervise(runner.app, stop), name="dashboard-supervisor")

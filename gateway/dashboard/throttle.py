@@ -41,8 +41,12 @@ def _networks(entries: Iterable[str]) -> tuple[ipaddress.IPv4Network | ipaddress
         except ValueError as exc:
             from edge_agent.errors import MedgeError, one_line
 
-            raise MedgeError(one_line(f"trusted proxy {entry!r} is not an address or network "
-                                      "(e.g. 10.0.0.5 or 10.0.0.0/24)")) from exc
+            raise MedgeError(
+                one_line(
+                    f"trusted proxy {entry!r} is not an address or network "
+                    "(e.g. 10.0.0.5 or 10.0.0.0/24)"
+                )
+            ) from exc
     return tuple(out)
 
 
@@ -60,7 +64,8 @@ class LoginPolicy:
     secure_cookies: bool = False
     """always mark the session cookie Secure (the dashboard is reached over TLS)"""
     networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
-        default=(), init=False, repr=False, compare=False)
+        default=(), init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "networks", _networks(self.trusted_proxies))
@@ -120,8 +125,9 @@ class Reservation:
 class LoginThrottle:
     """The failure counts per address and per user, behind one lock."""
 
-    def __init__(self, policy: LoginPolicy | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, policy: LoginPolicy | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.policy = policy or LoginPolicy()
         self._clock = clock
         self._lock = threading.Lock()
@@ -155,8 +161,9 @@ class LoginThrottle:
             if len(a.failures) + a.inflight >= p.address_limit:
                 self.refused["address"] += 1
                 oldest = a.failures[0] if a.failures else now
-                return Reservation(False, user, address, "address",
-                                   max(oldest + p.window_s - now, 1.0))
+                return Reservation(
+                    False, user, address, "address", max(oldest + p.window_s - now, 1.0)
+                )
             pending = len(u.failures) + u.inflight
             if pending >= p.user_free:
                 last = u.failures[-1] if u.failures else now
