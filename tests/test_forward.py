@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from waiting import wait_for
 
 from edge_agent.envelope import Sealer
 from edge_agent.errors import MedgeError
@@ -24,14 +25,6 @@ from gateway.forward import Forwarder, ForwardOutbox, backfill, parse_since
 from gateway.site import opener_for, provision_device, write_recipient
 
 SITE = "ward-a"
-
-
-def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @contextmanager
@@ -99,20 +92,20 @@ def test_every_result_reaches_the_cloud_once_across_crashes(  # type: ignore[no-
     try:
         with _device(tmp_path, mosquitto, identity("fw-01"), "fw-01") as (box, link):
             sent = _send(box, link, 40)
-            _wait(lambda: len(_seqs(cloud.store, "fw-01")) >= 10, 20, "first results in cloud")
+            wait_for(lambda: len(_seqs(cloud.store, "fw-01")) >= 10, 20, "first results in cloud")
             cloud_broker.kill()  # SIGKILL: forgets everything it PUBACKed
             cloud_broker.stop()  # only removes its work directory
             sent += _send(box, link, 40, 40)
             time.sleep(0.5)
             cloud_broker = start_broker("mosquitto", port=cloud_broker.port)
-            _wait(lambda: len(_seqs(cloud.store, "fw-01")) >= 60, 30, "cloud after broker kill")
+            wait_for(lambda: len(_seqs(cloud.store, "fw-01")) >= 60, 30, "cloud after broker kill")
             cloud.stop()  # the cloud gateway goes away mid-stream; its broker drops for it
             cloud.store.close()
             sent += _send(box, link, 40, 80)
             assert link.drain(20), "the fog acknowledges the device without the cloud"
             time.sleep(0.5)
             cloud = _cloud(tmp_path, cloud_broker, cloud_opener).start()  # same store file
-            _wait(lambda: fog.forward.outbox.depth() == 0, 30, "the forward outbox to drain")
+            wait_for(lambda: fog.forward.outbox.depth() == 0, 30, "the forward outbox to drain")
         assert fog.forward is not None
         seqs = _seqs(cloud.store, "fw-01")
         assert len(sent) == 120
@@ -148,7 +141,7 @@ def test_end_to_end_bodies_are_opened_only_in_the_cloud(  # type: ignore[no-unty
         sent = _send(box, link, 20)
         assert link.drain(20)
         assert fog.forward is not None
-        _wait(lambda: fog.forward.outbox.depth() == 0, 20, "the cloud to ack everything")
+        wait_for(lambda: fog.forward.outbox.depth() == 0, 20, "the cloud to ack everything")
         fog_rows = fog.store.results(limit=100, device="fw-e2e")
         cloud_rows = cloud.store.results(limit=100, device="fw-e2e")
         assert len(fog_rows) == 20 and all(r["pred"] is None for r in fog_rows), "fog read nothing"
@@ -178,7 +171,7 @@ def test_shared_subscription_workers_split_and_survive_a_stop(  # type: ignore[n
     try:
         with _device(tmp_path, mosquitto, identity("fw-sh"), "fw-sh") as (box, link):
             sent = _send(box, link, 60)
-            _wait(lambda: workers[0].stats.stored + workers[1].stats.stored >= 30, 20, "half")
+            wait_for(lambda: workers[0].stats.stored + workers[1].stats.stored >= 30, 20, "half")
             workers[1].stop()  # in-flight messages of this worker are never acked: resent
             sent += _send(box, link, 60, 60)
             assert link.drain(30), "everything acknowledged by the remaining worker"
@@ -232,9 +225,9 @@ def test_results_state_and_telemetry_forwarded_over_tls(  # type: ignore[no-unty
         for fps in (4.0, 5.0, 6.0):
             link.publish_direct("telemetry", {"fps": fps, "outbox_depth": 0})
         assert link.drain(20)
-        _wait(lambda: fwd.outbox.depth() == 0, 20, "the cloud to ack every result")
+        wait_for(lambda: fwd.outbox.depth() == 0, 20, "the cloud to ack every result")
         assert fwd.connected
-        _wait(
+        wait_for(
             lambda: any(
                 d["device"] == "fw-tls"
                 and (d["telemetry"] or {}).get("fps") == 6.0
@@ -275,10 +268,10 @@ def test_backfill_queues_what_was_stored_before_forwarding(  # type: ignore[no-u
             assert fog.forward is not None
             assert backfill(fog.store, fog.forward.outbox, parse_since("1h")) == 25
             fog.forward.put_many([])  # wakes the pump
-            _wait(lambda: fog.forward.outbox.depth() == 0, 20, "the backfill to be acked")
+            wait_for(lambda: fog.forward.outbox.depth() == 0, 20, "the backfill to be acked")
             assert backfill(fog.store, fog.forward.outbox, parse_since("all")) == 25
-            _wait(lambda: fog.forward.outbox.depth() == 0, 20, "the second backfill")
-            _wait(lambda: cloud.stats.duplicates == 25, 10, "duplicates acked again")
+            wait_for(lambda: fog.forward.outbox.depth() == 0, 20, "the second backfill")
+            wait_for(lambda: cloud.stats.duplicates == 25, 10, "duplicates acked again")
         fog.store.close()
         assert sorted(_seqs(cloud.store, "fw-bf")) == sorted(sent), "each result once"
         with Store(db) as store, ForwardOutbox(tmp_path / "x.sqlite") as outbox:

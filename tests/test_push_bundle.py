@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import pytest
+from waiting import within
 
 from edge_agent import Agent, AgentConfig, Bundle
 from edge_agent.bundle import MANIFEST_NAME, SIGNATURE_NAME, Manifest, sign_bundle, write_manifest
@@ -29,15 +29,6 @@ def _newer(src: Path, dst: Path, site_dir: Path) -> Path:
     (dst / SIGNATURE_NAME).unlink()
     sign_bundle(dst, signer_key(site_dir))
     return dst
-
-
-def _wait(pred, timeout: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_push_bundle_updates_a_running_device(  # type: ignore[no-untyped-def]
@@ -77,13 +68,14 @@ def test_push_bundle_updates_a_running_device(  # type: ignore[no-untyped-def]
         t = threading.Thread(target=agent.run, args=(threading.Event(),))
         t.start()
         try:
-            assert _wait(
+            assert within(
                 lambda: (
                     store.query("SELECT count(*) AS n FROM results WHERE device=?", (device,))[0][
                         "n"
                     ]
                     >= 5
-                )
+                ),
+                30,
             )
             code = main(
                 [
@@ -108,7 +100,7 @@ def test_push_bundle_updates_a_running_device(  # type: ignore[no-untyped-def]
             assert code == 0, capsys.readouterr().err
             out = json.loads(capsys.readouterr().out)
             assert out["device"] == device and out["url"].startswith("http://127.0.0.1:")
-            assert _wait(lambda: len(events()) >= 1), "the device reports the update"
+            assert within(lambda: len(events()) >= 1, 30), "the device reports the update"
         finally:
             t.join(timeout=60)
         assert not t.is_alive()
