@@ -12,7 +12,15 @@ from edge_agent.errors import ConfigError, one_line
 from edge_agent.sources import SOURCE_KINDS, SourceConfig
 from edge_agent.topics import check_name
 
-__all__ = ["AgentConfig", "BrokerConfig", "OutboxConfig", "SourceConfig", "load_config"]
+__all__ = [
+    "YAML_LOADER",
+    "AgentConfig",
+    "BrokerConfig",
+    "OutboxConfig",
+    "SourceConfig",
+    "load_config",
+    "yaml_line_of",
+]
 
 
 class _Strict(BaseModel):
@@ -143,7 +151,7 @@ class AgentConfig(_Strict):
             raise ValueError(str(exc)) from exc
 
 
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml where PyYAML has it
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml where PyYAML has it
 
 
 def load_config(path: str | Path) -> AgentConfig:
@@ -151,7 +159,7 @@ def load_config(path: str | Path) -> AgentConfig:
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
-        data: Any = yaml.load(text, Loader=_LOADER)  # noqa: S506 - a safe loader
+        data: Any = yaml.load(text, Loader=YAML_LOADER)  # noqa: S506 - a safe loader
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read ({exc.strerror})") from exc
     except yaml.YAMLError as exc:
@@ -170,7 +178,7 @@ def load_config(path: str | Path) -> AgentConfig:
         if loc[:1] == ["source"] and len(loc) > 2 and loc[1] in SOURCE_KINDS:
             del loc[1]  # the union's tag: the YAML has no such key
         try:
-            line = _line_of(yaml.compose(text, Loader=_LOADER), loc)  # again, for the line
+            line = yaml_line_of(yaml.compose(text, Loader=YAML_LOADER), loc)  # again, for the line
         except (yaml.YAMLError, RecursionError, ValueError):
             line = None
         where = f"{p}:{line}" if line else str(p)
@@ -186,8 +194,9 @@ def load_config(path: str | Path) -> AgentConfig:
     )
 
 
-def _line_of(node: Any, loc: list[str]) -> int | None:
-    """1-based line of the deepest YAML node along ``loc``."""
+def yaml_line_of(node: Any, loc: list[str]) -> int | None:
+    """1-based line of the deepest YAML node along ``loc`` (the agent's and the gateway's
+    config loaders point at the line with it)."""
     line = None
     for key in loc:
         if not isinstance(node, yaml.MappingNode):

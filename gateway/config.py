@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from edge_agent.config import _LOADER, _line_of  # the agent's loader and line finder
+from edge_agent.config import YAML_LOADER, yaml_line_of
 from edge_agent.errors import ConfigError, one_line
 
 __all__ = [
@@ -335,7 +335,7 @@ _DASHBOARD_PATHS = ("db", "users")
 def _read(path: Path) -> tuple[str, dict[str, Any]]:
     try:
         text = path.read_text(encoding="utf-8")
-        data: Any = yaml.load(text, Loader=_LOADER)  # noqa: S506 - a safe loader
+        data: Any = yaml.load(text, Loader=YAML_LOADER)  # noqa: S506 - a safe loader
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
     except yaml.YAMLError as exc:
@@ -420,7 +420,7 @@ def load_node_config(
             line = None
             if p is not None:
                 try:
-                    line = _line_of(yaml.compose(text, Loader=_LOADER), loc)
+                    line = yaml_line_of(yaml.compose(text, Loader=YAML_LOADER), loc)
                 except (yaml.YAMLError, RecursionError, ValueError):
                     line = None
             where = f"{p}:{line}" if line else str(p) if p is not None else "config"
