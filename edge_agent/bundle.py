@@ -403,15 +403,8 @@ def _verify_files(root: Path, manifest: Manifest) -> None:
 
 
 def _verify_consistency(path: Path, manifest: Manifest) -> None:
-    if manifest.cam is not None:
-        for art in manifest.artifacts:
-            if len(art.outputs) <= manifest.cam.output:
-                raise BundleError(
-                    f"{path}: {_q(art.file)} has no output {manifest.cam.output} (cam)"
-                )
-    for art in manifest.artifacts:
-        if art.file not in manifest.files:
-            raise BundleError(f"{path}: artifact '{_q(art.file)}' is not among the hashed files")
+    """The manifest agrees with itself: artifacts, labels, decoding and events."""
+    _verify_artifacts(path, manifest)
     if manifest.positive_label is not None and manifest.positive_label not in manifest.labels:
         raise BundleError(f"{path}: positive_label '{_q(manifest.positive_label)}' is not a label")
     if manifest.decode.kind != manifest.task:
@@ -425,6 +418,19 @@ def _verify_consistency(path: Path, manifest: Manifest) -> None:
             )
         if rule.off > rule.on:
             raise BundleError(f"{path}: event '{_q(rule.name)}' has off {rule.off} > on {rule.on}")
+
+
+def _verify_artifacts(path: Path, manifest: Manifest) -> None:
+    """Each artifact is hashed, has the CAM output, and as many class outputs as labels."""
+    if manifest.cam is not None:
+        for art in manifest.artifacts:
+            if len(art.outputs) <= manifest.cam.output:
+                raise BundleError(
+                    f"{path}: {_q(art.file)} has no output {manifest.cam.output} (cam)"
+                )
+    for art in manifest.artifacts:
+        if art.file not in manifest.files:
+            raise BundleError(f"{path}: artifact '{_q(art.file)}' is not among the hashed files")
     if manifest.task != "classification":
         return
     for art in manifest.artifacts:

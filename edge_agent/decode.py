@@ -151,8 +151,12 @@ def components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     if cv2 is not None:
         n, lab = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
         return lab.astype(np.int32), int(n) - 1
-    # numpy fallback: union-find over the runs of each row
-    runs: list[tuple[int, int, int]] = []  # (row, start, end exclusive)
+    return _components_numpy(mask)
+
+
+def _row_runs(mask: np.ndarray) -> tuple[list[tuple[int, int, int]], list[list[int]]]:
+    """The runs of True of each row: (row, start, end exclusive), and each row's run ids."""
+    runs: list[tuple[int, int, int]] = []
     row_runs: list[list[int]] = []
     for y in range(mask.shape[0]):
         d = np.diff(np.concatenate(([0], mask[y].view(np.int8), [0])))
@@ -161,6 +165,12 @@ def components(mask: np.ndarray) -> tuple[np.ndarray, int]:
         for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
             row_runs[-1].append(len(runs))
             runs.append((y, s, e))
+    return runs, row_runs
+
+
+def _components_numpy(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """components() without OpenCV: union-find over the runs of each row."""
+    runs, row_runs = _row_runs(mask)
     parent = list(range(len(runs)))
 
     def find(i: int) -> int:

@@ -496,6 +496,12 @@ def _parse(payload: bytes) -> dict[str, Any]:
     v = data.get("v")
     if type(v) is not int or v != VERSION:  # 2.0 or true are not 2
         raise EnvelopeError(f"envelope version {_show(v)} is not supported (want {VERSION})")
+    _check_fields(data)
+    return data
+
+
+def _check_fields(data: dict[str, Any]) -> None:
+    """The header's fields, each by type first: the set of names, strings, names, numbers."""
     keys = data.keys()
     if keys not in (_FIELDS, _FIELDS_HS):
         missing = [k for k in (*_HEADER, "ct") if k not in data]
@@ -515,6 +521,10 @@ def _parse(payload: bytes) -> dict[str, Any]:
         raise EnvelopeError(f"alert {_show(alert)} must be null or 1-32 of [a-z0-9_-]")
     check_name("site", data["site"], Reason.MALFORMED)
     check_name("device", data["device"], Reason.MALFORMED)
+    _check_numbers(data)
+
+
+def _check_numbers(data: dict[str, Any]) -> None:
     for k in ("seq", "epoch"):
         if type(data[k]) is not int or not 0 <= data[k] <= _MAX_SEQ or (k == "seq" and not data[k]):
             raise EnvelopeError(
@@ -525,7 +535,6 @@ def _parse(payload: bytes) -> dict[str, Any]:
         raise EnvelopeError(f"time {_show(t)} must be a non-negative number of seconds")
     if data["suite"] not in _KEMS:
         raise EnvelopeError(f"suite {data['suite']!r} is not supported")
-    return data
 
 
 def _show(value: Any) -> str:

@@ -289,25 +289,33 @@ class MqttSession:
                     break
                 if self.connects > up_before:
                     attempt = 0  # it worked: the next loss starts the back-off again
-                elif self._refused is not None:
-                    code = getattr(self._refused, "value", self._refused)
-                    if self.protocol == "auto" and code in _UNSUPPORTED_PROTOCOL and proto == "5":
-                        self.log.info("%s: broker does not speak MQTT 5; using 3.1.1", self.name)
-                        proto = "3.1.1"
-                        continue  # at once: this is not a failure of the broker
-                    self._failed(attempt, f"broker refused the connection: {self._refused}")
-                elif self.protocol == "auto" and proto == "5" and not self._spoke_5:
-                    # some 3.1.1-only brokers (amqtt) hang up on an MQTT 5 CONNECT unanswered
-                    self.log.info("%s: no answer to MQTT 5; trying 3.1.1", self.name)
-                    proto = "3.1.1"
-                    continue
                 else:
-                    self._failed(attempt, "connection closed before the broker answered")
-                    if self.protocol == "auto":
-                        proto = "3.1.1" if proto == "5" else "5"  # it may not speak this one
+                    proto, at_once = self._next_protocol(attempt, proto)
+                    if at_once:
+                        continue
             if self._stop.wait(backoff_delay(attempt, *self.backoff)):
                 break
             attempt += 1
+
+    def _next_protocol(self, attempt: int, proto: str) -> tuple[str, bool]:
+        """After a connection that never came up: the protocol to try next, and whether to
+        try at once (a protocol the broker does not speak is not a failure of the broker)."""
+        auto = self.protocol == "auto"
+        if self._refused is not None:
+            code = getattr(self._refused, "value", self._refused)
+            if auto and code in _UNSUPPORTED_PROTOCOL and proto == "5":
+                self.log.info("%s: broker does not speak MQTT 5; using 3.1.1", self.name)
+                return "3.1.1", True
+            self._failed(attempt, f"broker refused the connection: {self._refused}")
+            return proto, False
+        if auto and proto == "5" and not self._spoke_5:
+            # some 3.1.1-only brokers (amqtt) hang up on an MQTT 5 CONNECT unanswered
+            self.log.info("%s: no answer to MQTT 5; trying 3.1.1", self.name)
+            return "3.1.1", True
+        self._failed(attempt, "connection closed before the broker answered")
+        if auto:
+            proto = "3.1.1" if proto == "5" else "5"  # it may not speak this one
+        return proto, False
 
     def _serve(self, client: mqtt.Client) -> None:
         """Wait while this connection lasts (or until stop, then let the goodbye through)."""

@@ -97,20 +97,24 @@ def _value(v: Any, depth: int, where: str, max_depth: int, max_string: int) -> N
     elif t is bool or v is None:
         return
     elif t is list or t is dict:
-        if depth >= max_depth:
-            raise _bad(f"{where}: nested deeper than {max_depth}", Reason.MALFORMED)
-        if len(v) > MAX_ITEMS:
-            raise _bad(f"{where}: {len(v)} entries exceed {MAX_ITEMS}")
-        if t is list:
-            for x in v:
-                _value(x, depth + 1, where, max_depth, max_string)
-        else:
-            for k, x in v.items():
-                if len(k) > MAX_KEY:
-                    raise _bad(f"{where}: key of {len(k)} characters exceeds {MAX_KEY}")
-                _value(x, depth + 1, where, max_depth, max_string)
+        _container(v, depth, where, max_depth, max_string)
     else:
         raise _bad(f"{where}: {t.__name__} is not a JSON value")
+
+
+def _container(v: list | dict, depth: int, where: str, max_depth: int, max_string: int) -> None:
+    if depth >= max_depth:
+        raise _bad(f"{where}: nested deeper than {max_depth}", Reason.MALFORMED)
+    if len(v) > MAX_ITEMS:
+        raise _bad(f"{where}: {len(v)} entries exceed {MAX_ITEMS}")
+    if isinstance(v, list):
+        for x in v:
+            _value(x, depth + 1, where, max_depth, max_string)
+        return
+    for k, x in v.items():
+        if len(k) > MAX_KEY:
+            raise _bad(f"{where}: key of {len(k)} characters exceeds {MAX_KEY}")
+        _value(x, depth + 1, where, max_depth, max_string)
 
 
 # -- typed fields -----------------------------------------------------------------------------

@@ -104,10 +104,10 @@ def sign_command(body: dict[str, Any], key: ed25519.Ed25519PrivateKey) -> bytes:
     return _canonical(doc)
 
 
-def verify_command(
-    payload: bytes, trusted: list[ed25519.Ed25519PublicKey], site: str, device: str
-) -> UpdateCommand:
-    """Parse and authenticate an update command for this device; UpdateError says why not."""
+def _authenticate(
+    payload: bytes, trusted: list[ed25519.Ed25519PublicKey]
+) -> tuple[dict[str, Any], str]:
+    """The command's fields and its signer's key id, once its Ed25519 signature verifies."""
     try:
         doc = parse_cmd(payload)  # size, depth, types, no unknown fields: one EnvelopeError
         sig = base64.b64decode(doc.pop("sig"), validate=True)
@@ -125,6 +125,14 @@ def verify_command(
         by_id[signer].verify(sig, _canonical(doc))
     except InvalidSignature as exc:
         raise UpdateError("command signature does not verify") from exc
+    return doc, signer
+
+
+def verify_command(
+    payload: bytes, trusted: list[ed25519.Ed25519PublicKey], site: str, device: str
+) -> UpdateCommand:
+    """Parse and authenticate an update command for this device; UpdateError says why not."""
+    doc, signer = _authenticate(payload, trusted)
     if doc.get("v") != COMMAND_VERSION or doc.get("cmd") != "update-bundle":
         raise UpdateError(
             one_line(f"unsupported command {doc.get('cmd')!r} version {doc.get('v')!r}")

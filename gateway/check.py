@@ -79,7 +79,6 @@ def check_store(target: Path | str) -> str:
 
 
 def check_gateway(cfg: GatewayConfig, broker_timeout_s: float, out: NodeCheck) -> None:
-    from edge_agent.preflight import broker_reachable
     from gateway.node import build_opener, build_rules
     from gateway.site import site_name
 
@@ -104,6 +103,17 @@ def check_gateway(cfg: GatewayConfig, broker_timeout_s: float, out: NodeCheck) -
         f"alerts: silence after {rules.silence_after:g} s"
         + (f", rules {cfg.alerts.rules}" if cfg.alerts.rules else "")
     )
+    _check_broker(cfg, broker_timeout_s, out)
+    out.lines.append(check_store(cfg.store.target()))
+    if cfg.forward.to is not None:
+        _check_forward(cfg, out)
+    if cfg.metrics.port is not None:
+        out.lines.append(f"metrics on {cfg.metrics.host}:{cfg.metrics.port}")
+
+
+def _check_broker(cfg: GatewayConfig, broker_timeout_s: float, out: NodeCheck) -> None:
+    from edge_agent.preflight import broker_reachable
+
     b = cfg.broker
     if b.tls:
         for p in (cfg.site_dir / "gateway.crt", cfg.site_dir / "gateway.key"):
@@ -120,21 +130,20 @@ def check_gateway(cfg: GatewayConfig, broker_timeout_s: float, out: NodeCheck) -
         f"{', group ' + b.share_group if b.share_group else ''})"
         f"{'' if why is None else ': not reachable now'}"
     )
-    out.lines.append(check_store(cfg.store.target()))
-    if cfg.forward.to is not None:
-        if cfg.forward.tls is not None:
-            for p in cfg.forward.tls.files():
-                _readable(p, "forward TLS file")
-            _private(cfg.forward.tls.key)
-        outbox = cfg.forward_outbox()
-        if not outbox.parent.is_dir():
-            raise MedgeError(f"forward outbox {outbox}: its directory does not exist")
-        out.lines.append(
-            f"forward to {cfg.forward.to} through {outbox}"
-            + (f", backfill since {cfg.forward.backfill}" if cfg.forward.backfill else "")
-        )
-    if cfg.metrics.port is not None:
-        out.lines.append(f"metrics on {cfg.metrics.host}:{cfg.metrics.port}")
+
+
+def _check_forward(cfg: GatewayConfig, out: NodeCheck) -> None:
+    if cfg.forward.tls is not None:
+        for p in cfg.forward.tls.files():
+            _readable(p, "forward TLS file")
+        _private(cfg.forward.tls.key)
+    outbox = cfg.forward_outbox()
+    if not outbox.parent.is_dir():
+        raise MedgeError(f"forward outbox {outbox}: its directory does not exist")
+    out.lines.append(
+        f"forward to {cfg.forward.to} through {outbox}"
+        + (f", backfill since {cfg.forward.backfill}" if cfg.forward.backfill else "")
+    )
 
 
 def check_dashboard(cfg: DashboardConfig, out: NodeCheck) -> None:

@@ -388,14 +388,32 @@ def load_node_config(
     Raises ConfigError naming the file:line (or the flag) and the key."""
     p = Path(path) if path is not None else None
     text, data = _read(p) if p is not None else ("", {})
-    # paths in the file are relative to the file: rebased before flags go over them
+    if p is not None:  # paths in the file are relative to it: rebased before flags go over them
+        _rebase_paths(data, p.parent)
+    overridden = _apply_overrides(data, gateway, dashboard)
+    try:
+        cfg = NodeConfig.model_validate(data)
+    except RecursionError as exc:
+        raise ConfigError(f"{p}: nested too deeply to be a gateway config") from exc
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, p, text, overridden)) from exc
+    return cfg
+
+
+def _rebase_paths(data: dict[str, Any], base: Path) -> None:
     for section, keys in (("gateway", _GATEWAY_PATHS), ("dashboard", _DASHBOARD_PATHS)):
         sec = data.get(section)
-        if p is not None and isinstance(sec, dict):
+        if isinstance(sec, dict):
             for dotted in keys:
                 value = _get(sec, dotted)
                 if value is not None and isinstance(value, (str, list)):
-                    _set(sec, dotted, _rebase(value, p.parent))
+                    _set(sec, dotted, _rebase(value, base))
+
+
+def _apply_overrides(
+    data: dict[str, Any], gateway: dict[str, Any] | None, dashboard: dict[str, Any] | None
+) -> set[tuple[str, ...]]:
+    """Flags over the file; returns the (section, *key) paths they set."""
     overridden: set[tuple[str, ...]] = set()
     for section, over in (("gateway", gateway), ("dashboard", dashboard)):
         if not over:
@@ -405,28 +423,27 @@ def load_node_config(
         for dotted, value in over.items():
             _set(data[section], dotted, value)
             overridden.add((section, *dotted.split(".")))
-    try:
-        cfg = NodeConfig.model_validate(data)
-    except RecursionError as exc:
-        raise ConfigError(f"{p}: nested too deeply to be a gateway config") from exc
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = [str(x) for x in err["loc"]]
-        flag = next((o for o in overridden if tuple(loc[: len(o)]) == o), None)
-        if flag is not None:
-            where = f"{p}: " if p is not None else ""
-            msg = f"{where}{'.'.join(loc[1:])} (from the command line): {err['msg']}"
-        else:
+    return overridden
+
+
+def _explain(
+    exc: ValidationError, p: Path | None, text: str, overridden: set[tuple[str, ...]]
+) -> str:
+    """One line for the first error: the flag that set the key, or the file's line."""
+    err = exc.errors()[0]
+    loc = [str(x) for x in err["loc"]]
+    flag = next((o for o in overridden if tuple(loc[: len(o)]) == o), None)
+    if flag is not None:
+        where = f"{p}: " if p is not None else ""
+        return one_line(f"{where}{'.'.join(loc[1:])} (from the command line): {err['msg']}", 500)
+    line = None
+    if p is not None:
+        try:
+            line = yaml_line_of(yaml.compose(text, Loader=YAML_LOADER), loc)
+        except (yaml.YAMLError, RecursionError, ValueError):
             line = None
-            if p is not None:
-                try:
-                    line = yaml_line_of(yaml.compose(text, Loader=YAML_LOADER), loc)
-                except (yaml.YAMLError, RecursionError, ValueError):
-                    line = None
-            where = f"{p}:{line}" if line else str(p) if p is not None else "config"
-            msg = f"{where}: {'.'.join(loc)}: {err['msg']}"
-        raise ConfigError(one_line(msg, 500)) from exc
-    return cfg
+    where = f"{p}:{line}" if line else str(p) if p is not None else "config"
+    return one_line(f"{where}: {'.'.join(loc)}: {err['msg']}", 500)
 
 
 def load_gateway_config(

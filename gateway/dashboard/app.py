@@ -201,6 +201,27 @@ async def _history(request: web.Request) -> web.Response:
     return _json(await _read("history", read))
 
 
+async def _panel_events(store: Any, last: dict[str, str]) -> list[bytes]:
+    """The devices and alerts panels, each sent when it changed since ``last`` (updated)."""
+    chunks: list[bytes] = []
+    for name, read in (
+        ("devices", lambda: read_models.devices(store)),
+        ("alerts", lambda: list_alerts(store, ALERTS_SHOWN)),
+    ):
+        event = name
+        try:
+            data = _dumps_rows(await asyncio.to_thread(read), name[:-1])
+        except Exception as exc:  # the store failed: say so in the stream, go on
+            data, event = _dumps({"error": _fault(name, exc)}), f"{name}-error"
+            last.pop(name, None)  # sent again in full once it can be read
+        if data != last.get(event):
+            if event != name:
+                log.error("dashboard stream: %s", data)
+            chunks.append(_event(event, data))
+            last[event] = data
+    return chunks
+
+
 async def _stream(request: web.Request) -> web.StreamResponse:
     store, stopping = request.app[STORE], request.app[STOPPING]
     cursor = _stream_cursor(request)
@@ -224,22 +245,7 @@ async def _stream(request: web.Request) -> web.StreamResponse:
             transport = request.transport
             if transport is None or transport.is_closing():
                 break  # the client went away
-            chunks: list[bytes] = []
-            for name, read in (
-                ("devices", lambda: read_models.devices(store)),
-                ("alerts", lambda: list_alerts(store, ALERTS_SHOWN)),
-            ):
-                event = name
-                try:
-                    data = _dumps_rows(await asyncio.to_thread(read), name[:-1])
-                except Exception as exc:  # the store failed: say so in the stream, go on
-                    data, event = _dumps({"error": _fault(name, exc)}), f"{name}-error"
-                    last.pop(name, None)  # sent again in full once it can be read
-                if data != last.get(event):
-                    if event != name:
-                        log.error("dashboard stream: %s", data)
-                    chunks.append(_event(event, data))
-                    last[event] = data
+            chunks = await _panel_events(store, last)
             while True:  # catch up batch by batch, each written as soon as it is read
                 rows = await asyncio.to_thread(_rows_after, store, cursor, BATCH)
                 chunks += [_event("result", _dumps_row(row, "result"), row["id"]) for row in rows]
