@@ -156,7 +156,7 @@ def write_bundle_manifest(
         name=name,
         version=now.strftime("%Y%m%d.%H%M%S"),
         created=now.isoformat(timespec="seconds"),
-        task=task,  # type: ignore[arg-type]
+        task=task,  # type: ignore[arg-type]  # str: pydantic validates it
         profile=req.profile,
         preprocess=req.preprocess,
         decode=decode,

@@ -180,15 +180,15 @@ def format_evaluation(result: dict[str, Any]) -> str:
         lines.append(f"{'confusion':22s} {result['confusion']} (rows: truth, columns: prediction)")
     events = result.get("events") or {}
     for rule, e in (events.get("variants") or {}).get(result.get("artifact"), {}).items():
-        vals = []
+        cells = []
         for k in ("sensitivity", "precision", "specificity", "false_alarms_per_hour"):
             ci = e.get(f"{k}_ci")
-            vals.append(
+            cells.append(
                 f"{k} {'n/a' if e[k] is None else f'{e[k]:.4f}'}"
                 + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
             )
         lines.append(
-            f"{'event ' + rule:22s} {', '.join(vals)}; "
+            f"{'event ' + rule:22s} {', '.join(cells)}; "
             f"{e['tp']} found, {e['fn']} missed, {e['fp']} false, "
             f"over {events['hours']:.3f} h"
         )

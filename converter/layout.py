@@ -86,13 +86,12 @@ def resolve_layout(
     ``channels_first``: a Keras config said so."""
     if declared is not None and declared not in LAYOUT_CHOICES:
         raise ConversionError(f"unknown layout '{declared}' (nchw or nhwc)")
-    rank = len(shape) if shape is not None else None
-    if rank is not None and rank != 4:
+    if shape is not None and len(shape) != 4:
         if declared == "nchw":
             raise ConversionError(
                 f"--layout nchw is for image inputs [N, C, H, W]; {name}'s input is {list(shape)}"
             )
-        return RANK_LAYOUTS.get(rank)
+        return RANK_LAYOUTS.get(len(shape))
     if declared is not None:
         layout = declared.upper()
     elif fmt in ("keras", "h5"):

@@ -47,7 +47,7 @@ def litert_artifact(stage: Path, file: str, precision: str, layout: str | None) 
     return Artifact(
         file=file,
         runtime="litert",
-        precision=precision,  # type: ignore[arg-type]
+        precision=precision,  # type: ignore[arg-type]  # str: pydantic validates it
         inputs=[t.model_copy(update={"layout": layout}) for t in backend.inputs],
         outputs=backend.outputs,
     )

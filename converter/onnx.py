@@ -66,7 +66,7 @@ def _artifact(stage: Path, file: str, precision: str, layout: str | None, jetson
     return Artifact(
         file=file,
         runtime="onnx",
-        precision=precision,  # type: ignore[arg-type]
+        precision=precision,  # type: ignore[arg-type]  # str: pydantic validates it
         inputs=[t.model_copy(update={"layout": layout}) for t in backend.inputs],
         outputs=backend.outputs,
         tensorrt=tensorrt_build(file, precision) if jetson else None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ def _fmt(v: Any) -> str:
     return "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def _ci(m: dict[str, Any], key: str) -> list[float] | None:
+def _ci(m: dict[str, Any], key: str) -> Sequence[float] | None:
     """The 95% interval of ``key``: ``m["ci"][key]`` (classification) or ``m[key + "_ci"]``."""
     ci = (m.get("ci") or {}).get(key) or m.get(f"{key}_ci")
     return ci if isinstance(ci, list | tuple) and len(ci) == 2 else None
@@ -53,10 +54,11 @@ def _metric_rows(report: dict[str, Any]) -> list[tuple[str, list[Any], Any]]:
             rows.append((m, vals, None))
             continue
         sign = -1.0 if m in _LOWER_IS_BETTER else 1.0
+        first = vals[0]
         drops = [
-            sign * (vals[0] - v)
+            sign * (first - v)
             for v in vals[1:]
-            if None not in (vals[0], v) and math.isfinite(vals[0] - v)
+            if first is not None and v is not None and math.isfinite(first - v)
         ]
         rows.append((m, vals, max(drops) if drops else None))
     return rows
@@ -145,8 +147,8 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
         lines += ["## Event detection over recorded streams", "", _events_about(events), ""]
         lines += ["| variant | event | " + " | ".join(_EVENT_KEYS) + " |"]
         lines.append("|---|---|" + "---|" * len(_EVENT_KEYS))
-        for v, rule, m in _event_rows(events):
-            cells = " | ".join(_with_ci(m, k) for k in _EVENT_KEYS)
+        for v, rule, em in _event_rows(events):
+            cells = " | ".join(_with_ci(em, k) for k in _EVENT_KEYS)
             lines.append(f"| {v} | {rule} | {cells} |")
         lines.append("")
     layers = report.get("per_layer_error") or []

@@ -203,15 +203,16 @@ def convert_litert(
             reason = f"crashed the converter process ({signal.Signals(-rc).name})"
         else:
             reason = first_error_line(last_line(stderr)) or f"exit status {rc}"
+        seconds = round(time.monotonic() - t0, 1)
         record = {
             "strategy": running.strategy,
             "event": "crashed",
             "reason": reason,
-            "seconds": round(time.monotonic() - t0, 1),
+            "seconds": seconds,
         }
         with progress.open("a", encoding="utf-8") as f:  # read back with the child's lines
             f.write(json.dumps(record) + "\n")
-        running.outcome, running.reason, running.seconds = "crashed", reason, record["seconds"]
+        running.outcome, running.reason, running.seconds = "crashed", reason, seconds
         remaining = remaining[remaining.index(running.strategy) + 1 :]
     reasons = "; ".join(
         f"{a.strategy}: {a.reason}"  # "crashed the converter process (SIGSEGV)"

@@ -22,7 +22,7 @@ covers the samples its windows saw, from its first window's start to its last wi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,7 +217,7 @@ def _specificity(
 
 def score_streams(
     streams: Sequence[StreamWindows],
-    outputs: dict[str, Sequence[np.ndarray]],
+    outputs: Mapping[str, Sequence[np.ndarray]],
     decode_scores: Callable[[np.ndarray], np.ndarray],
     rules: Sequence[EventRule],
     labels: Sequence[str],

@@ -128,13 +128,17 @@ def wrap(
     layout = layout or RANK_LAYOUTS.get(len(in_spec.shape))
     artifact = Artifact(
         file=file,
-        runtime=runtime,  # type: ignore[arg-type]
-        precision=precision,  # type: ignore[arg-type]
+        runtime=runtime,  # type: ignore[arg-type]  # str: pydantic validates it
+        precision=precision,  # type: ignore[arg-type]  # str: pydantic validates it
         inputs=[t.model_copy(update={"layout": layout}) for t in backend.inputs],
         outputs=backend.outputs,
     )
     variant = f"{runtime}-{precision}"
-    decode = Decode(activation=req.activation, threshold=req.threshold, events=req.events)  # type: ignore[arg-type]
+    decode = Decode(
+        activation=req.activation,  # type: ignore[arg-type]  # str: pydantic validates it
+        threshold=req.threshold,
+        events=req.events,
+    )
     with staging(req.out) as stage:
         shutil.copyfile(req.model, stage / file)
 
@@ -157,7 +161,7 @@ def wrap(
         outs, lat = run_artifact(stage / file, runtime, req.preprocess, xe, layout)
         positive = labels.index(req.positive_label) if req.positive_label else None
         scores, pred = class_scores(outs, decode, labels, positive)
-        report = {
+        report: dict[str, Any] = {
             "model": req.model.name,
             "profile": req.profile,
             "labels": labels,

@@ -99,8 +99,9 @@ def _order_outputs(flat: bytes, names: dict[int, str]) -> bytes:
     sig = m.signatureDefs[0] if m.signatureDefs else None
     if sig is not None:
         named = {t.name.decode(): t.tensorIndex for t in sig.outputs}
-        order = [named.get(f"output_{i}") for i in range(len(named))]
-        if None not in order and sorted(order) == sorted(int(i) for i in sg.outputs):
+        found = [named.get(f"output_{i}") for i in range(len(named))]
+        order = [i for i in found if i is not None]
+        if len(order) == len(found) and sorted(order) == sorted(int(i) for i in sg.outputs):
             sg.outputs = np.array(order, dtype=np.int32)
     for i, name in names.items():
         sg.tensors[int(sg.outputs[i])].name = name.encode()
@@ -130,7 +131,9 @@ def _verify(
     agree = agreement(float_probs[: len(x)].reshape(len(x), -1), got, task)
     backend = open_backend("litert", path)
     try:
-        ops = sorted({o["op_name"] for o in backend._interp._get_ops_details()})  # type: ignore[attr-defined]
+        # the LiteRT backend's interpreter: not part of the Backend protocol
+        interp = backend._interp  # type: ignore[attr-defined]
+        ops = sorted({o["op_name"] for o in interp._get_ops_details()})
     except Exception:  # an interpreter without the (private) op listing
         ops = []
     return agree, [o for o in ops if o != "DELEGATE"]
