@@ -1,5 +1,5 @@
 """mypy over the public packages, with the tests: the files and the rules are ``[tool.mypy]`` in
-pyproject.toml (edge_agent, gateway, medge; converter joins once its restructuring lands).
+pyproject.toml (edge_agent, gateway, medge, converter).
 mypy's cache (.mypy_cache) makes a second run take a few seconds."""
 
 from __future__ import annotations
