@@ -1,5 +1,5 @@
-"""docs/manifest.schema.json and docs/agent-config.schema.json are what their pydantic models
-give today (tools/export_schema.py writes them; `make schemas`)."""
+"""docs/manifest.schema.json, docs/agent-config.schema.json and docs/gateway-config.schema.json
+are what their pydantic models give today (tools/export_schema.py writes them; `make schemas`)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 
 from edge_agent.bundle import Manifest
 from edge_agent.config import AgentConfig
+from gateway.config import GatewayConfig, NodeConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,7 +27,14 @@ def _tool() -> ModuleType:
     return module
 
 
-@pytest.mark.parametrize("name", ["docs/manifest.schema.json", "docs/agent-config.schema.json"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "docs/manifest.schema.json",
+        "docs/agent-config.schema.json",
+        "docs/gateway-config.schema.json",
+    ],
+)
 def test_the_committed_schema_is_current(name: str) -> None:
     tool = _tool()
     module, model = tool.SCHEMAS[name]
@@ -42,6 +50,12 @@ def test_the_schemas_describe_the_models_fields() -> None:
     assert set(config["properties"]) == set(AgentConfig.model_fields)
     assert config["additionalProperties"] is False, "the config is strict (extra=forbid)"
     assert manifest["description"] and config["description"], "the class docstrings"
+    node = json.loads((ROOT / "docs/gateway-config.schema.json").read_text())
+    assert set(node["properties"]) == set(NodeConfig.model_fields) == {"gateway", "dashboard"}
+    assert node["additionalProperties"] is False
+    gateway = node["$defs"]["GatewayConfig"]
+    assert set(gateway["properties"]) == set(GatewayConfig.model_fields)
+    assert gateway["additionalProperties"] is False and gateway["description"]
 
 
 def test_check_mode_says_current_or_names_the_stale_file() -> None:

@@ -1,7 +1,8 @@
-"""Write the JSON Schemas of the formats that edge_agent owns, from their pydantic models:
+"""Write the JSON Schemas of medge's file formats, from their pydantic models:
 
     docs/manifest.schema.json      edge_agent.bundle.Manifest   (a bundle's manifest.json)
     docs/agent-config.schema.json  edge_agent.config.AgentConfig (the agent's YAML config)
+    docs/gateway-config.schema.json gateway.config.NodeConfig   (gateway.yaml: gateway, dashboard)
 
     python tools/export_schema.py           # (re)write them
     python tools/export_schema.py --check   # exit 1 naming each file that is not current
@@ -23,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS: dict[str, tuple[str, str]] = {
     "docs/manifest.schema.json": ("edge_agent.bundle", "Manifest"),
     "docs/agent-config.schema.json": ("edge_agent.config", "AgentConfig"),
+    "docs/gateway-config.schema.json": ("gateway.config", "NodeConfig"),
 }
 
 
