@@ -67,15 +67,17 @@ class Quantization(_Model):
 class TensorSpec(_Model):
     """One model input or output as the artifact sees it."""
 
-    name: str
+    name: str = Field(description="Tensor name in the artifact.")
     shape: list[Annotated[int, Field(ge=-1)]] = Field(
         min_length=1,
         max_length=8,
         description="Shape including the batch axis, e.g. [1, 28, 28, 1]; -1 = dynamic.",
     )
-    dtype: DType
+    dtype: DType = Field(description="Element type the artifact takes or gives.")
     layout: str | None = Field(default=None, description="Axis names, e.g. NHWC or NTC.")
-    quantization: Quantization | None = None
+    quantization: Quantization | None = Field(
+        default=None, description="Scale and zero point of an integer tensor; null for float."
+    )
 
 
 class Preprocess(_Model):
@@ -85,9 +87,11 @@ class Preprocess(_Model):
     channel over the time axis), ``mean_std`` (fixed per-channel (x - mean) / std).
     """
 
-    kind: Literal["none", "scale01", "zscore", "mean_std"]
-    mean: list[float] | None = None
-    std: list[float] | None = None
+    kind: Literal["none", "scale01", "zscore", "mean_std"] = Field(
+        description="What the agent does to an input before the model."
+    )
+    mean: list[float] | None = Field(default=None, description="mean_std: per-channel mean.")
+    std: list[float] | None = Field(default=None, description="mean_std: per-channel std.")
 
 
 # regression (one real value per output; optional like the 1.2 tasks, an older agent refuses it)
@@ -118,7 +122,7 @@ class EventRule(_Model):
 class Decode(_Model):
     """How the model's output becomes a result."""
 
-    kind: Task = "classification"
+    kind: Task = Field(default="classification", description="The task; equals the manifest's.")
     activation: Literal["softmax", "sigmoid", "none"] = Field(
         default="softmax", description="What the model's last layer already applied."
     )
@@ -142,11 +146,15 @@ class WindowSpec(_Model):
     at; ``centre`` = ``beat`` asks an ECG source for windows centred on each R peak.
     """
 
-    length: int = Field(ge=1)
-    hop: int = Field(ge=1)
-    rate_hz: float | None = Field(default=None, gt=0)
-    label: Literal["last", "majority", "max"] = "last"
-    centre: Literal["none", "beat"] = "none"
+    length: int = Field(ge=1, description="Samples (frames, for clips) per window.")
+    hop: int = Field(ge=1, description="Samples from one window's start to the next.")
+    rate_hz: float | None = Field(default=None, gt=0, description="Rate the model was trained at.")
+    label: Literal["last", "majority", "max"] = Field(
+        default="last", description="Which sample labels give the window's label in evaluation."
+    )
+    centre: Literal["none", "beat"] = Field(
+        default="none", description="beat: windows centred on each R peak (ECG sources)."
+    )
     before: int | None = Field(
         default=None,
         ge=0,
@@ -157,8 +165,8 @@ class WindowSpec(_Model):
 class FileEntry(_Model):
     """One file of the bundle as the manifest pins it: a device refuses a file that differs."""
 
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    bytes: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the file, hex.")
+    bytes: int = Field(ge=0, description="Size of the file.")
 
 
 class TensorRTBuild(_Model):
@@ -180,11 +188,13 @@ class TensorRTBuild(_Model):
 class Artifact(_Model):
     """One runnable model file in the bundle."""
 
-    file: str
-    runtime: Literal["litert", "onnx"]
-    precision: Literal["fp32", "fp16", "int8", "int16x8", "dynamic"]
-    inputs: list[TensorSpec] = Field(min_length=1)
-    outputs: list[TensorSpec] = Field(min_length=1)
+    file: str = Field(description="Path of the model file inside the bundle.")
+    runtime: Literal["litert", "onnx"] = Field(description="The runtime that executes it.")
+    precision: Literal["fp32", "fp16", "int8", "int16x8", "dynamic"] = Field(
+        description="Numeric precision of its weights and activations."
+    )
+    inputs: list[TensorSpec] = Field(min_length=1, description="Its input tensors, in order.")
+    outputs: list[TensorSpec] = Field(min_length=1, description="Its output tensors, in order.")
     tensorrt: TensorRTBuild | None = Field(
         default=None, description="Jetson profile, ONNX artifacts: how to build the engine."
     )
@@ -208,11 +218,15 @@ class CamSpec(_Model):
 class Provenance(_Model):
     """Where the artifacts came from: the source model, the converter, the calibration data."""
 
-    source_sha256: str
-    source_format: str
-    converter_version: str
-    calibration_sha256: str | None = None
-    calibration_count: int | None = None
+    source_sha256: str = Field(description="SHA-256 of the source model file.")
+    source_format: str = Field(description="keras, savedmodel or onnx.")
+    converter_version: str = Field(description="medge version that converted it.")
+    calibration_sha256: str | None = Field(
+        default=None, description="SHA-256 of the int8 calibration data."
+    )
+    calibration_count: int | None = Field(
+        default=None, description="Samples the int8 calibration used."
+    )
     strategy: str | None = Field(default=None, description="Which conversion strategy won.")
 
 
@@ -225,23 +239,26 @@ class Manifest(_Model):
     """
 
     schema_version: str = Field(description="major.minor; a device refuses another major.")
-    name: str
-    version: str
-    created: str
-    task: Task
-    profile: str
-    preprocess: Preprocess
-    decode: Decode
-    labels: list[str] = Field(min_length=1)
+    name: str = Field(description="Model name, the bundle's first name part.")
+    version: str = Field(description="Model version; the OTA updater compares it.")
+    created: str = Field(description="UTC time of conversion, ISO 8601.")
+    task: Task = Field(description="classification, segmentation, image_to_image or regression.")
+    profile: str = Field(description="Device profile it was built for (rpi4, rpi5, jetson, x86).")
+    preprocess: Preprocess = Field(description="What the agent does to each input.")
+    decode: Decode = Field(description="How outputs become results and events.")
+    labels: list[str] = Field(min_length=1, description="Class names, in output order.")
     positive_label: str | None = Field(
         default=None, description="The clinically positive class, for sensitivity/specificity."
     )
-    artifacts: list[Artifact] = Field(min_length=1)
+    artifacts: list[Artifact] = Field(
+        min_length=1,
+        description="Model files; a device runs the first of its runtime unless told otherwise.",
+    )
     files: dict[str, FileEntry] = Field(description="Every file of the bundle but the manifest.")
     metrics: dict[str, dict[str, float | None]] = Field(
         default_factory=dict, description="Validation metrics per model variant (float, int8...)."
     )
-    provenance: Provenance
+    provenance: Provenance = Field(description="Where the artifacts came from.")
     cam: CamSpec | None = Field(
         default=None, description="Optional: which output is a class activation map."
     )

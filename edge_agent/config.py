@@ -114,9 +114,13 @@ class AgentConfig(_Strict):
         default=None, description="Which artifact of that runtime (default: the first listed)."
     )
     threads: int = Field(default=1, ge=1, le=64, description="Inference threads.")
-    broker: BrokerConfig = Field(default_factory=BrokerConfig)
-    source: SourceConfig
-    outbox: OutboxConfig = Field(default_factory=OutboxConfig)
+    broker: BrokerConfig = Field(
+        default_factory=BrokerConfig, description="The MQTT broker results go to."
+    )
+    source: SourceConfig = Field(description="Where inputs come from; `kind` picks the source.")
+    outbox: OutboxConfig = Field(
+        default_factory=OutboxConfig, description="The durable queue of sealed results."
+    )
     telemetry_interval_s: float = Field(default=2.0, gt=0, description="Telemetry period.")
     metrics_port: int | None = Field(
         default=None,

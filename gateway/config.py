@@ -58,6 +58,8 @@ class _Strict(BaseModel):
 
 
 class BrokerSettings(_Strict):
+    """The site's MQTT broker: where devices publish and the gateway subscribes."""
+
     host: str = Field(default="127.0.0.1", description="The site's MQTT broker host.")
     port: int = Field(default=1883, ge=1, le=65535, description="The site's MQTT broker port.")
     protocol: Literal["5", "3.1.1"] = Field(
@@ -79,6 +81,8 @@ class BrokerSettings(_Strict):
 
 
 class StoreSettings(_Strict):
+    """Where results, devices and alerts are stored: SQLite file or PostgreSQL URL."""
+
     db: str = Field(
         default="gateway.sqlite",
         min_length=1,
@@ -97,6 +101,8 @@ class StoreSettings(_Strict):
 
 
 class LimitSettings(_Strict):
+    """Per-device and per-message limits that keep one device from starving the rest."""
+
     device_rate: float = Field(
         default=100.0,
         ge=0,
@@ -113,6 +119,8 @@ class LimitSettings(_Strict):
 
 
 class BatchingSettings(_Strict):
+    """How the writer groups messages into one transaction (and one ack per device)."""
+
     window: float = Field(
         default=0.005,
         ge=0,
@@ -129,6 +137,8 @@ class BatchingSettings(_Strict):
 
 
 class AlertSettings(_Strict):
+    """When a device counts as silent, and the site's own alert rules."""
+
     silence_after: float = Field(
         default=30.0,
         gt=0,
@@ -144,6 +154,8 @@ class AlertSettings(_Strict):
 
 
 class ForwardTls(_Strict):
+    """TLS files for the connection to the cloud tier's broker."""
+
     ca: Path = Field(description="CA certificate of the cloud broker.")
     cert: Path = Field(description="Client certificate of this fog gateway's forwarder.")
     key: Path = Field(description="Its private key.")
@@ -153,6 +165,8 @@ class ForwardTls(_Strict):
 
 
 class ForwardSettings(_Strict):
+    """Forwarding stored results to the cloud tier through a durable outbox."""
+
     to: str | None = Field(
         default=None,
         description="HOST:PORT of the cloud broker: forward every stored result and event "
@@ -196,6 +210,8 @@ class ForwardSettings(_Strict):
 
 
 class MetricsSettings(_Strict):
+    """The Prometheus metrics and /healthz endpoint."""
+
     port: int | None = Field(
         default=None,
         ge=0,
