@@ -114,7 +114,7 @@ def run(suite: str, n: int, repeat: int, tmp: Path, old: ModuleType | None) -> N
             f"open {us['open old']:6.1f} -> {open_us:6.1f} us "
             f"({us['open old'] / open_us:.2f}x faster)"
         )
-    plain = len(new_envelope._canon(BODY))
+    plain = len(new_envelope.canonical(BODY))
     print(
         f"{'':16s} new epoch (HPKE seal + ECDSA sign) {rotate_us:6.1f} us  "
         f"first open of an epoch {first_open_us:6.1f} us  "

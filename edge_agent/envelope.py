@@ -13,8 +13,6 @@ import base64
 import binascii
 import hashlib
 import json
-import re
-import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -27,11 +25,26 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from edge_agent.envelope_header import (
+    ALERT,
+    KEMS,
+    KIND_BYTES,
+    MAX_BYTES,
+    MAX_SEQ,
+    MAX_TIME,
+    VERSION,
+    as_text,
+    canonical,
+    decode_json,
+    parse_header,
+    quote,
+    unb64,
+)
 from edge_agent.errors import EnvelopeError
 from edge_agent.keys import RecipientKey
 from edge_agent.reasons import Reason
 from edge_agent.schemas import check_body, parse_ack
-from edge_agent.topics import UP_KINDS, TopicParts, check_name
+from edge_agent.topics import TopicParts, check_name
 
 __all__ = [
     "MAX_BYTES",
@@ -43,26 +56,8 @@ __all__ = [
     "encode_ack",
 ]
 
-VERSION = 2
-MAX_BYTES = 256 * 1024
-_MAX_SEQ = 2**63 - 1
-_MAX_TIME = sys.float_info.max  # an integer time past it would not convert to float
-_HEADER = (
-    "v",
-    "kind",
-    "site",
-    "device",
-    "seq",
-    "time",
-    "kid",
-    "suite",
-    "epoch",
-    "ek",
-    "es",
-    "alert",
-)
-_ALERT = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
-_KEMS = {"x25519": hpke.KEM.X25519, "mlkem768-x25519": hpke.KEM.MLKEM768_X25519}
+
+_SIG = ec.ECDSA(hashes.SHA256())
 
 
 @dataclass(frozen=True)
@@ -92,60 +87,8 @@ class Envelope:
             )
 
 
-def _make_encoder() -> Callable[[Any], str]:
-    """Canonical JSON (keys sorted, no spaces, ASCII, no NaN/Infinity) as one call into the C
-    encoder: ``json.dumps`` builds a new encoder object per call, which costs about as much as
-    encoding a result body. Falls back to the standard encoder wherever the two could differ."""
-    slow = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=False).encode
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:
-        return slow
-
-    def default(o: Any) -> Any:
-        raise TypeError(f"Object of type {type(o).__name__} is not JSON serializable")
-
-    try:
-        c = make(None, default, _quote, None, ":", ",", True, False, False)
-        probe = {"b": [1.5, None, True, "\u00e9\n", -0.0, 10**20], "a": {"y": 1, "x": 1e-7}}
-        if "".join(c(probe, 0)) != slow(probe):
-            return slow
-    except (TypeError, ValueError):
-        return slow
-    try:
-        c({"nan": float("nan")}, 0)
-        return slow  # NaN must be refused: the arguments did not mean what they say here
-    except ValueError:
-        return lambda obj: "".join(c(obj, 0))
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not allowed")
-
-
-_quote: Callable[[str], str] = json.encoder.encode_basestring_ascii  # a JSON string literal
-_encode = _make_encoder()
-_decode_header = json.JSONDecoder(parse_constant=_reject_constant).decode
-_decode_body = _decode_header  # NaN/Infinity are refused in a body too
-_SIG = ec.ECDSA(hashes.SHA256())
-_KIND_BYTES = {k: k.encode() for k in UP_KINDS}
-_FIELDS = frozenset((*_HEADER, "ct"))
-_FIELDS_HS = _FIELDS | {"hs"}
-
-
-def _canon(obj: dict[str, Any]) -> bytes:
-    return _encode(obj).encode()
-
-
-def _text(payload: bytes) -> str:
-    """What ``json.loads`` does with bytes (UTF-8, -16 or -32), with the common case first."""
-    if isinstance(payload, str):
-        return payload
-    enc = "utf-8" if payload[:1] == b"{" and payload[1:2] not in (b"", b"\x00") else None
-    return payload.decode(enc or json.detect_encoding(payload), "surrogatepass")
-
-
 def _suite(name: str) -> hpke.Suite:
-    return hpke.Suite(_KEMS[name], hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+    return hpke.Suite(KEMS[name], hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
 
 
 def _binding(site: str, device: str, epoch: int, kid: str, suite: str) -> dict[str, Any]:
@@ -176,7 +119,7 @@ class _Parts(NamedTuple):
     def of(
         cls, site: str, device: str, epoch: int, kid: str, suite: str, ek: str, es: str
     ) -> _Parts:
-        q = _quote
+        q = quote
         return cls(
             f'"device":{q(device)},"ek":{q(ek)},"epoch":{int(epoch)},"es":{q(es)},'.encode(),
             f'"kid":{q(kid)},"kind":"'.encode(),
@@ -185,21 +128,21 @@ class _Parts(NamedTuple):
 
     def tail(self, kind: str, seq: int, time: bytes) -> bytes:
         """Everything after ``pre`` (and ``hs``): from "kid" to the closing brace."""
-        return b'%b%b","seq":%d%b%b,"v":2}' % (self.kid, _KIND_BYTES[kind], seq, self.site, time)
+        return b'%b%b","seq":%d%b%b,"v":2}' % (self.kid, KIND_BYTES[kind], seq, self.site, time)
 
 
 def _alert_json(alert: str | None) -> bytes:
-    return b"null" if alert is None else _quote(alert).encode()
+    return b"null" if alert is None else quote(alert).encode()
 
 
 def _time_json(t: Any) -> bytes:
     """``time`` exactly as the JSON encoder writes it; only what a receiver accepts."""
-    if type(t) is float and 0 <= t <= _MAX_TIME:  # the common case first
+    if type(t) is float and 0 <= t <= MAX_TIME:  # the common case first
         return float.__repr__(t).encode()
     if isinstance(t, float):
-        if 0 <= t <= _MAX_TIME:
+        if 0 <= t <= MAX_TIME:
             return float.__repr__(t).encode()
-    elif isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= _MAX_TIME:
+    elif isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= MAX_TIME:
         return int.__repr__(t).encode()
     raise EnvelopeError(f"time {t!r} must be a non-negative number of seconds")
 
@@ -241,8 +184,8 @@ class Sealer:
         r = self._recipient
         binding = _binding(self.site, self.device, int(epoch), r.kid, r.suite)
         key = AESGCM.generate_key(bit_length=256)
-        ek = base64.b64encode(_suite(r.suite).encrypt(key, r.public, info=_canon(binding)))
-        es = self._key.sign(_canon({**binding, "ek": ek.decode()}), _SIG)
+        ek = base64.b64encode(_suite(r.suite).encrypt(key, r.public, info=canonical(binding)))
+        es = self._key.sign(canonical({**binding, "ek": ek.decode()}), _SIG)
         self._set_epoch(int(epoch), key, ek.decode(), base64.b64encode(es).decode())
 
     def _set_epoch(self, epoch: int, key: bytes, ek: str, es: str) -> None:
@@ -263,17 +206,17 @@ class Sealer:
             raise EnvelopeError(f"this sealer is {self.site}/{self.device}, not {env.device}")
         seq = env.seq
         if (
-            env.kind not in _KIND_BYTES
+            env.kind not in KIND_BYTES
             or not isinstance(seq, int)
             or isinstance(seq, bool)
-            or not 0 < seq <= _MAX_SEQ
+            or not 0 < seq <= MAX_SEQ
         ):
             raise EnvelopeError(f"cannot seal kind {env.kind!r} seq {seq!r}")
-        if env.alert is not None and not _ALERT.match(env.alert):
+        if env.alert is not None and not ALERT.match(env.alert):
             raise EnvelopeError(f"alert {env.alert!r} must be 1-32 of [a-z0-9_-]")
         alert, when = _alert_json(env.alert), _time_json(env.time)
         try:
-            body = _canon(env.body)
+            body = canonical(env.body)
         except (TypeError, ValueError, RecursionError) as exc:
             raise EnvelopeError(f"{env.kind} body is not canonical JSON: {exc}") from exc
         with self._lock:
@@ -333,7 +276,7 @@ class Opener:
         self._lock = threading.Lock()
 
     def open(self, payload: bytes) -> Envelope:
-        data = _parse(payload)
+        data = parse_header(payload)
         kid = data["kid"]
         recipient = self._recipients.get(kid)
         if recipient is None and kid in self._relay_kids:
@@ -349,13 +292,13 @@ class Opener:
         tail = epoch.parts.tail(data["kind"], seq, _time_json(data["time"]))
         aad = b'{"alert":%b,%b%b' % (_alert_json(alert), epoch.parts.pre, tail)
         try:
-            plain = epoch.aead.decrypt(_nonce(seq), _unb64(data["ct"], "ct"), aad)
+            plain = epoch.aead.decrypt(_nonce(seq), unb64(data["ct"], "ct"), aad)
         except InvalidTag as exc:
             raise EnvelopeError(
                 "header or body fails authentication (tampered?)", Reason.AUTHENTICATION
             ) from exc
         try:
-            body = _decode_body(_text(plain))
+            body = decode_json(as_text(plain))
         except (ValueError, RecursionError) as exc:
             raise EnvelopeError(f"body is not JSON ({type(exc).__name__})") from exc
         check_body(data["kind"], body)  # before anything else touches it
@@ -376,9 +319,9 @@ class Opener:
                 "end-to-end message lacks the device's header signature (hs)", Reason.SIGNATURE
             )
         public = self._device_key(data["site"], data["device"])
-        hs = _unb64(data["hs"], "hs")
+        hs = unb64(data["hs"], "hs")
         try:
-            public.verify(hs, _relay_signed(data, _unb64(data["ct"], "ct")), _SIG)
+            public.verify(hs, _relay_signed(data, unb64(data["ct"], "ct")), _SIG)
         except InvalidSignature as exc:
             raise EnvelopeError(
                 f"header of {data['site']}/{data['device']} is not signed by that device",
@@ -412,7 +355,7 @@ class Opener:
             return hit
         binding = _binding(site, device, epoch, kid, data["suite"])
         try:
-            public.verify(_unb64(es, "es"), _canon({**binding, "ek": data["ek"]}), _SIG)
+            public.verify(unb64(es, "es"), canonical({**binding, "ek": data["ek"]}), _SIG)
         except InvalidSignature as exc:
             raise EnvelopeError(
                 f"epoch key of {site}/{device} is not signed by that device", Reason.SIGNATURE
@@ -420,7 +363,7 @@ class Opener:
         assert recipient.private is not None  # Opener keeps only keys with their private half
         try:
             key = _suite(recipient.suite).decrypt(
-                _unb64(data["ek"], "ek"), recipient.private, info=_canon(binding)
+                unb64(data["ek"], "ek"), recipient.private, info=canonical(binding)
             )
         except Exception as exc:  # the HPKE layer raises several types for a bad blob
             raise EnvelopeError(
@@ -457,92 +400,6 @@ def _relay_signed(data: dict[str, Any], ct: bytes) -> bytes:
 
 def _fingerprint(key: ec.EllipticCurvePublicKey) -> bytes:
     return key.public_bytes(Encoding.X962, PublicFormat.CompressedPoint)
-
-
-def _unb64(s: str, name: str) -> bytes:
-    try:
-        return binascii.a2b_base64(s, strict_mode=True)  # type: ignore[call-arg]  # 3.11+; one C call
-    except (ValueError, TypeError):
-        pass  # Python 3.10, or an odd form the non-strict check below still accepts
-    try:
-        return base64.b64decode(s, validate=True)
-    except (ValueError, TypeError) as exc:
-        raise EnvelopeError(f"field {name} is not base64") from exc
-
-
-_STRINGS = (  # every header string, its maximum length, checked by type before anything else
-    ("kind", 16),
-    ("site", 64),
-    ("device", 64),
-    ("kid", 64),
-    ("suite", 32),
-    ("ek", 4096),  # the ML-KEM-768+X25519 encapsulation is ~1.5 KB in base64
-    ("es", 256),  # a DER ECDSA P-256 signature is at most 72 bytes
-    ("ct", MAX_BYTES),
-)
-
-
-def _parse(payload: bytes) -> dict[str, Any]:
-    """Strict structural checks of the clear header; every failure is one EnvelopeError.
-    Every field's type is checked first, before any lookup, hash or pattern touches it."""
-    if len(payload) > MAX_BYTES:
-        raise EnvelopeError(f"message of {len(payload)} bytes exceeds {MAX_BYTES}", Reason.SIZE)
-    try:
-        data = _decode_header(_text(payload))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise EnvelopeError(f"not a JSON envelope ({type(exc).__name__})") from exc
-    if type(data) is not dict:
-        raise EnvelopeError("envelope must be a JSON object")
-    v = data.get("v")
-    if type(v) is not int or v != VERSION:  # 2.0 or true are not 2
-        raise EnvelopeError(f"envelope version {_show(v)} is not supported (want {VERSION})")
-    _check_fields(data)
-    return data
-
-
-def _check_fields(data: dict[str, Any]) -> None:
-    """The header's fields, each by type first: the set of names, strings, names, numbers."""
-    keys = data.keys()
-    if keys not in (_FIELDS, _FIELDS_HS):
-        missing = [k for k in (*_HEADER, "ct") if k not in data]
-        if missing:
-            raise EnvelopeError(f"envelope lacks {', '.join(missing)}")
-        unknown = sorted(set(data) - _FIELDS_HS)
-        raise EnvelopeError(f"envelope has unknown field(s) {_show(', '.join(unknown))}")
-    for k, limit in _STRINGS:
-        if type(data[k]) is not str or len(data[k]) > limit:
-            raise EnvelopeError(f"field {k} must be a string of at most {limit} characters")
-    if "hs" in data and (type(data["hs"]) is not str or len(data["hs"]) > 256):
-        raise EnvelopeError("field hs must be a string of at most 256 characters")
-    if data["kind"] not in _KIND_BYTES:
-        raise EnvelopeError(f"envelope kind {data['kind']!r} is not one a device sends")
-    alert = data["alert"]
-    if alert is not None and (type(alert) is not str or not _ALERT.match(alert)):
-        raise EnvelopeError(f"alert {_show(alert)} must be null or 1-32 of [a-z0-9_-]")
-    check_name("site", data["site"], Reason.MALFORMED)
-    check_name("device", data["device"], Reason.MALFORMED)
-    _check_numbers(data)
-
-
-def _check_numbers(data: dict[str, Any]) -> None:
-    for k in ("seq", "epoch"):
-        if type(data[k]) is not int or not 0 <= data[k] <= _MAX_SEQ or (k == "seq" and not data[k]):
-            raise EnvelopeError(
-                f"{k} {_show(data[k])} must be an integer in {int(k == 'seq')}..2^63-1"
-            )
-    t = data["time"]
-    if type(t) not in (int, float) or not 0 <= t <= _MAX_TIME:  # not NaN, inf, or 10**400
-        raise EnvelopeError(f"time {_show(t)} must be a non-negative number of seconds")
-    if data["suite"] not in _KEMS:
-        raise EnvelopeError(f"suite {data['suite']!r} is not supported")
-
-
-def _show(value: Any) -> str:
-    """A hostile value in an error message: its type and a short repr, never all of it."""
-    if isinstance(value, (dict, list)):
-        return f"<{type(value).__name__} of {len(value)}>"
-    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "<huge int>"
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def encode_ack(seqs: list[int]) -> bytes:

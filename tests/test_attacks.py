@@ -188,12 +188,12 @@ class Fog:
         )
         if raw is None:
             return self.mallory_sealer.seal(env)
-        canon = envelope_mod._canon
-        envelope_mod._canon = lambda obj: raw if obj is mark else canon(obj)  # type: ignore[assignment]
+        canon = envelope_mod.canonical
+        envelope_mod.canonical = lambda obj: raw if obj is mark else canon(obj)  # type: ignore[assignment]
         try:
             return self.mallory_sealer.seal(env)
         finally:
-            envelope_mod._canon = canon  # type: ignore[assignment]
+            envelope_mod.canonical = canon  # type: ignore[assignment]
 
     def counted(self, before: dict[str, float], n: int, timeout: float = 15) -> dict[str, float]:
         """Wait until ``n`` more rejections are counted; the increase by reason."""
