@@ -1,6 +1,7 @@
 """The ``medge`` command. Each command family builds its own parser in its own module
-(``cli_convert``, ``cli_agent``, ``cli_gateway``, ``cli_site``, ``cli_demo``); this one
-assembles them, in the order ``medge --help`` lists them, and turns errors into one line.
+(``cli_convert``, ``cli_agent``, ``cli_gateway``, ``cli_dashboard``, ``cli_site``,
+``cli_demo``); this one assembles them, in the order ``medge --help`` lists them, and turns
+errors into one line.
 
 Subcommands import their part of medge only when they run, so the device's ``medge agent``
 never imports the converter (or TensorFlow)."""
@@ -13,7 +14,15 @@ import os
 import sys
 
 from edge_agent.errors import MedgeError, one_line
-from medge import __version__, cli_agent, cli_convert, cli_demo, cli_gateway, cli_site
+from medge import (
+    __version__,
+    cli_agent,
+    cli_convert,
+    cli_dashboard,
+    cli_demo,
+    cli_gateway,
+    cli_site,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -46,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cli_convert.register(sub, _common)  # convert, evaluate
     cli_agent.register(sub, _common)  # agent run | check-config | package
-    cli_gateway.register(sub, _common)  # gateway run | broker-config, dashboard [add-user]
+    cli_gateway.register(sub, _common)  # gateway run | check-config | push-bundle | broker-config
+    cli_dashboard.register(sub, _common)  # dashboard [add-user]
     cli_site.register(sub, _common)  # site init | rotate-key | cloud-key, device provision | revoke
     cli_demo.register(sub, _common)  # demo
     return p

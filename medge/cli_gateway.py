@@ -1,4 +1,4 @@
-"""`medge gateway ...` and `medge dashboard ...`: the fog-node service and its web page.
+"""`medge gateway ...`: the fog-node service (medge/cli_dashboard.py: its web page).
 
 The gateway package is imported only when one of these commands runs."""
 
@@ -8,7 +8,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,21 +16,22 @@ from edge_agent.errors import MedgeError
 from medge.cli_site import register_broker_config
 
 __all__ = [
-    "cmd_dashboard",
-    "cmd_dashboard_add_user",
+    "CONFIG_HELP",
+    "DB_HELP",
     "cmd_gateway_check",
     "cmd_gateway_push_bundle",
     "cmd_gateway_run",
+    "config_overrides",
     "register",
 ]
 
 
-_DB_HELP = (
+DB_HELP = (
     "the store: a SQLite file (default gateway.sqlite; also sqlite:///FILE) or a PostgreSQL "
     "URL postgresql://USER[:PASSWORD]@HOST[:PORT]/DB shared by several gateway workers "
     "(docs/config.md, 'Gateway storage')"
 )
-_CONFIG_HELP = (
+CONFIG_HELP = (
     "gateway.yaml: the 'gateway:' and 'dashboard:' sections (docs/gateway-config.md); "
     "a flag given here overrides the file"
 )
@@ -60,22 +60,9 @@ _GATEWAY_FLAGS = {
     "metrics_port": "metrics.port",
     "metrics_host": "metrics.host",
 }
-_DASHBOARD_FLAGS = {
-    name: name
-    for name in (
-        "db",
-        "host",
-        "port",
-        "users",
-        "allow_anonymous",
-        "title",
-        "trusted_proxy",
-        "secure_cookies",
-    )
-}
 
 
-def _overrides(a: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]:
+def config_overrides(a: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]:
     """The flags given (their defaults are suppressed, so an absent flag leaves the file's
     value, or the config's default), as dotted keys of the config section."""
     given = {key: getattr(a, dest) for dest, key in flags.items() if hasattr(a, dest)}
@@ -90,7 +77,7 @@ def _overrides(a: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]:
 def _gateway_overrides(a: argparse.Namespace) -> dict[str, Any]:
     from gateway.config import parse_host_port
 
-    over = _overrides(a, _GATEWAY_FLAGS)
+    over = config_overrides(a, _GATEWAY_FLAGS)
     if hasattr(a, "broker"):
         try:
             over["broker.host"], over["broker.port"] = parse_host_port(a.broker)
@@ -170,33 +157,8 @@ def cmd_gateway_push_bundle(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_dashboard(a: argparse.Namespace) -> int:
-    from gateway.config import load_dashboard_config
-    from gateway.dashboard.server import run_config
-
-    run_config(load_dashboard_config(a.config, _overrides(a, _DASHBOARD_FLAGS)))
-    return 0
-
-
-def cmd_dashboard_add_user(a: argparse.Namespace) -> int:
-    import getpass
-
-    from gateway.dashboard import add_user
-
-    if a.password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-    else:
-        password = getpass.getpass(f"password for {a.name}: ")
-        if getpass.getpass("again: ") != password:
-            raise MedgeError("the passwords differ")
-    add_user(a.users, a.name, password)
-    print(f"{a.users}: user {a.name} added (mode 0600)")
-    return 0
-
-
 def register(sub: Any, common: Callable[..., None]) -> None:
-    """Add `gateway` (run, check-config, push-bundle, broker-config) and `dashboard`
-    (add-user) to the `medge` commands."""
+    """Add `gateway` (run, check-config, push-bundle, broker-config) to the `medge` commands."""
     g = sub.add_parser(
         "gateway",
         help="the fog-node service",
@@ -207,7 +169,6 @@ def register(sub: Any, common: Callable[..., None]) -> None:
     _register_check(gsub, common)
     _register_push_bundle(gsub, common)
     register_broker_config(gsub, common)
-    _register_dashboard(sub, common)
 
 
 def _register_run(gsub: Any, common: Callable[..., None]) -> None:
@@ -221,7 +182,7 @@ def _register_run(gsub: Any, common: Callable[..., None]) -> None:
         "forward. Settings come from --config gateway.yaml (section 'gateway:', "
         "docs/gateway-config.md); each flag given overrides the file's key.",
     )
-    gr.add_argument("--config", type=Path, default=None, metavar="FILE", help=_CONFIG_HELP)
+    gr.add_argument("--config", type=Path, default=None, metavar="FILE", help=CONFIG_HELP)
     gr.add_argument("--broker", help="HOST:PORT (default 127.0.0.1:1883) [broker.host/port]")
     gr.add_argument(
         "--protocol", choices=["5", "3.1.1"], help="MQTT version (default 5) [broker.protocol]"
@@ -232,7 +193,7 @@ def _register_run(gsub: Any, common: Callable[..., None]) -> None:
         help="site directory (from 'medge site init'): keys and registered devices; "
         "required unless the config names it [site_dir]",
     )
-    gr.add_argument("--db", metavar="FILE|URL", help=_DB_HELP + " [store.db]")
+    gr.add_argument("--db", metavar="FILE|URL", help=DB_HELP + " [store.db]")
     gr.add_argument(
         "--client-id",
         help="MQTT client id of this worker (default medge-gateway) [broker.client_id]",
@@ -451,59 +412,3 @@ def _register_push_bundle(gsub: Any, common: Callable[..., None]) -> None:
     )
     common(pb, json_flag=True)
     pb.set_defaults(func=cmd_gateway_push_bundle)
-
-
-def _register_dashboard(sub: Any, common: Callable[..., None]) -> None:
-    d = sub.add_parser(
-        "dashboard",
-        help="serve the live web dashboard of a gateway store",
-        description="Serve the alerts, the fleet and the live results of a gateway store to "
-        "signed-in users (docs/dashboard.md); 'medge dashboard add-user' creates them. "
-        "Settings come from --config gateway.yaml (section 'dashboard:'; its store is the "
-        "gateway section's unless it names db); each flag given overrides the file's key.",
-        argument_default=argparse.SUPPRESS,
-    )
-    d.add_argument("--config", type=Path, default=None, metavar="FILE", help=_CONFIG_HELP)
-    d.add_argument("--db", metavar="FILE|URL", help=_DB_HELP + " [db]")
-    d.add_argument("--host", help="address to listen on (default loopback) [host]")
-    d.add_argument("--port", type=int, help="port (default 8080) [port]")
-    d.add_argument(
-        "--users", type=Path, help="users file (from 'medge dashboard add-user') [users]"
-    )
-    d.add_argument(
-        "--allow-anonymous",
-        action="store_true",
-        help="serve without login (local tests only: the data is patient-derived) "
-        "[allow_anonymous]",
-    )
-    d.add_argument("--title", help="title shown on the page (default medge) [title]")
-    d.add_argument(
-        "--trusted-proxy",
-        action="append",
-        metavar="ADDRESS[/BITS]",
-        help="a reverse proxy whose X-Forwarded-For/-Proto are believed (repeatable; "
-        "from anyone else they are ignored) [trusted_proxy]",
-    )
-    d.add_argument(
-        "--secure-cookies",
-        action="store_true",
-        help="mark the session cookie Secure (the page is reached over TLS) [secure_cookies]",
-    )
-    common(d)
-    d.set_defaults(func=cmd_dashboard)
-    dsub = d.add_subparsers(dest="dashboard_command", metavar="ACTION")
-    du = dsub.add_parser(
-        "add-user",
-        help="add a dashboard user (or set a new password)",
-        description="Add a user to a users file (created mode 0600); the "
-        "password is stored as scrypt with a random salt.",
-    )
-    du.add_argument("name", help="user name: 1-64 of [A-Za-z0-9_.@-]")
-    du.add_argument("--users", type=Path, required=True, help="users file")
-    du.add_argument(
-        "--password-stdin",
-        action="store_true",
-        help="read the password from the first line of stdin instead of a prompt",
-    )
-    common(du)
-    du.set_defaults(func=cmd_dashboard_add_user)
