@@ -1,143 +1,57 @@
 """Recurrent models through the converter's LiteRT strategies (converter.strategies).
 
-Tiny models (LSTM, GRU, bidirectional LSTM, a TimeDistributed CNN + LSTM on clips) are trained
-here for 10 epochs in one child process, on synthetic but structured data (``_data``; no
-number here is about real patients): the subject is the conversion, not the data. Each
-conversion must give a bundle whose LiteRT artifact agrees with the float model on at least 95%
-of the held-out samples, and the report must say which strategy won and why the ones before it
-did not.
-
-    python tests/test_convert_recurrent.py DIR     # trains the models into DIR (what the
-                                                    # fixture runs)
+Tiny models (LSTM, GRU, bidirectional LSTM, a TimeDistributed CNN + LSTM on clips), trained for
+10 epochs on synthetic but structured data (no number here is about real patients) by
+tools/make_test_models.py and committed in tests/data/models/ (README.md there): the subject is
+the conversion, not the data. Each conversion must give a bundle whose LiteRT artifact agrees
+with the float model on at least 95% of the held-out samples, and the report must say which
+strategy won and why the ones before it did not.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
-import numpy as np
 import pytest
+from conftest import convert_cached
 
 from converter import ConversionError, ConvertRequest, convert
 from edge_agent.bundle import Bundle, Preprocess
 
 pytestmark = pytest.mark.slow
 
-LABELS = ["still", "walk", "fall"]
+MODELS = Path(__file__).parent / "data" / "models"
+# model -> its npz (splits calib and val): the three recurrent models share one IMU set; the
+# untrained bicubic CNN gets the clips' first frames
+DATA = {"lstm": "imu", "gru": "imu", "bilstm": "imu", "clip": "clip", "bicubic": "image"}
 
 
-def _data(kind: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Synthetic, structured samples with labels 0..2.
-
-    ``imu``: 32 steps of a 3-axis accelerometer at 20 Hz (units of g): still (gravity on a
-    random axis + noise), walking (plus a 1.5-2.5 Hz swing) or a fall (an impact spike, then
-    gravity on another axis). ``clip``: 4 frames of 16x16 grey images with a bright blob
-    that stays, grows or shrinks; ``image``: the first frame of a clip.
-    """
-    if kind == "image":
-        x, y = _data("clip", n, rng)
-        return x[:, 0], y
-    y = rng.integers(0, 3, n)
-    if kind == "imu":
-        t = np.arange(32) / 20.0
-        x = 0.05 * rng.normal(size=(n, 32, 3))
-        x[:, :, 2] += 1.0  # upright: gravity on z
-        for i, c in enumerate(y):
-            if c == 1:
-                f = rng.uniform(1.5, 2.5)
-                x[i] += 0.5 * np.sin(2 * np.pi * f * t + rng.uniform(0, 6, (3, 1))).T
-            elif c == 2:
-                hit = rng.integers(8, 20)
-                x[i, hit:, 2] -= 1.0  # lying: gravity on x
-                x[i, hit:, 0] += 1.0
-                x[i, hit : hit + 2] += rng.uniform(2.0, 3.0, 3)
-        return x.astype(np.float32), y
-    yy, xx = np.mgrid[:16, :16]
-    clips = np.zeros((n, 4, 16, 16), np.float32)
-    for i, c in enumerate(y):
-        cy, cx = rng.uniform(5, 11, 2)
-        r = rng.uniform(2.5, 4.0)
-        for f in range(4):
-            rf = r * (1, 1.35, 0.7)[c] ** f
-            clips[i, f] = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * rf**2))
-    clips += 0.05 * rng.normal(size=clips.shape)
-    return (255 * np.clip(clips, 0, 1)).astype(np.uint8)[..., None], y
-
-
-def _train(out: Path) -> None:
-    """Train the tiny models and write <name>.keras and <name>.npz (train/val splits)."""
-    import os
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import keras
-    from keras import layers
-
-    keras.utils.set_random_seed(0)
-    rng = np.random.default_rng(0)
-
-    def recurrent(name: str, core: layers.Layer) -> keras.Model:
-        inp = keras.Input((32, 3))
-        model = keras.Model(inp, layers.Dense(3, activation="softmax")(core(inp)), name=name)
-        return fit(model, "imu", name)
-
-    def fit(model: keras.Model, kind: str, name: str, epochs: int = 10) -> keras.Model:
-        x, y = _data(kind, 640, rng)
-        scale = 1.0 if kind == "imu" else 255.0
-        model.compile(keras.optimizers.Adam(0.01), "sparse_categorical_crossentropy")
-        if epochs:
-            model.fit(x[:480] / scale, y[:480], epochs=epochs, batch_size=32, verbose=0)
-        model.save(out / f"{name}.keras")
-        np.savez(
-            out / f"{name}.npz",
-            train_images=x[:480],
-            train_labels=y[:480],
-            val_images=x[480:],
-            val_labels=y[480:],
-            labels=np.array(LABELS),
-        )
-        return model
-
-    # The LSTM saved with a static batch of one (the trained layers on a batch-1 input): the
-    # full-int8 converter then segfaults calibrating its WHILE loop.
-    lstm = recurrent("lstm", layers.LSTM(8))
-    one = keras.Input(batch_shape=(1, 32, 3))
-    keras.Model(one, lstm.layers[-1](lstm.layers[-2](one))).save(out / "lstm.keras")
-    recurrent("gru", layers.GRU(8))
-    recurrent("bilstm", layers.Bidirectional(layers.LSTM(8)))
-    inp = keras.Input((4, 16, 16, 1))
-    h = layers.TimeDistributed(layers.Conv2D(4, 3, activation="relu"))(inp)
-    h = layers.TimeDistributed(layers.GlobalAveragePooling2D())(h)
-    clip = keras.Model(inp, layers.Dense(3, activation="softmax")(layers.LSTM(8)(h)))
-    fit(clip, "clip", "clip")
-    # A CNN whose bicubic resize has no LiteRT kernel at all: every strategy must fail (so it
-    # is left untrained).
-    inp = keras.Input((16, 16, 1))
-    h = layers.Resizing(8, 8, interpolation="bicubic")(inp)
-    h = layers.GlobalAveragePooling2D()(layers.Conv2D(4, 3)(h))
-    fit(keras.Model(inp, layers.Dense(3, activation="softmax")(h)), "image", "bicubic", 0)
-
-
-def _convert(models: Path, name: str, out: Path, **kw: object) -> dict:  # type: ignore[type-arg]
-    scale = Preprocess(kind="none" if name in ("lstm", "gru", "bilstm") else "scale01")
-    convert(
-        ConvertRequest(
-            model=models / f"{name}.keras",
-            calib=models / f"{name}.npz",
-            eval=models / f"{name}.npz",
-            calib_split="train",
-            eval_split="val",
-            out=out,
-            preprocess=scale,
-            positive_label="fall",
-            onnx=False,
-            **kw,  # type: ignore[arg-type]
-        )
+def _convert(models: Path, name: str, out: Path, cached: bool, **kw: object) -> dict:  # type: ignore[type-arg]
+    """Convert one model; ``cached``: through conftest's bundle cache (the tests that read only
+    the bundle), else convert() itself (a test of what it raises and leaves behind)."""
+    scale = Preprocess(kind="none" if DATA[name] == "imu" else "scale01")
+    request = ConvertRequest(
+        model=models / f"{name}.keras",
+        calib=models / f"{DATA[name]}.npz",
+        eval=models / f"{DATA[name]}.npz",
+        calib_split="calib",
+        eval_split="val",
+        out=out,
+        preprocess=scale,
+        positive_label="fall",
+        onnx=False,
+        **kw,  # type: ignore[arg-type]
     )
+    if cached:
+        convert_cached(request)
+    else:
+        convert(request)
     return json.loads((out / "report.json").read_text())
 
 
@@ -150,11 +64,11 @@ def _cli_convert(models: Path, name: str, out: Path) -> subprocess.CompletedProc
             "convert",
             str(models / f"{name}.keras"),
             "--calib",
-            str(models / f"{name}.npz"),
+            str(models / f"{DATA[name]}.npz"),
             "--calib-split",
-            "train",
+            "calib",
             "--eval",
-            str(models / f"{name}.npz"),
+            str(models / f"{DATA[name]}.npz"),
             "--eval-split",
             "val",
             "--no-onnx",
@@ -172,7 +86,8 @@ def _cli_convert(models: Path, name: str, out: Path) -> subprocess.CompletedProc
 
 # job -> (its test, model, strategies or "cli"): each conversion once, two at a time (each is
 # mostly one single-threaded converter child), the longest first, each in its own directory;
-# a test waits for its own conversion only.
+# a test waits for its own conversion only. The jobs whose tests read only the bundle go
+# through the bundle cache; "gru-legacy" checks what convert() raises and leaves behind.
 JOBS = {
     "bilstm": (
         "test_bidirectional_lstm_through_the_fused_legacy_lstm",
@@ -197,16 +112,10 @@ JOBS = {
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny models, trained in one child (one TensorFlow start)."""
+    """A copy of the committed tiny models and their data (tests/data/models)."""
     models = tmp_path_factory.mktemp("recurrent")
-    r = subprocess.run(
-        [sys.executable, __file__, str(models)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    for file in {*(f"{m}.keras" for m in DATA), *(f"{d}.npz" for d in DATA.values())}:
+        shutil.copyfile(MODELS / file, models / file)
     return models
 
 
@@ -226,7 +135,8 @@ def runs(
             if strategies == "cli":
                 return work, _cli_convert(models, name, work / key)
             try:
-                return work, _convert(models, name, work / key, strategies=strategies)
+                cached = key != "gru-legacy"
+                return work, _convert(models, name, work / key, cached, strategies=strategies)
             except ConversionError as exc:
                 return work, exc
 
@@ -340,7 +250,3 @@ def test_unsupported_op_is_one_clear_line(
     assert "Traceback" not in r.stderr
     assert not bundle.exists()
     assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".")], "no staging left"
-
-
-if __name__ == "__main__":
-    _train(Path(sys.argv[1]))

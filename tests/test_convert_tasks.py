@@ -1,17 +1,18 @@
 """Tasks beyond classification (manifest schema 1.2): a tiny U-Net (segmentation) and a tiny
-denoiser (image_to_image), trained for a few seconds at test time on SIMULATED images (bright
-blobs on noise), converted, evaluated with Dice/HD95 and PSNR/SSIM, and run by the agent."""
+denoiser (image_to_image), trained for a few seconds on SIMULATED images (bright blobs on noise)
+by tools/make_test_models.py and committed in tests/data/models/, converted, evaluated with
+Dice/HD95 and PSNR/SSIM, and run by the agent."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import convert_cached
 
 from converter import ConvertRequest, convert
 from converter.errors import ConversionError
@@ -20,63 +21,22 @@ from edge_agent.model import LoadedModel
 
 pytestmark = pytest.mark.slow
 
+MODELS = Path(__file__).parent / "data" / "models"
 SIZE = 32
 
 
-def blobs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Simulated images: 1-2 bright discs on Gaussian noise; (noisy uint8, mask, clean float)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:SIZE, :SIZE]
-    clean = np.zeros((n, SIZE, SIZE), np.float32)
-    for i in range(n):
-        for _ in range(rng.integers(1, 3)):
-            cy, cx = rng.uniform(6, SIZE - 6, 2)
-            r = rng.uniform(3, 6)
-            clean[i][(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = rng.uniform(0.6, 0.9)
-    noisy = np.clip(clean + rng.normal(0.15, 0.08, clean.shape), 0, 1)
-    return (noisy * 255).astype(np.uint8), clean > 0, clean
-
-
-TRAIN = r"""
-import os, sys
-os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-import numpy as np, keras
-from keras import layers
-data, out = np.load(sys.argv[1]), sys.argv[2]
-for task, name in (("segmentation", "unet"), ("image_to_image", "denoise")):
-    keras.utils.set_random_seed(0)
-    key = "train_masks" if task == "segmentation" else "train_targets"
-    x = data["train_images"][..., None].astype("float32") / 255.0
-    y = data[key][..., None].astype("float32")
-    inp = keras.Input((32, 32, 1), name="image")
-    a = layers.Conv2D(8, 3, padding="same", activation="relu")(inp)
-    b = layers.Conv2D(16, 3, padding="same", activation="relu")(layers.MaxPooling2D()(a))
-    u = layers.Concatenate()([a, layers.UpSampling2D()(b)])
-    c = layers.Conv2D(8, 3, padding="same", activation="relu")(u)
-    act = "sigmoid" if task == "segmentation" else "linear"
-    model = keras.Model(inp, layers.Conv2D(1, 1, activation=act, name="out")(c), name="tiny_unet")
-    loss = "binary_crossentropy" if task == "segmentation" else "mse"
-    model.compile(optimizer=keras.optimizers.Adam(0.01), loss=loss)
-    model.fit(x, y, epochs=8, batch_size=16, verbose=0)
-    model.save(os.path.join(out, f"{name}.keras"))
-"""
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the committed tiny models and their data (tests/data/models/README.md)."""
+    d = tmp_path_factory.mktemp("task-models")
+    for name in ("unet.keras", "denoise.keras", "blobs.npz"):
+        shutil.copyfile(MODELS / name, d / name)
+    return d
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("tasks")
-    tx, tm, tc = blobs(192, 1)
-    vx, vm, vc = blobs(48, 2)
-    np.savez(
-        d / "blobs.npz",
-        train_images=tx,
-        train_masks=tm,
-        train_targets=tc,
-        val_images=vx,
-        val_masks=vm,
-        val_targets=vc,
-    )
-    return d / "blobs.npz"
+def data(work: Path) -> Path:
+    return work / "blobs.npz"
 
 
 def _request(model: Path, data: Path, out: Path, task: str, **kw: object) -> ConvertRequest:
@@ -87,7 +47,7 @@ def _request(model: Path, data: Path, out: Path, task: str, **kw: object) -> Con
         out=out,
         task=task,
         preprocess=Preprocess(kind="scale01"),
-        calib_split="train",
+        calib_split="calib",
         eval_split="val",
         activation="sigmoid" if task == "segmentation" else "none",
         **kw,
@@ -95,19 +55,10 @@ def _request(model: Path, data: Path, out: Path, task: str, **kw: object) -> Con
 
 
 @pytest.fixture(scope="module")
-def bundles(data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    """Both tiny models trained in one child (one TensorFlow start), then converted two at a
-    time: task -> (bundle, its directory), or the error. LiteRT only (the tests here are not
-    about ONNX) and no float artifact beside int8 (the file list must not depend on timing)."""
-    work = tmp_path_factory.mktemp("task-models")
-    r = subprocess.run(
-        [sys.executable, "-c", TRAIN, str(data), str(work)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
+def bundles(data: Path, work: Path) -> dict[str, object]:
+    """Both tiny models converted two at a time (through the bundle cache): task -> (bundle,
+    its directory), or the error. LiteRT only (the tests here are not about ONNX) and no float
+    artifact beside int8 (the file list must not depend on timing)."""
     jobs = {
         "segmentation": ("unet", {"budget": {"dice": 0.05}}),
         "image_to_image": ("denoise", {}),
@@ -120,7 +71,7 @@ def bundles(data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, o
             req = _request(
                 work / f"{name}.keras", data, out, task, onnx=False, float_artifacts="none", **kw
             )
-            return convert(req), out
+            return Bundle.load(convert_cached(req)), out
         except ConversionError as exc:
             return exc
 
@@ -150,11 +101,10 @@ def test_segmentation_bundle_keeps_dice_and_runs_on_the_agent(
     assert report["budget"]["winner"] == "int8"
     assert m.metrics["litert-int8"]["dice"] == pytest.approx(q["dice"])
     # the agent decodes the bundle's output into a mask summary
-    _, masks, _ = blobs(48, 2)
     with np.load(data) as d:
-        sample = d["val_images"][0]
+        sample, mask = d["val_images"][0], d["val_masks"][0]
     seg = LoadedModel(Bundle.load(out)).predict(sample)
-    assert seg.area_px == pytest.approx(int(masks[0].sum()), rel=0.5)
+    assert seg.area_px == pytest.approx(int(mask.sum()), rel=0.5)
 
 
 def test_image_to_image_bundle_reports_psnr_and_ssim(
