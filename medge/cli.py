@@ -22,6 +22,7 @@ from medge import (
     cli_demo,
     cli_gateway,
     cli_site,
+    cli_zoo,
 )
 
 __all__ = ["build_parser", "main"]
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_gateway.register(sub, _common)  # gateway run | check-config | push-bundle | broker-config
     cli_dashboard.register(sub, _common)  # dashboard [add-user]
     cli_site.register(sub, _common)  # site init | rotate-key | cloud-key, device provision | revoke
+    cli_zoo.register(sub, _common)  # zoo list | train | build
     cli_demo.register(sub, _common)  # demo
     return p
 

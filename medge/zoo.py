@@ -1,16 +1,27 @@
-"""Build (and cache) the bundle of the zoo's reference model for the demo."""
+"""The model zoo from the command line: list, train and build its models (``medge zoo``).
+
+Bundles built here are cached by the content of the weights, the data and the settings, so
+the demo converts each model once (``$MEDGE_CACHE_DIR``, default ``~/.cache/medge``)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from edge_agent.bundle import Bundle, Preprocess
+from edge_agent.bundle import Bundle
 from edge_agent.errors import MedgeError
 
-__all__ = ["breast_cnn_bundle", "cache_dir"]
+if TYPE_CHECKING:
+    from models.spec import ZooModel
+
+__all__ = ["breast_cnn_bundle", "build", "cache_dir", "describe", "find", "train"]
 
 log = logging.getLogger("medge.zoo")
 
@@ -21,37 +32,99 @@ def cache_dir() -> Path:
     return root / "medge" if not os.environ.get("MEDGE_CACHE_DIR") else root
 
 
-def breast_cnn_bundle() -> Bundle:
-    """The BreastMNIST CNN as a full-int8 LiteRT bundle, converted once and then reused."""
+def find(name: str) -> ZooModel:
+    """The zoo entry ``name`` (``breast_cnn`` or ``breast-cnn``); MedgeError lists the zoo."""
+    try:
+        import models
+    except ImportError as exc:  # pragma: no cover - models/ ships with medge
+        raise MedgeError(f"the model zoo is not installed ({exc})") from exc
+    try:
+        return models.spec(name.replace("-", "_"))
+    except KeyError as exc:
+        raise MedgeError(str(exc.args[0])) from exc
+
+
+def describe(spec: ZooModel) -> dict[str, Any]:
+    """One zoo entry as JSON for ``medge zoo list --json``."""
+    return {
+        "name": spec.name,
+        "family": spec.family,
+        "task": spec.task,
+        "summary": spec.summary,
+        "data": spec.data.name,
+        "data_kind": spec.data_kind,
+        "split": spec.split,
+        "weights": spec.weights.name,
+        "weights_bytes": spec.weights.stat().st_size if spec.weights.is_file() else None,
+        "budget": spec.convert.get("budget", {}),
+        "anchor": spec.anchor,
+        "stream": spec.stream,
+        "train": f"python -m {spec.module}",
+    }
+
+
+def _missing(spec: ZooModel) -> None:
+    for what, path in (("weights", spec.weights), ("data", spec.data)):
+        if not path.is_file():
+            raise MedgeError(
+                f"zoo model {spec.name}: its {what} {path} is missing"
+                + (f" (python -m {spec.module} makes it)" if what == "weights" else "")
+            )
+
+
+def _key(spec: ZooModel, profile: str) -> str:
+    h = hashlib.sha256()
+    for path in (spec.weights, spec.data):
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    h.update(json.dumps([spec.convert, profile], sort_keys=True, default=str).encode())
+    return h.hexdigest()[:12]
+
+
+def build(name: str, profile: str = "x86", out: Path | None = None, force: bool = False) -> Bundle:
+    """Convert zoo model ``name`` for ``profile``. Without ``out`` the bundle is cached by the
+    content of its inputs and reused; with ``out`` it is written there."""
+    spec = find(name)
+    _missing(spec)
     try:
         from converter import ConvertRequest, convert
-        from models import breast_cnn
     except ImportError as exc:
         raise MedgeError(
-            "building the demo bundle needs the converter: pip install 'medge[convert]' "
-            "(or pass --bundle DIR)"
+            "building a zoo bundle needs the converter: pip install 'medge[convert]'"
         ) from exc
-    key = hashlib.sha256(breast_cnn.WEIGHTS.read_bytes()).hexdigest()[:12]
-    out = cache_dir() / "bundles" / f"breast-cnn-{key}"
-    try:
-        return Bundle.load(out)
-    except MedgeError:
-        pass
-    log.info("converting the zoo's breast_cnn to full int8 (once; cached in %s)", out)
+    cached = out is None
+    target = out or cache_dir() / "bundles" / f"{spec.bundle_name}-{profile}-{_key(spec, profile)}"
+    if cached and not force:
+        try:
+            return Bundle.load(target)
+        except MedgeError:
+            pass
+    log.info("converting zoo model %s for %s (into %s)", spec.name, profile, target)
+    fields: dict[str, Any] = {"float_artifacts": "none", **spec.convert}
     return convert(
         ConvertRequest(
-            model=breast_cnn.WEIGHTS,
-            calib=breast_cnn.DATA,
-            eval=breast_cnn.DATA,
-            out=out,
-            profile="x86",
-            preprocess=Preprocess(kind="scale01"),
-            labels=breast_cnn.CLASS_NAMES,
-            positive_label=breast_cnn.POSITIVE,
-            calib_split="train",
-            eval_split="val",
-            name="breast-cnn",
-            force=True,
-            float_artifacts="none",  # the int8 file only, on any machine
+            model=spec.weights,
+            calib=spec.data,
+            eval=spec.data,
+            out=target,
+            profile=profile,
+            name=spec.bundle_name,
+            task=spec.task,
+            force=force or cached,
+            **fields,
         )
     )
+
+
+def breast_cnn_bundle() -> Bundle:
+    """The demo's ultrasound model: the zoo's BreastMNIST CNN for x86, converted once."""
+    return build("breast_cnn")
+
+
+def train(name: str, args: list[str] | None = None) -> int:
+    """Retrain zoo model ``name`` in a child process (``python -m models.NAME``)."""
+    spec = find(name)
+    if shutil.which(sys.executable) is None:  # pragma: no cover
+        raise MedgeError(f"no Python interpreter at {sys.executable}")
+    cmd = [sys.executable, "-m", spec.module, *(args or [])]
+    log.info("training %s: %s", spec.name, " ".join(cmd))
+    return subprocess.run(cmd, check=False).returncode
