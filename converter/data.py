@@ -19,6 +19,7 @@ channels-first model).
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from converter.layout import keras_channels_first, resolve_layout
 from converter.model_check import check_model_file, input_shape, output_width
 from converter.scoring import class_scores, task_metrics
 from converter.stream_eval import StreamWindows, cut, event_scalars, load_recording, score_streams
-from edge_agent.bundle import Decode, Preprocess
+from edge_agent.bundle import Decode, EventRule, Preprocess
 from edge_agent.errors import BundleError, SourceError
 from edge_agent.events import EventTracker
 from edge_agent.preprocess import normalize, to_layout
@@ -285,6 +286,20 @@ def _classification(req: Any, decode: Decode) -> Data:
     xe, ye, names, _ = load_samples(req.eval, req.eval_split, "evaluation")
     if ye is None:
         raise ConversionError(f"{req.eval}: evaluation data needs labels (y or <split>_labels)")
+    labels = _class_labels(req, ye, names)
+    positive = labels.index(req.positive_label) if req.positive_label else None
+    if yc is not None and (int(yc.max()) >= len(labels) or int(yc.min()) < 0):
+        yc = None  # not class indices of these labels: class coverage is not checked
+    if req.events:
+        _check_events(req.events, labels)
+    streams = []
+    if req.streams and req.window is not None:
+        streams = _streams(req)
+    return Data("classification", xc, xe, ye, labels, positive, decode, yc, streams)
+
+
+def _class_labels(req: Any, ye: np.ndarray, names: list[str] | None) -> list[str]:
+    """The class names (given, from the data, or 0..max), checked against the labels."""
     labels = req.labels or names
     if not labels:
         labels = [str(i) for i in range(int(ye.max()) + 1)]
@@ -294,20 +309,23 @@ def _classification(req: Any, decode: Decode) -> Data:
         raise ConversionError(
             f"evaluation labels run 0..{int(ye.max())} but {len(labels)} class names were given"
         )
-    positive = labels.index(req.positive_label) if req.positive_label else None
-    if yc is not None and (int(yc.max()) >= len(labels) or int(yc.min()) < 0):
-        yc = None  # not class indices of these labels: class coverage is not checked
-    streams = []
-    if req.events:
-        try:
-            EventTracker(req.events, labels)  # the agent's own checks: names and labels
-        except BundleError as exc:
-            raise ConversionError(f"{exc} (labels: {', '.join(labels)})") from None
-        rule_names = [r.name for r in req.events]
-        if len(set(rule_names)) != len(rule_names):
-            raise ConversionError("two --event rules share a name")
-    if req.streams and req.window is not None:
-        streams = [cut(load_recording(p, req.events), req.window) for p in req.streams]
-        for p, s in zip(req.streams, streams, strict=True):
-            require_finite(s.x, Path(p), None, "recording windows")
-    return Data("classification", xc, xe, ye, labels, positive, decode, yc, streams)
+    return labels
+
+
+def _check_events(rules: Sequence[EventRule], labels: list[str]) -> None:
+    """The --event rules pass the agent's own checks and have distinct names."""
+    try:
+        EventTracker(rules, labels)  # the agent's own checks: names and labels
+    except BundleError as exc:
+        raise ConversionError(f"{exc} (labels: {', '.join(labels)})") from None
+    rule_names = [r.name for r in rules]
+    if len(set(rule_names)) != len(rule_names):
+        raise ConversionError("two --event rules share a name")
+
+
+def _streams(req: Any) -> list[StreamWindows]:
+    """The windows of each recorded stream, every sample finite."""
+    streams = [cut(load_recording(p, req.events), req.window) for p in req.streams]
+    for p, s in zip(req.streams, streams, strict=True):
+        require_finite(s.x, Path(p), None, "recording windows")
+    return streams

@@ -92,27 +92,42 @@ def resolve_layout(
                 f"--layout nchw is for image inputs [N, C, H, W]; {name}'s input is {list(shape)}"
             )
         return RANK_LAYOUTS.get(len(shape))
-    if declared is not None:
-        layout = declared.upper()
-    elif fmt in ("keras", "h5"):
-        layout = "NCHW" if channels_first else "NHWC"
-    elif shape is None:  # a SavedModel: TensorFlow's convention
-        layout = "NHWC"
-    else:
-        layout = _from_shape(name, list(shape), samples)
-    if shape is not None and layout == "NCHW":
-        for s in samples:
-            _check_hwc(name, s, list(shape))
-    elif shape is not None:
-        for s in samples:
-            _check_as_is(name, s, list(shape))
-    elif layout == "NCHW":
-        for s in samples:
-            if len(s) not in (2, 3):
-                raise ConversionError(
-                    f"{name} is channels-first: samples must be images (H, W, C) or (H, W), got {s}"
-                )
+    layout = _image_layout(name, fmt, shape, declared, samples, channels_first)
+    _check_samples(name, layout, shape, samples)
     return layout
+
+
+def _image_layout(
+    name: str,
+    fmt: str,
+    shape: Sequence[int] | None,
+    declared: str | None,
+    samples: Sequence[tuple[int, ...]],
+    channels_first: bool,
+) -> str:
+    """NCHW or NHWC of an image input: declared, from a Keras config, or from the shape."""
+    if declared is not None:
+        return declared.upper()
+    if fmt in ("keras", "h5"):
+        return "NCHW" if channels_first else "NHWC"
+    if shape is None:  # a SavedModel: TensorFlow's convention
+        return "NHWC"
+    return _from_shape(name, list(shape), samples)
+
+
+def _check_samples(
+    name: str, layout: str, shape: Sequence[int] | None, samples: Sequence[tuple[int, ...]]
+) -> None:
+    """Every sample fits an image input of this layout (and of this shape, when known)."""
+    for s in samples:
+        if shape is not None and layout == "NCHW":
+            _check_hwc(name, s, list(shape))
+        elif shape is not None:
+            _check_as_is(name, s, list(shape))
+        elif layout == "NCHW" and len(s) not in (2, 3):
+            raise ConversionError(
+                f"{name} is channels-first: samples must be images (H, W, C) or (H, W), got {s}"
+            )
 
 
 def _looks(shape: list[int], channel: int, sides: tuple[int, int]) -> bool:

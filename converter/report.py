@@ -107,6 +107,23 @@ def _attempt_detail(a: dict[str, Any]) -> str:
 
 
 def write_markdown(path: Path, report: dict[str, Any]) -> None:
+    """The report as Markdown: the summary, then a section for each part the report has."""
+    lines = [
+        *_summary_md(report),
+        *_vs_float(report),
+        *_confusion_md(report),
+        *_events_md(report.get("events") or {}),
+        *_per_layer_md(report.get("per_layer_error") or []),
+        *_size_md(report),
+        *_strategies(report.get("litert") or {}),
+        *_onnx_md(report.get("onnx") or {}),
+        *_warnings_md(report.get("warnings")),
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _summary_md(report: dict[str, Any]) -> list[str]:
+    """The title, what was evaluated, the metric table with intervals, and the agreement."""
     variants = _variants(report)
     ev = report["eval"]
     lines = [
@@ -126,10 +143,13 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
             cells = " | ".join(f"{c[0]:.3f}–{c[1]:.3f}" if c else "" for c in cis)
             lines.append(f"| *95% CI* | {cells} | |")
     agree = ", ".join(f"{k} {v:.4f}" for k, v in (report.get("agreement") or {}).items())
-    lines += ["", f"Agreement with float: {agree}" if agree else _wrapped(report), ""]
-    lines += _vs_float(report)
+    return [*lines, "", f"Agreement with float: {agree}" if agree else _wrapped(report), ""]
+
+
+def _confusion_md(report: dict[str, Any]) -> list[str]:
     labels = report.get("labels") or []
-    for v in variants:
+    lines: list[str] = []
+    for v in _variants(report):
         cm = (report.get(v) or {}).get("confusion")
         if not cm:
             continue
@@ -142,24 +162,34 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
         for name, row in zip(labels, cm, strict=True):
             lines.append(f"| {name} | " + " | ".join(str(c) for c in row) + " |")
         lines.append("")
-    events = report.get("events") or {}
-    if events:
-        lines += ["## Event detection over recorded streams", "", _events_about(events), ""]
-        lines += ["| variant | event | " + " | ".join(_EVENT_KEYS) + " |"]
-        lines.append("|---|---|" + "---|" * len(_EVENT_KEYS))
-        for v, rule, em in _event_rows(events):
-            cells = " | ".join(_with_ci(em, k) for k in _EVENT_KEYS)
-            lines.append(f"| {v} | {rule} | {cells} |")
-        lines.append("")
-    layers = report.get("per_layer_error") or []
-    if layers:
-        lines += ["## Per-layer error of the int8 model (SNR against float, worst first)", ""]
-        lines += ["| layer | op | SNR dB | kept float |", "|---|---|---|---|"]
-        for r in sorted(layers, key=_snr_key):
-            kept = "yes" if r.get("kept_float") else "no"
-            lines.append(f"| {r['layer']} | {r.get('op', '')} | {_fmt(r.get('snr_db'))} | {kept} |")
-        lines.append("")
-    lines += [
+    return lines
+
+
+def _events_md(events: dict[str, Any]) -> list[str]:
+    if not events:
+        return []
+    lines = ["## Event detection over recorded streams", "", _events_about(events), ""]
+    lines += ["| variant | event | " + " | ".join(_EVENT_KEYS) + " |"]
+    lines.append("|---|---|" + "---|" * len(_EVENT_KEYS))
+    for v, rule, em in _event_rows(events):
+        cells = " | ".join(_with_ci(em, k) for k in _EVENT_KEYS)
+        lines.append(f"| {v} | {rule} | {cells} |")
+    return [*lines, ""]
+
+
+def _per_layer_md(layers: list[dict[str, Any]]) -> list[str]:
+    if not layers:
+        return []
+    lines = ["## Per-layer error of the int8 model (SNR against float, worst first)", ""]
+    lines += ["| layer | op | SNR dB | kept float |", "|---|---|---|---|"]
+    for r in sorted(layers, key=_snr_key):
+        kept = "yes" if r.get("kept_float") else "no"
+        lines.append(f"| {r['layer']} | {r.get('op', '')} | {_fmt(r.get('snr_db'))} | {kept} |")
+    return [*lines, ""]
+
+
+def _size_md(report: dict[str, Any]) -> list[str]:
+    lines = [
         "## Size and latency",
         "",
         "| artifact | bytes | p50 ms | p99 ms |",
@@ -168,15 +198,20 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
     for k, b in report["size_bytes"].items():
         lat = report["latency_ms"].get(k, {})
         lines.append(f"| {k} | {b} | {_fmt(lat.get('p50'))} | {_fmt(lat.get('p99'))} |")
-    lines += _strategies(report.get("litert") or {})
-    onnx = report.get("onnx") or {}
+    return lines
+
+
+def _onnx_md(onnx: dict[str, Any]) -> list[str]:
+    lines = []
     if "route" in onnx:
         lines += ["", f"ONNX export: {onnx['route']}, opset {onnx['opset']}."]
     if "scheme" in onnx:
         lines.append(f"ONNX int8: {onnx['scheme']}.")
-    if report.get("warnings"):
-        lines += ["", "## Warnings", ""] + [f"- {w}" for w in report["warnings"]]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return lines
+
+
+def _warnings_md(warnings: list[str] | None) -> list[str]:
+    return ["", "## Warnings", "", *[f"- {w}" for w in warnings]] if warnings else []
 
 
 def _vs_float(report: dict[str, Any]) -> list[str]:

@@ -172,17 +172,7 @@ def convert_litert(
         job_file.write_text(json.dumps({**job, "strategies": remaining, "progress": str(progress)}))
         t0 = time.monotonic()
         rc, stderr = spawn(LITERT_CHILD, (), job_file, timeout_s)
-        running = None
-        for rec in _read_progress(progress):
-            a = attempts[rec["strategy"]]
-            if rec["event"] == "start":
-                a.outcome, running = "started", a
-                continue
-            running = None
-            a.outcome = rec["event"]
-            for k in ("reason", "bytes", "seconds", "agreement", "ops"):
-                if k in rec:
-                    setattr(a, k, rec[k])
+        running = _read_attempts(progress, attempts)
         if rc == 0:
             won = next(a for a in attempts.values() if a.outcome == "won")
             return LitertOutcome(strategy(won.strategy), list(attempts.values()))
@@ -191,41 +181,74 @@ def convert_litert(
         if running is None and rc == EXIT_NONE_WORKED:
             break
         if running is None:  # died before any strategy started: loading the model, the data
-            if rc is None:
-                raise ConversionError(f"LiteRT conversion timed out after {timeout_s:.0f} s")
-            if rc < 0:
-                sig = signal.Signals(-rc).name
-                raise ConversionError(f"LiteRT conversion crashed the converter process ({sig})")
-            raise ConversionError(last_line(stderr) or f"LiteRT conversion failed ({rc})")
-        if rc is None:
-            reason = f"timed out after {timeout_s:.0f} s"
-        elif rc < 0:
-            reason = f"crashed the converter process ({signal.Signals(-rc).name})"
-        else:
-            reason = first_error_line(last_line(stderr)) or f"exit status {rc}"
-        seconds = round(time.monotonic() - t0, 1)
-        record = {
-            "strategy": running.strategy,
-            "event": "crashed",
-            "reason": reason,
-            "seconds": seconds,
-        }
-        with progress.open("a", encoding="utf-8") as f:  # read back with the child's lines
-            f.write(json.dumps(record) + "\n")
-        running.outcome, running.reason, running.seconds = "crashed", reason, seconds
+            raise _child_failed(rc, stderr, timeout_s)
+        reason = _crash_reason(rc, stderr, timeout_s)
+        _record_crash(progress, running, reason, round(time.monotonic() - t0, 1))
         remaining = remaining[remaining.index(running.strategy) + 1 :]
+    raise _none_worked(list(attempts.values()))
+
+
+def _read_attempts(progress: Path, attempts: dict[str, Attempt]) -> Attempt | None:
+    """Update ``attempts`` from the child's progress lines; the attempt it was still running
+    when it ended, if any."""
+    running = None
+    for rec in _read_progress(progress):
+        a = attempts[rec["strategy"]]
+        if rec["event"] == "start":
+            a.outcome, running = "started", a
+            continue
+        running = None
+        a.outcome = rec["event"]
+        for k in ("reason", "bytes", "seconds", "agreement", "ops"):
+            if k in rec:
+                setattr(a, k, rec[k])
+    return running
+
+
+def _child_failed(rc: int | None, stderr: str, timeout_s: float) -> ConversionError:
+    """The error for a child that ended before it started any strategy."""
+    if rc is None:
+        return ConversionError(f"LiteRT conversion timed out after {timeout_s:.0f} s")
+    if rc < 0:
+        sig = signal.Signals(-rc).name
+        return ConversionError(f"LiteRT conversion crashed the converter process ({sig})")
+    return ConversionError(last_line(stderr) or f"LiteRT conversion failed ({rc})")
+
+
+def _crash_reason(rc: int | None, stderr: str, timeout_s: float) -> str:
+    """Why the child ended in the middle of a strategy."""
+    if rc is None:
+        return f"timed out after {timeout_s:.0f} s"
+    if rc < 0:
+        return f"crashed the converter process ({signal.Signals(-rc).name})"
+    return first_error_line(last_line(stderr)) or f"exit status {rc}"
+
+
+def _record_crash(progress: Path, running: Attempt, reason: str, seconds: float) -> None:
+    """Mark the running attempt crashed, in memory and in the progress file."""
+    record = {
+        "strategy": running.strategy,
+        "event": "crashed",
+        "reason": reason,
+        "seconds": seconds,
+    }
+    with progress.open("a", encoding="utf-8") as f:  # read back with the child's lines
+        f.write(json.dumps(record) + "\n")
+    running.outcome, running.reason, running.seconds = "crashed", reason, seconds
+
+
+def _none_worked(attempts: list[Attempt]) -> ConversionError:
+    """The one-line error listing every strategy's outcome, naming unsupported ops first."""
     reasons = "; ".join(
         f"{a.strategy}: {a.reason}"  # "crashed the converter process (SIGSEGV)"
         if a.outcome == "crashed"
         else f"{a.strategy}: {a.outcome}" + (f" ({a.reason})" if a.reason else "")
-        for a in attempts.values()
+        for a in attempts
     )
-    ops = sorted(
-        {m.group(1) for a in attempts.values() for m in _UNSUPPORTED.finditer(a.reason or "")}
-    )
+    ops = sorted({m.group(1) for a in attempts for m in _UNSUPPORTED.finditer(a.reason or "")})
     if ops:
-        raise ConversionError(
+        return ConversionError(
             f"unsupported op {', '.join(ops)}: LiteRT has no builtin kernel for it "
             f"(every strategy failed — {reasons})"
         )
-    raise ConversionError(f"no LiteRT conversion strategy worked — {reasons}")
+    return ConversionError(f"no LiteRT conversion strategy worked — {reasons}")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.lib.npyio import NpzFile
 
 from converter.errors import ConversionError
 from converter.metrics import event_metrics, wilson_ci
@@ -97,37 +98,51 @@ def load_recording(path: Path, rules: Sequence[EventRule]) -> Recording:
     except (OSError, ValueError) as exc:
         raise ConversionError(f"{path}: not a readable npz recording ({exc})") from None
     with d:
-        if "signal" not in d:
-            raise ConversionError(f"{path}: a recording needs 'signal' (T,) or (T, C)")
-        signal = np.asarray(d["signal"])
-        rate_key = "rate_hz" if "rate_hz" in d else "fs" if "fs" in d else None
-        if rate_key is None:
-            raise ConversionError(f"{path}: a recording needs its sampling rate ('rate_hz')")
-        rate = float(d[rate_key])
-        if not rate > 0:
-            raise ConversionError(f"{path}: '{rate_key}' must be > 0, got {rate}")
-        if signal.ndim not in (1, 2) or len(signal) == 0:
-            raise ConversionError(f"{path}: 'signal' must be (T,) or (T, C), got {signal.shape}")
-        events: dict[str, list[tuple[float, float]]] = {}
-        if "events" in d:
-            events["*"] = _events(d["events"], path, "events")
-        names = {r.name for r in rules}
-        for key in d.files:
-            if key.startswith("events_"):
-                name = key[len("events_") :]
-                if name not in names:
-                    raise ConversionError(
-                        f"{path}: '{key}' names no event rule (rules: {', '.join(sorted(names))})"
-                    )
-                events[name] = _events(d[key], path, key)
-        missing = [r.name for r in rules if r.name not in events and "*" not in events]
-        if missing:
-            raise ConversionError(
-                f"{path}: no annotated events for rule '{missing[0]}' "
-                f"('events' or 'events_{missing[0]}', (N, 2) seconds; empty when there are none)"
-            )
+        signal, rate = _signal(d, path)
+        events = _annotations(d, path, rules)
         peaks = np.asarray(d["r_peaks"], dtype=np.int64) if "r_peaks" in d else None
     return Recording(path.name, signal, rate, events, peaks)
+
+
+def _signal(d: NpzFile, path: Path) -> tuple[np.ndarray, float]:
+    """The recording's samples and sampling rate, checked."""
+    if "signal" not in d:
+        raise ConversionError(f"{path}: a recording needs 'signal' (T,) or (T, C)")
+    signal = np.asarray(d["signal"])
+    rate_key = "rate_hz" if "rate_hz" in d else "fs" if "fs" in d else None
+    if rate_key is None:
+        raise ConversionError(f"{path}: a recording needs its sampling rate ('rate_hz')")
+    rate = float(d[rate_key])
+    if not rate > 0:
+        raise ConversionError(f"{path}: '{rate_key}' must be > 0, got {rate}")
+    if signal.ndim not in (1, 2) or len(signal) == 0:
+        raise ConversionError(f"{path}: 'signal' must be (T,) or (T, C), got {signal.shape}")
+    return signal, rate
+
+
+def _annotations(
+    d: NpzFile, path: Path, rules: Sequence[EventRule]
+) -> dict[str, list[tuple[float, float]]]:
+    """The annotated events by rule name (``"*"``: every rule); each rule must have some."""
+    events: dict[str, list[tuple[float, float]]] = {}
+    if "events" in d:
+        events["*"] = _events(d["events"], path, "events")
+    names = {r.name for r in rules}
+    for key in d.files:
+        if key.startswith("events_"):
+            name = key[len("events_") :]
+            if name not in names:
+                raise ConversionError(
+                    f"{path}: '{key}' names no event rule (rules: {', '.join(sorted(names))})"
+                )
+            events[name] = _events(d[key], path, key)
+    missing = [r.name for r in rules if r.name not in events and "*" not in events]
+    if missing:
+        raise ConversionError(
+            f"{path}: no annotated events for rule '{missing[0]}' "
+            f"('events' or 'events_{missing[0]}', (N, 2) seconds; empty when there are none)"
+        )
+    return events
 
 
 def cut(rec: Recording, window: WindowSpec) -> StreamWindows:

@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -39,7 +39,7 @@ class _Skip(Exception):
     """The strategy does not apply to this model."""
 
 
-def _fail(msg: str) -> None:
+def _fail(msg: str) -> NoReturn:
     print(msg, file=sys.stderr)
     sys.exit(EXIT_INPUT)
 
@@ -53,31 +53,46 @@ def _log(progress: str | None, **record: Any) -> None:
 
 
 def _keras_model(model: Any, s: Strategy, float_probs: np.ndarray, evalx: np.ndarray) -> Any:
+    """The model as strategy ``s`` converts it; _Skip when the strategy does not apply."""
     from converter.child.models import SavedModelSource
-    from converter.child.rebuild import RebuildError, legacy_lstm, recurrent_layers, static_batch
+    from converter.child.rebuild import RebuildError
 
     if isinstance(model, SavedModelSource):
         if s.rebuild in ("none", "batch1"):
             return model
         raise _Skip("not applicable: a SavedModel is converted as it is")
-    recurrent = recurrent_layers(model)
     try:
-        if s.rebuild == "none":
-            return model
-        if s.rebuild == "batch1":
-            return static_batch(model, unroll=False)
-        if s.rebuild == "unroll-if-recurrent":
-            return static_batch(model, unroll=bool(recurrent))
-        if not recurrent:
-            raise _Skip("not applicable: the model has no recurrent layers")
-        if s.rebuild == "unroll":
-            return static_batch(model, unroll=True)
-        other = sorted(set(recurrent) - {"LSTM"})
-        if other:
-            raise _Skip(f"not applicable: {', '.join(other)} has no fused int8 LiteRT op")
-        legacy = legacy_lstm(model)
+        return _rebuild(model, s, float_probs, evalx)
     except RebuildError as exc:
         raise _Skip(f"not applicable: {exc}") from exc
+
+
+def _rebuild(model: Any, s: Strategy, float_probs: np.ndarray, evalx: np.ndarray) -> Any:
+    """A Keras model rebuilt as ``s.rebuild`` says: as it is, batch of one (unrolled), or in
+    tf_keras with fused LSTMs (checked against the float predictions)."""
+    from converter.child.rebuild import legacy_lstm, recurrent_layers, static_batch
+
+    recurrent = recurrent_layers(model)
+    if s.rebuild == "none":
+        return model
+    if s.rebuild == "batch1":
+        return static_batch(model, unroll=False)
+    if s.rebuild == "unroll-if-recurrent":
+        return static_batch(model, unroll=bool(recurrent))
+    if not recurrent:
+        raise _Skip("not applicable: the model has no recurrent layers")
+    if s.rebuild == "unroll":
+        return static_batch(model, unroll=True)
+    other = sorted(set(recurrent) - {"LSTM"})
+    if other:
+        raise _Skip(f"not applicable: {', '.join(other)} has no fused int8 LiteRT op")
+    legacy = legacy_lstm(model)
+    _check_reproduces(legacy, float_probs, evalx)
+    return legacy
+
+
+def _check_reproduces(legacy: Any, float_probs: np.ndarray, evalx: np.ndarray) -> None:
+    """The tf_keras rebuild predicts what the model does on a few evaluation samples."""
     n = min(8, len(evalx))
     got = np.asarray(legacy.predict(evalx[:n], batch_size=1, verbose=0))
     got = got[0] if got.ndim == float_probs.ndim + 1 else got
@@ -86,7 +101,6 @@ def _keras_model(model: Any, s: Strategy, float_probs: np.ndarray, evalx: np.nda
         raise RuntimeError(
             f"the tf_keras rebuild does not reproduce the model (max |diff| {err:.3g})"
         )
-    return legacy
 
 
 def _order_outputs(flat: bytes, names: dict[int, str]) -> bytes:
@@ -152,29 +166,55 @@ def _load(job: dict[str, Any]) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray,
         _fail(f"cannot load {what} model {Path(job['model']).name}: {type(exc).__name__}: {exc}")
     cam_names: dict[int, str] = {}
     if job.get("cam") is not None:
-        from converter.child.rebuild import RebuildError, cam_model
-
-        if fmt == "savedmodel":
-            _fail("--cam needs a Keras model (.keras or .h5), not a SavedModel")
-        try:
-            model, head = cam_model(model, job["cam"].get("layer"))
-        except RebuildError as exc:
-            _fail(str(exc))
+        model = _with_cam(model, fmt, job)
         cam_names = {1: "cam"}
-        if job.get("cam_model_out") and not Path(job["cam_model_out"]).exists():
-            model.save(job["cam_model_out"])
-        info = {"layer": head.layer, "size": list(head.size)}
-        if job.get("cam_info_out"):
-            Path(job["cam_info_out"]).write_text(json.dumps(info))
     in_shape = tuple(int(d) for d in model.inputs[0].shape[1:])
-    calib = np.load(job["calib"])
-    evalx = np.load(job["eval"])
-    for name, arr in (("calibration", calib), ("evaluation", evalx)):
-        if int(np.prod(arr.shape[1:])) != int(np.prod(in_shape)):
-            _fail(f"{name} samples of shape {arr.shape[1:]} do not fit model input {in_shape}")
-    calib = calib.reshape((-1, *in_shape)).astype(np.float32)
-    evalx = evalx.reshape((-1, *in_shape)).astype(np.float32)
-    n_out = int(model.outputs[0].shape[-1])
+    calib, evalx = np.load(job["calib"]), np.load(job["eval"])
+    _check_fits(calib, in_shape, "calibration samples")
+    _check_fits(evalx, in_shape, "evaluation samples")
+    calib, evalx = _as_input(calib, in_shape), _as_input(evalx, in_shape)
+    _check_labels(job, int(model.outputs[0].shape[-1]))
+    probs = _float_probs(model, evalx, Path(job["float_out"]))
+    stream = job.get("stream")  # windows cut from a recorded stream: float scores for events
+    if stream and not Path(stream["out"]).exists():
+        xs = np.load(stream["x"])
+        _check_fits(xs, in_shape, "stream windows")
+        out = model.predict(_as_input(xs, in_shape), batch_size=64, verbose=0)
+        np.save(stream["out"], _first_output(out))
+    return model, calib, evalx, probs, cam_names
+
+
+def _with_cam(model: Any, fmt: str, job: dict[str, Any]) -> Any:
+    """The model with its class activation map as a second output; the CAM model and where
+    the map comes from saved where the job asks."""
+    from converter.child.rebuild import RebuildError, cam_model
+
+    if fmt == "savedmodel":
+        _fail("--cam needs a Keras model (.keras or .h5), not a SavedModel")
+    try:
+        model, head = cam_model(model, job["cam"].get("layer"))
+    except RebuildError as exc:
+        _fail(str(exc))
+    if job.get("cam_model_out") and not Path(job["cam_model_out"]).exists():
+        model.save(job["cam_model_out"])
+    info = {"layer": head.layer, "size": list(head.size)}
+    if job.get("cam_info_out"):
+        Path(job["cam_info_out"]).write_text(json.dumps(info))
+    return model
+
+
+def _check_fits(arr: np.ndarray, in_shape: tuple[int, ...], what: str) -> None:
+    """Each sample holds as many values as the model input."""
+    if int(np.prod(arr.shape[1:])) != int(np.prod(in_shape)):
+        _fail(f"{what} of shape {arr.shape[1:]} do not fit model input {in_shape}")
+
+
+def _as_input(arr: np.ndarray, in_shape: tuple[int, ...]) -> np.ndarray:
+    return arr.reshape((-1, *in_shape)).astype(np.float32)
+
+
+def _check_labels(job: dict[str, Any], n_out: int) -> None:
+    """A classifier has one output per label (or one sigmoid for two labels)."""
     if (
         job.get("task", "classification") == "classification"
         and job.get("n_labels")
@@ -183,24 +223,19 @@ def _load(job: dict[str, Any]) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray,
     ):
         _fail(f"model has {n_out} outputs but {job['n_labels']} labels were given")
 
-    float_out = Path(job["float_out"])
+
+def _float_probs(model: Any, evalx: np.ndarray, float_out: Path) -> np.ndarray:
+    """The float model's first output on the evaluation samples, saved to ``float_out``."""
     if float_out.exists():  # a child before this one (that crashed) already computed them
-        probs = np.load(float_out)
-    else:
-        out = model.predict(evalx, batch_size=64, verbose=0)
-        probs = np.asarray(out[0] if isinstance(out, list | tuple) else out, dtype=np.float32)
-        np.save(float_out, probs)
-    stream = job.get("stream")  # windows cut from a recorded stream: float scores for events
-    if stream and not Path(stream["out"]).exists():
-        xs = np.load(stream["x"])
-        if int(np.prod(xs.shape[1:])) != int(np.prod(in_shape)):
-            _fail(f"stream windows of shape {xs.shape[1:]} do not fit model input {in_shape}")
-        out = model.predict(
-            xs.reshape((-1, *in_shape)).astype(np.float32), batch_size=64, verbose=0
-        )
-        out = out[0] if isinstance(out, list | tuple) else out
-        np.save(stream["out"], np.asarray(out, dtype=np.float32))
-    return model, calib, evalx, probs, cam_names
+        return np.load(float_out)
+    probs = _first_output(model.predict(evalx, batch_size=64, verbose=0))
+    np.save(float_out, probs)
+    return probs
+
+
+def _first_output(out: Any) -> np.ndarray:
+    """A model's first output as float32, from ``predict`` of one or several outputs."""
+    return np.asarray(out[0] if isinstance(out, list | tuple) else out, dtype=np.float32)
 
 
 def _extras(model: Any, cam_names: dict[int, str], extras: dict[str, str]) -> None:
@@ -323,46 +358,57 @@ def variant(job_path: str) -> None:
     """One rung of the --budget search (converter.budget): ``float-head`` (full int8 but the
     final softmax/sigmoid kept float), ``mixed`` (also the layers with the most quantization
     error kept float), ``int16x8``, ``fp16`` or ``fp32``."""
-    import tensorflow as tf
-
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     job = json.loads(Path(job_path).read_text())
     model, calib, _, _, cam_names = _load(job)
     kind = job["variant"]
     try:
         if kind in ("mixed", "float-head"):
-            layers = _per_layer(model, calib)
-            worst = []
-            if kind == "mixed":
-                worst = sorted(layers, key=lambda r: r["snr_db"])[: max(1, len(layers) // 5)]
-            for r in worst:
-                r["kept_float"], r["why"] = True, "among the worst fifth by SNR"
-            head = bool(layers) and layers[-1]["op"] in ("SOFTMAX", "LOGISTIC")
-            if kind == "float-head" and not head:
-                last = layers[-1]["op"] if layers else "nothing"
-                _fail(f"float-head: the model ends in {last}, not a softmax or sigmoid")
-            if head and layers[-1] not in worst:
-                # 256 int8 levels of probability turn close scores into ties (AUC, thresholds)
-                worst.append(layers[-1])
-                layers[-1]["kept_float"], layers[-1]["why"] = True, "the final activation"
-            Path(job["layers_out"]).write_text(json.dumps(layers))
-            debugger = _debugger(model, calib, [r["layer"] for r in worst], {})
-            flat = bytes(debugger.get_nondebug_quantized_model())
+            flat = _partly_float(model, calib, kind, Path(job["layers_out"]))
         else:
-            converter = _converter(model)
-            if kind == "int16x8":
-                litert_int8(converter, calib, "int16x8")
-            elif kind == "fp16":
-                converter.optimizations = [tf.lite.Optimize.DEFAULT]
-                converter.target_spec.supported_types = [tf.float16]
-            elif kind != "fp32":
-                _fail(f"unknown variant '{kind}'")
-            flat = bytes(converter.convert())
+            flat = _uniform(model, calib, kind)
     except Exception as exc:
         _fail(f"{kind}: {first_error_line(str(exc) or type(exc).__name__)}")
     if len(model.outputs) > 1:
         flat = _order_outputs(flat, cam_names)
     Path(job["out"]).write_bytes(flat)
+
+
+def _partly_float(model: Any, calib: np.ndarray, kind: str, layers_out: Path) -> bytes:
+    """Full int8 with some layers kept float (``mixed``, ``float-head``); every layer's
+    quantization error, and which were kept float and why, written to ``layers_out``."""
+    layers = _per_layer(model, calib)
+    worst = []
+    if kind == "mixed":
+        worst = sorted(layers, key=lambda r: r["snr_db"])[: max(1, len(layers) // 5)]
+    for r in worst:
+        r["kept_float"], r["why"] = True, "among the worst fifth by SNR"
+    head = bool(layers) and layers[-1]["op"] in ("SOFTMAX", "LOGISTIC")
+    if kind == "float-head" and not head:
+        last = layers[-1]["op"] if layers else "nothing"
+        _fail(f"float-head: the model ends in {last}, not a softmax or sigmoid")
+    if head and layers[-1] not in worst:
+        # 256 int8 levels of probability turn close scores into ties (AUC, thresholds)
+        worst.append(layers[-1])
+        layers[-1]["kept_float"], layers[-1]["why"] = True, "the final activation"
+    layers_out.write_text(json.dumps(layers))
+    debugger = _debugger(model, calib, [r["layer"] for r in worst], {})
+    return bytes(debugger.get_nondebug_quantized_model())
+
+
+def _uniform(model: Any, calib: np.ndarray, kind: str) -> bytes:
+    """The whole model at one precision: ``int16x8``, ``fp16`` or ``fp32``."""
+    import tensorflow as tf
+
+    converter = _converter(model)
+    if kind == "int16x8":
+        litert_int8(converter, calib, "int16x8")
+    elif kind == "fp16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif kind != "fp32":
+        _fail(f"unknown variant '{kind}'")
+    return bytes(converter.convert())
 
 
 if __name__ == "__main__":

@@ -177,61 +177,82 @@ def legacy_lstm(model: Any) -> Any:
         import tf_keras
     except ImportError as exc:
         raise RebuildError("tf_keras is not installed (pip install 'medge[convert]')") from exc
-    keras = _keras()
-    cfg = model.get_config()
-    if isinstance(model, keras.Sequential):
-        first, *rest = cfg["layers"]
-        if first["class_name"] != "InputLayer":
-            raise RebuildError("a Sequential model needs an Input to be rebuilt")
-        prev = first["config"]["name"]
-        chain = [first]
-        for layer in rest:
-            history = {"keras_history": [prev, 0, 0]}
-            node = {"args": [{"class_name": "__keras_tensor__", "config": history}], "kwargs": {}}
-            chain.append({**layer, "inbound_nodes": [node]})
-            prev = layer["config"]["name"]
-        cfg = {
-            "layers": chain,
-            "input_layers": [[chain[0]["config"]["name"], 0, 0]],
-            "output_layers": [[prev, 0, 0]],
-        }
+    cfg = _functional_config(model)
     tensors: dict[str, Any] = {}
     legacy_layers: dict[str, Any] = {}
     for layer in cfg["layers"]:
-        name, cls = layer["config"]["name"], layer["class_name"]
-        if cls == "InputLayer":
-            shape = layer["config"]["batch_shape"][1:]
-            tensors[name] = tf_keras.Input(
-                batch_size=1, shape=shape, dtype=layer["config"].get("dtype"), name=name
-            )
+        name = layer["config"]["name"]
+        if layer["class_name"] == "InputLayer":
+            tensors[name] = _legacy_input(tf_keras, layer)
             continue
-        nodes = layer.get("inbound_nodes") or []
-        if len(nodes) != 1:
-            raise RebuildError(f"layer {name} is called {len(nodes)} times")
-        kwargs = {k: v for k, v in nodes[0].get("kwargs", {}).items() if v is not None}
-        kwargs.pop("training", None)
-        if kwargs:
-            raise RebuildError(f"layer {name} is called with {sorted(kwargs)}")
-        args = _resolve(nodes[0]["args"], tensors)
+        args = _call_args(layer, tensors)
+        cls = layer["class_name"]
         new = tf_keras.layers.deserialize(
             {"class_name": cls, "config": _legacy_config(cls, layer["config"])}
         )
         tensors[name] = new(*args)
         legacy_layers[name] = new
-
-    def pick(spec: Any) -> list[Any]:
-        specs = [spec] if spec and isinstance(spec[0], str) else spec
-        return [
-            _resolve({"class_name": "__keras_tensor__", "config": {"keras_history": s}}, tensors)
-            for s in specs
-        ]
-
-    inputs, outputs = pick(cfg["input_layers"]), pick(cfg["output_layers"])
+    inputs = _pick(cfg["input_layers"], tensors)
+    outputs = _pick(cfg["output_layers"], tensors)
     legacy = tf_keras.Model(inputs, outputs if len(outputs) > 1 else outputs[0])
     for layer in model.layers:
         if layer.weights:
             legacy_layers[layer.name].set_weights(layer.get_weights())
     return legacy
+
+
+def _functional_config(model: Any) -> dict[str, Any]:
+    """The model's config as a functional graph: a Sequential's layers chained one after
+    another, from its InputLayer."""
+    keras = _keras()
+    cfg: dict[str, Any] = model.get_config()
+    if not isinstance(model, keras.Sequential):
+        return cfg
+    first, *rest = cfg["layers"]
+    if first["class_name"] != "InputLayer":
+        raise RebuildError("a Sequential model needs an Input to be rebuilt")
+    prev = first["config"]["name"]
+    chain = [first]
+    for layer in rest:
+        history = {"keras_history": [prev, 0, 0]}
+        node = {"args": [{"class_name": "__keras_tensor__", "config": history}], "kwargs": {}}
+        chain.append({**layer, "inbound_nodes": [node]})
+        prev = layer["config"]["name"]
+    return {
+        "layers": chain,
+        "input_layers": [[chain[0]["config"]["name"], 0, 0]],
+        "output_layers": [[prev, 0, 0]],
+    }
+
+
+def _legacy_input(tf_keras: Any, layer: dict[str, Any]) -> Any:
+    """A tf_keras Input with a batch of one for a Keras 3 InputLayer config."""
+    name = layer["config"]["name"]
+    shape = layer["config"]["batch_shape"][1:]
+    return tf_keras.Input(batch_size=1, shape=shape, dtype=layer["config"].get("dtype"), name=name)
+
+
+def _call_args(layer: dict[str, Any], tensors: dict[str, Any]) -> list[Any]:
+    """The rebuilt tensors a layer is called on; it must be called once, without kwargs."""
+    name = layer["config"]["name"]
+    nodes = layer.get("inbound_nodes") or []
+    if len(nodes) != 1:
+        raise RebuildError(f"layer {name} is called {len(nodes)} times")
+    kwargs = {k: v for k, v in nodes[0].get("kwargs", {}).items() if v is not None}
+    kwargs.pop("training", None)
+    if kwargs:
+        raise RebuildError(f"layer {name} is called with {sorted(kwargs)}")
+    args: list[Any] = _resolve(nodes[0]["args"], tensors)
+    return args
+
+
+def _pick(spec: Any, tensors: dict[str, Any]) -> list[Any]:
+    """The rebuilt tensors named by a config's ``input_layers`` or ``output_layers``."""
+    specs = [spec] if spec and isinstance(spec[0], str) else spec
+    return [
+        _resolve({"class_name": "__keras_tensor__", "config": {"keras_history": s}}, tensors)
+        for s in specs
+    ]
 
 
 # ---- class activation map -----------------------------------------------------------------
