@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ssl
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -106,18 +105,21 @@ def test_device_cannot_publish_or_read_as_another(  # type: ignore[no-untyped-de
         assert not spy_seen["pubacks"][own.mid].is_failure
         assert spy_seen["pubacks"][other.mid].value == NOT_AUTHORIZED, "the denial is visible"
         # reading another device's acks: Mosquitto grants the SUBSCRIBE but delivers nothing
-        ack_b = topic("ward-b", "us-02", "ack")
-        spy.subscribe(ack_b, qos=1)
+        ack_a, ack_b = topic("ward-b", "us-01", "ack"), topic("ward-b", "us-02", "ack")
+        spy.subscribe([(ack_b, 1), (ack_a, 1)])
         owner.subscribe(ack_b, qos=1)
-        wait_for(lambda: spy_seen["subacks"] and owner_seen["subacks"], 5, "both SUBACKs")
+        wait_for(lambda: len(spy_seen["subacks"]) == 2 and owner_seen["subacks"], 5, "all SUBACKs")
         gateway.publish(ack_b, b"for us-02 only", qos=1).wait_for_publish(5)
+        # then one for the spy itself: the broker passes one connection's messages on in order,
+        # so once this one is in, the one before it was either delivered or never will be
+        gateway.publish(ack_a, b"for us-01", qos=1).wait_for_publish(5)
         wait_for(lambda: got["owner"] == [b"for us-02 only"], 5, "the owner's ack")
-        time.sleep(0.5)
-        assert got["spy"] == []
+        wait_for(lambda: got["spy"], 5, "the spy's own ack")
+        assert got["spy"] == [b"for us-01"]
     finally:
         for c in clients:
+            c.disconnect()  # first: the network thread then ends at once, not within its 1 s poll
             c.loop_stop()
-            c.disconnect()
 
 
 def test_client_id_of_another_device_does_not_take_over_its_session(  # type: ignore[no-untyped-def]
@@ -129,21 +131,21 @@ def test_client_id_of_another_device_does_not_take_over_its_session(  # type: ig
     victim.connect(broker.host, broker.port)
     victim.loop_start()
     attacker, a_seen = _client(a, broker, client_id="us-02")  # B's client id, A's certificate
-    attacker.connect(broker.host, broker.port)
-    attacker.loop_start()
     try:
-        wait_for(
-            lambda: v_seen["connack"] is not None and a_seen["connack"] is not None,
-            5,
-            "both CONNACKs",
-        )
-        time.sleep(1.0)
+        wait_for(lambda: v_seen["connack"] is not None, 5, "the victim's CONNACK")
+        attacker.connect(broker.host, broker.port)  # after the victim: a takeover would hit it
+        attacker.loop_start()
+        wait_for(lambda: a_seen["connack"] is not None, 5, "the attacker's CONNACK")
+        # A takeover closes the victim's connection before the attacker's CONNACK goes out, so
+        # a PUBLISH the victim sends now is answered on the same connection only if it lasted.
+        mine = victim.publish(topic("ward-b", "us-02", "telemetry"), b"x", qos=1)
+        wait_for(lambda: mine.mid in v_seen["pubacks"], 5, "the victim's PUBACK")
         assert v_seen["disconnects"] == 0, "the victim keeps its session"
         assert victim.is_connected()
     finally:
         for c in (attacker, victim):
-            c.loop_stop()
             c.disconnect()
+            c.loop_stop()
 
 
 def test_rogue_ca_no_certificate_and_revoked_device_cannot_connect(  # type: ignore[no-untyped-def]
@@ -175,8 +177,8 @@ def _refused(ident: Path | None, ca: Path, broker: RunningBroker) -> bool:
         )
         return not accepted
     finally:
-        c.loop_stop()
         c.disconnect()
+        c.loop_stop()
 
 
 def test_whole_chain_over_tls_with_acls(  # type: ignore[no-untyped-def]
@@ -267,8 +269,8 @@ def test_a_mosquitto_running_as_its_own_user_reads_what_broker_config_wrote() ->
             try:
                 assert connected.wait(10), "the gateway could not connect"
             finally:
-                c.loop_stop()
                 c.disconnect()
+                c.loop_stop()
     finally:
         os.umask(old)
         shutil.rmtree(root, ignore_errors=True)

@@ -89,6 +89,8 @@ def test_every_result_reaches_the_cloud_once_across_crashes(  # type: ignore[no-
     cloud_opener = opener_for(site_dir, keys=(cloud_key,))
     cloud = _cloud(tmp_path, cloud_broker, cloud_opener).start()
     fog = _fog(tmp_path, mosquitto, cloud_broker, opener_for(site_dir)).start()
+    fwd = fog.forward
+    assert fwd is not None
     try:
         with _device(tmp_path, mosquitto, identity("fw-01"), "fw-01") as (box, link):
             sent = _send(box, link, 40)
@@ -96,17 +98,22 @@ def test_every_result_reaches_the_cloud_once_across_crashes(  # type: ignore[no-
             cloud_broker.kill()  # SIGKILL: forgets everything it PUBACKed
             cloud_broker.stop()  # only removes its work directory
             sent += _send(box, link, 40, 40)
-            time.sleep(0.5)
+            # the outage lasts until the forwarder has seen the broker go and the fog has
+            # queued all 40 results for it
+            wait_for(lambda: not fwd.connected, 20, "the forwarder to see the cloud broker gone")
+            wait_for(lambda: len(_seqs(fog.store, "fw-01")) == 80, 20, "80 results in the fog")
             cloud_broker = start_broker("mosquitto", port=cloud_broker.port)
             wait_for(lambda: len(_seqs(cloud.store, "fw-01")) >= 60, 30, "cloud after broker kill")
             cloud.stop()  # the cloud gateway goes away mid-stream; its broker drops for it
             cloud.store.close()
             sent += _send(box, link, 40, 80)
             assert link.drain(20), "the fog acknowledges the device without the cloud"
-            time.sleep(0.5)
+            # every queued result goes to the cloud broker at least once with no gateway there
+            # (due(): queued and never sent, when nothing is ever due for a resend)
+            wait_for(lambda: fwd.outbox.due(1e9) == [], 20, "forwarding into an empty cloud")
+            assert fwd.outbox.depth() > 0, "nobody in the cloud acknowledged them"
             cloud = _cloud(tmp_path, cloud_broker, cloud_opener).start()  # same store file
-            wait_for(lambda: fog.forward.outbox.depth() == 0, 30, "the forward outbox to drain")
-        assert fog.forward is not None
+            wait_for(lambda: fwd.outbox.depth() == 0, 30, "the forward outbox to drain")
         seqs = _seqs(cloud.store, "fw-01")
         assert len(sent) == 120
         assert sorted(seqs) == sorted(sent), "every result in the cloud, exactly once"
