@@ -99,7 +99,7 @@ def build(name: str, profile: str = "x86", out: Path | None = None, force: bool 
         except MedgeError:
             pass
     log.info("converting zoo model %s for %s (into %s)", spec.name, profile, target)
-    fields: dict[str, Any] = {"float_artifacts": "none", **spec.convert}
+    fields: dict[str, Any] = dict(spec.convert)
     return convert(
         ConvertRequest(
             model=spec.weights,
