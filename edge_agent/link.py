@@ -23,6 +23,7 @@ from typing import Any, cast
 import paho.mqtt.client as mqtt
 
 from edge_agent.envelope import decode_ack
+from edge_agent.errors import EnvelopeError
 from edge_agent.mqtt_session import MqttSession, backoff_delay, no_delay
 from edge_agent.outbox import Outbox
 from edge_agent.reasons import Reason
@@ -71,6 +72,7 @@ class DeviceLink:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._online = b""
+        self._topics = {k: topic(self.site, self.device, k) for k in ("ack", "cmd")}
         self.session = MqttSession(
             self.device,
             host,
@@ -79,10 +81,7 @@ class DeviceLink:
             client_id=f"medge-{self.site}-{self.device}",
             keepalive=keepalive,
             tls=tls,
-            subscriptions=[
-                (topic(self.site, self.device, "ack"), 1),
-                (topic(self.site, self.device, "cmd"), 1),
-            ],
+            subscriptions=[(self._topics["ack"], 1), (self._topics["cmd"], 1)],
             on_message=self._on_message,
             on_reject=self._on_reject,
             before_connect=self._arm_state,
@@ -197,17 +196,21 @@ class DeviceLink:
     def _on_message(self, msg: mqtt.MQTTMessage) -> None:
         # any exception here rejects this message only (the session's boundary)
         payload = cast(bytes, msg.payload)  # received: bytes (paho types it bytes | bytearray)
-        if msg.topic.endswith("/cmd"):
+        if msg.topic == self._topics["cmd"]:
             if self.on_command is not None:
                 self.on_command(payload)
             return
+        if msg.topic != self._topics["ack"]:  # a broker fault (amqtt sends others' retained state)
+            raise EnvelopeError(
+                f"message on {msg.topic!r}, which this device did not subscribe to", Reason.TOPIC
+            )
         self.acked += self.outbox.ack(decode_ack(payload))
         self.last_acked = time.time()
 
     def _on_reject(self, msg: mqtt.MQTTMessage, _reason: Reason, _exc: BaseException) -> None:
-        if msg.topic.endswith("/cmd"):
+        if msg.topic == self._topics["cmd"]:
             self.bad_commands += 1
-        else:
+        elif msg.topic == self._topics["ack"]:
             self.bad_acks += 1
 
     # -- the pump --------------------------------------------------------------------------

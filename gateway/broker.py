@@ -188,8 +188,9 @@ def _start_amqtt(host: str, port: int) -> RunningBroker:
     thread = threading.Thread(target=asyncio.run, args=(main(),), name="amqtt", daemon=True)
     broker._thread = thread
     thread.start()
-    ready.wait(10)
-    if failure or not _wait_listening(host, port, 10, thread.is_alive):
+    # start() returns once the listener is bound: no probe (amqtt logs an ERROR for a
+    # connection that sends nothing)
+    if not ready.wait(10) or failure or not thread.is_alive():
         broker.stop()
         raise MedgeError(f"embedded broker did not start on {host}:{port}: {failure or ''}")
     log.info("embedded amqtt broker (MQTT 3.1.1) listening on %s:%d", host, port)

@@ -36,7 +36,7 @@ def cmd_zoo_train(a: argparse.Namespace) -> int:
 def cmd_zoo_build(a: argparse.Namespace) -> int:
     from medge.zoo import build
 
-    bundle = build(a.name, a.profile, a.out, force=a.force)
+    bundle = build(a.name, a.profile, a.out, force=a.force, sign_key=a.sign_key)
     where = str(bundle.directory)
     if a.json:
         print(
@@ -84,5 +84,11 @@ def register(sub: Any, common: Callable[..., None]) -> None:
     )
     zb.add_argument("--out", type=Path, help="write the bundle here (default: the cache)")
     zb.add_argument("--force", action="store_true", help="replace --out, or rebuild the cache")
+    zb.add_argument(
+        "--sign-key",
+        type=Path,
+        help="sign the bundle with this Ed25519 key (a site's bundle-signer.key); devices "
+        "refuse unsigned bundles",
+    )
     common(zb, json_flag=True)
     zb.set_defaults(func=cmd_zoo_build)

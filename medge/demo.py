@@ -64,13 +64,14 @@ def run_demo(opts: DemoOptions, announce: Any = print) -> list[DeviceSummary]:
     from medge.zoo import breast_cnn_bundle
     from models import breast_cnn
 
-    bundle = Bundle.load(opts.bundle) if opts.bundle else breast_cnn_bundle()
     data = opts.data or breast_cnn.DATA
     base = opts.workdir or Path(tempfile.mkdtemp(prefix="medge-demo-"))
     run = base / time.strftime("run-%Y%m%d-%H%M%S")
     run.mkdir(parents=True, exist_ok=False)
     site_dir = run / "site"
     init_site(site_dir, SITE)  # throwaway keys for this run
+    signer = site_dir / "bundle-signer.key"
+    bundle = Bundle.load(opts.bundle) if opts.bundle else breast_cnn_bundle(sign_key=signer)
     bundle = _signed_copy(bundle, run / "bundle", site_dir)
     users = run / "dashboard-users.json"
     password = add_user(users, "demo")  # a throwaway login for this run only

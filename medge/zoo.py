@@ -80,9 +80,16 @@ def _key(spec: ZooModel, profile: str) -> str:
     return h.hexdigest()[:12]
 
 
-def build(name: str, profile: str = "x86", out: Path | None = None, force: bool = False) -> Bundle:
-    """Convert zoo model ``name`` for ``profile``. Without ``out`` the bundle is cached by the
-    content of its inputs and reused; with ``out`` it is written there."""
+def build(
+    name: str,
+    profile: str = "x86",
+    out: Path | None = None,
+    force: bool = False,
+    sign_key: Path | None = None,
+) -> Bundle:
+    """Convert zoo model ``name`` for ``profile``, signed with ``sign_key`` (a site's
+    bundle-signer.key) if given. Without ``out`` the bundle is cached by the content of its
+    inputs and reused (whoever deploys it signs it); with ``out`` it is written there."""
     spec = find(name)
     _missing(spec)
     try:
@@ -110,14 +117,15 @@ def build(name: str, profile: str = "x86", out: Path | None = None, force: bool 
             name=spec.bundle_name,
             task=spec.task,
             force=force or cached,
+            sign_key=sign_key,
             **fields,
         )
     )
 
 
-def breast_cnn_bundle() -> Bundle:
+def breast_cnn_bundle(sign_key: Path | None = None) -> Bundle:
     """The demo's ultrasound model: the zoo's BreastMNIST CNN for x86, converted once."""
-    return build("breast_cnn")
+    return build("breast_cnn", sign_key=sign_key)
 
 
 def train(name: str, args: list[str] | None = None) -> int:

@@ -96,3 +96,23 @@ def test_protocol_auto_speaks_5_where_it_can_and_3_1_1_otherwise(  # type: ignor
             link.notify()
             assert link.drain(15), "results stored and acknowledged over MQTT " + spoken
         assert store.result_count() == 3
+
+
+def test_a_message_on_a_topic_it_never_subscribed_to_is_a_topic_rejection(
+    tmp_path: Path,
+) -> None:
+    """The embedded amqtt broker hands a device other devices' retained state: it is refused
+    as a topic fault, not misread as a malformed ack (the demo's first run logged that)."""
+    import paho.mqtt.client as mqtt
+
+    with Outbox(tmp_path / "o.sqlite", SITE, "stray") as box:
+        link = DeviceLink(box, "127.0.0.1", 1)  # never started: the handler alone
+        for where, payload in (
+            (f"medge/v1/{SITE}/other/state", b'{"online": true}'),
+            (f"medge/v1/{SITE}/stray/ack/extra", b"{}"),
+        ):
+            msg = mqtt.MQTTMessage(topic=where.encode())
+            msg.payload = payload
+            link.session._on_message(None, None, msg)
+        assert {k: n for k, n in link.rejected.items() if n} == {"topic": 2}
+        assert (link.bad_acks, link.bad_commands) == (0, 0)
