@@ -112,7 +112,7 @@ class DeviceLink:
         self.session.stop(
             goodbye=lambda client: client.publish(
                 topic(self.site, self.device, "state"),
-                self._state_payload("offline"),
+                self._state_payload("stopped"),  # a clean stop; the Last Will says offline
                 qos=1,
                 retain=True,
             )

@@ -240,7 +240,7 @@ def _state(body: dict[str, Any]) -> None:
     for k in body:
         if k not in ("state", "bundle"):
             raise _bad(f"state: unknown field {k[:MAX_KEY]!r}")
-    _one_of("online", "offline")(body.get("state"), "state.state")
+    _one_of("online", "offline", "stopped")(body.get("state"), "state.state")
     if body.get("bundle") is not None:
         _text(body["bundle"], "state.bundle")
 

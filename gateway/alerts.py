@@ -12,10 +12,12 @@ the gateway as messages arrive and by a watchdog thread for silence:
   acknowledged.
 - ``silent`` — no authenticated message of any kind from a device for ``silence_after`` seconds
   (counted from the gateway's start at the earliest); resolved when the device speaks again.
-  Devices whose last state is ``offline`` are not watched: the ``offline`` alert covers them.
-- ``offline`` — a device's state became ``offline``. The envelope does not tell the Last Will
-  from a clean stop (both say ``offline``), so every offline is an alert, of lower severity than
-  a clinical event by default (warning); resolved when the device says ``online``.
+  Devices whose last state is ``offline`` or ``stopped`` are not watched: the ``offline``
+  alert covers the first, and a device that was stopped on purpose is not missing.
+- ``offline`` — a device's state became ``offline``: its Last Will, sent by the broker when
+  the connection was lost without a goodbye (power, network, crash). Of lower severity than a
+  clinical event by default (warning); resolved when the device says ``online``. A clean stop
+  says ``stopped`` and raises nothing.
 
 Every alert is a row of the store's ``alerts`` table: ``open`` -> ``acknowledged`` (who and
 when; also written to the audit log as ``ack-alert``) -> ``resolved`` (the condition ended).
@@ -390,9 +392,10 @@ class AlertEngine:
 
     def _silent_for(self, state: str | None, last_seen: float | None, now: float) -> float | None:
         """Seconds a device has been silent, if that is at least ``silence_after`` (counted
-        from the gateway's start at the earliest); None if it is not silent or is offline."""
+        from the gateway's start at the earliest); None if it is not silent, offline or stopped."""
         silent = now - max(last_seen or 0.0, self._started)
-        return silent if state != "offline" and silent >= self.rules.silence_after else None
+        watched = state not in ("offline", "stopped")
+        return silent if watched and silent >= self.rules.silence_after else None
 
     def _raise_silent(self, key: tuple[str, str], now: float) -> int | None:
         site, device = key

@@ -200,7 +200,7 @@ class _FleetCollector:
         for severity in SEVERITIES:
             open_.add_metric([severity], by_severity.get(severity, 0))
         yield open_
-        states: dict[str, int] = {"online": 0, "offline": 0, "unknown": 0}
+        states: dict[str, int] = {"online": 0, "offline": 0, "stopped": 0, "unknown": 0}
         for d in devices:
             states[d["state"]] = states.get(d["state"], 0) + 1
         fleet = GaugeMetricFamily(

@@ -315,8 +315,8 @@ class Gateway:
             self._pending.put((env, msg.topic, payload))  # the writer commits, then acks
         elif env.kind == "state":
             state = env.body.get("state")
-            if state not in ("online", "offline"):
-                raise EnvelopeError(f"state {state!r} is not online/offline", Reason.SCHEMA)
+            if state not in ("online", "offline", "stopped"):
+                raise EnvelopeError(f"state {state!r} is not online/offline/stopped", Reason.SCHEMA)
             bundle = env.body.get("bundle")
             with self.metrics.store_write.labels(env.kind).time():
                 self.store.set_state(

@@ -17,6 +17,7 @@ from edge_agent import Agent, AgentConfig, Bundle, LoadedModel
 from edge_agent.envelope import Envelope, decode_ack
 from edge_agent.topics import topic
 from gateway import Gateway, Store
+from gateway.alerts import list_alerts
 from gateway.broker import RunningBroker
 from models import breast_cnn
 
@@ -82,9 +83,10 @@ def test_every_image_is_stored_exactly_once(  # type: ignore[no-untyped-def]
         assert (report.sent, report.acked, report.pending) == (78, 78, 0)
         _check_exactly_once(store, bundle_dir)
         assert gw.stats.rejected == 0
-        within(lambda: store.devices()[0]["state"] == "offline", 5)
+        within(lambda: store.devices()[0]["state"] == "stopped", 5)
         dev = store.devices()[0]
-        assert dev["state"] == "offline", "a clean stop is announced on the retained state topic"
+        assert dev["state"] == "stopped", "a clean stop is announced on the retained state topic"
+        assert list_alerts(store) == [], "a device stopped on purpose is not an alert"
         assert dev["bundle"] == Bundle.load(bundle_dir).id
         assert dev["telemetry"]["results"] == 78 and dev["telemetry"]["outbox_depth"] == 0
 
@@ -246,7 +248,8 @@ def test_kill_9_loses_nothing_and_the_last_will_says_offline(  # type: ignore[no
         assert len(seqs) == len(set(seqs)), "nothing stored twice"
         assert stored | pending <= set(seqs), "nothing lost"
         assert len(seqs) == len(stored | pending) + 1
-        assert state() == "offline"  # the clean stop of the second run
+        within(lambda: state() == "stopped", 10)
+        assert state() == "stopped"  # the clean stop of the second run
 
 
 def test_end_to_end_mode_through_the_chain(  # type: ignore[no-untyped-def]

@@ -261,7 +261,7 @@
     }
     const t = d.telemetry && typeof d.telemetry === "object" ? d.telemetry : {};
     const total = (t.latency_ms && t.latency_ms.total) || {};
-    const st = d.state === "online" || d.state === "offline" ? d.state : "unknown";
+    const st = ["online", "offline", "stopped"].includes(d.state) ? d.state : "unknown";
     const badge = el("span", {
       cls: `state state-${st}`, text: st,
       title: isNum(d.state_since) ? `${st} since ${stamp(d.state_since)}` : "",
