@@ -24,6 +24,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
             rate_hz=a.rate,
             bundle=a.bundle,
             workdir=a.workdir,
+            scenarios=a.scenario,
         )
     )
     ok = all(s.ok for s in summary)
@@ -39,17 +40,29 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 def register(sub: Any, common: Callable[..., None]) -> None:
     """Add `demo` to the `medge` subcommands."""
+    from medge.demo_scenarios import SCENARIOS
+
+    scenarios = "; ".join(f"{s.name}: {s.summary}" for s in SCENARIOS)
     m = sub.add_parser(
         "demo",
         help="the whole chain on this machine, on real recorded data",
         description="Start a broker (Mosquitto if installed, else embedded), the "
-        "gateway, the dashboard and simulated devices replaying BreastMNIST "
-        "ultrasound images through the zoo's int8 CNN. Ctrl-C stops it; with "
+        "gateway, the dashboard and simulated devices: one per scenario, each replaying "
+        f"its modality's real recorded data through its zoo model ({scenarios}). "
+        "Each zoo bundle is converted on first use and cached. Ctrl-C stops it; with "
         "--duration it stops by itself, prints per-device sent/stored/duplicates "
         "and exits 1 if anything sent was not stored.",
     )
     m.add_argument("--duration", type=float, help="seconds to run (default: until Ctrl-C)")
-    m.add_argument("--devices", type=int, default=2, help="simulated devices (default 2)")
+    m.add_argument(
+        "--scenario",
+        action="append",
+        choices=[s.name for s in SCENARIOS],
+        help="run this scenario only (repeatable; default: every scenario)",
+    )
+    m.add_argument(
+        "--devices", type=int, default=1, help="simulated devices per scenario (default 1)"
+    )
     m.add_argument(
         "--broker",
         default="auto",
@@ -58,8 +71,14 @@ def register(sub: Any, common: Callable[..., None]) -> None:
     )
     m.add_argument("--host", default="127.0.0.1", help="dashboard address (default loopback)")
     m.add_argument("--port", type=int, default=8080, help="dashboard port (0: any free one)")
-    m.add_argument("--rate", type=float, default=4.0, help="images per second per device")
-    m.add_argument("--bundle", type=Path, help="use this bundle instead of the zoo's CNN")
+    m.add_argument(
+        "--rate", type=float, default=4.0, help="samples (images, windows) per second per device"
+    )
+    m.add_argument(
+        "--bundle",
+        type=Path,
+        help="use this bundle instead of the zoo's model (one scenario: ultrasound by default)",
+    )
     m.add_argument("--workdir", type=Path, help="where stores and outboxes go (default: temp)")
     common(m, json_flag=True)
     m.set_defaults(func=cmd_demo)

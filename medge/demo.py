@@ -1,7 +1,8 @@
 """``medge demo``: the whole chain on one machine, on loopback, replaying real recorded data.
 
-broker (Mosquitto, else embedded amqtt) -> gateway + SQLite -> dashboard, and N simulated
-devices running the zoo's int8 CNN on BreastMNIST ultrasound validation images.
+broker (Mosquitto, else embedded amqtt) -> gateway + SQLite -> dashboard, and simulated devices:
+one per scenario (medge/demo_scenarios.py: ultrasound, X-ray, ...), each running its zoo model's
+bundle on its modality's real recorded stream.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 from edge_agent import Agent, AgentConfig, Bundle
 from edge_agent.bundle import SIGNATURE_NAME, sign_bundle
+from edge_agent.errors import MedgeError
 from gateway import Gateway, Store, start_broker
 from gateway.dashboard import DashboardServer
 from gateway.dashboard.auth import add_user
 from gateway.site import init_site, opener_for, provision_device, signer_key
+from medge.demo_scenarios import SCENARIOS, Scenario, scenario
 
 if TYPE_CHECKING:
     from gateway.broker import BrokerKind
@@ -36,7 +39,7 @@ SITE = "demo-ward"
 @dataclass
 class DemoOptions:
     duration: float | None = None
-    devices: int = 2
+    devices: int = 1  # per scenario
     broker: BrokerKind = "auto"
     host: str = "127.0.0.1"
     port: int = 8080
@@ -44,6 +47,7 @@ class DemoOptions:
     bundle: Path | None = None
     workdir: Path | None = None
     data: Path | None = None
+    scenarios: list[str] | None = None  # None: all (only 'ultrasound' with bundle)
 
 
 @dataclass(frozen=True)
@@ -61,18 +65,13 @@ class DeviceSummary:
 
 def run_demo(opts: DemoOptions, announce: Any = print) -> list[DeviceSummary]:
     """Run until ``opts.duration`` passes or SIGINT/SIGTERM; return the per-device summary."""
-    from medge.zoo import breast_cnn_bundle
-    from models import breast_cnn
-
-    data = opts.data or breast_cnn.DATA
+    data = opts.data
     base = opts.workdir or Path(tempfile.mkdtemp(prefix="medge-demo-"))
     run = base / time.strftime("run-%Y%m%d-%H%M%S")
     run.mkdir(parents=True, exist_ok=False)
     site_dir = run / "site"
     init_site(site_dir, SITE)  # throwaway keys for this run
-    signer = site_dir / "bundle-signer.key"
-    bundle = Bundle.load(opts.bundle) if opts.bundle else breast_cnn_bundle(sign_key=signer)
-    bundle = _signed_copy(bundle, run / "bundle", site_dir)
+    plan = _plan(opts, site_dir, run)
     users = run / "dashboard-users.json"
     password = add_user(users, "demo")  # a throwaway login for this run only
     stop = threading.Event()
@@ -88,40 +87,39 @@ def run_demo(opts: DemoOptions, announce: Any = print) -> list[DeviceSummary]:
             ) as dash,
         ):
             threads = []
-            for i in range(opts.devices):
-                name = f"us-{i + 1:02d}"
-                cfg = AgentConfig.model_validate(
-                    {
-                        "site": SITE,
-                        "device": name,
-                        "bundle": bundle.directory,
-                        "identity": provision_device(site_dir, name, run / "identities" / name),
-                        "broker": {
-                            "host": broker.host,
-                            "port": broker.port,
-                            "protocol": broker.protocol,
-                        },
-                        "source": {
-                            "path": data,
-                            "split": "val",
-                            "rate_hz": opts.rate_hz,
-                            "loop": True,
-                        },
-                        "outbox": {"path": run / f"outbox-us-{i + 1:02d}.sqlite"},
-                        "telemetry_interval_s": 1.0,
-                    }
-                )
-                agent = Agent(cfg)
-                agents.append(agent)
-                t = threading.Thread(target=agent.run, args=(stop,), name=cfg.device, daemon=True)
-                threads.append(t)
+            for chosen, bundle in plan:
+                for i in range(opts.devices):
+                    name = f"{chosen.prefix}-{i + 1:02d}"
+                    cfg = AgentConfig.model_validate(
+                        {
+                            "site": SITE,
+                            "device": name,
+                            "bundle": bundle.directory,
+                            "identity": provision_device(site_dir, name, run / "identities" / name),
+                            "broker": {
+                                "host": broker.host,
+                                "port": broker.port,
+                                "protocol": broker.protocol,
+                            },
+                            "source": chosen.source(opts.rate_hz, data),
+                            "outbox": {"path": run / f"outbox-{name}.sqlite"},
+                            "telemetry_interval_s": 1.0,
+                        }
+                    )
+                    agent = Agent(cfg)
+                    agents.append(agent)
+                    t = threading.Thread(
+                        target=agent.run, args=(stop,), name=cfg.device, daemon=True
+                    )
+                    threads.append(t)
             for t in threads:
                 t.start()
             announce(
-                f"medge demo: {opts.devices} device(s) on site '{SITE}', broker "
+                f"medge demo: {len(agents)} device(s) on site '{SITE}', broker "
                 f"{broker.kind} (MQTT {broker.protocol}) at {broker.host}:{broker.port}"
             )
-            announce(f"medge demo: bundle {bundle.id}")
+            for chosen, bundle in plan:
+                announce(f"medge demo: {chosen.name}: {chosen.summary}; bundle {bundle.id}")
             announce(f"medge demo: dashboard at {dash.url} (user 'demo', password {password})")
             announce(
                 "medge demo: press Ctrl-C to stop"
@@ -136,6 +134,28 @@ def run_demo(opts: DemoOptions, announce: Any = print) -> list[DeviceSummary]:
             return _summary(store, agents)
     finally:
         _restore_signal_handlers(previous)
+
+
+def _plan(opts: DemoOptions, site_dir: Path, run: Path) -> list[tuple[Scenario, Bundle]]:
+    """Each chosen scenario with its bundle, signed by this run's site."""
+    import models
+    from medge.zoo import build
+
+    if opts.scenarios is not None:
+        chosen = [scenario(n) for n in opts.scenarios]
+    elif opts.bundle is not None:
+        chosen = [scenario("ultrasound")]
+    else:
+        zoo = set(models.names())
+        chosen = [s for s in SCENARIOS if s.model in zoo]
+    if opts.bundle is not None and len(chosen) != 1:
+        raise MedgeError("--bundle replaces one scenario's model: name it with --scenario")
+    signer = site_dir / "bundle-signer.key"
+    plan = []
+    for s in chosen:
+        bundle = Bundle.load(opts.bundle) if opts.bundle else build(s.model, sign_key=signer)
+        plan.append((s, _signed_copy(bundle, run / "bundles" / s.name, site_dir)))
+    return plan
 
 
 def _signed_copy(bundle: Bundle, dst: Path, site_dir: Path) -> Bundle:

@@ -37,6 +37,8 @@ def test_demo_runs_stops_by_itself_and_loses_nothing(
             str(tmp_path),
             "--rate",
             "10",
+            "--devices",
+            "2",
             "--json",
             "--log-level",
             "warning",
