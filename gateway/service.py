@@ -212,6 +212,7 @@ class Gateway:
         self._writer_stop.set()  # what was received is still committed (and not acked)
         if self._writer.is_alive():
             self._writer.join(timeout=10)
+        self._flush_folded()
         self.alerts.stop()
         if self.forward is not None:
             self.forward.stop()
@@ -247,6 +248,22 @@ class Gateway:
                 slot[1] += 1  # type: ignore[index]
         detail = reason if not folded else f"{reason} (+{folded} since the last row)"
         self.store.count_rejected(site, device, detail if due else None)
+
+    def _flush_folded(self) -> None:
+        """At stop, one audit row per (device, reason) whose rejections were folded and not
+        yet written: the audit log adds up to every rejection."""
+        with self._lock:
+            folded = [(k, int(slot[1])) for k, slot in self._audited.items() if slot[1]]
+            self._audited.clear()
+        for (site, device, reason), n in folded:
+            try:
+                self.store.add_audit("reject", f"{reason} (+{n} folded, at stop)", site, device)
+            except Exception as exc:  # the store is gone: say what the audit log lacks
+                log.error(
+                    "audit rows for %d folded rejection(s) not written at stop: %s",
+                    n,
+                    one_line(str(exc)),
+                )
 
     def _settle(self, timeout: float) -> None:
         """Wait until the writer has handled what is queued (at most ``timeout`` s, and not

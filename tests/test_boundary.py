@@ -512,3 +512,15 @@ def test_a_flood_of_rejections_is_counted_in_full_and_audited_in_pace(  # type: 
         details = sorted(a["detail"] for a in store.audit("reject"))
         assert details == ["malformed", "malformed (+39 since the last row)"]
         assert _all_alive(gw)
+        gw.audit_interval = 3600.0  # folded from here on, until the gateway stops
+        _publish(mosquitto, [(topic(SITE, "bd-flood", "result"), bad)] * 2)
+        wait_for(lambda: charged() == 43, 10, "two more rejections")
+        assert len(store.audit("reject")) == 2  # both folded into the row of the 41st
+        gw.stop()
+        details = sorted(a["detail"] for a in store.audit("reject"))
+        # 1 + (1 + 39) + (1 + 2): the audit log adds up to all 43 rejections
+        assert details == [
+            "malformed",
+            "malformed (+2 folded, at stop)",
+            "malformed (+39 since the last row)",
+        ]
