@@ -11,7 +11,7 @@ import pytest
 
 from edge_agent.errors import SourceError
 from edge_agent.sources import EcgSettings, EcgSource
-from edge_agent.sources.ecg import load_ecg
+from edge_agent.sources.ecg import beat_labels, load_ecg
 from edge_agent.sources.wfdb_io import read_annotations, read_header, read_record
 
 DATA = Path(__file__).parent / "data" / "ecg"
@@ -101,3 +101,31 @@ def test_realtime_emits_a_window_when_the_recording_reaches_its_end() -> None:
     t0 = time.monotonic()
     _, out = _all(path=HEA, mode="fixed", length=36, realtime=True, limit=5)
     assert len(out) == 5 and time.monotonic() - t0 >= 5 * 0.1 - 0.02
+
+
+def test_labels_are_the_bundle_s_class_indexes_by_name() -> None:
+    # the third-party beat classifier's order: a PVC is 'V' (index 2), not index 1 ('S')
+    src, out = _all(path=NPZ, classes=["N", "S", "V", "F", "Q"])
+    assert src.label_index == (0, 2)
+    with np.load(NPZ) as rec:
+        pvc = set(rec["pvc_peaks"].tolist())
+    assert [s.label for s in out] == [2 if s.meta["r_peak"] in pvc else 0 for s in out]
+    _, fixed = _all(path=NPZ, mode="fixed", length=720, hop=360, classes=["V", "N"])
+    _, plain = _all(path=NPZ, mode="fixed", length=720, hop=360)
+    assert [s.label for s in fixed] == [1 - s.label for s in plain]  # V first: PVC is 0
+    # names of the config's own choosing; classes given to the source override the config's
+    cfg = EcgSettings(path=NPZ, classes=["x"], pvc_class="pvc", other_class="normal")
+    assert EcgSource(cfg, ["pvc", "normal"]).label_index == (1, 0)
+
+
+def test_without_classes_a_pvc_is_1_as_before() -> None:
+    src, out = _all(path=NPZ)
+    assert src.label_index == (0, 1) and {s.label for s in out} == {0, 1}
+
+
+def test_a_class_name_the_bundle_lacks_is_one_clear_error() -> None:
+    with pytest.raises(SourceError, match=r"labels \(N, S, F, Q\) have no 'V' for a PVC beat"):
+        EcgSource(EcgSettings(path=NPZ, classes=["N", "S", "F", "Q"]))
+    with pytest.raises(SourceError, match="no 'N' for a non-PVC beat; set the ecg source's other"):
+        beat_labels(["normal", "V"])
+    assert beat_labels(["N", "S", "V", "F", "Q"]) == (0, 2)

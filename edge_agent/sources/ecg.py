@@ -3,7 +3,11 @@
 Reads an npz record (``signal``, ``fs``, ``r_peaks``, ``pvc_peaks``, as in the MIT-BIH subset)
 or a native WFDB record (``.hea`` + signal files, beat annotations from ``.atr`` when present).
 Windows are (length, C) float32 in the record's physical units (mV). With annotations, a beat
-window is labelled 1 when its beat is a PVC, else 0; a fixed window 1 when it holds a PVC's R peak.
+window is labelled as a PVC when its beat is one, a fixed window when it holds a PVC's R peak;
+every other window as a non-PVC. The label is a class *name* mapped to its index in the bundle's
+labels (``classes``: PVC ``V``, other ``N`` by default, :func:`beat_labels`), so a PVC is ``V``
+whatever its output index; a name the classes lack is refused in one line. Without ``classes``
+the label is 1 for a PVC and 0 otherwise (a binary model's own order).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import logging
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -27,7 +31,7 @@ from edge_agent.window import Setting, beat_starts
 if TYPE_CHECKING:
     from edge_agent.bundle import WindowSpec
 
-__all__ = ["EcgRecord", "EcgSettings", "EcgSource", "ecg_window", "load_ecg"]
+__all__ = ["EcgRecord", "EcgSettings", "EcgSource", "beat_labels", "ecg_window", "load_ecg"]
 
 log = logging.getLogger("medge.agent.source.ecg")
 
@@ -57,6 +61,28 @@ class EcgSettings(SourceSettings):
     )
     loop: bool = Field(default=False, description="Start again at the end of the record.")
     limit: int | None = Field(default=None, ge=1, description="Stop after this many windows.")
+    classes: list[str] | None = Field(
+        default=None,
+        description="The bundle's class names in output order; labels are their indexes by name "
+        "(pvc_class, other_class). Default: 1 for a PVC, 0 otherwise.",
+    )
+    pvc_class: str = Field(default="V", description="The class name of a PVC beat (AAMI 'V').")
+    other_class: str = Field(
+        default="N", description="The class name of every other beat or window (AAMI 'N')."
+    )
+
+
+def beat_labels(classes: Sequence[str], pvc: str = "V", other: str = "N") -> tuple[int, int]:
+    """(index of a non-PVC, index of a PVC) among ``classes``, by name; SourceError in one line
+    when either name is missing (e.g. a bundle labelled ``N, S, V, F, Q``: (0, 2))."""
+    names = list(classes)
+    for what, name in (("PVC", pvc), ("non-PVC", other)):
+        if name not in names:
+            raise SourceError(
+                f"the bundle's labels ({', '.join(names)}) have no '{name}' for a {what} beat; "
+                f"set the ecg source's {'pvc_class' if what == 'PVC' else 'other_class'}"
+            )
+    return names.index(other), names.index(pvc)
 
 
 def ecg_window(cfg: EcgSettings, spec: WindowSpec | None) -> tuple[EcgSettings, list[Setting]]:
@@ -140,8 +166,13 @@ def load_ecg(path: Path, leads: list[int | str] | None = None, annotator: str = 
 
 
 class EcgSource:
-    def __init__(self, cfg: EcgSettings) -> None:
+    """``classes`` (the bundle's labels, in output order) overrides ``cfg.classes``."""
+
+    def __init__(self, cfg: EcgSettings, classes: Sequence[str] | None = None) -> None:
         self.cfg = cfg
+        names = classes if classes is not None else cfg.classes
+        # (non-PVC, PVC) label indexes: by class name when the classes are known
+        self.label_index = beat_labels(names, cfg.pvc_class, cfg.other_class) if names else (0, 1)
         self.record = load_ecg(cfg.path, cfg.leads, cfg.annotator)
         self.name = f"{self.record.name}:{cfg.mode}"
         self._problems = Problems(self.name, log)
@@ -163,18 +194,19 @@ class EcgSource:
         half = self.cfg.before if self.cfg.before is not None else n // 2
         total = len(rec.signal)
         pvc = set(rec.pvc.tolist()) if rec.pvc is not None else None
+        index = self.label_index
         if self.cfg.mode == "beats" and rec.r_peaks is not None:
             starts = beat_starts(rec.r_peaks.tolist(), total, n, half)
             self.edge_beats = len(rec.r_peaks) - len(starts)
             for start in starts:
                 r = start + half
-                yield start, (int(r in pvc) if pvc is not None else None), r
+                yield start, (index[r in pvc] if pvc is not None else None), r
             return
         hop = self.cfg.hop or n
         for start in range(0, total - n + 1, hop):
             label = None
             if rec.pvc is not None:
-                label = int(bool(((rec.pvc >= start) & (rec.pvc < start + n)).any()))
+                label = index[bool(((rec.pvc >= start) & (rec.pvc < start + n)).any())]
             yield start, label, None
 
     def stream(self, stop: threading.Event) -> Iterator[Sample]:
