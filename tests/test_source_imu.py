@@ -143,3 +143,94 @@ def test_udp_csv_lines_many_per_datagram_and_windowed() -> None:
     assert len(out) == 9 and out[0].data.shape == (20, 3)
     assert src.errors == {"malformed": 1}
     np.testing.assert_allclose(out[-1].data[-1], [float(v) for v in rows[99][3:6]], rtol=1e-6)
+
+
+# accelerometer + gyroscope together: subject 1605 (a validation subject of the zoo's wrist fall
+# LSTM), 2401 rows sitting (D) then a 66.7 s gap in both files, then 1200 rows standing (E)
+ACC = DATA / "1605_accel_DE.txt.gz"
+GYR = DATA / "1605_gyro_DE.txt.gz"
+
+
+def _paired(acc: Path = ACC, gyr: Path = GYR, **kw: object) -> tuple[ImuSource, list]:
+    src = ImuSource(ImuSettings(path=acc, gyro=gyr, **kw))  # type: ignore[arg-type]
+    return src, list(src.stream(threading.Event()))
+
+
+def _track(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    rows = [parse_wisdm_line(r) for r in _rows(path)]
+    return np.array([r[1] / 1e9 for r in rows]), np.stack([r[2] for r in rows])
+
+
+def test_accel_and_gyro_aligned_on_one_clock_in_six_channels() -> None:
+    src, out = _paired()
+    assert out[0].data.shape == (6,) and out[0].data.dtype == np.float32
+    t = np.array([s.time for s in out])
+    gap_at = [i for i, s in enumerate(out) if s.meta.get("gap")]
+    assert len(gap_at) == 1 and out[gap_at[0]].meta["activity"] == "E"
+    before, after = np.diff(t[: gap_at[0]]), np.diff(t[gap_at[0] :])
+    np.testing.assert_allclose(np.concatenate([before, after]), 0.05, atol=1e-6)  # 20 Hz
+    assert t[gap_at[0]] - t[gap_at[0] - 1] == pytest.approx(66.7, abs=0.1)
+    ta, _va = _track(ACC)
+    tg, _vg = _track(GYR)
+    assert out[0].time == pytest.approx(max(ta[0], tg[0]))  # the clock starts in the overlap
+    assert {s.label for s in out} == {3, 4}
+    assert src.errors == {"gap": 1, "gyro_gap": 1, "unpaired": 1}  # each stream's own gap
+
+
+def test_resampling_is_linear_interpolation_of_each_stream() -> None:
+    _, out = _paired(limit=500)
+    ta, va = _track(ACC)
+    tg, vg = _track(GYR)
+    for s in out[::37]:
+        expect = [np.interp(s.time, ta, va[:, k]) for k in range(3)]
+        expect += [np.interp(s.time, tg, vg[:, k]) for k in range(3)]
+        np.testing.assert_allclose(s.data, expect, rtol=1e-5, atol=1e-6)
+    # the gyro's own clock is offset from the accelerometer's: values are interpolated, not copied
+    assert not np.isin(out[100].data[3:], vg[:, :]).any()
+
+
+def test_a_gap_in_one_stream_closes_the_window_and_is_counted(tmp_path: Path) -> None:
+    rows = _rows(GYR)[:1000]
+    del rows[400:420]  # one second missing in the gyroscope only
+    (tmp_path / "g.txt").write_text("\n".join(rows) + "\n")
+    acc = tmp_path / "a.txt"
+    acc.write_text("\n".join(_rows(ACC)[:1000]) + "\n")
+    src = open_source(
+        ImuSettings(path=acc, gyro=tmp_path / "g.txt", window={"length": 60, "hop": 10})
+    )
+    wins = list(src.stream(threading.Event()))
+    assert src.errors["gyro_gap"] == 1 and "gap" not in src.errors
+    assert wins[0].data.shape == (60, 6)
+    _, samples = _paired(acc, tmp_path / "g.txt")
+    cut = [i for i, s in enumerate(samples) if s.meta.get("gap")]
+    assert len(cut) == 1  # the stretch before the gyroscope's hole, and the one after
+    runs = (cut[0], len(samples) - cut[0])
+    assert len(wins) == sum((n - 60) // 10 + 1 for n in runs)  # no window spans the hole
+    assert samples[cut[0]].time - samples[cut[0] - 1].time == pytest.approx(1.05, abs=0.06)
+
+
+def test_a_nan_sample_is_dropped_counted_and_interpolated_over(tmp_path: Path) -> None:
+    rows = _rows(ACC)[:300]
+    f = rows[50].rstrip(";").split(",")
+    rows[50] = ",".join([*f[:-3], "NaN", *f[-2:]]) + ";"
+    acc = tmp_path / "a.txt"
+    acc.write_text("\n".join(rows) + "\n")
+    src, out = _paired(acc, GYR)
+    assert src.errors["nan"] == 1 and "gap" not in src.errors
+    assert all(np.isfinite(s.data).all() for s in out)
+    assert not any(s.meta.get("gap") for s in out)  # one missing sample is no gap
+    np.testing.assert_allclose(np.diff([s.time for s in out]), 0.05, atol=1e-6)
+
+
+def test_three_channel_mode_unchanged_without_gyro() -> None:
+    out = list(ImuSource(ImuSettings(path=ACC, limit=5)).stream(threading.Event()))
+    assert out[0].data.shape == (3,) and out[0].id == "1605_accel_DE#1"
+    np.testing.assert_array_equal(out[0].data, _track(ACC)[1][0])
+    assert ImuSettings(path=ACC).gyro is None
+
+
+def test_a_missing_gyro_file_is_one_error(tmp_path: Path) -> None:
+    from edge_agent.errors import SourceError
+
+    with pytest.raises(SourceError, match="no such file"):
+        ImuSource(ImuSettings(path=ACC, gyro=tmp_path / "none.txt"))

@@ -1,0 +1,420 @@
+"""An LSTM wrist fall detector over 3 s windows of watch accelerometer + gyroscope (T=60, 6).
+
+    python -m models.wrist_fall_lstm       # retrains models/weights/wrist_fall_lstm.keras
+
+Data: the real WISDM 2019 smartwatch streams of subjects 1600-1605 (18 daily activities each),
+accelerometer and gyroscope aligned and resampled to 20 Hz by the rules of the agent's IMU
+source (edge_agent.sources.imu: read_track, pair_runs; re-written here, as models import
+nothing of the agent, and checked equal by tests/test_zoo_wrist_fall_lstm.py). Train subjects
+1600-1603, validation subjects 1604-1605. There are no real wrist falls: the "fall" windows
+are SIMULATED by models.fall_sim on top of the same subjects' real streams; every number on
+them is a number on simulated falls. Real windows are all labelled "no_fall" (daily
+activities); false alarms per hour are counted on the validation subjects' whole real streams.
+
+Windows: 60 samples (3 s) every 10 (0.5 s). A simulated fall window holds the impact at 35-75%
+of the window (free fall before it, impact, then lying or getting up). Deterministic on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.spec import ZooModel
+
+__all__ = ["CLASS_NAMES", "DATA", "POSITIVE", "SPEC", "WEIGHTS", "build", "train"]
+
+_HERE = Path(__file__).parent
+DATA = _HERE / "data" / "wrist_fall_lstm.npz"
+WEIGHTS = _HERE / "weights" / "wrist_fall_lstm.keras"
+DEFAULT_ROOT = _HERE.parent.parent / "shared" / "data"
+CLASS_NAMES = ["no_fall", "fall"]
+POSITIVE = "fall"
+TRAIN_SUBJECTS = (1600, 1601, 1602, 1603)
+VAL_SUBJECTS = (1604, 1605)
+RATE_HZ, LENGTH, HOP = 20.0, 60, 10
+# fixed physical scales: accelerometer in g (m/s^2 / 9.81), gyroscope in rad/s
+MEAN = [0.0] * 6
+STD = [9.81, 9.81, 9.81, 1.0, 1.0, 1.0]
+FALL_RULE = {"name": "fall", "label": POSITIVE, "on": 0.5, "off": 0.3, "min_windows": 2}
+FALL_RULE |= {"refractory_s": 10.0, "severity": "critical"}
+
+SPEC = ZooModel(
+    name="wrist_fall_lstm",
+    family="LSTM",
+    task="classification",
+    summary="wrist falls: LSTM over 3 s of watch accel+gyro (WISDM 2019 + simulated falls)",
+    data=DATA,
+    data_kind="real + simulated",
+    split=(
+        "by subject: train 1600-1603, val 1604-1605; val falls are simulated (val_simulated), "
+        "val no-fall windows are real daily activities"
+    ),
+    weights=WEIGHTS,
+    convert={
+        "preprocess": {"kind": "mean_std", "mean": MEAN, "std": STD},
+        "labels": CLASS_NAMES,
+        "positive_label": POSITIVE,
+        "calib_split": "calib",
+        "eval_split": "val",
+        "window": {"length": LENGTH, "hop": HOP, "rate_hz": RATE_HZ, "label": "max"},
+        "events": [FALL_RULE],
+        "budget": {"auc": 0.005},
+    },
+    anchor="seed system's wrist LSTM: sensitivity 93.14%, specificity 98.9%",
+    stream="imu (wrist accelerometer + gyroscope files, `gyro` set; or a live feed)",
+)
+
+
+def _files(root: Path, subject: int) -> tuple[Path, Path]:
+    d = root / "wearable" / "wisdm2019_watch"
+    return d / f"data_{subject}_accel_watch.txt.gz", d / f"data_{subject}_gyro_watch.txt.gz"
+
+
+@dataclass(frozen=True)
+class Run:
+    """A stretch of both streams on one 20 Hz clock (as the agent's IMU source makes it)."""
+
+    t: np.ndarray  # (n,) seconds
+    v: np.ndarray  # (n, 6) ax, ay, az, gx, gy, gz
+    act: list[str]
+
+
+def read_wisdm(path: Path) -> tuple[np.ndarray, np.ndarray, list[str], list[int]]:
+    """(times s, (n, 3) values, activities, run starts) of a WISDM watch file: malformed and
+    non-finite lines dropped; a step back or of more than 5 periods starts a new run. The same
+    rules as edge_agent.sources.imu.read_track (models may not import the agent; the zoo's
+    test checks the two give the same samples)."""
+    import gzip
+
+    limit = 5.0 / RATE_HZ
+    t: list[float] = []
+    v: list[list[float]] = []
+    act: list[str] = []
+    starts, last, pending = [0], None, False
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            fields = line.strip().rstrip(";").split(",")
+            if len(fields) not in (6, 7):
+                continue
+            fields = fields[-6:]
+            try:
+                ts, xyz = int(fields[2]) / 1e9, [float(x) for x in fields[3:]]
+            except ValueError:
+                continue
+            if last is not None and not 0 < ts - last <= limit:
+                pending = True
+            last = ts
+            if not np.isfinite(xyz).all():
+                continue
+            if pending and t:
+                starts.append(len(t))
+            pending = False
+            t.append(ts)
+            v.append(xyz)
+            act.append(fields[1].strip())
+    return np.asarray(t), np.asarray(v, np.float32).reshape(-1, 3), act, starts
+
+
+def pair_files(accel: Path, gyro: Path) -> list[Run]:
+    """The two files' runs intersected in file order, both linearly interpolated onto one
+    20 Hz clock over each overlap (edge_agent.sources.imu.pair_runs' rule)."""
+    ta, va, aa, sa = read_wisdm(accel)
+    tg, vg, _, sg = read_wisdm(gyro)
+    ra = [slice(x, y) for x, y in zip(sa, [*sa[1:], len(ta)], strict=True) if y > x]
+    rg = [slice(x, y) for x, y in zip(sg, [*sg[1:], len(tg)], strict=True) if y > x]
+
+    def overlap(i: int, j: int) -> tuple[float, float]:
+        return max(ta[ra[i].start], tg[rg[j].start]), min(ta[ra[i].stop - 1], tg[rg[j].stop - 1])
+
+    def interp(t: np.ndarray, tt: np.ndarray, v: np.ndarray) -> np.ndarray:
+        return np.stack([np.interp(tt, t, v[:, k]) for k in range(3)], axis=1)
+
+    runs, i, j = [], 0, 0
+    while i < len(ra) and j < len(rg):
+        lo, hi = overlap(i, j)
+        if hi < lo:
+            if i + 1 < len(ra) and np.subtract(*overlap(i + 1, j)) <= 0:
+                i += 1
+            elif j + 1 < len(rg) and np.subtract(*overlap(i, j + 1)) <= 0:
+                j += 1
+            else:
+                i, j = i + 1, j + 1
+            continue
+        a, g = ta[ra[i]], tg[rg[j]]
+        tt = lo + np.arange(int(np.floor((hi - lo) * RATE_HZ + 1e-6)) + 1) / RATE_HZ
+        v = np.hstack([interp(a, tt, va[ra[i]]), interp(g, tt, vg[rg[j]])]).astype(np.float32)
+        at = np.clip(np.searchsorted(a, tt, side="right") - 1, 0, len(a) - 1) + ra[i].start
+        runs.append(Run(tt, v, [aa[k] for k in at]))
+        i, j = i + int(a[-1] <= hi), j + int(g[-1] <= hi)
+    return runs
+
+
+def load_subject(root: Path, subject: int) -> list[Run]:
+    """The subject's paired runs at 20 Hz."""
+    return pair_files(*_files(root, subject))
+
+
+def real_windows(runs: list[Run], hop: int = HOP) -> tuple[np.ndarray, list[str]]:
+    """Every (60, 6) window of the runs, one every ``hop``; and each window's activity."""
+    xs, acts = [], []
+    for run in runs:
+        for s in range(0, len(run.t) - LENGTH + 1, hop):
+            xs.append(run.v[s : s + LENGTH])
+            acts.append(run.act[s + LENGTH - 1])
+    return np.stack(xs).astype(np.float32), acts
+
+
+def fall_windows(runs: list[Run], n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` simulated fall windows on random places of the real runs (models.fall_sim)."""
+    from models.fall_sim import simulate_fall
+
+    long = [r for r in runs if len(r.t) >= 3 * LENGTH]
+    out: list[np.ndarray] = []
+    while len(out) < n:
+        run = long[int(rng.integers(len(long)))]
+        at = int(rng.integers(LENGTH, len(run.t) - LENGTH))
+        sig, impact, _ = simulate_fall(
+            run.v[at - LENGTH : at], rng, post=run.v[at:], rate_hz=RATE_HZ
+        )
+        start = impact - int(rng.integers(int(0.35 * LENGTH), int(0.75 * LENGTH) + 1))
+        if start + LENGTH <= len(sig):
+            out.append(sig[start : start + LENGTH])
+    return np.stack(out).astype(np.float32)
+
+
+def build(batch: int | None = None) -> Any:
+    import keras
+    from keras import layers
+
+    inp = keras.Input((LENGTH, 6), batch_size=batch, name="imu")
+    x = layers.LSTM(24, name="lstm")(inp)
+    x = layers.Dense(16, activation="relu", name="hidden")(x)
+    out = layers.Dense(2, activation="softmax", name="probs")(x)
+    return keras.Model(inp, out, name="wrist_fall_lstm")
+
+
+def _norm(x: np.ndarray) -> np.ndarray:
+    return ((x - np.asarray(MEAN, np.float32)) / np.asarray(STD, np.float32)).astype(np.float32)
+
+
+def event_starts(
+    times: np.ndarray, scores: np.ndarray, rule: dict[str, Any] = FALL_RULE
+) -> list[int]:
+    """The windows at which events start when the agent's event tracker
+    (edge_agent.events.EventTracker) is fed these window times and positive-class scores:
+    ``on`` for ``min_windows`` windows in a row starts one, a score below ``off`` ends it,
+    none starts within ``refractory_s`` of the last start (a streak begun inside it is
+    suppressed until the score drops below ``on``)."""
+    starts: list[int] = []
+    active, streak, suppressed = False, 0, False
+    last_start: float | None = None
+    streak_start = 0.0
+    for k, (t, p) in enumerate(zip(times, scores, strict=True)):
+        if active:
+            if p < rule["off"]:
+                active, streak, suppressed = False, 0, False
+            continue
+        if p < rule["on"]:
+            streak, suppressed = 0, False
+            continue
+        if streak == 0:
+            streak_start = float(t)
+            if last_start is not None and t - last_start < rule["refractory_s"]:
+                suppressed = True
+        streak += 1
+        if suppressed or streak < rule["min_windows"]:
+            continue
+        active, last_start, streak = True, streak_start, 0
+        starts.append(k)
+    return starts
+
+
+def false_alarms(runs: list[Run], scores: Any) -> tuple[int, float, list[str]]:
+    """(fall events, hours, the activity at each) on real streams that hold no fall, where
+    ``scores(x)`` gives (n, 2) class scores of raw windows: every event is a false alarm. Each
+    run (a stretch between gaps) is one stream."""
+    events, hours, where = 0, 0.0, list[str]()
+    for run in runs:
+        hours += len(run.t) / RATE_HZ / 3600
+        if len(run.t) < LENGTH:
+            continue
+        x, acts = real_windows([run])
+        p = np.asarray(scores(x))[:, 1]
+        times = run.t[np.arange(len(x)) * HOP + LENGTH - 1]
+        at = event_starts(times, p)
+        events += len(at)
+        where += [acts[k] for k in at]
+    return events, hours, where
+
+
+def bundle_scores(bundle_dir: Path) -> Any:
+    """``scores(x)`` of a converted bundle's int8 LiteRT artifact (``model_int8.tflite``),
+    with the bundle's preprocessing and the artifact's input and output quantization."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(bundle_dir / "model_int8.tflite"))
+    interp.allocate_tensors()
+    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+
+    def run(w: np.ndarray) -> np.ndarray:
+        x = _norm(w)[None]
+        scale, zero = inp["quantization"]
+        if scale:
+            info = np.iinfo(inp["dtype"])
+            x = np.clip(np.round(x / scale + zero), info.min, info.max)
+        interp.set_tensor(inp["index"], x.astype(inp["dtype"]))
+        interp.invoke()
+        y = interp.get_tensor(out["index"]).reshape(-1).astype(np.float32)
+        scale, zero = out["quantization"]
+        return (y - zero) * scale if scale else y
+
+    return lambda x: np.stack([run(w) for w in x])
+
+
+def val_false_alarms(scores: Any, data_root: Path = DEFAULT_ROOT) -> dict[str, Any]:
+    """False alarms per hour over the validation subjects' whole real streams."""
+    fa, hours, where = 0, 0.0, list[str]()
+    for s in VAL_SUBJECTS:
+        e, h, w = false_alarms(load_subject(data_root, s), scores)
+        fa, hours, where = fa + e, hours + h, where + w
+    return {
+        "val_false_alarms": fa,
+        "val_real_hours": round(hours, 3),
+        "val_false_alarms_per_hour": round(fa / hours, 3),
+        "val_false_alarm_activities": "".join(sorted(where)),
+    }
+
+
+def train(
+    out: Path = WEIGHTS, epochs: int = 12, seed: int = 0, data_root: Path = DEFAULT_ROOT
+) -> dict[str, Any]:
+    for s in (*TRAIN_SUBJECTS, *VAL_SUBJECTS):
+        for f in _files(data_root, s):
+            if not f.is_file():
+                raise FileNotFoundError(f"missing data file {f}")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+    import tensorflow as tf
+
+    t_start = time.time()
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+    rng = np.random.default_rng(seed)
+    runs = {s: load_subject(data_root, s) for s in (*TRAIN_SUBJECTS, *VAL_SUBJECTS)}
+
+    xr = np.concatenate([real_windows(runs[s], hop=20)[0] for s in TRAIN_SUBJECTS])
+    xf = np.concatenate([fall_windows(runs[s], 1000, rng) for s in TRAIN_SUBJECTS])
+    x_train = np.concatenate([xr, xf])
+    y_train = np.concatenate([np.zeros(len(xr)), np.ones(len(xf))]).astype("int64")
+    model = build()
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy")
+    class_weight = {0: 1.0, 1: float(len(xr) / len(xf)) / 2}
+    model.fit(
+        _norm(x_train), y_train, batch_size=64, epochs=epochs, shuffle=True,
+        class_weight=class_weight, verbose=0,
+    )  # fmt: skip
+
+    # validation: real windows of the val subjects (a sample, for the committed npz) + simulated
+    val_real, val_acts, val_subj = [], [], []
+    for s in VAL_SUBJECTS:
+        x, acts = real_windows(runs[s])
+        pick = np.sort(rng.choice(len(x), 400, replace=False))
+        val_real.append(x[pick])
+        val_acts += [acts[i] for i in pick]
+        val_subj += [s] * len(pick)
+    val_fall = [fall_windows(runs[s], 200, rng) for s in VAL_SUBJECTS]
+    x_val = np.concatenate([*val_real, *val_fall])
+    sim = np.concatenate([np.zeros(800, bool), np.ones(400, bool)])
+    y_val = sim.astype("int64")
+    subj = np.array(val_subj + [s for s in VAL_SUBJECTS for _ in range(200)], "int16")
+    calib_real = np.concatenate([real_windows(runs[s], hop=20)[0] for s in TRAIN_SUBJECTS])
+    calib = np.concatenate([calib_real[rng.choice(len(calib_real), 150, replace=False)], xf[:50]])
+
+    pred = model.predict(_norm(x_val), verbose=0, batch_size=256).argmax(1)
+    sens = float((pred[sim] == 1).mean())
+    spec = float((pred[~sim] == 0).mean())
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        return np.asarray(model.predict(_norm(x), verbose=0, batch_size=512))
+
+    all_real = np.concatenate([real_windows(runs[s])[0] for s in VAL_SUBJECTS])
+    spec_all = float((predict(all_real).argmax(1) == 0).mean())
+
+    one = keras.Input(batch_shape=(1, LENGTH, 6), name="imu")
+    x = one
+    for layer in model.layers[1:]:
+        x = layer(x)
+    batch1 = keras.Model(one, x, name="wrist_fall_lstm")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    batch1.save(out, include_optimizer=False) if _accepts_optimizer_flag() else batch1.save(out)
+    DATA.parent.mkdir(parents=True, exist_ok=True)
+    r2 = lambda a: np.round(a, 2).astype("float32")  # noqa: E731 (0.01 units: compresses)
+    np.savez_compressed(
+        DATA,
+        labels=np.array(CLASS_NAMES),
+        calib_images=r2(calib),
+        calib_labels=np.concatenate([np.zeros(150), np.ones(50)]).astype("int64"),
+        train_subjects=np.array(TRAIN_SUBJECTS, "int16"),
+        val_images=r2(x_val),
+        val_labels=y_val,
+        val_simulated=sim,
+        val_subject=subj,
+        val_activity=np.array([*val_acts, *["fall"] * 400]),
+    )
+    return {
+        "val_sensitivity_simulated_falls": sens,
+        "val_specificity_real_sampled_800": spec,
+        "val_specificity_real_all_windows": spec_all,
+        "val_real_windows_all": len(all_real),
+        **val_false_alarms(predict, data_root),
+        "train_windows_real": len(xr),
+        "train_windows_simulated": len(xf),
+        "params": int(model.count_params()),
+        "train_seconds": round(time.time() - t_start, 1),
+    }
+
+
+def _accepts_optimizer_flag() -> bool:
+    import inspect
+
+    import keras
+
+    return "include_optimizer" in inspect.signature(keras.Model.save).parameters
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Train the wrist fall LSTM of the medge zoo.")
+    ap.add_argument("--out", type=Path, default=WEIGHTS, help="where to write the .keras file")
+    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-root", type=Path, default=DEFAULT_ROOT, help="the shared data folder")
+    ap.add_argument(
+        "--false-alarms",
+        type=Path,
+        metavar="BUNDLE",
+        help="only count false alarms per hour of a converted bundle (int8, LiteRT) on the "
+        "validation subjects' real streams",
+    )
+    args = ap.parse_args()
+    try:
+        if args.false_alarms is not None:
+            scores = bundle_scores(args.false_alarms)
+            print(json.dumps(val_false_alarms(scores, args.data_root)))
+            return
+        print(json.dumps(train(args.out, args.epochs, args.seed, args.data_root)))
+    except FileNotFoundError as exc:
+        sys.exit(f"wrist_fall_lstm: {exc}")
+
+
+if __name__ == "__main__":
+    main()
