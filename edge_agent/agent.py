@@ -169,7 +169,13 @@ class Agent:
         )
         source, window = split_window(self.source)  # the windowing, as its own stage
         graph = build_graph(
-            source, window, Probation(slot, self.stats), self._emit, self.stats, cam=cfg.cam
+            source,
+            window,
+            Probation(slot, self.stats),
+            self._emit,
+            self.stats,
+            cam=cfg.cam,
+            thumbnails=cfg.thumbnails,
         )
         link.on_command = updater.submit
         log.info("%s: running %s on %s", cfg.device, self.bundle.id, self.source.name)

@@ -145,6 +145,12 @@ class AgentConfig(_Strict):
         description="Add the class activation heatmap (a small PNG, never the frame) to each "
         "result when the bundle has one (convert --cam); false: leave it out.",
     )
+    thumbnails: bool = Field(
+        default=True,
+        description="Add a small picture of the model's input (grey or RGB PNG, at most 64 "
+        "pixels a side, sealed in the body like the rest) to each result of an image model "
+        "(classification or segmentation of 2-D images); false: leave it out.",
+    )
 
     @field_validator("site", "device")
     @classmethod

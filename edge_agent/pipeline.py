@@ -29,6 +29,7 @@ from edge_agent.graph import Graph, Operator, Work, reject
 from edge_agent.model import Model
 from edge_agent.sources.base import Sample
 from edge_agent.telemetry import PipelineStats
+from edge_agent.thumbnail import input_thumbnail, takes_images
 from edge_agent.window import Window
 
 __all__ = [
@@ -57,11 +58,13 @@ def build_graph(
     emit: Emit,
     stats: PipelineStats,
     cam: bool = True,
+    thumbnails: bool = True,
 ) -> Graph:
     """The agent's pipeline. ``source``: a source (or an iterable of samples); ``models``: the
-    stage that binds each sample to its model (:class:`Bind`, or ``Probation`` over a slot)."""
+    stage that binds each sample to its model (:class:`Bind`, or ``Probation`` over a slot).
+    ``thumbnails``: add a small picture of the input to results of image models."""
     preprocess, infer, decode = Preprocess(stats), Infer(stats, cam), Decode(stats, cam)
-    result, events, publish = Result(), Events(emit), Publish(emit, stats)
+    result, events, publish = Result(thumbnails), Events(emit), Publish(emit, stats)
     g = Graph("pipeline")
     g.add_flow(source, window)  # samples, cut as the manifest and the source kind say
     g.add_flow(window, models)  # the model each sample runs on (swaps happen here)
@@ -80,10 +83,13 @@ def run_pipeline(
     emit: Emit,
     stats: PipelineStats,
     cam: bool = True,
+    thumbnails: bool = True,
 ) -> None:
     """Run every sample through ``model`` and ``emit`` each result (and each event).
-    ``cam``: add the class activation heatmap to results when the bundle has one."""
-    build_graph(samples, Window(None), Bind(model), emit, stats, cam).run(threading.Event())
+    ``cam``: add the class activation heatmap to results when the bundle has one;
+    ``thumbnails``: a small picture of the input to results of image models."""
+    graph = build_graph(samples, Window(None), Bind(model), emit, stats, cam, thumbnails)
+    graph.run(threading.Event())
 
 
 class Bind:
@@ -163,7 +169,11 @@ class Decode:
 
 
 class Result:
-    """Stage: the result message of each decoded sample."""
+    """Stage: the result message of each decoded sample; with ``thumbnails``, a small picture
+    of the input when the model takes images (:mod:`edge_agent.thumbnail`)."""
+
+    def __init__(self, thumbnails: bool = True) -> None:
+        self.thumbnails = thumbnails
 
     def __call__(self, works: Iterable[Work]) -> Iterator[Work]:
         for w in works:
@@ -172,6 +182,10 @@ class Result:
                 lat["total"] = lat["preprocess"] + lat["infer"] + lat["decode"]
                 body = result_body(w.sample, c.pred, c.pred_label, _scores(c), w.model, lat)
                 body.update(_task_fields(c), **w.extra)
+                if self.thumbnails and takes_images(w.model.bundle.manifest):
+                    thumb = input_thumbnail(w.sample.data)
+                    if thumb is not None:
+                        body["thumbnail"] = thumb
                 w.messages.append(("result", body))
             yield w
 

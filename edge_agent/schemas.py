@@ -180,6 +180,25 @@ def _alert_flag(v: Any, where: str) -> None:
 
 Field = Callable[[Any, str], None]
 
+MAX_THUMBNAIL_CHARS = 22 * 1024  # base64 of a 16 KiB PNG: a 64 x 64 RGB one fits uncompressed
+MAX_THUMBNAIL_SIDE = 256
+
+
+def _thumbnail(v: Any, where: str) -> None:
+    """A result's input thumbnail (edge_agent.thumbnail): ``png`` base64 text of bounded
+    length, ``width`` and ``height`` in 1..256; other keys as bounded JSON (newer agents)."""
+    if type(v) is not dict:
+        raise _bad(f"{where} must be an object {{png, width, height}}")
+    png = v.get("png")
+    if type(png) is not str or len(png) > MAX_THUMBNAIL_CHARS:
+        raise _bad(f"{where}.png must be base64 text of at most {MAX_THUMBNAIL_CHARS} characters")
+    for side in ("width", "height"):
+        n = v.get(side)
+        if type(n) is not int or not 1 <= n <= MAX_THUMBNAIL_SIDE:
+            raise _bad(f"{where}.{side} must be an integer in 1..{MAX_THUMBNAIL_SIDE}")
+    _container(v, 1, where, MAX_DEPTH, MAX_STRING)
+
+
 # what edge_agent.pipeline.result_body (+ decode/cam fields) sends; every field optional
 _RESULT: dict[str, Field] = {
     "input": _opt(_text),
@@ -192,6 +211,7 @@ _RESULT: dict[str, Field] = {
     "label_name": _opt(_text),
     "latency_ms": _opt(_num),
     "bundle": _opt(_text),
+    "thumbnail": _opt(_thumbnail),
 }
 # what edge_agent.events (start/end) and the updater (applied/rejected/rolled_back) send
 _EVENT: dict[str, Field] = {

@@ -1,0 +1,126 @@
+"""The input thumbnail a result of an image model carries (edge_agent.thumbnail): a small grey
+or RGB PNG of the input, bounded in size, accepted by the body schema, left out on request and
+for models that do not take images. Real BreastMNIST images (models/data, CC BY 4.0) through
+tiny ONNX models (tests/test_decode.py's)."""
+
+from __future__ import annotations
+
+import base64
+import threading
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+from test_decode import cam_graph, images, onnx_bundle, seg_graph
+
+from edge_agent.bundle import CamSpec
+from edge_agent.errors import EnvelopeError
+from edge_agent.model import LoadedModel
+from edge_agent.pipeline import run_pipeline
+from edge_agent.schemas import MAX_THUMBNAIL_CHARS, check_body
+from edge_agent.sources import NpzSettings, open_source
+from edge_agent.telemetry import PipelineStats
+from edge_agent.thumbnail import MAX_THUMBNAIL_SIDE, input_thumbnail
+from gateway.dashboard.cam import check_cam
+from models import breast_cnn
+
+
+def png_of(thumb: dict[str, Any]) -> np.ndarray:
+    img = cv2.imdecode(np.frombuffer(base64.b64decode(thumb["png"]), np.uint8), -1)
+    assert img is not None, "not a PNG"
+    return np.asarray(img)
+
+
+def run(model: LoadedModel, n: int, thumbnails: bool = True) -> list[dict[str, Any]]:
+    src = open_source(NpzSettings(path=breast_cnn.DATA, split="val", rate_hz=0, limit=n))
+    sent: list[dict[str, Any]] = []
+    run_pipeline(
+        src.stream(threading.Event()),
+        model,
+        lambda k, b: sent.append(b),
+        PipelineStats(),
+        thumbnails=thumbnails,
+    )
+    return sent
+
+
+@pytest.fixture
+def key(site_dir: Path) -> Path:
+    return site_dir / "bundle-signer.key"
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "want", "channels"),
+    [
+        ((28, 28), np.uint8, (28, 28), 1),  # BreastMNIST: as it is
+        ((512, 384), np.int16, (64, 48), 1),  # a CT slice: shrunk, aspect kept
+        ((480, 640, 3), np.uint8, (48, 64), 3),  # a colour frame: RGB
+        ((200, 200, 1), np.float32, (50, 50), 1),  # one channel: grey
+        ((96, 96, 4), np.uint8, (48, 48), 3),  # alpha is dropped
+    ],
+)
+def test_thumbnail_shape_and_size_bound(
+    shape: tuple[int, ...], dtype: Any, want: tuple[int, int], channels: int
+) -> None:
+    rng = np.random.default_rng(7)
+    data = (rng.random(shape) * 250).astype(dtype)  # noise: the hardest case for zlib
+    thumb = input_thumbnail(data)
+    assert thumb is not None
+    img = png_of(thumb)
+    assert img.shape[:2] == want == (thumb["height"], thumb["width"])
+    assert (img.shape[2] if img.ndim == 3 else 1) == channels
+    assert max(want) <= MAX_THUMBNAIL_SIDE
+    assert len(thumb["png"]) <= MAX_THUMBNAIL_CHARS
+    assert check_cam({"png": thumb["png"]})[1] is None, "the dashboard's PNG check passes it"
+    assert check_body("result", {"thumbnail": thumb})
+
+
+def test_thumbnail_values_and_odd_inputs() -> None:
+    img = images(1)[0]
+    thumb = input_thumbnail(img)
+    assert thumb is not None
+    assert np.array_equal(png_of(thumb), img), "an 8-bit input at most 64 px is kept exactly"
+    flat = input_thumbnail(np.full((10, 10), 3.5, np.float32))
+    assert flat is not None and int(png_of(flat).max()) == 0
+    wide = input_thumbnail(np.linspace(-1, 1, 200, dtype=np.float32)[None, :].repeat(4, 0))
+    assert wide is not None and (wide["width"], wide["height"]) == (50, 1)  # 4x4 blocks
+    assert int(png_of(wide).min()) <= 5 and int(png_of(wide).max()) >= 250  # min..max stretched
+    assert input_thumbnail(np.zeros((4, 4, 4, 4))) is None
+    assert input_thumbnail(np.zeros(16)) is None
+
+
+def test_schema_bounds_the_thumbnail() -> None:
+    good = input_thumbnail(images(1)[0])
+    assert good is not None
+    for bad in (
+        "iVBOR",
+        {**good, "png": "A" * (MAX_THUMBNAIL_CHARS + 4)},
+        {**good, "width": 0},
+        {**good, "height": 10_000},
+        {**good, "width": 2.5},
+        {"width": 28, "height": 28},
+    ):
+        with pytest.raises(EnvelopeError):
+            check_body("result", {"thumbnail": bad})
+
+
+def test_results_of_image_models_carry_the_input_thumbnail(tmp_path: Path, key: Path) -> None:
+    seg = onnx_bundle(tmp_path / "s", seg_graph(1), "segmentation", ["tissue", "lesion"], key)
+    sent = run(LoadedModel(seg, "onnx"), 3)
+    assert len(sent) == 3
+    for img, r in zip(images(3), sent, strict=True):
+        assert (r["thumbnail"]["width"], r["thumbnail"]["height"]) == (28, 28)
+        assert np.array_equal(png_of(r["thumbnail"]), img)
+        assert r["mask"]["size"] == [28, 28], "the contour's frame is the thumbnail's"
+        assert len(r["thumbnail"]["png"]) < 2000
+    assert all("thumbnail" not in r for r in run(LoadedModel(seg, "onnx"), 2, thumbnails=False))
+
+    cam = CamSpec(output=1, layer="maps", upsample_to=[28, 28])
+    clf = onnx_bundle(
+        tmp_path / "c", cam_graph(), "classification", ["dark", "bright"], key, cam=cam
+    )
+    [r] = run(LoadedModel(clf, "onnx"), 1)
+    assert {"thumbnail", "cam", "scores"} <= set(r)
+    assert check_body("result", r) is r
