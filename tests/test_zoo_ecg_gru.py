@@ -101,3 +101,57 @@ def test_importing_the_model_does_not_import_tensorflow() -> None:
     code = "import sys, models.ecg_gru; print('tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_missing_record_is_one_line_naming_it(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "models.ecg_gru", "--data-root", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "ecg/mitbih/106.npz" in out.stderr
+
+
+@pytest.mark.slow  # converts the committed weights (cached by content)
+def test_int8_bundle_finds_the_runs_on_the_agents_ecg_source(tmp_path: Path) -> None:
+    """Full int8 meets the budget, and the agent's own path (the ECG source with the bundle's
+    window and labels by name, LiteRT int8, the pvc_run rule) raises as many runs on the
+    committed 10 minutes of record 106 as the converter's stream evaluation finds."""
+    from conftest import convert_cached
+
+    from converter import ConvertRequest
+    from edge_agent.bundle import Bundle
+    from edge_agent.events import EventTracker
+    from edge_agent.model import LoadedModel
+    from edge_agent.sources import open_source
+
+    out = convert_cached(
+        ConvertRequest(
+            model=m.WEIGHTS,
+            calib=m.DATA,
+            eval=m.DATA,
+            out=tmp_path / "ecg-gru",
+            name=m.SPEC.bundle_name,
+            task=m.SPEC.task,
+            float_artifacts="none",
+            **m.SPEC.convert,
+        )
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert report["budget"]["winner"] == "int8"
+    pvc_run = report["events"]["variants"]["litert-int8"]["pvc_run"]
+    bundle = Bundle.load(out)
+    man = bundle.manifest
+    assert man.labels == ["N", "V"] and man.window is not None and man.window.before == 270
+    src = open_source(EcgSettings(path=m.STREAM), man.window)
+    assert isinstance(src, EcgSource)
+    src = EcgSource(src.cfg, man.labels)  # the bundle's labels, by name
+    model = LoadedModel(bundle)
+    tracker = EventTracker(man.decode.events, man.labels)
+    events, right, n = [], 0, 0
+    for w in src.stream(threading.Event()):
+        scores = model.infer(model.prepare(w.data))
+        right += int(np.argmax(scores) == w.label)
+        n += 1
+        events += tracker.update(float(w.time or 0), scores, w.id)
+    starts = [e for e in events + tracker.finish() if e["state"] == "start"]
+    assert n == 642 and right / n > 0.95
+    assert len(starts) == pvc_run["tp"] + pvc_run["fp"] >= 40  # of 44 annotated runs
