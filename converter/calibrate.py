@@ -107,19 +107,14 @@ def calibration_warnings(model: Path, data: Data, work: Path) -> list[str]:
     calib, evalx = np.load(work / "calib.npy"), np.load(work / "eval.npy")
     if data.layout == "NCHW":  # the checks read channels on the last axis
         calib, evalx = np.moveaxis(calib, 1, -1), np.moveaxis(evalx, 1, -1)
-    found = check_calibration(None, calib, evalx, calib_y=data.yc, n_classes=n_classes)
+    found = check_calibration(calib, evalx, calib_y=data.yc, n_classes=n_classes)
     keras_file = model.suffix.lower() in (".keras", ".h5")  # what the BN check can load
     if not keras_file or has_batchnorm(model) is False:
         return found
-    job = {
-        "model": str(model),
-        "calib": str(work / "calib.npy"),
-        "bn_only": True,
-        "out": str(work / "calib-check.json"),
-    }
+    job = {"model": str(model), "calib": str(work / "calib.npy"), "out": str(work / "bn.json")}
     try:
-        run_child(job, work, "converter.calibration_check", "calibration check")
-        return found + list(json.loads((work / "calib-check.json").read_text()))
+        run_child(job, work, "converter.child.batchnorm", "BatchNormalization check")
+        return found + list(json.loads((work / "bn.json").read_text()))
     except (ConversionError, OSError, ValueError) as exc:  # the check must not cost the bundle
         return [*found, f"calibration check failed: {exc}"]
 

@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 
 from converter.calibration_check import (
-    bn_mismatch,
-    bn_statistics,
     check_calibration,
     class_coverage,
     distribution_shift,
     has_batchnorm,
 )
+from converter.child.batchnorm import bn_mismatch, bn_statistics
 from models import breast_cnn
 
 pytestmark = pytest.mark.slow  # runs the zoo CNN with Keras
@@ -31,7 +30,8 @@ with np.load(breast_cnn.DATA) as _d:
 @pytest.mark.slow  # loads the zoo CNN with Keras
 def test_properly_scaled_data_raise_no_warning() -> None:
     # the model was trained on x / 255: calibrating on that is right
-    assert check_calibration(breast_cnn.WEIGHTS, TRAIN / 255, VAL / 255, TRAIN_Y, n_classes=2) == []
+    assert check_calibration(TRAIN / 255, VAL / 255, TRAIN_Y, n_classes=2) == []
+    assert bn_mismatch(breast_cnn.WEIGHTS, TRAIN / 255) == []
 
 
 @pytest.mark.slow  # loads the zoo CNN with Keras
@@ -52,7 +52,7 @@ def test_bn_statistics_margins_on_real_data() -> None:
 
 @pytest.mark.slow  # loads the zoo CNN with Keras
 def test_0_255_calibration_data_warn_twice() -> None:
-    w = check_calibration(breast_cnn.WEIGHTS, TRAIN, VAL / 255)
+    w = check_calibration(TRAIN, VAL / 255) + bn_mismatch(breast_cnn.WEIGHTS, TRAIN)
     assert len(w) == 2, w
     assert all("\n" not in line for line in w)
     assert "unlike the evaluation data" in w[0] and "0-255" in w[0]
@@ -82,7 +82,7 @@ def test_batchnorm_check_says_when_shapes_do_not_fit() -> None:
 
 def test_small_and_class_missing_calibration_sets() -> None:
     benign_only = TRAIN_Y == 1
-    w = check_calibration(None, TRAIN[benign_only][:60] / 255, None, TRAIN_Y[benign_only][:60], 2)
+    w = check_calibration(TRAIN[benign_only][:60] / 255, None, TRAIN_Y[benign_only][:60], 2)
     assert len(w) == 2
     assert "only 60 samples" in w[0]
     assert "no samples of class 0 (of 2 classes)" in w[1]
@@ -95,34 +95,6 @@ def test_distribution_shift_on_real_splits_is_quiet_and_per_channel() -> None:
     rgb_e = np.stack([VAL / 255, VAL / 255, VAL / 255 + 0.5], axis=-1)  # channel 2 offset
     w = distribution_shift(rgb_c, rgb_e)
     assert len(w) == 1 and "channel 2" in w[0] and "channel 0" not in w[0]
-
-
-def test_child_process_entry(tmp_path: Path) -> None:
-    """The job-file entry the converter can run in a child process (the BN check itself is
-    tested above; here no model, so the child stays numpy-only and fast)."""
-    np.save(tmp_path / "calib.npy", TRAIN[:50])
-    np.save(tmp_path / "eval.npy", VAL / 255)
-    np.save(tmp_path / "calib_y.npy", np.ones(50, np.int64))
-    job = {
-        "model": None,
-        "calib": str(tmp_path / "calib.npy"),
-        "eval": str(tmp_path / "eval.npy"),
-        "calib_y": str(tmp_path / "calib_y.npy"),
-        "n_classes": 2,
-        "out": str(tmp_path / "w.json"),
-    }
-    (tmp_path / "job.json").write_text(json.dumps(job))
-    subprocess.run(
-        [sys.executable, "-m", "converter.calibration_check", str(tmp_path / "job.json")],
-        check=True,
-        timeout=120,
-        capture_output=True,
-    )
-    warnings = json.loads((tmp_path / "w.json").read_text())
-    assert len(warnings) == 3
-    assert "only 50 samples" in warnings[0]
-    assert "no samples of class 0" in warnings[1]
-    assert "0-255" in warnings[2]
 
 
 def test_the_bn_child_runs_only_for_models_with_batchnorm(tmp_path: Path) -> None:
@@ -147,16 +119,15 @@ def test_the_bn_child_runs_only_for_models_with_batchnorm(tmp_path: Path) -> Non
     (tmp_path / "m.h5").write_bytes(b"")
     assert has_batchnorm(tmp_path / "broken.keras") is None
     assert has_batchnorm(tmp_path / "m.h5") is None
-    # the child's BN-only job, as the converter runs it: a warning list, nothing else
+    # the child's job, as the converter runs it: a warning list, nothing else
     np.save(tmp_path / "calib.npy", TRAIN[:50])  # 0-255 data: the BN layers see a shift
     job = {
         "model": str(breast_cnn.WEIGHTS),
         "calib": str(tmp_path / "calib.npy"),
-        "bn_only": True,
         "out": str(tmp_path / "w.json"),
     }
     (tmp_path / "job.json").write_text(json.dumps(job))
-    child = [sys.executable, "-m", "converter.calibration_check", str(tmp_path / "job.json")]
+    child = [sys.executable, "-m", "converter.child.batchnorm", str(tmp_path / "job.json")]
     subprocess.run(child, check=True, timeout=120, capture_output=True)
     [warning] = json.loads((tmp_path / "w.json").read_text())
     assert warning.startswith("BatchNormalization statistics do not match")

@@ -79,8 +79,9 @@ def _keras_float(bundle_dir: Path) -> dict[str, float]:
 
 
 def _calibration_pitfalls(work: Path) -> list[str]:
-    """converter.calibration_check in its child process, on calibration data scaled 0-255
-    (unlike the 0-1 evaluation data) and only 50 samples."""
+    """converter.calibration_check (numpy) and converter.child.batchnorm (its child
+    process), on calibration data scaled 0-255 (unlike the 0-1 evaluation data) and only 50
+    samples."""
     import numpy as np
 
     from converter.calibrate import calibration_warnings
@@ -226,7 +227,7 @@ def test_an_onnx_model_is_quantized_and_evaluated(
 def test_calibration_pitfalls_are_found_in_a_child_process(
     converted: dict[str, Future],  # type: ignore[type-arg]
 ) -> None:
-    """converter.calibration_check runs in its own process (TensorFlow for the BatchNorm
+    """converter.child.batchnorm runs in its own process (TensorFlow for the BatchNorm
     check); its warnings are what the converter adds to the report."""
     got = converted["test_calibration_pitfalls_are_found_in_a_child_process"].result()
     assert any("only 50 samples" in w for w in got)

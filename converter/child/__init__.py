@@ -5,6 +5,7 @@ so a crash in the TFLite converter or tf2onnx costs one reported failure, never 
     python -m converter.child.litert variant JOB.json   # one rung of the --budget search
     python -m converter.child.onnx export JOB.json      # Keras/SavedModel -> ONNX fp32 (tf2onnx)
     python -m converter.child.onnx quantize JOB.json    # ONNX fp32 -> QDQ int8 (ONNX Runtime)
+    python -m converter.child.batchnorm JOB.json        # BatchNorm statistics vs calibration
 
 ``models`` loads a source model (Keras, legacy h5, SavedModel) and ``rebuild`` rebuilds one for
 conversion (static batch, unrolled or legacy LSTM, CAM head). Nothing in the parent process
