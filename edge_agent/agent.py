@@ -53,7 +53,8 @@ class Agent:
         self.identity = DeviceIdentity.load(cfg.identity, cfg.site, cfg.device)
         self.bundle = Bundle.load(cfg.bundle, trusted=self.identity.signers)
         self.model = LoadedModel(self.bundle, cfg.runtime, cfg.threads, cfg.precision)
-        self.source = open_source(cfg.source, self.bundle.manifest.window)
+        m = self.bundle.manifest
+        self.source = open_source(cfg.source, m.window, m.labels)
         self.stats = PipelineStats()
         self.sent = 0
         self.pending = 0

@@ -107,7 +107,7 @@ def preflight(cfg: AgentConfig, broker_timeout_s: float = 2.0) -> Preflight:
     ident = DeviceIdentity.load(cfg.identity, cfg.site, cfg.device)
     bundle = Bundle.load(cfg.bundle, trusted=ident.signers)
     model = LoadedModel(bundle, cfg.runtime, cfg.threads, cfg.precision)
-    source = open_source(cfg.source, bundle.manifest.window)
+    source = open_source(cfg.source, bundle.manifest.window, bundle.manifest.labels)
     plan = window_plan(cfg.source, bundle.manifest.window)
     art = model.artifact
     report = Preflight(

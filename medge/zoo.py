@@ -72,9 +72,21 @@ def _missing(spec: ZooModel) -> None:
             )
 
 
+def _files(value: Any) -> list[Path]:
+    """Every file a spec's settings name (stream recordings, ...)."""
+    if isinstance(value, Path):
+        return [value] if value.is_file() else []
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in _files(v)]
+    if isinstance(value, (list, tuple)):
+        return [p for v in value for p in _files(v)]
+    return []
+
+
 def _key(spec: ZooModel, profile: str) -> str:
+    """The cache key: the bytes of every input file, the settings and the profile."""
     h = hashlib.sha256()
-    for path in (spec.weights, spec.data):
+    for path in (spec.weights, spec.data, *_files(spec.convert)):
         h.update(hashlib.sha256(path.read_bytes()).digest())
     h.update(json.dumps([spec.convert, profile], sort_keys=True, default=str).encode())
     return h.hexdigest()[:12]

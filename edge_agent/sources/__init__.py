@@ -7,7 +7,7 @@ has a ``name``, an ``errors`` count by problem kind (for telemetry) and ``stream
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
@@ -123,11 +123,15 @@ _PLUGINS: dict[type[SourceSettings], Plugin] = {
 }
 
 
-def open_source(cfg: SourceSettings, window: WindowSpec | None = None) -> Source:
+def open_source(
+    cfg: SourceSettings, window: WindowSpec | None = None, labels: Sequence[str] | None = None
+) -> Source:
     """The source plug-in for ``cfg.kind``, wrapped in windowing as its kind's windowing and
     the bundle's manifest ``window`` say (:func:`window_stage`; an ECG source takes the
     manifest's length, hop and ``centre`` itself). A manifest ``rate_hz`` that differs from
-    the source's rate is refused in one line (:class:`SourceError`).
+    the source's rate is refused in one line (:class:`SourceError`). ``labels``: the bundle's
+    class names, which an ECG source's beat labels are mapped to by name (a PVC is ``V``)
+    unless its config names its own ``classes``.
     """
     if isinstance(cfg, NpzSettings):  # an npz holds ready inputs: never windowed
         return NpzReplay(cfg.path, cfg.split, cfg.rate_hz, cfg.loop, cfg.limit)
@@ -135,6 +139,8 @@ def open_source(cfg: SourceSettings, window: WindowSpec | None = None) -> Source
     settings: list[Setting] = []
     if isinstance(cfg, EcgSettings):
         cfg, settings = ecg_window(cfg, window)
+    if isinstance(cfg, EcgSettings) and cfg.classes is None and labels:
+        cfg = cfg.model_copy(update={"classes": list(labels)})
     src = plugin.make(cfg)
     if isinstance(src, EcgSource):
         warn_overrides(src.name, settings)
