@@ -11,6 +11,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
+from zoo_args import BREAST_CNN_ARGS
 
 from converter.budget import RUNGS, misses, rungs
 from converter.errors import ConversionError
@@ -19,20 +20,7 @@ from models import breast_cnn
 
 DATA = str(breast_cnn.DATA)
 BASE = [
-    "--calib",
-    DATA,
-    "--calib-split",
-    "train",
-    "--eval",
-    DATA,
-    "--eval-split",
-    "val",
-    "--preprocess",
-    "scale01",
-    "--labels",
-    "malignant,benign",
-    "--positive",
-    "malignant",
+    *BREAST_CNN_ARGS,
     "--no-onnx",
 ]
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from zoo_args import BREAST_CNN_ARGS
 
 from edge_agent.bundle import Bundle
 from models import breast_cnn
@@ -66,20 +67,7 @@ def _budget_not_met(work: Path) -> subprocess.CompletedProcess[str]:
     return medge(
         "convert",
         str(breast_cnn.WEIGHTS),
-        "--calib",
-        DATA,
-        "--calib-split",
-        "train",
-        "--eval",
-        DATA,
-        "--eval-split",
-        "val",
-        "--preprocess",
-        "scale01",
-        "--labels",
-        "malignant,benign",
-        "--positive",
-        "malignant",
+        *BREAST_CNN_ARGS,
         "--out",
         str(work / "b"),
         "--budget",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from zoo_args import BREAST_CNN_ARGS
 
 from converter.onnx import tensorrt_build
 from edge_agent.backends import open_backend
@@ -270,20 +271,7 @@ def _convert_without_tf2onnx(work: Path) -> subprocess.CompletedProcess[str]:
         "medge",
         "convert",
         str(breast_cnn.WEIGHTS),
-        "--calib",
-        DATA,
-        "--calib-split",
-        "train",
-        "--eval",
-        DATA,
-        "--eval-split",
-        "val",
-        "--preprocess",
-        "scale01",
-        "--labels",
-        "malignant,benign",
-        "--positive",
-        "malignant",
+        *BREAST_CNN_ARGS,
         "--profile",
         "jetson",
         "--out",
