@@ -5,7 +5,9 @@ Each function runs read-only SQL through :meth:`Store.query` (the SQLite dialect
 placeholders; gateway.db runs it on PostgreSQL too) and shapes rows for a reader: the fleet
 (:func:`devices`), the result feed (:func:`results`), the charts (:func:`telemetry_history`,
 :func:`results_per_minute`), the audit log (:func:`audit`), the alert panel's order
-(:func:`alerts`; gateway.alerts.list_alerts decodes the rows). Nothing here writes.
+(:func:`alerts`; gateway.alerts.list_alerts decodes the rows), one result with its body and the
+class names its bundle's results have used (:func:`result`, :func:`class_names`, the detail
+panel), a device's recent events (:func:`device_events`, the timeline). Nothing here writes.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ __all__ = [
     "alerts",
     "audit",
     "cam_bodies",
+    "class_names",
+    "device_events",
     "devices",
+    "result",
     "result_count",
     "results",
     "results_per_minute",
@@ -89,6 +94,47 @@ def cam_bodies(store: Store, first_id: int, last_id: int) -> list[dict[str, Any]
         "SELECT id, body FROM results WHERE id >= ? AND id <= ? AND CAST(body AS TEXT) LIKE ?",
         (first_id, last_id, '%"cam"%'),
     )
+
+
+def result(store: Store, result_id: int) -> dict[str, Any] | None:
+    """One result or event row with its stored ``body`` (JSON text), or None."""
+    rows = store.query(f"SELECT {_RESULT_COLUMNS}, body FROM results WHERE id = ?", (result_id,))
+    return rows[0] if rows else None
+
+
+def class_names(
+    store: Store, site: str, device: str, bundle: str, around_id: int, span: int = 2000
+) -> dict[int, str]:
+    """Class index -> name, as the device's results of ``bundle`` named their predicted class
+    and their ground truth, among the ``span`` rows on either side of ``around_id`` (a result
+    body carries the names of those two classes only)."""
+    window = (site, device, around_id - span, around_id + span, bundle)
+    where = "site=? AND device=? AND id >= ? AND id <= ? AND bundle=?"
+    rows = store.query(
+        f"SELECT DISTINCT pred AS i, pred_label AS name FROM results WHERE {where} "
+        f"AND pred IS NOT NULL AND pred_label IS NOT NULL UNION "
+        f"SELECT DISTINCT label AS i, label_name AS name FROM results WHERE {where} "
+        "AND label IS NOT NULL AND label_name IS NOT NULL",
+        (*window, *window),
+    )
+    names: dict[int, str] = {}
+    for r in sorted(rows, key=lambda r: (r["i"], r["name"])):
+        names.setdefault(int(r["i"]), str(r["name"]))
+    return names
+
+
+def device_events(
+    store: Store, site: str, device: str, since: float, limit: int = 500
+) -> list[dict[str, Any]]:
+    """The device's event messages (kind ``event``: starts, ends, updates) received after
+    ``since``, oldest first (at most the newest ``limit``), with their ``body`` (JSON text)."""
+    rows = store.query(
+        "SELECT id, seq, time, received, body FROM results "
+        "WHERE site=? AND device=? AND received > ? AND kind = 'event' "
+        "ORDER BY id DESC LIMIT ?",
+        (site, device, since, limit),
+    )
+    return rows[::-1]
 
 
 def result_count(store: Store, site: str | None = None, device: str | None = None) -> int:

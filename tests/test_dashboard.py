@@ -714,6 +714,168 @@ def test_page_shows_a_cam_thumbnail(store: Store, page: Any, users: Path) -> Non
         shoot(page, "cam")
 
 
+# -- the result detail panel ------------------------------------------------------------------
+HOSTILE_LABEL = '<img src=x onerror="window.__pwned=1">benign'
+
+
+def detail_store(store: Store) -> None:
+    """A classification result with a CAM and an input thumbnail (real BreastMNIST image), a
+    segmentation result with an outline and a fitted ellipse, a result whose class name is
+    hostile markup, and a device's events: a fall that ended, a PVC run still going."""
+    import numpy as np
+
+    from edge_agent.thumbnail import input_thumbnail
+    from models import breast_cnn
+
+    with np.load(breast_cnn.DATA) as data:
+        img = data["val_images"][0]
+    thumb = input_thumbnail(img)
+    now = time.time()
+    store.set_state(SITE, DEVICE, "online", now, BUNDLE)
+    clf = with_cam(1, {"png": cam_png(0), "label": "benign"})
+    store.add_result(
+        Envelope(
+            "result",
+            SITE,
+            DEVICE,
+            1,
+            now - 60,
+            {**clf.body, "thumbnail": thumb, "positive_label": "malignant"},
+        )
+    )
+    mask = {
+        "area_px": 225,
+        "area_frac": 0.287,
+        "bbox": [5, 6, 20, 21],
+        "components": 1,
+        "contour": [[5, 6], [20, 6], [20, 21], [12, 24], [5, 21]],
+        "size": [28, 28],
+        "class_px": {},
+    }
+    seg = {
+        "input": "breastmnist_dev:val#2",
+        "pred": 1,
+        "pred_label": "lesion",
+        "scores": [],
+        "bundle": "breast-unet@3#def",
+        "mask": mask,
+        "ellipse": {"center": [12.5, 13.0], "axes": [16.0, 12.0], "angle": 30.0},
+        "thumbnail": thumb,
+    }
+    store.add_result(Envelope("result", SITE, DEVICE, 2, now - 50, seg))
+    hostile = result(3, pred=1, label=0)
+    store.add_result(
+        Envelope("result", SITE, DEVICE, 3, now - 40, {**hostile.body, "pred_label": HOSTILE_LABEL})
+    )
+    fall = {"event": "fall", "label": "fall", "start": 100.0, "peak": 0.97, "alert": True}
+    pvc = {"event": "pvc_run", "label": "V", "start": 130.0, "peak": 0.8, "alert": False}
+    for seq, at, body in (
+        (4, now - 30, {**fall, "state": "start"}),
+        (5, now - 27, {**fall, "state": "end", "end": 102.5, "duration_s": 2.5}),
+        (6, now - 10, {**pvc, "state": "start"}),
+    ):
+        store.add_result(Envelope("event", SITE, DEVICE, seq, at, {**body, "bundle": BUNDLE}))
+
+
+def test_api_result_detail_and_events(store: Store, users: Path) -> None:
+    detail_store(store)
+    with DashboardServer(store.path, port=0, users=users) as dash:
+        cookie = login(dash.port)
+        r = get_json(dash.port, "/api/results/1", cookie)
+        assert r["model"] == {"name": "breast-cnn", "version": "1", "hash": "abc"}
+        assert [(c["name"], c["score"]) for c in r["classes"]] == [
+            ("malignant", 0.2),
+            ("benign", 0.8),
+        ]
+        assert (r["thumbnail"]["width"], r["thumbnail"]["height"]) == (28, 28)
+        assert r["cam"]["label"] == "benign" and r["positive_label"] == "malignant"
+        seg = get_json(dash.port, "/api/results/2", cookie)
+        assert seg["mask"]["contour"][0] == [5, 6] and seg["mask"]["size"] == [28, 28]
+        assert seg["ellipse"] == {"center": [12.5, 13.0], "axes": [16.0, 12.0], "angle": 30.0}
+        # names of classes the body does not name come from the bundle's other results
+        assert get_json(dash.port, "/api/results/3", cookie)["classes"][0]["name"] == "malignant"
+        assert get(dash.port, "/api/results/99", cookie)[0] == 404
+        assert get(dash.port, "/api/results/99999999999999999999", cookie)[0] == 404
+        assert request(dash.port, "GET", "/api/results/1")[0] == 401
+        assert request(dash.port, "GET", f"/api/events?device={SITE}/{DEVICE}")[0] == 401
+        events = get_json(dash.port, f"/api/events?device={SITE}/{DEVICE}", cookie)["events"]
+        assert [(e["event"], e["duration_s"]) for e in events] == [("fall", 2.5), ("pvc_run", None)]
+        assert get(dash.port, "/api/events", cookie)[0] == 400
+
+
+@pytest.mark.slow
+def test_page_opens_a_result_s_detail_panel(store: Store, page: Any, users: Path) -> None:
+    """A clinician opens a result: its input with the CAM over it, a bar per class (the
+    predicted, positive and true ones marked), the model and bundle; a segmentation's outline
+    and ellipse over its input; the device's events of the last hour; a hostile class name
+    shown as text. By mouse and by keyboard; Escape closes."""
+    detail_store(store)
+    with DashboardServer(store.path, port=0, users=users) as dash:
+        sign_in(page, dash)
+        expect(page.locator("tr.result")).to_have_count(6, timeout=TIMEOUT_MS)
+        panel = page.locator("#detail")
+        expect(panel).to_be_hidden()
+
+        row = page.locator('tr.result[data-id="1"]')
+        row.click()
+        expect(panel).to_be_visible()
+        expect(panel).to_have_attribute("data-id", "1", timeout=TIMEOUT_MS)
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('#detail .detail-image img')]"
+            ".every(i => i.complete && i.naturalWidth === 28)",
+            timeout=TIMEOUT_MS,
+        )
+        expect(panel.locator("img.detail-thumb")).to_have_count(1)
+        expect(panel.locator("img.detail-cam")).to_have_attribute(
+            "alt", "Class activation map: benign"
+        )
+        bars = panel.locator("tr.class-row")
+        expect(bars).to_have_count(2)
+        expect(panel.locator("tr.class-row.predicted .class-name")).to_have_text("benign")
+        expect(panel.locator("tr.class-row.predicted .class-score")).to_have_text("80.0%")
+        expect(panel.locator("tr.class-row.positive .class-name")).to_have_text("malignant")
+        expect(bars.nth(1).locator(".badge-truth")).to_have_text("ground truth")
+        expect(panel.locator('[data-fact="bundle"]')).to_have_text(BUNDLE)
+        expect(panel.locator('[data-fact="model"]')).to_have_text("breast-cnn")
+        expect(panel.locator('[data-fact="version"]')).to_have_text("1")
+        expect(panel.locator('[data-fact="device"]')).to_have_text(f"{SITE}/{DEVICE}")
+        expect(panel.locator('[data-fact="seq"]')).to_have_text("1")
+        timeline = panel.locator("#detail-timeline")
+        expect(timeline.locator("g.tl-event")).to_have_count(2, timeout=TIMEOUT_MS)
+        expect(timeline.locator("g.tl-event.ongoing")).to_have_attribute("data-event", "pvc_run")
+        expect(timeline.locator("li.event-item").first).to_contain_text("fall")
+        expect(timeline.locator("li.event-item").first).to_contain_text("2.5 s")
+        shoot(page, "detail-classification")
+        page.keyboard.press("Escape")
+        expect(panel).to_be_hidden()
+        assert page.evaluate("document.activeElement.dataset.id") == "1", "focus goes back"
+
+        page.locator('tr.result[data-id="2"]').focus()  # by keyboard
+        page.keyboard.press("Enter")
+        expect(panel).to_have_attribute("data-id", "2", timeout=TIMEOUT_MS)
+        contour = panel.locator("svg.detail-outline polygon.contour")
+        expect(contour).to_have_count(1)
+        assert len(contour.get_attribute("points").split()) == 5
+        expect(panel.locator("svg.detail-outline ellipse.fit-ellipse")).to_have_count(1)
+        assert panel.locator("svg.detail-outline").get_attribute("viewBox") == "0 0 28 28"
+        box = panel.locator("svg.detail-outline").bounding_box()
+        thumb = panel.locator("img.detail-thumb").bounding_box()
+        assert box is not None and thumb is not None and box == thumb, "drawn over the input"
+        expect(panel.locator('[data-fact="model"]')).to_have_text("breast-unet")
+        shoot(page, "detail-segmentation")
+        panel.locator("#detail-close").click()
+        expect(panel).to_be_hidden()
+
+        page.locator('tr.result[data-id="3"]').click()
+        expect(panel).to_have_attribute("data-id", "3", timeout=TIMEOUT_MS)
+        expect(panel.locator("tr.class-row.predicted .class-name")).to_have_text(HOSTILE_LABEL)
+        expect(panel.locator('[data-fact="prediction"]')).to_have_text(HOSTILE_LABEL)
+        expect(page.locator('tr.result[data-id="3"] .pred-label')).to_have_text(HOSTILE_LABEL)
+        expect(panel.locator("img")).to_have_count(0)
+        assert page.evaluate("window.__pwned") is None
+        shoot(page, "detail-hostile")
+
+
 # -- hostile rows and a failing store ---------------------------------------------------------
 HOSTILE_TELEMETRY = {  # device -> telemetry column as an older, unvalidated gateway stored it
     "hx-deep": "[" * 100_000 + "]" * 100_000,  # json.loads: RecursionError

@@ -22,22 +22,31 @@ import contextlib
 import html
 import json
 import logging
-import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from edge_agent.errors import MedgeError, one_line
+from edge_agent.errors import MedgeError
 from gateway import read_models
 from gateway.alerts import AlertError, UnknownAlert, acknowledge, list_alerts
-from gateway.dashboard import login, rules_view
+from gateway.dashboard import detail, login, rules_view
 from gateway.dashboard.auth import SESSION_TTL_S, Sessions, Users
 from gateway.dashboard.cam import check_cam
 from gateway.dashboard.keys import ANONYMOUS, INDEX, SESSIONS, STATIC, STOPPING, STORE, TITLE, USERS
+from gateway.dashboard.replies import (
+    NO_STORE,
+    device_param,
+    dumps,
+    fault,
+    int_param,
+    json_reply,
+    json_text,
+    read_store,
+)
 from gateway.dashboard.throttle import LoginPolicy
 from gateway.store import Store
 
@@ -108,6 +117,7 @@ def create_app(
     app.on_shutdown.append(on_shutdown)
     login.install(app, login_policy)  # throttling, trusted proxies, Secure cookies
     rules_view.install(app)  # GET /api/alert-rules
+    detail.install(app)  # GET /api/results/{id}, /api/events: the detail panel
     app.router.add_get("/", _index)
     app.router.add_get("/api/me", _me)
     app.router.add_get("/api/devices", _devices)
@@ -121,41 +131,38 @@ def create_app(
 
 
 # -- handlers --------------------------------------------------------------------------------
-_NO_STORE = {"Cache-Control": "no-store"}
-
-
 async def _index(request: web.Request) -> web.Response:
     body = request.app[INDEX].replace("{{user}}", html.escape(login.user_of(request)))
-    return web.Response(text=body, content_type="text/html", headers=_NO_STORE)
+    return web.Response(text=body, content_type="text/html", headers=NO_STORE)
 
 
 async def _me(request: web.Request) -> web.Response:
-    return _json({"user": login.user_of(request), "anonymous": request.app[ANONYMOUS]})
+    return json_reply({"user": login.user_of(request), "anonymous": request.app[ANONYMOUS]})
 
 
 async def _devices(request: web.Request) -> web.Response:
     store = request.app[STORE]
-    rows = await _read("devices", lambda: read_models.devices(store))
+    rows = await read_store("devices", lambda: read_models.devices(store))
     return _json_rows(rows, "device")
 
 
 async def _results(request: web.Request) -> web.Response:
     query = request.query
-    after = _int_param(query.get("after"), 0, "after")
-    limit = min(max(_int_param(query.get("limit"), 100, "limit"), 1), MAX_LIMIT)
-    site, device = _device_param(request)
+    after = int_param(query.get("after"), 0, "after")
+    limit = min(max(int_param(query.get("limit"), 100, "limit"), 1), MAX_LIMIT)
+    site, device = device_param(request)
     store = request.app[STORE]
 
     def read() -> list[dict[str, Any]]:
         return _with_cams(store, read_models.results(store, max(after, 0), limit, site, device))
 
-    return _json_rows(await _read("results", read), "result")
+    return _json_rows(await read_store("results", read), "result")
 
 
 async def _alerts(request: web.Request) -> web.Response:
-    limit = min(max(_int_param(request.query.get("limit"), ALERTS_SHOWN, "limit"), 1), MAX_LIMIT)
+    limit = min(max(int_param(request.query.get("limit"), ALERTS_SHOWN, "limit"), 1), MAX_LIMIT)
     store = request.app[STORE]
-    return _json_rows(await _read("alerts", lambda: list_alerts(store, limit)), "alert")
+    return _json_rows(await read_store("alerts", lambda: list_alerts(store, limit)), "alert")
 
 
 async def _ack(request: web.Request) -> web.Response:
@@ -168,14 +175,14 @@ async def _ack(request: web.Request) -> web.Response:
         raise web.HTTPNotFound(text=str(exc)) from None
     except AlertError as exc:
         raise web.HTTPConflict(text=str(exc)) from None
-    return _json(alert)
+    return json_reply(alert)
 
 
 async def _history(request: web.Request) -> web.Response:
     """Per device: telemetry points (fps, latency p50, ...) and results stored per minute over
     the last ``minutes`` (default 60), for the charts."""
-    minutes = min(max(_int_param(request.query.get("minutes"), 60, "minutes"), 1), MAX_HISTORY_MIN)
-    site, device = _device_param(request)
+    minutes = min(max(int_param(request.query.get("minutes"), 60, "minutes"), 1), MAX_HISTORY_MIN)
+    site, device = device_param(request)
     store = request.app[STORE]
 
     def read() -> dict[str, Any]:
@@ -198,7 +205,7 @@ async def _history(request: web.Request) -> web.Response:
             },
         }
 
-    return _json(await _read("history", read))
+    return json_reply(await read_store("history", read))
 
 
 async def _panel_events(store: Any, last: dict[str, str]) -> list[bytes]:
@@ -212,7 +219,7 @@ async def _panel_events(store: Any, last: dict[str, str]) -> list[bytes]:
         try:
             data = _dumps_rows(await asyncio.to_thread(read), name[:-1])
         except Exception as exc:  # the store failed: say so in the stream, go on
-            data, event = _dumps({"error": _fault(name, exc)}), f"{name}-error"
+            data, event = dumps({"error": fault(name, exc)}), f"{name}-error"
             last.pop(name, None)  # sent again in full once it can be read
         if data != last.get(event):
             if event != name:
@@ -320,14 +327,6 @@ def _with_cams(store: Store, rows: list[dict[str, Any]]) -> list[dict[str, Any]]
     return rows
 
 
-def _device_param(request: web.Request) -> tuple[str | None, str | None]:
-    site: str | None = request.query.get("site") or None
-    device: str | None = request.query.get("device") or None
-    if device and "/" in device:  # "site/device", the way the page names a device
-        site, device = device.split("/", 1)
-    return site, device
-
-
 def _stream_cursor(request: web.Request) -> int | None:
     for raw in (request.headers.get("Last-Event-ID"), request.query.get("after")):
         if raw is not None and raw.strip():
@@ -338,48 +337,13 @@ def _stream_cursor(request: web.Request) -> int | None:
     return None
 
 
-def _int_param(raw: str | None, default: int, name: str) -> int:
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise web.HTTPBadRequest(text=f"{name} must be an integer") from None
-
-
 def _event(name: str, data: str, event_id: int | None = None) -> bytes:
     head = f"id: {event_id}\n" if event_id is not None else ""
     return f"{head}event: {name}\ndata: {data}\n\n".encode()
 
 
-def _finite(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
-def _dumps(value: Any) -> str:
-    """JSON a browser can parse: NaN and infinities (possible in telemetry) become null."""
-    try:
-        return json.dumps(value, separators=(",", ":"), allow_nan=False)
-    except ValueError:
-        return json.dumps(_finite(value), separators=(",", ":"), allow_nan=False)
-
-
-def _json(value: Any) -> web.Response:
-    return _json_text(_dumps(value))
-
-
-def _json_text(text: str) -> web.Response:
-    # X-Server-Time lets the page say "3 s ago" right even when its clock is off.
-    headers = {**_NO_STORE, "X-Server-Time": f"{time.time():.3f}"}
-    return web.Response(text=text, content_type="application/json", headers=headers)
-
-
 def _json_rows(rows: list[dict[str, Any]], what: str) -> web.Response:
-    return _json_text(_dumps_rows(rows, what))
+    return json_text(_dumps_rows(rows, what))
 
 
 FAULTS = {"rows": 0}  # rows shown as an error marker instead of their data (since start)
@@ -390,7 +354,7 @@ def _dumps_row(row: dict[str, Any], what: str) -> str:
     sent as its keys and an ``error`` marker, named in one log line and counted: one bad row
     never costs the whole list."""
     try:
-        return _dumps(row)
+        return dumps(row)
     except (ValueError, TypeError, RecursionError) as exc:
         FAULTS["rows"] += 1
         keys = {
@@ -405,30 +369,8 @@ def _dumps_row(row: dict[str, Any], what: str) -> str:
             type(exc).__name__,
             FAULTS["rows"],
         )
-        return _dumps({**keys, "error": f"{what} unreadable ({type(exc).__name__})"})
+        return dumps({**keys, "error": f"{what} unreadable ({type(exc).__name__})"})
 
 
 def _dumps_rows(rows: list[dict[str, Any]], what: str) -> str:
     return "[" + ",".join(_dumps_row(r, what) for r in rows) + "]"
-
-
-async def _read(what: str, read: Callable[[], T]) -> T:
-    """Run a store read in a thread; a failing store is one 503 with a one-line reason (the
-    page shows it as an error state), logged in one line, never a bare 500."""
-    try:
-        return await asyncio.to_thread(read)
-    except web.HTTPException:
-        raise
-    except Exception as exc:
-        why = _fault(what, exc)
-        log.error("dashboard: %s", why)
-        raise web.HTTPServiceUnavailable(
-            text=_dumps({"error": why}), content_type="application/json"
-        ) from None
-
-
-def _fault(what: str, exc: BaseException) -> str:
-    """One line: what could not be read, and why."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    reason = one_line(f"{type(exc).__name__}: {text}" if text else type(exc).__name__, 200)
-    return f"cannot read {what}: {reason}"

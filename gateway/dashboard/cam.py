@@ -15,7 +15,7 @@ import re
 import struct
 from typing import Any
 
-__all__ = ["CAM_MAX_BYTES", "CAM_MAX_SIDE", "check_cam"]
+__all__ = ["CAM_MAX_BYTES", "CAM_MAX_SIDE", "check_cam", "check_png"]
 
 CAM_MAX_BYTES = 16 * 1024  # decoded PNG
 CAM_MAX_SIDE = 128  # pixels, width and height
@@ -28,9 +28,22 @@ def check_cam(cam: Any) -> tuple[dict[str, str] | None, str | None]:
     """(the thumbnail as it may be shown, None), or (None, why it is dropped): ``malformed``,
     ``too_large`` or ``not_png``. Only a strict-base64 PNG of at most ``CAM_MAX_BYTES`` bytes
     and ``CAM_MAX_SIDE`` pixels a side passes; the label is text of at most 64 characters."""
-    if not isinstance(cam, dict) or not isinstance(cam.get("png"), str):
+    if not isinstance(cam, dict):
         return None, "malformed"
-    b64 = cam["png"]
+    _, why = check_png(cam.get("png"))
+    if why is not None:
+        return None, why
+    label = cam.get("label")
+    shown = label[:_LABEL_MAX] if isinstance(label, str) else ""
+    return {"png": cam["png"], "label": shown}, None
+
+
+def check_png(b64: Any) -> tuple[tuple[int, int] | None, str | None]:
+    """((width, height), None) for strict base64 of a PNG of at most ``CAM_MAX_BYTES`` bytes
+    and ``CAM_MAX_SIDE`` pixels a side (a CAM, a result's input thumbnail); else (None, why):
+    ``malformed``, ``too_large`` or ``not_png``."""
+    if not isinstance(b64, str):
+        return None, "malformed"
     if len(b64) > (CAM_MAX_BYTES + 2) // 3 * 4:
         return None, "too_large"
     png = _decode(b64)
@@ -41,9 +54,7 @@ def check_cam(cam: Any) -> tuple[dict[str, str] | None, str | None]:
     width, height = struct.unpack(">II", png[16:24])
     if not (0 < width <= CAM_MAX_SIDE and 0 < height <= CAM_MAX_SIDE):
         return None, "too_large"
-    label = cam.get("label")
-    shown = label[:_LABEL_MAX] if isinstance(label, str) else ""
-    return {"png": b64, "label": shown}, None
+    return (width, height), None
 
 
 def _decode(b64: str) -> bytes | None:

@@ -335,7 +335,7 @@
           text: verdict === "correct" ? "✓ correct" : "✗ wrong" }),
       ]);
     }
-    return el("tr", { cls: `result ${verdict}`, data: { id: r.id, verdict } }, [
+    const row = el("tr", { cls: `result ${verdict}`, data: { id: r.id, verdict } }, [
       el("td", { cls: "time", text: clockTime(r.time), title: stamp(r.time) }),
       el("td", { cls: "device", text: `${r.site}/${r.device}` }),
       el("td", { cls: "input", text: r.input || DASH, title: r.input || "" }),
@@ -344,6 +344,9 @@
       el("td", { cls: "truth", text: truth }),
       mark,
     ]);
+    row.tabIndex = 0;  // detail.js opens its detail panel (click, Enter or Space)
+    row.setAttribute("aria-haspopup", "dialog");
+    return row;
   }
 
   // The class activation map a device sent with a result, as a small image. The server has
