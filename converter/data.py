@@ -196,9 +196,12 @@ class Data:
     yc: np.ndarray | None = None  # calibration labels, when the data has them
     streams: list[StreamWindows] = field(default_factory=list)  # recordings cut into windows
     layout: str | None = None  # the model input's layout, when known before conversion (NCHW)
+    hc: tuple[np.ndarray, np.ndarray] | None = None  # segmentation: pixel mm, head circumference
 
     def metrics(self, outs: np.ndarray) -> dict[str, Any]:
-        return task_metrics(self.task, outs, self.y, self.decode, self.labels, self.positive)
+        return task_metrics(
+            self.task, outs, self.y, self.decode, self.labels, self.positive, self.hc
+        )
 
     def event_metrics(self, streams: list[np.ndarray], tolerance_s: float) -> dict[str, Any]:
         """``event_<rule>_<metric>`` of one variant's raw outputs over the recordings."""
@@ -278,7 +281,28 @@ def _dense(req: Any, decode: Decode) -> Data:
     if req.task == "regression":
         y = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
     labels = req.labels or DEFAULT_LABELS[req.task]
-    return Data(req.task, xc, xe, y, labels, None, decode)
+    data = Data(req.task, xc, xe, y, labels, None, decode)
+    if req.task == "segmentation":
+        data.hc = _head_circumference(req.eval, req.eval_split, len(xe))
+    return data
+
+
+def _head_circumference(
+    path: Path, split: str | None, n: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """``<split>_pixel_mm`` and ``<split>_hc_mm`` of a segmentation's evaluation split, when the
+    file has both (one finite value per sample): the report then scores head circumference."""
+    split = pick_split(path, split, "evaluation")
+    keys = (f"{split}_pixel_mm", f"{split}_hc_mm")
+    if split is None or not set(keys) <= _keys(Path(path)):
+        return None
+    with np.load(path, allow_pickle=False) as d:
+        px, hc = (np.asarray(d[k], dtype=np.float64).reshape(-1) for k in keys)
+    for k, v in zip(keys, (px, hc), strict=True):
+        if len(v) != n:
+            raise ConversionError(f"{path}: {k} has {len(v)} values for {n} samples")
+        require_finite(v, path, split, k)
+    return px, hc
 
 
 def _classification(req: Any, decode: Decode) -> Data:

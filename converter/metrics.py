@@ -1,9 +1,10 @@
 """Clinical metrics with 95% intervals, numpy only; positive class = the clinically positive one.
 
 Classification (sensitivity, specificity, precision, F1, AUC, ROC), segmentation (Dice, IoU,
-HD95), image-to-image (PSNR, SSIM), events over a recording (sensitivity, precision, false alarms
-per hour) and the output SNR of a quantized model. docs/report.md says what each number means and
-how its interval is computed.
+HD95, and the head circumference error where pixel sizes are known), image-to-image (PSNR,
+SSIM), events over a recording (sensitivity, precision, false alarms per hour) and the output SNR
+of a quantized model. docs/report.md says what each number means and how its interval is
+computed.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.measure import head_circumference_mm
+
 __all__ = [
     "auc",
     "bootstrap_ci",
@@ -20,6 +23,7 @@ __all__ = [
     "confusion",
     "distance_to",
     "event_metrics",
+    "hc_metrics",
     "hd95",
     "image_metrics",
     "output_snr_db",
@@ -228,10 +232,46 @@ def _mean_ci(values: np.ndarray) -> tuple[float | None, list[float] | None]:
     return float(v.mean()), bootstrap_ci(lambda i: float(v[i].mean()), [np.arange(len(v))])
 
 
-def segmentation_metrics(
-    mask_true: np.ndarray, prob: np.ndarray, threshold: float = 0.5
+def hc_metrics(
+    mask_true: np.ndarray, mask_pred: np.ndarray, pixel_mm: np.ndarray, hc_mm: np.ndarray
 ) -> dict[str, Any]:
-    """Dice, IoU and HD95 of ``prob >= threshold`` against ``mask_true``, both (N, H, W).
+    """Head circumference from each predicted mask (edge_agent.measure: an ellipse fitted to the
+    largest component, times its pixel size) against the reference ``hc_mm``: the mean absolute
+    error in mm over the images where a mask was measured (``hc_n``; ``hc_unmeasured`` counts
+    the rest), and ``hc_mae_mm_reference``, the same error of the reference masks' own fit (the
+    floor a perfect mask would reach)."""
+    px = np.asarray(pixel_mm, dtype=np.float64).reshape(-1)
+    ref = np.asarray(hc_mm, dtype=np.float64).reshape(-1)
+    if not len(px) == len(ref) == len(mask_pred):
+        raise ValueError(f"{len(mask_pred)} masks but {len(px)} pixel sizes and {len(ref)} HCs")
+
+    def errors(masks: np.ndarray) -> np.ndarray:
+        got = [head_circumference_mm(m, s) for m, s in zip(masks, px, strict=True)]
+        return np.array(
+            [np.nan if g is None else abs(g - r) for g, r in zip(got, ref, strict=True)]
+        )
+
+    err, floor = errors(mask_pred), errors(mask_true)
+    mae, ci = _mean_ci(err[np.isfinite(err)])
+    return {
+        "hc_mae_mm": mae,
+        "hc_mae_mm_ci": ci,
+        "hc_mae_mm_reference": _mean_ci(floor[np.isfinite(floor)])[0],
+        "hc_n": int(np.isfinite(err).sum()),
+        "hc_unmeasured": int((~np.isfinite(err)).sum()),
+    }
+
+
+def segmentation_metrics(
+    mask_true: np.ndarray,
+    prob: np.ndarray,
+    threshold: float = 0.5,
+    pixel_mm: np.ndarray | None = None,
+    hc_mm: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Dice, IoU and HD95 of ``prob >= threshold`` against ``mask_true``, both (N, H, W), and
+    with ``pixel_mm`` and ``hc_mm`` (one per image) the head circumference error of
+    :func:`hc_metrics`.
 
     Dice and IoU are per image, then averaged; an image where both masks are empty scores 1.
     HD95 is averaged over the images where both masks have foreground; ``hd95_undefined``
@@ -253,6 +293,7 @@ def segmentation_metrics(
     dice_m, dice_ci = _mean_ci(dice)
     iou_m, iou_ci = _mean_ci(iou)
     hd_m, hd_ci = _mean_ci(defined)
+    hc = {} if pixel_mm is None or hc_mm is None else hc_metrics(t, p, pixel_mm, hc_mm)
     return {
         "n": len(t),
         "threshold": threshold,
@@ -264,6 +305,7 @@ def segmentation_metrics(
         "hd95_ci": hd_ci,
         "hd95_n": len(defined),
         "hd95_undefined": int(np.sum((size_t == 0) != (size_p == 0))),
+        **hc,
     }
 
 

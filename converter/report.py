@@ -12,11 +12,11 @@ from typing import Any
 __all__ = ["render_html", "write_html", "write_markdown"]
 
 _METRICS = ("accuracy", "sensitivity", "specificity", "precision", "f1", "auc")
-_SEG = ("dice", "iou", "hd95")
+_SEG = ("dice", "iou", "hd95", "hc_mae_mm", "hc_mae_mm_reference")  # hc: head circumference
 _IMG = ("psnr", "ssim")
 _REG = ("mae", "rmse", "pearson_r", "bias", "loa_low", "loa_high")  # converter.regression
 _OTHER = ("output_snr_db",)  # of each artifact's raw output against the float model's
-_LOWER_IS_BETTER = {"hd95", "mae", "rmse"}
+_LOWER_IS_BETTER = {"hd95", "hc_mae_mm", "hc_mae_mm_reference", "mae", "rmse"}
 _NO_DROP = {"bias", "loa_low", "loa_high"}  # signed: neither way is a loss
 _EVENT_KEYS = ("sensitivity", "precision", "specificity", "false_alarms_per_hour", "tp", "fp", "fn")
 _COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2")

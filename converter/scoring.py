@@ -124,15 +124,17 @@ def task_metrics(
     decode: Decode,
     labels: list[str],
     positive: int | None,
+    hc: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """The task's metrics of outputs ``outs`` (N, ...) against targets ``y``."""
+    """The task's metrics of outputs ``outs`` (N, ...) against targets ``y``; ``hc``: each
+    sample's (pixel size in mm, reference head circumference in mm) for a segmentation."""
     if task == "classification":
         scores, pred = class_scores(outs, decode, labels, positive)
         return classification_metrics(y, scores, pred, positive)
     if task == "segmentation":
         fg = foreground(outs, decode.activation)
         masks = np.asarray(y).reshape(fg.shape).astype(bool)
-        return segmentation_metrics(masks, fg, decode.mask_threshold)
+        return segmentation_metrics(masks, fg, decode.mask_threshold, *(hc or (None, None)))
     if task == "regression":
         return regression_metrics(y, outs)
     ref = np.asarray(y, dtype=np.float64)
