@@ -268,9 +268,10 @@ def result_body(
     model: Model,
     latency: dict[str, float],
 ) -> dict[str, Any]:
-    labels = model.bundle.manifest.labels
+    manifest = model.bundle.manifest
+    labels = manifest.labels
     truth = sample.label if sample.label is not None and 0 <= sample.label < len(labels) else None
-    return {
+    body = {
         "input": sample.id,
         # audit: which exact input produced this result (never the input itself)
         "input_sha256": hashlib.sha256(np.ascontiguousarray(sample.data).tobytes()).hexdigest(),
@@ -283,3 +284,6 @@ def result_body(
         "latency_ms": round(latency["total"] * 1000.0, 3),
         "bundle": model.bundle.id,
     }
+    if manifest.positive_label is not None:  # the dashboard marks it among the scores
+        body["positive_label"] = manifest.positive_label
+    return body

@@ -209,6 +209,7 @@ _RESULT: dict[str, Field] = {
     "scores": _numbers,
     "label": _opt(_nonneg),
     "label_name": _opt(_text),
+    "positive_label": _opt(_text),
     "latency_ms": _opt(_num),
     "bundle": _opt(_text),
     "thumbnail": _opt(_thumbnail),
