@@ -27,8 +27,10 @@ CONTRACTS: dict[str, tuple[str, ...]] = {
     "gateway": ("converter", "medge", "models", *TRAINING),
     # the workstation writes the bundle format that edge_agent owns; it serves nothing
     "converter": ("gateway", "medge", "models"),
-    # the training zoo: TensorFlow/Keras and nothing of ours
-    "models": ("converter", "edge_agent", "gateway", "medge"),
+    # the training zoo (workstation only): TensorFlow/Keras, and the product's own definitions
+    # of what it is judged by (converter's metrics, edge_agent's windows and event rules), so a
+    # zoo number means what the report and the device mean; never the services or the CLI
+    "models": ("gateway", "medge"),
 }
 
 

@@ -24,7 +24,7 @@ DOC = ROOT / "docs" / "models.md"
 # the numbers a task is judged by, in the table's order
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "classification": ("auc", "sensitivity", "specificity"),
-    "segmentation": ("dice", "iou", "hd95"),
+    "segmentation": ("dice", "iou", "hd95", "hc_mae_mm"),
     "image_to_image": ("psnr", "ssim"),
     "regression": ("mae",),
 }
@@ -86,7 +86,7 @@ def _deployed(r: dict[str, Any]) -> str:
 def _fmt(v: Any, metric: str) -> str:
     if v is None:
         return "–"
-    if metric in ("hd95", "mae", "psnr", "false_alarms_per_hour"):
+    if metric in ("hd95", "mae", "psnr", "false_alarms_per_hour", "hc_mae_mm"):
         return f"{v:.2f}"
     return f"{v:.3f}"
 
