@@ -19,7 +19,7 @@ DATA_DIR = Path(__file__).parent / "data"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 REPORTS_DIR = Path(__file__).parent / "reports"  # converter reports that docs/models.md is made of
 
-FAMILIES = ("CNN", "GRU", "LSTM", "CNN-LSTM", "GAN", "U-Net")
+FAMILIES = ("CNN", "GRU", "CNN-GRU", "LSTM", "CNN-LSTM", "GAN", "U-Net")
 
 
 def _specs() -> dict[str, ZooModel]:
