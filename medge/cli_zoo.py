@@ -19,11 +19,11 @@ def cmd_zoo_list(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'name':16s} {'family':9s} {'task':15s} {'data':17s} summary")
+    w = max([len("name"), *(len(r["name"]) for r in rows)])
+    print(f"{'name':{w}s} {'family':9s} {'task':15s} {'data':17s} summary")
     for r in rows:
-        print(
-            f"{r['name']:16s} {r['family']:9s} {r['task']:15s} {r['data_kind']:17s} {r['summary']}"
-        )
+        kind = r["data_kind"]
+        print(f"{r['name']:{w}s} {r['family']:9s} {r['task']:15s} {kind:17s} {r['summary']}")
     return 0
 
 
