@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 
 from edge_agent.bundle import Decode
+from edge_agent.mask import components, cv2_or_none, trace_contour
+from edge_agent.measure import fit_ellipse
 from edge_agent.png import encode_png, thumbnail
 
 __all__ = [
@@ -57,6 +59,9 @@ class Segmentation:
     contour: list[list[int]]
     size: list[int]  # [height, width] of the mask
     class_px: dict[str, int] = field(default_factory=dict)
+    # the ellipse fitted to the largest component's outline (measure.fit_ellipse): centre,
+    # full axes, angle in pixels of the mask; None when there is none to fit
+    ellipse: dict[str, Any] | None = None
 
     def body(self) -> dict[str, Any]:
         return {
@@ -67,6 +72,7 @@ class Segmentation:
             "contour": self.contour,
             "size": self.size,
             "class_px": self.class_px,
+            "ellipse": self.ellipse,
         }
 
 
@@ -119,14 +125,6 @@ def classify(
     return Classification(pred=pred, pred_label=labels[pred], scores=[float(s) for s in scores])
 
 
-def _cv2() -> Any:
-    try:
-        import cv2
-    except ImportError:
-        return None
-    return cv2
-
-
 def _probabilities(out: np.ndarray, activation: str) -> np.ndarray:
     """(H, W, K) per-pixel probabilities from a (1, H, W, K), (H, W, K) or (H, W) output."""
     a = np.asarray(out, dtype=np.float32)
@@ -142,91 +140,6 @@ def _probabilities(out: np.ndarray, activation: str) -> np.ndarray:
         e = np.exp(a - a.max(axis=-1, keepdims=True))
         return e / e.sum(axis=-1, keepdims=True)
     return a
-
-
-def components(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """8-connected components of a boolean mask: (int32 label image, 0 = background; count)."""
-    mask = np.asarray(mask, dtype=bool)
-    cv2 = _cv2()
-    if cv2 is not None:
-        n, lab = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
-        return lab.astype(np.int32), int(n) - 1
-    return _components_numpy(mask)
-
-
-def _row_runs(mask: np.ndarray) -> tuple[list[tuple[int, int, int]], list[list[int]]]:
-    """The runs of True of each row: (row, start, end exclusive), and each row's run ids."""
-    runs: list[tuple[int, int, int]] = []
-    row_runs: list[list[int]] = []
-    for y in range(mask.shape[0]):
-        d = np.diff(np.concatenate(([0], mask[y].view(np.int8), [0])))
-        starts, ends = np.flatnonzero(d == 1), np.flatnonzero(d == -1)
-        row_runs.append([])
-        for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
-            row_runs[-1].append(len(runs))
-            runs.append((y, s, e))
-    return runs, row_runs
-
-
-def _components_numpy(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """components() without OpenCV: union-find over the runs of each row."""
-    runs, row_runs = _row_runs(mask)
-    parent = list(range(len(runs)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for y in range(1, len(row_runs)):
-        above, k = row_runs[y - 1], 0  # runs of a row are sorted and disjoint: two pointers
-        for i in row_runs[y]:
-            _, s, e = runs[i]
-            while k < len(above) and runs[above[k]][2] < s:
-                k += 1
-            m = k
-            while m < len(above) and runs[above[m]][1] <= e:  # touching, diagonals included
-                ri, rj = find(i), find(above[m])
-                if ri != rj:
-                    parent[max(ri, rj)] = min(ri, rj)
-                m += 1
-    lab = np.zeros(mask.shape, np.int32)
-    ids: dict[int, int] = {}
-    for i, (y, s, e) in enumerate(runs):
-        lab[y, s:e] = ids.setdefault(find(i), len(ids) + 1)
-    return lab, len(ids)
-
-
-# 8 neighbours clockwise on screen (x right, y down), starting east
-_DIRS = ((1, 0), (1, 1), (0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1))
-
-
-def trace_contour(mask: np.ndarray) -> list[list[int]]:
-    """The outer boundary of the (single) component in a boolean mask, as [x, y] pixels in
-    clockwise order (Moore-neighbour tracing); [] for an empty mask."""
-    m = np.pad(np.asarray(mask, dtype=bool), 1)
-    ys, xs = np.nonzero(m)
-    if ys.size == 0:
-        return []
-    start = (int(xs[0]), int(ys[0]))  # top-most, then left-most: its west neighbour is empty
-    out, p, back = [start], start, 4  # 'back': direction from p to the last background pixel
-    for _ in range(4 * int(ys.size) + 8):
-        for i in range(1, 9):
-            d = (back + i) % 8
-            q = (p[0] + _DIRS[d][0], p[1] + _DIRS[d][1])
-            if m[q[1], q[0]]:
-                prev = (back + i - 1) % 8  # background, seen from p
-                bx, by = p[0] + _DIRS[prev][0], p[1] + _DIRS[prev][1]
-                back = _DIRS.index((bx - q[0], by - q[1]))
-                p = q
-                break
-        else:
-            break  # a single pixel
-        if p == start:
-            break
-        out.append(p)
-    return [[x - 1, y - 1] for x, y in out]
 
 
 def simplify_polygon(points: list[list[int]], max_points: int = MAX_POLYGON) -> list[list[int]]:
@@ -274,7 +187,7 @@ def _largest_contour(lab: np.ndarray, n: int) -> list[list[int]]:
         return []
     largest = int(np.argmax(np.bincount(lab.ravel())[1:])) + 1
     blob = lab == largest
-    cv2 = _cv2()
+    cv2 = cv2_or_none()
     if cv2 is not None:
         found, _ = cv2.findContours(blob.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         c = max(found, key=len)
@@ -324,7 +237,13 @@ def segment(out: np.ndarray, spec: Decode, labels: list[str]) -> Segmentation:
         contour=_largest_contour(lab, n),
         size=[h, w],
         class_px=class_px,
+        ellipse=_ellipse(mask, area),
     )
+
+
+def _ellipse(mask: np.ndarray, area: int) -> dict[str, Any] | None:
+    fitted = fit_ellipse(mask) if area else None
+    return fitted.body() if fitted is not None else None
 
 
 def image_stats(out: np.ndarray, labels: list[str], max_side: int = 64) -> ImageResult:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.decode import _cv2, components, trace_contour
+from edge_agent.mask import components, cv2_or_none, trace_contour
 
 __all__ = ["Ellipse", "ellipse_perimeter", "fit_ellipse", "head_circumference_mm"]
 
@@ -58,7 +58,7 @@ def _outline(mask: np.ndarray) -> np.ndarray | None:
     if n == 0:
         return None
     blob = lab == int(np.argmax(np.bincount(lab.ravel())[1:])) + 1
-    cv2 = _cv2()
+    cv2 = cv2_or_none()
     if cv2 is not None:
         found, _ = cv2.findContours(blob.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         return np.asarray(max(found, key=len), dtype=np.float64).reshape(-1, 2)
@@ -105,7 +105,7 @@ def fit_ellipse(mask: np.ndarray) -> Ellipse | None:
     pts = _outline(np.asarray(mask, dtype=bool))
     if pts is None or len(pts) < 5:
         return None
-    cv2 = _cv2()
+    cv2 = cv2_or_none()
     if cv2 is not None:
         (cx, cy), (w, h), ang = cv2.fitEllipse(pts.astype(np.float32))
         # OpenCV: w lies along ang, h across it

@@ -12,7 +12,8 @@ import pytest
 from converter.metrics import segmentation_metrics
 from converter.report import write_markdown
 from converter.scoring import task_metrics
-from edge_agent import decode, measure
+from edge_agent import mask as mask_mod
+from edge_agent import measure
 from edge_agent.bundle import Decode
 from models.hc18_unet import DATA
 
@@ -62,11 +63,11 @@ CASES = [  # centre, semi-axes, angle (degrees): large and small, round and elon
 def test_fit_recovers_a_synthetic_ellipse(
     monkeypatch: pytest.MonkeyPatch, cv2: bool, case: tuple[float, ...]
 ) -> None:
-    if not cv2:
-        monkeypatch.setattr(measure, "_cv2", lambda: None)
-        monkeypatch.setattr(decode, "_cv2", lambda: None)
-    elif decode._cv2() is None:
-        pytest.skip("OpenCV is not installed")
+    if not cv2:  # as on a device without opencv-python-headless
+        monkeypatch.setattr(measure, "cv2_or_none", lambda: None)
+        monkeypatch.setattr(mask_mod, "cv2_or_none", lambda: None)
+    else:
+        assert mask_mod.cv2_or_none() is not None, "the dev extra installs OpenCV"
     cx, cy, a, b, angle = case
     mask = _ellipse_mask((176, 256), cx, cy, a, b, angle)
     mask[5:8, 5:8] = True  # a small blob elsewhere: only the largest component is fitted
@@ -149,3 +150,18 @@ def test_task_metrics_and_report_carry_the_hc(tmp_path: Path) -> None:
     row = next(line for line in md.splitlines() if line.startswith("| hc_mae_mm |"))
     assert row.endswith("| 0.5000 |")  # the rise in error is the drop
     assert "| hc_mae_mm_reference |" in md
+
+
+def test_a_segmentation_result_carries_the_fitted_ellipse() -> None:
+    """The device sends the ellipse with the mask, so the dashboard draws it as an outline."""
+    from edge_agent.decode import segment
+
+    mask = _ellipse_mask((88, 128), 64.0, 44.0, 30.0, 20.0, 30.0)
+    logits = np.where(mask, 6.0, -6.0)[..., None].astype(np.float32)
+    body = segment(logits, Decode(kind="segmentation", activation="sigmoid"), ["bg", "head"]).body()
+    e = body["ellipse"]
+    assert e["center"] == pytest.approx([64.0, 44.0], abs=0.6)
+    assert e["axes"] == pytest.approx([60.0, 40.0], abs=1.5)
+    assert e["angle"] == pytest.approx(30.0, abs=2.0)
+    empty = segment(np.full((8, 8, 1), -6.0, np.float32), Decode(kind="segmentation"), ["bg"])
+    assert empty.body()["ellipse"] is None
