@@ -48,7 +48,8 @@ def register(sub: Any, common: Callable[..., None]) -> None:
         help="the whole chain on this machine, on real recorded data",
         description="Start a broker (Mosquitto if installed, else embedded), the "
         "gateway, the dashboard and simulated devices: one per scenario, each replaying "
-        f"its modality's real recorded data through its zoo model ({scenarios}). "
+        "recorded data of its modality through its zoo model (real recordings; where a "
+        f"scenario adds simulated events its summary says so) ({scenarios}). "
         "Each zoo bundle is converted on first use and cached. Ctrl-C stops it; with "
         "--duration it stops by itself, prints per-device sent/stored/duplicates "
         "and exits 1 if anything sent was not stored.",
@@ -71,8 +72,14 @@ def register(sub: Any, common: Callable[..., None]) -> None:
     )
     m.add_argument("--host", default="127.0.0.1", help="dashboard address (default loopback)")
     m.add_argument("--port", type=int, default=8080, help="dashboard port (0: any free one)")
+    images = ", ".join(s.name for s in SCENARIOS if not s.realtime)
+    streams = ", ".join(s.name for s in SCENARIOS if s.realtime)
     m.add_argument(
-        "--rate", type=float, default=4.0, help="samples (images, windows) per second per device"
+        "--rate",
+        type=float,
+        default=4.0,
+        help=f"images per second per device of the image scenarios ({images}; default 4); "
+        f"the stream scenarios ({streams}) play in real time at their recording's rate",
     )
     m.add_argument(
         "--bundle",

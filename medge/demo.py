@@ -1,8 +1,9 @@
 """``medge demo``: the whole chain on one machine, on loopback, replaying real recorded data.
 
 broker (Mosquitto, else embedded amqtt) -> gateway + SQLite -> dashboard, and simulated devices:
-one per scenario (medge/demo_scenarios.py: ultrasound, X-ray, ...), each running its zoo model's
-bundle on its modality's real recorded stream.
+one per scenario (medge/demo_scenarios.py: ultrasound, X-ray, wrist IMU, ECG), each running its
+zoo model's bundle on its modality's recorded stream (real; the wrist stream's falls are
+simulated).
 """
 
 from __future__ import annotations
