@@ -61,6 +61,11 @@ class EventTracker:
         self._states = [_State() for _ in self.rules]
         self.suppressed: dict[str, int] = {}
         """Onsets suppressed by the refractory time, per rule name."""
+        self.time_resets = 0
+        """Windows whose time went back (a looped recording starting again, a source clock
+        reset): each ended what was open (``ended_by: time_reset``) and cleared the refractory
+        time, which cannot be measured across it."""
+        self._t: float | None = None
 
     def __bool__(self) -> bool:
         return bool(self.rules)
@@ -68,8 +73,22 @@ class EventTracker:
     def update(self, t: float, scores: Sequence[float], input_id: str) -> list[dict[str, Any]]:
         """Event messages (start and end) that this window causes, in order."""
         out: list[dict[str, Any]] = []
+        t = float(t)
+        if self._t is not None and t < self._t:
+            self.time_resets += 1
+            out.extend(self._reset())
+        self._t = t
         for rule, k, st in zip(self.rules, self._index, self._states, strict=True):
-            out.extend(self._step(rule, st, float(t), float(scores[k]), input_id))
+            out.extend(self._step(rule, st, t, float(scores[k]), input_id))
+        return out
+
+    def _reset(self) -> list[dict[str, Any]]:
+        """Time went back: end what is open, forget onsets and the last start."""
+        out = []
+        for i, (rule, st) in enumerate(zip(self.rules, self._states, strict=True)):
+            if st.active:
+                out.append(self._end(rule, st, "time_reset"))
+            self._states[i] = _State()
         return out
 
     def finish(self) -> list[dict[str, Any]]:

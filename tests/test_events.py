@@ -105,6 +105,24 @@ def test_refractory_time_suppresses_a_second_onset_and_counts_it() -> None:
     assert t.suppressed == {"fall": 1} and all(e["alert"] is False for e in starts)
 
 
+def test_a_looped_recording_raises_its_events_again() -> None:
+    """A replay that loops starts its recorded times again: the refractory time cannot be
+    measured across that, so it is cleared (and what was open is ended), not held forever."""
+    t = EventTracker([rule(refractory_s=30.0)], ["adl", "fall"])
+    one_pass = [0.1, 0.9, 0.9, 0.1, 0.1]
+    events: list[dict[str, Any]] = []
+    for _ in range(3):
+        for i, p in enumerate(one_pass):
+            events += t.update(float(i), [1.0 - p, p], f"w{i}")
+    starts = [e for e in events if e["state"] == "start"]
+    assert [e["start"] for e in starts] == [1.0, 1.0, 1.0]
+    assert t.time_resets == 2 and t.suppressed == {}
+    mid = EventTracker([rule()], ["adl", "fall"])
+    mid.update(5.0, [0.1, 0.9], "a")
+    [end] = mid.update(0.0, [0.9, 0.1], "b")  # back in time while an event is open
+    assert end["state"] == "end" and end["ended_by"] == "time_reset"
+
+
 def test_an_event_open_at_the_end_of_the_stream_is_closed() -> None:
     events = run(EventTracker([rule()], ["adl", "fall"]), [0.1, 0.9, 0.9], dt=0.5)
     assert events[-1]["state"] == "end" and events[-1]["ended_by"] == "stream_end"
