@@ -161,7 +161,12 @@ def _plan(opts: DemoOptions, site_dir: Path, run: Path) -> list[tuple[Scenario, 
 
 def _signed_copy(bundle: Bundle, dst: Path, site_dir: Path) -> Bundle:
     """The bundle as this site's devices will accept it: signed by the site's bundle signer."""
-    shutil.copytree(bundle.directory, dst, ignore=shutil.ignore_patterns(SIGNATURE_NAME))
+    shutil.copytree(  # copyfile: new files under the process umask, not the source's modes
+        bundle.directory,
+        dst,
+        ignore=shutil.ignore_patterns(SIGNATURE_NAME),
+        copy_function=shutil.copyfile,
+    )
     key = signer_key(site_dir)
     sign_bundle(dst, key)
     return Bundle.load(dst, trusted=[key.public_key()])

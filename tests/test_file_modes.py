@@ -51,7 +51,7 @@ def _open_to_others(root: Path) -> list[str]:
 
 
 def test_a_real_run_leaves_every_file_owner_only(  # type: ignore[no-untyped-def]
-    tmp_path: Path, mosquitto: RunningBroker
+    tmp_path: Path, mosquitto: RunningBroker, bundle_dir: Path
 ) -> None:
     old = os.umask(0o022)  # as a typical login shell: the files must not inherit it
     try:
@@ -64,6 +64,8 @@ def test_a_real_run_leaves_every_file_owner_only(  # type: ignore[no-untyped-def
             "1",
             "--port",
             "0",
+            "--bundle",  # the session's bundle: the demo's zoo conversions are test_demo's
+            str(bundle_dir),
             "--workdir",
             str(work),
             "--log-level",
