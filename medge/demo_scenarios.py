@@ -87,6 +87,22 @@ SCENARIOS: tuple[Scenario, ...] = (
         _images("pneumonia_cnn"),
     ),
     Scenario(
+        "fetal",
+        "hc18_unet",
+        "fh",
+        "fetal head ultrasound frames (HC18) through the U-Net: the head's mask outline and "
+        "fitted ellipse, whose perimeter is the head circumference",
+        _images("hc18_unet"),
+    ),
+    Scenario(
+        "despeckle",
+        "us_denoise_gan",
+        "dn",
+        "fetal ultrasound frames (HC18) with SIMULATED speckle through the GAN denoiser: "
+        "image-to-image, a thumbnail of each cleaned frame",
+        _images("us_denoise_gan"),
+    ),
+    Scenario(
         "wrist",
         "wrist_fall_lstm",
         "wr",

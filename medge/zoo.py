@@ -83,12 +83,12 @@ def _files(value: Any) -> list[Path]:
     return []
 
 
-def _key(spec: ZooModel, profile: str) -> str:
+def _key(spec: ZooModel, profile: str, fields: dict[str, Any]) -> str:
     """The cache key: the bytes of every input file, the settings and the profile."""
     h = hashlib.sha256()
     for path in (spec.weights, spec.data, *_files(spec.convert)):
         h.update(hashlib.sha256(path.read_bytes()).digest())
-    h.update(json.dumps([spec.convert, profile], sort_keys=True, default=str).encode())
+    h.update(json.dumps([fields, profile], sort_keys=True, default=str).encode())
     return h.hexdigest()[:12]
 
 
@@ -98,10 +98,13 @@ def build(
     out: Path | None = None,
     force: bool = False,
     sign_key: Path | None = None,
+    lean: bool = False,
 ) -> Bundle:
     """Convert zoo model ``name`` for ``profile``, signed with ``sign_key`` (a site's
     bundle-signer.key) if given. Without ``out`` the bundle is cached by the content of its
-    inputs and reused (whoever deploys it signs it); with ``out`` it is written there."""
+    inputs and reused (whoever deploys it signs it); with ``out`` it is written there.
+    ``lean``: the deployed LiteRT file only (no ONNX, no float extras), as the demo needs: a
+    fraction of the conversion time."""
     spec = find(name)
     _missing(spec)
     try:
@@ -111,14 +114,17 @@ def build(
             "building a zoo bundle needs the converter: pip install 'medge[convert]'"
         ) from exc
     cached = out is None
-    target = out or cache_dir() / "bundles" / f"{spec.bundle_name}-{profile}-{_key(spec, profile)}"
+    fields: dict[str, Any] = dict(spec.convert)
+    if lean:
+        fields.update(onnx=False, float_artifacts="none")
+    key = _key(spec, profile, fields)
+    target = out or cache_dir() / "bundles" / f"{spec.bundle_name}-{profile}-{key}"
     if cached and not force:
         try:
             return Bundle.load(target)
         except MedgeError:
             pass
     log.info("converting zoo model %s for %s (into %s)", spec.name, profile, target)
-    fields: dict[str, Any] = dict(spec.convert)
     return convert(
         ConvertRequest(
             model=spec.weights,
