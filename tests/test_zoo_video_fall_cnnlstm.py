@@ -1,0 +1,149 @@
+"""The zoo's video fall CNN-LSTM: its committed data, clip excerpt and spec agree (no
+TensorFlow, no training); one slow test runs the converted bundle on the agent's own video
+source over the committed fall clip."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edge_agent.bundle import EventRule, WindowSpec
+from edge_agent.sources.video import VideoSettings, VideoSource
+from models import video_fall_cnnlstm as m
+
+T, H, W = m.LENGTH, *m.SIZE
+
+
+@pytest.fixture(scope="module")
+def data() -> dict[str, np.ndarray]:
+    with np.load(m.DATA, allow_pickle=False) as d:
+        return {k: d[k] for k in d.files}
+
+
+def test_splits_shapes_dtypes_and_labels(data: dict[str, np.ndarray]) -> None:
+    assert [str(s) for s in data["labels"]] == m.CLASS_NAMES == ["no_fall", "fall"]
+    for split in ("calib", "val"):
+        x, y = data[f"{split}_images"], data[f"{split}_labels"]
+        assert x.dtype == np.uint8 and x.shape[1:] == (T, H, W, 1) and len(x) == len(y)
+        assert set(np.unique(y).tolist()) == {0, 1}
+        assert x.std() > 10  # real frames, not a constant
+    assert np.bincount(data["calib_labels"]).tolist() == [48, 48]
+    assert m.DATA.stat().st_size < 1.5e6
+
+
+def test_split_is_disjoint_by_subject(data: dict[str, np.ndarray]) -> None:
+    """val: every window of subject 1 (hop 2); calib: subjects 2 and 3 only."""
+    assert set(data["val_subject"].tolist()) == {m.VAL_SUBJECT} == {1}
+    assert {str(c).split("-")[0] for c in data["val_clip"]} == {"Subject_1"}
+    assert set(data["calib_subjects"].tolist()) == {2, 3}
+    # five clips of subject 1: 2 daily activities, 3 falls; times start at 0 in each clip
+    clips = sorted({str(c) for c in data["val_clip"]})
+    assert [c.split("-")[1] for c in clips] == ["ADL", "ADL", "Fall", "Fall", "Fall"]
+    assert data["val_time"].min() == 0.0
+    # no calibration window is a validation window
+    val = {x.tobytes() for x in data["val_images"]}
+    assert not any(x.tobytes() in val for x in data["calib_images"])
+
+
+def _keras_config(path: Path) -> dict[str, Any]:
+    with zipfile.ZipFile(path) as z:
+        return json.loads(z.read("config.json"))  # type: ignore[no-any-return]
+
+
+def test_spec_matches_weights_and_bundle_fields() -> None:
+    spec = m.SPEC
+    assert spec.family == "CNN-LSTM" and spec.data_kind == "real"
+    assert spec.weights.stat().st_size < 1e6
+    cfg = _keras_config(spec.weights)["config"]
+    layers = cfg["layers"]
+    assert layers[0]["config"]["batch_shape"] == [1, T, H, W, 1]  # static batch for the LSTM
+    assert layers[-1]["config"]["units"] == len(spec.convert["labels"]) == 2
+    assert layers[-1]["config"]["activation"] == "softmax"
+    assert spec.convert["positive_label"] == m.POSITIVE == "fall"
+    assert spec.convert["preprocess"] == {"kind": "scale01"}
+    window = WindowSpec(**spec.convert["window"])
+    assert (window.length, window.hop, window.rate_hz) == (T, 1, 5.0)
+    (rule,) = [EventRule(**r) for r in spec.convert["events"]]
+    assert rule.name == "fall" and rule.label == "fall" and rule.off <= rule.on
+    assert "LOSO" in spec.split and "19 clips" in spec.split
+
+
+def test_clip_excerpt_is_small_and_frames_match_the_agents_source() -> None:
+    """The model's frames are the agent's: the video source with step 3 (15 fps -> 5 Hz),
+    grey, 48x64 gives the same frames at the same times as models' clip_frames."""
+    assert m.CLIP.stat().st_size < 300e3
+    times, frames = m.clip_frames(m.CLIP)
+    src = VideoSource(VideoSettings(path=m.CLIP, color="grey", size=(H, W), step=3))
+    got = list(src.stream(threading.Event()))
+    assert round(src.fps) == 15 and len(got) == len(frames) == 25  # 5 s at 5 Hz
+    np.testing.assert_allclose([s.time for s in got], times)
+    np.testing.assert_array_equal(np.stack([s.data for s in got]), frames)
+
+
+def test_missing_data_is_one_line(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "models.video_fall_cnnlstm", "--data-root", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        f"video_fall_cnnlstm: missing data file {tmp_path}/video/gmdcsa24/Subject_1-ADL.csv"
+    ]
+
+
+@pytest.mark.slow  # converts the committed weights (cached by content)
+def test_bundle_raises_the_fall_on_the_agents_video_source(tmp_path: Path) -> None:
+    """The agent's own path on the committed excerpt: the video source (step 3, grey, 48x64)
+    with the bundle's window, the bundle's LiteRT artifact and its ``fall`` rule raise one fall
+    event, starting within 1.6 s (one window) of the labelled fall start (2.0 s) and before
+    2 s after it; no event before the fall. (The clip is in the final model's training data:
+    this checks the device path, not the model's accuracy; LOSO numbers are in the spec.)"""
+    from conftest import convert_cached
+
+    from converter import ConvertRequest
+    from edge_agent.bundle import Bundle
+    from edge_agent.events import EventTracker
+    from edge_agent.model import LoadedModel
+    from edge_agent.sources import open_source
+
+    out = convert_cached(
+        ConvertRequest(
+            model=m.WEIGHTS,
+            calib=m.DATA,
+            eval=m.DATA,
+            out=tmp_path / "video-fall-cnnlstm",
+            name=m.SPEC.bundle_name,
+            task=m.SPEC.task,
+            float_artifacts="none",
+            onnx=False,
+            **m.SPEC.convert,
+        )
+    )
+    bundle = Bundle.load(out)
+    man = bundle.manifest
+    assert man.labels == m.CLASS_NAMES and man.window is not None
+    cfg = VideoSettings(path=m.CLIP, color="grey", size=(H, W), step=3)
+    src = open_source(cfg, man.window)
+    model = LoadedModel(bundle)
+    tracker = EventTracker(man.decode.events, man.labels)
+    events, n = [], 0
+    for w in src.stream(threading.Event()):
+        assert w.data.shape == (T, H, W)
+        events += tracker.update(float(w.time or 0), model.infer(model.prepare(w.data)), w.id)
+        n += 1
+    starts = [e["start"] for e in events + tracker.finish() if e["state"] == "start"]
+    assert n == 25 - T + 1
+    assert len(starts) == 1, starts
+    assert m.CLIP_FALL_S - T / m.RATE_HZ <= starts[0] <= m.CLIP_FALL_S + 2.0
