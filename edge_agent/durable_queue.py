@@ -53,9 +53,24 @@ def durable_sqlite(path: Path, timeout: float = 5.0) -> sqlite3.Connection:
     with contextlib.suppress(FileExistsError):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=timeout)
-    db.execute("PRAGMA journal_mode=WAL")
+    _wal(db, timeout)
     db.execute("PRAGMA synchronous=FULL")
     return db
+
+
+def _wal(db: sqlite3.Connection, timeout: float) -> None:
+    """Switch to WAL. Switching takes an exclusive lock, and SQLite answers "database is
+    locked" at once (no busy wait) when another connection opening the same new file holds
+    one: several workers starting together. Tried again until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
 
 
 def begin_immediate(db: sqlite3.Connection, tries: int = _BEGIN_TRIES) -> None:

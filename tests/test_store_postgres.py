@@ -181,7 +181,7 @@ def test_two_gateway_workers_store_an_agents_results_once(  # type: ignore[no-un
     assert all(r["label"] == labels[int(r["input"].rsplit("#", 1)[1])] for r in rows)
     assert {r["bundle"] for r in rows} == {Bundle.load(bundle_dir).id}
     assert all(r["pred_label"] in breast_cnn.CLASS_NAMES for r in rows)
-    assert (dev["stored"], dev["state"]) == (78, "offline")
+    assert (dev["stored"], dev["state"]) == (78, "stopped")
     assert dev["telemetry"]["results"] == 78
 
 
