@@ -71,6 +71,19 @@ def _ecg(rate_hz: float, data: Path | None) -> dict[str, Any]:
     return {"kind": "ecg", "path": path, "realtime": True, "loop": True}
 
 
+def _ward(rate_hz: float, data: Path | None) -> dict[str, Any]:
+    path = data or _data("video_fall_clip_s3_19.mp4")
+    return {
+        "kind": "video",
+        "path": path,
+        "color": "grey",
+        "size": [48, 64],
+        "step": 3,  # 15 fps -> the model's 5 fps
+        "realtime": True,
+        "loop": True,
+    }
+
+
 SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         "ultrasound",
@@ -110,6 +123,16 @@ SCENARIOS: tuple[Scenario, ...] = (
         "falls (at 6, 56, 109, 159 s) through the fall LSTM: fall events and critical alerts; "
         "real time at 20 Hz, --rate does not apply",
         _wrist,
+        realtime=True,
+    ),
+    Scenario(
+        "ward",
+        "video_fall_cnnlstm",
+        "cam",
+        "a ward camera (a real 5 s GMDCSA24 fall clip, subject 3, one the model was trained on: "
+        "it shows the device path, not accuracy) through the CNN-LSTM: fall events and alerts; "
+        "real time at 15 fps, --rate does not apply",
+        _ward,
         realtime=True,
     ),
     Scenario(

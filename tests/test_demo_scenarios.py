@@ -74,7 +74,8 @@ def test_demo_help_lists_the_scenarios_and_what_rate_is_for() -> None:
     for s in SCENARIOS:
         assert f"{s.name}: " in r.stdout
     assert "{" + ",".join(s.name for s in SCENARIOS) + "}" in r.stdout
-    assert "the stream scenarios (wrist, ecg) play in real time" in r.stdout
+    streams = ", ".join(s.name for s in SCENARIOS if s.realtime)
+    assert f"the stream scenarios ({streams}) play in real time" in r.stdout
 
 
 def _lines(path: Path) -> list[list[str]]:
