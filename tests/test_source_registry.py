@@ -11,7 +11,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from edge_agent import sources
 from edge_agent.config import load_config
-from edge_agent.errors import ConfigError
+from edge_agent.errors import ConfigError, SourceError
 from edge_agent.sources import (
     SOURCE_KINDS,
     DicomSource,
@@ -138,7 +138,7 @@ def test_public_names() -> None:
 def test_the_manifest_window_makes_clips_of_frames_and_leaves_the_voi_window_alone() -> None:
     from edge_agent.bundle import WindowSpec
 
-    spec = WindowSpec(length=4, hop=2, label="max", rate_hz=50)  # no rate check for frames
+    spec = WindowSpec(length=4, hop=2, label="max", rate_hz=15)  # the video's ~15 fps
     dcm = open_source(ADAPTER.validate_python({**EXAMPLES["dicom"], "window": [40, 400]}), spec)
     assert isinstance(dcm, WindowedSource) and isinstance(dcm.inner, DicomSource)
     assert (dcm.settings.length, dcm.settings.hop, dcm.settings.label) == (4, 2, "max")
@@ -150,3 +150,6 @@ def test_the_manifest_window_makes_clips_of_frames_and_leaves_the_voi_window_alo
     )
     assert isinstance(own, WindowedSource) and own.settings.length == 8
     assert isinstance(open_source(ADAPTER.validate_python(EXAMPLES["images"]), spec), ImagesSource)
+    fast = WindowSpec(length=4, hop=2, rate_hz=50)  # more frames/s than the file has
+    with pytest.raises(SourceError, match="re-encode the video"):
+        open_source(ADAPTER.validate_python(EXAMPLES["video"]), fast)

@@ -141,3 +141,20 @@ def test_interval_parser_reads_the_dataset_quirks(tmp_path: Path) -> None:
     assert [i[1:] for i in load_intervals(csv, "06.mp4")[:2]] == [(0.0, 0.5), (4.2, 6.5)]
     with pytest.raises(SourceError, match="no row"):
         load_intervals(csv, "99.mp4")
+
+
+def test_a_recorded_video_at_the_wrong_frame_rate_for_the_model_is_refused() -> None:
+    """The bundle's clips are 5 frames/s: a 15 fps file must keep every third frame, or a
+    clip of the right length would span a third of the time (a quietly changed window)."""
+    from edge_agent.bundle import WindowSpec
+    from edge_agent.sources import open_source
+
+    clip = Path(__file__).parent.parent / "models" / "data" / "video_fall_clip_s3_19.mp4"
+    window = WindowSpec(length=8, hop=1, rate_hz=5.0)
+    ok = open_source(VideoSettings(path=clip, step=3, color="grey", size=(48, 64)), window)
+    assert ok is not None
+    wrong = r"15[.0-9]* fps with step 1 gives 15[.0-9]* frames/s.*set step: 3"
+    with pytest.raises(SourceError, match=wrong):
+        open_source(VideoSettings(path=clip, color="grey", size=(48, 64)), window)
+    unrated = WindowSpec(length=8, hop=1)  # a bundle that does not say: nothing to check
+    assert open_source(VideoSettings(path=clip, size=(48, 64)), unrated) is not None

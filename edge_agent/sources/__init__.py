@@ -59,6 +59,7 @@ __all__ = [
     "UdpSource",
     "VideoSettings",
     "VideoSource",
+    "check_frame_rate",
     "check_rate",
     "ecg_from_manifest",
     "load_labelled",
@@ -154,7 +155,31 @@ def open_source(
     rate = getattr(cfg, "rate_hz", None)
     if plugin.windowing == "window" and window is not None and window.rate_hz is not None and rate:
         check_rate(src.name, float(rate), window.rate_hz)
+    if isinstance(src, VideoSource) and window is not None and window.rate_hz is not None:
+        check_frame_rate(src, window.rate_hz)
     return WindowedSource(src, own)
+
+
+def check_frame_rate(src: VideoSource, model_hz: float) -> None:
+    """Refuse a recorded video whose kept frames (fps / step) do not come at the rate the
+    model's clips were cut at: a clip of the right length would span the wrong time. 5 %
+    tolerance: recordings say 29.97 or 29.3 fps where 30 was meant. A camera's rate is what it
+    delivers, so only files are checked here."""
+    fps = src.recorded_fps()
+    if fps is None:
+        return
+    step = src.cfg.step
+    if abs(fps / step - model_hz) > 0.05 * model_hz:
+        fits = round(fps / model_hz)
+        fix = (
+            f"set step: {fits}"
+            if fits >= 1 and abs(fps / fits - model_hz) <= 0.05 * model_hz
+            else "re-encode the video at a multiple of that rate"
+        )
+        raise SourceError(
+            f"{src.name}: {fps:g} fps with step {step} gives {fps / step:.3g} frames/s, but the "
+            f"model's clips are at rate_hz {model_hz:g} (bundle manifest); {fix}"
+        )
 
 
 def _plugin(cfg: SourceSettings) -> Plugin:

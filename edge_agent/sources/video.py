@@ -145,6 +145,15 @@ class VideoSource:
     def errors(self) -> dict[str, int]:
         return self._problems.snapshot()
 
+    def recorded_fps(self) -> float | None:
+        """The file's frame rate as its container says (None for a camera or a stream, whose
+        rate is what it delivers, and for a file that does not say)."""
+        if self.cfg.path is None:
+            return None
+        cap = self._open()
+        cap.release()
+        return self.fps or None
+
     def _open(self) -> Any:
         cv2 = require("cv2")
         c = self.cfg
