@@ -35,6 +35,7 @@ __all__ = ["CLASS_NAMES", "DATA", "POSITIVE", "SPEC", "WEIGHTS", "build", "train
 _HERE = Path(__file__).parent
 DATA = _HERE / "data" / "wrist_fall_lstm.npz"
 WEIGHTS = _HERE / "weights" / "wrist_fall_lstm.keras"
+# the val subjects' whole real streams (no falls), for false alarms per hour (write_streams)
 DEFAULT_ROOT = _HERE.parent.parent / "shared" / "data"
 CLASS_NAMES = ["no_fall", "fall"]
 POSITIVE = "fall"
@@ -47,6 +48,8 @@ STD = [9.81, 9.81, 9.81, 1.0, 1.0, 1.0]
 FALL_RULE = {"name": "fall", "label": POSITIVE, "on": 0.5, "off": 0.3, "min_windows": 2}
 FALL_RULE |= {"refractory_s": 10.0, "severity": "critical"}
 
+STREAMS = [_HERE / "data" / f"wrist_fall_lstm_real_{s}.npz" for s in (1604, 1605)]
+
 SPEC = ZooModel(
     name="wrist_fall_lstm",
     family="LSTM",
@@ -56,7 +59,8 @@ SPEC = ZooModel(
     data_kind="real + simulated",
     split=(
         "by subject: train 1600-1603, val 1604-1605; val falls are simulated (val_simulated), "
-        "val no-fall windows are real daily activities"
+        "val no-fall windows are real daily activities; fall events over the val subjects' "
+        "whole real streams (no falls in them): false alarms of real daily activity"
     ),
     weights=WEIGHTS,
     convert={
@@ -67,6 +71,8 @@ SPEC = ZooModel(
         "eval_split": "val",
         "window": {"length": LENGTH, "hop": HOP, "rate_hz": RATE_HZ, "label": "max"},
         "events": [FALL_RULE],
+        # real daily activity only: the converter's false alarms per hour (no falls in them)
+        "streams": STREAMS,
         "budget": {"auc": 0.005},
     },
     anchor="seed system's wrist LSTM: sensitivity 93.14%, specificity 98.9%",
@@ -392,6 +398,24 @@ def _accepts_optimizer_flag() -> bool:
     return "include_optimizer" in inspect.signature(keras.Model.save).parameters
 
 
+def write_streams(data_root: Path = DEFAULT_ROOT) -> list[Path]:
+    """The val subjects' whole real streams as converter recordings (docs/convert.md): both
+    sensors on one 20 Hz clock, (T, 6), stored as float16 (about 0.01 m/s^2 and rad/s
+    resolution) to stay small; a NaN sample between runs marks each gap, so no window spans
+    one (the converter skips and counts windows with a non-finite sample); no events."""
+    for subject, out in zip(VAL_SUBJECTS, STREAMS, strict=True):
+        parts: list[np.ndarray] = []
+        for run in load_subject(data_root, subject):
+            parts += [run.v.astype(np.float32), np.full((1, 6), np.nan, np.float32)]
+        np.savez_compressed(
+            out,
+            signal=np.concatenate(parts).astype(np.float16),
+            rate_hz=np.float64(RATE_HZ),
+            events=np.zeros((0, 2)),
+        )
+    return STREAMS
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="Train the wrist fall LSTM of the medge zoo.")
     ap.add_argument("--out", type=Path, default=WEIGHTS, help="where to write the .keras file")
@@ -405,8 +429,16 @@ def main() -> None:
         help="only count false alarms per hour of a converted bundle (int8, LiteRT) on the "
         "validation subjects' real streams",
     )
+    ap.add_argument(
+        "--streams",
+        action="store_true",
+        help="only (re)write the val subjects' real streams (models/data/wrist_fall_lstm_real_*)",
+    )
     args = ap.parse_args()
     try:
+        if args.streams:
+            print(json.dumps([str(p) for p in write_streams(args.data_root)]))
+            return
         if args.false_alarms is not None:
             scores = bundle_scores(args.false_alarms)
             print(json.dumps(val_false_alarms(scores, args.data_root)))

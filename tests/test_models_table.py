@@ -78,9 +78,13 @@ def test_a_row_shows_each_tasks_metrics_with_intervals_and_events() -> None:
     seg = tool.render([_report("segmentation", {"dice": 0.91, "dice_ci": [0.88, 0.93]})])
     assert "dice 0.910 (0.880–0.930) → 0.910 (0.880–0.930)" in seg
     assert "40 KB / 10 KB" in seg and "0.500 ms / 0.250 ms" in seg and "1,234" in seg
-    ev = {"variants": {"litert-int8": {"fall": {"sensitivity": 0.9, "false_alarms_per_hour": 0.5}}}}
+    ev = {
+        "hours": 1.8,
+        "variants": {"litert-int8": {"fall": {"sensitivity": 0.9, "false_alarms_per_hour": 0.5}}},
+    }
     cls = tool.render([_report("classification", {"auc": 0.9}, ev)])
-    assert "fall events (int8): sensitivity 0.900, false_alarms_per_hour 0.50" in cls
+    want = "fall events (int8, 1.80 h of recordings): sensitivity 0.900, false_alarms_per_hour 0.50"
+    assert want in cls
 
 
 def test_zoo_list_json_names_each_models_data_and_anchor() -> None:

@@ -120,9 +120,11 @@ def _row(r: dict[str, Any]) -> list[str]:
                 f"{metric} {_cell(r['float'], metric)} → {_cell(r.get(deployed, {}), metric)}"
             )
     events = r.get("events") or {}
+    hours = events.get("hours")
+    over = f", {hours:.2f} h of recordings" if isinstance(hours, (int, float)) else ""
     for rule, m in ((events.get("variants") or {}).get(deployed) or {}).items():
         parts = [f"{k} {_fmt(m.get(k), k)}" for k in EVENT_METRICS if k in m]
-        metrics.append(f"{rule} events (int8): " + ", ".join(parts))
+        metrics.append(f"{rule} events (int8{over}): " + ", ".join(parts))
     return [
         f"**{z['name']}**<br>{z['summary']}",
         z["family"],
