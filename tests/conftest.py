@@ -294,3 +294,20 @@ def postgres_url() -> Iterator[str]:
         pytest.fail(str(exc))
     with start_postgres() as server:
         yield server.url
+
+
+@pytest.fixture(scope="session")
+def zoo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """$MEDGE_CACHE_DIR for the demo tests' zoo builds and demo runs (never set for other
+    tests): zoo bundles converted once, here, and found again by the demo's medge.zoo.build."""
+    return tmp_path_factory.mktemp("medge-cache")
+
+
+@pytest.fixture(scope="session")
+def wrist_bundle(zoo_cache: Path) -> Bundle:
+    """The zoo's wrist fall LSTM, built as the demo builds it (lean) into ``zoo_cache``."""
+    from medge.zoo import build
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEDGE_CACHE_DIR", str(zoo_cache))
+        return build("wrist_fall_lstm", lean=True)

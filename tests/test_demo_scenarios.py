@@ -122,23 +122,10 @@ def test_ecg_stream_is_the_end_of_the_zoo_s_record_106_stream() -> None:
         assert len(d["events"]) == 43 and 6 < d["events"][0, 0] < 7
 
 
-# -- the zoo bundle, converted once per session into a throwaway medge cache ------------------
+# -- the zoo bundle, converted once per session into a throwaway medge cache (conftest) -------
 
 
-@pytest.fixture(scope="session")
-def zoo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """$MEDGE_CACHE_DIR for this module's builds and demo runs (never set for other tests):
-    zoo bundles converted once, here, and found again by the demo's own medge.zoo.build."""
-    return tmp_path_factory.mktemp("medge-cache")
-
-
-@pytest.fixture(scope="session")
-def wrist_bundle(zoo_cache: Path) -> Bundle:
-    from medge.zoo import build
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MEDGE_CACHE_DIR", str(zoo_cache))
-        return build("wrist_fall_lstm", lean=True)  # as the demo builds it: found again
+# zoo_cache and wrist_bundle: tests/conftest.py (shared with the dashboard's demo test)
 
 
 @pytest.mark.slow  # converts the zoo model (once per session)
