@@ -437,11 +437,12 @@ def write_clip_excerpt(root: Path, out: Path = CLIP) -> None:
 
 
 def save_data(clips: list[Clip], seed: int) -> None:
-    """calib: 96 windows of subjects 2 and 3 (half fall); val: subject 1's windows, hop 2."""
+    """calib: 100 windows of subjects 2 and 3 (half fall: the converter's minimum without a
+    warning); val: subject 1's windows, hop 2."""
     rng = np.random.default_rng(seed)
     cal = [windows(c) for c in clips if c.subject != VAL_SUBJECT]
     cx, cy = np.concatenate([p[0] for p in cal]), np.concatenate([p[1] for p in cal])
-    pick = np.concatenate([rng.choice(np.flatnonzero(cy == k), 48, replace=False) for k in (0, 1)])
+    pick = np.concatenate([rng.choice(np.flatnonzero(cy == k), 50, replace=False) for k in (0, 1)])
     vx, vy, vt, vc = [], [], [], []
     for c in clips:
         if c.subject == VAL_SUBJECT:

@@ -35,7 +35,7 @@ def test_splits_shapes_dtypes_and_labels(data: dict[str, np.ndarray]) -> None:
         assert x.dtype == np.uint8 and x.shape[1:] == (T, H, W, 1) and len(x) == len(y)
         assert set(np.unique(y).tolist()) == {0, 1}
         assert x.std() > 10  # real frames, not a constant
-    assert np.bincount(data["calib_labels"]).tolist() == [48, 48]
+    assert np.bincount(data["calib_labels"]).tolist() == [50, 50]
     assert m.DATA.stat().st_size < 1.5e6
 
 
