@@ -19,9 +19,10 @@ from edge_agent.bundle import Bundle
 from edge_agent.errors import MedgeError
 
 if TYPE_CHECKING:
+    from converter import ConvertRequest
     from models.spec import ZooModel
 
-__all__ = ["breast_cnn_bundle", "build", "cache_dir", "describe", "find", "train"]
+__all__ = ["breast_cnn_bundle", "build", "cache_dir", "describe", "find", "request", "train"]
 
 log = logging.getLogger("medge.zoo")
 
@@ -92,6 +93,44 @@ def _key(spec: ZooModel, profile: str, fields: dict[str, Any]) -> str:
     return h.hexdigest()[:12]
 
 
+def _fields(spec: ZooModel, lean: bool) -> dict[str, Any]:
+    fields: dict[str, Any] = dict(spec.convert)
+    if lean:
+        fields.update(onnx=False, float_artifacts="none")
+    return fields
+
+
+def request(
+    spec: ZooModel,
+    out: Path,
+    profile: str = "x86",
+    lean: bool = False,
+    force: bool = False,
+    sign_key: Path | None = None,
+) -> ConvertRequest:
+    """The converter request that builds zoo model ``spec`` into ``out``: its weights, its
+    data for calibration and evaluation, its own settings. ``lean``: the deployed LiteRT file
+    only (no ONNX, no float extras)."""
+    try:
+        from converter import ConvertRequest
+    except ImportError as exc:
+        raise MedgeError(
+            "building a zoo bundle needs the converter: pip install 'medge[convert]'"
+        ) from exc
+    return ConvertRequest(
+        model=spec.weights,
+        calib=spec.data,
+        eval=spec.data,
+        out=out,
+        profile=profile,
+        name=spec.bundle_name,
+        task=spec.task,
+        force=force,
+        sign_key=sign_key,
+        **_fields(spec, lean),
+    )
+
+
 def build(
     name: str,
     profile: str = "x86",
@@ -107,38 +146,19 @@ def build(
     fraction of the conversion time."""
     spec = find(name)
     _missing(spec)
-    try:
-        from converter import ConvertRequest, convert
-    except ImportError as exc:
-        raise MedgeError(
-            "building a zoo bundle needs the converter: pip install 'medge[convert]'"
-        ) from exc
     cached = out is None
-    fields: dict[str, Any] = dict(spec.convert)
-    if lean:
-        fields.update(onnx=False, float_artifacts="none")
-    key = _key(spec, profile, fields)
+    key = _key(spec, profile, _fields(spec, lean))
     target = out or cache_dir() / "bundles" / f"{spec.bundle_name}-{profile}-{key}"
     if cached and not force:
         try:
             return Bundle.load(target)
         except MedgeError:
             pass
+    req = request(spec, target, profile, lean, force or cached, sign_key)
+    from converter import convert
+
     log.info("converting zoo model %s for %s (into %s)", spec.name, profile, target)
-    return convert(
-        ConvertRequest(
-            model=spec.weights,
-            calib=spec.data,
-            eval=spec.data,
-            out=target,
-            profile=profile,
-            name=spec.bundle_name,
-            task=spec.task,
-            force=force or cached,
-            sign_key=sign_key,
-            **fields,
-        )
-    )
+    return convert(req)
 
 
 def breast_cnn_bundle(sign_key: Path | None = None) -> Bundle:

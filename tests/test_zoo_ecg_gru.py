@@ -117,25 +117,14 @@ def test_int8_bundle_finds_the_runs_on_the_agents_ecg_source(tmp_path: Path) -> 
     committed 10 minutes of record 106 as the converter's stream evaluation finds."""
     from conftest import convert_cached
 
-    from converter import ConvertRequest
     from edge_agent.bundle import Bundle
     from edge_agent.events import EventTracker
     from edge_agent.model import LoadedModel
     from edge_agent.sources import open_source
+    from medge.zoo import request as zoo_request
 
-    out = convert_cached(
-        ConvertRequest(
-            model=m.WEIGHTS,
-            calib=m.DATA,
-            eval=m.DATA,
-            out=tmp_path / "ecg-gru",
-            name=m.SPEC.bundle_name,
-            task=m.SPEC.task,
-            float_artifacts="none",
-            onnx=False,  # the LiteRT path is what this test is about
-            **m.SPEC.convert,
-        )
-    )
+    # lean: the LiteRT path is what this test is about
+    out = convert_cached(zoo_request(m.SPEC, tmp_path / "ecg-gru", lean=True))
     report = json.loads((out / "report.json").read_text())
     assert report["budget"]["winner"] == "int8"
     pvc_run = report["events"]["variants"]["litert-int8"]["pvc_run"]

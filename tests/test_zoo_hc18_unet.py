@@ -102,21 +102,10 @@ def test_missing_raw_data_is_one_line(tmp_path: Path) -> None:
 def test_converts_within_budget(tmp_path: Path) -> None:
     from conftest import convert_cached
 
-    from converter import ConvertRequest
+    from medge.zoo import request as zoo_request
 
-    out = convert_cached(
-        ConvertRequest(
-            model=WEIGHTS,
-            calib=DATA,
-            eval=DATA,
-            out=tmp_path / "hc18-unet",
-            name=SPEC.bundle_name,
-            task=SPEC.task,
-            float_artifacts="none",
-            onnx=False,  # the LiteRT path is what this test is about
-            **SPEC.convert,
-        )
-    )
+    # lean: the LiteRT path is what this test is about
+    out = convert_cached(zoo_request(SPEC, tmp_path / "hc18-unet", lean=True))
     report = json.loads((out / "report.json").read_text())
     f, q = report["float"], report["litert-int8"]
     assert f["dice"] > 0.95 and f["dice"] - q["dice"] < 0.01  # validation, 88x128

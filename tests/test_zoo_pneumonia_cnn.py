@@ -112,22 +112,11 @@ def test_missing_raw_data_is_one_line(tmp_path: Path) -> None:
 def test_converts_within_budget(tmp_path: Path) -> None:
     from conftest import convert_cached
 
-    from converter import ConvertRequest
     from edge_agent.bundle import Bundle
+    from medge.zoo import request as zoo_request
 
-    out = convert_cached(
-        ConvertRequest(
-            model=WEIGHTS,
-            calib=DATA,
-            eval=DATA,
-            out=tmp_path / "pneumonia-cnn",
-            name=SPEC.bundle_name,
-            task=SPEC.task,
-            float_artifacts="none",
-            onnx=False,  # the LiteRT path is what this test is about
-            **SPEC.convert,
-        )
-    )
+    # lean: the LiteRT path is what this test is about
+    out = convert_cached(zoo_request(SPEC, tmp_path / "pneumonia-cnn", lean=True))
     bundle = Bundle.load(out)
     assert bundle.manifest.labels == CLASS_NAMES
     assert bundle.manifest.cam is not None

@@ -134,24 +134,13 @@ def test_missing_raw_data_is_one_line(tmp_path: Path) -> None:
 def test_converts_within_budget(tmp_path: Path, npz: dict[str, np.ndarray]) -> None:
     from conftest import convert_cached
 
-    from converter import ConvertRequest
     from edge_agent.bundle import Bundle
     from edge_agent.decode import ImageResult
     from edge_agent.model import LoadedModel
+    from medge.zoo import request as zoo_request
 
-    out = convert_cached(
-        ConvertRequest(
-            model=m.WEIGHTS,
-            calib=m.DATA,
-            eval=m.DATA,
-            out=tmp_path / "us-denoise-gan",
-            name=m.SPEC.bundle_name,
-            task=m.SPEC.task,
-            float_artifacts="none",
-            onnx=False,  # the LiteRT path is what this test is about
-            **m.SPEC.convert,
-        )
-    )
+    # lean: the LiteRT path is what this test is about
+    out = convert_cached(zoo_request(m.SPEC, tmp_path / "us-denoise-gan", lean=True))
     report = json.loads((out / "report.json").read_text())
     assert report["warnings"] == []
     assert report["budget"]["winner"] == "int8"  # full int8 meets psnr=0.5

@@ -112,25 +112,14 @@ def test_bundle_raises_the_fall_on_the_agents_video_source(tmp_path: Path) -> No
     this checks the device path, not the model's accuracy; LOSO numbers are in the spec.)"""
     from conftest import convert_cached
 
-    from converter import ConvertRequest
     from edge_agent.bundle import Bundle
     from edge_agent.events import EventTracker
     from edge_agent.model import LoadedModel
     from edge_agent.sources import open_source
+    from medge.zoo import request as zoo_request
 
-    out = convert_cached(
-        ConvertRequest(
-            model=m.WEIGHTS,
-            calib=m.DATA,
-            eval=m.DATA,
-            out=tmp_path / "video-fall-cnnlstm",
-            name=m.SPEC.bundle_name,
-            task=m.SPEC.task,
-            float_artifacts="none",
-            onnx=False,
-            **m.SPEC.convert,
-        )
-    )
+    # lean: the LiteRT path is what this test is about
+    out = convert_cached(zoo_request(m.SPEC, tmp_path / "video-fall-cnnlstm", lean=True))
     bundle = Bundle.load(out)
     man = bundle.manifest
     assert man.labels == m.CLASS_NAMES and man.window is not None

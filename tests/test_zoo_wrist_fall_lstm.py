@@ -160,27 +160,16 @@ def test_int8_bundle_on_the_agents_imu_source(tmp_path: Path) -> None:
     fall written into its files."""
     from conftest import convert_cached
 
-    from converter import ConvertRequest
     from edge_agent.bundle import Bundle
     from edge_agent.model import LoadedModel
     from edge_agent.sources import ImuSettings, open_source
     from edge_agent.sources.base import Problems
     from edge_agent.sources.imu import pair_runs, read_track
+    from medge.zoo import request as zoo_request
     from models.fall_sim import simulate_fall
 
-    out = convert_cached(
-        ConvertRequest(
-            model=m.WEIGHTS,
-            calib=m.DATA,
-            eval=m.DATA,
-            out=tmp_path / "wrist-fall-lstm",
-            name=m.SPEC.bundle_name,
-            task=m.SPEC.task,
-            float_artifacts="none",
-            onnx=False,  # the LiteRT path is what this test is about
-            **m.SPEC.convert,
-        )
-    )
+    # lean: the LiteRT path is what this test is about
+    out = convert_cached(zoo_request(m.SPEC, tmp_path / "wrist-fall-lstm", lean=True))
     report = json.loads((out / "report.json").read_text())
     won = [a["strategy"] for a in report["litert"]["attempts"] if a["outcome"] == "won"]
     assert won == ["unrolled-int8"] and report["budget"]["winner"] == "int8"
