@@ -207,6 +207,12 @@ class Agent:
         self._outbox.put(kind, body)  # an event commits at once, a result with its batch
         self.sent += 1
 
+    def mark_failed(self) -> None:
+        """The run is ending on a fault (a worker died): its goodbye says ``offline``, which
+        the fog node alerts on, not the ``stopped`` of a clean stop."""
+        if self._link is not None:
+            self._link.goodbye = "offline"
+
     def _swapped(self, old: LoadedModel, new: LoadedModel) -> None:  # between two samples
         self.model, self.bundle = new, new.bundle
         assert self._link is not None

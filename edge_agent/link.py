@@ -72,6 +72,10 @@ class DeviceLink:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._online = b""
+        # the retained state said on close: "stopped" for a clean stop, which raises no alert;
+        # "offline" (as the Last Will) when the link closes on a fault (an exception, or
+        # Agent.mark_failed after a worker died), so the fog node alerts as if the power went
+        self.goodbye = "stopped"
         self._topics = {k: topic(self.site, self.device, k) for k in ("ack", "cmd")}
         self.session = MqttSession(
             self.device,
@@ -100,7 +104,9 @@ class DeviceLink:
         self._pump.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is not None:
+            self.goodbye = "offline"
         self.close()
 
     def close(self) -> None:
@@ -112,7 +118,7 @@ class DeviceLink:
         self.session.stop(
             goodbye=lambda client: client.publish(
                 topic(self.site, self.device, "state"),
-                self._state_payload("stopped"),  # a clean stop; the Last Will says offline
+                self._state_payload(self.goodbye),
                 qos=1,
                 retain=True,
             )

@@ -44,6 +44,7 @@ def cmd_agent_run(a: argparse.Namespace) -> int:
         if death is None and not sup.finished("pipeline"):  # stopping: let it drain
             death = sup.wait(never, done=lambda: sup.finished("pipeline"))
         if death is not None:
+            agent.mark_failed()  # its goodbye says offline: the fog node alerts
             stop.set()  # the pipeline stops; what is unacknowledged stays in the outbox
             runner.join(timeout=a.drain_timeout + 5)
             raise MedgeError(f"agent: {death.line()}")

@@ -117,3 +117,37 @@ def test_a_message_on_a_topic_it_never_subscribed_to_is_a_topic_rejection(
             link.session._on_message(None, None, msg)
         assert {k: n for k, n in link.rejected.items() if n} == {"topic": 2}
         assert (link.bad_acks, link.bad_commands) == (0, 0)
+
+
+def test_a_link_closed_by_a_fault_says_offline_and_the_fog_node_alerts(  # type: ignore[no-untyped-def]
+    tmp_path: Path, mosquitto: RunningBroker, sealer, opener
+) -> None:
+    """Only a clean stop says "stopped" (no alert). A link that closes on an exception, or
+    after Agent.mark_failed (a worker died), says "offline", as the Last Will would."""
+    from gateway.alerts import list_alerts
+
+    device = "link-03"
+
+    def state(store: Store) -> str | None:
+        rows = [d for d in store.devices() if d["device"] == device]
+        return rows[0]["state"] if rows else None
+
+    with (
+        Outbox(tmp_path / "o.sqlite", SITE, device) as box,
+        Store(tmp_path / "gw.sqlite") as store,
+        Gateway(store, opener, mosquitto.host, mosquitto.port),
+    ):
+        box.sealer = sealer(device)
+        link = DeviceLink(box, mosquitto.host, mosquitto.port)
+
+        def fail_while_open() -> None:
+            with link:
+                assert link.wait_connected(10)
+                wait_for(lambda: state(store) == "online", 10, "the device online")
+                raise RuntimeError("a worker died")
+
+        with pytest.raises(RuntimeError, match="a worker died"):
+            fail_while_open()
+        wait_for(lambda: state(store) == "offline", 10, "the fault's offline goodbye")
+        wait_for(lambda: list_alerts(store), 10, "the offline alert")
+        assert [a["rule"] for a in list_alerts(store)] == ["offline"]
