@@ -32,11 +32,13 @@ from converter.report import write_html, write_markdown
 from converter.request import ConvertRequest
 from converter.scoring import Scored, agreement
 from edge_agent.bundle import (
+    CHAIN_SCHEMA_VERSION,
     SCHEMA_VERSION,
     Artifact,
     Bundle,
     CamSpec,
     Decode,
+    FeatureStage,
     Manifest,
     Provenance,
     file_entry,
@@ -143,8 +145,10 @@ def write_bundle_manifest(
     metrics: dict[str, Any],
     provenance: Provenance,
     cam: CamSpec | None = None,
+    feature: FeatureStage | None = None,
 ) -> None:
-    """The manifest of what ``stage`` holds (every file hashed), versioned by the time now."""
+    """The manifest of what ``stage`` holds (every file hashed), versioned by the time now;
+    a bundle with a feature stage says schema 2.0 (edge_agent.bundle.CHAIN_SCHEMA_VERSION)."""
     files = {
         p.name: file_entry(p)
         for p in sorted(stage.iterdir())
@@ -152,7 +156,7 @@ def write_bundle_manifest(
     }
     now = datetime.now(timezone.utc)
     manifest = Manifest(
-        schema_version=SCHEMA_VERSION,
+        schema_version=SCHEMA_VERSION if feature is None else CHAIN_SCHEMA_VERSION,
         name=name,
         version=now.strftime("%Y%m%d.%H%M%S"),
         created=now.isoformat(timespec="seconds"),
@@ -168,6 +172,7 @@ def write_bundle_manifest(
         provenance=provenance,
         cam=cam,
         window=req.window,
+        feature=feature,
     )
     write_manifest(stage, manifest)
 
@@ -201,6 +206,7 @@ class Built:
     strategy: str
     cam: CamSpec | None = None
     report: dict[str, Any] = field(default_factory=dict)  # extra report sections
+    feature: FeatureStage | None = None  # a chained bundle's per-frame model (converter.chain)
 
 
 def _agreement(data: Data, ref: np.ndarray, got: np.ndarray) -> float:
@@ -236,7 +242,7 @@ def finish(
         **_vs_float(data, built.float_outs, runs),
         "size_bytes": {
             fmt: source_bytes(req.model),
-            **{f"{a.runtime}-{a.precision}": (stage / a.file).stat().st_size for a in arts},
+            **{f"{a.runtime}-{a.precision}": _bytes(stage, a, built.feature) for a in arts},
         },
         "latency_ms": {
             k: {"p50": s.p50_ms, "p99": float(np.percentile(s.latencies, 99) * 1e3)}
@@ -267,5 +273,15 @@ def finish(
         metrics={k: scalars(report[k]) for k in report["variants"]},
         provenance=provenance(source_sha256(req.model), fmt, data.xc, built.strategy),
         cam=built.cam,
+        feature=built.feature,
     )
     return publish(stage, req, warnings)
+
+
+def _bytes(stage: Path, art: Artifact, feature: FeatureStage | None) -> int:
+    """An artifact's size on the device: with its feature artifact, for a chained bundle."""
+    size = (stage / art.file).stat().st_size
+    for f in feature.artifacts if feature else []:
+        if (f.runtime, f.precision) == (art.runtime, art.precision):
+            size += (stage / f.file).stat().st_size
+    return size

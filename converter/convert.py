@@ -27,6 +27,7 @@ from converter import budget as B
 from converter import progress
 from converter.bundle_writer import Built, finish, staging
 from converter.calibrate import calibration_warnings, too_few
+from converter.chain import convert_chain
 from converter.data import Data, class_outputs, load_data, prepare
 from converter.errors import ConversionError
 from converter.inputs import source_format
@@ -67,6 +68,8 @@ def _validate(req: ConvertRequest) -> str:
 def convert(req: ConvertRequest) -> Bundle:
     """Convert, evaluate and write one bundle; return it, loaded and verified."""
     fmt = _validate(req)
+    if req.feature_stage:
+        return convert_chain(req, fmt)
     wrap_it = fmt == "tflite" or (fmt == "onnx" and req.onnx_input == "wrap")
     if wrap_it and req.task != "classification":
         raise ConversionError(

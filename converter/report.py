@@ -117,6 +117,7 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
         *_size_md(report),
         *_strategies(report.get("litert") or {}),
         *_onnx_md(report.get("onnx") or {}),
+        *_feature_stage_md(report.get("feature_stage") or {}),
         *_warnings_md(report.get("warnings")),
     ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -207,6 +208,32 @@ def _onnx_md(onnx: dict[str, Any]) -> list[str]:
         lines += ["", f"ONNX export: {onnx['route']}, opset {onnx['opset']}."]
     if "scheme" in onnx:
         lines.append(f"ONNX int8: {onnx['scheme']}.")
+    if "skipped" in onnx:
+        lines += ["", f"ONNX: {onnx['skipped']}."]
+    return lines
+
+
+def _feature_stage_md(stage: dict[str, Any]) -> list[str]:
+    """A chained bundle: the split, and how close each part's converted form is to float."""
+    if not stage:
+        return []
+    lines = [
+        "",
+        "## Feature stage",
+        "",
+        f"Split at `{stage['split_at']}`: {stage['frames']} frames of {stage['features']} "
+        f"features each (the two parts differ from the whole model by at most "
+        f"{stage['split_max_diff']:.2g}). The table above scores the pairs end to end.",
+        "",
+        "| feature model | MAE | Pearson r |",
+        "|---|---|---|",
+    ]
+    for k, m in stage["feature_vs_float"].items():
+        lines.append(f"| {k} | {_fmt(m.get('mae'))} | {_fmt(m.get('pearson_r'))} |")
+    temporal = stage.get("temporal_on_float_features") or {}
+    aucs = ", ".join(f"{k} {_fmt(m.get('auc'))}" for k, m in temporal.items())
+    if aucs:
+        lines += ["", f"Temporal model alone, on float features: AUC {aucs}."]
     return lines
 
 

@@ -100,6 +100,10 @@ class ConvertRequest:
     layout: str | None = Field(
         default=None, description="nchw | nhwc: an image input's axes, where the model cannot say"
     )
+    feature_stage: bool = Field(
+        default=False,
+        description="split a clip model's TimeDistributed front into a per-frame feature stage",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ConvertRequest:

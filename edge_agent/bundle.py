@@ -21,6 +21,7 @@ from edge_agent.errors import BundleError, one_line
 from edge_agent.keys import key_id
 
 __all__ = [
+    "CHAIN_SCHEMA_VERSION",
     "MANIFEST_NAME",
     "SCHEMA_VERSION",
     "SIGNATURE_NAME",
@@ -29,6 +30,7 @@ __all__ = [
     "CamSpec",
     "Decode",
     "EventRule",
+    "FeatureStage",
     "FileEntry",
     "Manifest",
     "Preprocess",
@@ -46,6 +48,11 @@ __all__ = [
 # image-to-image tasks, decode.events and window; 1.3 decode.events[].severity (all optional,
 # defaults as before)
 SCHEMA_VERSION = "1.3"
+# a bundle with a feature stage (a per-frame model in front of the artifacts) says 2.0, so an
+# agent that does not know the stage refuses it by its version instead of feeding raw frames
+# to the temporal model; this agent reads both
+CHAIN_SCHEMA_VERSION = "2.0"
+READS_MAJORS = ("1", "2")
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
 
@@ -200,6 +207,20 @@ class Artifact(_Model):
     )
 
 
+class FeatureStage(_Model):
+    """A per-frame model in front of the artifacts (schema 2.0, optional).
+
+    Each frame of a clip goes through one of these artifacts once (the one of the same runtime
+    and precision as the artifact the device runs); the window of their feature vectors,
+    ``(1, window.length, features)``, is that artifact's input. ``preprocess`` applies to the
+    frames. A new frame in a sliding window is the only one whose features are computed.
+    """
+
+    artifacts: list[Artifact] = Field(
+        min_length=1, description="Per-frame feature models: (1, H, W, C) -> (1, features)."
+    )
+
+
 class CamSpec(_Model):
     """An artifact output that holds the class activation map (schema 1.x, optional).
 
@@ -264,6 +285,10 @@ class Manifest(_Model):
     )
     window: WindowSpec | None = Field(
         default=None, description="Optional: how a stream is cut into inputs (schema 1.2)."
+    )
+    feature: FeatureStage | None = Field(
+        default=None,
+        description="Optional: a per-frame model whose outputs, windowed, are the input (2.0).",
     )
 
     @property
@@ -375,10 +400,11 @@ class Bundle:
         if not isinstance(data, dict):
             raise BundleError(f"{path}: manifest must be a JSON object")
         version = str(data.get("schema_version", ""))
-        if version.split(".", maxsplit=1)[0] != SCHEMA_VERSION.split(".", maxsplit=1)[0]:
+        if version.split(".", maxsplit=1)[0] not in READS_MAJORS:
+            reads = " and ".join(f"{m}.x" for m in READS_MAJORS)
             raise BundleError(
                 f"{path}: schema version {_q(version) or '(missing)'} is not supported "
-                f"(this agent reads {SCHEMA_VERSION.split('.', maxsplit=1)[0]}.x)"
+                f"(this agent reads {reads})"
             )
         try:
             manifest = Manifest.model_validate(data)
@@ -402,6 +428,25 @@ class Bundle:
     def path_of(self, artifact: Artifact) -> Path:
         return self.directory / artifact.file
 
+    def feature_artifact(self, artifact: Artifact) -> Artifact | None:
+        """The feature stage's artifact that runs in front of ``artifact`` (same runtime and
+        precision); None when the bundle has no feature stage."""
+        stage = self.manifest.feature
+        if stage is None:
+            return None
+        return _feature_for(self.directory, stage, artifact)
+
+
+def _feature_for(where: Path, stage: FeatureStage, artifact: Artifact) -> Artifact:
+    for f in stage.artifacts:
+        if f.runtime == artifact.runtime and f.precision == artifact.precision:
+            return f
+    have = ", ".join(f"{a.runtime}/{a.precision}" for a in stage.artifacts)
+    raise BundleError(
+        f"{where}: no feature artifact for {artifact.runtime}/{artifact.precision} "
+        f"(the feature stage has {_q(have)})"
+    )
+
 
 def _verify_files(root: Path, manifest: Manifest) -> None:
     for name, entry in manifest.files.items():
@@ -422,6 +467,7 @@ def _verify_files(root: Path, manifest: Manifest) -> None:
 def _verify_consistency(path: Path, manifest: Manifest) -> None:
     """The manifest agrees with itself: artifacts, labels, decoding and events."""
     _verify_artifacts(path, manifest)
+    _verify_feature_stage(path, manifest)
     if manifest.positive_label is not None and manifest.positive_label not in manifest.labels:
         raise BundleError(f"{path}: positive_label '{_q(manifest.positive_label)}' is not a label")
     if manifest.decode.kind != manifest.task:
@@ -456,4 +502,41 @@ def _verify_artifacts(path: Path, manifest: Manifest) -> None:
         if classes != n and not (classes == 1 and n == 2):
             raise BundleError(
                 f"{path}: {_q(art.file)} has {classes} outputs but the manifest lists {n} labels"
+            )
+
+
+def _verify_feature_stage(path: Path, manifest: Manifest) -> None:
+    """A feature stage comes with schema 2.x and a window; every artifact has its feature
+    artifact, whose one output is as wide as the artifact's input features and whose input is
+    one frame; and a 2.x bundle has a feature stage (else it would be a 1.x one)."""
+    stage, major = manifest.feature, manifest.schema_version.split(".", maxsplit=1)[0]
+    if stage is None:
+        if major != "1":
+            raise BundleError(f"{path}: schema {major}.x without a feature stage")
+        return
+    if major == "1":
+        raise BundleError(f"{path}: a feature stage needs schema {CHAIN_SCHEMA_VERSION}")
+    if manifest.window is None:
+        raise BundleError(f"{path}: a feature stage needs a window (frames per input)")
+    if manifest.cam is not None:
+        raise BundleError(f"{path}: a feature stage and a cam output cannot be combined")
+    _verify_chain(path, manifest, stage, manifest.window)
+
+
+def _verify_chain(path: Path, manifest: Manifest, stage: FeatureStage, window: WindowSpec) -> None:
+    for f in stage.artifacts:
+        if f.file not in manifest.files:
+            raise BundleError(f"{path}: feature artifact '{_q(f.file)}' is not among the files")
+        if len(f.inputs) != 1 or len(f.outputs) != 1 or len(f.outputs[0].shape) != 2:
+            raise BundleError(
+                f"{path}: feature artifact '{_q(f.file)}' must take one frame and give one "
+                "(1, features) output"
+            )
+    for art in manifest.artifacts:
+        f = _feature_for(path, stage, art)
+        want = [window.length, f.outputs[0].shape[-1]]
+        if len(art.inputs) != 1 or art.inputs[0].shape[1:] != want:
+            raise BundleError(
+                f"{path}: {_q(art.file)} takes {art.inputs[0].shape[1:]} but its feature stage "
+                f"gives {want} (window length, features)"
             )

@@ -12,6 +12,7 @@ import numpy as np
 
 from edge_agent.backends import Backend, open_backend
 from edge_agent.bundle import Artifact, Bundle
+from edge_agent.chain import FeatureStage
 from edge_agent.decode import Decoded, classify, image_stats, segment
 from edge_agent.errors import BundleError
 from edge_agent.preprocess import byte_table, dequantize, normalize, to_input
@@ -56,6 +57,9 @@ class LoadedModel:
         self.artifact: Artifact = bundle.artifact(runtime, precision)
         self.backend: Backend = open_backend(runtime, bundle.path_of(self.artifact), threads)
         _check_matches(self.artifact, self.backend)
+        feature = bundle.feature_artifact(self.artifact)
+        # a chained bundle: frames through the feature model, their window into this one
+        self.feature = None if feature is None else FeatureStage.of(bundle, feature, threads)
         m = bundle.manifest
         self._positive = m.positive_index
         self._input = self.artifact.inputs[0]
@@ -64,24 +68,40 @@ class LoadedModel:
         self._shape = tuple(self._input.shape)
         self._size = int(np.prod(self._shape))
 
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """One raw sample's shape as this model takes it (a clip of frames, for a chain)."""
+        if self.feature is not None:
+            return (self._shape[1], *self.feature.frame_shape)
+        return self._shape[1:]
+
     def prepare(self, sample: np.ndarray) -> np.ndarray:
-        """Raw sample -> input tensor (normalized, shaped, quantized)."""
+        """Raw sample -> input tensor (normalized, shaped, quantized); for a chained bundle,
+        the clip's frames as the feature model's inputs."""
+        if self.feature is not None:
+            return self.feature.prepare(sample)
         if self._table is not None and sample.dtype == np.uint8 and sample.size == self._size:
             return self._table[sample].reshape(self._shape)
         return to_input(normalize(self.bundle.manifest.preprocess, sample), self._input)
 
     def infer(self, tensor: np.ndarray) -> np.ndarray:
         """Input tensor -> real-valued first output row."""
-        raw = self.backend.invoke([tensor])[0]
+        raw = self.backend.invoke([self._temporal(tensor)])[0]
         return dequantize(raw, self._output.quantization).reshape(-1)
 
     def infer_outputs(self, tensor: np.ndarray) -> list[np.ndarray]:
         """Input tensor -> every output, real-valued, in the artifact's shapes (e.g. the CAM)."""
-        raw = self.backend.invoke([tensor])
+        raw = self.backend.invoke([self._temporal(tensor)])
         return [
             dequantize(r, spec.quantization).reshape(r.shape if -1 in spec.shape else spec.shape)
             for r, spec in zip(raw, self.artifact.outputs, strict=True)
         ]
+
+    def _temporal(self, tensor: np.ndarray) -> np.ndarray:
+        """For a chained bundle: prepared frames -> their features -> this model's input."""
+        if self.feature is None:
+            return tensor
+        return to_input(self.feature.features(tensor), self._input)
 
     def decode(self, output: np.ndarray) -> Decoded:
         """The first output (flat or shaped) -> the result the manifest's task asks for."""

@@ -110,9 +110,10 @@ def preflight(cfg: AgentConfig, broker_timeout_s: float = 2.0) -> Preflight:
     source = open_source(cfg.source, bundle.manifest.window, bundle.manifest.labels)
     plan = window_plan(cfg.source, bundle.manifest.window)
     art = model.artifact
-    report = Preflight(
-        bundle, len(ident.signers), f"{art.file} ({art.runtime} {art.precision})", source.name, plan
-    )
+    runs = f"{art.file} ({art.runtime} {art.precision})"
+    if model.feature is not None:  # a chained bundle: each frame's features, then the window
+        runs = f"{model.feature.artifact.file} per frame -> {runs}"
+    report = Preflight(bundle, len(ident.signers), runs, source.name, plan)
     b = cfg.broker
     why = broker_reachable(b.host, b.port, broker_timeout_s)
     if why is not None:

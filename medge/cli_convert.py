@@ -398,6 +398,14 @@ def _add_convert(sub: Any, common: Callable[..., None]) -> None:
         "way; nchw transposes them, in calibration, evaluation and on the device",
     )
     c.add_argument(
+        "--feature-stage",
+        action="store_true",
+        help="a clip model whose first layer is TimeDistributed (a CNN per frame) then an "
+        "LSTM/GRU head: ship it as two models, the per-frame feature model and the temporal "
+        "model over the window of features (schema 2.0; each frame runs once on the device); "
+        "both parts are converted and the pair is scored end to end. Needs --window",
+    )
+    c.add_argument(
         "--mask-threshold",
         type=float,
         default=0.5,

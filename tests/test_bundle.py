@@ -58,8 +58,12 @@ def test_missing_and_unlisted_files_are_refused(bundle_copy: Path) -> None:
 
 
 def test_other_schema_major_is_refused(bundle_copy: Path) -> None:
+    _edit_manifest(bundle_copy, lambda d: d.update(schema_version="3.0"))
+    with pytest.raises(BundleError, match=r"schema version 3.0 is not supported"):
+        Bundle.load(bundle_copy)
+    # 2.x is a bundle with a feature stage (tests/test_feature_stage.py): not this one
     _edit_manifest(bundle_copy, lambda d: d.update(schema_version="2.0"))
-    with pytest.raises(BundleError, match=r"schema version 2.0 is not supported"):
+    with pytest.raises(BundleError, match=r"schema 2.x without a feature stage"):
         Bundle.load(bundle_copy)
 
 
