@@ -104,13 +104,16 @@ def _events(model: LoadedModel, paths: list[Path], variant: str, tolerance_s: fl
     for p, s in zip(paths, streams, strict=True):
         require_finite(s.x, p, None, "recording windows")
     art = model.artifact
-    outs = stream_outputs(
-        model.bundle.path_of(art),
-        art.runtime,
-        m.preprocess,
-        [s.x for s in streams],
-        art.inputs[0].layout,
-    )
+    if model.feature is not None:  # a chained bundle: the device's own chain, window by window
+        outs = [np.stack([model.infer(model.prepare(w)) for w in s.x]) for s in streams]
+    else:
+        outs = stream_outputs(
+            model.bundle.path_of(art),
+            art.runtime,
+            m.preprocess,
+            [s.x for s in streams],
+            art.inputs[0].layout,
+        )
     return score_streams(
         streams,
         {variant: outs},
@@ -125,6 +128,9 @@ def _outputs(model: LoadedModel, x: np.ndarray) -> np.ndarray:
     """The artifact's raw first output of every sample, run as the device runs it."""
     art = model.artifact
     m = model.bundle.manifest
+    if model.feature is not None:  # a chained bundle: the device's own chain, per clip
+        shape = tuple(art.outputs[0].shape[1:])
+        return np.stack([model.infer(model.prepare(c)).reshape(shape) for c in x])
     return run_artifact(
         model.bundle.path_of(art), art.runtime, m.preprocess, x, art.inputs[0].layout
     )[0]

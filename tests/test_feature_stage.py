@@ -136,3 +136,13 @@ def test_feature_stage_needs_a_keras_clip_classifier_with_a_window(tmp_path: Pat
 
     with pytest.raises(ConversionError, match="needs --window"):
         convert(_request(tmp_path / "a", window=None))
+
+
+@pytest.mark.slow
+def test_medge_evaluate_runs_the_chain_and_finds_the_reports_numbers(chained: Path) -> None:
+    from converter import evaluate_bundle
+
+    got = evaluate_bundle(chained, MODELS / "clip.npz", split="val")
+    report = json.loads((chained / "report.json").read_text())
+    assert got["accuracy"] == pytest.approx(report["litert-int8"]["accuracy"])
+    assert got["n"] == report["eval"]["n"]
