@@ -70,6 +70,11 @@ class EventTracker:
     def __bool__(self) -> bool:
         return bool(self.rules)
 
+    @property
+    def last_time(self) -> float | None:
+        """The time of the last window seen (None before the first)."""
+        return self._t
+
     def update(self, t: float, scores: Sequence[float], input_id: str) -> list[dict[str, Any]]:
         """Event messages (start and end) that this window causes, in order."""
         out: list[dict[str, Any]] = []

@@ -64,7 +64,7 @@ def build_graph(
     stage that binds each sample to its model (:class:`Bind`, or ``Probation`` over a slot).
     ``thumbnails``: add a small picture of the input to results of image models."""
     preprocess, infer, decode = Preprocess(stats), Infer(stats, cam), Decode(stats, cam)
-    result, events, publish = Result(thumbnails), Events(emit), Publish(emit, stats)
+    result, events, publish = Result(thumbnails), Events(emit, stats), Publish(emit, stats)
     g = Graph("pipeline")
     g.add_flow(source, window)  # samples, cut as the manifest and the source kind say
     g.add_flow(window, models)  # the model each sample runs on (swaps happen here)
@@ -193,10 +193,12 @@ class Result:
 class Events:
     """Stage: the manifest's event rules over the classifications, one tracker per model.
     When the model changes (an update, a rollback), the open events of the old one end first;
-    at the end of the stream the open events end, straight into ``emit`` (the outbox)."""
+    at the end of the stream the open events end, straight into ``emit`` (the outbox). A
+    window whose time goes back (a looped recording, a clock reset) is told in one line and
+    counted in the telemetry (``events.time_resets``), as are suppressed onsets."""
 
-    def __init__(self, emit: Emit) -> None:
-        self.emit = emit
+    def __init__(self, emit: Emit, stats: PipelineStats | None = None) -> None:
+        self.emit, self.stats = emit, stats or PipelineStats()
 
     def __call__(self, works: Iterable[Work]) -> Iterator[Work]:
         tracker: EventTracker | None = None
@@ -210,11 +212,34 @@ class Events:
                 c = w.decoded
                 if w.rejected is None and tracker is not None and isinstance(c, Classification):
                     at = w.sample.time if w.sample.time is not None else time.time()
-                    w.messages += [("event", e) for e in tracker.update(at, c.scores, w.sample.id)]
+                    w.messages += [("event", e) for e in self._update(tracker, at, c, w)]
                 yield w
         finally:
             for kind, body in _close(tracker):
                 self.emit(kind, body)
+
+    def _update(
+        self, tracker: EventTracker, at: float, c: Classification, w: Work
+    ) -> list[dict[str, Any]]:
+        resets, suppressed = tracker.time_resets, sum(tracker.suppressed.values())
+        last = tracker.last_time
+        out = tracker.update(at, c.scores, w.sample.id)
+        if tracker.time_resets > resets:
+            n = self.stats.event_note("time_resets")
+            ended = sum(1 for e in out if e.get("ended_by") == "time_reset")
+            log.warning(
+                "sample %s: time went back from %.3f to %.3f (a looped recording or a clock "
+                "reset; %d so far): %d open event(s) ended, refractory times cleared",
+                w.sample.id,
+                last,
+                at,
+                n,
+                ended,
+            )
+        gone = sum(tracker.suppressed.values()) - suppressed
+        if gone:
+            self.stats.event_note("suppressed", gone)
+        return out
 
 
 class Publish:

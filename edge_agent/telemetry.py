@@ -37,6 +37,10 @@ class PipelineStats:
         self._count = dict.fromkeys(STAGES, 0)
         self.results = 0
         self.errors: dict[str, int] = {}
+        # what the event trackers met that is not an error but changes what they report:
+        # windows whose time went back (a looped recording, a clock reset), onsets
+        # suppressed by a rule's refractory time
+        self.events: dict[str, int] = {}
         self.started = time.time()
 
     def record(self, **seconds: float) -> None:
@@ -56,6 +60,12 @@ class PipelineStats:
             self.errors[stage] = self.errors.get(stage, 0) + 1
             return self.errors[stage]
 
+    def event_note(self, what: str, n: int = 1) -> int:
+        """Count ``n`` of ``what`` (``time_resets``, ``suppressed``); the total so far."""
+        with self._lock:
+            self.events[what] = self.events.get(what, 0) + n
+            return self.events[what]
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             lat = {s: {"p50": _pct(v, 50), "p99": _pct(v, 99)} for s, v in self._lat.items() if v}
@@ -64,6 +74,7 @@ class PipelineStats:
                 "latency_ms": lat,
                 "results": self.results,
                 "errors": dict(self.errors),
+                **({"events": dict(self.events)} if self.events else {}),
                 "uptime_s": round(time.time() - self.started, 1),
             }
 

@@ -123,6 +123,52 @@ def test_a_looped_recording_raises_its_events_again() -> None:
     assert end["state"] == "end" and end["ended_by"] == "time_reset"
 
 
+def test_the_pipeline_tells_and_counts_a_window_whose_time_went_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The agent's events stage: a looped recording (time back to 0 with a fall open) ends the
+    open event with ``ended_by: time_reset``, says so in one warning line, and the telemetry
+    counts it (``events.time_resets``) with the suppressed onsets."""
+    from types import SimpleNamespace
+
+    from edge_agent.decode import Classification
+    from edge_agent.graph import Work
+    from edge_agent.pipeline import Events
+    from edge_agent.sources.base import Sample
+
+    manifest = SimpleNamespace(
+        task="classification",
+        labels=["adl", "fall"],
+        decode=SimpleNamespace(events=[rule(min_windows=1, refractory_s=100.0)]),
+    )
+    model = SimpleNamespace(bundle=SimpleNamespace(manifest=manifest))
+    times = [0.0, 1.0, 2.0, 3.0, 0.0, 1.0, 2.0]
+    scores = [0.1, 0.9, 0.9, 0.1, 0.9, 0.1, 0.9]  # at 2.0 again: within the refractory time
+    works = []
+    for i, (t, p) in enumerate(zip(times, scores, strict=True)):
+        w = Work(Sample(id=f"w{i}", data=np.zeros(1), time=t), model)  # type: ignore[arg-type]
+        w.decoded = Classification(int(p > 0.5), "fall" if p > 0.5 else "adl", [1 - p, p])
+        works.append(w)
+    stats, emitted = PipelineStats(), []
+    with caplog.at_level("WARNING", logger="medge.agent.pipeline"):
+        out = list(Events(lambda k, b: emitted.append(b), stats)(works))
+    events = [b for w in out for k, b in w.messages if k == "event"]
+    # the looped recording's fall starts again (refractory cleared); the third onset is
+    # suppressed; no reset ends an open event here (the first fall ended at 3.0)
+    assert [(e["state"], e["start"]) for e in events] == [
+        ("start", 1.0),
+        ("end", 1.0),
+        ("start", 0.0),
+        ("end", 0.0),
+    ]
+    assert stats.snapshot()["events"] == {"time_resets": 1, "suppressed": 1}
+    said = [r.getMessage() for r in caplog.records if "time went back" in r.getMessage()]
+    assert said == [
+        "sample w4: time went back from 3.000 to 0.000 (a looped recording or a clock reset; "
+        "1 so far): 0 open event(s) ended, refractory times cleared"
+    ]
+
+
 def test_an_event_open_at_the_end_of_the_stream_is_closed() -> None:
     events = run(EventTracker([rule()], ["adl", "fall"]), [0.1, 0.9, 0.9], dt=0.5)
     assert events[-1]["state"] == "end" and events[-1]["ended_by"] == "stream_end"
