@@ -158,3 +158,64 @@ def test_a_recorded_video_at_the_wrong_frame_rate_for_the_model_is_refused() -> 
         open_source(VideoSettings(path=clip, color="grey", size=(48, 64)), window)
     unrated = WindowSpec(length=8, hop=1)  # a bundle that does not say: nothing to check
     assert open_source(VideoSettings(path=clip, size=(48, 64)), unrated) is not None
+
+
+# -- a live camera's frames, kept by time at the model's clip rate (frame_pacer) -------------
+
+
+def _pace(times: list[float], hz: float = 5.0) -> list[tuple[float, str]]:
+    from edge_agent.sources.frame_pacer import FramePacer
+
+    pacer = FramePacer(hz)
+    out = []
+    for t in times:
+        k = pacer.offer(t)
+        if k.keep:
+            out.append((t, k.reason))
+    return out
+
+
+@pytest.mark.parametrize("fps", [30.0, 29.97, 25.0, 15.0, 5.0])
+def test_a_camera_at_any_rate_gives_frames_at_the_models_rate(fps: float) -> None:
+    rng = np.random.default_rng(0)
+    times = np.arange(0, 60, 1 / fps)
+    times += rng.uniform(-0.004, 0.004, len(times))  # a camera's clock jitters
+    kept = _pace(list(np.sort(times)))
+    spacing = np.diff([t for t, _ in kept])
+    assert len(kept) / 60 == pytest.approx(5.0, abs=0.05)  # the model's 5 Hz, on average
+    assert spacing.max() <= 1.25 * 0.2 + 1 / fps and spacing.min() >= 0.75 * 0.2 - 1e-9
+    assert {r for _, r in kept} == {""}  # no gap, not slow
+
+
+def test_a_stall_starts_a_fresh_clip_and_a_slow_camera_makes_none() -> None:
+    stall = [i / 30 for i in range(60)] + [3.0 + i / 30 for i in range(60)]  # 1 s without frames
+    reasons = [r for _, r in _pace(stall)]
+    assert reasons.count("gap") == 1 and "slow" not in reasons
+    slow = _pace([i / 4.0 for i in range(30)])  # 4 fps: clips would span 25 % too much time
+    assert [r for _, r in slow[:8]] == [""] * 8  # the median needs 8 spacings
+    assert {r for _, r in slow[8:]} == {"slow"}
+
+
+def test_a_live_source_is_paced_by_the_bundles_rate_and_flags_gaps(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """open_source gives a stream source the bundle's rate_hz; the frames it yields are 5 Hz
+    from a 30 fps feed, and a stall makes the next frame start afresh (counted, one line),
+    so the clip windows never span it."""
+    from edge_agent.bundle import WindowSpec
+
+    cfg = VideoSettings(url="rtsp://127.0.0.1:1/ward", color="grey")
+    src = open_source(cfg, WindowSpec(length=4, hop=1, rate_hz=5.0), ["no_fall", "fall"])
+    inner = src.inner  # type: ignore[attr-defined]
+    assert inner.pace_hz == 5.0
+    feed = [(i, i / 30, np.zeros((4, 4, 3), np.uint8)) for i in range(60)]
+    feed += [(60 + i, 4.0 + i / 30, np.zeros((4, 4, 3), np.uint8)) for i in range(60)]
+    inner._live = lambda stop: (f for f in feed)
+    with caplog.at_level(logging.WARNING):
+        clips = list(src.stream(threading.Event()))
+    # 11 frames kept before the stall (0 to 1.97 s), 11 after: 8 + 8 clips of 4, none across
+    assert len(clips) == 16
+    assert [c.time for c in clips].index(4.0) == 8
+    assert all(c.data.shape == (4, 4, 4) for c in clips)
+    assert inner.errors == {"gap": 1}
+    assert any("no frame for 2.03 s" in r.getMessage() for r in caplog.records)

@@ -164,9 +164,11 @@ def check_frame_rate(src: VideoSource, model_hz: float) -> None:
     """Refuse a recorded video whose kept frames (fps / step) do not come at the rate the
     model's clips were cut at: a clip of the right length would span the wrong time. 5 %
     tolerance: recordings say 29.97 or 29.3 fps where 30 was meant. A camera's rate is what it
-    delivers, so only files are checked here."""
+    delivers: its frames are kept by time at ``model_hz`` as they come
+    (edge_agent.sources.frame_pacer), and a camera too slow for it is counted, clip by clip."""
     fps = src.recorded_fps()
     if fps is None:
+        src.pace_hz = model_hz
         return
     step = src.cfg.step
     if abs(fps / step - model_hz) > 0.05 * model_hz:

@@ -24,6 +24,7 @@ from pydantic import Field, model_validator
 from edge_agent.errors import SourceError
 from edge_agent.ports import Port
 from edge_agent.sources.base import Problems, Sample, Size, SourceSettings, pace, require
+from edge_agent.sources.frame_pacer import FramePacer
 from edge_agent.window import WindowSettings
 
 __all__ = ["VideoSettings", "VideoSource", "frame_labels", "load_intervals"]
@@ -121,6 +122,9 @@ class VideoSource:
             row = cfg.labels_row or _row_of(self.name)
             self.intervals = load_intervals(cfg.labels, row)
         self.fps = 0.0
+        # a camera or stream: frames kept by time at the model's clip rate (set by
+        # open_source from the bundle's window.rate_hz; edge_agent.sources.frame_pacer)
+        self.pace_hz: float | None = None
         self._problems = Problems(self.name, log)
         self.port: Port[tuple[int, float, np.ndarray]] = Port(
             f"{self.name}:frames", cfg.queue, "drop_oldest", on_drop=self._dropped
@@ -263,13 +267,38 @@ class VideoSource:
         if failure:
             raise failure[0]
 
+    def _paced(self, frames: Iterator[tuple[int, float, np.ndarray]]) -> Generator[tuple]:
+        """(index, time, frame, starts afresh) of the frames due at ``pace_hz``; a gap or a
+        camera too slow for the model is counted, and its frame starts a fresh clip."""
+        pacer = FramePacer(self.pace_hz) if self.pace_hz and self.cfg.path is None else None
+        for index, t, frame in frames:
+            if pacer is None:
+                yield index, t, frame, False
+                continue
+            kept = pacer.offer(t)
+            if not kept.keep:
+                continue
+            if kept.reason == "gap":
+                self._problems.add(
+                    "gap", "no frame for %.2f s (a stall or frames dropped): the clip starts "
+                    "afresh", kept.seconds, every=False,
+                )  # fmt: skip
+            elif kept.reason == "slow":
+                self._problems.add(
+                    "slow", "frames come %.2f s apart, slower than the model's %.3g Hz: no "
+                    "clip until they come faster", kept.seconds, self.pace_hz, every=False,
+                )  # fmt: skip
+            yield index, t, frame, kept.gap
+
     def stream(self, stop: threading.Event) -> Iterator[Sample]:
         frames = self._live(stop) if self.live else self._frames(stop)
         emitted, limit = 0, self.cfg.limit
         meta: dict[str, Any]
         try:
-            for index, t, frame in frames:
+            for index, t, frame, fresh in self._paced(frames):
                 label, meta = None, {"frame": index}
+                if fresh:
+                    meta["gap"] = True
                 if self.intervals:
                     label, meta["classes"] = frame_labels(self.intervals, t, self.cfg.positive)
                 data = self._shape(frame)  # after the queue: no work spent on dropped frames
