@@ -3,9 +3,8 @@
     python -m models.wrist_fall_lstm       # retrains models/weights/wrist_fall_lstm.keras
 
 Data: the real WISDM 2019 smartwatch streams of subjects 1600-1605 (18 daily activities each),
-accelerometer and gyroscope aligned and resampled to 20 Hz by the rules of the agent's IMU
-source (edge_agent.sources.imu: read_track, pair_runs; re-written here, as models import
-nothing of the agent, and checked equal by tests/test_zoo_wrist_fall_lstm.py). Train subjects
+accelerometer and gyroscope aligned and resampled to 20 Hz by the agent's own IMU source
+functions (edge_agent.sources.imu: read_track, pair_runs). Train subjects
 1600-1603, validation subjects 1604-1605. There are no real wrist falls: the "fall" windows
 are SIMULATED by models.fall_sim on top of the same subjects' real streams; every number on
 them is a number on simulated falls. Real windows are all labelled "no_fall" (daily
@@ -42,6 +41,7 @@ POSITIVE = "fall"
 TRAIN_SUBJECTS = (1600, 1601, 1602, 1603)
 VAL_SUBJECTS = (1604, 1605)
 RATE_HZ, LENGTH, HOP = 20.0, 60, 10
+GAP_PERIODS = 5.0  # a step of more than 5 periods is a gap (the IMU source's default)
 # fixed physical scales: accelerometer in g (m/s^2 / 9.81), gyroscope in rad/s
 MEAN = [0.0] * 6
 STD = [9.81, 9.81, 9.81, 1.0, 1.0, 1.0]
@@ -94,75 +94,23 @@ class Run:
     act: list[str]
 
 
-def read_wisdm(path: Path) -> tuple[np.ndarray, np.ndarray, list[str], list[int]]:
-    """(times s, (n, 3) values, activities, run starts) of a WISDM watch file: malformed and
-    non-finite lines dropped; a step back or of more than 5 periods starts a new run. The same
-    rules as edge_agent.sources.imu.read_track (models may not import the agent; the zoo's
-    test checks the two give the same samples)."""
-    import gzip
-
-    limit = 5.0 / RATE_HZ
-    t: list[float] = []
-    v: list[list[float]] = []
-    act: list[str] = []
-    starts, last, pending = [0], None, False
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-        for line in f:
-            fields = line.strip().rstrip(";").split(",")
-            if len(fields) not in (6, 7):
-                continue
-            fields = fields[-6:]
-            try:
-                ts, xyz = int(fields[2]) / 1e9, [float(x) for x in fields[3:]]
-            except ValueError:
-                continue
-            if last is not None and not 0 < ts - last <= limit:
-                pending = True
-            last = ts
-            if not np.isfinite(xyz).all():
-                continue
-            if pending and t:
-                starts.append(len(t))
-            pending = False
-            t.append(ts)
-            v.append(xyz)
-            act.append(fields[1].strip())
-    return np.asarray(t), np.asarray(v, np.float32).reshape(-1, 3), act, starts
-
-
 def pair_files(accel: Path, gyro: Path) -> list[Run]:
-    """The two files' runs intersected in file order, both linearly interpolated onto one
-    20 Hz clock over each overlap (edge_agent.sources.imu.pair_runs' rule)."""
-    ta, va, aa, sa = read_wisdm(accel)
-    tg, vg, _, sg = read_wisdm(gyro)
-    ra = [slice(x, y) for x, y in zip(sa, [*sa[1:], len(ta)], strict=True) if y > x]
-    rg = [slice(x, y) for x, y in zip(sg, [*sg[1:], len(tg)], strict=True) if y > x]
+    """The two files' runs at 20 Hz, made by the agent's own IMU rules
+    (edge_agent.sources.imu: read_track, pair_runs); the problems the files hold (malformed
+    lines, gaps) are counted and told as the agent tells them."""
+    import gzip
+    import logging
 
-    def overlap(i: int, j: int) -> tuple[float, float]:
-        return max(ta[ra[i].start], tg[rg[j].start]), min(ta[ra[i].stop - 1], tg[rg[j].stop - 1])
+    from edge_agent.sources.base import Problems
+    from edge_agent.sources.imu import pair_runs, read_track
 
-    def interp(t: np.ndarray, tt: np.ndarray, v: np.ndarray) -> np.ndarray:
-        return np.stack([np.interp(tt, t, v[:, k]) for k in range(3)], axis=1)
-
-    runs, i, j = [], 0, 0
-    while i < len(ra) and j < len(rg):
-        lo, hi = overlap(i, j)
-        if hi < lo:
-            if i + 1 < len(ra) and np.subtract(*overlap(i + 1, j)) <= 0:
-                i += 1
-            elif j + 1 < len(rg) and np.subtract(*overlap(i, j + 1)) <= 0:
-                j += 1
-            else:
-                i, j = i + 1, j + 1
-            continue
-        a, g = ta[ra[i]], tg[rg[j]]
-        tt = lo + np.arange(int(np.floor((hi - lo) * RATE_HZ + 1e-6)) + 1) / RATE_HZ
-        v = np.hstack([interp(a, tt, va[ra[i]]), interp(g, tt, vg[rg[j]])]).astype(np.float32)
-        at = np.clip(np.searchsorted(a, tt, side="right") - 1, 0, len(a) - 1) + ra[i].start
-        runs.append(Run(tt, v, [aa[k] for k in at]))
-        i, j = i + int(a[-1] <= hi), j + int(g[-1] <= hi)
-    return runs
+    tracks = []
+    for path in (accel, gyro):
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+            problems = Problems(path.name, logging.getLogger("medge.models.wrist_fall_lstm"))
+            tracks.append(read_track(f, problems, RATE_HZ, GAP_PERIODS))
+    return [Run(r.t, r.v, r.act) for r in pair_runs(*tracks, RATE_HZ)]
 
 
 def load_subject(root: Path, subject: int) -> list[Run]:
@@ -216,33 +164,18 @@ def _norm(x: np.ndarray) -> np.ndarray:
 def event_starts(
     times: np.ndarray, scores: np.ndarray, rule: dict[str, Any] = FALL_RULE
 ) -> list[int]:
-    """The windows at which events start when the agent's event tracker
-    (edge_agent.events.EventTracker) is fed these window times and positive-class scores:
-    ``on`` for ``min_windows`` windows in a row starts one, a score below ``off`` ends it,
-    none starts within ``refractory_s`` of the last start (a streak begun inside it is
-    suppressed until the score drops below ``on``)."""
-    starts: list[int] = []
-    active, streak, suppressed = False, 0, False
-    last_start: float | None = None
-    streak_start = 0.0
-    for k, (t, p) in enumerate(zip(times, scores, strict=True)):
-        if active:
-            if p < rule["off"]:
-                active, streak, suppressed = False, 0, False
-            continue
-        if p < rule["on"]:
-            streak, suppressed = 0, False
-            continue
-        if streak == 0:
-            streak_start = float(t)
-            if last_start is not None and t - last_start < rule["refractory_s"]:
-                suppressed = True
-        streak += 1
-        if suppressed or streak < rule["min_windows"]:
-            continue
-        active, last_start, streak = True, streak_start, 0
-        starts.append(k)
-    return starts
+    """The windows at which the agent's event tracker (edge_agent.events.EventTracker),
+    fed these window times and positive-class scores, starts an event."""
+    from edge_agent.bundle import EventRule
+    from edge_agent.events import EventTracker
+
+    tracker = EventTracker([EventRule(**rule)], CLASS_NAMES)
+    return [
+        k
+        for k, (t, p) in enumerate(zip(times.tolist(), np.asarray(scores).tolist(), strict=True))
+        for e in tracker.update(t, [1.0 - p, p], str(k))
+        if e["state"] == "start"
+    ]
 
 
 def false_alarms(runs: list[Run], scores: Any) -> tuple[int, float, list[str]]:

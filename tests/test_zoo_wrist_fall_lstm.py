@@ -85,8 +85,8 @@ def test_importing_the_model_does_not_import_tensorflow() -> None:
 
 
 def test_the_training_pairing_gives_the_agents_samples() -> None:
-    """models may not import the agent, so the model re-writes the IMU source's pairing rules:
-    on the committed excerpt (with its gap) both give the same times, values and labels."""
+    """The model's training runs are the agent's IMU source's samples: on the committed
+    excerpt (with its gap) the same times, values, labels and run starts."""
     from edge_agent.sources import ImuSettings, ImuSource
 
     acc, gyr = IMU / "1605_accel_DE.txt.gz", IMU / "1605_gyro_DE.txt.gz"
@@ -97,21 +97,6 @@ def test_the_training_pairing_gives_the_agents_samples() -> None:
     np.testing.assert_array_equal(np.concatenate([r.t for r in runs]), [s.time for s in out])
     assert [a for r in runs for a in r.act] == [s.meta["activity"] for s in out]
     assert [s.meta.get("gap", False) for s in out].index(True) == len(runs[0].t)
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_event_count_is_the_agents_event_tracker(seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    times = np.cumsum(rng.uniform(0.4, 0.6, 400))
-    scores = np.clip(rng.normal(0.3, 0.3, 400) + (rng.random(400) < 0.1), 0, 1)
-    tracker = EventTracker([EventRule(**m.FALL_RULE)], m.CLASS_NAMES)
-    want = [
-        k
-        for k, (t, p) in enumerate(zip(times, scores, strict=True))
-        for e in tracker.update(float(t), [1 - p, p], str(k))
-        if e["state"] == "start"
-    ]
-    assert want and m.event_starts(times, scores) == want
 
 
 def test_real_windows_and_simulated_fall_windows_from_the_excerpt() -> None:
