@@ -44,13 +44,25 @@ def test_split_is_disjoint_by_subject(data: dict[str, np.ndarray]) -> None:
     assert set(data["val_subject"].tolist()) == {m.VAL_SUBJECT} == {1}
     assert {str(c).split("-")[0] for c in data["val_clip"]} == {"Subject_1"}
     assert set(data["calib_subjects"].tolist()) == {2, 3}
-    # five clips of subject 1: 2 daily activities, 3 falls; times start at 0 in each clip
+    # five clips of subject 1: 2 daily activities, 3 falls, and its empty room; times start at
+    # 0 in each clip
     clips = sorted({str(c) for c in data["val_clip"]})
-    assert [c.split("-")[1] for c in clips] == ["ADL", "ADL", "Fall", "Fall", "Fall"]
+    assert [c.split("-")[1] for c in clips] == ["ADL", "ADL", "Empty", "Fall", "Fall", "Fall"]
     assert data["val_time"].min() == 0.0
     # no calibration window is a validation window
     val = {x.tobytes() for x in data["val_images"]}
     assert not any(x.tobytes() in val for x in data["calib_images"])
+
+
+def test_val_holds_empty_scene_windows(data: dict[str, np.ndarray]) -> None:
+    """val ends with windows of subject 1's empty room (a still image with per-frame noise),
+    labelled no_fall: the converter's float vs int8 report covers a room with no one in it."""
+    empty = np.array([str(c).startswith("Subject_1-Empty-") for c in data["val_clip"]])
+    assert 1 <= empty.sum() <= 8 and empty[-empty.sum() :].all()
+    assert (data["val_labels"][empty] == 0).all()
+    x = data["val_images"][empty].astype(np.float32)
+    assert x.std(axis=1).max() < 5  # still: only the noise changes from frame to frame
+    assert x.std() > 10  # a real room, not a constant
 
 
 def _keras_config(path: Path) -> dict[str, Any]:
