@@ -25,11 +25,13 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from medge_process import start_medge
 from paho.mqtt.enums import CallbackAPIVersion
 from waiting import wait_for
 
 import edge_agent.envelope as envelope_mod
 from edge_agent.envelope import Envelope, Sealer
+from edge_agent.envelope_header import HEADER
 from edge_agent.identity import DEVICE_CERT, DEVICE_KEY, SITE_CA, DeviceIdentity
 from edge_agent.link import DeviceLink
 from edge_agent.outbox import Outbox
@@ -85,27 +87,13 @@ class Fog:
     def start_gateway(self) -> None:
         log = self.tmp / f"gateway-{len(self.logs)}.log"
         self.logs.append(log)
-        self.gateway = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "medge",
-                "gateway",
-                "run",
-                "--site-dir",
-                str(self.site),
-                "--broker",
-                f"127.0.0.1:{self.broker.port}",
-                "--tls",
-                "--db",
-                str(self.db),
-                "--metrics-port",
-                str(self.metrics_port),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=log.open("w"),
-            text=True,
-        )
+        with log.open("w") as err:  # the child has its own copy of the descriptor
+            self.gateway = start_medge(
+                "gateway", "run", "--site-dir", str(self.site),
+                "--broker", f"127.0.0.1:{self.broker.port}", "--tls", "--db", str(self.db),
+                "--metrics-port", str(self.metrics_port),
+                stdout=subprocess.DEVNULL, stderr=err,
+            )  # fmt: skip
         wait_for(lambda: self.metrics() is not None, 30, "the gateway's metrics port")
 
     def stop_gateway(self) -> None:
@@ -252,23 +240,12 @@ def fog(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fog]:
             capture_output=True,
         )
         dash_log = tmp / "dashboard.log"
-        f.dashboard = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "medge",
-                "dashboard",
-                "--db",
-                str(f.db),
-                "--users",
-                str(users),
-                "--port",
-                str(f.dashboard_port),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=dash_log.open("w"),
-            text=True,
-        )
+        with dash_log.open("w") as err:
+            f.dashboard = start_medge(
+                "dashboard", "--db", str(f.db), "--users", str(users),
+                "--port", str(f.dashboard_port),
+                stdout=subprocess.DEVNULL, stderr=err,
+            )  # fmt: skip
         wait_for(
             lambda: _ok(lambda: _http(f.dashboard_port, "GET", "/login")[0] == 200),
             30,
@@ -306,21 +283,7 @@ def _ok(check: Callable[[], bool]) -> bool:
 
 
 # -- the attacks -------------------------------------------------------------------------------
-HEADER_FIELDS = (
-    "v",
-    "kind",
-    "site",
-    "device",
-    "seq",
-    "time",
-    "kid",
-    "suite",
-    "epoch",
-    "ek",
-    "es",
-    "alert",
-    "ct",
-)
+HEADER_FIELDS = (*HEADER, "ct")  # pinned by tests/test_strict_parsing.py
 WRONG_TYPES: tuple[Any, ...] = ([], ["result"], {}, {"a": 1}, None, True, 1.5, -1, 10**30, "x")
 
 

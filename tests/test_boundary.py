@@ -16,11 +16,9 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -32,6 +30,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from medge_process import start_medge, wait_serving
 from paho.mqtt.enums import CallbackAPIVersion
 from waiting import wait_for
 
@@ -323,43 +322,18 @@ def test_healthz_reports_liveness_and_503_once_the_writer_died(  # type: ignore[
 
 
 def _gateway_run(site_dir: Path, broker: str, db: Path, metrics_port: int) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "medge",
-            "gateway",
-            "run",
-            "--site-dir",
-            str(site_dir),
-            "--broker",
-            broker,
-            "--db",
-            str(db),
-            "--metrics-port",
-            str(metrics_port),
-            "--log-level",
-            "info",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ),
-    )
+    return start_medge(
+        "gateway", "run", "--site-dir", str(site_dir), "--broker", broker, "--db", str(db),
+        "--metrics-port", str(metrics_port), "--log-level", "info",
+    )  # fmt: skip
 
 
 def _healthy(proc: subprocess.Popen[str], url: str, timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            status, body = _healthz(url)
-            if status == 200:
-                return body
-        except OSError:
-            pass
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "gateway run never became healthy"
-        time.sleep(0.1)
+    def probe() -> dict[str, Any] | None:
+        status, body = _healthz(url)
+        return body if status == 200 else None
+
+    return wait_serving(proc, probe, timeout, "gateway run to be healthy")
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from medge_process import start_medge
 
 from gateway.broker import RunningBroker
 
@@ -78,25 +79,11 @@ def test_a_real_run_leaves_every_file_owner_only(  # type: ignore[no-untyped-def
         # a gateway that is running has its store's -wal and -shm open: look at them then
         db = tmp_path / "gw" / "gateway.sqlite"
         db.parent.mkdir(mode=0o700)
-        gw = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "medge",
-                "gateway",
-                "run",
-                "--site-dir",
-                str(site),
-                "--db",
-                str(db),
-                "--broker",
-                f"{mosquitto.host}:{mosquitto.port}",
-                "--log-level",
-                "warning",
-            ],
+        gw = start_medge(
+            "gateway", "run", "--site-dir", str(site), "--db", str(db),
+            "--broker", f"{mosquitto.host}:{mosquitto.port}", "--log-level", "warning",
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        )  # fmt: skip
         try:
             wal, shm = db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")
             deadline = time.monotonic() + 60

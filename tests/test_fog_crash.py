@@ -6,13 +6,12 @@ forward outbox are idempotent by (site, device, seq)."""
 from __future__ import annotations
 
 import itertools
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+from medge_process import start_medge
 from waiting import wait_for
 
 from edge_agent.envelope import Sealer
@@ -30,33 +29,24 @@ ROOT = Path(__file__).resolve().parents[1]
 def _fog(
     site_dir: Path, fog: RunningBroker, cloud: RunningBroker, tmp: Path
 ) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "medge",
-            "gateway",
-            "run",
-            "--site-dir",
-            str(site_dir),
-            "--broker",
-            f"{fog.host}:{fog.port}",
-            "--db",
-            str(tmp / "fog.sqlite"),
-            "--client-id",
-            "fog",
-            "--forward-to",
-            f"{cloud.host}:{cloud.port}",
-            "--forward-resend-after",
-            "1",
-            "--log-level",
-            "warning",
-        ],
+    return start_medge(
+        "gateway",
+        "run",
+        "--site-dir",
+        str(site_dir),
+        "--broker",
+        f"{fog.host}:{fog.port}",
+        "--db",
+        str(tmp / "fog.sqlite"),
+        "--client-id",
+        "fog",
+        "--forward-to",
+        f"{cloud.host}:{cloud.port}",
+        "--forward-resend-after",
+        "1",
+        "--log-level",
+        "warning",
         cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ),
     )
 
 

@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from medge_process import start_medge, wait_serving
 
 from edge_agent.errors import ConfigError
 from gateway.config import (
@@ -212,34 +210,13 @@ def test_gateway_run_reads_the_file_and_flags_override_it(
         f"gateway:\n  site_dir: {site_dir}\n  store:\n    db: gw.sqlite\n"
         f"  broker:\n    port: {mosquitto.port}\n  metrics:\n    port: 1\n",
     )
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "medge",
-            "gateway",
-            "run",
-            "--config",
-            str(path),
-            "--metrics-port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_medge(
+        "gateway", "run", "--config", str(path), "--metrics-port", str(port),
+        "--log-level", "warning",
+    )  # fmt: skip
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                m = scrape(f"http://127.0.0.1:{port}/metrics")
-                break
-            except OSError:
-                assert proc.poll() is None, proc.communicate()[1][-2000:]
-                assert time.monotonic() < deadline, "no metrics endpoint"
-                time.sleep(0.1)
+        url = f"http://127.0.0.1:{port}/metrics"
+        m = wait_serving(proc, lambda: scrape(url), 20, "the metrics endpoint")
         assert value(m, "medge_gateway_messages_received_total") == 0
         assert (tmp_path / "gw.sqlite").exists(), "the store the file names, beside it"
     finally:

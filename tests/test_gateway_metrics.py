@@ -3,10 +3,7 @@ messages through a real Mosquitto; and ``medge gateway run --metrics-port`` as a
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -14,6 +11,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from medge_process import start_medge, wait_serving
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
 from waiting import wait_for
@@ -147,42 +145,25 @@ def test_gateway_run_serves_metrics(  # type: ignore[no-untyped-def]
     mosquitto, site_dir: Path, tmp_path: Path
 ) -> None:
     port = free_port("127.0.0.1")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "medge",
-            "gateway",
-            "run",
-            "--site-dir",
-            str(site_dir),
-            "--broker",
-            f"{mosquitto.host}:{mosquitto.port}",
-            "--db",
-            str(tmp_path / "gw.sqlite"),
-            "--silence-after",
-            "5",
-            "--metrics-port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ),
+    proc = start_medge(
+        "gateway",
+        "run",
+        "--site-dir",
+        str(site_dir),
+        "--broker",
+        f"{mosquitto.host}:{mosquitto.port}",
+        "--db",
+        str(tmp_path / "gw.sqlite"),
+        "--silence-after",
+        "5",
+        "--metrics-port",
+        str(port),
+        "--log-level",
+        "warning",
     )
     try:
         url = f"http://127.0.0.1:{port}/metrics"
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                m = scrape(url)
-                break
-            except OSError:
-                assert proc.poll() is None, proc.communicate()[1][-2000:]
-                assert time.monotonic() < deadline, "no metrics endpoint"
-                time.sleep(0.1)
+        m = wait_serving(proc, lambda: scrape(url), 20, "the metrics endpoint")
         assert value(m, "medge_gateway_messages_received_total") == 0
         assert value(m, "medge_gateway_devices_online") == 0
     finally:

@@ -84,6 +84,14 @@ def _refused(opener: Opener, payload: bytes, *reasons: Reason) -> Reason:
 
 
 # -- the clear header -------------------------------------------------------------------------
+def test_the_header_fields_are_these_and_no_more() -> None:
+    """The wire format's field list, written out here: a field added or dropped in
+    edge_agent.envelope_header is a protocol change this test makes visible."""
+    from edge_agent.envelope_header import FIELDS
+
+    assert set(HEADER_FIELDS) == FIELDS
+
+
 @pytest.mark.parametrize("field", HEADER_FIELDS)
 def test_every_header_field_of_every_wrong_type_is_an_envelope_error(
     rig: fuzz.Rig, field: str
