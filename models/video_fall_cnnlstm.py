@@ -31,7 +31,8 @@ triggering window's last frame is in, reported as ``alarm_after_s``). The data i
 clips, about 2 minutes of video, 11 falls): the numbers have wide intervals.
 
 Empty-scene negatives: a room with no one in it must give no fall (the first committed model
-fired at 0.996 on the demo clip's empty room; tests/test_zoo_video_fall_cnnlstm.py now checks it stays quiet). Every epoch adds
+fired at 0.996 on the demo clip's empty room; tests/test_zoo_video_fall_cnnlstm.py now checks
+that it stays quiet). Every epoch adds
 EMPTY_PER_SCENE = 8 windows of each training clip's room image (``empty_scenes``), no_fall:
 the still image with +-3 grey levels of noise and a small brightness change per frame, then
 the same augmentation as the clips (with 13 room images: 104 windows against 271 no_fall clip
@@ -360,8 +361,8 @@ def empty_video(
     room: np.ndarray, rng: np.random.Generator, seconds: float = EMPTY_SECONDS
 ) -> tuple[np.ndarray, np.ndarray]:
     """(N, T, H, W) uint8 windows (hop 1) and their start times of a ``seconds`` video of the
-    still room at 5 Hz with +-3 grey levels of noise per frame (tests/test_zoo_video_fall_cnnlstm.py's
-    empty room, at the model's frame size)."""
+    still room at 5 Hz with +-3 grey levels of noise per frame (the empty room of
+    tests/test_zoo_video_fall_cnnlstm.py, at the model's frame size)."""
     n = round(seconds * RATE_HZ)
     noise = rng.integers(-3, 4, (n, *SIZE))
     frames = np.clip(room.astype(np.int16) + noise, 0, 255).astype(np.uint8)
