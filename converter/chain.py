@@ -25,6 +25,7 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +55,11 @@ PAIRS = ("int8", "fp32")  # precisions shipped as feature + temporal pairs, in t
 EVAL_FRAMES = 512  # feature report: at most this many evaluation frames
 
 
-def convert_chain(req: ConvertRequest, fmt: str) -> Bundle:
-    """Split, convert both parts, score the pairs end to end and write one chained bundle."""
-    from converter.convert import convert  # the parts are converted as any model is
-
+def convert_chain(
+    req: ConvertRequest, fmt: str, convert: Callable[[ConvertRequest], Bundle]
+) -> Bundle:
+    """Split, convert both parts (each by ``convert``, as any model is), score the pairs end
+    to end and write one chained bundle."""
     if fmt != "keras":
         raise ConversionError("--feature-stage needs a Keras (.keras) model")
     if req.task != "classification" or req.streams or req.cam:

@@ -69,7 +69,7 @@ def convert(req: ConvertRequest) -> Bundle:
     """Convert, evaluate and write one bundle; return it, loaded and verified."""
     fmt = _validate(req)
     if req.feature_stage:
-        return convert_chain(req, fmt)
+        return convert_chain(req, fmt, convert)
     wrap_it = fmt == "tflite" or (fmt == "onnx" and req.onnx_input == "wrap")
     if wrap_it and req.task != "classification":
         raise ConversionError(
