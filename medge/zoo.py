@@ -1,7 +1,11 @@
 """The model zoo from the command line: list, train and build its models (``medge zoo``).
 
-Bundles built here are cached by the content of the weights, the data and the settings, so
-the demo converts each model once (``$MEDGE_CACHE_DIR``, default ``~/.cache/medge``)."""
+Bundles built here are cached by the content of the weights, the data, the settings and the
+converting code (:func:`code_key`), so the demo converts each model once
+(``$MEDGE_CACHE_DIR``, default ``~/.cache/medge``). A cached bundle is used only when it
+loads (every file matches its hash) and says it was made from these very weights; anything
+else is told in one line and rebuilt. The cache is the user's own: it protects against
+stale and broken entries, not against someone who can write into it."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +27,16 @@ if TYPE_CHECKING:
     from converter import ConvertRequest
     from models.spec import ZooModel
 
-__all__ = ["breast_cnn_bundle", "build", "cache_dir", "describe", "find", "request", "train"]
+__all__ = [
+    "breast_cnn_bundle",
+    "build",
+    "cache_dir",
+    "code_key",
+    "describe",
+    "find",
+    "request",
+    "train",
+]
 
 log = logging.getLogger("medge.zoo")
 
@@ -84,9 +98,32 @@ def _files(value: Any) -> list[Path]:
     return []
 
 
+_ROOT = Path(__file__).resolve().parent.parent
+_CODE_KEY: list[str] = []  # computed once per process
+CONVERTING = ("tensorflow-cpu", "tf-keras", "ai-edge-litert", "onnxruntime", "tf2onnx")
+
+
+def code_key() -> str:
+    """sha256 of what converts a model besides its inputs: the converter's and the agent's
+    source files, and the versions of the libraries that convert and run it."""
+    if not _CODE_KEY:
+        h = hashlib.sha256()
+        for pkg in ("converter", "edge_agent"):
+            for p in sorted((_ROOT / pkg).rglob("*.py")):
+                h.update(p.relative_to(_ROOT).as_posix().encode() + b"\0" + p.read_bytes())
+        for dist in CONVERTING:
+            try:
+                h.update(f"{dist}={version(dist)}".encode())
+            except PackageNotFoundError:
+                h.update(f"{dist}=none".encode())
+        _CODE_KEY.append(h.hexdigest())
+    return _CODE_KEY[0]
+
+
 def _key(spec: ZooModel, profile: str, fields: dict[str, Any]) -> str:
-    """The cache key: the bytes of every input file, the settings and the profile."""
-    h = hashlib.sha256()
+    """The cache key: the bytes of every input file, the settings, the profile and the
+    converting code."""
+    h = hashlib.sha256(code_key().encode())
     for path in (spec.weights, spec.data, *_files(spec.convert)):
         h.update(hashlib.sha256(path.read_bytes()).digest())
     h.update(json.dumps([fields, profile], sort_keys=True, default=str).encode())
@@ -149,11 +186,18 @@ def build(
     cached = out is None
     key = _key(spec, profile, _fields(spec, lean))
     target = out or cache_dir() / "bundles" / f"{spec.bundle_name}-{profile}-{key}"
-    if cached and not force:
+    if cached and not force and target.exists():
         try:
-            return Bundle.load(target)
-        except MedgeError:
-            pass
+            bundle = Bundle.load(target)
+        except MedgeError as exc:
+            log.warning("zoo cache: %s; rebuilding it", exc)
+        else:
+            made_from = bundle.manifest.provenance.source_sha256
+            if made_from == hashlib.sha256(spec.weights.read_bytes()).hexdigest():
+                return bundle
+            log.warning(
+                "zoo cache: %s was not made from %s; rebuilding it", target, spec.weights.name
+            )
     req = request(spec, target, profile, lean, force or cached, sign_key)
     from converter import convert
 

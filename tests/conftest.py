@@ -12,7 +12,6 @@ import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +82,6 @@ def opener(site_dir: Path):  # type: ignore[no-untyped-def]
 # raises, returns or times must still call convert() itself.
 
 ROOT = Path(__file__).resolve().parent.parent
-_CODE_KEY: list[str] = []  # the hash of the converting code, computed once per session
 
 
 def _hash_path(h: Any, path: Path) -> None:
@@ -99,18 +97,9 @@ def _hash_path(h: Any, path: Path) -> None:
 
 
 def _code_key() -> str:
-    if not _CODE_KEY:
-        h = hashlib.sha256()
-        for pkg in ("converter", "edge_agent"):
-            for p in sorted((ROOT / pkg).rglob("*.py")):
-                h.update(p.relative_to(ROOT).as_posix().encode() + b"\0" + p.read_bytes())
-        for dist in ("tensorflow-cpu", "tf-keras", "ai-edge-litert", "onnxruntime", "tf2onnx"):
-            try:
-                h.update(f"{dist}={version(dist)}".encode())
-            except PackageNotFoundError:
-                h.update(f"{dist}=none".encode())
-        _CODE_KEY.append(h.hexdigest())
-    return _CODE_KEY[0]
+    from medge.zoo import code_key
+
+    return code_key()
 
 
 def _field_key(h: Any, value: object) -> object:
