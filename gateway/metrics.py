@@ -15,6 +15,9 @@ at each scrape, so they are right even when several workers share one database.
   over a device's flood limit, not acknowledged, resent by the device
 - ``medge_gateway_cam_dropped_total{reason}``: CAM thumbnails removed from result bodies
   before storing (``not_png``, ``too_large``, ``malformed``)
+- ``medge_gateway_retained_known_total``: retained state messages the broker delivered again
+  (on every subscribe: a gateway or broker restart) that the store already has: not replays,
+  neither rejected nor audited
 - ``medge_gateway_forward_latest_total{kind}``: state/telemetry queued for the cloud
 - ``medge_gateway_acks_total``: acknowledgements published
 - ``medge_gateway_alerts_raised_total{rule,severity}``: alerts opened by this gateway
@@ -124,6 +127,11 @@ class GatewayMetrics:
             "medge_gateway_cam_dropped",
             "CAM thumbnails removed from result bodies, by reason.",
             ["reason"],
+            registry=reg,
+        )
+        self.retained_known = pc.Counter(
+            "medge_gateway_retained_known",
+            "Retained state messages delivered again that the store already has.",
             registry=reg,
         )
         self.forward_latest = pc.Counter(

@@ -322,6 +322,12 @@ class Gateway:
         if env.kind in ("state", "telemetry") and not self.store.advance(
             env.site, env.device, env.kind, env.seq
         ):
+            if msg.retain and env.kind == "state":
+                # the broker's retained copy, delivered again on (re)subscribing: a state
+                # this store already has, not a replay (it stores nothing; counted only)
+                self.metrics.retained_known.inc()
+                log.debug("retained state of %s/%s seq %d: known", env.site, env.device, env.seq)
+                return
             raise EnvelopeError(
                 f"{env.kind} seq {env.seq} is not newer than the last one (replayed or stale)",
                 Reason.REPLAY,

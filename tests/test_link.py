@@ -151,3 +151,30 @@ def test_a_link_closed_by_a_fault_says_offline_and_the_fog_node_alerts(  # type:
         wait_for(lambda: state(store) == "offline", 10, "the fault's offline goodbye")
         wait_for(lambda: list_alerts(store), 10, "the offline alert")
         assert [a["rule"] for a in list_alerts(store)] == ["offline"]
+
+
+def test_a_restarted_gateway_takes_the_retained_state_it_knows_without_calling_it_a_replay(  # type: ignore[no-untyped-def]
+    tmp_path: Path, mosquitto: RunningBroker, sealer, opener
+) -> None:
+    """The broker delivers each device's retained state again to every new subscriber: a
+    gateway restarted on the same store gets the 'online' it already stored. That is not a
+    replay (nothing rejected, audited or held against the device): it is counted as known.
+    A state with an old seq sent live (not retained) is still a replay."""
+    from edge_agent.reasons import Reason
+
+    device = "link-04"
+    with Outbox(tmp_path / "o.sqlite", SITE, device) as box, Store(tmp_path / "gw.sqlite") as store:
+        box.sealer = sealer(device)
+        link = DeviceLink(box, mosquitto.host, mosquitto.port)
+        with link:
+            assert link.wait_connected(10)
+            with Gateway(store, opener, mosquitto.host, mosquitto.port) as first:
+                wait_for(lambda: [d["state"] for d in store.devices()] == ["online"], 10, "online")
+                assert first.metrics.retained_known._value.get() == 0  # new to this store
+            with Gateway(store, opener, mosquitto.host, mosquitto.port) as again:
+                wait_for(
+                    lambda: again.metrics.retained_known._value.get() == 1, 10, "the retained state"
+                )
+                assert again.metrics.totals()["rejected"] == 0
+                replay = again.metrics.rejected.labels(Reason.REPLAY.value)
+                assert replay._value.get() == 0
