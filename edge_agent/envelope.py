@@ -43,7 +43,7 @@ from edge_agent.envelope_header import (
 from edge_agent.errors import EnvelopeError
 from edge_agent.keys import RecipientKey
 from edge_agent.reasons import Reason
-from edge_agent.schemas import check_body, parse_ack
+from edge_agent.schemas import check_body, parse_ack, parse_limits
 from edge_agent.topics import TopicParts, check_name
 
 __all__ = [
@@ -53,7 +53,9 @@ __all__ = [
     "Opener",
     "Sealer",
     "decode_ack",
+    "decode_limits",
     "encode_ack",
+    "encode_limits",
 ]
 
 
@@ -405,6 +407,17 @@ def _fingerprint(key: ec.EllipticCurvePublicKey) -> bytes:
 def encode_ack(seqs: list[int]) -> bytes:
     """Gateway -> device: these sequence numbers are stored; the device may forget them."""
     return json.dumps({"v": VERSION, "seqs": sorted(seqs)}, separators=(",", ":")).encode()
+
+
+def encode_limits(rate: float, burst: float) -> bytes:
+    """Gateway -> device (retained): the flood limit this device is held to (messages per
+    second, 0: none; burst), so that it drains a backlog at a pace the gateway takes."""
+    return json.dumps({"v": VERSION, "rate": rate, "burst": burst}, separators=(",", ":")).encode()
+
+
+def decode_limits(payload: bytes) -> tuple[float, float]:
+    """Device side: (rate, burst) of a limits message (edge_agent.schemas.parse_limits)."""
+    return parse_limits(payload, VERSION)
 
 
 def decode_ack(payload: bytes) -> list[int]:

@@ -22,7 +22,7 @@ from typing import Any, cast
 
 import paho.mqtt.client as mqtt
 
-from edge_agent.envelope import decode_ack
+from edge_agent.envelope import decode_ack, decode_limits
 from edge_agent.errors import EnvelopeError
 from edge_agent.mqtt_session import MqttSession, backoff_delay, no_delay
 from edge_agent.outbox import Outbox
@@ -32,6 +32,24 @@ from edge_agent.topics import topic
 __all__ = ["DeviceLink", "backoff_delay", "no_delay"]
 
 log = logging.getLogger("medge.agent.link")
+
+PACE = 0.9  # a device drains at this share of the gateway's announced rate (and burst)
+
+
+class Pacer:
+    """A token bucket on the device's side of the gateway's flood limit: :meth:`wait` says how
+    long to wait before the next message may go (0 when one may go now) and takes its token."""
+
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic):
+        self.rate, self.burst, self._clock = rate, burst, clock
+        self._tokens, self._last = burst, clock()
+
+    def wait(self) -> float:
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        self._tokens -= 1.0
+        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
 
 
 class DeviceLink:
@@ -49,10 +67,13 @@ class DeviceLink:
         tls: tuple[Path, Path, Path] | None = None,
         reconnect_min_s: float = 0.5,
         reconnect_max_s: float = 30.0,
+        pace: bool = True,
     ) -> None:
         """``protocol``: "5", "3.1.1" or "auto"; ``tls``: (CA certificate, device certificate,
         device key) for a TLS listener that requires client certificates (see ``medge gateway
-        broker-config``); ``reconnect_min_s``/``reconnect_max_s``: back-off base and cap."""
+        broker-config``); ``reconnect_min_s``/``reconnect_max_s``: back-off base and cap;
+        ``pace``: drain the outbox at the pace of the flood limit the gateway announces
+        (false only to act as a device that ignores it, in tests)."""
         self.outbox = outbox
         self.site, self.device = outbox.site, outbox.device
         self.host, self.port, self.keepalive = host, port, keepalive
@@ -76,7 +97,12 @@ class DeviceLink:
         # "offline" (as the Last Will) when the link closes on a fault (an exception, or
         # Agent.mark_failed after a worker died), so the fog node alerts as if the power went
         self.goodbye = "stopped"
-        self._topics = {k: topic(self.site, self.device, k) for k in ("ack", "cmd")}
+        self._topics = {k: topic(self.site, self.device, k) for k in ("ack", "cmd", "limits")}
+        # the gateway's flood limit for this device, as it announces it (retained, on
+        # .../limits): the pump drains at PACE of its rate, so a backlog is not refused
+        self.pace = pace
+        self.pacer: Pacer | None = None
+        self.limits: tuple[float, float] | None = None
         self.session = MqttSession(
             self.device,
             host,
@@ -85,7 +111,7 @@ class DeviceLink:
             client_id=f"medge-{self.site}-{self.device}",
             keepalive=keepalive,
             tls=tls,
-            subscriptions=[(self._topics["ack"], 1), (self._topics["cmd"], 1)],
+            subscriptions=[(self._topics[k], 1) for k in ("ack", "cmd", "limits")],
             on_message=self._on_message,
             on_reject=self._on_reject,
             before_connect=self._arm_state,
@@ -206,6 +232,9 @@ class DeviceLink:
             if self.on_command is not None:
                 self.on_command(payload)
             return
+        if msg.topic == self._topics["limits"]:
+            self._set_limits(decode_limits(payload))
+            return
         if msg.topic != self._topics["ack"]:  # a broker fault (amqtt sends others' retained state)
             raise EnvelopeError(
                 f"message on {msg.topic!r}, which this device did not subscribe to", Reason.TOPIC
@@ -218,6 +247,25 @@ class DeviceLink:
             self.bad_commands += 1
         elif msg.topic == self._topics["ack"]:
             self.bad_acks += 1
+
+    def _set_limits(self, limits: tuple[float, float]) -> None:
+        if limits == self.limits:
+            return
+        rate, burst = limits
+        self.limits = limits
+        paced = self.pace and rate > 0
+        self.pacer = Pacer(PACE * rate, max(1.0, PACE * burst)) if paced else None
+        if rate <= 0:
+            log.info("%s: the gateway announces no flood limit", self.device)
+        else:
+            log.info(
+                "%s: the gateway's flood limit is %g messages/s (burst %g): the outbox drains "
+                "at %g/s",
+                self.device,
+                rate,
+                burst,
+                PACE * rate,
+            )
 
     # -- the pump --------------------------------------------------------------------------
     def _run_pump(self) -> None:
@@ -233,6 +281,9 @@ class DeviceLink:
                 sent = []
                 client = self.session.client
                 for p in batch:
+                    pacer = self.pacer
+                    if pacer is not None and self._stop.wait(pacer.wait()):
+                        break
                     info = client.publish(p.topic, p.payload, qos=1)
                     if info.rc != mqtt.MQTT_ERR_SUCCESS:
                         break

@@ -12,7 +12,7 @@ __all__ = ["DOWN_KINDS", "ROOT", "UP_KINDS", "TopicParts", "check_name", "parse"
 
 ROOT = "medge/v1"
 UP_KINDS = ("result", "event", "telemetry", "state")
-DOWN_KINDS = ("ack", "cmd")
+DOWN_KINDS = ("ack", "cmd", "limits")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 

@@ -18,6 +18,10 @@ at each scrape, so they are right even when several workers share one database.
 - ``medge_gateway_retained_known_total``: retained state messages the broker delivered again
   (on every subscribe: a gateway or broker restart) that the store already has: not replays,
   neither rejected nor audited
+- ``medge_gateway_limits_announced_total``: flood limits told to devices that came online
+- ``medge_gateway_rate_limited_total{traffic}``: messages over a device's flood limit: ``live``
+  (sent within 30 s of their making: a flood) or ``backlog`` (older: a device draining what it
+  held while cut off, too fast)
 - ``medge_gateway_forward_latest_total{kind}``: state/telemetry queued for the cloud
 - ``medge_gateway_acks_total``: acknowledgements published
 - ``medge_gateway_alerts_raised_total{rule,severity}``: alerts opened by this gateway
@@ -132,6 +136,17 @@ class GatewayMetrics:
         self.retained_known = pc.Counter(
             "medge_gateway_retained_known",
             "Retained state messages delivered again that the store already has.",
+            registry=reg,
+        )
+        self.limits_announced = pc.Counter(
+            "medge_gateway_limits_announced",
+            "Flood limits announced to devices that came online (retained on .../limits).",
+            registry=reg,
+        )
+        self.rate_limited = pc.Counter(
+            "medge_gateway_rate_limited",
+            "Messages over a device's flood limit, by traffic: live, or a backlog being drained.",
+            ["traffic"],
             registry=reg,
         )
         self.forward_latest = pc.Counter(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -30,7 +31,7 @@ from typing import cast
 
 import paho.mqtt.client as mqtt
 
-from edge_agent.envelope import Envelope, Opener, encode_ack
+from edge_agent.envelope import Envelope, Opener, encode_ack, encode_limits
 from edge_agent.errors import EnvelopeError, MedgeError, one_line
 from edge_agent.mqtt_session import MqttSession
 from edge_agent.reasons import Reason
@@ -48,6 +49,25 @@ __all__ = ["DeviceLimiter", "Gateway", "GatewayStats"]
 log = logging.getLogger("medge.gateway")
 
 _UP = ("result", "event", "state", "telemetry")
+
+
+BACKLOG_AGE_S = 30.0  # a message made longer ago than this is a backlog being drained
+_TIME = re.compile(rb'"time":(-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)')
+
+
+def _traffic(payload: bytes, now: float | None = None) -> str:
+    """``backlog`` when the clear header says the message was made over BACKLOG_AGE_S ago,
+    else ``live``. Read without opening the message (a flood costs no crypto): the canonical
+    header puts ``time`` near the end, so only the last 256 bytes are searched; a message
+    that does not say is ``live``."""
+    m = _TIME.search(payload, max(0, len(payload) - 256))
+    if m is None:
+        return "live"
+    try:
+        made = float(m.group(1))
+    except ValueError:
+        return "live"
+    return "backlog" if (now or time.time()) - made > BACKLOG_AGE_S else "live"
 
 
 @dataclass(frozen=True)
@@ -277,9 +297,11 @@ class Gateway:
     def _record_reject(self, reason: Reason, site: str | None, device: str | None) -> None:
         self.metrics.reject(reason)
 
-    def _rate_limited(self, site: str, device: str) -> None:
-        """Count a message over the device's limit; one log line per device and interval (a
-        flood must not flood the log or the audit table)."""
+    def _rate_limited(self, site: str, device: str, traffic: str) -> None:
+        """Count a message over the device's limit, as ``live`` traffic (a flood) or a
+        ``backlog`` being drained; one log line per device and interval (a flood must not
+        flood the log or the audit table)."""
+        self.metrics.rate_limited.labels(traffic).inc()
         with self._lock:
             if len(self._limited) >= self.limiter.max_keys and (site, device) not in self._limited:
                 self._limited.clear()  # only log pacing is lost
@@ -294,12 +316,13 @@ class Gateway:
         if due:
             log.warning(
                 "rate limit: %s/%s sends more than %g msg/s (burst %g); %d message(s) rejected "
-                "unacknowledged (the device resends them); next report in %g s",
+                "unacknowledged (the device resends them; this one %s); next report in %g s",
                 site,
                 device,
                 self.limiter.rate,
                 self.limiter.burst,
                 count,
+                "from a backlog, made over 30 s ago" if traffic == "backlog" else "live",
                 self.limit_log_interval,
             )
 
@@ -308,7 +331,7 @@ class Gateway:
         # any exception below rejects this message only (MqttSession's boundary: _on_reject)
         parts = parse(msg.topic)
         if parts.kind != "state" and not self.limiter.allow(parts.site, parts.device):
-            self._rate_limited(parts.site, parts.device)
+            self._rate_limited(parts.site, parts.device, _traffic(cast(bytes, msg.payload)))
             return  # not acknowledged: the device's outbox sends it again
         payload = cast(bytes, msg.payload)  # received: bytes (paho types it bytes | bytearray)
         env = self.opener.open(payload)
@@ -327,6 +350,8 @@ class Gateway:
                 # this store already has, not a replay (it stores nothing; counted only)
                 self.metrics.retained_known.inc()
                 log.debug("retained state of %s/%s seq %d: known", env.site, env.device, env.seq)
+                if env.body.get("state") == "online":  # this gateway's limits may be new
+                    self._announce_limits(env.site, env.device)
                 return
             raise EnvelopeError(
                 f"{env.kind} seq {env.seq} is not newer than the last one (replayed or stale)",
@@ -351,11 +376,21 @@ class Gateway:
                 )
             self._evaluate_alerts(env, True)
             self._forward_latest(env, msg)
+            if state == "online":
+                self._announce_limits(env.site, env.device)
         else:
             with self.metrics.store_write.labels(env.kind).time():
                 self.store.set_telemetry(env.site, env.device, env.body)
             self._evaluate_alerts(env, True)
             self._forward_latest(env, msg)
+
+    def _announce_limits(self, site: str, device: str) -> None:
+        """Tell a device that came online its flood limit (retained on .../limits), so it
+        drains a backlog at a pace this gateway takes instead of being refused."""
+        rate = self.limiter.rate if self.limiter.rate > 0 else 0.0
+        payload = encode_limits(rate, self.limiter.burst)
+        self.session.publish(topic(site, device, "limits"), payload, qos=1, retain=True)
+        self.metrics.limits_announced.inc()
 
     def _forward_latest(self, env: Envelope, msg: mqtt.MQTTMessage) -> None:
         """The cloud's fleet view: the device's newest state/telemetry, as the device sent it."""

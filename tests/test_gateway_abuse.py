@@ -44,16 +44,23 @@ def _rejected(gw: Gateway, reason: str) -> float:
 
 @contextmanager
 def _device(
-    tmp: Path, broker: RunningBroker, ident: Path, device: str, tls: bool = False
+    tmp: Path,
+    broker: RunningBroker,
+    ident: Path,
+    device: str,
+    tls: bool = False,
+    pace: bool = True,
 ) -> Iterator[tuple[Outbox, DeviceLink]]:
     """A device as its agent runs it: sealed results in a disk outbox, deleted only on the
-    gateway's ack, resent after 0.5 s without one."""
+    gateway's ack, resent after 0.5 s without one. ``pace`` False: a device that ignores the
+    flood limit the gateway announces (an older agent, or a faulty one)."""
     idn = DeviceIdentity.load(ident, SITE, device)
     epochs = itertools.count(1)
     box = Outbox(tmp / f"{device}.outbox.sqlite", SITE, device)
     box.sealer = Sealer(SITE, device, idn.key, idn.recipient, lambda: next(epochs))
     files = (ident / SITE_CA, ident / DEVICE_CERT, ident / DEVICE_KEY) if tls else None
-    with box, DeviceLink(box, broker.host, broker.port, resend_after=0.5, tls=files) as link:
+    link = DeviceLink(box, broker.host, broker.port, resend_after=0.5, tls=files, pace=pace)
+    with box, link:
         assert link.wait_connected(10)
         yield box, link
 
@@ -97,7 +104,10 @@ def test_a_flooding_device_is_limited_and_loses_nothing_while_others_are_served(
             device_rate=40,
             device_burst=20,
         ) as gw,
-        _device(tmp_path, mosquitto, identity("ab-flood"), "ab-flood") as (fbox, flink),
+        _device(tmp_path, mosquitto, identity("ab-flood"), "ab-flood", pace=False) as (
+            fbox,
+            flink,
+        ),
         _device(tmp_path, mosquitto, identity("ab-calm"), "ab-calm") as (cbox, clink),
     ):
         flood = _put(fbox, flink, 300)  # at once: far over 40/s with a burst of 20

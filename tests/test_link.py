@@ -178,3 +178,42 @@ def test_a_restarted_gateway_takes_the_retained_state_it_knows_without_calling_i
                 assert again.metrics.totals()["rejected"] == 0
                 replay = again.metrics.rejected.labels(Reason.REPLAY.value)
                 assert replay._value.get() == 0
+
+
+def test_a_device_drains_its_backlog_at_the_pace_the_gateway_announces(  # type: ignore[no-untyped-def]
+    tmp_path: Path, mosquitto: RunningBroker, sealer, opener
+) -> None:
+    """The gateway tells each device that comes online its flood limit (retained on
+    .../limits); the device drains a backlog at 90 % of it, so the gateway refuses nothing and
+    every result is stored. (Without the pacing, 150 results at once against a burst of 20
+    are refused and resent every 5 s, and are not all stored within 30 s.)"""
+    device = "link-05"
+    with Outbox(tmp_path / "o.sqlite", SITE, device) as box, Store(tmp_path / "gw.sqlite") as store:
+        box.sealer = sealer(device)
+        with Gateway(
+            store, opener, mosquitto.host, mosquitto.port, device_rate=60.0, device_burst=20.0
+        ) as gw:
+            with DeviceLink(box, mosquitto.host, mosquitto.port) as link:
+                wait_for(lambda: link.limits == (60.0, 20.0), 10, "the announced limit")
+            for i in range(150):  # held while the device was cut off
+                box.put("result", {"i": i})
+            with DeviceLink(box, mosquitto.host, mosquitto.port) as link:
+                wait_for(lambda: store.result_count() == 150, 30, "the backlog stored")
+            assert gw.metrics.totals()["rate_limited"] == 0
+            assert gw.metrics.limits_announced._value.get() == 2
+        assert box.depth() == 0
+
+
+def test_a_rate_limited_message_is_told_apart_as_live_or_backlog(sealer) -> None:  # type: ignore[no-untyped-def]
+    """The gateway reads a refused message's making time from its clear header without
+    opening it: older than 30 s is a backlog being drained, else live traffic (a flood)."""
+    import time
+
+    from edge_agent.envelope import Envelope
+    from gateway.service import _traffic
+
+    payload = sealer("link-06").seal(Envelope("result", SITE, "link-06", 1, time.time(), {}))
+    now = time.time()
+    assert _traffic(payload, now) == "live"
+    assert _traffic(payload, now + 31) == "backlog"
+    assert _traffic(b'{"not":"an envelope"}', now) == "live"
