@@ -227,15 +227,25 @@ class Events:
         if tracker.time_resets > resets:
             n = self.stats.event_note("time_resets")
             ended = sum(1 for e in out if e.get("ended_by") == "time_reset")
-            log.warning(
-                "sample %s: time went back from %.3f to %.3f (a looped recording or a clock "
-                "reset; %d so far): %d open event(s) ended, refractory times cleared",
-                w.sample.id,
-                last,
-                at,
-                n,
-                ended,
-            )
+            looped = w.sample.meta.get("loop")
+            if looped is not None:  # the source said so: a recording played again, by config
+                log.info(
+                    "sample %s: the recording starts again (pass %d): %d open event(s) "
+                    "ended, refractory times cleared",
+                    w.sample.id,
+                    looped + 1,
+                    ended,
+                )
+            else:
+                log.warning(
+                    "sample %s: time went back from %.3f to %.3f (a clock reset; %d so far): "
+                    "%d open event(s) ended, refractory times cleared",
+                    w.sample.id,
+                    last,
+                    at,
+                    n,
+                    ended,
+                )
         gone = sum(tracker.suppressed.values()) - suppressed
         if gone:
             self.stats.event_note("suppressed", gone)

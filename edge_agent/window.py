@@ -132,12 +132,15 @@ def windowed(
         if data is None:
             continue
         first, last = held[0], held[-1]
+        meta: dict[str, Any] = {"first": first.id, "last": last.id}
+        if "loop" in first.meta:  # the first window of a looped recording's new pass
+            meta["loop"] = first.meta["loop"]
         yield Sample(
             id=f"{first.id}+{length}",
             data=data,
             label=window_label((h.label for h in held), label),
             time=first.time,
-            meta={"first": first.id, "last": last.id},
+            meta=meta,
         )
 
 

@@ -164,8 +164,8 @@ def test_the_pipeline_tells_and_counts_a_window_whose_time_went_back(
     assert stats.snapshot()["events"] == {"time_resets": 1, "suppressed": 1}
     said = [r.getMessage() for r in caplog.records if "time went back" in r.getMessage()]
     assert said == [
-        "sample w4: time went back from 3.000 to 0.000 (a looped recording or a clock reset; "
-        "1 so far): 0 open event(s) ended, refractory times cleared"
+        "sample w4: time went back from 3.000 to 0.000 (a clock reset; 1 so far): 0 open "
+        "event(s) ended, refractory times cleared"
     ]
 
 

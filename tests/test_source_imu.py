@@ -234,3 +234,22 @@ def test_a_missing_gyro_file_is_one_error(tmp_path: Path) -> None:
 
     with pytest.raises(SourceError, match="no such file"):
         ImuSource(ImuSettings(path=ACC, gyro=tmp_path / "none.txt"))
+
+
+def test_a_looped_recording_marks_its_seam_and_no_window_spans_it() -> None:
+    """``loop: true`` plays the file again: the first sample of each new pass says so
+    (``meta['loop']``) and starts a fresh window, so no window holds the end of one pass and
+    the start of the next; the window after the seam carries the mark to the events stage."""
+    src = ImuSource(ImuSettings(path=DE, loop=True, limit=600))
+    out = list(src.stream(threading.Event()))
+    seams = [i for i, s in enumerate(out) if "loop" in s.meta]
+    assert seams == [200, 400] and [out[i].meta["loop"] for i in seams] == [1, 2]
+    assert all(out[i].meta["gap"] for i in seams)
+    windows = list(
+        open_source(ImuSettings(path=DE, loop=True, limit=600, window={"length": 50, "hop": 50}))
+        .stream(threading.Event())
+    )
+    firsts = [int(w.meta["first"].rsplit("#", 1)[1]) for w in windows]
+    lasts = [int(w.meta["last"].rsplit("#", 1)[1]) for w in windows]
+    assert all(a <= b for a, b in zip(firsts, lasts, strict=True))  # within one pass
+    assert [w.meta.get("loop") for w in windows].count(1) == 1

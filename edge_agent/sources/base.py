@@ -86,6 +86,15 @@ class Problems:
             self.log.warning("%s: stream ended with problems: %s", self.name, told)
 
 
+def mark_pass(sample: Sample, passes: int) -> Sample:
+    """The first sample of a looped recording's pass ``passes`` (>= 1: it started again):
+    ``meta['loop']`` says so and ``meta['gap']`` makes windowing start afresh, so no window
+    spans the seam, and the events stage knows that its time going back is the loop."""
+    sample.meta["loop"] = passes
+    sample.meta["gap"] = True
+    return sample
+
+
 def pace(stop: threading.Event, start: float, at: float) -> bool:
     """Wait until ``start + at`` (monotonic seconds); False when ``stop`` was set meanwhile."""
     delay = start + at - time.monotonic()

@@ -24,7 +24,7 @@ import numpy as np
 from pydantic import Field
 
 from edge_agent.errors import SourceError
-from edge_agent.sources.base import Problems, Sample, SourceSettings, pace
+from edge_agent.sources.base import Problems, Sample, SourceSettings, mark_pass, pace
 from edge_agent.sources.wfdb_io import BEAT_CODES, PVC, read_annotations, read_record
 from edge_agent.window import Setting, beat_starts
 
@@ -210,10 +210,10 @@ class EcgSource:
             yield start, label, None
 
     def stream(self, stop: threading.Event) -> Iterator[Sample]:
-        rec, n, emitted = self.record, self.cfg.length, 0
+        rec, n, emitted, passes = self.record, self.cfg.length, 0, 0
         try:
             while not stop.is_set():
-                t0 = time.monotonic()
+                t0, first = time.monotonic(), True
                 for start, label, r in self.windows():
                     if stop.is_set():
                         return
@@ -232,11 +232,14 @@ class EcgSource:
                     if r is not None:
                         meta["r_peak"] = r
                     wid = f"{rec.name}@{r if r is not None else start}"
-                    yield Sample(wid, np.array(data), label, start / rec.fs, meta)
+                    sample = Sample(wid, np.array(data), label, start / rec.fs, meta)
+                    yield mark_pass(sample, passes) if passes and first else sample
+                    first = False
                     emitted += 1
                     if self.cfg.limit is not None and emitted >= self.cfg.limit:
                         return
                 if not self.cfg.loop:
                     return
+                passes += 1
         finally:
             self._problems.summary()

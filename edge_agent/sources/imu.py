@@ -30,7 +30,7 @@ import numpy as np
 from pydantic import Field
 
 from edge_agent.errors import SourceError
-from edge_agent.sources.base import Problems, Sample, SourceSettings, pace
+from edge_agent.sources.base import Problems, Sample, SourceSettings, mark_pass, pace
 from edge_agent.window import WindowSettings
 
 __all__ = [
@@ -246,17 +246,18 @@ class ImuSource:
             problems.add("read", "file ends early (%s)", exc)
 
     def stream(self, stop: threading.Event) -> Iterator[Sample]:
-        c, emitted = self.cfg, 0
+        c, emitted, passes = self.cfg, 0, 0
         try:
             while not stop.is_set():
                 samples = self._paired(stop) if c.gyro is not None else self._single(stop)
-                for sample in samples:
-                    yield sample
+                for k, sample in enumerate(samples):
+                    yield mark_pass(sample, passes) if passes and k == 0 else sample
                     emitted += 1
                     if c.limit is not None and emitted >= c.limit:
                         return
                 if not c.loop or stop.is_set():
                     return
+                passes += 1
         finally:
             self._problems.summary()
             self._gyro.summary()

@@ -23,7 +23,15 @@ from pydantic import Field, model_validator
 
 from edge_agent.errors import SourceError
 from edge_agent.ports import Port
-from edge_agent.sources.base import Problems, Sample, Size, SourceSettings, pace, require
+from edge_agent.sources.base import (
+    Problems,
+    Sample,
+    Size,
+    SourceSettings,
+    mark_pass,
+    pace,
+    require,
+)
 from edge_agent.sources.frame_pacer import FramePacer
 from edge_agent.window import WindowSettings
 
@@ -294,15 +302,24 @@ class VideoSource:
         frames = self._live(stop) if self.live else self._frames(stop)
         emitted, limit = 0, self.cfg.limit
         meta: dict[str, Any]
+        last, passes = -1, 0  # a recorded file that loops: its index starts again
         try:
             for index, t, frame, fresh in self._paced(frames):
+                looped = self.cfg.path is not None and index <= last
+                last = index
                 label, meta = None, {"frame": index}
                 if fresh:
                     meta["gap"] = True
                 if self.intervals:
                     label, meta["classes"] = frame_labels(self.intervals, t, self.cfg.positive)
                 data = self._shape(frame)  # after the queue: no work spent on dropped frames
-                yield Sample(id=f"{self.name}#{index}", data=data, label=label, time=t, meta=meta)
+                sample = Sample(
+                    id=f"{self.name}#{index}", data=data, label=label, time=t, meta=meta
+                )
+                if looped:
+                    passes += 1
+                    mark_pass(sample, passes)
+                yield sample
                 emitted += 1
                 if limit is not None and emitted >= limit:
                     break
