@@ -342,21 +342,8 @@ class Gateway:
                 "ahead of the gateway's clock",
                 Reason.CLOCK,
             )
-        if env.kind in ("state", "telemetry") and not self.store.advance(
-            env.site, env.device, env.kind, env.seq
-        ):
-            if msg.retain and env.kind == "state":
-                # the broker's retained copy, delivered again on (re)subscribing: a state
-                # this store already has, not a replay (it stores nothing; counted only)
-                self.metrics.retained_known.inc()
-                log.debug("retained state of %s/%s seq %d: known", env.site, env.device, env.seq)
-                if env.body.get("state") == "online":  # this gateway's limits may be new
-                    self._announce_limits(env.site, env.device)
-                return
-            raise EnvelopeError(
-                f"{env.kind} seq {env.seq} is not newer than the last one (replayed or stale)",
-                Reason.REPLAY,
-            )
+        if env.kind in ("state", "telemetry") and not self._newer(env, msg):
+            return  # the broker's retained copy of a state this store has
         if env.kind in ("result", "event"):
             if "cam" in env.body:
                 env = self._check_cam(env)
@@ -383,6 +370,24 @@ class Gateway:
                 self.store.set_telemetry(env.site, env.device, env.body)
             self._evaluate_alerts(env, True)
             self._forward_latest(env, msg)
+
+    def _newer(self, env: Envelope, msg: mqtt.MQTTMessage) -> bool:
+        """True for a state/telemetry newer than the store's; False for the broker's retained
+        copy of a state it already has, delivered again on (re)subscribing: not a replay (it
+        stores nothing; counted, and the device's limits are told again, as this gateway may
+        have new ones). Anything else not newer is a replay."""
+        if self.store.advance(env.site, env.device, env.kind, env.seq):
+            return True
+        if msg.retain and env.kind == "state":
+            self.metrics.retained_known.inc()
+            log.debug("retained state of %s/%s seq %d: known", env.site, env.device, env.seq)
+            if env.body.get("state") == "online":
+                self._announce_limits(env.site, env.device)
+            return False
+        raise EnvelopeError(
+            f"{env.kind} seq {env.seq} is not newer than the last one (replayed or stale)",
+            Reason.REPLAY,
+        )
 
     def _announce_limits(self, site: str, device: str) -> None:
         """Tell a device that came online its flood limit (retained on .../limits), so it

@@ -246,8 +246,9 @@ def test_a_looped_recording_marks_its_seam_and_no_window_spans_it() -> None:
     assert seams == [200, 400] and [out[i].meta["loop"] for i in seams] == [1, 2]
     assert all(out[i].meta["gap"] for i in seams)
     windows = list(
-        open_source(ImuSettings(path=DE, loop=True, limit=600, window={"length": 50, "hop": 50}))
-        .stream(threading.Event())
+        open_source(
+            ImuSettings(path=DE, loop=True, limit=600, window={"length": 50, "hop": 50})
+        ).stream(threading.Event())
     )
     firsts = [int(w.meta["first"].rsplit("#", 1)[1]) for w in windows]
     lasts = [int(w.meta["last"].rsplit("#", 1)[1]) for w in windows]
