@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from converter.errors import ConversionError
+from converter.profiles import PROFILE_INFO, cost_rank
 from converter.scoring import Scored
 from converter.stream_eval import EVENT_METRICS
 
@@ -137,6 +138,24 @@ def _attempt(
     return rec
 
 
+def by_cost(rungs: tuple[Rung, ...], profile: str) -> tuple[Rung, ...]:
+    """The rungs cheapest first on ``profile`` (converter.profiles: which kernels are fast
+    on its CPU); rungs of one class keep the ladder's order (float-head before mixed)."""
+    return tuple(sorted(rungs, key=lambda r: cost_rank(profile, r.precision)))
+
+
+def _not_tried(rungs: tuple[Rung, ...], winner: str, profile: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "rung": r.key,
+            "precision": r.precision,
+            "met": None,
+            "reason": f"not tried: {winner} met the budget and is cheaper on {profile}",
+        }
+        for r in rungs
+    ]
+
+
 def search(
     budget: dict[str, float],
     ref: dict[str, Any],
@@ -144,17 +163,22 @@ def search(
     make: Callable[[Rung], tuple[Path, list[dict[str, Any]]]],
     evaluate: Callable[[Path], Scored],
     rungs: tuple[Rung, ...] = RUNGS,
+    profile: str = "x86",
 ) -> BudgetOutcome:
-    """Walk the rungs from ``first`` (the full-int8 artifact, evaluated) until one meets
-    ``budget``. ``make(rung)`` writes that rung's artifact in a child process and returns it
-    with the per-layer errors it measured (or raises ConversionError, recorded as failed).
-    ``rungs``: those the search may fall back to (all by default)."""
+    """Walk the rungs from ``first`` (the full-int8 artifact, evaluated), cheapest first on
+    ``profile`` (:func:`by_cost`), until one meets ``budget``: the first that does is the
+    cheapest that does. ``make(rung)`` writes that rung's artifact in a child process and
+    returns it with the per-layer errors it measured (or raises ConversionError, recorded as
+    failed). ``rungs``: those the search may fall back to (all by default); the attempts
+    name the rungs left untried and why."""
     precision, path, scored = first
     attempts = [_attempt("int8", precision, path, scored, budget, ref)]
     per_layer: list[dict[str, Any]] = []
+    ordered = by_cost(rungs, profile)
     if attempts[0]["met"]:
+        attempts += _not_tried(ordered, "int8", profile)
         return BudgetOutcome("int8", precision, path, scored, attempts)
-    for rung in rungs:
+    for i, rung in enumerate(ordered):
         try:
             got, layers = make(rung)
         except ConversionError as exc:
@@ -171,6 +195,7 @@ def search(
         s = evaluate(got)
         attempts.append(_attempt(rung.key, rung.precision, got, s, budget, ref))
         if attempts[-1]["met"]:
+            attempts += _not_tried(ordered[i + 1 :], rung.key, profile)
             return BudgetOutcome(rung.key, rung.precision, got, s, attempts, per_layer)
     tried = "; ".join(f"{a['rung']}: {a.get('reason', 'not made')}" for a in attempts)
     wanted = ", ".join(f"{k}={v}" for k, v in budget.items())
@@ -179,13 +204,16 @@ def search(
     )
 
 
-def describe(outcome: BudgetOutcome, budget: dict[str, float]) -> dict[str, Any]:
-    """The report's ``budget`` section: what was tried, what each scored, which won and why."""
-    cheaper = [a["rung"] for a in outcome.attempts if a["rung"] != outcome.rung]
+def describe(outcome: BudgetOutcome, budget: dict[str, float], profile: str) -> dict[str, Any]:
+    """The report's ``budget`` section: what was tried, what each scored, which won and why,
+    and the kernel ranking of the target profile that ordered the search."""
+    info = PROFILE_INFO[profile]
+    tried = [a for a in outcome.attempts if a.get("met") is not None]
+    cheaper = [a["rung"] for a in tried if a["rung"] != outcome.rung]
     why = (
-        "full int8 meets the budget: the cheapest artifact"
+        f"full int8 meets the budget: the cheapest artifact on {profile}"
         if outcome.rung == "int8"
-        else f"the cheapest rung that meets the budget ({', '.join(cheaper)} did not)"
+        else f"the cheapest rung on {profile} that meets the budget ({', '.join(cheaper)} did not)"
     )
     return {
         "budget": budget,
@@ -193,7 +221,9 @@ def describe(outcome: BudgetOutcome, budget: dict[str, float]) -> dict[str, Any]
         "winner": outcome.rung,
         "precision": outcome.precision,
         "why": why,
-    }
+        "profile": {"name": profile, "cpu": info.cpu, "ranking": list(info.ranking),
+                    "why": info.why},
+    }  # fmt: skip
 
 
 def float_extras(
@@ -254,9 +284,18 @@ def append_markdown(path: Path, report: dict[str, Any]) -> None:
             f"Why: {budget['why']}.",
             "",
         ]
+        prof = budget.get("profile")
+        if prof:
+            order = " < ".join(prof["ranking"])
+            lines += [
+                f"Tried cheapest first on `{prof['name']}` ({prof['cpu']}): {order} — "
+                f"{prof['why']} (converter/profiles.py: from the kernels' coverage, not timed "
+                "on that CPU).",
+                "",
+            ]
         for a in budget["attempts"]:
             size = f", {a['bytes']} bytes, p50 {a['p50_ms']} ms" if "bytes" in a else ""
-            met = "met" if a.get("met") else "missed"
+            met = {True: "met", False: "missed", None: "not tried"}[a.get("met", False)]
             lines.append(
                 f"- `{a['rung']}` ({a['precision']}{size}): **{met}** — {a.get('reason', '')}"
             )

@@ -102,10 +102,16 @@ def build_litert(
             return out, json.loads(layers.read_text()) if per_layer else []
 
         outcome = B.search(
-            req.budget, float_m, (precision, path, scored), make, evaluate, B.rungs(req.fallback)
+            req.budget,
+            float_m,
+            (precision, path, scored),
+            make,
+            evaluate,
+            B.rungs(req.fallback),
+            req.profile,
         )
         precision, path, scored = outcome.precision, outcome.path, outcome.scored
-        report["budget"] = B.describe(outcome, req.budget)
+        report["budget"] = B.describe(outcome, req.budget, req.profile)
         if outcome.per_layer:
             report["per_layer_error"] = outcome.per_layer
     file = f"model_{precision}.tflite"

@@ -519,7 +519,7 @@ def _budget_html(report: dict[str, Any]) -> list[str]:
         ]
         for a in budget["attempts"]:
             size = f", {a['bytes']} bytes, p50 {a.get('p50_ms')} ms" if "bytes" in a else ""
-            met = "met" if a.get("met") else "missed"
+            met = {True: "met", False: "missed", None: "not tried"}[a.get("met", False)]
             out.append(
                 f"<li><code>{_e(a.get('rung'))}</code> ({_e(a.get('precision'))}"
                 f"{_e(size)}): <b>{met}</b> {_e(a.get('reason') or '')}</li>"
