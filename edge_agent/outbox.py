@@ -13,8 +13,11 @@ loses nothing that was published; it can lose at most the last open batch, which
 seen. An event never waits: it commits at once, together with whatever is buffered.
 
 Quota: ``max_messages`` / ``max_bytes`` (payload + topic bytes). When a commit goes over, the
-oldest routine results are dropped; events never are. When only events remain, new results are
-refused. Both are counted in :attr:`Outbox.drops` by reason and said in one warning line.
+oldest routine results that were never sent are dropped (``quota``: certainly not at the
+gateway), then, only if that is not enough, the oldest sent but not yet acknowledged
+(``quota_sent``: each may have been stored; counted apart so that the counts add up against
+the gateway's store); events never are. When only events remain, new results are refused
+(``refused``). All are counted in :attr:`Outbox.drops` by reason and said in one warning line.
 """
 
 from __future__ import annotations
@@ -244,15 +247,23 @@ class Outbox:
             self._over = False
             return 0, 0
         victims: list[int] = []
-        old = new = freed = 0
-        cur = self._db.execute(f"SELECT seq, {_SIZE} FROM outbox WHERE priority >= 1 ORDER BY seq")
-        for seq, size in cur:
+        old = sent = new = freed = 0
+        # oldest first: those never sent (not at the gateway), then those sent but not yet
+        # acknowledged (maybe stored), then this commit's own (refused)
+        cur = self._db.execute(
+            f"SELECT seq, {_SIZE}, attempts FROM outbox WHERE priority >= 1 "
+            "ORDER BY CASE WHEN seq >= ? THEN 2 WHEN attempts > 0 THEN 1 ELSE 0 END, seq",
+            (first_new,),
+        )
+        for seq, size, attempts in cur:
             if not self._over_quota(n - len(victims), b - freed):
                 break
             victims.append(seq)
             freed += size
             if seq >= first_new:
                 new += 1
+            elif attempts:
+                sent += 1
             else:
                 old += 1
         cur.close()
@@ -275,6 +286,7 @@ class Outbox:
             )
         self._over = True
         self._count_drop("quota", old)
+        self._count_drop("quota_sent", sent)
         self._count_drop("refused", new)
         return len(victims), freed
 

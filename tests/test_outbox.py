@@ -177,6 +177,28 @@ def test_quota_drops_oldest_results_never_events_and_then_refuses(  # type: igno
     assert "only events" in warnings[1]
 
 
+def test_quota_drops_what_never_left_before_what_may_be_at_the_gateway(  # type: ignore[no-untyped-def]
+    tmp_path: Path, sealer
+) -> None:
+    """A result sent but not yet acknowledged may already be stored: the quota drops the
+    oldest never-sent results first, and counts a sent one apart (``quota_sent``), so that
+    results made = stored + quota + refused + the quota_sent ones the gateway did not get."""
+    path = tmp_path / "o.sqlite"
+    with Outbox(path, "ward-a", "us-01", max_messages=4) as box:
+        box.sealer = sealer("us-01")
+        for i in range(4):
+            box.put("result", {"i": i})  # 1 2 3 4
+        box.mark_sent([1, 2])  # on their way: the link cut before the acks came
+        box.unsend_all()  # the reconnect makes them due again: still sent once
+        box.put("result", {"i": 4})  # 5
+        box.put("result", {"i": 5})  # 6
+        assert _on_disk(path) == [1, 2, 5, 6], "never-sent 3 and 4 went, not the sent ones"
+        assert box.drops == {"quota": 2}
+        box.mark_sent([5, 6])
+        box.put("result", {"i": 6})  # 7: every older one was sent: the oldest of them goes
+        assert _on_disk(path) == [2, 5, 6, 7] and box.drops == {"quota": 2, "quota_sent": 1}
+
+
 def test_quota_in_bytes_and_counts_survive_reopen(tmp_path: Path, sealer) -> None:  # type: ignore[no-untyped-def]
     path = tmp_path / "o.sqlite"
     with Outbox(path, "ward-a", "us-01") as box:
