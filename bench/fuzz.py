@@ -4,9 +4,9 @@
 
 Parsers: ``envelope`` (the clear header: Opener.open on whole messages), ``telemetry``,
 ``state``, ``result``, ``event`` (authenticated bodies: sealed with a real epoch key, so each
-reaches the body schema), ``ack`` and ``cmd`` (what a device receives), ``manifest`` (the
-bundle loader, on ``--bundle DIR`` or else the third-party beat classifier wrapped here) and
-``config`` (the agent's YAML).
+reaches the body schema), ``ack``, ``limits`` and ``cmd`` (what a device receives),
+``manifest`` (the bundle loader, on ``--bundle DIR`` or else the third-party beat classifier
+wrapped here) and ``config`` (the agent's YAML).
 Each input is a mutation of a valid example: a field's value swapped for another JSON type,
 deep nesting, integers beyond 64 bits (or of thousands of digits), NaN/Infinity, odd unicode
 (lone surrogates, NUL, right-to-left marks), huge strings, missing and extra keys, truncation,
@@ -33,7 +33,15 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent import envelope as E
-from edge_agent.envelope import Envelope, Opener, Sealer, decode_ack, encode_ack
+from edge_agent.envelope import (
+    Envelope,
+    Opener,
+    Sealer,
+    decode_ack,
+    decode_limits,
+    encode_ack,
+    encode_limits,
+)
 from edge_agent.errors import EnvelopeError, MedgeError
 from edge_agent.identity import DeviceIdentity
 from edge_agent.schemas import parse_cmd
@@ -289,6 +297,8 @@ def parsers(
         )
     ack = encode_ack([1, 2, 3, 2**62])
     out["ack"] = (lambda rng: mutate(rng, json.loads(ack), ack), decode_ack)
+    limits = encode_limits(100.0, 1000.0)
+    out["limits"] = (lambda rng: mutate(rng, json.loads(limits), limits), decode_limits)
     out["cmd"] = (lambda rng: mutate(rng, VALID_CMD), parse_cmd)
     from edge_agent.config import load_config
 

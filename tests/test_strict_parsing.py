@@ -213,7 +213,8 @@ def test_check_body_limits() -> None:
 
 # -- seeded mutations: never another exception --------------------------------------------------
 @pytest.mark.parametrize(
-    "parser", ["envelope", "telemetry", "state", "result", "event", "ack", "cmd", "config"]
+    "parser",
+    ["envelope", "telemetry", "state", "result", "event", "ack", "limits", "cmd", "config"],
 )
 def test_seeded_mutations_raise_only_our_errors(rig: fuzz.Rig, tmp_path: Path, parser: str) -> None:
     make, check = fuzz.parsers(rig, None, tmp_path)[parser]
@@ -224,6 +225,25 @@ def test_seeded_mutations_raise_only_our_errors(rig: fuzz.Rig, tmp_path: Path, p
 
 
 # -- what a device receives -------------------------------------------------------------------
+def test_limits_are_strict_and_cannot_stop_a_device() -> None:
+    from edge_agent.envelope import decode_limits, encode_limits
+
+    assert decode_limits(encode_limits(100.0, 1000.0)) == (100.0, 1000.0)
+    assert decode_limits(encode_limits(0, 1000)) == (0.0, 1000.0)  # no limit
+    for bad in [
+        b'{"v":2,"rate":0.001,"burst":10}',  # would all but stop the device
+        b'{"v":2,"rate":10,"burst":0}',
+        b'{"v":2,"rate":-1,"burst":10}',
+        b'{"v":2,"rate":true,"burst":10}',
+        b'{"v":2,"rate":1e400,"burst":10}',
+        b'{"v":2,"rate":10,"burst":10,"x":1}',
+        b'{"v":1,"rate":10,"burst":10}',
+        b"[" * 1000,
+    ]:
+        with pytest.raises(EnvelopeError):
+            decode_limits(bad)
+
+
 def test_ack_is_strict() -> None:
     assert decode_ack(encode_ack([3, 1, 2])) == [1, 2, 3]
     for bad, reason in [
