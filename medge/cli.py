@@ -17,6 +17,7 @@ from edge_agent.errors import MedgeError, one_line
 from medge import (
     __version__,
     cli_agent,
+    cli_bench,
     cli_convert,
     cli_dashboard,
     cli_demo,
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_site.register(sub, _common)  # site init | rotate-key | cloud-key, device provision | revoke
     cli_zoo.register(sub, _common)  # zoo list | train | build
     cli_demo.register(sub, _common)  # demo
+    cli_bench.register(sub, _common)  # bench
     return p
 
 
