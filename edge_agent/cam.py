@@ -9,6 +9,7 @@ input frame. :func:`cam_body` is what a result carries: that heatmap as a small 
 from __future__ import annotations
 
 import base64
+import functools
 from typing import Any, cast
 
 import numpy as np
@@ -26,19 +27,25 @@ MAX_CAM_SIDE = 64
 
 def resize_bilinear(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of a 2-D map to (height, width), pixel centres aligned as in OpenCV's
-    INTER_LINEAR (half-pixel offsets, edges clamped)."""
+    INTER_LINEAR (half-pixel offsets, edges clamped): two small matrix products with the
+    interpolation weights of each axis, computed once per size."""
     a = np.asarray(a, dtype=np.float32)
+    return _weights(a.shape[0], size[0]) @ a @ _weights(a.shape[1], size[1]).T
 
-    def axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        pos = (np.arange(n_out, dtype=np.float32) + 0.5) * (n_in / n_out) - 0.5
-        pos = np.clip(pos, 0, n_in - 1)
-        lo = np.floor(pos).astype(int)
-        hi = np.minimum(lo + 1, n_in - 1)
-        return lo, hi, (pos - lo).astype(np.float32)
 
-    (y0, y1, fy), (x0, x1, fx) = axis(a.shape[0], size[0]), axis(a.shape[1], size[1])
-    rows = a[y0] * (1 - fy)[:, None] + a[y1] * fy[:, None]
-    return rows[:, x0] * (1 - fx)[None, :] + rows[:, x1] * fx[None, :]
+@functools.lru_cache(maxsize=64)
+def _weights(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in): row i holds the two taps of output pixel i (weights 1 - f and f)."""
+    pos = (np.arange(n_out, dtype=np.float32) + 0.5) * (n_in / n_out) - 0.5
+    pos = np.clip(pos, 0, n_in - 1)
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, n_in - 1)
+    f = (pos - lo).astype(np.float32)
+    w = np.zeros((n_out, n_in), np.float32)
+    np.add.at(w, (np.arange(n_out), lo), 1 - f)
+    np.add.at(w, (np.arange(n_out), hi), f)
+    w.flags.writeable = False  # shared by every call of this size
+    return w
 
 
 def cam_heatmap(cam: np.ndarray, class_index: int, size: tuple[int, int]) -> np.ndarray:
