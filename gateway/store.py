@@ -28,6 +28,44 @@ from gateway.migrations import SERIAL_TABLES, migrate
 __all__ = ["Store"]
 
 log = logging.getLogger("medge.gateway.store")
+
+INSERT_ROWS = 200  # results per INSERT statement (18 values each: under SQLite's 32766)
+_RESULT_COLUMNS = (
+    "site, device, seq, kind, time, received, input, label, label_name, pred, pred_label,"
+    " score, body, bundle, input_sha256, sealed, alert, raw"
+)
+_ROW_MARKS = "(" + ",".join("?" * 18) + ")"
+
+
+def _result_row(env: Envelope, now: float, raw: bytes | None) -> tuple[Any, ...]:
+    """The values of one result, in _RESULT_COLUMNS' order."""
+    b = env.body
+    score = None
+    if isinstance(b.get("scores"), list) and type(b.get("pred")) is int:
+        scores, pred = b["scores"], b["pred"]
+        score = _f(scores[pred]) if 0 <= pred < len(scores) else None
+    return (
+        env.site,
+        env.device,
+        env.seq,
+        env.kind,
+        env.time,
+        now,
+        _s(b.get("input")),
+        _i(b.get("label")),
+        _s(b.get("label_name")),
+        _i(b.get("pred")),
+        _s(b.get("pred_label")),
+        score,
+        json.dumps(b),
+        _s(b.get("bundle")),
+        _s(b.get("input_sha256")),
+        env.sealed,
+        env.alert,
+        raw,
+    )
+
+
 T = TypeVar("T")
 
 HISTORY_MAX_AGE_S = 24 * 3600.0  # telemetry history older than this is pruned
@@ -167,7 +205,7 @@ class Store:
         keys = sorted({(env.site, env.device) for env, _ in items})
         for site, device in keys:
             self._touch(db, site, device, now)
-        news = [self._insert_result(db, env, now, raw) for env, raw in items]
+        news = self._insert_results(db, items, now)
         counts = dict.fromkeys(keys, 0)  # new results per device; the rest are duplicates
         totals = dict.fromkeys(keys, 0)
         for (env, _), new in zip(items, news, strict=True):
@@ -179,39 +217,29 @@ class Store:
         )
         return news
 
-    def _insert_result(self, db: Database, env: Envelope, now: float, raw: bytes | None) -> bool:
-        b = env.body
-        score = None
-        if isinstance(b.get("scores"), list) and type(b.get("pred")) is int:
-            scores, pred = b["scores"], b["pred"]
-            score = _f(scores[pred]) if 0 <= pred < len(scores) else None
-        cur = db.execute(
-            "INSERT INTO results (site, device, seq, kind, time, received, input, label,"
-            " label_name, pred, pred_label, score, body, bundle, input_sha256, sealed,"
-            " alert, raw) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-            " ON CONFLICT (site, device, seq) DO NOTHING",
-            (
-                env.site,
-                env.device,
-                env.seq,
-                env.kind,
-                env.time,
-                now,
-                _s(b.get("input")),
-                _i(b.get("label")),
-                _s(b.get("label_name")),
-                _i(b.get("pred")),
-                _s(b.get("pred_label")),
-                score,
-                json.dumps(b),
-                _s(b.get("bundle")),
-                _s(b.get("input_sha256")),
-                env.sealed,
-                env.alert,
-                raw,
-            ),
-        )
-        return cur.rowcount == 1
+    def _insert_results(
+        self, db: Database, items: Sequence[tuple[Envelope, bytes | None]], now: float
+    ) -> list[bool]:
+        """Insert the batch's results in multi-row statements (one round trip per
+        INSERT_ROWS results, not one per result: PostgreSQL pays a network round trip for
+        each); whether each was new comes back from RETURNING. A result that is already
+        stored, or twice in this batch, is new only the first time."""
+        stored: set[tuple[str, str, int]] = set()
+        for start in range(0, len(items), INSERT_ROWS):
+            rows = [_result_row(env, now, raw) for env, raw in items[start : start + INSERT_ROWS]]
+            values = ",".join([_ROW_MARKS] * len(rows))
+            cur = db.execute(
+                f"INSERT INTO results ({_RESULT_COLUMNS}) VALUES {values}"
+                " ON CONFLICT (site, device, seq) DO NOTHING RETURNING site, device, seq",
+                [v for row in rows for v in row],
+            )
+            stored.update((str(r[0]), str(r[1]), int(r[2])) for r in cur.fetchall())
+        news, seen = [], set()
+        for env, _ in items:
+            key = (env.site, env.device, env.seq)
+            news.append(key in stored and key not in seen)
+            seen.add(key)
+        return news
 
     def set_state(
         self, site: str, device: str, state: str, at: float, bundle: str | None = None

@@ -62,6 +62,12 @@ BENCHES: tuple[Bench, ...] = (
         ("--n", "800", "--seconds", "1"),
     ),
     Bench(
+        "store", "store_batch.py",
+        "the gateway store's batch write, SQLite and PostgreSQL side by side",
+        "PostgreSQL as a share of SQLite (issue target for the gateway: >= 0.8x of raw)",
+        ("--n", "1000"),
+    ),
+    Bench(
         "alerts", "alert_latency.py",
         "a fall event on the device -> the alert in the store -> the alert on the page",
         "issue target: an alert on the page within 1 s of the event",
