@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import re
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -40,6 +41,8 @@ __all__ = [
     "redact",
     "sqlite_path",
 ]
+
+log = logging.getLogger("medge.gateway.store")
 
 _PG_SCHEMES = ("postgresql://", "postgres://")
 # a URL that went through pathlib.Path lost a slash ("postgresql:/user@host/db"): repaired
@@ -282,6 +285,26 @@ class PostgresDatabase(Database):
         self._in_tx = False
         self._conn = self._connect()
         self._returning: dict[str, tuple[str, bool]] = {}
+        self.not_durable = self._durability()
+
+    def _durability(self) -> list[str]:
+        """The server settings under which a crash of the database loses commits it reported
+        done (so results the gateway acknowledged): said in one warning line at open."""
+        off = []
+        for name in ("synchronous_commit", "fsync"):
+            row = self._conn.execute(f"SHOW {name}").fetchone()
+            value = str(row[0]) if row is not None else ""
+            if value == "off":
+                off.append(f"{name}=off")
+        if off:
+            log.warning(
+                "PostgreSQL store %s runs with %s: a crash of the database server loses commits "
+                "it reported done, so results the gateway has acknowledged (the devices have "
+                "forgotten them); turn it on for the gateway's no-loss rule",
+                self.location,
+                ", ".join(off),
+            )
+        return off
 
     def _connect(self) -> Any:
         psycopg = self._psycopg

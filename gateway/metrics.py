@@ -18,6 +18,8 @@ at each scrape, so they are right even when several workers share one database.
 - ``medge_gateway_retained_known_total``: retained state messages the broker delivered again
   (on every subscribe: a gateway or broker restart) that the store already has: not replays,
   neither rejected nor audited
+- ``medge_gateway_store_down_dropped_total``: messages neither stored nor acknowledged while
+  the store did not answer (PostgreSQL restarting); the devices send them again
 - ``medge_gateway_limits_announced_total``: flood limits told to devices that came online
 - ``medge_gateway_rate_limited_total{traffic}``: messages over a device's flood limit: ``live``
   (sent within 30 s of their making: a flood) or ``backlog`` (older: a device draining what it
@@ -136,6 +138,11 @@ class GatewayMetrics:
         self.retained_known = pc.Counter(
             "medge_gateway_retained_known",
             "Retained state messages delivered again that the store already has.",
+            registry=reg,
+        )
+        self.store_down_dropped = pc.Counter(
+            "medge_gateway_store_down_dropped",
+            "Messages not stored nor acknowledged while the store did not answer (resent).",
             registry=reg,
         )
         self.limits_announced = pc.Counter(

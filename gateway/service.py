@@ -139,6 +139,9 @@ class Gateway:
         self._writer_stop = threading.Event()
         self._writer = threading.Thread(target=self._run_writer, name="gateway-writer", daemon=True)
         self.store_failures_fatal = 3  # failed commits in a row that end the writer
+        # a store that does not answer at all (PostgreSQL restarting, failing over) is waited
+        # for this long, with back-off, before the writer gives up
+        self.store_down_fatal_s = 60.0
         self._v5 = protocol == "5"
         prefix = f"$share/{share_group}/" if share_group and self._v5 else ""
         self.session = MqttSession(
@@ -433,7 +436,7 @@ class Gateway:
         for the cloud, then acknowledge: commit before ack. Idle (nothing else queued), a
         result is committed alone at once; under load the writer gathers what arrives within
         ``batching.window`` seconds, so a busy gateway spends fewer commits and acks per result."""
-        failures = 0
+        failures, down_since = 0, None
         while True:
             try:
                 first = self._pending.get(timeout=0.2)
@@ -454,20 +457,51 @@ class Gateway:
                     break
             try:
                 self._write(batch)
-                failures = 0
+                failures, down_since = 0, None
             except Exception as exc:  # not acknowledged: the devices send these again
                 failures += 1
                 why = one_line(f"{type(exc).__name__}: {exc}")
-                log.error(
-                    "storing %d result(s) failed (%d in a row): %s", len(batch), failures, why
-                )
-                if failures >= self.store_failures_fatal:  # the store is gone: end the writer
-                    raise MedgeError(
-                        f"the store failed {failures} commits in a row: {why}"
-                    ) from exc
+                if self.store.answers():  # it answers but refuses this: no use waiting
+                    down_since = None
+                    log.error(
+                        "storing %d result(s) failed (%d in a row): %s", len(batch), failures, why
+                    )
+                    if failures >= self.store_failures_fatal:  # end the writer
+                        raise MedgeError(
+                            f"the store failed {failures} commits in a row: {why}"
+                        ) from exc
+                else:
+                    down_since = down_since or time.monotonic()
+                    self._store_down(len(batch), failures, time.monotonic() - down_since, why)
             finally:
                 for _ in batch:
                     self._pending.task_done()
+
+    def _store_down(self, n: int, failures: int, down_s: float, why: str) -> None:
+        """The store does not answer: drop what waits (not acknowledged: the devices send it
+        again, so nothing is lost and memory stays bounded), say so, back off; after
+        ``store_down_fatal_s`` end the writer (the process exits non-zero)."""
+        dropped = 0
+        while True:
+            try:
+                self._pending.get_nowait()
+            except queue.Empty:
+                break
+            self._pending.task_done()
+            dropped += 1
+        self.metrics.store_down_dropped.inc(n + dropped)
+        log.error(
+            "storing %d result(s) failed: the store does not answer (for %.1f s, %d failures "
+            "in a row; %d more waiting dropped unacknowledged: the devices send them again): %s",
+            n,
+            down_s,
+            failures,
+            dropped,
+            why,
+        )
+        if down_s >= self.store_down_fatal_s:
+            raise MedgeError(f"the store has not answered for {down_s:.0f} s: {why}")
+        self._writer_stop.wait(min(2.0, 0.05 * 2 ** min(failures, 6)))
 
     def _write(self, batch: list[tuple[Envelope, str, bytes]]) -> None:
         items = [(env, raw if env.sealed is None else None) for env, _, raw in batch]

@@ -339,6 +339,15 @@ class Store:
         with self._lock, self._db.transaction(exclusive=True) as db:
             yield db
 
+    def answers(self) -> bool:
+        """Whether the database answers a trivial read now (a lost connection is opened
+        again): False while a PostgreSQL server is down or restarting."""
+        try:
+            self.query("SELECT 1")
+        except Exception:
+            return False
+        return True
+
     def query(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
         """Rows of one read-only statement (SQLite dialect, ``?`` placeholders), as dicts."""
         with self._lock:

@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ class PostgresServer:
     port: int
     folder: Path
     bin: Path
+    options: str = ""  # the server's pg_ctl -o options (its port among them)
 
     def url_for(self, database: str) -> str:
         return f"postgresql://{SUPERUSER}@{self.host}:{self.port}/{database}"
@@ -105,11 +107,13 @@ def _run(prefix: list[str], args: list[str], cwd: Path, timeout: float) -> None:
 
 
 @contextlib.contextmanager
-def start_postgres(timeout: float = 60.0) -> Iterator[PostgresServer]:
+def start_postgres(timeout: float = 60.0, durable: bool = False) -> Iterator[PostgresServer]:
     """Start a private PostgreSQL server; yields it, stops it and deletes its files at exit.
 
     The cluster trusts local connections (it listens on 127.0.0.1 and a private socket only)
-    and runs with fsync off: it is thrown away, so durability across a power loss is moot."""
+    and runs with fsync and synchronous commit off: it is thrown away, so durability across a
+    power loss is moot. ``durable``: PostgreSQL's own defaults instead, for a test that
+    crashes the server (without synchronous commit a crash loses commits it reported done)."""
     bindir = postgres_bin()
     prefix, uid, gid = _runner()
     folder = Path(tempfile.mkdtemp(prefix="medge-pg-"))
@@ -138,10 +142,14 @@ def start_postgres(timeout: float = 60.0) -> Iterator[PostgresServer]:
         )
         for attempt in range(3):  # a free port can be taken between probe and bind
             port = _free_port()
+            fast = (
+                ""
+                if durable
+                else ("-c fsync=off -c full_page_writes=off -c synchronous_commit=off ")
+            )
             options = (
-                f"-c listen_addresses=127.0.0.1 -p {port} -k {folder} -c fsync=off "
-                "-c full_page_writes=off -c synchronous_commit=off -c shared_buffers=16MB "
-                "-c max_connections=40"
+                f"-c listen_addresses=127.0.0.1 -p {port} -k {folder} {fast}"
+                "-c shared_buffers=16MB -c max_connections=40"
             )
             try:
                 _run(
@@ -176,6 +184,7 @@ def start_postgres(timeout: float = 60.0) -> Iterator[PostgresServer]:
             port=port,
             folder=folder,
             bin=bindir,
+            options=options,
         )
     finally:
         if started:
@@ -187,6 +196,20 @@ def start_postgres(timeout: float = 60.0) -> Iterator[PostgresServer]:
                     60,
                 )
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def restart(server: PostgresServer, down_s: float, timeout: float = 60.0) -> None:
+    """Stop the server as a crash would (``-m immediate``), wait ``down_s`` seconds, start it
+    again on the same port and data: what a PostgreSQL restart or failover looks like to a
+    client (every connection dropped, then refused, then accepted again)."""
+    prefix, _, _ = _runner()
+    data = server.folder / "data"
+    ctl = str(server.bin / "pg_ctl")
+    _run(prefix, [ctl, "-D", str(data), "-m", "immediate", "-w", "stop"], server.folder, timeout)
+    time.sleep(down_s)
+    log = str(server.folder / "server.log")
+    start = [ctl, "-D", str(data), "-l", log, "-w", "-o", server.options, "start"]
+    _run(prefix, start, server.folder, timeout + 10)
 
 
 def new_database(server_url: str) -> str:

@@ -210,3 +210,20 @@ def test_a_nul_in_an_authenticated_result_fails_only_its_row(  # type: ignore[no
         assert store.refused == 1
     lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert len(lines) == 1 and f"{SITE}/pg-nul-b seq 1" in lines[0]
+
+
+def test_a_server_that_may_lose_commits_is_named_at_open(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The suite's throwaway cluster runs with fsync and synchronous_commit off: a crash of
+    that server loses commits it reported done, so results the gateway acknowledged. The
+    store says so in one line when it opens (tests/test_chaos_link.py crashes a durable one)."""
+    import logging
+
+    with (
+        caplog.at_level(logging.WARNING, logger="medge.gateway.store"),
+        Store(new_database(postgres_url)) as store,
+    ):
+        assert store._db.not_durable == ["synchronous_commit=off", "fsync=off"]  # type: ignore[attr-defined]
+    said = [r.getMessage() for r in caplog.records if "loses commits" in r.getMessage()]
+    assert len(said) == 1 and "synchronous_commit=off, fsync=off" in said[0]
