@@ -86,6 +86,13 @@ BENCHES: tuple[Bench, ...] = (
         ("--runs", "1"),
     ),
     Bench(
+        "soak", "soak.py",
+        "agent and gateway processes at 20 results/s for 10 minutes: memory over time",
+        "a flat line after warm-up; every result stored",
+        ("--seconds", "60", "--every", "15"),
+        timeout_s=900.0,
+    ),
+    Bench(
         "convert", "convert_ratios.py",
         "full int8 against fp32: size, latency (XNNPACK, 1 thread), agreement, metric drop",
         "issue targets printed by the script (no VNNI here: int8 is not faster than fp32)",
