@@ -46,13 +46,18 @@ def input_thumbnail(data: np.ndarray, max_side: int = MAX_THUMBNAIL_SIDE) -> dic
         a = a[..., 0]
     if a.ndim not in (2, 3) or min(a.shape[:2]) < 1 or a.size == 0:
         return None
+    if a.dtype == np.uint8 and max(a.shape[:2]) <= max_side:  # as it is: no resampling
+        return _body(a)
     if a.dtype == np.uint8:
         x = a.astype(np.float32)
     else:
         x = np.nan_to_num(a.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
         lo, hi = float(x.min()), float(x.max())
         x = (x - lo) * np.float32(255.0 / (hi - lo)) if hi > lo else np.zeros_like(x)
-    small = thumbnail(x, max_side)
+    return _body(thumbnail(x, max_side))
+
+
+def _body(small: np.ndarray) -> dict[str, Any]:
     return {
         "png": base64.b64encode(encode_png(small)).decode("ascii"),
         "width": int(small.shape[1]),
