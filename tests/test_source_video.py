@@ -219,3 +219,14 @@ def test_a_live_source_is_paced_by_the_bundles_rate_and_flags_gaps(
     assert all(c.data.shape == (4, 4, 4) for c in clips)
     assert inner.errors == {"gap": 1}
     assert any("no frame for 2.03 s" in r.getMessage() for r in caplog.records)
+
+
+def test_a_clock_stepped_back_does_not_stall_the_camera() -> None:
+    """NTP sets the wall clock back an hour: the next frame is kept at once and starts a
+    fresh clip (``clock``), and the 5 Hz rate goes on from the new time."""
+    times = [i / 30 for i in range(30)] + [-3600 + i / 30 for i in range(60)]
+    kept = _pace(times)
+    reasons = [r for _, r in kept]
+    assert reasons.count("clock") == 1
+    after = [t for t, _ in kept if t < 0]
+    assert after[0] == -3600 and len(after) == pytest.approx(10, abs=1)  # 2 s at 5 Hz

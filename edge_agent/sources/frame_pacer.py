@@ -9,6 +9,8 @@ time, not by their index:
   a quarter period early still counts, so a camera at exactly the rate loses none);
 - a kept frame more than 1.5 periods after the one before (a stall, frames dropped by a slow
   model) starts a fresh clip: ``gap``, counted, so no clip spans the hole;
+- a frame time earlier than the last kept one (the wall clock stepped back) starts afresh from
+  it: ``clock``, counted, so a clock set back by an hour does not stall the video for an hour;
 - a camera that delivers too slowly (the median of the last 8 spacings above 1.2 periods) makes
   clips that span too much time: each of its frames is ``slow``, counted and flagged as a gap
   too, so no clip is made until it delivers again. The first one is told in one line.
@@ -55,6 +57,11 @@ class FramePacer:
 
     def offer(self, t: float) -> Kept:
         p = self.period
+        if self._last is not None and t < self._last:  # the clock stepped back (NTP): resync,
+            back = self._last - t  # or every frame would wait for the old time to come again
+            self._due, self._last = t + p, t
+            self._spacings.clear()
+            return Kept(True, True, "clock", back)
         if self._due is not None and t < self._due - EARLY * p:
             return Kept(False)
         last, self._last = self._last, t

@@ -291,6 +291,11 @@ class VideoSource:
                     "gap", "no frame for %.2f s (a stall or frames dropped): the clip starts "
                     "afresh", kept.seconds, every=False,
                 )  # fmt: skip
+            elif kept.reason == "clock":
+                self._problems.add(
+                    "clock", "the frame clock went back %.2f s: the clip starts afresh",
+                    kept.seconds, every=False,
+                )  # fmt: skip
             elif kept.reason == "slow":
                 self._problems.add(
                     "slow", "frames come %.2f s apart, slower than the model's %.3g Hz: no "
