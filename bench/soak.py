@@ -102,10 +102,9 @@ def main() -> None:  # noqa: PLR0915  (one run, measured in order)
                         samples[name].append((now, mb))
                 with Store(db) as store:
                     stored = store.result_count()
+                last = {k: f"{v[-1][1]:.1f}" if v else "-" for k, v in samples.items()}
                 print(
-                    f"{now:7.0f} {samples['agent'][-1][1]:9.1f} "
-                    f"{samples['gateway'][-1][1]:11.1f} {stored:8d}",
-                    flush=True,
+                    f"{now:7.0f} {last['agent']:>9} {last['gateway']:>11} {stored:8d}", flush=True
                 )
                 time.sleep(min(a.every, max(0.0, a.seconds - now)))
         finally:
