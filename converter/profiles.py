@@ -1,5 +1,5 @@
-"""Device profiles as the converter sees them: the CPU, the threads the agent runs with, and
-which LiteRT kernels are fast there, which orders the accuracy-budget search
+"""Device profiles as the converter sees them: the CPU, its cores, and which LiteRT kernels
+are fast there, which orders the accuracy-budget search
 (converter.budget): the cheapest rung *on the target* is tried first.
 
 The kernel ranking comes from XNNPACK's coverage (the delegate LiteRT uses on every profile),
@@ -23,7 +23,7 @@ __all__ = ["PROFILE_INFO", "ProfileInfo", "cost_rank"]
 class ProfileInfo:
     name: str
     cpu: str
-    threads: int  # the agent's default there (one per big core)
+    cores: int  # the CPU's cores: what the agent's ``threads`` may use there (default 1)
     ranking: tuple[str, ...]  # kernel classes, cheapest first
     why: str
 
