@@ -32,9 +32,9 @@ def _cache(zoo_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     return copy
 
 
-def _entry(cache: Path) -> Path:
-    (entry,) = (cache / "bundles").glob("wrist-fall-lstm-x86-*")
-    return entry
+def _entry(cache: Path, bundle: Bundle) -> Path:
+    """The copy's entry of ``bundle`` (the one this session's code built)."""
+    return cache / "bundles" / bundle.directory.name
 
 
 def test_a_good_cached_bundle_is_used(
@@ -57,7 +57,7 @@ def test_a_stale_or_broken_cached_bundle_is_rebuilt_and_said(
 ) -> None:
     from medge.zoo import build
 
-    entry = _entry(_cache(zoo_cache, tmp_path, monkeypatch))
+    entry = _entry(_cache(zoo_cache, tmp_path, monkeypatch), wrist_bundle)
     if damage == "a file changed":
         (entry / "report.md").write_text("changed\n")
         said = "'report.md' does not match its hash"
