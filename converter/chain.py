@@ -133,22 +133,8 @@ def _feature_request(req: ConvertRequest, data: Data, work: Path, key: Path) -> 
         eval_images=xe[pick],
         eval_targets=ye[pick],
     )
-    return ConvertRequest(
-        model=work / "feature.keras",
-        calib=work / "feature.npz",
-        eval=work / "feature.npz",
-        calib_split="calib",
-        eval_split="eval",
-        out=work / "feature-bundle",
-        profile=req.profile,
-        preprocess=req.preprocess,
-        task="regression",
-        activation="none",
-        name="feature",
-        onnx=False,
-        float_artifacts="fp32",
-        strategies=req.strategies,
-        sign_key=key,
+    return _part(
+        req, work, key, "feature", preprocess=req.preprocess, task="regression", activation="none"
     )
 
 
@@ -173,24 +159,37 @@ def _temporal_request(
         eval_images=np.load(work / "eval_features.npy"),
         eval_labels=data.y,
     )
-    return ConvertRequest(
-        model=work / "temporal.keras",
-        calib=work / "temporal.npz",
-        eval=work / "temporal.npz",
-        calib_split="calib",
-        eval_split="eval",
-        out=work / "temporal-bundle",
-        profile=req.profile,
+    return _part(
+        req,
+        work,
+        key,
+        "temporal",
         labels=data.labels,
         positive_label=req.positive_label,
         threshold=req.threshold,
         activation=req.activation,
-        name="temporal",
+        min_agreement=req.min_agreement,
+    )
+
+
+def _part(req: ConvertRequest, work: Path, key: Path, part: str, **fields: Any) -> ConvertRequest:
+    """The request that converts one part (``work/<part>.keras`` on ``work/<part>.npz``): LiteRT
+    only, int8 with an fp32 beside it, the request's profile and strategies, signed by the
+    throwaway key (the part is a working file)."""
+    return ConvertRequest(
+        model=work / f"{part}.keras",
+        calib=work / f"{part}.npz",
+        eval=work / f"{part}.npz",
+        calib_split="calib",
+        eval_split="eval",
+        out=work / f"{part}-bundle",
+        profile=req.profile,
+        name=part,
         onnx=False,
         float_artifacts="fp32",
         strategies=req.strategies,
-        min_agreement=req.min_agreement,
         sign_key=key,
+        **fields,
     )
 
 
