@@ -53,17 +53,10 @@ def test_a_dead_link_loses_nothing_and_the_backlog_goes_through_paced(  # type: 
                 assert link.wait_connected(10)
             wait_for(lambda: all(k.limits for k in links.values()), 10, "the announced limits")
 
-            def produce(device: str) -> None:
-                box, link, i = boxes[device], links[device], 0
-                while not stop.is_set():
-                    i += 1
-                    kind = "event" if i % EVENT_EVERY == 0 else "result"
-                    body = {"event": "fall", "state": "start"} if kind == "event" else {"i": i}
-                    made[device].append((box.put(kind, body).seq, kind))
-                    link.notify()
-                    stop.wait(1 / RATE_HZ)
-
-            threads = [threading.Thread(target=produce, args=(d,)) for d in DEVICES]
+            threads = [
+                threading.Thread(target=_produce, args=(boxes[d], links[d], made[d], stop))
+                for d in DEVICES
+            ]
             for t in threads:
                 t.start()
             time.sleep(1.0)
@@ -93,6 +86,21 @@ def test_a_dead_link_loses_nothing_and_the_backlog_goes_through_paced(  # type: 
         assert stats["rate_limited"] == 0, "the backlog was paced to the announced limit"
         assert stats["rejected"] == 0
         assert proxy.accepted > len(DEVICES), "the devices reconnected on their own"
+
+
+def _produce(
+    box: Outbox, link: DeviceLink, made: list[tuple[int, str]], stop: threading.Event
+) -> None:
+    """A device's stream until ``stop``: RATE_HZ messages a second, every EVENT_EVERY-th an
+    event; each (seq, kind) noted in ``made`` once it is durable in the outbox."""
+    i = 0
+    while not stop.is_set():
+        i += 1
+        kind = "event" if i % EVENT_EVERY == 0 else "result"
+        body = {"event": "fall", "state": "start"} if kind == "event" else {"i": i}
+        made.append((box.put(kind, body).seq, kind))
+        link.notify()
+        stop.wait(1 / RATE_HZ)
 
 
 def _each_once_events_first(
@@ -162,3 +170,57 @@ def test_a_postgresql_restart_is_ridden_out_and_loses_nothing(  # type: ignore[n
             assert gw.metrics.store_down_dropped._value.get() > 0, "it did see the store down"
             seqs = [r["seq"] for r in store.query("SELECT seq FROM results ORDER BY seq")]
             assert seqs == made, "each exactly once"
+
+
+@pytest.mark.slow
+def test_a_broker_killed_and_restarted_loses_nothing(  # type: ignore[no-untyped-def]
+    tmp_path: Path, mosquitto: RunningBroker, sealer, opener
+) -> None:
+    """kill -9 of Mosquitto while two devices stream, a new one on the same port 1 s later:
+    the devices and the gateway reconnect on their own, every message is stored exactly once,
+    and the events held meanwhile go ahead of the routine results."""
+    from gateway.broker import start_broker
+
+    made: dict[str, list[tuple[int, str]]] = {d: [] for d in DEVICES}
+    dead: dict[str, set[int]] = {}
+    stop = threading.Event()
+    with Store(tmp_path / "gw.sqlite") as store:
+        gw = Gateway(store, opener, mosquitto.host, mosquitto.port).start()
+        boxes = {d: Outbox(tmp_path / f"{d}.sqlite", SITE, d) for d in DEVICES}
+        links = {}
+        for d, box in boxes.items():
+            box.sealer = sealer(d)
+            links[d] = DeviceLink(
+                box, mosquitto.host, mosquitto.port, reconnect_min_s=0.2, reconnect_max_s=0.5
+            ).__enter__()
+        threads = [
+            threading.Thread(target=_produce, args=(boxes[d], links[d], made[d], stop))
+            for d in DEVICES
+        ]
+        try:
+            for link in links.values():
+                assert link.wait_connected(10)
+            for t in threads:
+                t.start()
+            time.sleep(1.0)
+            mosquitto.kill()
+            wait_for(lambda: not any(k.connected for k in links.values()), 10, "links down")
+            at = {d: len(made[d]) for d in DEVICES}
+            time.sleep(1.0)
+            with start_broker("mosquitto", mosquitto.host, mosquitto.port):
+                wait_for(lambda: all(k.connected for k in links.values()), 20, "reconnected")
+                dead = {d: {seq for seq, _ in made[d][at[d] :]} for d in DEVICES}
+                stop.set()
+                for t in threads:
+                    t.join()
+                total = sum(len(v) for v in made.values())
+                wait_for(lambda: store.result_count() == total, 60, "every message stored")
+        finally:
+            stop.set()
+            for link in links.values():
+                link.close()
+            gw.stop()
+            for box in boxes.values():
+                box.close()
+        _each_once_events_first(store, made, dead)
+        assert gw.metrics.totals()["rejected"] == 0
