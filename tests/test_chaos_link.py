@@ -224,3 +224,46 @@ def test_a_broker_killed_and_restarted_loses_nothing(  # type: ignore[no-untyped
                 box.close()
         _each_once_events_first(store, made, dead)
         assert gw.metrics.totals()["rejected"] == 0
+
+
+@pytest.mark.slow
+def test_a_full_outbox_drops_only_routine_results_and_counts_each(  # type: ignore[no-untyped-def]
+    tmp_path: Path, mosquitto: RunningBroker, sealer, opener
+) -> None:
+    """The link is dead long enough for the outbox to reach its quota (40 messages): the
+    quota drops routine results, never an event, and its counters explain every result the
+    store lacks: made - stored = quota + refused + the quota_sent ones the store lacks."""
+    made: list[tuple[int, str]] = []
+    stop = threading.Event()
+    with (
+        Store(tmp_path / "gw.sqlite") as store,
+        Gateway(store, opener, mosquitto.host, mosquitto.port) as gw,
+        TcpProxy((mosquitto.host, mosquitto.port)) as proxy,
+        Outbox(tmp_path / "q.sqlite", SITE, "q-01", max_messages=40) as box,
+    ):
+        box.sealer = sealer("q-01")
+        link = DeviceLink(
+            box, "127.0.0.1", proxy.port, keepalive=1, resend_after=2.0,
+            reconnect_min_s=0.2, reconnect_max_s=0.5,
+        )  # fmt: skip
+        with link:
+            assert link.wait_connected(10)
+            t = threading.Thread(target=_produce, args=(box, link, made, stop))
+            t.start()
+            time.sleep(0.5)
+            proxy.blackhole()
+            wait_for(lambda: box.drops.get("quota", 0) >= 20, 20, "the quota to drop")
+            proxy.cut()
+            proxy.restore()
+            stop.set()
+            t.join()
+            wait_for(lambda: box.depth() == 0, 60, "the outbox drained")
+        rows = store.query("SELECT seq, kind FROM results ORDER BY seq")
+        stored = {r["seq"] for r in rows}
+        assert len(stored) == len(rows), "each stored once"
+        assert {seq for seq, kind in made if kind == "event"} <= stored, "no event dropped"
+        drops = box.drops
+        lacking = len(made) - len(stored)
+        counted = drops.get("quota", 0) + drops.get("refused", 0)
+        assert counted <= lacking <= counted + drops.get("quota_sent", 0), (drops, lacking)
+        assert gw.metrics.totals()["rejected"] == 0
