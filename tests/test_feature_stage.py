@@ -146,3 +146,14 @@ def test_medge_evaluate_runs_the_chain_and_finds_the_reports_numbers(chained: Pa
     report = json.loads((chained / "report.json").read_text())
     assert got["accuracy"] == pytest.approx(report["litert-int8"]["accuracy"])
     assert got["n"] == report["eval"]["n"]
+
+
+@pytest.mark.slow
+def test_the_update_self_test_input_fits_a_chain(chained: Path) -> None:
+    """An over-the-air update self-tests a new bundle on a zero input of its sample shape
+    (before any sample was seen): for a chain that is a clip of frames, not the temporal
+    model's (window, features) input."""
+    model = LoadedModel(Bundle.load(chained))
+    assert model.sample_shape == (4, 16, 16, 1)
+    scores = model.predict(np.zeros(model.sample_shape, np.float32)).scores  # type: ignore[attr-defined]
+    assert len(scores) == 3 and abs(sum(scores) - 1.0) < 0.02
