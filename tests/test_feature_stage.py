@@ -118,6 +118,10 @@ def test_a_clip_of_the_wrong_frame_size_is_named(chained: Path) -> None:
             "no feature artifact for litert/int8",
         ),
         (lambda d: d.update(schema_version="3.0"), r"not supported \(this agent reads 1.x and 2.x"),
+        (
+            lambda d: d.update(cam={"output": 1, "layer": "x", "upsample_to": [16, 16]}),
+            r"has no output 1 \(cam\)|a feature stage and a cam output cannot be combined",
+        ),
     ],
 )
 def test_a_chained_manifest_that_does_not_add_up_is_refused(
