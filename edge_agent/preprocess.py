@@ -92,14 +92,17 @@ def to_input(x: np.ndarray, tensor: TensorSpec) -> np.ndarray:
 
 
 def byte_table(spec: Preprocess, tensor: TensorSpec) -> np.ndarray | None:
-    """For 8-bit samples and an elementwise preprocess into a quantized input: the input value
-    of each of the 256 byte values, so preparing a sample is one table lookup (the same values
-    as :func:`normalize` then :func:`to_input`, ~6x faster). None where that does not apply."""
-    if spec.kind not in ("none", "scale01") or tensor.dtype not in _INT_RANGE:
+    """For 8-bit samples and an elementwise preprocess: the input value of each of the 256 byte
+    values, so preparing a sample is one table lookup (the same values as :func:`normalize`
+    then :func:`to_input`, bit for bit, several times faster), for a quantized input or a
+    float32 one. None where that does not apply."""
+    if spec.kind not in ("none", "scale01"):
         return None
     if tensor.layout == "NCHW" and tensor.shape[1] != 1:
         return None  # a lookup keeps the axis order; a transposing input goes the long way
-    if tensor.quantization is None:
-        return None
     levels = normalize(spec, np.arange(256, dtype=np.uint8))
+    if tensor.dtype == "float32":
+        return levels
+    if tensor.dtype not in _INT_RANGE or tensor.quantization is None:
+        return None
     return quantize(levels, tensor.quantization, tensor.dtype)

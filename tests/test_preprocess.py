@@ -64,5 +64,10 @@ def test_byte_table_prepares_exactly_what_normalize_and_quantize_do() -> None:
             got = table[sample].reshape(want.shape)
             assert got.dtype == want.dtype
             np.testing.assert_array_equal(got, want)
-    zs = TensorSpec(name="x", shape=[1, 28, 28, 1], dtype="float32")
-    assert byte_table(Preprocess(kind="scale01"), zs) is None  # a float input: no table
+        f = TensorSpec(name="x", shape=[1, 28, 28, 1], dtype="float32")  # a float input too
+        table = byte_table(spec, f)
+        assert table is not None and table.dtype == np.float32
+        want = to_input(normalize(spec, sample), f)
+        np.testing.assert_array_equal(table[sample].reshape(want.shape), want)
+    f16 = TensorSpec(name="x", shape=[1, 28, 28, 1], dtype="float16")
+    assert byte_table(Preprocess(kind="scale01"), f16) is None  # a float16 input: no table
