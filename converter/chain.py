@@ -44,6 +44,7 @@ from converter.scoring import Scored
 from edge_agent.backends import open_backend
 from edge_agent.bundle import Artifact, Bundle, FeatureStage
 from edge_agent.chain import FeatureStage as FeatureRunner
+from edge_agent.errors import BundleError
 from edge_agent.keys import write_private_pem
 from edge_agent.preprocess import dequantize, to_input
 
@@ -196,7 +197,7 @@ def _part(req: ConvertRequest, work: Path, key: Path, part: str, **fields: Any) 
 def _pair(feature: Bundle, temporal: Bundle, precision: str) -> tuple[Artifact, Artifact] | None:
     try:
         return feature.artifact("litert", precision), temporal.artifact("litert", precision)
-    except Exception:  # that precision was not made (a float extra can fail): no pair
+    except BundleError:  # that precision was not made (a float extra can fail): no pair
         return None
 
 

@@ -257,6 +257,10 @@ class DeviceLink:
         self.pacer = Pacer(PACE * rate, max(1.0, PACE * burst)) if paced else None
         if rate <= 0:
             log.info("%s: the gateway announces no flood limit", self.device)
+        elif not self.pace:
+            log.info(
+                "%s: the gateway's flood limit is %g messages/s; pacing is off", self.device, rate
+            )
         else:
             log.info(
                 "%s: the gateway's flood limit is %g messages/s (burst %g): the outbox drains "

@@ -325,7 +325,9 @@ class Gateway:
                 self.limiter.rate,
                 self.limiter.burst,
                 count,
-                "from a backlog, made over 30 s ago" if traffic == "backlog" else "live",
+                f"from a backlog, made over {BACKLOG_AGE_S:g} s ago"
+                if traffic == "backlog"
+                else "live",
                 self.limit_log_interval,
             )
 
