@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tcp_proxy import TcpProxy
@@ -30,62 +31,95 @@ EVENT_EVERY = 10  # one event among every 10 messages
 def test_a_dead_link_loses_nothing_and_the_backlog_goes_through_paced(  # type: ignore[no-untyped-def]
     tmp_path: Path, mosquitto: RunningBroker, sealer, opener
 ) -> None:
-    made: dict[str, list[tuple[int, str]]] = {d: [] for d in DEVICES}  # (seq, kind)
-    stop = threading.Event()
     with (
         Store(tmp_path / "gw.sqlite") as store,
         Gateway(
             store, opener, mosquitto.host, mosquitto.port, device_rate=60.0, device_burst=30.0
         ) as gw,
         TcpProxy((mosquitto.host, mosquitto.port)) as proxy,
+        _Fleet(tmp_path, sealer, "127.0.0.1", proxy.port, keepalive=1, resend_after=2.0) as fleet,
     ):
-        boxes = {d: Outbox(tmp_path / f"{d}.sqlite", SITE, d) for d in DEVICES}
-        links = {}
-        for d, box in boxes.items():
-            box.sealer = sealer(d)
-            links[d] = DeviceLink(
-                box, "127.0.0.1", proxy.port, keepalive=1, resend_after=2.0,
-                reconnect_min_s=0.2, reconnect_max_s=0.5,
-            )  # fmt: skip
-            links[d].__enter__()
-        try:
-            for link in links.values():
-                assert link.wait_connected(10)
-            wait_for(lambda: all(k.limits for k in links.values()), 10, "the announced limits")
-
-            threads = [
-                threading.Thread(target=_produce, args=(boxes[d], links[d], made[d], stop))
-                for d in DEVICES
-            ]
-            for t in threads:
-                t.start()
-            time.sleep(1.0)
-            proxy.blackhole()  # nothing gets through; the devices' keepalive notices
-            time.sleep(0.2)  # what was already on its way when it went dead
-            cut_at = {d: len(made[d]) for d in DEVICES}
-            wait_for(lambda: not any(k.connected for k in links.values()), 10, "links down")
-            time.sleep(1.0)
-            proxy.cut()
-            dead = {d: {seq for seq, _ in made[d][cut_at[d] :]} for d in DEVICES}
-            proxy.restore()
-            time.sleep(0.5)
-            stop.set()
-            for t in threads:
-                t.join()
-            wait_for(lambda: all(k.connected for k in links.values()), 20, "reconnected")
-            total = sum(len(v) for v in made.values())
-            wait_for(lambda: store.result_count() == total, 60, "every result stored")
-        finally:
-            stop.set()
-            for link in links.values():
-                link.close()
-            for box in boxes.values():
-                box.close()
+        made, links = fleet.made, fleet.links
+        wait_for(lambda: all(k.limits for k in links.values()), 10, "the announced limits")
+        fleet.stream()
+        time.sleep(1.0)
+        proxy.blackhole()  # nothing gets through; the devices' keepalive notices
+        time.sleep(0.2)  # what was already on its way when it went dead
+        cut_at = {d: len(made[d]) for d in DEVICES}
+        wait_for(lambda: not fleet.any_connected(), 10, "links down")
+        time.sleep(1.0)
+        proxy.cut()
+        dead = {d: {seq for seq, _ in made[d][cut_at[d] :]} for d in DEVICES}
+        proxy.restore()
+        time.sleep(0.5)
+        fleet.stop_streams()
+        wait_for(fleet.all_connected, 20, "reconnected")
+        wait_for(lambda: store.result_count() == fleet.total(), 60, "every result stored")
         _each_once_events_first(store, made, dead)
         stats = gw.metrics.totals()
         assert stats["rate_limited"] == 0, "the backlog was paced to the announced limit"
         assert stats["rejected"] == 0
         assert proxy.accepted > len(DEVICES), "the devices reconnected on their own"
+
+
+class _Fleet:
+    """DEVICES, each an outbox and a link to ``host:port`` (reconnecting within 0.5 s), all
+    connected on entry; :meth:`stream` starts each device's stream (:func:`_produce`, noted in
+    ``made``), :meth:`stop_streams` ends them; on exit streams stop, links and outboxes close."""
+
+    def __init__(self, tmp: Path, sealer: Any, host: str, port: int, **link: Any) -> None:
+        self.made: dict[str, list[tuple[int, str]]] = {d: [] for d in DEVICES}  # (seq, kind)
+        self.boxes = {d: Outbox(tmp / f"{d}.sqlite", SITE, d) for d in DEVICES}
+        for d, box in self.boxes.items():
+            box.sealer = sealer(d)
+        self.links = {
+            d: DeviceLink(box, host, port, reconnect_min_s=0.2, reconnect_max_s=0.5, **link)
+            for d, box in self.boxes.items()
+        }
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def __enter__(self) -> _Fleet:
+        try:
+            for link in self.links.values():
+                link.__enter__()
+            for link in self.links.values():
+                assert link.wait_connected(10)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_streams()
+        for link in self.links.values():
+            link.close()
+        for box in self.boxes.values():
+            box.close()
+
+    def stream(self) -> None:
+        self._threads = [
+            threading.Thread(
+                target=_produce, args=(self.boxes[d], self.links[d], self.made[d], self._stop)
+            )
+            for d in DEVICES
+        ]
+        for t in self._threads:
+            t.start()
+
+    def stop_streams(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+    def any_connected(self) -> bool:
+        return any(k.connected for k in self.links.values())
+
+    def all_connected(self) -> bool:
+        return all(k.connected for k in self.links.values())
+
+    def total(self) -> int:
+        return sum(len(v) for v in self.made.values())
 
 
 def _produce(
@@ -181,47 +215,23 @@ def test_a_broker_killed_and_restarted_loses_nothing(  # type: ignore[no-untyped
     and the events held meanwhile go ahead of the routine results."""
     from gateway.broker import start_broker
 
-    made: dict[str, list[tuple[int, str]]] = {d: [] for d in DEVICES}
-    dead: dict[str, set[int]] = {}
-    stop = threading.Event()
-    with Store(tmp_path / "gw.sqlite") as store:
-        gw = Gateway(store, opener, mosquitto.host, mosquitto.port).start()
-        boxes = {d: Outbox(tmp_path / f"{d}.sqlite", SITE, d) for d in DEVICES}
-        links = {}
-        for d, box in boxes.items():
-            box.sealer = sealer(d)
-            links[d] = DeviceLink(
-                box, mosquitto.host, mosquitto.port, reconnect_min_s=0.2, reconnect_max_s=0.5
-            ).__enter__()
-        threads = [
-            threading.Thread(target=_produce, args=(boxes[d], links[d], made[d], stop))
-            for d in DEVICES
-        ]
-        try:
-            for link in links.values():
-                assert link.wait_connected(10)
-            for t in threads:
-                t.start()
-            time.sleep(1.0)
-            mosquitto.kill()
-            wait_for(lambda: not any(k.connected for k in links.values()), 10, "links down")
-            at = {d: len(made[d]) for d in DEVICES}
-            time.sleep(1.0)
-            with start_broker("mosquitto", mosquitto.host, mosquitto.port):
-                wait_for(lambda: all(k.connected for k in links.values()), 20, "reconnected")
-                dead = {d: {seq for seq, _ in made[d][at[d] :]} for d in DEVICES}
-                stop.set()
-                for t in threads:
-                    t.join()
-                total = sum(len(v) for v in made.values())
-                wait_for(lambda: store.result_count() == total, 60, "every message stored")
-        finally:
-            stop.set()
-            for link in links.values():
-                link.close()
-            gw.stop()
-            for box in boxes.values():
-                box.close()
+    with (
+        Store(tmp_path / "gw.sqlite") as store,
+        Gateway(store, opener, mosquitto.host, mosquitto.port) as gw,
+        _Fleet(tmp_path, sealer, mosquitto.host, mosquitto.port) as fleet,
+    ):
+        made = fleet.made
+        fleet.stream()
+        time.sleep(1.0)
+        mosquitto.kill()
+        wait_for(lambda: not fleet.any_connected(), 10, "links down")
+        at = {d: len(made[d]) for d in DEVICES}
+        time.sleep(1.0)
+        with start_broker("mosquitto", mosquitto.host, mosquitto.port):
+            wait_for(fleet.all_connected, 20, "reconnected")
+            dead = {d: {seq for seq, _ in made[d][at[d] :]} for d in DEVICES}
+            fleet.stop_streams()
+            wait_for(lambda: store.result_count() == fleet.total(), 60, "every message stored")
         _each_once_events_first(store, made, dead)
         assert gw.metrics.totals()["rejected"] == 0
 
