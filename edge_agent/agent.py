@@ -177,6 +177,7 @@ class Agent:
             self.stats,
             cam=cfg.cam,
             thumbnails=cfg.thumbnails,
+            pictures_max_hz=cfg.pictures_max_hz,
         )
         link.on_command = updater.submit
         log.info("%s: running %s on %s", cfg.device, self.bundle.id, self.source.name)

@@ -69,9 +69,12 @@ class OutboxConfig(_Strict):
     )
     batch_ms: float = Field(
         default=50.0,
-        gt=0,
+        ge=0,
         le=10_000,
-        description="Group commit: a batch closes after this many milliseconds at the latest.",
+        description="Group commit: a batch closes after this many milliseconds at the latest "
+        "(what a kill -9 of the agent can lose: results of the last batch_ms, never an event). "
+        "0: commit as soon as the writer is free, with no wait when idle; under load a batch "
+        "is what arrives while the previous commit runs.",
     )
     max_mb: float | None = Field(
         default=None,
@@ -150,6 +153,15 @@ class AgentConfig(_Strict):
         description="Add a small picture of the model's input (grey or RGB PNG, at most 64 "
         "pixels a side, sealed in the body like the rest) to each result of an image model "
         "(classification or segmentation of 2-D images); false: leave it out.",
+    )
+    pictures_max_hz: float | None = Field(
+        default=10.0,
+        gt=0,
+        description="At most this many results a second carry the thumbnail and the CAM; a "
+        "result of the bundle's positive_label, or whose class differs from the one before, "
+        "always does. Results left without are counted (telemetry pictures.capped). null: "
+        "every result (a fast model at thousands of samples a second then spends most of its "
+        "time on pictures).",
     )
 
     @field_validator("site", "device")

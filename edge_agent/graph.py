@@ -53,6 +53,7 @@ class Work:
     outputs: list[np.ndarray] | None = None  # every output, when the CAM is asked for
     decoded: Decoded | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # more result fields (the CAM)
+    pictured: bool = True  # the result carries the thumbnail and CAM (edge_agent.pictures)
     latency: dict[str, float] = field(default_factory=dict)  # seconds, by stage
     messages: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # to publish
     rejected: str | None = None  # the stage that rejected the sample

@@ -7,7 +7,9 @@ here too, so a restart always starts a fresh epoch key.
 
 Group commit: with ``batch_max > 1`` routine results wait in memory and are sealed and written
 by a flusher thread in one transaction (one fsync) per batch, which closes after ``batch_max``
-results or ``batch_ms`` milliseconds, whichever comes first. Only committed rows are ever
+results or ``batch_ms`` milliseconds, whichever comes first (``batch_ms`` 0: as soon as the
+flusher is free, so an idle device commits each result at once and a busy one commits what
+arrived during the last commit). Only committed rows are ever
 published (the link reads the table), so "on disk before it is published" holds and a crash
 loses nothing that was published; it can lose at most the last open batch, which nobody has
 seen. An event never waits: it commits at once, together with whatever is buffered.

@@ -27,6 +27,7 @@ from edge_agent.errors import MedgeError
 from edge_agent.events import EventTracker
 from edge_agent.graph import Graph, Operator, Work, reject
 from edge_agent.model import Model
+from edge_agent.pictures import PictureCap
 from edge_agent.sources.base import Sample
 from edge_agent.telemetry import PipelineStats
 from edge_agent.thumbnail import input_thumbnail, takes_images
@@ -59,11 +60,15 @@ def build_graph(
     stats: PipelineStats,
     cam: bool = True,
     thumbnails: bool = True,
+    pictures_max_hz: float | None = None,
 ) -> Graph:
     """The agent's pipeline. ``source``: a source (or an iterable of samples); ``models``: the
     stage that binds each sample to its model (:class:`Bind`, or ``Probation`` over a slot).
-    ``thumbnails``: add a small picture of the input to results of image models."""
-    preprocess, infer, decode = Preprocess(stats), Infer(stats, cam), Decode(stats, cam)
+    ``thumbnails``: add a small picture of the input to results of image models; ``cam``: the
+    heatmap, when the bundle has one; ``pictures_max_hz``: how many results a second carry
+    them at most (:class:`edge_agent.pictures.PictureCap`; None: every result)."""
+    cap = PictureCap(pictures_max_hz, stats, cam, thumbnails)
+    preprocess, infer, decode = Preprocess(stats), Infer(stats, cam), Decode(stats, cam, cap)
     result, events, publish = Result(thumbnails), Events(emit, stats), Publish(emit, stats)
     g = Graph("pipeline")
     g.add_flow(source, window)  # samples, cut as the manifest and the source kind say
@@ -84,11 +89,13 @@ def run_pipeline(
     stats: PipelineStats,
     cam: bool = True,
     thumbnails: bool = True,
+    pictures_max_hz: float | None = None,
 ) -> None:
     """Run every sample through ``model`` and ``emit`` each result (and each event).
-    ``cam``: add the class activation heatmap to results when the bundle has one;
-    ``thumbnails``: a small picture of the input to results of image models."""
-    graph = build_graph(samples, Window(None), Bind(model), emit, stats, cam, thumbnails)
+    ``cam``, ``thumbnails``, ``pictures_max_hz``: as :func:`build_graph` says."""
+    graph = build_graph(
+        samples, Window(None), Bind(model), emit, stats, cam, thumbnails, pictures_max_hz
+    )
     graph.run(threading.Event())
 
 
@@ -146,10 +153,13 @@ class Infer:
 
 
 class Decode:
-    """Stage: first output -> the task's result (and the CAM heatmap, when asked)."""
+    """Stage: first output -> the task's result; then whether the result carries pictures
+    (``cap``), and the CAM heatmap when asked and it does."""
 
-    def __init__(self, stats: PipelineStats, cam: bool = True) -> None:
-        self.stats, self.cam = stats, cam
+    def __init__(
+        self, stats: PipelineStats, cam: bool = True, cap: PictureCap | None = None
+    ) -> None:
+        self.stats, self.cam, self.cap = stats, cam, cap
 
     def __call__(self, works: Iterable[Work]) -> Iterator[Work]:
         for w in works:
@@ -160,8 +170,10 @@ class Decode:
                 except (MedgeError, ValueError) as exc:
                     reject(w, "decode", self.stats, exc)
                 else:
+                    if self.cap is not None:
+                        w.pictured = self.cap.take(c, w.model)
                     spec = w.model.bundle.manifest.cam if self.cam else None
-                    if w.outputs is not None and spec is not None:
+                    if w.outputs is not None and spec is not None and w.pictured:
                         heat = w.outputs[spec.output]
                         w.extra["cam"] = cam_body(heat, c.pred, c.pred_label, spec.upsample_to)
                 w.took("decode", clock() - t0)
@@ -182,7 +194,7 @@ class Result:
                 lat["total"] = lat["preprocess"] + lat["infer"] + lat["decode"]
                 body = result_body(w.sample, c.pred, c.pred_label, _scores(c), w.model, lat)
                 body.update(_task_fields(c), **w.extra)
-                if self.thumbnails and takes_images(w.model.bundle.manifest):
+                if self.thumbnails and w.pictured and takes_images(w.model.bundle.manifest):
                     thumb = input_thumbnail(w.sample.data)
                     if thumb is not None:
                         body["thumbnail"] = thumb

@@ -41,6 +41,8 @@ class PipelineStats:
         # windows whose time went back (a looped recording, a clock reset), onsets
         # suppressed by a rule's refractory time
         self.events: dict[str, int] = {}
+        # results with and without the input thumbnail and CAM (edge_agent.pictures)
+        self.pictures: dict[str, int] = {}
         self.started = time.time()
 
     def record(self, **seconds: float) -> None:
@@ -66,6 +68,11 @@ class PipelineStats:
             self.events[what] = self.events.get(what, 0) + n
             return self.events[what]
 
+    def picture_note(self, what: str) -> None:
+        """Count one result ``made`` with pictures or ``capped`` (left without)."""
+        with self._lock:
+            self.pictures[what] = self.pictures.get(what, 0) + 1
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             lat = {s: {"p50": _pct(v, 50), "p99": _pct(v, 99)} for s, v in self._lat.items() if v}
@@ -75,6 +82,7 @@ class PipelineStats:
                 "results": self.results,
                 "errors": dict(self.errors),
                 **({"events": dict(self.events)} if self.events else {}),
+                **({"pictures": dict(self.pictures)} if self.pictures else {}),
                 "uptime_s": round(time.time() - self.started, 1),
             }
 

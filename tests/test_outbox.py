@@ -109,6 +109,20 @@ def test_a_batch_closes_after_batch_ms(tmp_path: Path, sealer) -> None:  # type:
         assert committed and committed[-1] == 3, "on_commit runs after the rows are on disk"
 
 
+def test_batch_ms_0_commits_when_the_writer_is_free(tmp_path: Path, sealer) -> None:  # type: ignore[no-untyped-def]
+    """No wait when idle: one result is on disk without a flush; a burst still forms batches
+    (what arrives while a commit and its fsync run goes into the next one)."""
+    path = tmp_path / "o.sqlite"
+    with Outbox(path, "ward-a", "us-01", batch_max=1000, batch_ms=0) as box:
+        box.sealer = sealer("us-01")
+        box.put("result", {"i": 0})
+        assert _poll(lambda: _on_disk(path) == [1]), "committed at once, with nothing to wait for"
+        for i in range(1, 500):
+            box.put("result", {"i": i})
+        assert _poll(lambda: len(_on_disk(path)) == 500)
+        assert box.commits < 250, f"{box.commits} commits for 500 results: no batches formed"
+
+
 def test_sigkill_loses_nothing_that_could_have_been_published(tmp_path: Path, identity) -> None:  # type: ignore[no-untyped-def]
     """A real SIGKILL of a process in the middle of group commits: every row the link could
     have published (what due() returned) is still there, and the sequence goes on after it."""

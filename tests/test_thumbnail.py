@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import cv2
@@ -16,8 +17,10 @@ import pytest
 from test_decode import cam_graph, images, onnx_bundle, seg_graph
 
 from edge_agent.bundle import CamSpec
+from edge_agent.decode import Classification
 from edge_agent.errors import EnvelopeError
 from edge_agent.model import LoadedModel
+from edge_agent.pictures import PictureCap
 from edge_agent.pipeline import run_pipeline
 from edge_agent.schemas import MAX_THUMBNAIL_CHARS, check_body
 from edge_agent.sources import NpzSettings, open_source
@@ -124,3 +127,57 @@ def test_results_of_image_models_carry_the_input_thumbnail(tmp_path: Path, key: 
     [r] = run(LoadedModel(clf, "onnx"), 1)
     assert {"thumbnail", "cam", "scores"} <= set(r)
     assert check_body("result", r) is r
+
+
+def test_the_picture_cap_leaves_routine_results_bare_and_counts_them(
+    tmp_path: Path, key: Path
+) -> None:
+    """pictures_max_hz: at most that many pictured results a second; a change of class always
+    gets its pictures; every result is counted made or capped, and the rest is unchanged."""
+    cam = CamSpec(output=1, layer="maps", upsample_to=[28, 28])
+    clf = onnx_bundle(
+        tmp_path / "c", cam_graph(), "classification", ["dark", "bright"], key, cam=cam
+    )
+    model = LoadedModel(clf, "onnx")
+    n = 40
+    every = run(model, n)
+    stats = PipelineStats()
+    src = open_source(NpzSettings(path=breast_cnn.DATA, split="val", rate_hz=0, limit=n))
+    capped: list[dict[str, Any]] = []
+    run_pipeline(
+        src.stream(threading.Event()),
+        model,
+        lambda k, b: capped.append(b),
+        stats,
+        pictures_max_hz=1e-3,  # one routine picture per 1000 s: only the first
+    )
+    assert len(capped) == len(every) == n
+    preds = [r["pred"] for r in every]
+    want = [i == 0 or preds[i] != preds[i - 1] for i in range(n)]
+    assert 0 < sum(want) < n, "the recording has runs of one class and changes"
+    assert [("cam" in r, "thumbnail" in r) for r in capped] == [(w, w) for w in want]
+    assert stats.snapshot()["pictures"] == {"made": sum(want), "capped": n - sum(want)}
+    bare = ("cam", "thumbnail", "latency_ms")
+    for a, b in zip(every, capped, strict=True):
+        assert {k: v for k, v in a.items() if k not in bare} == {
+            k: v for k, v in b.items() if k not in bare
+        }
+
+
+def test_a_positive_always_gets_its_pictures(tmp_path: Path, key: Path) -> None:
+    clf = onnx_bundle(tmp_path / "c", cam_graph(), "classification", ["dark", "bright"], key)
+    manifest = clf.manifest.model_copy(update={"positive_label": "bright"})
+    model = SimpleNamespace(bundle=SimpleNamespace(id=clf.id, manifest=manifest))
+    now = [0.0]
+    stats = PipelineStats()
+    cap = PictureCap(2.0, stats, clock=lambda: now[0])
+    dark, bright = Classification(0, "dark", [0.9, 0.1]), Classification(1, "bright", [0.1, 0.9])
+    took = []
+    for t, c in [(0.0, dark), (0.1, dark), (0.2, bright), (0.3, bright), (0.4, dark), (0.6, dark)]:
+        now[0] = t
+        took.append(cap.take(c, model))  # type: ignore[arg-type]
+    # first; capped (0.1 s < 0.5 s); positive; positive again; class change; 0.2 s after it
+    assert took == [True, False, True, True, True, False]
+    assert stats.pictures == {"made": 4, "capped": 2}
+    with pytest.raises(ValueError):
+        PictureCap(0.0, stats)
