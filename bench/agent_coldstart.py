@@ -6,7 +6,9 @@ Each run starts ``python -m medge agent run`` as a fresh process against a broke
 on this machine and times, from the moment the process is spawned: the first result seen on
 the broker (published) and the first result in the gateway's store (stored). While the agent
 streams real BreastMNIST images (10/s, 40 of them) its resident memory is sampled from /proc;
-the peak (VmHWM) is read just before it exits. Medians over the runs, with the targets beside.
+the peak (VmHWM) is read just before it exits. Medians over the runs, with the targets beside;
+under ``medge bench`` also as figures, and each run's resident memory over time as a series
+(bench/bench_data.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+from bench_data import figure, series
 from paho.mqtt.enums import CallbackAPIVersion
 
 TARGET_START_S = 2.0
@@ -109,6 +112,7 @@ def main() -> None:
                 )
                 t_stored = None
                 rss: list[int] = []
+                rss_t: list[float] = []
                 hwm = None
                 while proc.poll() is None:
                     if t_stored is None and store.result_count() > 0:
@@ -116,8 +120,17 @@ def main() -> None:
                     kb = _status_kb(proc.pid, "VmRSS")
                     if kb:
                         rss.append(kb)
+                        rss_t.append(time.perf_counter() - t0)
                         hwm = _status_kb(proc.pid, "VmHWM") or hwm
                     time.sleep(0.02)
+                series(
+                    f"run {run + 1}",
+                    rss_t,
+                    [kb / 1024 for kb in rss],
+                    plot="memory",
+                    x_unit="s since spawn",
+                    y_unit="MB (VmRSS)",
+                )
                 if proc.returncode != 0:
                     raise SystemExit(f"agent exited with {proc.returncode}")
             sub.loop_stop()
@@ -151,6 +164,34 @@ def main() -> None:
         f"{verdict(p <= TARGET_RSS_MB)}"
     )
     print(f"  resident memory, steady          {statistics.median(steady):6.0f} MB")
+    start_anchor = f"< {TARGET_START_S:.0f} s (issue target)"
+    figure(
+        "spawn -> first result published, median",
+        s,
+        "s",
+        target=TARGET_START_S,
+        better="lower",
+        met=s < TARGET_START_S,
+        anchor=start_anchor,
+    )
+    figure(
+        "spawn -> first result stored, median",
+        st,
+        "s",
+        target=TARGET_START_S,
+        better="lower",
+        met=st < TARGET_START_S,
+        anchor=start_anchor,
+    )
+    figure(
+        "resident memory, peak (VmHWM)",
+        p,
+        "MB",
+        target=TARGET_RSS_MB,
+        better="lower",
+        anchor=f"<= {TARGET_RSS_MB:.0f} MB (issue target)",
+    )
+    figure("resident memory, steady", statistics.median(steady), "MB")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ Three models (--models picks):
 Latencies are the agent's own LiteRT backend (XNNPACK, 1 thread), int8 and fp32 invoked in
 alternation (one int8 call, one fp32 call, ...) in --latency-sets sets; each set gives a ratio
 of medians and the spread over the sets is printed. The size of each int8 file is broken down
-(bench/tflite_breakdown.py) so the ratio reads as a sum of parts.
+(bench/tflite_breakdown.py) so the ratio reads as a sum of parts. Under ``medge bench`` each
+judged number is also a figure beside its target (bench/bench_data.py).
 
     python bench/convert_ratios.py [--pneumonia ../shared/data/images/pneumoniamnist_dev.npz]
                                    [--models mnv2-0.75-96,mnv2-1.0-224,zoo]
@@ -36,6 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_data import figure
 from tflite_breakdown import breakdown, format_breakdown
 
 from converter import ConvertRequest, convert
@@ -322,6 +324,29 @@ def _ok(value: float, target: float, higher: bool = False) -> str:
     return "meets" if (value >= target if higher else value <= target) else "MISSES"
 
 
+def _figures(row: dict) -> None:
+    """One model's judged numbers as figures for medge bench (bench_data), as report_row
+    judges them."""
+    name = row["model"].split(",")[0]  # "MobileNetV2 alpha 0.75 96x96", "zoo breast_cnn (...)"
+    t = TARGETS
+    figure(f"{name}: size int8/fp32", row["size"], target=t["size"], better="lower")
+    figure(f"{name}: latency int8/fp32", row["latency"], target=t["latency"], better="lower")
+    if row.get("agreement") is None:
+        return  # untrained: not judged (report_row says so)
+    figure(
+        f"{name}: agreement with float", row["agreement"], target=t["agreement"], better="higher"
+    )
+    clinical = [d for m, d in row["drops"].items() if m in CLINICAL]
+    if clinical:
+        figure(
+            f"{name}: worst clinical-metric drop",
+            max(clinical),
+            "points",
+            target=t["drop_points"],
+            better="lower",
+        )
+
+
 def report_row(row: dict) -> None:
     """Print one model's numbers, each against its target, and the size breakdown."""
     print(f"\n{row['model']}")
@@ -377,6 +402,7 @@ def report_row(row: dict) -> None:
         print("    " + line)
     floor = (p["int8 weights"] + p["int32 biases"]) / row["fp32_bytes"]
     print(f"    weights and biases alone would be {floor:.3f} of fp32")
+    _figures(row)
     met = [k for k, v in verdicts.items() if v == "meets"]
     missed = [k for k, v in verdicts.items() if v != "meets"]
     print(f"  targets met: {', '.join(met) or 'none'}; missed: {', '.join(missed) or 'none'}")
@@ -455,6 +481,16 @@ def main() -> None:
             print(
                 f"  {profile:7s} {s:6.1f} s  (target < {TARGETS['convert_s']:.0f} s: "
                 f"{'meets' if s < TARGETS['convert_s'] else 'MISSES'})"
+            )
+            limit = TARGETS["convert_s"]
+            figure(
+                f"medge convert of the zoo CNN, {profile}",
+                s,
+                "s",
+                target=limit,
+                better="lower",
+                met=s < limit,
+                anchor=f"< {limit:.0f} s (issue target)",
             )
         print(f"\nmachine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
 

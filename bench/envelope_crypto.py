@@ -8,7 +8,9 @@ commit 62caf5d (before the encode-once rewrite), loaded from git
 
 Each old/new pair runs ``--repeat`` times interleaved; the median is printed with new/old.
 Before it times anything it checks that the two codes are byte-compatible: every message one
-seals the other opens, and within one epoch both seal exactly the same bytes.
+seals the other opens, and within one epoch both seal exactly the same bytes. Under
+``medge bench`` each per-message time is also a figure beside the old code's (met: not slower
+than it), and the per-epoch times and sizes are figures with no anchor (bench/bench_data.py).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from gateway.site import DeviceRegistry, init_site, opener_for, provision_device
 
 # the old code comes from git through the helper the interop test uses too
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from bench_data import figure
 from envelope_previous import OLD_COMMIT, load_old_envelope
 
 BODY = {
@@ -73,7 +76,7 @@ def run(suite: str, n: int, repeat: int, tmp: Path, old: ModuleType | None) -> N
     opener = opener_for(site)
     env = [Envelope("result", "bench", "d1", i + 1, time.time(), BODY) for i in range(n)]
     payloads = [sealer.seal(e) for e in env]
-    k = 200
+    k = min(200, n)  # epochs rotated (each seals one of the n messages)
     rotate_us = _per_call(lambda i: sealer.rotate(), k)
     fresh = []
     for i in range(k):
@@ -87,6 +90,8 @@ def run(suite: str, n: int, repeat: int, tmp: Path, old: ModuleType | None) -> N
             f"{suite:16s} seal {seal_us:6.1f} us  open {open_us:6.1f} us  "
             "(no git history: old code not loaded)"
         )
+        for op, new_us in (("seal", seal_us), ("open", open_us)):
+            figure(f"{suite} {op}, per message", new_us, "us", anchor="old code not loaded")
     else:
         old_sealer = old.Sealer("bench", "d1", ident.key, ident.recipient, lambda: 1, 10**9)
         same_epoch(old_sealer, sealer)
@@ -114,7 +119,20 @@ def run(suite: str, n: int, repeat: int, tmp: Path, old: ModuleType | None) -> N
             f"open {us['open old']:6.1f} -> {open_us:6.1f} us "
             f"({us['open old'] / open_us:.2f}x faster)"
         )
+        for op, new_us in (("seal", seal_us), ("open", open_us)):
+            old_us = us[f"{op} old"]
+            figure(
+                f"{suite} {op}, per message",
+                new_us,
+                "us",
+                target=old_us,
+                better="lower",
+                anchor=f"{old_us:.1f} us, the {OLD_COMMIT[:7]} envelope in the same run",
+            )
     plain = len(new_envelope.canonical(BODY))
+    figure(f"{suite} new epoch (HPKE seal + ECDSA sign)", rotate_us, "us")
+    figure(f"{suite} first open of an epoch", first_open_us, "us")
+    figure(f"{suite} message size, {plain} B body", len(payloads[0]), "B")
     print(
         f"{'':16s} new epoch (HPKE seal + ECDSA sign) {rotate_us:6.1f} us  "
         f"first open of an epoch {first_open_us:6.1f} us  "

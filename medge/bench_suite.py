@@ -8,8 +8,15 @@ each prints is kept as it is, beside what it is compared with; the run is writte
 (``bench.json``), one text file per benchmark, and a Markdown page (docs/benchmarks.md with
 ``--docs``) that says which machine produced it, its load before and after, and the date.
 
-A benchmark that fails (non-zero exit, or past its time limit) is recorded with its output and
-makes ``medge bench`` exit non-zero after the others have run: nothing is dropped silently.
+Besides what it prints, a benchmark may hand over figures (each with the anchor it is compared
+with, and whether it meets it) and series (memory over time) through bench/bench_data.py: each
+runs with ``MEDGE_BENCH_DATA`` naming a file of its own, read back into bench.json under its
+name; the figures are tabled beside their anchors in the page and plotted
+(medge/bench_plots.py).
+
+A benchmark that fails (non-zero exit, past its time limit, or a data file that is not what
+bench_data writes) is recorded with its output and makes ``medge bench`` exit non-zero after
+the others have run: nothing is dropped silently.
 Timings are this machine's: a ratio measured side by side holds elsewhere better than an
 absolute figure does, and neither is a device's figure.
 """
@@ -21,14 +28,19 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BENCHES", "Bench", "Outcome", "machine", "markdown", "run_benches"]
+__all__ = [
+    "BENCHES", "DATA_ENV", "Bench", "Outcome", "Run", "machine", "markdown", "read_data",
+    "run_benches", "save",
+]  # fmt: skip
 
 ROOT = Path(__file__).resolve().parent.parent
+DATA_ENV = "MEDGE_BENCH_DATA"  # bench/bench_data.py's ENV
 
 
 @dataclass(frozen=True)
@@ -123,10 +135,18 @@ class Outcome:
     output: str
     what: str = ""
     anchor: str = ""
+    data: dict[str, Any] = field(default_factory=dict)  # what it handed over (bench_data)
+    data_error: str | None = None  # its data file was not what bench_data writes
 
     @property
     def ok(self) -> bool:
-        return self.returncode == 0
+        return self.returncode == 0 and self.data_error is None
+
+    @property
+    def figures(self) -> list[dict[str, Any]]:
+        """Its figures as bench_data writes them (one that is not is left to data_error)."""
+        figures = self.data.get("figures", [])
+        return [f for f in figures if _figure_ok(f)] if isinstance(figures, list) else []
 
 
 @dataclass
@@ -134,6 +154,7 @@ class Run:
     quick: bool
     machine: dict[str, Any]
     outcomes: list[Outcome] = field(default_factory=list)
+    plots: list[dict[str, Any]] = field(default_factory=list)  # medge.bench_plots
 
     @property
     def failed(self) -> list[str]:
@@ -180,35 +201,110 @@ def run_benches(
     out: Path | None = None,
     echo: bool = True,
 ) -> Run:
-    """Run each benchmark as its own process, one after the other; keep what each printed."""
+    """Run each benchmark as its own process, one after the other; keep what each printed and
+    what it handed over through bench_data."""
     run = Run(quick, machine())
-    for b in benches:
-        args = b.quick if quick else b.full
-        cmd = [sys.executable, str(bench_dir / b.script), *(args or ())]
-        if echo:
-            print(f"medge bench: {b.name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-        t0 = time.monotonic()
-        timeout = min(b.timeout_s, 600.0) if quick else b.timeout_s
-        try:
-            p = subprocess.run(
-                cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
-            )
-            rc, text = p.returncode, p.stdout + (f"\n[stderr]\n{p.stderr}" if p.returncode else "")
-        except subprocess.TimeoutExpired as exc:
-            rc, text = None, f"{_text(exc.stdout)}\n[stopped after {timeout:.0f} s]"
-        shown = [os.path.relpath(cmd[1], ROOT), *cmd[2:]]
-        o = Outcome(b.name, shown, rc, round(time.monotonic() - t0, 1), text, b.what, b.anchor)
-        run.outcomes.append(o)
-        if echo:
-            state = "ok" if o.ok else f"FAILED ({'timeout' if rc is None else f'exit {rc}'})"
-            print(f"medge bench: {b.name}: {state} in {o.seconds:g} s", file=sys.stderr, flush=True)
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / f"{b.name}.txt").write_text(text)
+    with tempfile.TemporaryDirectory(prefix="medge-bench-data-") as scratch:
+        for b in benches:
+            o = _run_one(b, quick, bench_dir, Path(scratch) / f"{b.name}.json", echo)
+            run.outcomes.append(o)
+            if out is not None:
+                out.mkdir(parents=True, exist_ok=True)
+                (out / f"{b.name}.txt").write_text(o.output)
     run.machine["load_after"] = [round(x, 2) for x in os.getloadavg()]
     if out is not None:
-        (out / "bench.json").write_text(json.dumps(asdict(run), indent=2) + "\n")
+        save(run, out)
     return run
+
+
+def _run_one(b: Bench, quick: bool, bench_dir: Path, data_file: Path, echo: bool) -> Outcome:
+    args = b.quick if quick else b.full
+    cmd = [sys.executable, str(bench_dir / b.script), *(args or ())]
+    if echo:
+        print(f"medge bench: {b.name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    t0 = time.monotonic()
+    timeout = min(b.timeout_s, 600.0) if quick else b.timeout_s
+    env = {**os.environ, DATA_ENV: str(data_file)}
+    try:
+        p = subprocess.run(
+            cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False, env=env
+        )
+        rc, text = p.returncode, p.stdout + (f"\n[stderr]\n{p.stderr}" if p.returncode else "")
+    except subprocess.TimeoutExpired as exc:
+        rc, text = None, f"{_text(exc.stdout)}\n[stopped after {timeout:.0f} s]"
+    shown = [os.path.relpath(cmd[1], ROOT), *cmd[2:]]
+    o = Outcome(b.name, shown, rc, round(time.monotonic() - t0, 1), text, b.what, b.anchor)
+    o.data, o.data_error = read_data(data_file)
+    if echo:
+        state = "ok" if o.ok else f"FAILED ({_state(o)})"
+        print(f"medge bench: {b.name}: {state} in {o.seconds:g} s", file=sys.stderr, flush=True)
+    return o
+
+
+def read_data(path: Path) -> tuple[dict[str, Any], str | None]:
+    """What a benchmark handed over through bench_data ({} if nothing), and what is wrong with
+    it (None: nothing); a bad file is kept as far as it reads, never dropped silently."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}, None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        return {"unread": text[:2000]}, f"data file is not JSON ({exc})"
+    if not isinstance(data, dict):
+        return {"unread": data}, "data file is not a JSON object"
+    figures = data.get("figures", [])
+    if isinstance(figures, list):
+        bad = [f"figure {i + 1}" for i, f in enumerate(figures) if not _figure_ok(f)]
+    else:
+        bad = ["figures"]
+    series = data.get("series", {})
+    if not isinstance(series, dict):
+        bad.append("series")
+    else:
+        bad += [f"series {k!r}" for k, v in series.items() if not _series_ok(v)]
+    return data, (f"bad data: {', '.join(bad)}" if bad else None)
+
+
+def _figure_ok(f: Any) -> bool:
+    return (
+        isinstance(f, dict)
+        and isinstance(f.get("name"), str)
+        and _is_number(f.get("value"))
+        and (f.get("target") is None or _is_number(f["target"]))
+        and f.get("met") in (None, True, False)
+    )
+
+
+def _series_ok(s: Any) -> bool:
+    if not isinstance(s, dict):
+        return False
+    x, y = s.get("x"), s.get("y")
+    return (
+        isinstance(x, list)
+        and isinstance(y, list)
+        and len(x) == len(y)
+        and all(_is_number(v) for v in (*x, *y))
+    )
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def save(run: Run, out: Path) -> None:
+    """The run as bench.json in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(asdict(run), indent=2) + "\n")
+
+
+def _state(o: Outcome) -> str:
+    if o.returncode is None:
+        return "timed out"
+    if o.returncode:
+        return f"exit {o.returncode}"
+    return o.data_error or "ok"
 
 
 def _text(b: bytes | str | None) -> str:
@@ -217,8 +313,9 @@ def _text(b: bytes | str | None) -> str:
     return b.decode(errors="replace") if isinstance(b, bytes) else b
 
 
-def markdown(run: Run) -> str:
-    """The run as a page: the machine first, then each benchmark's figures as it printed them."""
+def markdown(run: Run, plots_href: str = "plots") -> str:
+    """The run as a page: the machine first, then each benchmark's figures beside their anchors,
+    its plots (``plots_href``: where the PNGs are, relative to the page), and what it printed."""
     m = run.machine
     lines = [
         "# Benchmarks",
@@ -235,14 +332,73 @@ def markdown(run: Run) -> str:
         f"- **Load average** (1, 5, 15 min): before {m['load_before']}, after "
         f"{m.get('load_after')}",
         f"- **Size**: {'quick (small runs: wide intervals)' if run.quick else 'full'}",
+        *_plots_line(run),
         "",
-        "| benchmark | what | compared with | result | seconds |",
-        "|---|---|---|---|---|",
+        "| benchmark | what | compared with | result | targets | seconds |",
+        "|---|---|---|---|---|---|",
     ]
     for o in run.outcomes:
-        state = "ok" if o.ok else ("timed out" if o.returncode is None else f"exit {o.returncode}")
-        lines.append(f"| {o.name} | {o.what} | {o.anchor} | {state} | {o.seconds:g} |")
+        lines.append(
+            f"| {o.name} | {o.what} | {o.anchor} | {_state(o)} | {_met_count(o)} | {o.seconds:g} |"
+        )
     for o in run.outcomes:
-        lines += ["", f"## {o.name}", "", f"`python {' '.join(o.command)}`", "", "```"]
-        lines += [o.output.rstrip(), "```"]
+        lines += ["", f"## {o.name}", "", f"`python {' '.join(o.command)}`"]
+        if o.data_error:
+            lines += ["", f"**Its data file was not read as a whole**: {o.data_error}"]
+        lines += _figure_table(o.figures)
+        lines += _plot_lines(run, o.name, plots_href)
+        lines += ["", "```", o.output.rstrip(), "```"]
     return "\n".join(lines) + "\n"
+
+
+def _plots_line(run: Run) -> list[str]:
+    if not run.plots:
+        return []
+    made = [p for p in run.plots if p["made"]]
+    why = sorted({p["why"] for p in run.plots if not p["made"]})
+    text = f"- **Plots**: {len(made)} of {len(run.plots)} made"
+    return [text + (f"; not made: {'; '.join(why)}" if why else "")]
+
+
+def _met_count(o: Outcome) -> str:
+    judged = [f["met"] for f in o.figures if f.get("met") is not None]
+    if not judged:
+        return "-"
+    missed = judged.count(False)
+    text = f"{len(judged) - missed} of {len(judged)} met"
+    return text + (f", **{missed} not**" if missed else "")
+
+
+def _figure_table(figures: list[dict[str, Any]]) -> list[str]:
+    if not figures:
+        return []
+    lines = ["", "| figure | value | compared with | met |", "|---|---|---|---|"]
+    for f in figures:
+        met = {True: "met", False: "**not met**", None: "-"}[f.get("met")]
+        value = f"{_num(f['value'])} {f.get('unit', '')}".strip()
+        cells = (f["name"], value, f.get("anchor") or "-", met)
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    return lines
+
+
+def _plot_lines(run: Run, bench: str, href: str) -> list[str]:
+    lines = []
+    for p in run.plots:
+        if p["bench"] != bench:
+            continue
+        if p["made"]:
+            lines += ["", f"![{p['title']}]({href}/{p['file']})"]
+        else:
+            lines += ["", f"*Plot `{p['file']}` ({p['title']}) not made: {p['why']}.*"]
+    return lines
+
+
+def _num(v: float) -> str:
+    """A figure as a reader takes it in: 20,483 / 18.9 / 0.049."""
+    if abs(v) >= 1000 or float(v).is_integer():
+        return f"{v:,.0f}"
+    if abs(v) >= 100:
+        return f"{v:.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.4g}"

@@ -179,5 +179,5 @@ def test_a_positive_always_gets_its_pictures(tmp_path: Path, key: Path) -> None:
     # first; capped (0.1 s < 0.5 s); positive; positive again; class change; 0.2 s after it
     assert took == [True, False, True, True, True, False]
     assert stats.pictures == {"made": 4, "capped": 2}
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="pictures_max_hz"):
         PictureCap(0.0, stats)
