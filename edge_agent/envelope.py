@@ -409,14 +409,20 @@ def encode_ack(seqs: list[int]) -> bytes:
     return json.dumps({"v": VERSION, "seqs": sorted(seqs)}, separators=(",", ":")).encode()
 
 
-def encode_limits(rate: float, burst: float) -> bytes:
+def encode_limits(rate: float, burst: float, since: float | None = None) -> bytes:
     """Gateway -> device (retained): the flood limit this device is held to (messages per
-    second, 0: none; burst), so that it drains a backlog at a pace the gateway takes."""
-    return json.dumps({"v": VERSION, "rate": rate, "burst": burst}, separators=(",", ":")).encode()
+    second, 0: none; burst), so that it drains a backlog at a pace the gateway takes; and
+    ``since``, when the gateway began serving (start, or store back): a device that sees it
+    change sends what it holds again at once, events first."""
+    body: dict[str, float] = {"v": VERSION, "rate": rate, "burst": burst}
+    if since is not None:
+        body["since"] = round(since, 6)
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
-def decode_limits(payload: bytes) -> tuple[float, float]:
-    """Device side: (rate, burst) of a limits message (edge_agent.schemas.parse_limits)."""
+def decode_limits(payload: bytes) -> tuple[float, float, float | None]:
+    """Device side: (rate, burst, since) of a limits message
+    (edge_agent.schemas.parse_limits)."""
     return parse_limits(payload, VERSION)
 
 

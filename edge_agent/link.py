@@ -34,6 +34,11 @@ __all__ = ["DeviceLink", "backoff_delay", "no_delay"]
 log = logging.getLogger("medge.agent.link")
 
 PACE = 0.9  # a device drains at this share of the gateway's announced rate (and burst)
+LIMITS_WAIT_S = 1.0
+"""After connecting, a link that does not know the gateway's flood limit yet waits this long
+at most for its announcement (retained: it arrives with the subscription) before it sends,
+so that a backlog is not sent unpaced and refused; a gateway that announces none costs each
+connect this much delay."""
 
 
 class Pacer:
@@ -103,6 +108,10 @@ class DeviceLink:
         self.pace = pace
         self.pacer: Pacer | None = None
         self.limits: tuple[float, float] | None = None
+        self.gateway_since: float | None = None  # when the gateway began serving (.../limits)
+        self.gateway_restarts = 0  # changes of it seen: each sent the outbox again
+        self._limits_known = threading.Event()
+        self._connected_at = 0.0
         self.session = MqttSession(
             self.device,
             host,
@@ -221,6 +230,7 @@ class DeviceLink:
         )
 
     def _on_connect(self, client: mqtt.Client) -> None:
+        self._connected_at = time.monotonic()
         client.publish(topic(self.site, self.device, "state"), self._online, qos=1, retain=True)
         self.outbox.unsend_all()  # anything in flight on the old connection goes again
         self._wake.set()
@@ -233,7 +243,9 @@ class DeviceLink:
                 self.on_command(payload)
             return
         if msg.topic == self._topics["limits"]:
-            self._set_limits(decode_limits(payload))
+            rate, burst, since = decode_limits(payload)
+            self._set_limits((rate, burst))
+            self._gateway_since(since)
             return
         if msg.topic != self._topics["ack"]:  # a broker fault (amqtt sends others' retained state)
             raise EnvelopeError(
@@ -248,7 +260,30 @@ class DeviceLink:
         elif msg.topic == self._topics["ack"]:
             self.bad_acks += 1
 
+    def _gateway_since(self, since: float | None) -> None:
+        """The gateway says since when it serves: when that changes (it restarted, or its
+        store came back), what it dropped meanwhile is in this outbox, sent, waiting for its
+        resend time one by one in the order it was made; send it all again now instead, so
+        that events go first, as after a reconnect."""
+        if since is None:
+            return
+        before, self.gateway_since = self.gateway_since, since
+        if before is None or since == before:
+            return
+        self.gateway_restarts += 1
+        log.info(
+            "%s: the gateway serves again (since %.3f, was %.3f): the %d unacknowledged "
+            "message(s) go again now, events first",
+            self.device,
+            since,
+            before,
+            self.outbox.depth(),
+        )
+        self.outbox.unsend_all()
+        self._wake.set()
+
     def _set_limits(self, limits: tuple[float, float]) -> None:
+        self._limits_known.set()
         if limits == self.limits:
             return
         rate, burst = limits
@@ -272,12 +307,27 @@ class DeviceLink:
             )
 
     # -- the pump --------------------------------------------------------------------------
+    def _await_limits(self) -> None:
+        """Before the first send: the gateway's announcement is on its way (retained, with
+        the subscription); wait for it up to LIMITS_WAIT_S after connecting, once."""
+        if self._limits_known.is_set():
+            return
+        left = self._connected_at + LIMITS_WAIT_S - time.monotonic()
+        if left > 0 and self._limits_known.wait(left) is False:
+            log.info(
+                "%s: no flood limit announced within %g s of connecting: sending unpaced",
+                self.device,
+                LIMITS_WAIT_S,
+            )
+        self._limits_known.set()  # waited once: not again
+
     def _run_pump(self) -> None:
         while not self._stop.is_set():
             self._wake.wait(timeout=0.5)
             self._wake.clear()
             if not self.session.connected:
                 continue
+            self._await_limits()
             while not self._stop.is_set():
                 batch = self.outbox.due(self.resend_after, limit=100)
                 if not batch:

@@ -103,6 +103,7 @@ class Outbox:
         self._topics: dict[str, str] = {}
         self.commits = 0
         self._over = False  # in a quota episode (one warning line per episode)
+        self._in_flight: list[int] = []  # what the link took from due() and is publishing
         self._buf: list[Envelope] = []
         self._buf_since = 0.0
         self._cond = threading.Condition()
@@ -250,12 +251,15 @@ class Outbox:
             return 0, 0
         victims: list[int] = []
         old = sent = new = freed = 0
-        # oldest first: those never sent (not at the gateway), then those sent but not yet
-        # acknowledged (maybe stored), then this commit's own (refused)
+        # oldest first: those never sent (not at the gateway), then those sent or being sent
+        # but not yet acknowledged (maybe stored), then this commit's own (refused)
+        flying = self._in_flight
         cur = self._db.execute(
-            f"SELECT seq, {_SIZE}, attempts FROM outbox WHERE priority >= 1 "
-            "ORDER BY CASE WHEN seq >= ? THEN 2 WHEN attempts > 0 THEN 1 ELSE 0 END, seq",
-            (first_new,),
+            f"SELECT seq, {_SIZE}, attempts > 0 OR seq IN ({','.join('?' * len(flying))}) "
+            "FROM outbox WHERE priority >= 1 "
+            "ORDER BY CASE WHEN seq >= ? THEN 2 WHEN attempts > 0 THEN 1 "
+            f"WHEN seq IN ({','.join('?' * len(flying))}) THEN 1 ELSE 0 END, seq",
+            (*flying, first_new, *flying),
         )
         for seq, size, attempts in cur:
             if not self._over_quota(n - len(victims), b - freed):
@@ -311,12 +315,21 @@ class Outbox:
 
     # -- the link's side -------------------------------------------------------------------
     def due(self, resend_after: float, limit: int = 100, now: float | None = None) -> list[Pending]:
-        """Messages never sent, or sent longer than ``resend_after`` seconds ago without an ack."""
+        """Messages never sent, or sent longer than ``resend_after`` seconds ago without an ack.
+        What it returns is in flight until the next :meth:`mark_sent`: the link publishes it
+        from memory, so the quota counts one it drops meanwhile as sent (``quota_sent``: it may
+        be stored), not as never sent."""
         rows = self._q.due("seq, topic, payload, attempts", resend_after, limit, now)
+        with self._lock:
+            self._in_flight = [r[0] for r in rows]
         return [Pending(*r) for r in rows]
 
     def mark_sent(self, seqs: list[int], now: float | None = None) -> None:
-        self._q.mark_sent([(s,) for s in seqs], now)
+        """Record ``seqs`` as published; what the last :meth:`due` gave is no longer in
+        flight."""
+        with self._lock:
+            self._q.mark_sent([(s,) for s in seqs], now)
+            self._in_flight = []
 
     def ack(self, seqs: list[int]) -> int:
         """Forget what the receiver has stored; returns how many were still here."""

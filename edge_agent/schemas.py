@@ -306,25 +306,29 @@ MAX_LIMITS_BYTES = 256
 MIN_ANNOUNCED_RATE = 1.0  # a device never paces below this, whatever a message says
 
 
-def parse_limits(payload: bytes, version: int) -> tuple[float, float]:
-    """``{"v": version, "rate": messages/s (0: no limit), "burst": messages}`` -> (rate,
-    burst); a rate between 0 and MIN_ANNOUNCED_RATE, or anything else, is refused."""
+def parse_limits(payload: bytes, version: int) -> tuple[float, float, float | None]:
+    """``{"v": version, "rate": messages/s (0: no limit), "burst": messages, "since": time}``
+    -> (rate, burst, since); ``since`` (optional: None when absent) is the unix time at which
+    the gateway began serving (its start, or its store back after an outage). A rate between
+    0 and MIN_ANNOUNCED_RATE, or anything else, is refused."""
     if len(payload) > MAX_LIMITS_BYTES:
         raise EnvelopeError(
             f"limits of {len(payload)} bytes exceed {MAX_LIMITS_BYTES}", Reason.SIZE
         )
     data = loads_strict(payload, "limits")
-    if type(data) is not dict or set(data) != {"v", "rate", "burst"}:
-        raise _bad(f"limits must be {{'v': {version}, 'rate': ..., 'burst': ...}}")
+    if type(data) is not dict or set(data) - {"since"} != {"v", "rate", "burst"}:
+        raise _bad(f"limits must be {{'v': {version}, 'rate': ..., 'burst': ..., 'since': ...}}")
     if type(data["v"]) is not int or data["v"] != version:
         raise _bad(f"limits version must be {version}")
-    rate, burst = data["rate"], data["burst"]
+    rate, burst, since = data["rate"], data["burst"], data.get("since")
     for name, v in (("rate", rate), ("burst", burst)):
         if type(v) not in (int, float) or not 0 <= v <= 1e9:
             raise _bad(f"limits {name} must be a number from 0 to 1e9")
     if 0 < rate < MIN_ANNOUNCED_RATE or burst < 1:
         raise _bad(f"limits rate must be 0 or >= {MIN_ANNOUNCED_RATE:g}, burst >= 1")
-    return float(rate), float(burst)
+    if "since" in data and (type(since) not in (int, float) or not 0 < since < 1e11):
+        raise _bad("limits since must be a unix time (seconds)")
+    return float(rate), float(burst), (float(since) if since is not None else None)
 
 
 _CMD_COMMON: dict[str, Field] = {

@@ -1,7 +1,10 @@
 """A TCP proxy between devices and the broker that a test can cut: ``blackhole()`` stops
 forwarding in both directions while every socket stays open (a link that silently drops
-everything, as a dead Wi-Fi does), ``cut()`` closes every connection, ``restore()`` forwards
-again. New connections are accepted in every mode; in a blackhole they carry nothing."""
+everything, as a dead Wi-Fi does), ``blackhole(down_only=True)`` forwards what the client
+sends but throws away every byte coming back (the client's messages arrive, their
+acknowledgements never do), ``cut()`` closes every connection, ``restore()`` forwards again.
+New connections are accepted in every mode; in a blackhole they carry nothing. A connection
+that lost bytes one way is no MQTT stream any more: ``cut()`` it before ``restore()``."""
 
 from __future__ import annotations
 
@@ -22,14 +25,22 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._forward = threading.Event()
         self._forward.set()
+        self._down_only = False
+        self.discarded = 0  # bytes thrown away by a one-way blackhole
         self._stop = threading.Event()
         self.accepted = 0
         threading.Thread(target=self._accept, daemon=True, name="proxy-accept").start()
 
-    def blackhole(self) -> None:
-        self._forward.clear()
+    def blackhole(self, down_only: bool = False) -> None:
+        """Nothing through; ``down_only``: only what comes back from the target is lost."""
+        self._down_only = down_only
+        if down_only:
+            self._forward.set()
+        else:
+            self._forward.clear()
 
     def restore(self) -> None:
+        self._down_only = False
         self._forward.set()
 
     def cut(self) -> None:
@@ -82,6 +93,10 @@ class TcpProxy:
                     data = s.recv(65536)
                     if not data:
                         return
+                    if s is b and self._down_only:
+                        with self._lock:
+                            self.discarded += len(data)
+                        continue
                     peers[s].sendall(data)
         except (OSError, ValueError):
             return

@@ -3,16 +3,18 @@ events go ahead of routine results when the link is back, nothing needs a manual
 the drained backlog is not refused by the gateway's flood limit (the devices pace themselves
 to the limit it announces). Real Mosquitto, real gateway, real outboxes; the link is a TCP
 proxy that first blackholes the traffic (sockets open, nothing through: a dead Wi-Fi), then
-drops the connections."""
+drops the connections. Also here: a PostgreSQL restart, a broker kill -9 and a full outbox.
+The kills of processes are in tests/test_chaos_kills.py, the devices in tests/fleet.py, the
+full-length faults (a 30 s cut) in bench/chaos.py."""
 
 from __future__ import annotations
 
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
+from fleet import DEVICES, RATE_HZ, SITE, Fleet, each_once_events_first, produce
 from tcp_proxy import TcpProxy
 from waiting import wait_for
 
@@ -20,11 +22,6 @@ from edge_agent.link import DeviceLink
 from edge_agent.outbox import Outbox
 from gateway import Gateway, Store
 from gateway.broker import RunningBroker
-
-SITE = "ward-a"
-DEVICES = ("cx-01", "cx-02")
-RATE_HZ = 25.0  # results per second per device
-EVENT_EVERY = 10  # one event among every 10 messages
 
 
 @pytest.mark.slow
@@ -37,7 +34,7 @@ def test_a_dead_link_loses_nothing_and_the_backlog_goes_through_paced(  # type: 
             store, opener, mosquitto.host, mosquitto.port, device_rate=60.0, device_burst=30.0
         ) as gw,
         TcpProxy((mosquitto.host, mosquitto.port)) as proxy,
-        _Fleet(tmp_path, sealer, "127.0.0.1", proxy.port, keepalive=1, resend_after=2.0) as fleet,
+        Fleet(tmp_path, sealer, "127.0.0.1", proxy.port, keepalive=1, resend_after=2.0) as fleet,
     ):
         made, links = fleet.made, fleet.links
         wait_for(lambda: all(k.limits for k in links.values()), 10, "the announced limits")
@@ -45,112 +42,21 @@ def test_a_dead_link_loses_nothing_and_the_backlog_goes_through_paced(  # type: 
         time.sleep(1.0)
         proxy.blackhole()  # nothing gets through; the devices' keepalive notices
         time.sleep(0.2)  # what was already on its way when it went dead
-        cut_at = {d: len(made[d]) for d in DEVICES}
+        cut_at = fleet.mark()
         wait_for(lambda: not fleet.any_connected(), 10, "links down")
         time.sleep(1.0)
         proxy.cut()
-        dead = {d: {seq for seq, _ in made[d][cut_at[d] :]} for d in DEVICES}
+        dead = fleet.since(cut_at)
         proxy.restore()
         time.sleep(0.5)
         fleet.stop_streams()
         wait_for(fleet.all_connected, 20, "reconnected")
         wait_for(lambda: store.result_count() == fleet.total(), 60, "every result stored")
-        _each_once_events_first(store, made, dead)
+        each_once_events_first(store, made, dead)
         stats = gw.metrics.totals()
         assert stats["rate_limited"] == 0, "the backlog was paced to the announced limit"
         assert stats["rejected"] == 0
         assert proxy.accepted > len(DEVICES), "the devices reconnected on their own"
-
-
-class _Fleet:
-    """DEVICES, each an outbox and a link to ``host:port`` (reconnecting within 0.5 s), all
-    connected on entry; :meth:`stream` starts each device's stream (:func:`_produce`, noted in
-    ``made``), :meth:`stop_streams` ends them; on exit streams stop, links and outboxes close."""
-
-    def __init__(self, tmp: Path, sealer: Any, host: str, port: int, **link: Any) -> None:
-        self.made: dict[str, list[tuple[int, str]]] = {d: [] for d in DEVICES}  # (seq, kind)
-        self.boxes = {d: Outbox(tmp / f"{d}.sqlite", SITE, d) for d in DEVICES}
-        for d, box in self.boxes.items():
-            box.sealer = sealer(d)
-        self.links = {
-            d: DeviceLink(box, host, port, reconnect_min_s=0.2, reconnect_max_s=0.5, **link)
-            for d, box in self.boxes.items()
-        }
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-
-    def __enter__(self) -> _Fleet:
-        try:
-            for link in self.links.values():
-                link.__enter__()
-            for link in self.links.values():
-                assert link.wait_connected(10)
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop_streams()
-        for link in self.links.values():
-            link.close()
-        for box in self.boxes.values():
-            box.close()
-
-    def stream(self) -> None:
-        self._threads = [
-            threading.Thread(
-                target=_produce, args=(self.boxes[d], self.links[d], self.made[d], self._stop)
-            )
-            for d in DEVICES
-        ]
-        for t in self._threads:
-            t.start()
-
-    def stop_streams(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join()
-
-    def any_connected(self) -> bool:
-        return any(k.connected for k in self.links.values())
-
-    def all_connected(self) -> bool:
-        return all(k.connected for k in self.links.values())
-
-    def total(self) -> int:
-        return sum(len(v) for v in self.made.values())
-
-
-def _produce(
-    box: Outbox, link: DeviceLink, made: list[tuple[int, str]], stop: threading.Event
-) -> None:
-    """A device's stream until ``stop``: RATE_HZ messages a second, every EVENT_EVERY-th an
-    event; each (seq, kind) noted in ``made`` once it is durable in the outbox."""
-    i = 0
-    while not stop.is_set():
-        i += 1
-        kind = "event" if i % EVENT_EVERY == 0 else "result"
-        body = {"event": "fall", "state": "start"} if kind == "event" else {"i": i}
-        made.append((box.put(kind, body).seq, kind))
-        link.notify()
-        stop.wait(1 / RATE_HZ)
-
-
-def _each_once_events_first(
-    store: Store, made: dict[str, list[tuple[int, str]]], dead: dict[str, set[int]]
-) -> None:
-    """Every message made is stored once, in seq order with its kind; of those made while the
-    link was dead, the events were stored no later than any routine result."""
-    for d in DEVICES:
-        rows = store.query(
-            "SELECT seq, kind, received FROM results WHERE device = ? ORDER BY seq", (d,)
-        )
-        assert [(r["seq"], r["kind"]) for r in rows] == made[d], "each exactly once"
-        backlog = [r for r in rows if r["seq"] in dead[d]]
-        events = [r["received"] for r in backlog if r["kind"] == "event"]
-        routine = [r["received"] for r in backlog if r["kind"] == "result"]
-        assert events and routine and max(events) <= min(routine) + 1e-6
 
 
 @pytest.mark.slow
@@ -218,21 +124,21 @@ def test_a_broker_killed_and_restarted_loses_nothing(  # type: ignore[no-untyped
     with (
         Store(tmp_path / "gw.sqlite") as store,
         Gateway(store, opener, mosquitto.host, mosquitto.port) as gw,
-        _Fleet(tmp_path, sealer, mosquitto.host, mosquitto.port) as fleet,
+        Fleet(tmp_path, sealer, mosquitto.host, mosquitto.port) as fleet,
     ):
         made = fleet.made
         fleet.stream()
         time.sleep(1.0)
         mosquitto.kill()
         wait_for(lambda: not fleet.any_connected(), 10, "links down")
-        at = {d: len(made[d]) for d in DEVICES}
+        at = fleet.mark()
         time.sleep(1.0)
         with start_broker("mosquitto", mosquitto.host, mosquitto.port):
             wait_for(fleet.all_connected, 20, "reconnected")
-            dead = {d: {seq for seq, _ in made[d][at[d] :]} for d in DEVICES}
+            dead = fleet.since(at)
             fleet.stop_streams()
             wait_for(lambda: store.result_count() == fleet.total(), 60, "every message stored")
-        _each_once_events_first(store, made, dead)
+        each_once_events_first(store, made, dead)
         assert gw.metrics.totals()["rejected"] == 0
 
 
@@ -258,7 +164,7 @@ def test_a_full_outbox_drops_only_routine_results_and_counts_each(  # type: igno
         )  # fmt: skip
         with link:
             assert link.wait_connected(10)
-            t = threading.Thread(target=_produce, args=(box, link, made, stop))
+            t = threading.Thread(target=produce, args=(box, link, made, stop))
             t.start()
             time.sleep(0.5)
             proxy.blackhole()
@@ -277,3 +183,41 @@ def test_a_full_outbox_drops_only_routine_results_and_counts_each(  # type: igno
         counted = drops.get("quota", 0) + drops.get("refused", 0)
         assert counted <= lacking <= counted + drops.get("quota_sent", 0), (drops, lacking)
         assert gw.metrics.totals()["rejected"] == 0
+
+
+@pytest.mark.slow
+def test_a_quota_drop_counted_as_never_sent_is_not_stored(  # type: ignore[no-untyped-def]
+    tmp_path: Path, mosquitto: RunningBroker, sealer, opener
+) -> None:
+    """A device makes 25 messages a second and may drain only 18 (the gateway's flood limit
+    of 20, paced): its outbox stays at its quota (10) with the link up. Every message the
+    quota counts as ``quota`` (never sent, so certainly not at the gateway) must be missing
+    from the store: made - stored >= quota + refused.
+
+    The pump takes a batch from Outbox.due() and publishes it, paced, from memory, marking
+    it sent after the batch; a commit over the quota meanwhile deletes the oldest rows --
+    often that very batch. Such a row is in flight (Outbox.due until mark_sent): the quota
+    counts it ``quota_sent`` (may be stored), never ``quota``. Before that fix, 9 or 10 of
+    the first 10 'quota' drops here were stored."""
+    made: list[tuple[int, str]] = []
+    stop = threading.Event()
+    with (
+        Store(tmp_path / "gw.sqlite") as store,
+        Gateway(store, opener, mosquitto.host, mosquitto.port, device_rate=20.0, device_burst=1.0),
+        Outbox(tmp_path / "q.sqlite", SITE, "qr-01", max_messages=10) as box,
+    ):
+        box.sealer = sealer("qr-01")
+        with DeviceLink(box, mosquitto.host, mosquitto.port, resend_after=5.0) as link:
+            assert link.wait_connected(10)
+            wait_for(lambda: link.limits, 10, "the announced limits")
+            t = threading.Thread(target=produce, args=(box, link, made, stop))
+            t.start()
+            wait_for(lambda: box.drops.get("quota", 0) >= 10, 20, "the quota to drop")
+            stop.set()
+            t.join()
+            assert link.drain(30), "the outbox drained"
+        stored = {r["seq"] for r in store.query("SELECT seq FROM results")}
+        assert {seq for seq, kind in made if kind == "event"} <= stored, "no event dropped"
+        lacking = len(made) - len(stored)
+        counted = box.drops.get("quota", 0) + box.drops.get("refused", 0)
+        assert counted <= lacking, f"{counted} counted as never sent, {lacking} not stored"

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import itertools
 import signal
-import subprocess
 import time
 from pathlib import Path
+from subprocess import Popen
 
-from medge_process import start_medge
+from fleet import start_fog
 from waiting import wait_for
 
 from edge_agent.envelope import Sealer
@@ -23,31 +23,13 @@ from gateway.broker import RunningBroker, start_broker
 from gateway.site import opener_for
 
 SITE, DEVICE = "ward-a", "fc-01"
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def _fog(
-    site_dir: Path, fog: RunningBroker, cloud: RunningBroker, tmp: Path
-) -> subprocess.Popen[str]:
-    return start_medge(
-        "gateway",
-        "run",
-        "--site-dir",
-        str(site_dir),
-        "--broker",
-        f"{fog.host}:{fog.port}",
-        "--db",
-        str(tmp / "fog.sqlite"),
-        "--client-id",
-        "fog",
-        "--forward-to",
-        f"{cloud.host}:{cloud.port}",
-        "--forward-resend-after",
-        "1",
-        "--log-level",
-        "warning",
-        cwd=ROOT,
-    )
+def _fog(site_dir: Path, fog: RunningBroker, cloud: RunningBroker, db: Path) -> Popen[str]:
+    return start_fog(
+        site_dir, fog, db, "--forward-to", f"{cloud.host}:{cloud.port}",
+        "--forward-resend-after", "1",
+    )  # fmt: skip
 
 
 def _count(db: Path, device: str) -> int:
@@ -76,7 +58,7 @@ def test_sigkilled_fog_gateway_loses_and_duplicates_nothing(  # type: ignore[no-
             client_id="cloud",
         ) as cloud,
     ):
-        fog = _fog(site_dir, mosquitto, cloud_broker, tmp_path)
+        fog = _fog(site_dir, mosquitto, cloud_broker, db)
         try:
             with box, DeviceLink(box, mosquitto.host, mosquitto.port, resend_after=1.0) as link:
                 assert link.wait_connected(10)
@@ -90,7 +72,7 @@ def test_sigkilled_fog_gateway_loses_and_duplicates_nothing(  # type: ignore[no-
                         fog.wait(10)
                         killed_at = _count(db, DEVICE)
                         assert box.depth() > 0, "results in flight when it died"
-                        fog = _fog(site_dir, mosquitto, cloud_broker, tmp_path)  # same db
+                        fog = _fog(site_dir, mosquitto, cloud_broker, db)  # same db
                 assert killed_at is not None, "the gateway was killed mid-stream"
                 assert killed_at < len(sent)
                 assert link.drain(60), "every result acknowledged after the restart"
@@ -101,8 +83,8 @@ def test_sigkilled_fog_gateway_loses_and_duplicates_nothing(  # type: ignore[no-
             )
         finally:
             fog.send_signal(signal.SIGINT)
-            _, err = fog.communicate(timeout=20)
-        assert fog.returncode == 0, err[-2000:]
+            fog.wait(20)
+        assert fog.returncode == 0, Path(f"{db}.log").read_text()[-2000:]
         assert cloud.stats.rejected == 0
     with Store(db) as store:
         fog_seqs = [r["seq"] for r in store.results(limit=10_000, device=DEVICE)]

@@ -228,8 +228,9 @@ def test_seeded_mutations_raise_only_our_errors(rig: fuzz.Rig, tmp_path: Path, p
 def test_limits_are_strict_and_cannot_stop_a_device() -> None:
     from edge_agent.envelope import decode_limits, encode_limits
 
-    assert decode_limits(encode_limits(100.0, 1000.0)) == (100.0, 1000.0)
-    assert decode_limits(encode_limits(0, 1000)) == (0.0, 1000.0)  # no limit
+    assert decode_limits(encode_limits(100.0, 1000.0)) == (100.0, 1000.0, None)
+    assert decode_limits(encode_limits(0, 1000)) == (0.0, 1000.0, None)  # no limit
+    assert decode_limits(encode_limits(60, 30, 1796460000.25)) == (60.0, 30.0, 1796460000.25)
     for bad in [
         b'{"v":2,"rate":0.001,"burst":10}',  # would all but stop the device
         b'{"v":2,"rate":10,"burst":0}',
@@ -237,6 +238,10 @@ def test_limits_are_strict_and_cannot_stop_a_device() -> None:
         b'{"v":2,"rate":true,"burst":10}',
         b'{"v":2,"rate":1e400,"burst":10}',
         b'{"v":2,"rate":10,"burst":10,"x":1}',
+        b'{"v":2,"rate":10,"burst":10,"since":"now"}',
+        b'{"v":2,"rate":10,"burst":10,"since":-1}',
+        b'{"v":2,"rate":10,"burst":10,"since":1e300}',
+        b'{"v":2,"rate":10,"burst":10,"since":null}',
         b'{"v":1,"rate":10,"burst":10}',
         b"[" * 1000,
     ]:
