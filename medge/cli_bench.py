@@ -18,8 +18,9 @@ __all__ = ["cmd_bench", "register"]
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
+    from medge.bench_markdown import markdown
     from medge.bench_plots import copy_plots
-    from medge.bench_suite import BENCHES, ROOT, markdown, run_benches, save
+    from medge.bench_suite import BENCHES, ROOT, run_benches, save
 
     if not (ROOT / "bench").is_dir():
         raise MedgeError("medge bench runs the scripts of bench/: run it from a source checkout")

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from test_import_contracts import violations
 
+from medge.bench_markdown import markdown
 from medge.bench_plots import NO_MATPLOTLIB, make_plots
-from medge.bench_suite import BENCHES, DATA_ENV, Bench, Run, markdown, run_benches
+from medge.bench_suite import BENCHES, DATA_ENV, Bench, Run, run_benches
 
 ROOT = Path(__file__).resolve().parent.parent
 
