@@ -326,9 +326,11 @@ def parse_limits(payload: bytes, version: int) -> tuple[float, float, float | No
             raise _bad(f"limits {name} must be a number from 0 to 1e9")
     if 0 < rate < MIN_ANNOUNCED_RATE or burst < 1:
         raise _bad(f"limits rate must be 0 or >= {MIN_ANNOUNCED_RATE:g}, burst >= 1")
-    if "since" in data and (type(since) not in (int, float) or not 0 < since < 1e11):
+    if "since" not in data:
+        return float(rate), float(burst), None
+    if not isinstance(since, int | float) or isinstance(since, bool) or not 0 < since < 1e11:
         raise _bad("limits since must be a unix time (seconds)")
-    return float(rate), float(burst), (float(since) if since is not None else None)
+    return float(rate), float(burst), float(since)
 
 
 _CMD_COMMON: dict[str, Field] = {
