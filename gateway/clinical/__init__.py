@@ -1,0 +1,1 @@
+"""Clinical outputs of the gateway: FHIR resources to an EHR, DICOM objects to a PACS."""
