@@ -261,15 +261,18 @@ class DeviceLink:
             self.bad_acks += 1
 
     def _gateway_since(self, since: float | None) -> None:
-        """The gateway says since when it serves: when that changes (it restarted, or its
+        """The gateway says since when it serves: when that moves on (it restarted, or its
         store came back), what it dropped meanwhile is in this outbox, sent, waiting for its
         resend time one by one in the order it was made; send it all again now instead, so
-        that events go first, as after a reconnect."""
+        that events go first, as after a reconnect. An older time (another worker of the
+        same gateway, started a moment earlier) changes nothing."""
         if since is None:
             return
-        before, self.gateway_since = self.gateway_since, since
-        if before is None or since == before:
+        before = self.gateway_since
+        if before is None or since <= before:
+            self.gateway_since = since if before is None else before
             return
+        self.gateway_since = since
         self.gateway_restarts += 1
         log.info(
             "%s: the gateway serves again (since %.3f, was %.3f): the %d unacknowledged "

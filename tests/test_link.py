@@ -4,6 +4,7 @@ after a broker restart on the same port, and MQTT 5 with a fall back to 3.1.1.""
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -217,3 +218,53 @@ def test_a_rate_limited_message_is_told_apart_as_live_or_backlog(sealer) -> None
     assert _traffic(payload, now) == "live"
     assert _traffic(payload, now + 31) == "backlog"
     assert _traffic(b'{"not":"an envelope"}', now) == "live"
+
+
+def test_a_gateway_serving_again_gets_the_held_messages_at_once(  # type: ignore[no-untyped-def]
+    tmp_path: Path, mosquitto: RunningBroker, sealer
+) -> None:
+    """The gateway's limits carry since when it serves (.../limits, retained). A later time
+    (it restarted, or its store came back) sends what the device holds again at once, not on
+    each message's own resend timer; an earlier one (another worker of it) changes nothing."""
+    import paho.mqtt.client as mqtt
+
+    from edge_agent.envelope import encode_limits
+    from edge_agent.topics import topic
+
+    device = "link-06"
+    seen: list[bytes] = []
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="results-watcher")
+    sub.on_message = lambda _c, _u, m: seen.append(m.payload)
+    sub.connect(mosquitto.host, mosquitto.port)
+    sub.subscribe(topic(SITE, device, "result"), qos=1)
+    sub.loop_start()
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="a-gateway")
+    pub.connect(mosquitto.host, mosquitto.port)
+    pub.loop_start()
+
+    def announce(since: float) -> None:
+        limits = encode_limits(0, 1000, since)
+        pub.publish(topic(SITE, device, "limits"), limits, qos=1, retain=True).wait_for_publish(5)
+
+    try:
+        with Outbox(tmp_path / "o.sqlite", SITE, device) as box:
+            box.sealer = sealer(device)
+            announce(1000.0)
+            with DeviceLink(box, mosquitto.host, mosquitto.port, resend_after=600) as link:
+                wait_for(lambda: link.gateway_since == 1000.0, 10, "the first announcement")
+                box.put("result", {"i": 1})
+                link.notify()
+                wait_for(lambda: len(seen) == 1, 10, "the result published")
+                announce(999.0)  # an older worker: nothing goes again
+                announce(1000.0)
+                time.sleep(0.5)
+                assert len(seen) == 1 and link.gateway_restarts == 0
+                announce(2000.0)  # serving again: the held result goes now, not in 600 s
+                wait_for(lambda: len(seen) == 2, 10, "the held result sent again")
+                assert seen[1] == seen[0] and link.gateway_restarts == 1
+                assert link.gateway_since == 2000.0
+    finally:
+        pub.publish(topic(SITE, device, "limits"), b"", qos=1, retain=True).wait_for_publish(5)
+        for c in (sub, pub):
+            c.loop_stop()
+            c.disconnect()
