@@ -2,7 +2,7 @@
 
 Plain functions over stored rows (site, device, seq, time, kind, body) and the facts of the
 bundle that made them (:class:`ModelFacts`), shaped after the HL7 Personal Health Device (PHD)
-implementation guide where it applies (docs/outputs-fhir.md):
+implementation guide where it applies (docs/outputs.md, "FHIR R4"):
 
 - :func:`result_observation` — one Observation per result: status ``final``, the predicted
   class as ``valueCodeableConcept``, one component per class score, identifier
