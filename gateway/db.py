@@ -131,7 +131,10 @@ class Database:
     dialect: str = ""
     location: str = ""  # for log lines, without a password
 
-    def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor:
+    def execute(self, sql: str, args: Sequence[Any] = (), binary: bool = False) -> Cursor:
+        """Run one statement. ``binary``: PostgreSQL receives the values in its binary
+        format (arrays of text need no escaping: for a batch of rows sent as arrays);
+        SQLite ignores it."""
         raise NotImplementedError
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
@@ -168,6 +171,11 @@ class Database:
         the database being unavailable: then the other rows of a batch can still be stored."""
         return isinstance(exc, _VALUE_ERRORS)
 
+    def lost(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is the connection being lost (the next statement opens a new one):
+        a PostgreSQL restart or a network cut, as opposed to the database refusing the work."""
+        return False
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -191,7 +199,7 @@ class SQLiteDatabase(Database):
         self._db = durable_sqlite(path, timeout=timeout)
         self._db.row_factory = sqlite3.Row
 
-    def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor:
+    def execute(self, sql: str, args: Sequence[Any] = (), binary: bool = False) -> Cursor:
         return self._db.execute(sql, args)
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
@@ -211,8 +219,9 @@ class SQLiteDatabase(Database):
 
 
 @functools.lru_cache(maxsize=512)
-def _to_pg(sql: str) -> str:
-    """``?`` -> ``%s`` outside quoted literals and identifiers; ``%`` -> ``%%`` everywhere."""
+def _to_pg(sql: str, mark: str = "%s") -> str:
+    """``?`` -> ``%s`` (or ``mark``: ``%b``, binary) outside quoted literals and identifiers;
+    ``%`` -> ``%%`` everywhere."""
     out: list[str] = []
     quote = ""
     for ch in sql:
@@ -226,7 +235,7 @@ def _to_pg(sql: str) -> str:
             quote = ch
             out.append(ch)
         else:
-            out.append("%s" if ch == "?" else ch)
+            out.append(mark if ch == "?" else ch)
     return "".join(out)
 
 
@@ -284,7 +293,7 @@ class PostgresDatabase(Database):
         self._psycopg = psycopg
         self._in_tx = False
         self._conn = self._connect()
-        self._returning: dict[str, tuple[str, bool]] = {}
+        self._returning: dict[tuple[str, bool], tuple[str, bool]] = {}
         self.not_durable = self._durability()
 
     def _durability(self) -> list[str]:
@@ -329,16 +338,17 @@ class PostgresDatabase(Database):
             self._conn = self._connect()
         return self._conn
 
-    def _prepare(self, sql: str) -> tuple[str, bool]:
-        done = self._returning.get(sql)
+    def _prepare(self, sql: str, binary: bool) -> tuple[str, bool]:
+        done = self._returning.get((sql, binary))
         if done is None:
             m = _INSERT.match(sql)
             returning = bool(
                 m and m.group(1).lower() in self.serial_tables and "returning" not in sql.lower()
             )
-            done = (_to_pg(sql) + (" RETURNING id" if returning else ""), returning)
+            text = _to_pg(sql, "%b" if binary else "%s")
+            done = (text + (" RETURNING id" if returning else ""), returning)
             if len(self._returning) < 1024:
-                self._returning[sql] = done
+                self._returning[(sql, binary)] = done
         return done
 
     def _run(self, text: str, args: Sequence[Any], safe: bool) -> Any:
@@ -352,8 +362,8 @@ class PostgresDatabase(Database):
                 raise
             return self._ready().execute(text, args)
 
-    def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor:
-        text, returning = self._prepare(sql)
+    def execute(self, sql: str, args: Sequence[Any] = (), binary: bool = False) -> Cursor:
+        text, returning = self._prepare(sql, binary)
         cur = self._run(text, tuple(args), _is_read(sql))
         lastrowid = None
         if returning:
@@ -399,6 +409,11 @@ class PostgresDatabase(Database):
     def row_refused(self, exc: BaseException) -> bool:
         p = self._psycopg  # DataError: out of range, NUL in text, bad encoding; constraints
         return isinstance(exc, (*_VALUE_ERRORS, p.DataError, p.IntegrityError))
+
+    def lost(self, exc: BaseException) -> bool:
+        return isinstance(exc, self._psycopg.OperationalError) and bool(
+            self._conn.closed or self._conn.broken
+        )
 
     def close(self) -> None:
         self._conn.close()

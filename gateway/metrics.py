@@ -28,6 +28,8 @@ at each scrape, so they are right even when several workers share one database.
 - ``medge_gateway_acks_total``: acknowledgements published
 - ``medge_gateway_alerts_raised_total{rule,severity}``: alerts opened by this gateway
 - ``medge_gateway_store_write_seconds{kind}``: store commit latency (histogram)
+- ``medge_gateway_store_batch_results``: results per store commit, as the writer's adaptive
+  batching formed them (histogram; 1 when idle, more under load)
 - ``medge_gateway_alerts_open{severity}``: alerts open, not yet acknowledged
 - ``medge_gateway_devices{state}``, ``medge_gateway_devices_online``: the fleet
 - ``medge_gateway_device_last_seen_age_seconds{site,device}``: seconds since a device spoke
@@ -57,6 +59,7 @@ __all__ = ["GatewayMetrics", "Health", "MetricsServer", "healthz_response"]
 log = logging.getLogger("medge.gateway.metrics")
 
 WRITE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500)
 
 Health = Callable[[], tuple[bool, dict[str, Any]]]  # (all alive, JSON body)
 
@@ -127,6 +130,12 @@ class GatewayMetrics:
             "Time to commit one message to the store.",
             ["kind"],
             buckets=WRITE_BUCKETS,
+            registry=reg,
+        )
+        self.store_batch = pc.Histogram(
+            "medge_gateway_store_batch_results",
+            "Results and events per store commit.",
+            buckets=BATCH_BUCKETS,
             registry=reg,
         )
         self.cam_dropped = pc.Counter(

@@ -123,10 +123,10 @@ class Gateway:
         self.alerts = AlertEngine(store, rules, on_raise=self.metrics.alert)
         self._lock = threading.Lock()
         self.last_stored: float | None = None  # time.time() of the last commit of results
-        # adaptive batching: a result that finds the queue empty is committed at once; under
-        # load (more already waiting) the writer gathers for batching.window seconds, at most
-        # batching.max, into one commit. batching.when_idle: wait the window even when idle
-        # (the fixed window of earlier versions; for comparison in bench/gateway_throughput.py)
+        # group commit: the writer commits at once what is waiting (at most batching.max);
+        # what arrives during a commit goes into the next, so batches grow with the load by
+        # themselves. batching.when_idle: wait batching.window before every commit (the fixed
+        # window of earlier versions; for comparison in bench/gateway_throughput.py)
         self.batching = batching or BatchingSettings()
         self.limiter = DeviceLimiter(device_rate, device_burst)
         self.limit_log_interval = 10.0  # seconds between two rate-limit lines of one device
@@ -435,9 +435,11 @@ class Gateway:
 
     def _run_writer(self) -> None:
         """Commit a batch in one transaction (one fsync instead of one per result), queue it
-        for the cloud, then acknowledge: commit before ack. Idle (nothing else queued), a
-        result is committed alone at once; under load the writer gathers what arrives within
-        ``batching.window`` seconds, so a busy gateway spends fewer commits and acks per result."""
+        for the cloud, then acknowledge: commit before ack. Group commit: the writer never
+        waits for more results (waiting adds latency to every result in hand) and batches
+        grow with the load by themselves, as what arrives during one commit goes into the
+        next: idle, a result is committed alone at once; busy, a gateway spends fewer commits
+        and acks per result. Only ``batching.when_idle`` waits ``batching.window`` first."""
         failures, down_since = 0, None
         while True:
             try:
@@ -447,8 +449,7 @@ class Gateway:
                     return
                 continue
             batch = [first]
-            busy = self.batching.when_idle or not self._pending.empty()
-            deadline = time.monotonic() + (self.batching.window if busy else 0.0)
+            deadline = time.monotonic() + (self.batching.window if self.batching.when_idle else 0)
             while len(batch) < self.batching.max:
                 try:  # what queued up during the last commit joins this one
                     wait = deadline - time.monotonic()
@@ -511,6 +512,7 @@ class Gateway:
         news: list[bool | None] = list(self.store.add_results(items, time.time()))
         self.last_stored = time.time()
         share = (time.perf_counter() - t0) / len(batch)  # one commit, shared by the batch
+        self.metrics.store_batch.observe(len(batch))
         for env, _, _ in batch:
             self.metrics.store_write.labels(env.kind).observe(share)
         refused = [(env, t) for (env, t, _), new in zip(batch, news, strict=True) if new is None]

@@ -10,7 +10,6 @@ database. Opening a store brings its schema up to date (numbered migrations: gat
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import threading
@@ -35,6 +34,28 @@ _RESULT_COLUMNS = (
     " score, body, bundle, input_sha256, sealed, alert, raw"
 )
 _ROW_MARKS = "(" + ",".join("?" * 18) + ")"
+# PostgreSQL: a whole batch in ONE statement of constant text (prepared once by psycopg), its
+# values one array per column, run as its own transaction: one round trip, one commit. Results
+# are inserted in key order, then their devices' rows: two workers storing overlapping
+# batches (a resend) wait for each other in the same order, and never deadlock.
+_PG_TYPES = "text text bigint text float8 float8 text bigint text bigint text float8 text text"
+_PG_TYPES += " text bytea text bytea"
+_PG_STORE = (
+    "WITH batch AS (SELECT * FROM unnest("
+    + ",".join(f"?::{t}[]" for t in _PG_TYPES.split())
+    + f") AS b({_RESULT_COLUMNS})),"
+    f" ins AS (INSERT INTO results ({_RESULT_COLUMNS}) SELECT {_RESULT_COLUMNS} FROM batch"
+    " ORDER BY site, device, seq"
+    " ON CONFLICT (site, device, seq) DO NOTHING RETURNING site, device, seq),"
+    " new AS (SELECT site, device, count(*) AS n FROM ins GROUP BY site, device),"
+    " total AS (SELECT site, device, count(*) AS n FROM batch GROUP BY site, device),"
+    " touched AS (INSERT INTO devices (site, device, last_seen, stored, duplicates)"
+    " SELECT site, device, ?, coalesce(new.n, 0), total.n - coalesce(new.n, 0)"
+    " FROM total LEFT JOIN new USING (site, device) ORDER BY site, device"
+    " ON CONFLICT (site, device) DO UPDATE SET last_seen=excluded.last_seen,"
+    " stored=devices.stored+excluded.stored, duplicates=devices.duplicates+excluded.duplicates)"
+    " SELECT site, device, seq FROM ins"
+)
 
 
 def _result_row(env: Envelope, now: float, raw: bytes | None) -> tuple[Any, ...]:
@@ -49,8 +70,8 @@ def _result_row(env: Envelope, now: float, raw: bytes | None) -> tuple[Any, ...]
         env.device,
         env.seq,
         env.kind,
-        env.time,
-        now,
+        float(env.time),  # a PostgreSQL array is of one type: never ints among floats
+        float(now),
         _s(b.get("input")),
         _i(b.get("label")),
         _s(b.get("label_name")),
@@ -126,6 +147,33 @@ class Store:
                     )
         raise AssertionError("unreachable")
 
+    def _store_pg(self, items: Sequence[tuple[Envelope, bytes | None]], now: float) -> list[bool]:
+        """_store_batch on PostgreSQL: one statement (_PG_STORE), its own transaction, one
+        round trip, under the store's lock. Run again if chosen as a deadlock victim, and
+        once more on a new connection when the old one was found lost (the server restarted
+        since the last batch): storing is idempotent, a result already stored is a duplicate."""
+        rows = [_result_row(env, now, raw) for env, raw in items]
+        args = [*(list(column) for column in zip(*rows, strict=True)), now]
+        with self._lock:
+            relost = False
+            for attempt in range(1, _RETRIES + 1):
+                try:
+                    stored = self._db.execute(_PG_STORE, args, binary=True).fetchall()
+                    return _news(items, {(str(r[0]), str(r[1]), int(r[2])) for r in stored})
+                except BaseException as exc:
+                    again = self._db.lost(exc) and not relost
+                    relost = relost or again
+                    if attempt == _RETRIES or not (again or self._db.retryable(exc)):
+                        raise
+                    log.warning(
+                        "store %s: %s (%s); batch retried%s",
+                        self.location,
+                        type(exc).__name__,
+                        _first_line(exc),
+                        " on a new connection" if again else "",
+                    )
+        raise AssertionError("unreachable")
+
     @property
     def schema_version(self) -> int:
         with self._lock:
@@ -161,7 +209,7 @@ class Store:
             return []
         now = received or time.time()
         try:
-            return list(self._write(lambda db: self._store_batch(db, items, now)))
+            return list[bool | None](self._store(items, now))
         except Exception as exc:
             if not self._db.row_refused(exc):
                 raise
@@ -169,8 +217,7 @@ class Store:
         out: list[bool | None] = []
         for item in items:
             try:
-                one = functools.partial(self._store_batch, items=[item], now=now)
-                out.append(self._write(one)[0])
+                out.append(self._store([item], now)[0])
             except Exception as exc:
                 if not self._db.row_refused(exc):
                     raise
@@ -195,6 +242,12 @@ class Store:
                 _first_line(batch_error),
             )
         return out
+
+    def _store(self, items: Sequence[tuple[Envelope, bytes | None]], now: float) -> list[bool]:
+        """Store a batch in one transaction: whether each result was new."""
+        if self.dialect == "postgresql":
+            return self._store_pg(items, now)
+        return self._write(lambda db: self._store_batch(db, items, now))
 
     def _store_batch(
         self, db: Database, items: Sequence[tuple[Envelope, bytes | None]], now: float
@@ -234,12 +287,7 @@ class Store:
                 [v for row in rows for v in row],
             )
             stored.update((str(r[0]), str(r[1]), int(r[2])) for r in cur.fetchall())
-        news, seen = [], set()
-        for env, _ in items:
-            key = (env.site, env.device, env.seq)
-            news.append(key in stored and key not in seen)
-            seen.add(key)
-        return news
+        return _news(items, stored)
 
     def set_state(
         self, site: str, device: str, state: str, at: float, bundle: str | None = None
@@ -403,6 +451,19 @@ class Store:
 
     def audit(self, action: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         return read_models.audit(self, action, limit)
+
+
+def _news(
+    items: Sequence[tuple[Envelope, bytes | None]], stored: set[tuple[str, str, int]]
+) -> list[bool]:
+    """Per item, whether it was new: among the keys the INSERT returned (``stored``), and
+    not already earlier in the same batch."""
+    news, seen = [], set()
+    for env, _ in items:
+        key = (env.site, env.device, env.seq)
+        news.append(key in stored and key not in seen)
+        seen.add(key)
+    return news
 
 
 def _first_line(exc: BaseException) -> str:

@@ -106,6 +106,9 @@ def test_metrics_count_what_the_gateway_did(  # type: ignore[no-untyped-def]
     assert value(m, "medge_gateway_store_write_seconds_count", kind="telemetry") == 1
     assert value(m, "medge_gateway_store_write_seconds_bucket", kind="result", le="+Inf") == 4
     assert value(m, "medge_gateway_store_write_seconds_sum", kind="result") > 0
+    # the writer's commits: 5 results and events (the duplicate too) in 1 to 5 batches
+    assert value(m, "medge_gateway_store_batch_results_sum") == 5
+    assert 1 <= value(m, "medge_gateway_store_batch_results_count") <= 5
 
 
 def test_every_reason_code_shows_at_zero_and_counts_by_code() -> None:
