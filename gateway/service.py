@@ -142,6 +142,10 @@ class Gateway:
         # a store that does not answer at all (PostgreSQL restarting, failing over) is waited
         # for this long, with back-off, before the writer gives up
         self.store_down_fatal_s = 60.0
+        # when this gateway began serving: its start, its last (re)connect to the broker, its
+        # store back after an outage. Told to each device with its limits; a device that sees
+        # it move on sends what it holds again at once, events first (edge_agent.link)
+        self.serving_since = time.time()
         self._v5 = protocol == "5"
         prefix = f"$share/{share_group}/" if share_group and self._v5 else ""
         self.session = MqttSession(
@@ -154,6 +158,7 @@ class Gateway:
             subscriptions=[(f"{prefix}{ROOT}/+/+/{kind}", 1) for kind in _UP],
             on_message=self._on_message,
             on_reject=self._on_reject,
+            on_connect=self._on_connect,
             reconnect_min_s=0.5,
             reconnect_max_s=10.0,
             logger=log,
@@ -394,11 +399,33 @@ class Gateway:
             Reason.REPLAY,
         )
 
+    def _on_connect(self, _client: mqtt.Client) -> None:
+        """(Re)connected to the broker: what devices sent meanwhile may never have reached
+        this gateway. The retained 'online' states come again with the subscriptions, and
+        each is answered with limits carrying the new serving time."""
+        self.serving_since = time.time()
+
+    def _serving_again(self, why: str) -> None:
+        """The store answered again: what was dropped unacknowledged meanwhile is in the
+        devices' outboxes; tell every online device the new serving time now."""
+        self.serving_since = time.time()
+        try:
+            online = [
+                (d["site"], d["device"]) for d in self.store.devices() if d["state"] == "online"
+            ]
+        except Exception as exc:  # the next batch or state message tells them anyway
+            log.error("serving again (%s): listing devices failed: %s", why, one_line(str(exc)))
+            return
+        log.warning("%s: telling %d online device(s) to send what they hold", why, len(online))
+        for site, device in online:
+            self._announce_limits(site, device)
+
     def _announce_limits(self, site: str, device: str) -> None:
         """Tell a device that came online its flood limit (retained on .../limits), so it
-        drains a backlog at a pace this gateway takes instead of being refused."""
+        drains a backlog at a pace this gateway takes instead of being refused, and since when
+        this gateway serves (:attr:`serving_since`)."""
         rate = self.limiter.rate if self.limiter.rate > 0 else 0.0
-        payload = encode_limits(rate, self.limiter.burst)
+        payload = encode_limits(rate, self.limiter.burst, self.serving_since)
         self.session.publish(topic(site, device, "limits"), payload, qos=1, retain=True)
         self.metrics.limits_announced.inc()
 
@@ -442,24 +469,15 @@ class Gateway:
         and acks per result. Only ``batching.when_idle`` waits ``batching.window`` first."""
         failures, down_since = 0, None
         while True:
-            try:
-                first = self._pending.get(timeout=0.2)
-            except queue.Empty:
-                if self._writer_stop.is_set():
-                    return
+            batch = self._next_batch()
+            if batch is None:
+                return
+            if not batch:
                 continue
-            batch = [first]
-            deadline = time.monotonic() + (self.batching.window if self.batching.when_idle else 0)
-            while len(batch) < self.batching.max:
-                try:  # what queued up during the last commit joins this one
-                    wait = deadline - time.monotonic()
-                    batch.append(
-                        self._pending.get(timeout=wait) if wait > 0 else self._pending.get_nowait()
-                    )
-                except queue.Empty:
-                    break
             try:
                 self._write(batch)
+                if down_since is not None:
+                    self._serving_again(f"the store is back after {failures} failure(s)")
                 failures, down_since = 0, None
             except Exception as exc:  # not acknowledged: the devices send these again
                 failures += 1
@@ -479,6 +497,25 @@ class Gateway:
             finally:
                 for _ in batch:
                     self._pending.task_done()
+
+    def _next_batch(self) -> list[tuple[Envelope, str, bytes]] | None:
+        """What waits now, at most ``batching.max`` (``when_idle``: what arrives within
+        ``batching.window`` of the first); [] when nothing came for 0.2 s, None to stop."""
+        try:
+            first = self._pending.get(timeout=0.2)
+        except queue.Empty:
+            return None if self._writer_stop.is_set() else []
+        batch = [first]
+        deadline = time.monotonic() + (self.batching.window if self.batching.when_idle else 0)
+        while len(batch) < self.batching.max:
+            try:  # what queued up during the last commit joins this one
+                wait = deadline - time.monotonic()
+                batch.append(
+                    self._pending.get(timeout=wait) if wait > 0 else self._pending.get_nowait()
+                )
+            except queue.Empty:
+                break
+        return batch
 
     def _store_down(self, n: int, failures: int, down_s: float, why: str) -> None:
         """The store does not answer: drop what waits (not acknowledged: the devices send it

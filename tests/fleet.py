@@ -188,19 +188,28 @@ def each_once(store: Store, made: Made) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def events_first(rows: dict[str, list[dict[str, Any]]], held: dict[str, set[int]]) -> None:
+def events_first(
+    rows: dict[str, list[dict[str, Any]]], held: dict[str, set[int]], each: bool = True
+) -> None:
     """Of the messages each device ``held`` through a fault, the events were stored no later
-    than any routine result (and there were both, or the check would say nothing)."""
+    than any routine result (and there were both, or the check would say nothing). ``each``
+    False: a device whose held messages are of one kind only is passed over, but at least one
+    device must have held both (a backlog whose size depends on timing)."""
+    checked = 0
     for d, seqs in held.items():
         backlog = [r for r in rows[d] if r["seq"] in seqs]
         events = [r["received"] for r in backlog if r["kind"] == "event"]
         routine = [r["received"] for r in backlog if r["kind"] == "result"]
+        if not each and not (events and routine):
+            continue
         assert events and routine, f"{d}: the fault held events and routine results"
+        checked += 1
         late = [t for t in events if t > min(routine) + 1e-6]
         assert not late, (
             f"{d}: {len(late)} of {len(events)} held events stored after the first of "
             f"{len(routine)} held routine results (by up to {max(late) - min(routine):.3f} s)"
         )
+    assert checked, "no device held both events and routine results: the check says nothing"
 
 
 def each_once_events_first(store: Store, made: Made, held: dict[str, set[int]]) -> None:
