@@ -1,26 +1,30 @@
 """Agent pipeline throughput vs a bare invoke() loop, side by side in one run.
 
-    python bench/agent_throughput.py [--bundle DIR] [--runtime litert] [--precision P]
-                                     [--n 3000] [--repeat 3] [--batch-max 64] [--batch-ms 50]
+    python bench/agent_throughput.py [--models zoo,mid,wide] [--bundle DIR] [--runtime litert]
+                                     [--precision P] [--n 3000] [--repeat 3] [--no-breakdown]
 
-Same artifact, same real BreastMNIST images (the zoo's validation split), one thread. Each
-configuration runs ``--repeat`` times, interleaved, and the median is printed with its ratio to
-the bare loop. The outbox lines include sealing (AES-GCM) and the durable SQLite write (WAL,
-synchronous=FULL): once with a transaction per result (the old behaviour), once with group
-commit (the agent's default); the clock stops when every result is committed on disk. The
-group-commit line runs twice: sealing with the envelope code of release 62caf5d (loaded from
-git history, before the encode-once rewrite) and with the current one.
+Three models on the same real BreastMNIST images (the zoo's validation split), one thread:
+``zoo``, the zoo CNN (real weights, about 0.04 ms an invoke here); ``mid`` and ``wide``, wider
+CNNs with random weights (int8, built once with the converter and cached) that take about
+0.25 ms and 1.4 ms: the issue's "0.25 ms model" and "2 ms model". Their predictions mean
+nothing, so they change class rarely and few of their results carry pictures; the zoo CNN's
+real predictions change often (a third of its results are pictured under the cap). Each
+configuration runs ``--repeat`` times, interleaved, after one untimed warm-up of the bare loop,
+and the median is printed with its ratio to the bare loop:
+the pipeline alone (pictures capped at the agent's default pictures_max_hz, then on every
+result), then with sealing (AES-GCM) and the durable outbox (SQLite WAL, synchronous=FULL):
+one transaction per result, and the agent's group commit (the target line; the clock stops
+when every result is committed on disk), also with pictures on every result and with the
+envelope code of release 62caf5d. Then (unless ``--no-breakdown``) each per-result step alone,
+in microseconds, so the gap can be read off step by step.
 
-Then (unless ``--no-breakdown``) it times each per-result step alone, in microseconds per
-result, so the gap between the bare loop and the full pipeline can be read off step by step.
-
-Measured on the 2-core development VM (zoo CNN int8, 0.25-0.33 ms per invoke; the machine is
-shared by other work, so compare ratios within one run only), ``--repeat 5``:
-    bare 1.00x, pipeline 0.65x, + seal + group commit 0.58x (62caf5d envelope: 0.50x);
-    per result: invoke 255 us, prepare 40, dequantize 13, decode 15, result_body 10,
-    seal 24 (62caf5d: 55). The 0.9x target leaves 28 us per result for everything around a
-    0.26 ms invoke: the envelope alone (one JSON encoding of the body + AES-GCM) takes most
-    of that, so 0.9x needs a heavier model (``--wide``) or a cheaper per-sample Python path.
+Measured on the 2-core development VM (quiet; ratios within one run only), ``--n 2000
+--repeat 3``, durable group-commit line: zoo 0.29x (0.041 ms invoke; no target: 6x faster
+than the issue's anchor), mid 0.81x (0.218 ms; target >= 0.75x: met), wide 0.96x (1.38 ms;
+target >= 0.9x: met); with pictures on every result 0.21x / 0.71x / 0.94x. What is left
+around a fast invoke is Python per result: the pipeline's stages (~40 us), the seal (~25 us:
+one canonical JSON of the body + AES-GCM) and the outbox's thread hand-off (~20 us); a
+0.04 ms model would need micro-batches (several samples per Python step) to come near 0.75x.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ def _throwaway_identity(tmp: Path) -> DeviceIdentity:
     return DeviceIdentity.load(provision_device(tmp / "site", "d", tmp / "id"), "b", "d")
 
 
-WIDTHS = {"mid": (32, 32, 64, 64), "wide": (128, 128, 256, 256)}
+WIDTHS = {"mid": (48, 48, 96, 96), "wide": (128, 128, 256, 256)}
 """Conv widths of the heavier stand-ins: 'mid' about 0.25 ms an invoke on the development VM
 (the issue's '0.25 ms zoo CNN'), 'wide' about 2 ms (its '2 ms model')."""
 
@@ -75,7 +79,7 @@ def _synthetic_cnn_bundle(kind: str) -> Bundle:
     from medge.zoo import cache_dir
     from models import breast_cnn
 
-    out = cache_dir() / "bundles" / f"bench-{kind}-cnn-v2"
+    out = cache_dir() / "bundles" / f"bench-{kind}-cnn-v3"
     from edge_agent.errors import MedgeError
 
     try:
@@ -233,6 +237,7 @@ def measure(kind: str, bundle: Bundle, args: argparse.Namespace, tmp: Path, iden
             args.batch_max, old.Sealer
         )
     times: dict[str, list[float]] = {k: [] for k in cases}
+    bare()  # warm-up, untimed: the first invokes (XNNPACK packing, caches) would go to bare
     for _ in range(args.repeat):
         for name, fn in cases.items():
             times[name].append(fn())
