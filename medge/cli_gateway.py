@@ -280,15 +280,15 @@ def _register_run(gsub: Any, common: Callable[..., None]) -> None:
         "--batch-window",
         type=float,
         metavar="SECONDS",
-        help="under load, gather results this long into one store commit (default "
-        "0.005); a result that finds the gateway idle is committed at once "
-        "[batching.window]",
+        help="with --batch-when-idle: gather results this long into one store commit "
+        "(default 0.005); without it the writer commits at once what is waiting (group "
+        "commit) [batching.window]",
     )
     gr.add_argument(
         "--batch-when-idle",
         action="store_true",
-        help="wait the batch window also when idle (a fixed window, as before "
-        "adaptive batching; for comparison) [batching.when_idle]",
+        help="wait the batch window before every commit (a fixed window, as earlier "
+        "versions did; for comparison) [batching.when_idle]",
     )
     gr.add_argument(
         "--silence-after",
