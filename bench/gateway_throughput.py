@@ -68,6 +68,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_data import figure  # noqa: E402  (bench/, next to this file)
+
 from edge_agent.envelope import Envelope, Sealer, decode_ack  # noqa: E402
 from edge_agent.identity import DeviceIdentity  # noqa: E402
 from edge_agent.topics import topic  # noqa: E402
@@ -467,6 +469,30 @@ def _report(a, got, stores, payload: int) -> None:  # type: ignore[no-untyped-de
             ]
             missed = [c for c, ok in checks if not ok]
             print(f"  {name:22s} " + ("all met" if not missed else "NOT met: " + ", ".join(missed)))
+            if name != RUNS[0][0]:  # the fixed window is the comparison, not a configuration
+                where = f"{store}, {name}"
+                figure(
+                    f"{where}: throughput of raw",
+                    round(m["ratio"], 3),
+                    "x",
+                    target=TARGET_RATIO,
+                    better="higher",
+                )
+                figure(
+                    f"{where}: added p50 at {hi}",
+                    round(m["added_p50"], 2),
+                    "ms",
+                    target=TARGET_P50,
+                    better="lower",
+                )
+                figure(
+                    f"{where}: added p99 at {hi}",
+                    round(m["added_p99"], 2),
+                    "ms",
+                    target=TARGET_P99,
+                    better="lower",
+                )
+                figure(f"{where}: CPU s per 1,000 at {hi} (gateway)", round(m["cpu_gw"], 3), "s")
     print(
         "\nThe load generator, Mosquitto, PostgreSQL and the gateway(s) share the same "
         f"{cores} cores (and, here, the machine with other work), so a second or fourth "
