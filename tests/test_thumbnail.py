@@ -36,15 +36,22 @@ def png_of(thumb: dict[str, Any]) -> np.ndarray:
     return np.asarray(img)
 
 
-def run(model: LoadedModel, n: int, thumbnails: bool = True) -> list[dict[str, Any]]:
+def run(
+    model: LoadedModel,
+    n: int,
+    thumbnails: bool = True,
+    pictures_max_hz: float | None = None,
+    stats: PipelineStats | None = None,
+) -> list[dict[str, Any]]:
     src = open_source(NpzSettings(path=breast_cnn.DATA, split="val", rate_hz=0, limit=n))
     sent: list[dict[str, Any]] = []
     run_pipeline(
         src.stream(threading.Event()),
         model,
         lambda k, b: sent.append(b),
-        PipelineStats(),
+        stats or PipelineStats(),
         thumbnails=thumbnails,
+        pictures_max_hz=pictures_max_hz,
     )
     return sent
 
@@ -142,15 +149,8 @@ def test_the_picture_cap_leaves_routine_results_bare_and_counts_them(
     n = 40
     every = run(model, n)
     stats = PipelineStats()
-    src = open_source(NpzSettings(path=breast_cnn.DATA, split="val", rate_hz=0, limit=n))
-    capped: list[dict[str, Any]] = []
-    run_pipeline(
-        src.stream(threading.Event()),
-        model,
-        lambda k, b: capped.append(b),
-        stats,
-        pictures_max_hz=1e-3,  # one routine picture per 1000 s: only the first
-    )
+    # one routine picture per 1000 s: only the first
+    capped = run(model, n, pictures_max_hz=1e-3, stats=stats)
     assert len(capped) == len(every) == n
     preds = [r["pred"] for r in every]
     want = [i == 0 or preds[i] != preds[i - 1] for i in range(n)]
