@@ -28,6 +28,7 @@ __all__ = [
     "DEVICES",
     "EVENT_EVERY",
     "RATE_HZ",
+    "RESUBSCRIBE_RACE_S",
     "SITE",
     "Fleet",
     "agent_config",
@@ -189,12 +190,17 @@ def each_once(store: Store, made: Made) -> dict[str, list[dict[str, Any]]]:
 
 
 def events_first(
-    rows: dict[str, list[dict[str, Any]]], held: dict[str, set[int]], each: bool = True
+    rows: dict[str, list[dict[str, Any]]],
+    held: dict[str, set[int]],
+    each: bool = True,
+    within: float = 0.0,
 ) -> None:
     """Of the messages each device ``held`` through a fault, the events were stored no later
     than any routine result (and there were both, or the check would say nothing). ``each``
     False: a device whose held messages are of one kind only is passed over, but at least one
-    device must have held both (a backlog whose size depends on timing)."""
+    device must have held both (a backlog whose size depends on timing). ``within``: seconds
+    an event may trail the first held routine result -- where the gateway comes back while a
+    device is still sending (see :data:`RESUBSCRIBE_RACE_S`)."""
     checked = 0
     for d, seqs in held.items():
         backlog = [r for r in rows[d] if r["seq"] in seqs]
@@ -204,7 +210,7 @@ def events_first(
             continue
         assert events and routine, f"{d}: the fault held events and routine results"
         checked += 1
-        late = [t for t in events if t > min(routine) + 1e-6]
+        late = [t for t in events if t > min(routine) + within + 1e-6]
         assert not late, (
             f"{d}: {len(late)} of {len(events)} held events stored after the first of "
             f"{len(routine)} held routine results (by up to {max(late) - min(routine):.3f} s)"
@@ -212,9 +218,19 @@ def events_first(
     assert checked, "no device held both events and routine results: the check says nothing"
 
 
-def each_once_events_first(store: Store, made: Made, held: dict[str, set[int]]) -> None:
+RESUBSCRIBE_RACE_S = 0.25
+"""When the gateway itself comes back (a broker restart, a gateway restart), what a device
+publishes between the gateway's subscription and the device hearing the gateway's new serving
+time (its limits, a few milliseconds) is stored at once: a routine result of the held backlog
+can get in just ahead of the events the device then sends again first. Measured: up to 13 ms
+(bench/chaos.py prints it per fault); before the serving time was announced, 0.5-5 s."""
+
+
+def each_once_events_first(
+    store: Store, made: Made, held: dict[str, set[int]], within: float = 0.0
+) -> None:
     """:func:`each_once`, then :func:`events_first` for what was ``held``."""
-    events_first(each_once(store, made), held)
+    events_first(each_once(store, made), held, within=within)
 
 
 def start_fog(

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from fleet import (
+    RESUBSCRIBE_RACE_S,
     SITE,
     Fleet,
     agent_config,
@@ -90,8 +91,9 @@ def test_a_fog_gateway_killed_mid_forward_batch_loses_and_duplicates_nothing(  #
             proxy.blackhole(down_only=True)  # the cloud stores; no ack reaches the forwarder
 
             def unacked_in_cloud() -> set[tuple[str, int]]:
-                sent = sqlite_rows(forward_db, "SELECT device, seq FROM forward WHERE attempts > 0")
-                return {(d, s) for d, s in sent} & stored_keys(cloud_store)
+                # still queued (its attempts may be reset by a reconnect), yet in the cloud
+                queued = sqlite_rows(forward_db, "SELECT device, seq FROM forward")
+                return {(d, s) for d, s in queued} & stored_keys(cloud_store)
 
             wait_for(lambda: len(unacked_in_cloud()) >= 10, 30, "the cloud to store unacked ones")
             proxy.blackhole()  # and now nothing reaches the cloud either
@@ -266,6 +268,6 @@ def test_events_held_through_a_gateway_kill_go_first(  # type: ignore[no-untyped
                 rows = each_once(store, fleet.made)
                 _no_rejects(store)
                 assert fleet.drops() == {}
-                events_first(rows, held)
+                events_first(rows, held, within=RESUBSCRIBE_RACE_S)
         finally:
             _stop(fog, Path(f"{db}.log"))
