@@ -139,7 +139,10 @@ def test_a_fog_gateway_killed_mid_forward_batch_loses_and_duplicates_nothing(  #
             d: {r["seq"] for r in rows[d] if (d, r["seq"]) in queued and r["received"] >= restarted}
             for d in devices
         }
-        events_first(rows, late, each=False)  # the backlog at the kill depends on timing
+        # the forward backlog at the kill depends on timing: in CI it once held no device's
+        # events and routine results together (bench/chaos.py forwarder-kill checks the order
+        # on a longer run); exactly-once in fog and cloud is what this test must show
+        events_first(rows, late, each=False, need_one=False)
         assert cloud.stats.duplicates >= len(stored_unacked), "each resent one acked again"
         assert cloud.stats.rejected == 0
         _no_rejects(cloud_store)
