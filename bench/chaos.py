@@ -190,6 +190,15 @@ def _recover(target: set[tuple[str, int]], stored: Callable[[], set[tuple[str, i
     return time.monotonic() - t0
 
 
+def _tally(out: Outcome, store: Store, fleet: Fleet, gateway: dict[str, int]) -> None:
+    """What a fault ends with: :func:`_count` of what the devices made, their drops and what
+    the gateway(s) rejected, and the gateway's duplicates (its counters: ``rejected``,
+    ``duplicates``)."""
+    _count(out, store, fleet.made)
+    out.drops = _drops(fleet, gateway["rejected"])
+    out.duplicates = gateway["duplicates"]
+
+
 def _drops(fleet: Fleet, rejected: int) -> dict[str, int]:
     """The devices' drop counters by reason, and what the gateway(s) rejected (which the
     devices resend: a rejection loses nothing, but no fault here should cause one)."""
@@ -250,9 +259,7 @@ def link_cut(env: Env, out: Outcome) -> None:
         out.recover_s = _recover(_made_keys(fleet), lambda: stored_keys(store))
         _settle(fleet)
         wait_for(lambda: store.result_count() == fleet.total(), 60, "every message stored")
-        _count(out, store, fleet.made)
-        out.drops = _drops(fleet, gw.metrics.totals()["rejected"])
-        out.duplicates = gw.metrics.totals()["duplicates"]
+        _tally(out, store, fleet, gw.metrics.totals())
         out.events_first = _events(_rows(store, env.devices), held, ended)
 
 
@@ -275,9 +282,7 @@ def broker_kill(env: Env, out: Outcome) -> None:
             out.recover_s = _recover(_made_keys(fleet), lambda: stored_keys(store))
             _settle(fleet)
             wait_for(lambda: store.result_count() == fleet.total(), 60, "every message stored")
-        _count(out, store, fleet.made)
-        out.drops = _drops(fleet, gw.metrics.totals()["rejected"])
-        out.duplicates = gw.metrics.totals()["duplicates"]
+        _tally(out, store, fleet, gw.metrics.totals())
         out.events_first = _events(_rows(store, env.devices), held, ended)
 
 
@@ -306,9 +311,10 @@ def gateway_kill(env: Env, out: Outcome) -> None:
             with _process(fog):
                 out.recover_s = _recover(_made_keys(fleet), lambda: stored_keys(store))
                 _settle(fleet)
-        _count(out, store, fleet.made)
-        out.drops = _drops(fleet, sum(d["rejected"] for d in store.devices()))
-        out.duplicates = sum(d["duplicates"] for d in store.devices())
+        devices = store.devices()
+        _tally(
+            out, store, fleet, {k: sum(d[k] for d in devices) for k in ("rejected", "duplicates")}
+        )
         out.events_first = _events(_rows(store, env.devices), held, ended)
 
 
@@ -401,9 +407,7 @@ def outbox_quota(env: Env, out: Outcome) -> None:
         wait_for(lambda: held_back() == 0, 180, lambda: f"{held_back()} held back")
         out.recover_s = time.monotonic() - t0
         _settle(fleet)
-        _count(out, store, fleet.made)
-        out.drops = _drops(fleet, gw.metrics.totals()["rejected"])
-        out.duplicates = gw.metrics.totals()["duplicates"]
+        _tally(out, store, fleet, gw.metrics.totals())
         stored = stored_keys(store)
         out.lost = 0
         for d, b in fleet.boxes.items():  # what the counters must explain, device by device
@@ -440,9 +444,7 @@ def pg_restart(env: Env, out: Outcome) -> None:
         held = fleet.since(mark)
         out.recover_s = _recover(_made_keys(fleet), lambda: stored_keys(store))
         _settle(fleet)
-        _count(out, store, fleet.made)
-        out.drops = _drops(fleet, gw.metrics.totals()["rejected"])
-        out.duplicates = gw.metrics.totals()["duplicates"]
+        _tally(out, store, fleet, gw.metrics.totals())
         out.events_first = _events(_rows(store, env.devices), held, ended)
 
 
