@@ -17,12 +17,19 @@ from edge_agent.config import AgentConfig
 from edge_agent.device_metrics import MetricsServer, device_families
 from edge_agent.envelope import Sealer
 from edge_agent.errors import MedgeError
-from edge_agent.identity import DEVICE_CERT, DEVICE_KEY, SITE_CA, DeviceIdentity
+from edge_agent.identity import (
+    DEVICE_CERT,
+    DEVICE_KEY,
+    SITE_CA,
+    SOURCE_RECIPIENT,
+    DeviceIdentity,
+)
 from edge_agent.link import DeviceLink
 from edge_agent.model import LoadedModel
 from edge_agent.model_slot import ModelSlot, Probation
 from edge_agent.outbox import Outbox
 from edge_agent.pipeline import build_graph
+from edge_agent.source_ids import SourceSealer
 from edge_agent.sources import open_source
 from edge_agent.supervisor import Supervisor
 from edge_agent.telemetry import PipelineStats, device_health
@@ -62,6 +69,21 @@ class Agent:
         self._outbox: Outbox | None = None
         self._updater: Updater | None = None
         self.metrics_port: int | None = None  # where the metrics endpoint listens, once running
+
+    def _source_sealer(self) -> SourceSealer | None:
+        """Seals the UIDs of DICOM sources to the fog node's source key, when the identity
+        has one; without it a DICOM source's results name no source image (told once)."""
+        key, cfg = self.identity.source_recipient, self.cfg
+        if key is not None:
+            return SourceSealer(key, cfg.site, cfg.device)
+        if cfg.source.kind == "dicom":
+            log.warning(
+                "%s: results will carry no source UIDs: the identity has no %s (medge site "
+                "source-key, then provision); the gateway cannot write DICOM objects for them",
+                cfg.device,
+                SOURCE_RECIPIENT,
+            )
+        return None
 
     def run(self, stop: threading.Event, drain_timeout: float = 10.0) -> AgentReport:
         """Stream until the source ends or ``stop`` is set, then wait for acks to drain."""
@@ -178,6 +200,7 @@ class Agent:
             cam=cfg.cam,
             thumbnails=cfg.thumbnails,
             pictures_max_hz=cfg.pictures_max_hz,
+            seal_source=self._source_sealer(),
         )
         link.on_command = updater.submit
         log.info("%s: running %s on %s", cfg.device, self.bundle.id, self.source.name)

@@ -6,6 +6,8 @@ identity/
   ca.crt              the site's device CA (to check the broker and peers)
   recipient.json      the HPKE public key messages are sealed to (gateway or cloud)
   gateway-recipient.json  end-to-end mode: the site gateway's key, for state and telemetry
+  source-recipient.json   the fog node's source key: DICOM source UIDs are sealed to it alone
+                          (edge_agent.source_ids); absent: results carry no source UIDs
   bundle-signers/     Ed25519 public keys (*.pem) whose bundles this device runs
 """
 
@@ -35,6 +37,7 @@ __all__ = [
     "RECIPIENT",
     "SIGNERS_DIR",
     "SITE_CA",
+    "SOURCE_RECIPIENT",
     "DeviceIdentity",
 ]
 
@@ -43,6 +46,7 @@ DEVICE_CERT = "device.crt"
 SITE_CA = "ca.crt"
 RECIPIENT = "recipient.json"
 GATEWAY_RECIPIENT = "gateway-recipient.json"
+SOURCE_RECIPIENT = "source-recipient.json"
 SIGNERS_DIR = "bundle-signers"
 
 
@@ -67,6 +71,7 @@ class DeviceIdentity:
     signers: list[ed25519.Ed25519PublicKey]
     directory: Path
     gateway_recipient: RecipientKey | None = None
+    source_recipient: RecipientKey | None = None
 
     @classmethod
     def load(cls, directory: Path, site: str, device: str) -> DeviceIdentity:
@@ -93,4 +98,6 @@ class DeviceIdentity:
         signers = [load_signer_public(p) for p in sorted(signers_dir.glob("*.pem"))]
         gw = d / GATEWAY_RECIPIENT
         gateway = load_recipient(gw) if gw.exists() else None
-        return cls(site, device, key, cert, ca, recipient, signers, d, gateway)
+        src = d / SOURCE_RECIPIENT
+        source = load_recipient(src) if src.exists() else None
+        return cls(site, device, key, cert, ca, recipient, signers, d, gateway, source)

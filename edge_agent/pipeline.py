@@ -28,6 +28,7 @@ from edge_agent.events import EventTracker
 from edge_agent.graph import Graph, Operator, Work, reject
 from edge_agent.model import Model
 from edge_agent.pictures import PictureCap
+from edge_agent.source_ids import SourceUids
 from edge_agent.sources.base import Sample
 from edge_agent.telemetry import PipelineStats
 from edge_agent.thumbnail import input_thumbnail, takes_images
@@ -49,6 +50,7 @@ __all__ = [
 log = logging.getLogger("medge.agent.pipeline")
 
 Emit = Callable[[str, dict[str, Any]], None]
+SealSource = Callable[[SourceUids, int | None], dict[str, Any]]
 clock = time.perf_counter
 
 
@@ -61,15 +63,19 @@ def build_graph(
     cam: bool = True,
     thumbnails: bool = True,
     pictures_max_hz: float | None = None,
+    seal_source: SealSource | None = None,
 ) -> Graph:
     """The agent's pipeline. ``source``: a source (or an iterable of samples); ``models``: the
     stage that binds each sample to its model (:class:`Bind`, or ``Probation`` over a slot).
     ``thumbnails``: add a small picture of the input to results of image models; ``cam``: the
     heatmap, when the bundle has one; ``pictures_max_hz``: how many results a second carry
-    them at most (:class:`edge_agent.pictures.PictureCap`; None: every result)."""
+    them at most (:class:`edge_agent.pictures.PictureCap`; None: every result);
+    ``seal_source``: seals a DICOM sample's UIDs into the result's ``source`` field
+    (:class:`edge_agent.source_ids.SourceSealer`; None: results carry none)."""
     cap = PictureCap(pictures_max_hz, stats, cam, thumbnails)
     preprocess, infer, decode = Preprocess(stats), Infer(stats, cam), Decode(stats, cam, cap)
-    result, events, publish = Result(thumbnails), Events(emit, stats), Publish(emit, stats)
+    result, events = Result(thumbnails, seal_source), Events(emit, stats)
+    publish = Publish(emit, stats)
     g = Graph("pipeline")
     g.add_flow(source, window)  # samples, cut as the manifest and the source kind say
     g.add_flow(window, models)  # the model each sample runs on (swaps happen here)
@@ -182,10 +188,11 @@ class Decode:
 
 class Result:
     """Stage: the result message of each decoded sample; with ``thumbnails``, a small picture
-    of the input when the model takes images (:mod:`edge_agent.thumbnail`)."""
+    of the input when the model takes images (:mod:`edge_agent.thumbnail`); with
+    ``seal_source``, a DICOM sample's UIDs sealed to the fog node (``source``)."""
 
-    def __init__(self, thumbnails: bool = True) -> None:
-        self.thumbnails = thumbnails
+    def __init__(self, thumbnails: bool = True, seal_source: SealSource | None = None) -> None:
+        self.thumbnails, self.seal_source = thumbnails, seal_source
 
     def __call__(self, works: Iterable[Work]) -> Iterator[Work]:
         for w in works:
@@ -198,6 +205,8 @@ class Result:
                     thumb = input_thumbnail(w.sample.data)
                     if thumb is not None:
                         body["thumbnail"] = thumb
+                if self.seal_source is not None and w.sample.dicom is not None:
+                    body["source"] = self.seal_source(w.sample.dicom, w.sample.meta.get("frame"))
                 w.messages.append(("result", body))
             yield w
 

@@ -199,6 +199,26 @@ def _thumbnail(v: Any, where: str) -> None:
     _container(v, 1, where, MAX_DEPTH, MAX_STRING)
 
 
+MAX_SEALED_SOURCE_CHARS = 4096
+
+
+def _sealed_source(v: Any, where: str) -> None:
+    """A result's sealed source UIDs (edge_agent.source_ids): ``kid``, ``suite`` and ``ct``
+    text (``ct`` bounded), ``frame`` a frame number or absent; opened on the fog node only."""
+    if type(v) is not dict:
+        raise _bad(f"{where} must be an object {{kid, suite, ct, frame}}")
+    for name in ("kid", "suite"):
+        _text(v.get(name), f"{where}.{name}")
+    ct = v.get("ct")
+    if type(ct) is not str or len(ct) > MAX_SEALED_SOURCE_CHARS:
+        raise _bad(
+            f"{where}.ct must be base64 text of at most {MAX_SEALED_SOURCE_CHARS} characters"
+        )
+    if "frame" in v:
+        _nonneg(v["frame"], f"{where}.frame")
+    _container(v, 1, where, MAX_DEPTH, MAX_STRING)
+
+
 # what edge_agent.pipeline.result_body (+ decode/cam fields) sends; every field optional
 _RESULT: dict[str, Field] = {
     "input": _opt(_text),
@@ -213,6 +233,7 @@ _RESULT: dict[str, Field] = {
     "latency_ms": _opt(_num),
     "bundle": _opt(_text),
     "thumbnail": _opt(_thumbnail),
+    "source": _opt(_sealed_source),
 }
 # what edge_agent.events (start/end) and the updater (applied/rejected/rolled_back) send
 _EVENT: dict[str, Field] = {

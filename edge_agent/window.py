@@ -135,12 +135,16 @@ def windowed(
         meta: dict[str, Any] = {"first": first.id, "last": last.id}
         if "loop" in first.meta:  # the first window of a looped recording's new pass
             meta["loop"] = first.meta["loop"]
+        dicom = last.dicom if first.dicom == last.dicom else None  # one source image
+        if dicom is not None and "frame" in last.meta:  # a clip's result names its last frame
+            meta["frame"] = last.meta["frame"]
         yield Sample(
             id=f"{first.id}+{length}",
             data=data,
             label=window_label((h.label for h in held), label),
             time=first.time,
             meta=meta,
+            dicom=dicom,
         )
 
 

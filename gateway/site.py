@@ -54,6 +54,7 @@ __all__ = [
     "signer_key",
     "site_name",
     "write_recipient",
+    "write_source_key",
 ]
 
 _UTC = dt.timezone.utc
@@ -157,6 +158,9 @@ def provision_device(
     write_atomic(out / idn.RECIPIENT, _json(sealed_to), _PUBLIC)
     if recipient:  # state and telemetry still go to the site gateway, which must read them
         write_atomic(out / idn.GATEWAY_RECIPIENT, _json(own), _PUBLIC)
+    source = site_dir / idn.SOURCE_RECIPIENT
+    if source.exists():  # DICOM source UIDs: sealed to the fog node alone (write_source_key)
+        write_atomic(out / idn.SOURCE_RECIPIENT, source.read_bytes(), _PUBLIC)
     signer = (site_dir / "bundle-signer.pem").read_bytes()
     write_atomic(out / idn.SIGNERS_DIR / f"{site}.pem", signer, _PUBLIC)
     write_atomic(registered, pem, _PUBLIC)
@@ -181,6 +185,26 @@ def write_recipient(out: Path, suite: Suite = "x25519") -> Path:
     public = out.with_name(out.stem + ".pub.json")
     write_atomic(public, _json(key.public_json()), _PUBLIC)
     return public
+
+
+def write_source_key(site_dir: Path, out: Path, suite: Suite | None = None) -> str:
+    """The fog node's source key (edge_agent.source_ids): the private JSON at ``out`` (mode
+    0600), which must stay on the fog node and so outside the site directory (the cloud tier
+    may hold a copy of that); its public half as ``source-recipient.json`` in the site
+    directory, which ``provision_device`` puts into every identity from then on. A previous
+    key's file stays where it is: keep it in the gateway's ``outputs.source_key`` until no
+    device seals to it. Returns the new key id."""
+    site = site_dir.resolve()
+    if out.resolve().is_relative_to(site):
+        raise MedgeError(
+            f"{out}: the source key must not be inside the site directory {site_dir} (the "
+            "cloud tier may hold a copy of it, and this key is for the fog node alone)"
+        )
+    own = load_recipient(site_dir / "recipient.json")
+    key, private = generate_recipient(suite or own.suite)
+    write_secret(out, json.dumps(private, indent=2).encode())
+    write_atomic(site_dir / idn.SOURCE_RECIPIENT, _json(key.public_json()), _PUBLIC)
+    return key.kid
 
 
 def _json(doc: dict[str, str]) -> bytes:

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_agent.register(sub, _common)  # agent run | check-config | package
     cli_gateway.register(sub, _common)  # gateway run | check-config | push-bundle | broker-config
     cli_dashboard.register(sub, _common)  # dashboard [add-user]
-    cli_site.register(sub, _common)  # site init | rotate-key | cloud-key, device provision | revoke
+    cli_site.register(sub, _common)  # site init|rotate-key|cloud-key|source-key, device ...|revoke
     cli_zoo.register(sub, _common)  # zoo list | train | build
     cli_demo.register(sub, _common)  # demo
     cli_bench.register(sub, _common)  # bench

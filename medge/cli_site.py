@@ -47,6 +47,18 @@ def cmd_site_cloud_key(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_site_source_key(a: argparse.Namespace) -> int:
+    from gateway.site import write_source_key
+
+    kid = write_source_key(a.dir, a.out, "mlkem768-x25519" if a.post_quantum else None)
+    print(
+        f"source key {kid}: private key {a.out} (mode 0600: it stays on the fog node; list it "
+        f"in the gateway's outputs.source_key); public half {a.dir / 'source-recipient.json'}, "
+        "put into every identity 'medge device provision' writes from now on"
+    )
+    return 0
+
+
 def cmd_device_provision(a: argparse.Namespace) -> int:
     from gateway.site import provision_device
 
@@ -103,6 +115,21 @@ def register(sub: Any, common: Any) -> None:
     k.add_argument("--post-quantum", action="store_true", help="ML-KEM-768+X25519 hybrid")
     common(k)
     k.set_defaults(func=cmd_site_cloud_key)
+    u = ssub.add_parser(
+        "source-key",
+        help="a key only the fog node holds, for the UIDs of DICOM sources",
+        description="Create the fog node's source key. Devices provisioned after it seal the "
+        "study/series/instance UIDs of DICOM results to it, so the fog gateway can write "
+        "DICOM objects for the PACS while the cloud tier, which gets the same messages, cannot "
+        "read them (docs/outputs.md). The private key must stay outside the site directory.",
+    )
+    u.add_argument("--dir", type=Path, required=True, help="site directory (gets the public half)")
+    u.add_argument("--out", type=Path, required=True, help="private key file to write (fog only)")
+    u.add_argument(
+        "--post-quantum", action="store_true", help="ML-KEM-768+X25519 hybrid (default: the site's)"
+    )
+    common(u)
+    u.set_defaults(func=cmd_site_source_key)
 
     d = sub.add_parser(
         "device",

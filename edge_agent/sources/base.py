@@ -13,6 +13,8 @@ from typing import Any, Protocol
 import numpy as np
 from pydantic import BaseModel, ConfigDict, PositiveInt
 
+from edge_agent.source_ids import SourceUids
+
 __all__ = ["Problems", "Sample", "Size", "Source", "SourceSettings", "pace", "require"]
 
 Size = tuple[PositiveInt, PositiveInt]  # (height, width), as numpy shapes read
@@ -24,6 +26,9 @@ class Sample:
 
     ``time`` is seconds into the recording (replay) or epoch seconds (live), when known;
     ``meta`` holds small, non-identifying facts (frame index, a gap before this sample, ...).
+    ``dicom``: the source image's study/series/instance UIDs (a DICOM source); they identify a
+    patient's study, so they leave the device only sealed to the fog node's source key
+    (:mod:`edge_agent.source_ids`), never in ``id`` or ``meta``.
     """
 
     id: str
@@ -31,6 +36,7 @@ class Sample:
     label: int | None = None
     time: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    dicom: SourceUids | None = None
 
 
 class Source(Protocol):

@@ -4,7 +4,9 @@ Uncompressed, deflated and RLE data decode with pydicom alone; JPEG baseline/ext
 JPEG 2000 (unsigned) fall back to OpenCV's codecs when pydicom has no plug-in for them; anything
 else is told in one line naming its transfer syntax, and the file is skipped. Colour comes out
 RGB (YBR and palette converted). Rescale and windowing happen only when configured. Sample ids
-and meta carry no patient identifier: the id is a hash of the SOPInstanceUID and a frame number.
+and meta carry no patient identifier: the id is a hash of the SOPInstanceUID and a frame number;
+the study/series/instance UIDs ride in ``Sample.dicom``, which leaves the device only sealed to
+the fog node (edge_agent.source_ids).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 from pydantic import Field
 
 from edge_agent.errors import SourceError
+from edge_agent.source_ids import SourceUids
 from edge_agent.sources.base import Problems, Sample, Size, SourceSettings, pace, require
 from edge_agent.window import WindowSettings
 
@@ -153,12 +156,27 @@ class DicomSource:
                 "photometric": str(ds.get("PhotometricInterpretation", "")),
                 "transfer_syntax": ds.file_meta.TransferSyntaxUID.name,
             }
+            ids = self._uids(ds, path)
             for i, raw in enumerate(frames):
                 t = i * frame_s if frame_s is not None else None
                 data = self._finish(ds, raw)
-                yield t, Sample(f"dicom:{key}#{i}", data, None, t, {"frame": i, **meta})
+                yield t, Sample(f"dicom:{key}#{i}", data, None, t, {"frame": i, **meta}, ids)
         except _Skip as exc:
             self._problems.add(exc.kind, "%s: %s; skipped", path.name, exc)
+
+    def _uids(self, ds: Any, path: Path) -> SourceUids | None:
+        """The file's study/series/instance UIDs, for the fog's DICOM objects; a file without
+        valid ones gives results that no DICOM object can reference (told once per file)."""
+        try:
+            return SourceUids(
+                str(ds.get("StudyInstanceUID", "")),
+                str(ds.get("SeriesInstanceUID", "")),
+                str(ds.get("SOPInstanceUID", "")),
+                str(ds.get("SOPClassUID", "")),
+            )
+        except ValueError as exc:
+            self._problems.add("uids", "%s: %s; its results name no source image", path.name, exc)
+            return None
 
     def _read(self, path: Path) -> Any:
         pd = self.pydicom
