@@ -107,6 +107,8 @@ def check_gateway(cfg: GatewayConfig, broker_timeout_s: float, out: NodeCheck) -
     out.lines.append(check_store(cfg.store.target()))
     if cfg.forward.to is not None:
         _check_forward(cfg, out)
+    if cfg.outputs is not None:
+        _check_outputs(cfg, out)
     if cfg.metrics.port is not None:
         out.lines.append(f"metrics on {cfg.metrics.host}:{cfg.metrics.port}")
 
@@ -144,6 +146,39 @@ def _check_forward(cfg: GatewayConfig, out: NodeCheck) -> None:
         f"forward to {cfg.forward.to} through {outbox}"
         + (f", backfill since {cfg.forward.backfill}" if cfg.forward.backfill else "")
     )
+
+
+def _check_outputs(cfg: GatewayConfig, out: NodeCheck) -> None:
+    """The clinical outputs: source keys private and loadable, secret files readable and
+    private, the outbox's folder there. The PACS and FHIR servers are not called."""
+    o = cfg.outputs
+    assert o is not None
+    for p in o.source_key:
+        _private(p)
+    keys = o.source_keys()  # ConfigError naming a file without a private key
+    secrets: list[Path | None] = [o.pacs.password_file] if o.pacs is not None else []
+    if o.fhir is not None:
+        secrets += [o.fhir.token_file, o.fhir.basic_auth_file]
+    for secret in secrets:
+        if secret is not None:
+            _readable(secret, "outputs secret")
+            _private(secret)
+    outbox = cfg.clinical_outbox()
+    if not outbox.parent.is_dir():
+        raise MedgeError(f"clinical outbox {outbox}: its directory does not exist")
+    to = []
+    if o.pacs is not None:
+        to.append(f"PACS {o.pacs.url} ({o.pacs.send})")
+    if o.fhir is not None:
+        to.append(f"FHIR {o.fhir.base_url} ({len(o.fhir.models)} model(s))")
+    out.lines.append(
+        f"outputs to {' and '.join(to) or 'nothing'} through {outbox}; {len(keys)} source key(s)"
+    )
+    if o.fhir is not None and not o.fhir.patients:
+        out.warnings.append(
+            "outputs.fhir.patients is empty: Observations will have no subject "
+            "(docs/outputs.md, 'Patient mapping')"
+        )
 
 
 def check_dashboard(cfg: DashboardConfig, out: NodeCheck) -> None:

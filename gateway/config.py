@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from edge_agent.config import YAML_LOADER, yaml_line_of
 from edge_agent.errors import ConfigError, one_line
+from gateway.clinical.settings import OutputsSettings
 
 __all__ = [
     "AlertSettings",
@@ -262,6 +263,11 @@ class GatewayConfig(_Strict):
         description="Also open messages sealed to these private keys (the cloud's, from "
         "'medge site cloud-key').",
     )
+    outputs: OutputsSettings | None = Field(
+        default=None,
+        description="Clinical outputs: DICOM objects to a PACS, FHIR resources to an EHR "
+        "(docs/outputs.md).",
+    )
 
     def check_combination(self) -> None:
         """What no single field can say; raises ConfigError."""
@@ -281,6 +287,24 @@ class GatewayConfig(_Strict):
                 "(forward.outbox): the forward outbox is a file on this "
                 "gateway's own disk"
             )
+        out = self.outputs
+        if out is not None and out.outbox is None and is_db_url(self.store.db):
+            raise ConfigError(
+                "outputs with a PostgreSQL store need outputs.outbox FILE: the clinical "
+                "outbox is a file on this gateway's own disk"
+            )
+        if out is not None and out.pacs is not None and self.tier == "cloud":
+            raise ConfigError(
+                "outputs.pacs is for the fog tier: the cloud tier cannot open the source UIDs "
+                "that DICOM objects reference (docs/outputs.md)"
+            )
+
+    def clinical_outbox(self) -> Path:
+        """The clinical outbox: outputs.outbox, else DB.clinical.sqlite beside a SQLite store."""
+        if self.outputs is not None and self.outputs.outbox is not None:
+            return self.outputs.outbox
+        db = Path(self.store.db)
+        return db.with_name(db.stem + ".clinical.sqlite")
 
     def forward_outbox(self) -> Path:
         """The forward outbox: as set, else DB.forward.sqlite beside a SQLite store."""
@@ -346,6 +370,13 @@ _GATEWAY_PATHS = (
     "forward.tls.key",
     "relay_for",
     "cloud_key",
+    "outputs.source_key",
+    "outputs.outbox",
+    "outputs.pacs.ca_file",
+    "outputs.pacs.password_file",
+    "outputs.fhir.token_file",
+    "outputs.fhir.basic_auth_file",
+    "outputs.fhir.ca_file",
 )
 _DASHBOARD_PATHS = ("db", "users")
 

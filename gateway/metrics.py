@@ -54,7 +54,7 @@ from edge_agent.errors import MedgeError
 from edge_agent.reasons import Reason
 from gateway.store import Store
 
-__all__ = ["GatewayMetrics", "Health", "MetricsServer", "healthz_response"]
+__all__ = ["ClinicalMetrics", "GatewayMetrics", "Health", "MetricsServer", "healthz_response"]
 
 log = logging.getLogger("medge.gateway.metrics")
 
@@ -336,3 +336,55 @@ class MetricsServer:
             self._server.server_close()
             self._thread.join(timeout=5)
             self._server = self._thread = None
+
+
+# -- clinical outputs (gateway.clinical.sender) ----------------------------------------------
+
+
+class ClinicalMetrics:
+    """Counters and gauges of the clinical outbox and its senders, by target (``pacs``,
+    ``fhir``), in ``registry`` (a gateway's :attr:`GatewayMetrics.registry`, or a new one):
+
+    - ``medge_gateway_clinical_sent_total{target}``: items the receiver stored
+    - ``medge_gateway_clinical_retried_total{target}``: failed tries that may pass (tried again)
+    - ``medge_gateway_clinical_parked_total{target}``: items set aside with a reason
+    - ``medge_gateway_clinical_skipped_objects_total``: a result's SEG or SC not built (the SR
+      went without it)
+    - ``medge_gateway_clinical_waiting_items{target}``,
+      ``medge_gateway_clinical_parked_items{target}``: items in the outbox now, as the sender
+      last saw them
+    """
+
+    TARGETS = ("pacs", "fhir")
+
+    def __init__(self, registry: Any | None = None) -> None:
+        pc = _prometheus()
+        self.registry = registry if registry is not None else pc.CollectorRegistry()
+        reg = self.registry
+
+        def counter(name: str, text: str) -> Any:
+            return pc.Counter(f"medge_gateway_clinical_{name}", text, ["target"], registry=reg)
+
+        self.sent = counter("sent", "Clinical items the receiver stored.")
+        self.retried = counter("retried", "Failed tries of clinical items that may pass.")
+        self.parked = counter("parked", "Clinical items set aside with a reason.")
+        self.skipped_objects = pc.Counter(
+            "medge_gateway_clinical_skipped_objects",
+            "SEG or SC objects of a result not built (its SR went without them).",
+            registry=reg,
+        )
+        self.waiting_now = pc.Gauge(
+            "medge_gateway_clinical_waiting_items",
+            "Clinical items waiting.",
+            ["target"],
+            registry=reg,
+        )
+        self.parked_now = pc.Gauge(
+            "medge_gateway_clinical_parked_items",
+            "Clinical items parked.",
+            ["target"],
+            registry=reg,
+        )
+        for target in self.TARGETS:  # every target shows, at 0 until it happens
+            for metric in (self.sent, self.retried, self.parked):
+                metric.labels(target)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import TYPE_CHECKING
 
 from edge_agent.envelope import Opener
 from edge_agent.errors import MedgeError
@@ -14,7 +15,10 @@ from gateway.config import GatewayConfig, parse_host_port
 from gateway.forward import Forwarder, ForwardOutbox
 from gateway.service import Gateway, GatewayStats
 
-__all__ = ["build_forwarder", "build_opener", "build_rules", "run_gateway"]
+if TYPE_CHECKING:
+    from gateway.clinical.sender import ClinicalSender
+
+__all__ = ["build_clinical", "build_forwarder", "build_opener", "build_rules", "run_gateway"]
 
 log = logging.getLogger("medge.gateway")
 
@@ -51,6 +55,17 @@ def build_forwarder(cfg: GatewayConfig) -> Forwarder | None:
     )
 
 
+def build_clinical(cfg: GatewayConfig) -> ClinicalSender | None:
+    """The clinical outputs (``outputs``: PACS, FHIR) and their outbox, None when off (the
+    Gateway counts them in its metrics)."""
+    if cfg.outputs is None or (cfg.outputs.pacs is None and cfg.outputs.fhir is None):
+        return None
+    from gateway.clinical.outbox import ClinicalOutbox
+    from gateway.clinical.sender import ClinicalSender
+
+    return ClinicalSender(ClinicalOutbox(cfg.clinical_outbox()), cfg.outputs)
+
+
 def run_gateway(cfg: GatewayConfig, stop: threading.Event) -> GatewayStats:
     """Run one supervised worker until ``stop``; a worker that dies raises MedgeError naming
     it (one line), so systemd restarts the service. Returns the counts at the end."""
@@ -63,9 +78,12 @@ def run_gateway(cfg: GatewayConfig, stop: threading.Event) -> GatewayStats:
     since = parse_since(cfg.forward.backfill) if cfg.forward.backfill else None
     opener = build_opener(cfg)
     forward = build_forwarder(cfg)
+    clinical = build_clinical(cfg)
     rules = build_rules(cfg)
     with Supervisor() as sup, Store(cfg.store.target()) as store:
-        gw = Gateway.from_config(cfg, store, opener, rules=rules, forward=forward)
+        gw = Gateway.from_config(
+            cfg, store, opener, rules=rules, forward=forward, clinical=clinical
+        )
         metrics = None
         try:
             gw.start(timeout=3.0)  # a broker not up yet: one warning, then retried with back-off
@@ -84,6 +102,8 @@ def run_gateway(cfg: GatewayConfig, stop: threading.Event) -> GatewayStats:
             if metrics is not None:
                 metrics.stop()
             gw.stop()
+            if clinical is not None:
+                clinical.outbox.close()
     if death is not None:
         raise MedgeError(f"gateway: {death.line()}")
     return gw.stats

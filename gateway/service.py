@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, Any, cast
 
 import paho.mqtt.client as mqtt
 
@@ -43,6 +43,9 @@ from gateway.forward import Forwarder
 from gateway.limits import DeviceLimiter
 from gateway.metrics import GatewayMetrics
 from gateway.store import Store
+
+if TYPE_CHECKING:  # the clinical outputs import their DICOM/FHIR libraries only when used
+    from gateway.clinical.sender import ClinicalSender
 
 __all__ = ["DeviceLimiter", "Gateway", "GatewayStats"]
 
@@ -104,6 +107,7 @@ class Gateway:
         tls: tuple[Path, Path, Path] | None = None,
         rules: AlertRules | None = None,
         forward: Forwarder | None = None,
+        clinical: ClinicalSender | None = None,
         device_rate: float = 100.0,
         device_burst: float = 1000.0,
         batching: BatchingSettings | None = None,
@@ -116,10 +120,17 @@ class Gateway:
         these from the ``gateway:`` section of gateway.yaml (gateway.config)."""
         self.store = store
         self.forward = forward
+        # clinical outputs (gateway.clinical): each stored result/event they take is queued
+        # durably, like the forward outbox, before the device is acknowledged
+        self.clinical = clinical
         self.opener = opener
         self.max_skew_s = 300.0
         self.host, self.port = host, port
         self.metrics = GatewayMetrics(store)
+        if clinical is not None and clinical.metrics is None:  # counted with the gateway's own
+            from gateway.metrics import ClinicalMetrics
+
+            clinical.metrics = ClinicalMetrics(self.metrics.registry)
         self.alerts = AlertEngine(store, rules, on_raise=self.metrics.alert)
         self._lock = threading.Lock()
         self.last_stored: float | None = None  # time.time() of the last commit of results
@@ -172,9 +183,10 @@ class Gateway:
         opener: Opener,
         rules: AlertRules | None = None,
         forward: Forwarder | None = None,
+        clinical: ClinicalSender | None = None,
     ) -> Gateway:
-        """A worker with the broker, limits and batching of ``cfg`` (``rules`` and ``forward``
-        are built from its alerts and forward sections by gateway.node)."""
+        """A worker with the broker, limits and batching of ``cfg`` (``rules``, ``forward`` and
+        ``clinical`` are built from its alerts, forward and outputs sections by gateway.node)."""
         b = cfg.broker
         tls = None
         if b.tls:
@@ -192,6 +204,7 @@ class Gateway:
             tls=tls,
             rules=rules,
             forward=forward,
+            clinical=clinical,
             device_rate=cfg.limits.device_rate,
             device_burst=cfg.limits.device_burst,
             batching=cfg.batching,
@@ -218,6 +231,8 @@ class Gateway:
         self.alerts.start()  # the silence watchdog
         if self.forward is not None:
             self.forward.start()
+        if self.clinical is not None:
+            self.clinical.start()
         return self
 
     @property
@@ -233,6 +248,8 @@ class Gateway:
         }
         if self.forward is not None:
             found.update(self.forward.workers())
+        if self.clinical is not None:
+            found.update(self.clinical.workers())
         return found
 
     def stop(self) -> None:
@@ -244,6 +261,8 @@ class Gateway:
         self.alerts.stop()
         if self.forward is not None:
             self.forward.stop()
+        if self.clinical is not None:
+            self.clinical.stop()
 
     def _on_reject(self, msg: mqtt.MQTTMessage, reason: Reason, _exc: BaseException) -> None:
         """The session rejected ``msg`` (and logged it): count it, charge its device."""
@@ -565,6 +584,8 @@ class Gateway:
             self.forward.put_many(
                 [(e.site, e.device, e.seq, e.kind, t, raw) for (e, t, raw), _ in kept]
             )
+        if self.clinical is not None and kept:  # a resend too: sending again is idempotent
+            self.clinical.put([self._clinical_row(env) for (env, _, _), _ in kept if env.body])
         acks: dict[tuple[str, str], list[int]] = {}
         for (env, _, _), new in kept:
             if new:
@@ -576,6 +597,19 @@ class Gateway:
         for (site, device), seqs in acks.items():
             self.session.publish(topic(site, device, "ack"), encode_ack(seqs), qos=1)
             self.metrics.acks.inc(len(seqs))
+
+    def _clinical_row(
+        self, env: Envelope
+    ) -> tuple[str, str, int, str, float, str | None, dict[str, Any]]:
+        """A stored message as the clinical outputs take it, with the bundle that made it: a
+        result names its own; an event, the device's bundle as its state and telemetry said."""
+        bundle = env.body.get("bundle")
+        if env.kind == "event" or not isinstance(bundle, str):
+            rows = self.store.query(
+                "SELECT bundle FROM devices WHERE site=? AND device=?", (env.site, env.device)
+            )
+            bundle = rows[0]["bundle"] if rows else None
+        return (env.site, env.device, env.seq, env.kind, env.time, bundle, env.body)
 
     def _evaluate_alerts(self, env: Envelope, new: bool) -> None:
         # a failing rule is logged, never allowed to stop storing and acknowledging

@@ -69,6 +69,14 @@ class OrthancServer:
         out: dict[str, str] = json.loads(self.rest("POST", "/instances", path.read_bytes()))
         return out
 
+    def restart(self, timeout: float = 20.0) -> OrthancServer:
+        """A new Orthanc on the same ports, folder (its stored instances) and password, once
+        this one has stopped."""
+        self.stop()
+        return start_orthanc(
+            self.folder, timeout, ports=(self.http_port, self.dicom_port), password=self.password
+        )
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -107,12 +115,18 @@ def _config(folder: Path, http_port: int, dicom_port: int, password: str) -> dic
     }
 
 
-def start_orthanc(folder: Path, timeout: float = 20.0) -> OrthancServer:
-    """Start Orthanc in ``folder`` and wait until its REST API and DICOMweb answer."""
+def start_orthanc(
+    folder: Path,
+    timeout: float = 20.0,
+    ports: tuple[int, int] | None = None,
+    password: str | None = None,
+) -> OrthancServer:
+    """Start Orthanc in ``folder`` and wait until its REST API and DICOMweb answer; on free
+    ports with a new password unless ``ports`` (HTTP, DICOM) and ``password`` are given."""
     if not ORTHANC.is_file() or not DICOMWEB_PLUGIN.is_file():
         raise RuntimeError(INSTALL_HINT)
-    http_port, dicom_port = _free_port(), _free_port()
-    password = secrets.token_urlsafe(18)
+    http_port, dicom_port = ports if ports is not None else (_free_port(), _free_port())
+    password = password if password is not None else secrets.token_urlsafe(18)
     config = folder / "orthanc.json"
     config.write_text(json.dumps(_config(folder, http_port, dicom_port, password), indent=2))
     pw_file = folder / "pacs-password"

@@ -308,8 +308,9 @@ def test_errors_name_the_reason(pacs: PacsConfig, orthanc: OrthancServer, tmp_pa
     assert (err.value.status, err.value.retry) == (404, False)
     wrong = tmp_path / "wrong"
     wrong.write_text("not-the-password")
-    with pytest.raises(PacsError, match="HTTP 401"):
+    with pytest.raises(PacsError, match="HTTP 401") as err:
         _header(_cfg(orthanc, password_file=wrong), CT)
+    assert err.value.retry  # an operator fixes the password; the items wait, not parked
 
 
 def test_a_malformed_object_is_refused_for_good(pacs: PacsConfig) -> None:

@@ -25,7 +25,7 @@ import base64
 import io
 import uuid
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -413,15 +413,27 @@ def _orientation(source: Dataset) -> tuple[str, str]:
     return out[0], out[1]
 
 
-def dicom_objects(source: Dataset, result: MedgeResult) -> list[Dataset]:
+def dicom_objects(
+    source: Dataset, result: MedgeResult, skipped: list[str] | None = None
+) -> list[Dataset]:
     """Every object the result makes: the SR always; the SEG for a mask with a contour; the SC
-    for a CAM."""
+    for a CAM. With ``skipped`` given, a SEG or SC that cannot be built (e.g. a SEG on a frame
+    of a cine) is left out and the reason appended to it, so that the SR still goes; without,
+    it raises :class:`DicomObjectError` like the SR."""
     out: list[Dataset] = [structured_report(source, result)]
+    optional: list[Callable[[Dataset, MedgeResult], Dataset]] = []
     mask = result.body.get("mask")
     if isinstance(mask, Mapping) and mask.get("contour"):
-        out.append(segmentation(source, result))
+        optional.append(segmentation)
     if isinstance(result.body.get("cam"), Mapping):
-        out.append(cam_capture(source, result))
+        optional.append(cam_capture)
+    for build in optional:
+        try:
+            out.append(build(source, result))
+        except DicomObjectError as exc:
+            if skipped is None:
+                raise
+            skipped.append(str(exc))
     return out
 
 

@@ -23,7 +23,9 @@ from edge_agent.errors import MedgeError, one_line
 
 __all__ = ["PacsConfig", "PacsError", "c_store", "describe", "fetch_header", "stow"]
 
-_RETRY_HTTP = {408, 425, 429, 500, 502, 503, 504}
+# what time or an operator can fix: the link, a busy PACS, its certificate, our credentials
+# (401/403: a wrong or expired password keeps the items waiting, not parked for good)
+_RETRY_HTTP = {401, 403, 408, 425, 429, 500, 502, 503, 504}
 _DIMSE_OK = {0x0000, 0xB000, 0xB006, 0xB007}  # success, and the three storage warnings
 
 
@@ -92,7 +94,7 @@ def _http(what: str, cfg: PacsConfig) -> Iterator[None]:
     try:
         yield
     except requests.exceptions.SSLError as exc:
-        raise PacsError(what, f"TLS failed with {cfg.url} ({_root(exc)})", False) from exc
+        raise PacsError(what, f"TLS failed with {cfg.url} ({_root(exc)})", True) from exc
     except requests.exceptions.ConnectionError as exc:
         raise PacsError(what, f"cannot connect to {cfg.url} ({_root(exc)})", True) from exc
     except requests.exceptions.Timeout as exc:
