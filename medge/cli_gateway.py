@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.errors import MedgeError
+from medge.cli_outputs import register_outputs
 from medge.cli_site import register_broker_config
 
 __all__ = [
@@ -158,7 +159,8 @@ def cmd_gateway_push_bundle(a: argparse.Namespace) -> int:
 
 
 def register(sub: Any, common: Callable[..., None]) -> None:
-    """Add `gateway` (run, check-config, push-bundle, broker-config) to the `medge` commands."""
+    """Add `gateway` (run, check-config, push-bundle, broker-config, outputs) to the `medge`
+    commands."""
     g = sub.add_parser(
         "gateway",
         help="the fog-node service",
@@ -169,6 +171,7 @@ def register(sub: Any, common: Callable[..., None]) -> None:
     _register_check(gsub, common)
     _register_push_bundle(gsub, common)
     register_broker_config(gsub, common)
+    register_outputs(gsub, common)
 
 
 def _register_run(gsub: Any, common: Callable[..., None]) -> None:

@@ -14,15 +14,18 @@ message time. ``next_try`` holds an item back after a failure that may pass (bac
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edge_agent.durable_queue import DurableQueue, priority
+from edge_agent.errors import MedgeError
 
-__all__ = ["ClinicalItem", "ClinicalOutbox", "ParkedItem"]
+__all__ = ["ClinicalItem", "ClinicalOutbox", "ParkedItem", "TargetSummary"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS clinical (
@@ -93,6 +96,22 @@ class ParkedItem:
     attempts: int
 
 
+@dataclass(frozen=True)
+class TargetSummary:
+    """One target's state, for an operator: how many items wait and are parked, when the
+    oldest waiting one was queued, and the next one to send with its attempts so far, when it
+    may be tried (``next_try``, epoch seconds; 0: now) and the last error it met."""
+
+    target: str
+    waiting: int
+    parked: int
+    oldest_queued: float | None = None  # None: nothing waits
+    next_item: ClinicalItem | None = None
+    attempts: int = 0
+    next_try: float = 0.0
+    last_error: str | None = None
+
+
 def _item(row: Any) -> ClinicalItem:
     target, site, device, seq, kind, t, bundle, body = row
     return ClinicalItem(target, site, device, int(seq), kind, float(t), bundle, json.loads(body))
@@ -107,6 +126,32 @@ class ClinicalOutbox:
         self._q = DurableQueue(
             self.path, _SCHEMA, "clinical", ("target", "site", "device", "seq"), _ORDER, timeout=30
         )
+
+    @classmethod
+    def open_existing(cls, path: Path) -> ClinicalOutbox:
+        """Open an outbox that is already there (an operator's command, beside a running
+        gateway): MedgeError when ``path`` is missing, unreadable or not a clinical outbox.
+        Creates nothing, not even the table in some other SQLite file."""
+        path = Path(path)
+        if not path.is_file():
+            raise MedgeError(
+                f"clinical outbox {path} does not exist (a gateway with outputs: creates it "
+                "when it starts)"
+            )
+        try:
+            uri = f"{path.resolve().as_uri()}?mode=ro"
+            with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30)) as db:
+                found = db.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type='table' AND name='clinical'"
+                ).fetchone()
+        except sqlite3.Error as exc:
+            raise MedgeError(f"clinical outbox {path}: cannot read it ({exc})") from exc
+        if found is None:
+            raise MedgeError(f"{path} is not a clinical outbox (it has no 'clinical' table)")
+        try:
+            return cls(path)
+        except sqlite3.Error as exc:
+            raise MedgeError(f"clinical outbox {path}: cannot open it ({exc})") from exc
 
     def __enter__(self) -> ClinicalOutbox:
         return self
@@ -201,6 +246,44 @@ class ClinicalOutbox:
                 (target, target, limit),
             ).fetchall()
         return [ParkedItem(_item(r[:8]), str(r[8]), int(r[9])) for r in rows]
+
+    def summary(self) -> list[TargetSummary]:
+        """Per target that has an item (waiting or parked), by target name: counts, when the
+        oldest waiting item was queued, and the next to send with its attempts and last error.
+        Reads only; one consistent snapshot."""
+        with self._q.lock:
+            db = self._q.db
+            db.execute("BEGIN")  # one read transaction: the counts and the heads agree
+            try:
+                rows = db.execute(
+                    "SELECT target, sum(parked IS NULL), sum(parked IS NOT NULL),"
+                    " min(CASE WHEN parked IS NULL THEN created END)"
+                    " FROM clinical GROUP BY target ORDER BY target"
+                ).fetchall()
+                heads = {
+                    t: db.execute(
+                        f"SELECT {_ITEM}, attempts, next_try, last_error FROM clinical"
+                        f" WHERE target=? AND parked IS NULL ORDER BY {_ORDER} LIMIT 1",
+                        (t,),
+                    ).fetchone()
+                    for t, *_ in rows
+                }
+            finally:
+                db.execute("COMMIT")
+        out = []
+        for target, waiting, parked, oldest in rows:
+            counts = (str(target), int(waiting), int(parked))
+            head = heads[target]
+            if head is None:
+                out.append(TargetSummary(*counts))
+                continue
+            attempts, next_try, error = head[8:]
+            out.append(
+                TargetSummary(
+                    *counts, float(oldest), _item(head[:8]), int(attempts), float(next_try), error
+                )
+            )
+        return out
 
     def unpark(self, target: str | None = None) -> int:
         """Make parked items (of ``target``, or all) wait to be sent again, at once; returns
