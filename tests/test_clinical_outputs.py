@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import highdicom as hd
 import pydicom
 import pytest
 from fhir_receiver import FhirReceiver, receiver_fixture
@@ -170,6 +171,7 @@ def test_a_cine_through_an_agent_reaches_the_pacs_once_per_frame_through_a_pacs_
         # one SR per result, exactly once, each about the frame its result came from (1-based)
         assert len(srs) == FRAMES and len({sr.SOPInstanceUID for sr in srs}) == FRAMES
         assert sorted(f for fs in frames for f in fs) == list(range(1, FRAMES + 1))
+        hd.sr.ComprehensiveSR.from_dataset(srs[0])  # highdicom reads it back as an SR
         for sr in srs:
             assert (
                 sr.PatientID == source.PatientID and sr.StudyInstanceUID == source.StudyInstanceUID
