@@ -16,7 +16,7 @@ from edge_agent.bundle import Bundle
 from edge_agent.config import AgentConfig
 from edge_agent.device_metrics import MetricsServer, device_families
 from edge_agent.envelope import Sealer
-from edge_agent.errors import MedgeError
+from edge_agent.errors import MedgeError, one_line
 from edge_agent.identity import (
     DEVICE_CERT,
     DEVICE_KEY,
@@ -29,6 +29,7 @@ from edge_agent.model import LoadedModel
 from edge_agent.model_slot import ModelSlot, Probation
 from edge_agent.outbox import Outbox
 from edge_agent.pipeline import build_graph
+from edge_agent.shadow import ShadowRun
 from edge_agent.source_ids import SourceSealer
 from edge_agent.sources import open_source
 from edge_agent.supervisor import Supervisor
@@ -39,6 +40,8 @@ from edge_agent.window import split_window
 __all__ = ["Agent", "AgentReport"]
 
 log = logging.getLogger("medge.agent")
+
+FLOAT_CHECK_BUDGET = 0.25  # the float check spends at most this share of the inference time
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,49 @@ class Agent:
         self._outbox: Outbox | None = None
         self._updater: Updater | None = None
         self.metrics_port: int | None = None  # where the metrics endpoint listens, once running
+        self._float: tuple[Bundle, ShadowRun | None] | None = None  # the float check, per bundle
+
+    def _compare_runs(self) -> list[ShadowRun]:
+        """What runs beside the published model: a rollout's candidate, the float check."""
+        runs = (
+            [] if self._updater is None or self._updater.shadow is None else [self._updater.shadow]
+        )
+        float_run = self._float_run()
+        return runs if float_run is None else [*runs, float_run]
+
+    def _float_run(self) -> ShadowRun | None:
+        """The float check of the running bundle (made again when the bundle changes)."""
+        share, bundle = self.cfg.float_check_share, self.bundle
+        if share <= 0:
+            return None
+        if self._float is not None and self._float[0] is bundle:
+            return self._float[1]
+        run, running, why = None, self.model.artifact, "it has no float (fp32) artifact"
+        floats = [
+            a for a in bundle.manifest.artifacts if a.precision == "fp32" and a is not running
+        ]
+        floats.sort(key=lambda a: a.runtime != running.runtime)  # this runtime's first
+        if running.precision == "fp32":
+            floats, why = [], "it runs the float artifact itself"
+        for art in floats:
+            try:
+                model = LoadedModel(bundle, art.runtime, self.cfg.threads, "fp32")
+            except MedgeError as exc:  # e.g. onnxruntime not installed for an ONNX fp32
+                why = str(exc)
+                continue
+            run = ShadowRun(model, share, FLOAT_CHECK_BUDGET, kind="float_check")
+            log.info(
+                "%s: float check of %s with its %s fp32 artifact on %.0f%% of samples",
+                self.cfg.device,
+                bundle.id,
+                art.runtime,
+                share * 100,
+            )
+            break
+        if run is None:
+            log.info("%s: no float check of %s: %s", self.cfg.device, bundle.id, one_line(why))
+        self._float = (bundle, run)
+        return run
 
     def _source_sealer(self) -> SourceSealer | None:
         """Seals the UIDs of DICOM sources to the fog node's source key, when the identity
@@ -201,6 +247,7 @@ class Agent:
             thumbnails=cfg.thumbnails,
             pictures_max_hz=cfg.pictures_max_hz,
             seal_source=self._source_sealer(),
+            compare=self._compare_runs,
         )
         link.on_command = updater.submit
         log.info("%s: running %s on %s", cfg.device, self.bundle.id, self.source.name)
@@ -279,6 +326,12 @@ class Agent:
         body["source_errors"] = dict(getattr(self.source, "errors", {}) or {})
         body["sent"] = self.sent
         body["bundle"] = self.bundle.id
+        shadow = self._updater.shadow if self._updater is not None else None
+        if shadow is not None:
+            body["shadow"] = shadow.snapshot()
+        checked = self._float[1] if self._float is not None else None
+        if checked is not None and self._float is not None and self._float[0] is self.bundle:
+            body["float_check"] = checked.snapshot()
         return body
 
     def _publish_telemetry(self, link: DeviceLink, outbox: Outbox) -> None:

@@ -163,6 +163,16 @@ class AgentConfig(_Strict):
         "every result (a fast model at thousands of samples a second then spends most of its "
         "time on pictures).",
     )
+    float_check_share: float = Field(
+        default=0.02,
+        ge=0,
+        le=1,
+        description="Where the running bundle also ships a float (fp32) artifact for this "
+        "runtime, run it on this share of samples too and report how often it agrees with "
+        "the quantized model (telemetry float_check), so a quantization problem on real "
+        "inputs is seen; at most a quarter of the quantized model's inference time is spent "
+        "on it. 0: off.",
+    )
 
     @field_validator("site", "device")
     @classmethod

@@ -64,6 +64,7 @@ class ModelSlot:
         self.failures: list[str] = []  # of the model on probation
         self._seen = 0
         self._pending: LoadedModel | None = None
+        self._pending_reason: str | None = None  # set: the offer is a commanded rollback
         self._lock = threading.Lock()
         self._recent: collections.deque[np.ndarray] = collections.deque(maxlen=_RECENT)
 
@@ -83,15 +84,24 @@ class ModelSlot:
         with self._lock:
             return list(self._recent)
 
-    def offer(self, model: LoadedModel) -> None:
+    def offer(self, model: LoadedModel, rollback: str | None = None) -> None:
+        """Swap ``model`` in before the next sample; with ``rollback`` (its reason) the swap is
+        a rollback the gateway commanded: reported as one, and not on probation."""
         with self._lock:
-            self._pending = model
+            self._pending, self._pending_reason = model, rollback
 
     def select(self, sample: Sample) -> LoadedModel:
         """The model ``sample`` runs on: a rollback or a swap happens here, before it."""
         with self._lock:
             new, self._pending = self._pending, None
+            commanded, self._pending_reason = self._pending_reason, None
             self._recent.append(sample.data)
+        if new is not None and commanded is not None:  # back to a known bundle, no probation
+            bad, self.current, self.previous = self.current, new, None
+            self.failures, self._seen = [], 0
+            if self._on_rollback is not None:
+                self._on_rollback(bad, new, commanded)
+            return self.current
         if self.previous is not None and len(self.failures) >= self.rollback_failures:
             bad, self.current, self.previous = self.current, self.previous, None
             reason = (

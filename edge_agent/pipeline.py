@@ -28,6 +28,7 @@ from edge_agent.events import EventTracker
 from edge_agent.graph import Graph, Operator, Work, reject
 from edge_agent.model import Model
 from edge_agent.pictures import PictureCap
+from edge_agent.shadow import Compare, ShadowRun
 from edge_agent.source_ids import SourceUids
 from edge_agent.sources.base import Sample
 from edge_agent.telemetry import PipelineStats
@@ -64,6 +65,7 @@ def build_graph(
     thumbnails: bool = True,
     pictures_max_hz: float | None = None,
     seal_source: SealSource | None = None,
+    compare: Callable[[], list[ShadowRun]] | None = None,
 ) -> Graph:
     """The agent's pipeline. ``source``: a source (or an iterable of samples); ``models``: the
     stage that binds each sample to its model (:class:`Bind`, or ``Probation`` over a slot).
@@ -71,7 +73,9 @@ def build_graph(
     heatmap, when the bundle has one; ``pictures_max_hz``: how many results a second carry
     them at most (:class:`edge_agent.pictures.PictureCap`; None: every result);
     ``seal_source``: seals a DICOM sample's UIDs into the result's ``source`` field
-    (:class:`edge_agent.source_ids.SourceSealer`; None: results carry none)."""
+    (:class:`edge_agent.source_ids.SourceSealer`; None: results carry none); ``compare``: the
+    models to run beside the published one on a share of samples (a rollout's candidate, the
+    float check: :mod:`edge_agent.shadow`), only counted."""
     cap = PictureCap(pictures_max_hz, stats, cam, thumbnails)
     preprocess, infer, decode = Preprocess(stats), Infer(stats, cam), Decode(stats, cam, cap)
     result, events = Result(thumbnails, seal_source), Events(emit, stats)
@@ -82,7 +86,12 @@ def build_graph(
     g.add_flow(models, preprocess)
     g.add_flow(preprocess, infer)
     g.add_flow(infer, decode)
-    g.add_flow(decode, result)
+    if compare is not None:
+        shadow = Compare(compare)
+        g.add_flow(decode, shadow)  # beside the published model, on the same samples
+        g.add_flow(shadow, result)
+    else:
+        g.add_flow(decode, result)
     g.add_flow(result, events)  # events close when the model changes
     g.add_flow(events, publish)  # into the outbox: a `block` edge, nothing dropped
     return g

@@ -235,7 +235,8 @@ _RESULT: dict[str, Field] = {
     "thumbnail": _opt(_thumbnail),
     "source": _opt(_sealed_source),
 }
-# what edge_agent.events (start/end) and the updater (applied/rejected/rolled_back) send
+# what edge_agent.events (start/end), the updater (applied/rejected/rolled_back) and the drift
+# monitor (edge_agent.drift: input_drift/signal_quality start/end) send
 _EVENT: dict[str, Field] = {
     "event": _text,
     "state": _text,
@@ -254,6 +255,12 @@ _EVENT: dict[str, Field] = {
     "previous": _opt(_text),
     "running": _opt(_text),
     "reason": _opt(_text),
+    # edge_agent.drift: input_drift / signal_quality warnings
+    "severity": _opt(_text),
+    "check": _opt(_text),
+    "value": _opt(_num),
+    "threshold": _opt(_num),
+    "message": _opt(_text),
 }
 
 
@@ -371,27 +378,43 @@ def _flag(v: Any, where: str) -> None:
         raise _bad(f"{where} must be true or false")
 
 
-_CMD_UPDATE_OPTIONAL: dict[str, Field] = {"allow_downgrade": _flag}
+def _fraction(v: Any, where: str) -> None:
+    if type(v) not in (int, float) or not 0 < v <= 1:
+        raise _bad(f"{where} must be a number in (0, 1]")
+
+
+def _budget(v: Any, where: str) -> None:
+    if type(v) not in (int, float) or not 0 < v <= 4:
+        raise _bad(f"{where} must be a number in (0, 4]")
+
+
+# per command: the fields it must have, and those it may have (edge_agent.update)
+_CMDS: dict[str, tuple[dict[str, Field], dict[str, Field]]] = {
+    "update-bundle": (_CMD_UPDATE, {"allow_downgrade": _flag}),
+    "shadow-bundle": (_CMD_UPDATE, {"share": _fraction, "cpu_budget": _budget}),
+    "shadow-stop": ({}, {}),
+    "rollback-bundle": ({}, {"to": _text}),
+}
 
 
 def parse_cmd(payload: bytes) -> dict[str, Any]:
     """The shape of a ``cmd`` message (edge_agent.update): an object with ``v``, ``cmd``,
-    ``site``, ``device``, ``issued_ms``, ``key_id``, ``sig`` (and ``url`` + ``sha256`` for
-    ``update-bundle``), nothing else; typed and bounded. The signature is update.py's to
-    check. EnvelopeError(SIZE/MALFORMED/SCHEMA) otherwise."""
+    ``site``, ``device``, ``issued_ms``, ``key_id``, ``sig``, and what its command needs
+    (``url`` + ``sha256`` for ``update-bundle`` and ``shadow-bundle``; optional
+    ``allow_downgrade``, ``share``, ``cpu_budget``, ``to``), nothing else; typed and bounded.
+    The signature is update.py's to check. EnvelopeError(SIZE/MALFORMED/SCHEMA) otherwise."""
     if len(payload) > MAX_CMD_BYTES:
         raise EnvelopeError(f"command of {len(payload)} bytes exceeds {MAX_CMD_BYTES}", Reason.SIZE)
     doc = loads_strict(payload, "command")
     if type(doc) is not dict:
         raise _bad("command must be a JSON object")
-    fields = dict(_CMD_COMMON)
-    if doc.get("cmd") == "update-bundle":
-        fields.update(_CMD_UPDATE)
+    kind = doc.get("cmd")
+    required, optional = _CMDS.get(kind, ({}, {})) if type(kind) is str else ({}, {})
+    fields = {**_CMD_COMMON, **required}
     for name, check in fields.items():
         if name not in doc:
             raise _bad(f"command lacks {name}")
         check(doc[name], f"command {name}")
-    optional = _CMD_UPDATE_OPTIONAL if doc.get("cmd") == "update-bundle" else {}
     for name, check in optional.items():
         if name in doc:
             check(doc[name], f"command {name}")

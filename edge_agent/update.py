@@ -51,6 +51,7 @@ from edge_agent.keys import key_id
 from edge_agent.model import LoadedModel
 from edge_agent.model_slot import ModelSlot, ProbationError, check_scores
 from edge_agent.schemas import parse_cmd
+from edge_agent.shadow import ShadowRun
 
 __all__ = [
     "COMMAND_VERSION",
@@ -73,12 +74,27 @@ class UpdateError(MedgeError):
     """An update command or bundle was refused; the message is the reason reported."""
 
 
+COMMANDS = ("update-bundle", "shadow-bundle", "shadow-stop", "rollback-bundle")
+SHADOW_SHARE = 0.25  # a shadow-bundle command without ``share``
+SHADOW_CPU_BUDGET = 0.5  # ... without ``cpu_budget``
+
+
 class UpdateCommand:
     def __init__(
-        self, url: str, sha256: str, issued_ms: int, signer: str, allow_downgrade: bool = False
+        self,
+        url: str,
+        sha256: str,
+        issued_ms: int,
+        signer: str,
+        allow_downgrade: bool = False,
+        cmd: str = "update-bundle",
+        share: float = SHADOW_SHARE,
+        cpu_budget: float = SHADOW_CPU_BUDGET,
+        to: str | None = None,
     ) -> None:
         self.url, self.sha256, self.issued_ms, self.signer = url, sha256, issued_ms, signer
-        self.allow_downgrade = allow_downgrade
+        self.allow_downgrade, self.cmd = allow_downgrade, cmd
+        self.share, self.cpu_budget, self.to = share, cpu_budget, to
 
 
 def version_key(version: str) -> tuple[int, ...]:
@@ -131,27 +147,37 @@ def _authenticate(
 def verify_command(
     payload: bytes, trusted: list[ed25519.Ed25519PublicKey], site: str, device: str
 ) -> UpdateCommand:
-    """Parse and authenticate an update command for this device; UpdateError says why not."""
+    """Parse and authenticate a command for this device (:data:`COMMANDS`); UpdateError says
+    why not."""
     doc, signer = _authenticate(payload, trusted)
-    if doc.get("v") != COMMAND_VERSION or doc.get("cmd") != "update-bundle":
-        raise UpdateError(
-            one_line(f"unsupported command {doc.get('cmd')!r} version {doc.get('v')!r}")
-        )
+    kind = doc.get("cmd")
+    if doc.get("v") != COMMAND_VERSION or kind not in COMMANDS:
+        raise UpdateError(one_line(f"unsupported command {kind!r} version {doc.get('v')!r}"))
     if (doc.get("site"), doc.get("device")) != (site, device):
         raise UpdateError(
             one_line(f"command is for {doc.get('site')!r}/{doc.get('device')!r}, not this device")
         )
-    url, digest, issued = doc.get("url"), doc.get("sha256"), doc.get("issued_ms")
+    issued = doc.get("issued_ms")
+    if not isinstance(issued, int):
+        raise UpdateError("command issued_ms must be an integer")
+    if kind == "shadow-stop":
+        return UpdateCommand("", "", issued, signer, cmd=kind)
+    if kind == "rollback-bundle":
+        to = doc.get("to")
+        return UpdateCommand(
+            "", "", issued, signer, cmd=kind, to=to if isinstance(to, str) else None
+        )
+    url, digest = doc.get("url"), doc.get("sha256")
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
         raise UpdateError("command url must be http:// or https://")
     if not isinstance(digest, str) or len(digest) != 64:
         raise UpdateError("command sha256 must be 64 hex digits")
-    if not isinstance(issued, int):
-        raise UpdateError("command issued_ms must be an integer")
     allow = doc.get("allow_downgrade", False)
     if not isinstance(allow, bool):
         raise UpdateError("command allow_downgrade must be true or false")
-    return UpdateCommand(url, digest.lower(), issued, signer, allow)
+    share = float(doc.get("share", SHADOW_SHARE))  # typed and bounded by parse_cmd
+    budget = float(doc.get("cpu_budget", SHADOW_CPU_BUDGET))
+    return UpdateCommand(url, digest.lower(), issued, signer, allow, kind, share, budget)
 
 
 class Updater:
@@ -177,6 +203,8 @@ class Updater:
         self.report, self.load, self.current_link = report, load, current_link
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
         self._before_swap: Path | None = None  # where the link pointed before the last swap
+        self.shadow: ShadowRun | None = None  # a candidate run beside the current model
+        self._kind: str | None = None
         self._thread = threading.Thread(target=self._run, name=f"update-{device}", daemon=True)
 
     def __enter__(self) -> Updater:
@@ -201,6 +229,7 @@ class Updater:
 
     def _run(self) -> None:
         while (payload := self._queue.get()) is not None:
+            self._kind = None  # the command being handled, once it parses
             try:
                 self.handle(payload)
             except Exception as exc:  # one bad command (10,000 levels deep...) is rejected only
@@ -209,6 +238,7 @@ class Updater:
                 self.report(
                     {
                         "update": "rejected",
+                        "cmd": self._kind,
                         "bundle": getattr(exc, "bundle", None),
                         "running": self.slot.bundle.id,
                         "reason": one_line(why),
@@ -217,8 +247,33 @@ class Updater:
 
     def handle(self, payload: bytes) -> None:
         cmd = verify_command(payload, self.trusted, self.site, self.device)
+        self._kind = cmd.cmd
         if cmd.issued_ms <= self._last_issued():
             raise UpdateError("command is not newer than the last applied one (replayed?)")
+        if cmd.cmd == "shadow-stop":
+            self._remember(cmd.issued_ms)
+            if not self._stop_shadow("commanded"):
+                raise UpdateError("no shadow run to stop")
+            return
+        if cmd.cmd == "rollback-bundle":
+            self._rollback(cmd)
+            return
+        if cmd.cmd == "update-bundle":
+            self._stop_shadow("update")  # an update ends any shadow run first
+        final, bundle, model = self._install(cmd)
+        if cmd.cmd == "shadow-bundle":
+            self._remember(cmd.issued_ms)
+            self._start_shadow(ShadowRun(model, cmd.share, cmd.cpu_budget))
+            return
+        running = self.slot.bundle
+        previous = {"id": running.id, "dir": str(running.directory.resolve())}
+        self._remember(cmd.issued_ms, bundle=bundle.id, previous=previous)
+        self._persist(final)  # first, so a quick rollback cannot be undone by it
+        self.slot.offer(model)  # the pipeline swaps it in before its next sample
+
+    def _install(self, cmd: UpdateCommand) -> tuple[Path, Bundle, LoadedModel]:
+        """Fetch, unpack, verify (exactly as at start), refuse a downgrade (updates only),
+        place under bundles/ and self-test the command's bundle."""
         self.bundles.mkdir(parents=True, exist_ok=True)
         incoming = self.bundles / f".incoming-{cmd.sha256[:16]}"
         shutil.rmtree(incoming, ignore_errors=True)
@@ -231,7 +286,8 @@ class Updater:
             if bundle.id == running.id:
                 raise UpdateError(f"bundle {bundle.id} is already running")
             new_v, old_v = bundle.manifest.version, running.manifest.version
-            if is_downgrade(new_v, old_v) and not cmd.allow_downgrade:
+            downgrade = is_downgrade(new_v, old_v) and cmd.cmd == "update-bundle"
+            if downgrade and not cmd.allow_downgrade:
                 err = UpdateError(
                     one_line(
                         f"bundle {bundle.id} is older than the running {running.id} (version "
@@ -252,9 +308,64 @@ class Updater:
         except MedgeError as exc:  # BundleError, BackendError: the bundle's own fault
             shutil.rmtree(incoming, ignore_errors=True)
             raise UpdateError(str(exc)) from exc
-        self._state.write_text(json.dumps({"issued_ms": cmd.issued_ms, "bundle": bundle.id}))
-        self._persist(final)  # first, so a quick rollback cannot be undone by it
-        self.slot.offer(model)  # the pipeline swaps it in before its next sample
+        return final, bundle, model
+
+    # -- shadow runs: a candidate beside the running model (edge_agent.shadow) ----------------
+    def _start_shadow(self, run: ShadowRun) -> None:
+        self._stop_shadow("replaced")
+        self.shadow = run
+        log.info(
+            "%s: shadowing %s on %.0f%% of samples (CPU budget %.2gx)",
+            self.device,
+            run.bundle_id,
+            run.share * 100,
+            run.cpu_budget,
+        )
+        self.report(
+            {
+                "update": "shadow",
+                "bundle": run.bundle_id,
+                "running": self.slot.bundle.id,
+                "share": run.share,
+                "cpu_budget": run.cpu_budget,
+            }
+        )
+
+    def _stop_shadow(self, why: str) -> bool:
+        """End the shadow run, if any (its bundle is deleted unless it runs); True if one ran."""
+        run, self.shadow = self.shadow, None
+        if run is None:
+            return False
+        where = run.model.bundle.directory
+        if self.bundles in where.resolve().parents and where.resolve() != self._running_dir():
+            shutil.rmtree(where, ignore_errors=True)
+        log.info(
+            "%s: shadow run of %s ended (%s): %s", self.device, run.bundle_id, why, run.snapshot()
+        )
+        self.report({"update": "shadow_stopped", "bundle": run.bundle_id, "reason": why})
+        return True
+
+    def _running_dir(self) -> Path:
+        return self.slot.bundle.directory.resolve()
+
+    # -- a rollback the gateway commands (a rollout aborted) ----------------------------------
+    def _rollback(self, cmd: UpdateCommand) -> None:
+        previous = self._read_state().get("previous") or {}
+        pid, pdir, running = previous.get("id"), previous.get("dir"), self.slot.bundle
+        if cmd.to is not None and cmd.to == running.id:
+            raise UpdateError(f"bundle {cmd.to} is already running")
+        if not isinstance(pid, str) or not isinstance(pdir, str):
+            raise UpdateError("no previous bundle to go back to")
+        if cmd.to is not None and cmd.to != pid:
+            raise UpdateError(one_line(f"the previous bundle is {pid}, not {cmd.to}"))
+        try:
+            bundle = Bundle.load(Path(pdir), trusted=self.trusted)
+        except MedgeError as exc:
+            raise UpdateError(one_line(f"previous bundle {pid}: {exc}")) from exc
+        model = self._self_test(bundle, delete=False)  # never delete the bundle we go back to
+        self._stop_shadow("rollback")
+        self._remember(cmd.issued_ms, bundle=bundle.id, previous=None)
+        self.slot.offer(model, rollback="commanded by the gateway")
 
     def _fetch(self, cmd: UpdateCommand, dest: Path) -> Path:
         h = hashlib.sha256()
@@ -273,10 +384,10 @@ class Updater:
             raise UpdateError(f"archive sha256 {h.hexdigest()[:16]}... does not match the command")
         return dest
 
-    def _self_test(self, bundle: Bundle) -> LoadedModel:
+    def _self_test(self, bundle: Bundle, delete: bool = True) -> LoadedModel:
         """Open it on this device's backend and run it on the last few inputs (or a zero input
         of the declared shape before any): every sample prepares, outputs are finite and as
-        wide as the labels."""
+        wide as the labels. A bundle that fails is deleted (``delete``)."""
         try:
             model = self.load(bundle)
             inputs = self.slot.recent()
@@ -286,10 +397,12 @@ class Updater:
                 check_scores(model.predict(x), len(bundle.manifest.labels))
         except UpdateError as exc:
             exc.bundle = bundle.id  # type: ignore[attr-defined]
-            shutil.rmtree(bundle.directory, ignore_errors=True)
+            if delete:
+                shutil.rmtree(bundle.directory, ignore_errors=True)
             raise
         except (MedgeError, ValueError) as exc:
-            shutil.rmtree(bundle.directory, ignore_errors=True)
+            if delete:
+                shutil.rmtree(bundle.directory, ignore_errors=True)
             err = UpdateError(f"self-test: {exc}")
             err.bundle = bundle.id  # type: ignore[attr-defined]
             raise err from exc
@@ -309,6 +422,9 @@ class Updater:
             tmp.replace(link)
         if self.bundles in bad.directory.resolve().parents:
             shutil.rmtree(bad.directory, ignore_errors=True)
+        state = self._read_state()
+        if state.get("previous", {}) and state["previous"].get("id") == restored.id:
+            self._remember(self._last_issued(), bundle=restored.id, previous=None)
 
     def _persist(self, final: Path) -> None:
         link = self.current_link
@@ -326,11 +442,27 @@ class Updater:
             if old.is_dir() and old.resolve() not in keep and not old.name.startswith("."):
                 shutil.rmtree(old, ignore_errors=True)
 
+    def _read_state(self) -> dict[str, Any]:
+        try:
+            state = json.loads(self._state.read_text())
+        except (OSError, ValueError):
+            return {}
+        return state if isinstance(state, dict) else {}
+
     def _last_issued(self) -> int:
         try:
-            return int(json.loads(self._state.read_text())["issued_ms"])
-        except (OSError, ValueError, KeyError, TypeError):
+            return int(self._read_state()["issued_ms"])
+        except (ValueError, KeyError, TypeError):
             return 0
+
+    def _remember(self, issued_ms: int, **fields: Any) -> None:
+        """update.json: the last command's time (every command: none can be replayed) and
+        what the last update changed (``bundle``, ``previous``: id and folder)."""
+        state = {**self._read_state(), **fields, "issued_ms": issued_ms}
+        tmp = self._state.with_name(self._state.name + ".new")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(state))
+        tmp.replace(self._state)
 
 
 def _unpack(archive: Path, dest: Path) -> None:

@@ -26,7 +26,15 @@ from edge_agent.mqtt_session import MqttSession
 from edge_agent.topics import topic
 from edge_agent.update import COMMAND_VERSION, sign_command
 
-__all__ = ["BundleServer", "pack_bundle", "publish_command", "push_bundle", "update_command"]
+__all__ = [
+    "BundleServer",
+    "command",
+    "issued_ms",
+    "pack_bundle",
+    "publish_command",
+    "push_bundle",
+    "update_command",
+]
 
 log = logging.getLogger("medge.gateway.ota")
 
@@ -43,6 +51,40 @@ def pack_bundle(bundle_dir: Path, out_dir: Path) -> tuple[Path, str]:
     return out, hashlib.sha256(out.read_bytes()).hexdigest()
 
 
+class _Issued:
+    """``issued_ms`` of commands: the time in ms, strictly increasing within this process."""
+
+    def __init__(self) -> None:
+        self._lock, self._last = threading.Lock(), 0
+
+    def __call__(self) -> int:
+        with self._lock:
+            self._last = max(time.time_ns() // 1_000_000, self._last + 1)
+            return self._last
+
+
+issued_ms = _Issued()
+"""A command's ``issued_ms``: a device refuses a command not newer than the last it took, so
+two commands sent within one millisecond must still differ."""
+
+
+def command(
+    key: ed25519.Ed25519PrivateKey, site: str, device: str, cmd: str, **fields: Any
+) -> bytes:
+    """A signed command for one device (``key``: the site's bundle signer): ``update-bundle``
+    and ``shadow-bundle`` (url, sha256; share, cpu_budget), ``shadow-stop``,
+    ``rollback-bundle`` (to); the agent's :mod:`edge_agent.update` says what each does."""
+    body = {
+        "v": COMMAND_VERSION,
+        "cmd": cmd,
+        "site": site,
+        "device": device,
+        "issued_ms": issued_ms(),
+        **{k: v for k, v in fields.items() if v is not None},
+    }
+    return sign_command(body, key)
+
+
 def update_command(
     key: ed25519.Ed25519PrivateKey,
     site: str,
@@ -52,19 +94,12 @@ def update_command(
     allow_downgrade: bool = False,
 ) -> bytes:
     """A signed update command for one device (``key``: the site's bundle signer);
-    ``allow_downgrade``: the device may install a bundle older than the one it runs."""
-    body = {
-        "v": COMMAND_VERSION,
-        "cmd": "update-bundle",
-        "site": site,
-        "device": device,
-        "url": url,
-        "sha256": sha256,
-        "issued_ms": time.time_ns() // 1_000_000,
-    }
-    if allow_downgrade:  # only then: an agent that predates the field still takes the rest
-        body["allow_downgrade"] = True
-    return sign_command(body, key)
+    ``allow_downgrade``: the device may install a bundle older than the one it runs (only
+    then is the field sent: an agent that predates it still takes the rest)."""
+    allow = True if allow_downgrade else None
+    return command(
+        key, site, device, "update-bundle", url=url, sha256=sha256, allow_downgrade=allow
+    )
 
 
 def publish_command(
