@@ -27,6 +27,7 @@ from converter.budget import append_markdown
 from converter.data import Data, class_outputs
 from converter.inputs import source_bytes, source_sha256
 from converter.metrics import output_snr_db, roc_curve
+from converter.reference import reference_for
 from converter.regression import vs_float
 from converter.report import write_html, write_markdown
 from converter.request import ConvertRequest
@@ -41,6 +42,7 @@ from edge_agent.bundle import (
     FeatureStage,
     Manifest,
     Provenance,
+    Reference,
     file_entry,
     sign_bundle,
     write_manifest,
@@ -146,9 +148,11 @@ def write_bundle_manifest(
     provenance: Provenance,
     cam: CamSpec | None = None,
     feature: FeatureStage | None = None,
+    reference: Reference | None = None,
 ) -> None:
     """The manifest of what ``stage`` holds (every file hashed), versioned by the time now;
-    a bundle with a feature stage says schema 2.0 (edge_agent.bundle.CHAIN_SCHEMA_VERSION)."""
+    a bundle with a feature stage says schema 2.0 (edge_agent.bundle.CHAIN_SCHEMA_VERSION).
+    ``reference``: the inputs' and scores' summary for the device's drift monitor."""
     files = {
         p.name: file_entry(p)
         for p in sorted(stage.iterdir())
@@ -173,6 +177,7 @@ def write_bundle_manifest(
         cam=cam,
         window=req.window,
         feature=feature,
+        reference=reference,
     )
     write_manifest(stage, manifest)
 
@@ -207,6 +212,8 @@ class Built:
     cam: CamSpec | None = None
     report: dict[str, Any] = field(default_factory=dict)  # extra report sections
     feature: FeatureStage | None = None  # a chained bundle's per-frame model (converter.chain)
+    # the float model's outputs on each recording's windows, when there are recordings
+    float_streams: list[np.ndarray] | None = None
 
 
 def _agreement(data: Data, ref: np.ndarray, got: np.ndarray) -> float:
@@ -274,8 +281,32 @@ def finish(
         provenance=provenance(source_sha256(req.model), fmt, data.xc, built.strategy),
         cam=built.cam,
         feature=built.feature,
+        reference=_reference(data, built),
     )
     return publish(stage, req, warnings)
+
+
+def _reference(data: Data, built: Built) -> Reference | None:
+    """converter.reference: the recordings' windows (else the calibration samples) and the
+    float model's scores on them (else on the evaluation samples)."""
+    recordings = [s.x for s in data.streams]
+    scores, source = None, "evaluation"
+    if data.task == "classification":
+        if recordings and built.float_streams is not None:
+            outs, source = np.concatenate(built.float_streams), "recordings"
+        else:
+            outs = built.float_outs
+        scores = class_outputs(data, outs)
+    return reference_for(
+        built.artifacts[0],
+        built.feature is not None,
+        data.xc,
+        recordings,
+        scores,
+        source,
+        data.labels,
+        data.positive,
+    )
 
 
 def _bytes(stage: Path, art: Artifact, feature: FeatureStage | None) -> int:

@@ -99,6 +99,8 @@ def convert(req: ConvertRequest) -> Bundle:
         if data.streams:
             float_streams = _split_streams(data, work) if fmt != "onnx" else None
             built.report["events"] = _event_section(req, data, built, float_streams)
+            # an ONNX source: its fp32 artifact is the float model
+            built.float_streams = float_streams or built.scored["onnx-fp32"].streams
         for w in calibration_warnings(req.model, data, work):
             if w not in warnings:
                 warnings.append(w)

@@ -30,6 +30,7 @@ from converter.data import prepare
 from converter.errors import ConversionError
 from converter.layout import RANK_LAYOUTS
 from converter.metrics import classification_metrics
+from converter.reference import reference_for
 from converter.request import ConvertRequest
 from converter.scoring import class_scores, run_artifact, stream_outputs
 from converter.stream_eval import StreamWindows, event_scalars, score_streams
@@ -38,6 +39,7 @@ from edge_agent.bundle import (
     Artifact,
     Bundle,
     Decode,
+    Reference,
     file_entry,
 )
 
@@ -142,7 +144,7 @@ def wrap(
     with staging(req.out) as stage:
         shutil.copyfile(req.model, stage / file)
 
-        def manifest(metrics: dict[str, Any]) -> None:
+        def manifest(metrics: dict[str, Any], reference: Reference | None = None) -> None:
             write_bundle_manifest(
                 stage,
                 req,
@@ -153,6 +155,7 @@ def wrap(
                 artifacts=[artifact],
                 metrics=metrics,
                 provenance=provenance(file_entry(req.model).sha256, suffix[1:], xc, "wrapped"),
+                reference=reference,
             )
 
         manifest({})
@@ -194,5 +197,17 @@ def wrap(
             )
             report[variant].update(event_scalars(report["events"], variant))
         write_reports(stage, report)
-        manifest({variant: scalars(report[variant])})
+        # the reference's scores: the wrapped model's own (there is no float model)
+        on = (np.concatenate(windows), "recordings") if streams else (outs, "evaluation")
+        ref = reference_for(
+            artifact,
+            False,
+            xc,
+            [s.x for s in streams],
+            class_scores(on[0], decode, labels, positive),
+            on[1],
+            labels,
+            positive,
+        )
+        manifest({variant: scalars(report[variant])}, ref)
         return publish(stage, req, [])

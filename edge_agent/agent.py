@@ -15,6 +15,7 @@ from typing import Any
 from edge_agent.bundle import Bundle
 from edge_agent.config import AgentConfig
 from edge_agent.device_metrics import MetricsServer, device_families
+from edge_agent.drift import WatchInputs
 from edge_agent.envelope import Sealer
 from edge_agent.errors import MedgeError, one_line
 from edge_agent.identity import (
@@ -73,6 +74,8 @@ class Agent:
         self._updater: Updater | None = None
         self.metrics_port: int | None = None  # where the metrics endpoint listens, once running
         self._float: tuple[Bundle, ShadowRun | None] | None = None  # the float check, per bundle
+        # input drift and signal quality against the bundle's reference (edge_agent.drift)
+        self._watch = WatchInputs(self._emit, cfg.drift) if cfg.drift is not None else None
 
     def _compare_runs(self) -> list[ShadowRun]:
         """What runs beside the published model: a rollout's candidate, the float check."""
@@ -248,6 +251,7 @@ class Agent:
             pictures_max_hz=cfg.pictures_max_hz,
             seal_source=self._source_sealer(),
             compare=self._compare_runs,
+            watch=self._watch,
         )
         link.on_command = updater.submit
         log.info("%s: running %s on %s", cfg.device, self.bundle.id, self.source.name)
@@ -326,6 +330,9 @@ class Agent:
         body["source_errors"] = dict(getattr(self.source, "errors", {}) or {})
         body["sent"] = self.sent
         body["bundle"] = self.bundle.id
+        inputs = self._watch.snapshot() if self._watch is not None else None
+        if inputs is not None:
+            body["inputs"] = inputs
         shadow = self._updater.shadow if self._updater is not None else None
         if shadow is not None:
             body["shadow"] = shadow.snapshot()

@@ -28,14 +28,18 @@ __all__ = [
     "Artifact",
     "Bundle",
     "CamSpec",
+    "ChannelSummary",
     "Decode",
     "EventRule",
     "FeatureStage",
     "FileEntry",
+    "ImageSummary",
     "Manifest",
     "Preprocess",
     "Provenance",
     "Quantization",
+    "Reference",
+    "ScoreSummary",
     "TensorRTBuild",
     "TensorSpec",
     "WindowSpec",
@@ -45,9 +49,9 @@ __all__ = [
 ]
 
 # 1.1 added the optional artifact.tensorrt and cam fields; 1.2 the segmentation and
-# image-to-image tasks, decode.events and window; 1.3 decode.events[].severity (all optional,
-# defaults as before)
-SCHEMA_VERSION = "1.3"
+# image-to-image tasks, decode.events and window; 1.3 decode.events[].severity; 1.4 reference
+# (all optional, defaults as before)
+SCHEMA_VERSION = "1.4"
 # a bundle with a feature stage (a per-frame model in front of the artifacts) says 2.0, so an
 # agent that does not know the stage refuses it by its version instead of feeding raw frames
 # to the temporal model; this agent reads both
@@ -251,6 +255,94 @@ class Provenance(_Model):
     strategy: str | None = Field(default=None, description="Which conversion strategy won.")
 
 
+class ChannelSummary(_Model):
+    """One channel of a signal's reference samples, before preprocessing (schema 1.4)."""
+
+    mean: float = Field(description="Mean of every value of the channel.")
+    std: float = Field(ge=0, description="Standard deviation of every value of the channel.")
+    quantiles: list[float] = Field(
+        description="Quantiles of every value, at the reference's quantile_levels."
+    )
+    window_std: list[float] = Field(
+        min_length=2,
+        max_length=2,
+        description="The channel's std within one sample: [1st percentile, median] over samples.",
+    )
+    rail_share: float = Field(
+        ge=0,
+        le=1,
+        description="The largest share of one sample's values at its own maximum or minimum "
+        "(the clipping the reference data already had).",
+    )
+    psi_edges: list[float] = Field(
+        min_length=1, description="Bin edges of the drift index: the 0.1, 1, 99, 99.9 % quantiles."
+    )
+    psi_shares: list[float] = Field(
+        min_length=2, description="Share of the reference's values in each of those bins."
+    )
+
+
+class ImageSummary(_Model):
+    """Pixel intensities of the reference images (or clip frames), before preprocessing."""
+
+    range: list[float] = Field(
+        min_length=2, max_length=2, description="[low, high] of the intensity histogram."
+    )
+    histogram: list[float] = Field(
+        min_length=2,
+        description="Share of pixel values in each equal bin over range (values outside it "
+        "count in the end bins).",
+    )
+    mean: float = Field(description="Mean pixel value.")
+    std: float = Field(ge=0, description="Standard deviation of the pixel values.")
+    clip: bool = Field(
+        default=False,
+        description="Samples are clips of frames (T, H, W[, C]): the last one counts.",
+    )
+
+
+class ScoreSummary(_Model):
+    """What the float model said on the reference data: a classifier's score distribution."""
+
+    score_of: str = Field(description="The label whose score is binned, or 'top' (the highest).")
+    histogram: list[float] = Field(
+        min_length=2, description="Share of samples in each equal bin of the score over [0, 1]."
+    )
+    class_frequencies: dict[str, float] = Field(
+        description="Share of samples predicted as each label."
+    )
+    count: int = Field(ge=1, description="Samples the scores come from.")
+    source: Literal["evaluation", "recordings"] = Field(
+        description="evaluation: the held-out evaluation samples; recordings: the request's "
+        "recordings cut into windows."
+    )
+
+
+class Reference(_Model):
+    """What the inputs and scores looked like when the model was validated (schema 1.4,
+    optional): the agent's drift monitor (edge_agent.drift) compares live samples, as the
+    source gives them (before preprocessing), with it."""
+
+    kind: Literal["signal", "image"] = Field(
+        description="signal: (L, C) windows, per channel; image: pixel intensities."
+    )
+    source: Literal["calibration", "recordings"] = Field(
+        description="Which samples the inputs summary describes: the calibration samples, or "
+        "the request's recordings cut into windows (the units a device's source gives)."
+    )
+    count: int = Field(ge=1, description="Samples the inputs summary describes.")
+    quantile_levels: list[float] = Field(
+        default_factory=list, description="Levels of each channel's quantiles."
+    )
+    channels: list[ChannelSummary] = Field(
+        default_factory=list, description="signal: one summary per channel (at most 32)."
+    )
+    image: ImageSummary | None = Field(default=None, description="image: the intensities.")
+    scores: ScoreSummary | None = Field(
+        default=None, description="classification: the float model's scores."
+    )
+
+
 class Manifest(_Model):
     """``manifest.json``: everything a device needs to know to run the bundle's artifacts.
 
@@ -289,6 +381,10 @@ class Manifest(_Model):
     feature: FeatureStage | None = Field(
         default=None,
         description="Optional: a per-frame model whose outputs, windowed, are the input (2.0).",
+    )
+    reference: Reference | None = Field(
+        default=None,
+        description="Optional: what inputs and scores looked like on the reference data (1.4).",
     )
 
     @property

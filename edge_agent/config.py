@@ -8,6 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from edge_agent.drift import DriftSettings
 from edge_agent.errors import ConfigError, one_line
 from edge_agent.sources import SOURCE_KINDS, SourceConfig
 from edge_agent.topics import check_name
@@ -162,6 +163,13 @@ class AgentConfig(_Strict):
         "always does. Results left without are counted (telemetry pictures.capped). null: "
         "every result (a fast model at thousands of samples a second then spends most of its "
         "time on pictures).",
+    )
+    drift: DriftSettings | None = Field(
+        default_factory=DriftSettings,
+        description="Watch the inputs and scores against the bundle's reference (its "
+        "calibration data's summary) and check signal quality; warnings go out as "
+        "input_drift / signal_quality events, state in telemetry inputs (docs/device.md). "
+        "null: off.",
     )
     float_check_share: float = Field(
         default=0.02,

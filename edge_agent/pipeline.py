@@ -23,6 +23,7 @@ import numpy as np
 
 from edge_agent.cam import cam_body
 from edge_agent.decode import Classification, Decoded, ImageResult, Segmentation
+from edge_agent.drift import WatchInputs
 from edge_agent.errors import MedgeError
 from edge_agent.events import EventTracker
 from edge_agent.graph import Graph, Operator, Work, reject
@@ -66,6 +67,7 @@ def build_graph(
     pictures_max_hz: float | None = None,
     seal_source: SealSource | None = None,
     compare: Callable[[], list[ShadowRun]] | None = None,
+    watch: WatchInputs | None = None,
 ) -> Graph:
     """The agent's pipeline. ``source``: a source (or an iterable of samples); ``models``: the
     stage that binds each sample to its model (:class:`Bind`, or ``Probation`` over a slot).
@@ -75,7 +77,9 @@ def build_graph(
     ``seal_source``: seals a DICOM sample's UIDs into the result's ``source`` field
     (:class:`edge_agent.source_ids.SourceSealer`; None: results carry none); ``compare``: the
     models to run beside the published one on a share of samples (a rollout's candidate, the
-    float check: :mod:`edge_agent.shadow`), only counted."""
+    float check: :mod:`edge_agent.shadow`), only counted; ``watch``: the input drift and
+    signal-quality monitor (:class:`edge_agent.drift.WatchInputs`), whose warnings go out as
+    events."""
     cap = PictureCap(pictures_max_hz, stats, cam, thumbnails)
     preprocess, infer, decode = Preprocess(stats), Infer(stats, cam), Decode(stats, cam, cap)
     result, events = Result(thumbnails, seal_source), Events(emit, stats)
@@ -92,7 +96,11 @@ def build_graph(
         g.add_flow(shadow, result)
     else:
         g.add_flow(decode, result)
-    g.add_flow(result, events)  # events close when the model changes
+    if watch is not None:
+        g.add_flow(result, watch)  # drift and signal quality, per bundle
+        g.add_flow(watch, events)
+    else:
+        g.add_flow(result, events)  # events close when the model changes
     g.add_flow(events, publish)  # into the outbox: a `block` edge, nothing dropped
     return g
 

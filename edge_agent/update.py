@@ -76,6 +76,7 @@ class UpdateError(MedgeError):
 
 COMMANDS = ("update-bundle", "shadow-bundle", "shadow-stop", "rollback-bundle")
 SHADOW_SHARE = 0.25  # a shadow-bundle command without ``share``
+COMMANDED = "commanded"  # the reason of a rolled_back event the gateway asked for
 SHADOW_CPU_BUDGET = 0.5  # ... without ``cpu_budget``
 
 
@@ -208,6 +209,7 @@ class Updater:
         self._thread = threading.Thread(target=self._run, name=f"update-{device}", daemon=True)
 
     def __enter__(self) -> Updater:
+        self._resume_shadow()
         self._thread.start()
         return self
 
@@ -311,9 +313,15 @@ class Updater:
         return final, bundle, model
 
     # -- shadow runs: a candidate beside the running model (edge_agent.shadow) ----------------
-    def _start_shadow(self, run: ShadowRun) -> None:
-        self._stop_shadow("replaced")
+    def _start_shadow(self, run: ShadowRun, resumed: bool = False) -> None:
+        if not resumed:
+            self._stop_shadow("replaced")
         self.shadow = run
+        # kept across a restart of the agent: the rollout waits for its samples
+        where = str(run.model.bundle.directory.resolve())
+        self._remember(
+            None, shadow={"dir": where, "share": run.share, "cpu_budget": run.cpu_budget}
+        )
         log.info(
             "%s: shadowing %s on %.0f%% of samples (CPU budget %.2gx)",
             self.device,
@@ -328,14 +336,35 @@ class Updater:
                 "running": self.slot.bundle.id,
                 "share": run.share,
                 "cpu_budget": run.cpu_budget,
+                **({"resumed": True} if resumed else {}),
             }
         )
+
+    def _resume_shadow(self) -> None:
+        """At start: the shadow run the agent had before it stopped, if its bundle is still
+        here and still passes (signature, hashes, self-test); else it is told and dropped."""
+        kept = self._read_state().get("shadow")
+        if not isinstance(kept, dict):
+            return
+        try:
+            bundle = Bundle.load(Path(str(kept.get("dir"))), trusted=self.trusted)
+            model = self._self_test(bundle, delete=False)
+            run = ShadowRun(model, float(kept["share"]), float(kept["cpu_budget"]))
+        except (MedgeError, KeyError, TypeError, ValueError) as exc:
+            self._remember(None, shadow=None)
+            why = one_line(f"shadow run not resumed: {exc}")
+            log.warning("%s: %s", self.device, why)
+            self.report({"update": "rejected", "cmd": "shadow-bundle", "bundle": None,
+                         "running": self.slot.bundle.id, "reason": why})  # fmt: skip
+            return
+        self._start_shadow(run, resumed=True)
 
     def _stop_shadow(self, why: str) -> bool:
         """End the shadow run, if any (its bundle is deleted unless it runs); True if one ran."""
         run, self.shadow = self.shadow, None
         if run is None:
             return False
+        self._remember(None, shadow=None)
         where = run.model.bundle.directory
         if self.bundles in where.resolve().parents and where.resolve() != self._running_dir():
             shutil.rmtree(where, ignore_errors=True)
@@ -365,7 +394,7 @@ class Updater:
         model = self._self_test(bundle, delete=False)  # never delete the bundle we go back to
         self._stop_shadow("rollback")
         self._remember(cmd.issued_ms, bundle=bundle.id, previous=None)
-        self.slot.offer(model, rollback="commanded by the gateway")
+        self.slot.offer(model, rollback=COMMANDED)
 
     def _fetch(self, cmd: UpdateCommand, dest: Path) -> Path:
         h = hashlib.sha256()
@@ -424,7 +453,7 @@ class Updater:
             shutil.rmtree(bad.directory, ignore_errors=True)
         state = self._read_state()
         if state.get("previous", {}) and state["previous"].get("id") == restored.id:
-            self._remember(self._last_issued(), bundle=restored.id, previous=None)
+            self._remember(None, bundle=restored.id, previous=None)
 
     def _persist(self, final: Path) -> None:
         link = self.current_link
@@ -455,10 +484,13 @@ class Updater:
         except (ValueError, KeyError, TypeError):
             return 0
 
-    def _remember(self, issued_ms: int, **fields: Any) -> None:
-        """update.json: the last command's time (every command: none can be replayed) and
-        what the last update changed (``bundle``, ``previous``: id and folder)."""
-        state = {**self._read_state(), **fields, "issued_ms": issued_ms}
+    def _remember(self, issued_ms: int | None, **fields: Any) -> None:
+        """update.json: the last command's time (every command: none can be replayed), what
+        the last update changed (``bundle``, ``previous``: id and folder) and the shadow run
+        (``shadow``: folder, share, budget)."""
+        state = {**self._read_state(), **fields}
+        if issued_ms is not None:
+            state["issued_ms"] = issued_ms
         tmp = self._state.with_name(self._state.name + ".new")
         tmp.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(state))

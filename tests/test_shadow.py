@@ -99,7 +99,7 @@ def test_a_candidate_shadows_switches_and_is_rolled_back_losing_nothing(  # type
     assert kinds == ["shadow", "shadow_stopped", "applied", "rolled_back"], events
     assert events[1] == {"update": "shadow_stopped", "bundle": lut_id, "reason": "update"}
     assert (events[3]["bundle"], events[3]["running"]) == (lut_id, old_id)
-    assert events[3]["reason"] == "commanded by the gateway"
+    assert events[3]["reason"] == "commanded"
 
 
 def test_rollout_commands_refuse_what_they_cannot_do(
@@ -128,6 +128,11 @@ def test_rollout_commands_refuse_what_they_cannot_do(
         updater.handle(cmd("shadow-bundle", url=url, sha256=digest))  # defaults: 25 %, 0.5x
         assert updater.shadow is not None and updater.shadow.share == 0.25
         assert updater.slot._pending is None, "a shadow never swaps"
+        again: list[dict[str, Any]] = []  # the agent restarted: its shadow run goes on
+        restarted = _updater(bundle_dir, site_dir, tmp_path / "state", again)
+        restarted._resume_shadow()
+        assert restarted.shadow is not None and restarted.shadow.bundle_id == Bundle.load(v2).id
+        assert again == [{**reports[0], "resumed": True}]
         updater.handle(cmd("update-bundle", url=url, sha256=digest))
         assert updater.shadow is None and updater.slot._pending is not None
         updater.slot.select(Sample("next", np.zeros((28, 28), np.uint8)))  # the swap
@@ -158,6 +163,8 @@ def test_the_float_check_runs_the_fp32_twin_of_the_int8_model(  # type: ignore[n
     assert run is not None and run.kind == "float_check" and run.share == 1.0
     assert run.model.artifact.file == "model_fp32.onnx" and agent.model.artifact.precision == "int8"
     assert agent._float_run() is run, "made once per bundle"
+    assert run.cpu_budget == 0.25
+    run.cpu_budget = 1000.0  # the budget is CPU time, not for a test: every sample compared
     with np.load(breast_cnn.DATA) as d:
         images = d["val_images"][:60]
     for i, x in enumerate(images):
@@ -167,7 +174,7 @@ def test_the_float_check_runs_the_fp32_twin_of_the_int8_model(  # type: ignore[n
         w.latency["infer"] = time.perf_counter() - t0
         run.observe(w)
     snap = run.snapshot()
-    assert snap["samples"] + snap["skipped"] == 60 and snap["samples"] >= 10
+    assert (snap["samples"], snap["skipped"]) == (60, 0)
     assert snap["agreement"] >= 0.9, snap
     off = Agent(cfg.model_copy(update={"float_check_share": 0.0}))
     assert off._float_run() is None
