@@ -32,6 +32,7 @@ __all__ = [
     "LimitSettings",
     "MetricsSettings",
     "NodeConfig",
+    "RolloutSettings",
     "StoreSettings",
     "is_db_url",
     "load_dashboard_config",
@@ -225,6 +226,35 @@ class MetricsSettings(_Strict):
     host: str = Field(default="127.0.0.1", description="Address of the metrics endpoint.")
 
 
+class RolloutSettings(_Strict):
+    """Staged rollouts (docs/rollouts.md): this gateway drives them and serves their bundles."""
+
+    bundles: Path | None = Field(
+        default=None,
+        description="Folder of the packed bundles 'medge gateway rollout start' writes and "
+        "this gateway serves (default: DB.bundles/ beside a SQLite store).",
+    )
+    http_host: str = Field(
+        default="0.0.0.0",  # noqa: S104 - devices must reach it
+        description="Address the bundles are served on over HTTP.",
+    )
+    http_port: int = Field(
+        default=8000, ge=0, le=65535, description="Port they are served on (0: any free port)."
+    )
+    url_host: str | None = Field(
+        default=None,
+        description="Host name or address devices fetch bundles by (default: http_host, or "
+        "this machine's address toward the broker when http_host is all addresses).",
+    )
+    poll_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        allow_inf_nan=False,
+        description="Seconds between two looks at the store's rollouts.",
+    )
+
+
 class GatewayConfig(_Strict):
     """``medge gateway run``: one gateway worker."""
 
@@ -268,6 +298,10 @@ class GatewayConfig(_Strict):
         description="Clinical outputs: DICOM objects to a PACS, FHIR resources to an EHR "
         "(docs/outputs.md).",
     )
+    rollouts: RolloutSettings | None = Field(
+        default=None,
+        description="Staged rollouts: drive them from this gateway (docs/rollouts.md). None: off.",
+    )
 
     def check_combination(self) -> None:
         """What no single field can say; raises ConfigError."""
@@ -293,11 +327,25 @@ class GatewayConfig(_Strict):
                 "outputs with a PostgreSQL store need outputs.outbox FILE: the clinical "
                 "outbox is a file on this gateway's own disk"
             )
+        ro = self.rollouts
+        if ro is not None and ro.bundles is None and is_db_url(self.store.db):
+            raise ConfigError(
+                "rollouts with a PostgreSQL store need rollouts.bundles FOLDER: the bundles "
+                "are served from this gateway's own disk"
+            )
         if out is not None and out.pacs is not None and self.tier == "cloud":
             raise ConfigError(
                 "outputs.pacs is for the fog tier: the cloud tier cannot open the source UIDs "
                 "that DICOM objects reference (docs/outputs.md)"
             )
+
+    def rollout_bundles(self) -> Path:
+        """The rollouts' bundles folder: rollouts.bundles, else DB.bundles/ beside a SQLite
+        store."""
+        if self.rollouts is not None and self.rollouts.bundles is not None:
+            return self.rollouts.bundles
+        db = Path(self.store.db)
+        return db.with_name(db.stem + ".bundles")
 
     def clinical_outbox(self) -> Path:
         """The clinical outbox: outputs.outbox, else DB.clinical.sqlite beside a SQLite store."""
@@ -377,6 +425,7 @@ _GATEWAY_PATHS = (
     "outputs.fhir.token_file",
     "outputs.fhir.basic_auth_file",
     "outputs.fhir.ca_file",
+    "rollouts.bundles",
 )
 _DASHBOARD_PATHS = ("db", "users")
 

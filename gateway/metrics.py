@@ -46,6 +46,7 @@ import logging
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -54,7 +55,14 @@ from edge_agent.errors import MedgeError
 from edge_agent.reasons import Reason
 from gateway.store import Store
 
-__all__ = ["ClinicalMetrics", "GatewayMetrics", "Health", "MetricsServer", "healthz_response"]
+__all__ = [
+    "ClinicalMetrics",
+    "GatewayMetrics",
+    "Health",
+    "MetricsServer",
+    "RolloutMetrics",
+    "healthz_response",
+]
 
 log = logging.getLogger("medge.gateway.metrics")
 
@@ -388,3 +396,59 @@ class ClinicalMetrics:
         for target in self.TARGETS:  # every target shows, at 0 until it happens
             for metric in (self.sent, self.retried, self.parked):
                 metric.labels(target)
+
+
+# -- staged rollouts (gateway.rollout) -------------------------------------------------------
+
+
+_ROLLOUT_METRICS: weakref.WeakKeyDictionary[Any, RolloutMetrics] = weakref.WeakKeyDictionary()
+
+
+class RolloutMetrics:
+    """What the rollout driver does, in ``registry`` (a gateway's :attr:`GatewayMetrics.registry`,
+    or a new one):
+
+    - ``medge_gateway_rollouts{status}``: rollouts running, paused or aborting, as the driver
+      last saw them
+    - ``medge_gateway_rollout_commands_total{cmd}``: signed commands published to devices, by
+      command (``shadow-bundle``, ``update-bundle``, ``shadow-stop``, ``rollback-bundle``)
+    """
+
+    STATUSES = ("running", "paused", "aborting")
+    COMMANDS = ("shadow-bundle", "update-bundle", "shadow-stop", "rollback-bundle")
+
+    def __init__(self, registry: Any | None = None) -> None:
+        pc = _prometheus()
+        self.registry = registry if registry is not None else pc.CollectorRegistry()
+        self.active = pc.Gauge(
+            "medge_gateway_rollouts",
+            "Rollouts the driver looks after, by status.",
+            ["status"],
+            registry=self.registry,
+        )
+        self.commands = pc.Counter(
+            "medge_gateway_rollout_commands",
+            "Signed rollout commands published to devices, by command.",
+            ["cmd"],
+            registry=self.registry,
+        )
+        for status in self.STATUSES:  # every label shows, at 0 until it happens
+            self.active.labels(status).set(0)
+        for cmd in self.COMMANDS:
+            self.commands.labels(cmd)
+
+    @classmethod
+    def of(cls, registry: Any) -> RolloutMetrics:
+        """The rollout metrics of ``registry``, made on first use (a driver started again in
+        the same gateway counts on)."""
+        found = _ROLLOUT_METRICS.get(registry)
+        if found is None:
+            found = _ROLLOUT_METRICS[registry] = cls(registry)
+        return found
+
+    def set_active(self, rows: list[dict[str, Any]]) -> None:
+        for status in self.STATUSES:
+            self.active.labels(status).set(sum(r["status"] == status for r in rows))
+
+    def command(self, cmd: str) -> None:
+        self.commands.labels(cmd).inc()

@@ -114,9 +114,57 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE results ADD COLUMN raw BLOB;
     """,
+    # 7: device groups and staged rollouts (gateway.groups, gateway.rollout_store)
+    """
+    CREATE TABLE device_groups (
+        name TEXT NOT NULL,
+        site TEXT NOT NULL,
+        device TEXT NOT NULL,
+        added REAL NOT NULL,
+        PRIMARY KEY (name, site, device)
+    );
+    CREATE TABLE rollouts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        group_name TEXT NOT NULL,
+        bundle TEXT NOT NULL,
+        archive TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        plan TEXT NOT NULL,
+        status TEXT NOT NULL,
+        stage INTEGER NOT NULL DEFAULT 0,
+        phase TEXT NOT NULL,
+        reason TEXT,
+        gate_values TEXT,
+        created REAL NOT NULL,
+        updated REAL NOT NULL,
+        stage_since REAL NOT NULL
+    );
+    CREATE INDEX rollouts_status ON rollouts (status, id);
+    CREATE TABLE rollout_devices (
+        rollout INTEGER NOT NULL,
+        site TEXT NOT NULL,
+        device TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        stage INTEGER NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        reason TEXT,
+        previous TEXT,
+        update_mark INTEGER,
+        switched REAL,
+        cmd TEXT,
+        cmd_sent REAL,
+        cmd_conn REAL,
+        cmd_mark INTEGER,
+        sends INTEGER NOT NULL DEFAULT 0,
+        issued_ms INTEGER NOT NULL DEFAULT 0,
+        since REAL NOT NULL,
+        PRIMARY KEY (rollout, site, device)
+    );
+    CREATE INDEX rollout_devices_device ON rollout_devices (site, device);
+    """,
 ]
 
-SERIAL_TABLES = ("results", "audit", "alerts", "telemetry_history")  # id is an identity
+SERIAL_TABLES = ("results", "audit", "alerts", "telemetry_history", "rollouts")  # id is an identity
 
 
 def migrate(db: Database, location: str) -> None:

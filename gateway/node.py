@@ -17,8 +17,18 @@ from gateway.service import Gateway, GatewayStats
 
 if TYPE_CHECKING:
     from gateway.clinical.sender import ClinicalSender
+    from gateway.ota import BundleServer
+    from gateway.rollout import RolloutDriver
+    from gateway.store import Store
 
-__all__ = ["build_clinical", "build_forwarder", "build_opener", "build_rules", "run_gateway"]
+__all__ = [
+    "build_clinical",
+    "build_forwarder",
+    "build_opener",
+    "build_rules",
+    "run_gateway",
+    "start_rollouts",
+]
 
 log = logging.getLogger("medge.gateway")
 
@@ -66,6 +76,56 @@ def build_clinical(cfg: GatewayConfig) -> ClinicalSender | None:
     return ClinicalSender(ClinicalOutbox(cfg.clinical_outbox()), cfg.outputs)
 
 
+def start_rollouts(cfg: GatewayConfig, store: Store, gw: Gateway) -> RolloutService:
+    """The rollouts' bundle server and driver (``rollouts:``), started: the driver publishes
+    its signed commands through the gateway's own MQTT session (docs/rollouts.md)."""
+    from gateway.metrics import RolloutMetrics
+    from gateway.ota import BundleServer, address_toward
+    from gateway.rollout import RolloutDriver
+    from gateway.site import signer_key
+
+    ro = cfg.rollouts
+    assert ro is not None
+    folder = cfg.rollout_bundles()
+    folder.mkdir(parents=True, exist_ok=True)
+    url_host = ro.url_host or (
+        ro.http_host
+        if ro.http_host not in ("0.0.0.0", "::", "")  # noqa: S104
+        else address_toward(cfg.broker.host, cfg.broker.port)
+    )
+
+    def publish(where: str, payload: bytes) -> bool:
+        info = gw.session.publish(where, payload, qos=1)
+        info.wait_for_publish(timeout=5.0)
+        return bool(info.is_published())
+
+    server = BundleServer(folder, ro.http_host, ro.http_port, url_host=url_host).__enter__()
+    driver = RolloutDriver(
+        store,
+        publish,
+        signer_key(cfg.site_dir),
+        server.url,
+        poll_s=ro.poll_s,
+        metrics=RolloutMetrics.of(gw.metrics.registry),
+    ).start()
+    log.info("rollouts: serving %s at %s", folder, server.url(""))
+    return RolloutService(server, driver)
+
+
+class RolloutService:
+    """The bundle server and the driver of rollouts, stopped together."""
+
+    def __init__(self, server: BundleServer, driver: RolloutDriver) -> None:
+        self.server, self.driver = server, driver
+
+    def workers(self) -> dict[str, threading.Thread | None]:
+        return {"rollout-driver": self.driver.thread}
+
+    def stop(self) -> None:
+        self.driver.stop()
+        self.server.__exit__(None, None, None)
+
+
 def run_gateway(cfg: GatewayConfig, stop: threading.Event) -> GatewayStats:
     """Run one supervised worker until ``stop``; a worker that dies raises MedgeError naming
     it (one line), so systemd restarts the service. Returns the counts at the end."""
@@ -84,11 +144,15 @@ def run_gateway(cfg: GatewayConfig, stop: threading.Event) -> GatewayStats:
         gw = Gateway.from_config(
             cfg, store, opener, rules=rules, forward=forward, clinical=clinical
         )
-        metrics = None
+        metrics = rollout = None
         try:
             gw.start(timeout=3.0)  # a broker not up yet: one warning, then retried with back-off
             for name, thread in gw.workers().items():
                 sup.watch(name, thread)
+            if cfg.rollouts is not None:
+                rollout = start_rollouts(cfg, store, gw)
+                for name, thread in rollout.workers().items():
+                    sup.watch(name, thread)
             sup.track("stored", lambda: gw.last_stored)
             if forward is not None and since is not None:
                 backfill(store, forward.outbox, since)
@@ -101,6 +165,8 @@ def run_gateway(cfg: GatewayConfig, stop: threading.Event) -> GatewayStats:
         finally:
             if metrics is not None:
                 metrics.stop()
+            if rollout is not None:
+                rollout.stop()
             gw.stop()
             if clinical is not None:
                 clinical.outbox.close()

@@ -28,6 +28,7 @@ from edge_agent.update import COMMAND_VERSION, sign_command
 
 __all__ = [
     "BundleServer",
+    "address_toward",
     "command",
     "issued_ms",
     "pack_bundle",
@@ -69,17 +70,24 @@ two commands sent within one millisecond must still differ."""
 
 
 def command(
-    key: ed25519.Ed25519PrivateKey, site: str, device: str, cmd: str, **fields: Any
+    key: ed25519.Ed25519PrivateKey,
+    site: str,
+    device: str,
+    cmd: str,
+    issued: int | None = None,
+    **fields: Any,
 ) -> bytes:
     """A signed command for one device (``key``: the site's bundle signer): ``update-bundle``
     and ``shadow-bundle`` (url, sha256; share, cpu_budget), ``shadow-stop``,
-    ``rollback-bundle`` (to); the agent's :mod:`edge_agent.update` says what each does."""
+    ``rollback-bundle`` (to); the agent's :mod:`edge_agent.update` says what each does.
+    ``issued``: its ``issued_ms`` (default :data:`issued_ms`); fields that are None are left
+    out."""
     body = {
         "v": COMMAND_VERSION,
         "cmd": cmd,
         "site": site,
         "device": device,
-        "issued_ms": issued_ms(),
+        "issued_ms": issued if issued is not None else issued_ms(),
         **{k: v for k, v in fields.items() if v is not None},
     }
     return sign_command(body, key)
@@ -199,7 +207,7 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def _address_toward(host: str, port: int) -> str:
+def address_toward(host: str, port: int) -> str:
     """This machine's address on the route to ``host`` (no packet is sent)."""
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -242,7 +250,7 @@ def push_bundle(
         shown = url_host or (
             http_host
             if http_host not in ("0.0.0.0", "::", "")  # noqa: S104
-            else _address_toward(host, port)
+            else address_toward(host, port)
         )
         with BundleServer(Path(tmp), http_host, http_port, url_host=shown) as server:
             url = server.url(archive.name)

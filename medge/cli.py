@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cli_convert.register(sub, _common)  # convert, evaluate
     cli_agent.register(sub, _common)  # agent run | check-config | package
-    cli_gateway.register(sub, _common)  # gateway run|check-config|push-bundle|broker-config|outputs
+    cli_gateway.register(sub, _common)  # gateway run|check-config|push-bundle|... (cli_gateway)
     cli_dashboard.register(sub, _common)  # dashboard [add-user]
     cli_site.register(sub, _common)  # site init|rotate-key|cloud-key|source-key, device ...|revoke
     cli_zoo.register(sub, _common)  # zoo list | train | build

@@ -14,6 +14,7 @@ from typing import Any
 
 from edge_agent.errors import MedgeError
 from medge.cli_outputs import register_outputs
+from medge.cli_rollout import register_rollouts
 from medge.cli_site import register_broker_config
 
 __all__ = [
@@ -172,6 +173,7 @@ def register(sub: Any, common: Callable[..., None]) -> None:
     _register_push_bundle(gsub, common)
     register_broker_config(gsub, common)
     register_outputs(gsub, common)
+    register_rollouts(gsub, common)
 
 
 def _register_run(gsub: Any, common: Callable[..., None]) -> None:

@@ -31,6 +31,8 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
         ["gateway", "check-config"],
         ["gateway", "push-bundle"],
         ["gateway", "outputs"],
+        ["gateway", "group"],
+        ["gateway", "rollout"],
         ["dashboard"],
         ["demo"],
         ["site", "init"],
