@@ -46,16 +46,23 @@ from bench_data import figure  # bench/, next to this file
 from envelope_crypto import OLD_COMMIT, load_old_envelope
 
 from edge_agent import Bundle, LoadedModel, Outbox
+from edge_agent.agent import FLOAT_CHECK_BUDGET
 from edge_agent.config import AgentConfig, OutboxConfig
+from edge_agent.drift import WatchInputs
 from edge_agent.envelope import Envelope, Sealer
+from edge_agent.errors import MedgeError
 from edge_agent.identity import DeviceIdentity
 from edge_agent.pipeline import result_body, run_pipeline
+from edge_agent.shadow import ShadowRun
 from edge_agent.sources import NpzReplay
 from edge_agent.telemetry import PipelineStats
 
 log = logging.getLogger("medge.bench")
 
-_AGENT = {k: f.default for k, f in AgentConfig.model_fields.items()}  # the agent's defaults
+_AGENT = {  # the agent's defaults
+    k: f.default_factory() if f.default_factory else f.default  # type: ignore[call-arg]
+    for k, f in AgentConfig.model_fields.items()
+}
 _OUTBOX = OutboxConfig()
 
 
@@ -164,6 +171,22 @@ def main() -> None:
         print()
 
 
+def _float_check(
+    bundle: Bundle, model: LoadedModel, args: argparse.Namespace
+) -> Callable[[], ShadowRun] | None:
+    """A fresh float check per run, as the agent makes one (its fp32 artifact at the default
+    share and budget), or None when the bundle has no other fp32 artifact."""
+    share = _AGENT["float_check_share"]
+    for art in bundle.manifest.artifacts:
+        if art.precision == "fp32" and art is not model.artifact and share > 0:
+            try:
+                fp32 = LoadedModel(bundle, art.runtime, 1, "fp32")
+            except MedgeError:
+                continue
+            return lambda: ShadowRun(fp32, share, FLOAT_CHECK_BUDGET, kind="float_check")
+    return None
+
+
 def measure(kind: str, bundle: Bundle, args: argparse.Namespace, tmp: Path, ident: Any) -> None:
     from models import breast_cnn
 
@@ -196,13 +219,18 @@ def measure(kind: str, bundle: Bundle, args: argparse.Namespace, tmp: Path, iden
 
         return run
 
+    float_check = _float_check(bundle, model, args)
+
     def durable(
-        batch_max: int, sealer_cls: Any = Sealer, max_hz: float | None = cap
+        batch_max: int, sealer_cls: Any = Sealer, max_hz: float | None = cap, watched: bool = True
     ) -> Callable[[], float]:
         def run() -> float:
             path = Path(tempfile.mkdtemp(dir=tmp)) / "o.sqlite"
             with Outbox(path, "b", "d", batch_max=batch_max, batch_ms=args.batch_ms) as box:
                 box.sealer = sealer_cls("b", "d", ident.key, ident.recipient, box.next_epoch)
+                # the agent's defaults: inputs watched (drift, quality), the float check
+                watch = WatchInputs(box.put, _AGENT["drift"]) if watched else None
+                runs = [float_check()] if watched and float_check is not None else []
                 t = time.perf_counter()
                 run_pipeline(
                     source.stream(threading.Event()),
@@ -210,6 +238,8 @@ def measure(kind: str, bundle: Bundle, args: argparse.Namespace, tmp: Path, iden
                     box.put,
                     PipelineStats(),
                     pictures_max_hz=max_hz,
+                    compare=(lambda: runs) if runs else None,
+                    watch=watch,
                 )
                 box.flush()  # every result on disk before the clock stops
                 took = time.perf_counter() - t
@@ -230,6 +260,7 @@ def measure(kind: str, bundle: Bundle, args: argparse.Namespace, tmp: Path, iden
         "+ seal + outbox, 1 commit/result": durable(1),
         target_line: durable(args.batch_max),
         "  same, pictures on every result": durable(args.batch_max, max_hz=None),
+        "  same, inputs not watched, no float check": durable(args.batch_max, watched=False),
     }
     old = load_old_envelope()
     if old is not None:

@@ -113,11 +113,23 @@ def run_pipeline(
     cam: bool = True,
     thumbnails: bool = True,
     pictures_max_hz: float | None = None,
+    compare: Callable[[], list[ShadowRun]] | None = None,
+    watch: WatchInputs | None = None,
 ) -> None:
     """Run every sample through ``model`` and ``emit`` each result (and each event).
-    ``cam``, ``thumbnails``, ``pictures_max_hz``: as :func:`build_graph` says."""
+    ``cam``, ``thumbnails``, ``pictures_max_hz``, ``compare``, ``watch``: as
+    :func:`build_graph` says."""
     graph = build_graph(
-        samples, Window(None), Bind(model), emit, stats, cam, thumbnails, pictures_max_hz
+        samples,
+        Window(None),
+        Bind(model),
+        emit,
+        stats,
+        cam,
+        thumbnails,
+        pictures_max_hz,
+        compare=compare,
+        watch=watch,
     )
     graph.run(threading.Event())
 

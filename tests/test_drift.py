@@ -220,7 +220,8 @@ def _scores(model: LoadedModel, images: np.ndarray) -> list[list[float]]:
     return [model.decode(model.infer(model.prepare(x))).scores for x in images]  # type: ignore[attr-defined]
 
 
-IMAGE_SETTINGS = DriftSettings(window=200, every=20)  # 78 held-out images, replayed in turn
+# 78 held-out images, replayed in turn; every one watched, however fast the test feeds them
+IMAGE_SETTINGS = DriftSettings(window=200, every=20, max_hz=None)
 
 
 def test_images_with_inverted_contrast_drift(breast: tuple[Bundle, LoadedModel, Any]) -> None:
@@ -282,6 +283,35 @@ def test_watch_inputs_stage_tags_and_closes(breast: tuple[Bundle, LoadedModel, A
     check_body("telemetry", {"inputs": snap})
 
 
+def test_at_most_max_hz_samples_a_second_are_watched(
+    breast: tuple[Bundle, LoadedModel, Any],
+) -> None:
+    """40 samples 10 ms apart with max_hz 20: one every 50 ms is watched (8), the rest are
+    counted as unwatched; a slow stream (one a second) is watched whole."""
+    _, model, val = breast
+    now = [0.0]
+    settings = DriftSettings(window=200, every=20, max_hz=20)
+    stage = WatchInputs(lambda k, b: None, settings, clock=lambda: now[0])
+
+    def feed(n: int, step: float) -> None:
+        works = []
+        for x in val[:n]:
+            w = Work(Sample("img", x), model)
+            w.decoded = model.decode(model.infer(model.prepare(x)))
+            works.append(w)
+        for _ in stage(works):
+            now[0] += step
+
+    feed(40, 0.01)
+    snap = stage.snapshot()
+    assert snap is not None and (snap["samples"], snap["unwatched"]) == (8, 32)
+    slow = WatchInputs(lambda k, b: None, settings, clock=lambda: now[0])
+    stage = slow
+    feed(10, 1.0)
+    snap = slow.snapshot()
+    assert snap is not None and snap["samples"] == 10 and "unwatched" not in snap
+
+
 def test_a_bundle_without_reference_is_not_watched(bundle_copy: Path) -> None:
     """A bundle from before schema 1.4 loads, and is not watched."""
     import json
@@ -335,7 +365,7 @@ def test_an_agent_warns_of_inverted_images_and_the_gateway_raises_a_warning(  # 
         broker={"host": mosquitto.host, "port": mosquitto.port},
         source={"path": breast_cnn.DATA, "split": "val"},
         outbox={"path": tmp_path / "outbox.sqlite"},
-        drift={"window": 150, "every": 25},
+        drift={"window": 150, "every": 25, "max_hz": None},
         telemetry_interval_s=0.2,
     )
     with (
