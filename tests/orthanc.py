@@ -77,6 +77,18 @@ class OrthancServer:
             self.folder, timeout, ports=(self.http_port, self.dicom_port), password=self.password
         )
 
+    def pacs_fields(self, timeout_s: float = 5.0) -> dict[str, object]:
+        """How a PacsConfig / PacsSettings reaches this Orthanc (DICOMweb, DIMSE, the user)."""
+        return {
+            "url": self.dicomweb_url,
+            "host": "127.0.0.1",
+            "port": self.dicom_port,
+            "called_ae": self.ae_title,
+            "user": self.user,
+            "password_file": self.password_file,
+            "timeout_s": timeout_s,
+        }
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()

@@ -58,16 +58,7 @@ PATIENT_STUDY = [
 
 
 def _cfg(server: OrthancServer, **kw: Any) -> PacsConfig:
-    base: dict[str, Any] = {
-        "url": server.dicomweb_url,
-        "host": "127.0.0.1",
-        "port": server.dicom_port,
-        "called_ae": server.ae_title,
-        "user": server.user,
-        "password_file": server.password_file,
-        "timeout_s": 5.0,
-    }
-    return PacsConfig(**{**base, **kw})
+    return PacsConfig(**{**server.pacs_fields(), **kw})  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")

@@ -65,16 +65,7 @@ def pacs_up(orthanc: OrthancServer) -> OrthancServer:
 
 
 def _pacs(server: OrthancServer, **kw: Any) -> PacsSettings:
-    base: dict[str, Any] = {
-        "url": server.dicomweb_url,
-        "host": "127.0.0.1",
-        "port": server.dicom_port,
-        "called_ae": server.ae_title,
-        "user": server.user,
-        "password_file": server.password_file,
-        "timeout_s": 2.0,
-    }
-    return PacsSettings(**{**base, **kw})
+    return PacsSettings(**{**server.pacs_fields(timeout_s=2.0), **kw})
 
 
 def _outputs(key_file: Path, **kw: Any) -> OutputsSettings:
