@@ -307,11 +307,10 @@ def status(store: Store, rid: int, now: float | None = None) -> dict[str, Any]:
         decided = r["gate_values"].get(str(i), {})
         if state == "current" and r["status"] in ACTIVE:
             mine = [d for d in devs if d["stage"] == i and d["state"] != "failed"]
-            decided = {
-                **decided,
-                "shadow": measure_shadow(r["bundle"], mine, fleet),
-                "after": measure_after(store, r["bundle"], mine, now),
-            }
+            live = {"after": measure_after(store, r["bundle"], mine, now)}
+            if r["phase"] == "shadow":  # after the switch the shadow runs end: keep what held
+                live["shadow"] = measure_shadow(r["bundle"], mine, fleet)
+            decided = {**decided, **live}
         doc["gates"] = _gates(plan, decided)
         doc["measured"] = decided
         stages.append(doc)

@@ -1032,3 +1032,192 @@ def test_the_wrist_demo_as_a_clinician_watches_it(
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+# -- rollouts ----------------------------------------------------------------------------------
+HOSTILE = "<img src=x onerror=alert(1)>"
+PAUSED = (
+    "stage canary: gate alerts_per_hour<=2 failed: measured 3.0 (after the switch of 1 device(s))"
+)
+
+
+def rollout_store(store: Store, bundle_dir: Path, site_dir: Path, bundles: Path) -> tuple[int, int]:
+    """Group ``ward`` (us-01, us-02) and two rollouts of the test bundle to it, left the way the
+    driver leaves them (its UPDATEs, gateway/rollout_pass.py): one completed; one paused in
+    its canary stage after the switch: agreement 0.991 held, then 3 alerts in the hour since
+    us-01 switched failed alerts_per_hour<=2. us-01's telemetry: the shadow run's agreement,
+    an input check in warning, the float check. Returns (completed id, paused id)."""
+    from edge_agent.bundle import Bundle
+    from gateway.alerts import open_alert
+    from gateway.groups import set_group
+    from gateway.rollout_plan import Plan, parse_gates
+    from gateway.rollout_store import create_rollout
+    from gateway.site import signer_key
+
+    target = Bundle.load(bundle_dir).id
+    trusted = [signer_key(site_dir).public_key()]
+    now = time.time()
+    for device in (DEVICE, "us-02"):
+        store.set_state(SITE, device, "online", now, BUNDLE)
+    set_group(store, "ward", [(SITE, DEVICE), (SITE, "us-02")])
+    plan = Plan(canary=1, steps=[100], gates=parse_gates("agreement>=0.98"), min_results=5)
+    done = create_rollout(store, bundle_dir, "ward", plan, bundles, SITE, trusted)
+    decided = {str(i): {"shadow": {"agreement": 0.995, "samples_min": 50}} for i in (0, 1)}
+    with store.transaction() as db:
+        db.execute(
+            "UPDATE rollouts SET status='completed', stage=2, phase='switch', gate_values=? "
+            "WHERE id=?",
+            (json.dumps(decided), done),
+        )
+        db.execute(
+            "UPDATE rollout_devices SET state='done', switched=? WHERE rollout=?", (now, done)
+        )
+
+    plan = Plan(
+        canary=1,
+        steps=[100],
+        gates=parse_gates("agreement>=0.98,alerts_per_hour<=2"),
+        min_results=5,
+    )
+    paused = create_rollout(store, bundle_dir, "ward", plan, bundles, SITE, trusted)
+    shadow = {"devices": 1, "samples": {f"{SITE}/{DEVICE}": 120}, "samples_min": 120}
+    after = {"devices": 1, "alerts": 3, "device_hours": 1.0, "alerts_per_hour": 3.0}
+    values = {"0": {"shadow": {**shadow, "agreement": 0.991}, "after": after}}
+    with store.transaction() as db:
+        db.execute(
+            "UPDATE rollouts SET status='paused', phase='switch', reason=?, gate_values=? "
+            "WHERE id=?",
+            (PAUSED, json.dumps(values), paused),
+        )
+        db.execute(
+            "UPDATE rollout_devices SET state='done', previous=?, switched=?, update_mark=0, "
+            "cmd='shadow-stop', cmd_sent=? WHERE rollout=? AND device=?",
+            (BUNDLE, now - 3600, now - 3500, paused, DEVICE),
+        )
+    store.set_state(SITE, DEVICE, "online", now, target)
+    store.set_telemetry(
+        SITE,
+        DEVICE,
+        {
+            **telemetry(),
+            "bundle": target,
+            "shadow": {"bundle": target, "samples": 120, "agreement": 0.991, "skipped": 0},
+            "inputs": {"warning": 1, "state": {"channel_0": "warning", "flat_line": "ok"}},
+            "float_check": {"bundle": target, "samples": 40, "agreement": 0.97},
+        },
+    )
+    store.set_telemetry(
+        SITE,
+        "us-02",
+        {
+            **telemetry(),
+            "shadow": {"bundle": HOSTILE, "samples": 7, "agreement": 0.5},
+            "inputs": {"warning": 0, "state": {"channel_0": "ok"}},
+        },
+    )
+    for _ in range(3):  # one fall alert, repeated: counted 3 times, half an hour ago
+        open_alert(store, SITE, DEVICE, "event:fall", "critical", "fall", now=now - 1800)
+    return done, paused
+
+
+def test_api_rollouts_is_the_status_document_with_its_gates(
+    store: Store, users: Path, bundle_dir: Path, site_dir: Path, tmp_path: Path
+) -> None:
+    from gateway.dashboard.rollouts_view import recent_rollouts
+    from gateway.rollout_store import status
+
+    done, paused = rollout_store(store, bundle_dir, site_dir, tmp_path / "bundles")
+    with DashboardServer(store.path, port=0, users=users) as dash:
+        assert request(dash.port, "GET", "/api/rollouts")[0] == 401
+        cookie = login(dash.port)
+        doc = get_json(dash.port, "/api/rollouts", cookie)
+    assert [r["id"] for r in doc["rollouts"]] == [paused, done]
+    live, finished = doc["rollouts"]
+    # the CLI's status document, unchanged, plus the gates of the stage it is at
+    reference = status(store, paused)
+    assert set(live) == {*reference, "gates"}
+    assert (live["status"], live["stage"], live["stage_name"], live["phase"]) == (
+        "paused",
+        0,
+        "canary",
+        "switch",
+    )
+    assert live["reason"] == PAUSED and live["group"] == "ward"
+    [agreement, alerts] = live["gates"]
+    assert (agreement["gate"], agreement["value"], agreement["threshold"]) == (
+        "agreement>=0.98",
+        0.991,
+        0.98,
+    )
+    assert (agreement["verdict"], agreement["op"], agreement["stage"]) == ("pass", ">=", 0)
+    assert alerts["gate"] == "alerts_per_hour<=2" and alerts["verdict"] == "fail"
+    assert alerts["value"] == pytest.approx(3.0, abs=0.01)  # live: 3 alerts in ~1 device-hour
+    devices = {d["device"]: d for d in live["devices"]}
+    first, second = devices[DEVICE], devices["us-02"]
+    assert (first["state"], first["command"], first["stage"]) == ("done", "shadow-stop", 0)
+    assert first["command_sent"] is not None and first["previous"] == BUNDLE
+    assert (first["shadow"]["agreement"], first["shadow"]["samples"]) == (0.991, 120)
+    assert (second["state"], second["command"], second["shadow"]) == ("pending", None, None)
+    assert live["counts"]["done"] == 1 and live["counts"]["pending"] == 1
+    # completed: the last stage's gates, as decided
+    assert finished["status"] == "completed"
+    assert [(g["stage"], g["value"], g["verdict"]) for g in finished["gates"]] == [
+        (1, 0.995, "pass")
+    ]
+    # the active ones are kept first when the list is cut
+    assert [r["id"] for r in recent_rollouts(store, limit=1)] == [paused]
+
+
+@pytest.mark.slow
+def test_page_shows_the_rollout_its_gates_and_the_device_checks(
+    store: Store, page: Any, users: Path, bundle_dir: Path, site_dir: Path, tmp_path: Path
+) -> None:
+    from gateway.rollout_store import control
+
+    done, paused = rollout_store(store, bundle_dir, site_dir, tmp_path / "bundles")
+    with DashboardServer(store.path, port=0, users=users) as dash:
+        sign_in(page, dash)
+        block = page.locator(f'.rollout[data-rollout-id="{paused}"]')
+        expect(block.locator(".rollout-status")).to_have_text("paused", timeout=TIMEOUT_MS)
+        expect(block.locator(".rollout-stage")).to_have_text("stage 1/2 canary · switch")
+        expect(block.locator('.gate[data-measure="agreement"]')).to_have_text(
+            "agreement 0.991 ≥ 0.98 ✓"
+        )
+        failing = block.locator('.gate[data-measure="alerts_per_hour"]')
+        expect(failing).to_have_text(f"alerts/h 3.0 ≤ 2 ✗ — paused: {PAUSED}")
+        expect(failing).to_have_attribute("data-verdict", "fail")
+        expect(block.locator(".rollout-reason")).to_have_count(0)  # said on its gate's line
+        other = page.locator(f'.rollout[data-rollout-id="{done}"]')
+        expect(other.locator(".rollout-status")).to_have_text("completed")
+        expect(other.locator(".rollout-stage")).to_have_text("stage 2/2 · done")
+        expect(page.locator("#rollouts-summary")).to_have_text("1 active · 1 finished")
+        expect(page.locator("#rollouts-empty")).to_be_hidden()
+
+        # the devices, one click away
+        row = block.locator(f'.rollout-devices tr[data-device="{SITE}/{DEVICE}"]')
+        expect(row).to_be_hidden()
+        block.locator(".rollout-devices summary").click()
+        expect(row.locator(".dev-state")).to_have_text("done")
+        expect(row.locator(".command")).to_have_text("shadow-stop (sent)")
+        expect(row.locator(".shadow")).to_have_text("0.991 (120 samples)")
+        pending = block.locator(f'.rollout-devices tr[data-device="{SITE}/us-02"]')
+        expect(pending.locator(".dev-state")).to_have_text("pending")
+        expect(pending.locator(".stage")).to_have_text("100%")
+
+        # the device list: input warning, shadow agreement, float check
+        checks = page.locator(f'#devices tr[data-device="{SITE}/{DEVICE}"] td.checks')
+        expect(checks.locator(".inputs")).to_have_text("⚠ inputs: channel_0")
+        expect(checks.locator(".inputs")).to_have_class("check-badge inputs check-warn")
+        expect(checks.locator(".shadow-agreement")).to_have_text("shadow 0.991 (n=120)")
+        expect(checks.locator(".float-check")).to_have_text("float check 0.970 (n=40)")
+        calm = page.locator(f'#devices tr[data-device="{SITE}/us-02"] td.checks')
+        expect(calm.locator(".inputs")).to_have_text("inputs ok")
+        expect(calm.locator(".shadow-bundle")).to_have_text(HOSTILE)  # text, not markup
+        expect(page.locator("td.checks img")).to_have_count(0)
+        shoot(page, "rollouts")
+
+        # resumed: the next refresh shows it, the device list stays open
+        control(store, paused, "resume")
+        expect(block.locator(".rollout-status")).to_have_text("running", timeout=TIMEOUT_MS)
+        expect(failing).to_have_text("alerts/h 3.0 ≤ 2 ✗")
+        expect(row.locator(".command")).to_be_visible()

@@ -33,7 +33,7 @@ from aiohttp.typedefs import Handler
 from edge_agent.errors import MedgeError
 from gateway import read_models
 from gateway.alerts import AlertError, UnknownAlert, acknowledge, list_alerts
-from gateway.dashboard import detail, login, rules_view
+from gateway.dashboard import detail, login, rollouts_view, rules_view
 from gateway.dashboard.auth import SESSION_TTL_S, Sessions, Users
 from gateway.dashboard.cam import check_cam
 from gateway.dashboard.keys import ANONYMOUS, INDEX, SESSIONS, STATIC, STOPPING, STORE, TITLE, USERS
@@ -118,6 +118,7 @@ def create_app(
     login.install(app, login_policy)  # throttling, trusted proxies, Secure cookies
     rules_view.install(app)  # GET /api/alert-rules
     detail.install(app)  # GET /api/results/{id}, /api/events: the detail panel
+    rollouts_view.install(app)  # GET /api/rollouts: the rollouts panel
     app.router.add_get("/", _index)
     app.router.add_get("/api/me", _me)
     app.router.add_get("/api/devices", _devices)

@@ -256,7 +256,7 @@
       return el("tr", { cls: "device-unreadable", data: { device: `${d.site}/${d.device}` } }, [
         el("td", { cls: "site", text: d.site }),
         el("td", { cls: "device", text: d.device }),
-        el("td", { cls: "row-error", text: d.error, colSpan: 11 }),
+        el("td", { cls: "row-error", text: d.error, colSpan: 12 }),
       ]);
     }
     const t = d.telemetry && typeof d.telemetry === "object" ? d.telemetry : {};
@@ -283,6 +283,7 @@
       num("memory", fixed(t.rss_mb, 0)),
       num("temperature", fixed(t.temperature_c, 1)),
       num("outbox", isNum(outbox) ? outbox : DASH, isNum(outbox) && outbox > 0 ? "warn" : ""),
+      checksCell(t),
       el("td", { cls: "seen" }, [
         el("span", { cls: "ago", text: ago(d.last_seen), title: stamp(d.last_seen),
           data: { t: isNum(d.last_seen) ? d.last_seen : "" } }),
@@ -290,12 +291,55 @@
     ]);
   }
 
+  // What the device's latest telemetry says about its model: the input checks (drift and
+  // signal quality: which are in warning), a shadow run's agreement with the current model,
+  // and the float check's agreement of the quantized model with its fp32 twin.
+  const obj = (v) => (v && typeof v === "object" && !Array.isArray(v) ? v : null);
+  const agreementText = (part) => (isNum(part.agreement) ? part.agreement.toFixed(3) : DASH);
+
+  function checksCell(t) {
+    const cell = el("td", { cls: "checks" });
+    const inputs = obj(t.inputs);
+    if (inputs) {
+      const states = obj(inputs.state) || {};
+      const warned = Object.keys(states).filter((k) => states[k] === "warning").sort();
+      const count = isNum(inputs.warning) ? inputs.warning : warned.length;
+      const bad = count > 0 || warned.length > 0;
+      cell.append(el("div", { cls: "check-line" }, [
+        el("span", {
+          cls: `check-badge inputs ${bad ? "check-warn" : "check-ok"}`,
+          text: bad ? `⚠ inputs: ${warned.join(", ") || `${count} warning`}` : "inputs ok",
+          title: "input drift and signal quality (telemetry inputs)",
+          data: { warning: count },
+        }),
+      ]));
+    }
+    const shadow = obj(t.shadow);
+    if (shadow) {
+      const samples = isNum(shadow.samples) ? shadow.samples : 0;
+      const bundle = typeof shadow.bundle === "string" ? shadow.bundle : "";
+      cell.append(el("div", { cls: "check-line shadow", title: bundle ? `candidate ${bundle}` : "" }, [
+        el("span", { cls: "shadow-agreement", text: `shadow ${agreementText(shadow)} (n=${samples})` }),
+        el("span", { cls: "shadow-bundle", text: bundle, title: bundle }),
+      ]));
+    }
+    const float = obj(t.float_check);
+    if (float) {
+      const samples = isNum(float.samples) ? float.samples : 0;
+      cell.append(el("div", { cls: "check-line float-check",
+        text: `float check ${agreementText(float)} (n=${samples})`,
+        title: "agreement of the quantized model with its float (fp32) artifact" }));
+    }
+    if (!cell.childNodes.length) cell.textContent = DASH;
+    return cell;
+  }
+
   function renderDevices(list) {
     showError("devices", "");
     const body = $("devices-body");
     if (!list.length) {
       body.replaceChildren(el("tr", { cls: "placeholder" }, [
-        el("td", { text: "No devices have reported yet.", colSpan: 13 }),
+        el("td", { text: "No devices have reported yet.", colSpan: 14 }),
       ]));
     } else {
       body.replaceChildren(...list.map(deviceRow));
