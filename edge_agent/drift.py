@@ -45,9 +45,11 @@ from edge_agent.signal_quality import (
     signal_flags,
 )
 
-__all__ = ["MESSAGE", "DriftMonitor", "DriftSettings", "WatchInputs"]
+__all__ = ["EVENTS", "MESSAGE", "DriftMonitor", "DriftSettings", "WatchInputs"]
 
 MESSAGE = "inputs no longer look like the data this model was validated on"
+EVENTS = ("input_drift", "signal_quality")  # the events this module sends: about the inputs,
+# not the patient (the gateway's FHIR output leaves them out)
 
 Emit = Callable[[str, dict[str, Any]], None]
 

@@ -355,6 +355,28 @@ def test_ecg_rows_go_to_fhir_in_transactions_and_a_5xx_is_retried(
     assert len([m for m in messages if m.startswith("FHIR server back after")]) == 1
 
 
+def test_an_event_of_no_known_bundle_is_parked_and_input_warnings_stay_out(
+    fhir_receiver: FhirReceiver, tmp_path: Path
+) -> None:
+    """An event whose device never named its bundle cannot be mapped: queued and parked with
+    that reason (seen by `medge gateway outputs --parked`), never dropped unseen; a drift or
+    signal-quality warning is about the inputs, not the patient: not sent to FHIR."""
+    unknown = {"event": "pvc_run", "state": "start", "start": T0, "peak": 0.9, "windows": 2}
+    drift = {"event": "input_drift", "state": "start", "check": "channel_0", "alert": True}
+    rows: list[Row] = [
+        (SITE, "holter-3", 1, "event", T0, None, unknown),
+        (SITE, "holter-3", 2, "event", T0, ECG, drift),
+    ]
+    with ClinicalOutbox(tmp_path / "clinical.sqlite") as box:
+        sender = ClinicalSender(box, OutputsSettings(fhir=_fhir(fhir_receiver), retry_min_s=0.05))
+        assert sender.put(rows) == 1
+        with sender:
+            wait_for(lambda: box.parked_count().get("fhir") == 1, 20, box.parked)
+        (parked,) = box.parked()
+    assert parked.item.seq == 1 and "which bundle made it is not known" in parked.reason
+    assert fhir_receiver.count("Observation") == 0
+
+
 def test_an_outbox_reopened_after_a_stop_resumes_what_was_left(
     fhir_receiver: FhirReceiver, tmp_path: Path
 ) -> None:

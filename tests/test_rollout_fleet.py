@@ -31,7 +31,7 @@ from models import breast_cnn
 pytestmark = pytest.mark.slow
 
 DEVICES = ("fl-1", "fl-2", "fl-3")
-SAMPLES = 520  # per device: 26 s at 20 per second
+SAMPLES = 600  # per device: 15 s at 40 per second
 
 
 def _agent(
@@ -43,7 +43,7 @@ def _agent(
         bundle=bundle,
         identity=ident,
         broker={"host": "127.0.0.1", "port": port, "keepalive": 2, "reconnect_max_s": 1.0},
-        source={"path": breast_cnn.DATA, "split": "val", "rate_hz": 20, "loop": True},
+        source={"path": breast_cnn.DATA, "split": "val", "rate_hz": 40, "loop": True},
         outbox={"path": tmp / device / "outbox.sqlite", "resend_after_s": 1.0},
         telemetry_interval_s=0.3,
     )

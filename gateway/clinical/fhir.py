@@ -37,6 +37,7 @@ from fhir.resources.R4B.device import Device
 from fhir.resources.R4B.observation import Observation
 from pydantic import ValidationError
 
+from edge_agent.drift import EVENTS as DRIFT_EVENTS
 from edge_agent.errors import EnvelopeError, MedgeError, one_line
 from edge_agent.schemas import check_body
 
@@ -306,10 +307,17 @@ def result_observation(
 
 
 def is_clinical(row: StoredRow) -> bool:
-    """Whether a stored row becomes FHIR: a result, or an event start/end (not an update's)."""
+    """Whether a stored row becomes FHIR: a result, or an event start/end of the model's own
+    rules (not an update's, nor an input drift or signal-quality warning: those are about the
+    device's inputs, not the patient; they stay in the gateway's store and alerts)."""
     if row.kind == "result":
         return True
-    return row.kind == "event" and row.body.get("state") in ("start", "end")
+    body = row.body
+    return (
+        row.kind == "event"
+        and body.get("state") in ("start", "end")
+        and body.get("event") not in DRIFT_EVENTS
+    )
 
 
 def event_key(row: StoredRow) -> str:

@@ -210,9 +210,12 @@ class ClinicalSender:
         if self.settings.pacs is not None and kind == "result" and "source" in body:
             out.append("pacs")
         fhir = self.settings.fhir
+        made_by = _bundle_of(kind, bundle, body)
+        # a clinical row of a configured model; or an event whose bundle is not known (the
+        # device's state never named one): queued, to be parked with that reason, not lost
         if (
             fhir is not None
-            and model_name(_bundle_of(kind, bundle, body)) in fhir.models
+            and (made_by is None or model_name(made_by) in fhir.models)
             and is_clinical(StoredRow(site, device, seq, time, kind, body))
         ):
             out.append("fhir")
