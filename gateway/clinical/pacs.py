@@ -197,12 +197,14 @@ def c_store(objects: Sequence[Dataset], cfg: PacsConfig) -> None:
 def _refusal(assoc: Any, answers: list[Any]) -> tuple[str, bool]:
     """Why an association did not open, and whether to try again: a rejection says whether it
     is permanent (e.g. our or its AE title unknown) or transient (e.g. too busy)."""
+    # the rejection first, whatever the state says: a PACS that rejects and closes the
+    # connection at once can leave pynetdicom "aborted" with the A-ASSOCIATE-RJ already read
+    rj = next((a for a in answers if getattr(a, "result", None) in (1, 2)), None)
+    if rj is not None:
+        return f"association rejected: {rj.result_str}, {rj.source_str}, {rj.reason_str}", (
+            rj.result == 2
+        )
     if assoc.is_rejected:
-        rj = next((a for a in answers if getattr(a, "result", None) in (1, 2)), None)
-        if rj is not None:
-            return f"association rejected: {rj.result_str}, {rj.source_str}, {rj.reason_str}", (
-                rj.result == 2
-            )
         return "association rejected", False
     return ("association aborted" if assoc.is_aborted else "no association"), True
 

@@ -314,6 +314,9 @@
       if (e.target === dialog) dialog.close();
     });
     dialog.addEventListener("close", () => {
+      // the close event is queued: a result opened again before it is handled (Escape, then
+      // Enter on the next row at once) keeps its pending load and its id
+      if (dialog.open) return;
       state.token++;
       delete dialog.dataset.id;
       if (state.opener && state.opener.isConnected) state.opener.focus();
