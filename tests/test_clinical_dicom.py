@@ -6,9 +6,8 @@ dciodvfy, from Debian's dicom3tools). A stopped PACS gives a PacsError, quickly.
 
 from __future__ import annotations
 
-import re
-
 import base64
+import re
 import shutil
 import subprocess
 import time
