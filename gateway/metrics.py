@@ -412,6 +412,9 @@ class RolloutMetrics:
       last saw them
     - ``medge_gateway_rollout_commands_total{cmd}``: signed commands published to devices, by
       command (``shadow-bundle``, ``update-bundle``, ``shadow-stop``, ``rollback-bundle``)
+    - ``medge_gateway_rollout_pass_failures_total``: driver passes that failed (the store not
+      answering, a row it cannot read); each is tried again, the line is logged once per
+      distinct reason, this counts every one
     """
 
     STATUSES = ("running", "paused", "aborting")
@@ -430,6 +433,11 @@ class RolloutMetrics:
             "medge_gateway_rollout_commands",
             "Signed rollout commands published to devices, by command.",
             ["cmd"],
+            registry=self.registry,
+        )
+        self.pass_failures = pc.Counter(
+            "medge_gateway_rollout_pass_failures",
+            "Rollout driver passes that failed and were tried again.",
             registry=self.registry,
         )
         for status in self.STATUSES:  # every label shows, at 0 until it happens

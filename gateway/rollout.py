@@ -82,6 +82,8 @@ class RolloutDriver:
                 self.tick()
                 self._last_error = ""
             except Exception as exc:  # the store is down, a row is odd: said once, tried again
+                if self.metrics is not None:
+                    self.metrics.pass_failures.inc()  # every one counted, said once per reason
                 why = one_line(f"{type(exc).__name__}: {exc}")
                 if why != self._last_error:
                     log.error(

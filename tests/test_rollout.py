@@ -758,3 +758,24 @@ def test_rollouts_with_a_postgresql_store_name_their_bundles_folder(site_dir: Pa
     )
     with pytest.raises(ConfigError, match="rollouts.bundles"):
         cfg.check_combination()
+
+
+def test_a_failing_pass_is_counted_every_time_and_said_once(
+    tmp_path: Path, site_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store that does not answer: the driver keeps running and trying, every failed pass
+    counted in medge_gateway_rollout_pass_failures_total, the reason logged once."""
+    from gateway.metrics import RolloutMetrics
+    from gateway.rollout import RolloutDriver
+
+    store = Store(tmp_path / "gone.sqlite")
+    store.close()  # every read now fails
+    metrics = RolloutMetrics()
+    driver = RolloutDriver(
+        store, lambda where, payload: True, signer_key(site_dir), lambda name: name, 0.02, metrics
+    )
+    with driver:
+        wait_for(lambda: metrics.pass_failures._value.get() >= 3, 10, "three failed passes")
+        assert driver.thread is not None and driver.thread.is_alive()
+    lines = [r for r in caplog.records if "a pass failed" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelname == "ERROR"
