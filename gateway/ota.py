@@ -21,10 +21,10 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from edge_agent.bundle import Bundle
+from edge_agent.commands import COMMAND_VERSION, sign_command
 from edge_agent.errors import MedgeError
 from edge_agent.mqtt_session import MqttSession
 from edge_agent.topics import topic
-from edge_agent.update import COMMAND_VERSION, sign_command
 
 __all__ = [
     "BundleServer",
