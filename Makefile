@@ -20,13 +20,18 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/medge demo $(ARGS)
 
+# Two pytest workers (pytest-xdist), a test file each at a time: a file's module fixtures
+# (a conversion, a broker) stay in one process. JOBS=1 runs it in one process.
+JOBS ?= 2
+XDIST = $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist loadfile,)
+
 test: $(STAMP)
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(ARGS)
 
 # Converted bundles are cached by content in .pytest_cache/medge-bundles (MEDGE_TEST_CACHE;
 # tests/conftest.py), so a second run skips the session's conversion too.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest $(XDIST) -m "not slow" $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -105,11 +105,21 @@ def mosquitto_path() -> str | None:
 def start_broker(
     kind: BrokerKind = "auto", host: str = "127.0.0.1", port: int = 0
 ) -> RunningBroker:
-    """Start a broker and return once it accepts connections."""
-    port = port or free_port(host)
-    if kind == "mosquitto" or (kind == "auto" and mosquitto_path()):
-        return _start_mosquitto(host, port)
-    return _start_amqtt(host, port)
+    """Start a broker and return once it accepts connections. ``port`` 0: a free one, and
+    another if the one found was taken before the broker bound it (another process asked for
+    a free port at the same moment); a port given is tried once."""
+    use_mosquitto = kind == "mosquitto" or (kind == "auto" and mosquitto_path() is not None)
+    start = _start_mosquitto if use_mosquitto else _start_amqtt
+    if port:
+        return start(host, port)
+    for attempt in range(3):
+        try:
+            return start(host, free_port(host))
+        except MedgeError as exc:
+            if attempt == 2:
+                raise
+            log.warning("%s; trying another free port", exc)
+    raise AssertionError("unreachable")
 
 
 def _start_mosquitto(host: str, port: int) -> RunningBroker:
