@@ -8,9 +8,9 @@ a duplicate is acknowledged again (its first ack may have been lost) but not sto
 
 Flood limiting: each (site, device) has a token bucket (``device_rate`` messages per second,
 ``device_burst`` at once). A message over the limit is dropped before it is opened, counted
-(``reason="rate_limit"``) and logged once per ``limit_log_interval`` per device; it is never
-acknowledged, so a device's outbox sends it again later and nothing is lost. ``state`` messages
-(the Last Will, retained) are never limited.
+(``reason="rate_limit"``) and logged once per interval per device (gateway.rejections); it is
+never acknowledged, so a device's outbox sends it again later and nothing is lost. ``state``
+messages (the Last Will, retained) are never limited.
 
 The MQTT side is an :class:`~edge_agent.mqtt_session.MqttSession`: reconnects with jittered
 back-off (a broker down at start is retried), and any exception while handling one message
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import re
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -42,6 +41,7 @@ from gateway.dashboard.cam import check_cam
 from gateway.forward import Forwarder
 from gateway.limits import DeviceLimiter
 from gateway.metrics import GatewayMetrics
+from gateway.rejections import Rejections
 from gateway.store import Store
 
 if TYPE_CHECKING:  # the clinical outputs import their DICOM/FHIR libraries only when used
@@ -52,25 +52,6 @@ __all__ = ["DeviceLimiter", "Gateway", "GatewayStats"]
 log = logging.getLogger("medge.gateway")
 
 _UP = ("result", "event", "state", "telemetry")
-
-
-BACKLOG_AGE_S = 30.0  # a message made longer ago than this is a backlog being drained
-_TIME = re.compile(rb'"time":(-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)')
-
-
-def _traffic(payload: bytes, now: float | None = None) -> str:
-    """``backlog`` when the clear header says the message was made over BACKLOG_AGE_S ago,
-    else ``live``. Read without opening the message (a flood costs no crypto): the canonical
-    header puts ``time`` near the end, so only the last 256 bytes are searched; a message
-    that does not say is ``live``."""
-    m = _TIME.search(payload, max(0, len(payload) - 256))
-    if m is None:
-        return "live"
-    try:
-        made = float(m.group(1))
-    except ValueError:
-        return "live"
-    return "backlog" if (now or time.time()) - made > BACKLOG_AGE_S else "live"
 
 
 @dataclass(frozen=True)
@@ -132,7 +113,6 @@ class Gateway:
 
             clinical.metrics = ClinicalMetrics(self.metrics.registry)
         self.alerts = AlertEngine(store, rules, on_raise=self.metrics.alert)
-        self._lock = threading.Lock()
         self.last_stored: float | None = None  # time.time() of the last commit of results
         # group commit: the writer commits at once what is waiting (at most batching.max);
         # what arrives during a commit goes into the next, so batches grow with the load by
@@ -140,12 +120,6 @@ class Gateway:
         # window of earlier versions; for comparison in bench/gateway_throughput.py)
         self.batching = batching or BatchingSettings()
         self.limiter = DeviceLimiter(device_rate, device_burst)
-        self.limit_log_interval = 10.0  # seconds between two rate-limit lines of one device
-        self._limited: dict[tuple[str, str], list[float]] = {}  # -> [since last line, its time]
-        # audit rows of rejections: at most one per (site, device, reason) and interval; the
-        # device's rejected counter and the metrics still count every message
-        self.audit_interval = 10.0
-        self._audited: dict[tuple[str | None, str | None, str], list[float]] = {}
         self._pending: queue.Queue[tuple[Envelope, str, bytes]] = queue.Queue()
         self._writer_stop = threading.Event()
         self._writer = threading.Thread(target=self._run_writer, name="gateway-writer", daemon=True)
@@ -174,6 +148,8 @@ class Gateway:
             reconnect_max_s=10.0,
             logger=log,
         )
+        # audit rows in pace and rate-limit lines; the metrics count every message
+        self.rejections = Rejections(store, self.metrics, self.limiter, self.session.rejects)
 
     @classmethod
     def from_config(
@@ -257,7 +233,7 @@ class Gateway:
         self._writer_stop.set()  # what was received is still committed (and not acked)
         if self._writer.is_alive():
             self._writer.join(timeout=10)
-        self._flush_folded()
+        self.rejections.flush()
         self.alerts.stop()
         if self.forward is not None:
             self.forward.stop()
@@ -276,41 +252,7 @@ class Gateway:
         self._record_reject(reason, site, device)
         if device is not None:  # results in flight first: the device's row may be among them
             self._settle(timeout=10.0)
-        self._count_rejected(site, device, reason.value)
-
-    def _count_rejected(self, site: str | None, device: str | None, reason: str) -> None:
-        """Charge the device (every time) and write an audit row (rate-limited: a flood of
-        garbage must not become a flood of rows; the next row says how many were folded)."""
-        key = (site, device, reason)
-        now = time.monotonic()
-        with self._lock:
-            slot = self._audited.get(key)
-            due = slot is None or now - slot[0] >= self.audit_interval
-            folded = int(slot[1]) if slot is not None and due else 0
-            if due:
-                if len(self._audited) >= self.limiter.max_keys:
-                    self._audited.clear()  # only audit pacing is lost
-                self._audited[key] = [now, 0.0]
-            else:
-                slot[1] += 1  # type: ignore[index]
-        detail = reason if not folded else f"{reason} (+{folded} since the last row)"
-        self.store.count_rejected(site, device, detail if due else None)
-
-    def _flush_folded(self) -> None:
-        """At stop, one audit row per (device, reason) whose rejections were folded and not
-        yet written: the audit log adds up to every rejection."""
-        with self._lock:
-            folded = [(k, int(slot[1])) for k, slot in self._audited.items() if slot[1]]
-            self._audited.clear()
-        for (site, device, reason), n in folded:
-            try:
-                self.store.add_audit("reject", f"{reason} (+{n} folded, at stop)", site, device)
-            except Exception as exc:  # the store is gone: say what the audit log lacks
-                log.error(
-                    "audit rows for %d folded rejection(s) not written at stop: %s",
-                    n,
-                    one_line(str(exc)),
-                )
+        self.rejections.audit(site, device, reason.value)
 
     def _settle(self, timeout: float) -> None:
         """Wait until the writer has handled what is queued (at most ``timeout`` s, and not
@@ -324,43 +266,12 @@ class Gateway:
     def _record_reject(self, reason: Reason, site: str | None, device: str | None) -> None:
         self.metrics.reject(reason)
 
-    def _rate_limited(self, site: str, device: str, traffic: str) -> None:
-        """Count a message over the device's limit, as ``live`` traffic (a flood) or a
-        ``backlog`` being drained; one log line per device and interval (a flood must not
-        flood the log or the audit table)."""
-        self.metrics.rate_limited.labels(traffic).inc()
-        with self._lock:
-            if len(self._limited) >= self.limiter.max_keys and (site, device) not in self._limited:
-                self._limited.clear()  # only log pacing is lost
-            seen = self._limited.setdefault((site, device), [0.0, -1e18])
-            seen[0] += 1
-            now = time.monotonic()
-            due = now - seen[1] >= self.limit_log_interval
-            if due:
-                count, seen[0], seen[1] = int(seen[0]), 0.0, now
-        self.metrics.reject(Reason.RATE_LIMIT)
-        self.session.rejects.count(Reason.RATE_LIMIT)
-        if due:
-            log.warning(
-                "rate limit: %s/%s sends more than %g msg/s (burst %g); %d message(s) rejected "
-                "unacknowledged (the device resends them; this one %s); next report in %g s",
-                site,
-                device,
-                self.limiter.rate,
-                self.limiter.burst,
-                count,
-                f"from a backlog, made over {BACKLOG_AGE_S:g} s ago"
-                if traffic == "backlog"
-                else "live",
-                self.limit_log_interval,
-            )
-
     def _on_message(self, msg: mqtt.MQTTMessage) -> None:
         self.metrics.received.inc()
         # any exception below rejects this message only (MqttSession's boundary: _on_reject)
         parts = parse(msg.topic)
         if parts.kind != "state" and not self.limiter.allow(parts.site, parts.device):
-            self._rate_limited(parts.site, parts.device, _traffic(cast(bytes, msg.payload)))
+            self.rejections.rate_limited(parts.site, parts.device, cast(bytes, msg.payload))
             return  # not acknowledged: the device's outbox sends it again
         payload = cast(bytes, msg.payload)  # received: bytes (paho types it bytes | bytearray)
         env = self.opener.open(payload)
@@ -576,7 +487,7 @@ class Gateway:
             self._record_reject(Reason.STORE, env.site, env.device)
             self.session.rejects.add(Reason.STORE, f"gateway: store refused seq {env.seq} on {t}")
             try:
-                self._count_rejected(env.site, env.device, Reason.STORE.value)
+                self.rejections.audit(env.site, env.device, Reason.STORE.value)
             except Exception as exc:  # the audit row only; the rejection is counted above
                 log.error("auditing a refused row failed: %s", one_line(str(exc)))
         kept = [(item, new) for item, new in zip(batch, news, strict=True) if new is not None]

@@ -480,13 +480,13 @@ def test_a_flood_of_rejections_is_counted_in_full_and_audited_in_pace(  # type: 
 
         wait_for(lambda: charged() == 40, 10, "the device's counter to reach 40")
         assert [a["detail"] for a in store.audit("reject")] == ["malformed"]
-        gw.audit_interval = 0.0  # the interval has passed: the next row carries the fold
+        gw.rejections.audit_interval = 0.0  # the interval has passed: the next row carries the fold
         _publish(mosquitto, [(topic(SITE, "bd-flood", "result"), bad)])
         wait_for(lambda: charged() == 41, 10, "the 41st rejection")
         details = sorted(a["detail"] for a in store.audit("reject"))
         assert details == ["malformed", "malformed (+39 since the last row)"]
         assert _all_alive(gw)
-        gw.audit_interval = 3600.0  # folded from here on, until the gateway stops
+        gw.rejections.audit_interval = 3600.0  # folded from here on, until the gateway stops
         _publish(mosquitto, [(topic(SITE, "bd-flood", "result"), bad)] * 2)
         wait_for(lambda: charged() == 43, 10, "two more rejections")
         assert len(store.audit("reject")) == 2  # both folded into the row of the 41st

@@ -211,13 +211,13 @@ def test_a_rate_limited_message_is_told_apart_as_live_or_backlog(sealer) -> None
     import time
 
     from edge_agent.envelope import Envelope
-    from gateway.service import _traffic
+    from gateway.rejections import traffic_of
 
     payload = sealer("link-06").seal(Envelope("result", SITE, "link-06", 1, time.time(), {}))
     now = time.time()
-    assert _traffic(payload, now) == "live"
-    assert _traffic(payload, now + 31) == "backlog"
-    assert _traffic(b'{"not":"an envelope"}', now) == "live"
+    assert traffic_of(payload, now) == "live"
+    assert traffic_of(payload, now + 31) == "backlog"
+    assert traffic_of(b'{"not":"an envelope"}', now) == "live"
 
 
 def test_a_gateway_serving_again_gets_the_held_messages_at_once(  # type: ignore[no-untyped-def]
