@@ -7,8 +7,7 @@
   const RETRY_MS = 3000;
   const CHART_MS = 5000;    // how often the charts are read again
   const CHART_MIN = 60;     // the charts' window, minutes
-  const DASH = "—";
-  const SVG_NS = "http://www.w3.org/2000/svg";
+  const { DASH, $, isNum, clockTime, el, svgEl } = window.medgeDom;
 
   const state = {
     skew: 0,          // server clock minus ours, seconds
@@ -24,20 +23,6 @@
     chartKeys: "",    // the devices the charts were drawn for
   };
 
-  const $ = (id) => document.getElementById(id);
-
-  function el(tag, opts = {}, children = []) {
-    const node = document.createElement(tag);
-    if (opts.cls) node.className = opts.cls;
-    if (opts.text !== undefined && opts.text !== null) node.textContent = String(opts.text);
-    if (opts.title) node.title = opts.title;
-    if (opts.colSpan) node.colSpan = opts.colSpan;
-    if (opts.data) for (const [k, v] of Object.entries(opts.data)) node.dataset[k] = String(v);
-    for (const child of children) node.append(child);
-    return node;
-  }
-
-  const isNum = (v) => typeof v === "number" && Number.isFinite(v);
   const fixed = (v, digits) => (isNum(v) ? v.toFixed(digits) : DASH);
   const now = () => Date.now() / 1000 + state.skew;
 
@@ -51,7 +36,6 @@
   }
 
   const stamp = (t) => (isNum(t) ? new Date(t * 1000).toLocaleString() : "");
-  const clockTime = (t) => new Date(t * 1000).toLocaleTimeString([], { hour12: false });
 
   function noteServerTime(response) {
     const t = parseFloat(response.headers.get("X-Server-Time"));
@@ -157,13 +141,6 @@
   }
 
   // -- charts ----------------------------------------------------------------------------
-  function svgEl(tag, attrs = {}, text = null) {
-    const node = document.createElementNS(SVG_NS, tag);
-    for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
-    if (text !== null) node.textContent = text;
-    return node;
-  }
-
   // One small chart: a line (points of [time, value]) or bars (one per minute).
   function chart(kind, label, points, since, until, digits) {
     const W = 300; const H = 96; const L = 40; const R = 6; const T = 8; const B = 16;

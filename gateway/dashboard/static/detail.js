@@ -5,36 +5,15 @@
 "use strict";
 
 (() => {
-  const SVG_NS = "http://www.w3.org/2000/svg";
-  const DASH = "—";
+  const { DASH, $, isNum, clockTime, el, svgEl } = window.medgeDom;
   const B64 = /^[A-Za-z0-9+/]+={0,2}$/;
   const B64_MAX = 22000;     // the server allows a PNG of 16 KiB
   const BOX = 256;           // the image's longest side on screen, px
   const TIMELINE_MIN = 60;
 
   const state = { opener: null, token: 0 };
-  const $ = (id) => document.getElementById(id);
-  const isNum = (v) => typeof v === "number" && Number.isFinite(v);
   const stamp = (t) => (isNum(t) ? new Date(t * 1000).toLocaleString() : DASH);
-  const clockTime = (t) => new Date(t * 1000).toLocaleTimeString([], { hour12: false });
   const text = (v) => (typeof v === "string" && v ? v : null);
-
-  function el(tag, opts = {}, children = []) {
-    const node = document.createElement(tag);
-    if (opts.cls) node.className = opts.cls;
-    if (opts.text !== undefined && opts.text !== null) node.textContent = String(opts.text);
-    if (opts.title) node.title = opts.title;
-    if (opts.data) for (const [k, v] of Object.entries(opts.data)) node.dataset[k] = String(v);
-    for (const child of children) node.append(child);
-    return node;
-  }
-
-  function svgEl(tag, attrs = {}, content = null) {
-    const node = document.createElementNS(SVG_NS, tag);
-    for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
-    if (content !== null) node.textContent = content;
-    return node;
-  }
 
   function pngUrl(b64) {
     return typeof b64 === "string" && b64.length <= B64_MAX && B64.test(b64)

@@ -5,9 +5,7 @@
 
 (() => {
   const REFRESH_MS = 5000;
-  const DASH = "—";
-  const $ = (id) => document.getElementById(id);
-  const isNum = (v) => typeof v === "number" && Number.isFinite(v);
+  const { DASH, $, isNum, el } = window.medgeDom;
   const STATUSES = ["running", "paused", "aborting", "completed", "aborted"];
   const OPS = { ">=": "≥", "<=": "≤", ">": ">", "<": "<" };
   const MEASURES = {  // how each measure is named and how many decimals its value gets
@@ -17,16 +15,6 @@
   };
   const opened = new Set();  // rollout ids whose device list is open
   let last = "";             // the list last drawn: nothing is redrawn while it is the same
-
-  function el(tag, opts = {}, children = []) {
-    const node = document.createElement(tag);
-    if (opts.cls) node.className = opts.cls;
-    if (opts.text !== undefined && opts.text !== null) node.textContent = String(opts.text);
-    if (opts.title) node.title = opts.title;
-    if (opts.data) for (const [k, v] of Object.entries(opts.data)) node.dataset[k] = String(v);
-    for (const child of children) node.append(child);
-    return node;
-  }
 
   function gateLine(g, r) {
     const [name, digits] = MEASURES[g.measure] || [String(g.measure), 2];

@@ -2,7 +2,7 @@
 "use strict";
 
 (() => {
-  const $ = (id) => document.getElementById(id);
+  const { $ } = window.medgeDom;
 
   function row(what, value) {
     const tr = document.createElement("tr");
