@@ -415,6 +415,8 @@ class RolloutMetrics:
     - ``medge_gateway_rollout_pass_failures_total``: driver passes that failed (the store not
       answering, a row it cannot read); each is tried again, the line is logged once per
       distinct reason, this counts every one
+    - ``medge_gateway_rollout_driving``: 1 while this worker's driver holds the store's lease
+      and drives the rollouts, 0 while another worker does (it stands by)
     """
 
     STATUSES = ("running", "paused", "aborting")
@@ -438,6 +440,11 @@ class RolloutMetrics:
         self.pass_failures = pc.Counter(
             "medge_gateway_rollout_pass_failures",
             "Rollout driver passes that failed and were tried again.",
+            registry=self.registry,
+        )
+        self.driving = pc.Gauge(
+            "medge_gateway_rollout_driving",
+            "1 while this worker drives the rollouts (holds the lease), 0 while it stands by.",
             registry=self.registry,
         )
         for status in self.STATUSES:  # every label shows, at 0 until it happens

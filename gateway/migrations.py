@@ -162,6 +162,14 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX rollout_devices_device ON rollout_devices (site, device);
     """,
+    # 8: leases: which gateway worker drives the rollouts (gateway.rollout)
+    """
+    CREATE TABLE leases (
+        name TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        until REAL NOT NULL
+    );
+    """,
 ]
 
 SERIAL_TABLES = ("results", "audit", "alerts", "telemetry_history", "rollouts")  # id is an identity

@@ -8,13 +8,21 @@ online devices through the gateway's MQTT session. All of its state is in the st
 (gateway.rollout_store), so a gateway restarted mid-rollout goes on where it was: a command
 is recorded as sent only once it is published, and is sent again when the device comes
 online again without having answered it (commands are idempotent on the device).
+
+One driver acts at a time on a store: each pass first takes or renews the store's
+``rollout-driver`` lease (table ``leases``) for ``lease_s``. Another gateway worker whose
+``gateway.yaml`` also has a ``rollouts:`` section stands by, says so once, and takes over
+when the holder stops (it gives the lease back) or stops renewing it (dead: after ``lease_s``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +40,8 @@ log = logging.getLogger("medge.gateway.rollout")
 
 Publish = Callable[[str, bytes], bool]  # (topic, payload) -> published (QoS 1, acknowledged)
 
+LEASE = "rollout-driver"  # the row of the leases table the drivers take turns on
+
 
 class RolloutDriver:
     """Drives every active rollout of ``store``. ``publish``: publish one command (the
@@ -48,9 +58,16 @@ class RolloutDriver:
         poll_s: float = 1.0,
         metrics: Any | None = None,
         clock: Callable[[], float] = time.time,
+        lease_s: float | None = None,
     ) -> None:
+        """``lease_s``: how long a pass's hold on the lease lasts (default 10 poll periods, at
+        least 10 s): a standby driver takes over that long after the holder died."""
         self.store, self.publish, self.key, self.url_for = store, publish, key, url_for
         self.poll_s, self.metrics, self.clock = poll_s, metrics, clock
+        self.lease_s = lease_s if lease_s is not None else max(10.0, 10 * poll_s)
+        # who holds the lease: this host and process, and this driver among its restarts
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.driving: bool | None = None  # None until the first pass asked
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_error = ""
@@ -71,6 +88,21 @@ class RolloutDriver:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self.driving:
+            self.release()
+
+    def release(self) -> None:
+        """Give the lease back, so a standby driver takes over at its next pass."""
+        try:
+            with self.store.transaction() as db:
+                db.execute("DELETE FROM leases WHERE name=? AND holder=?", (LEASE, self.holder))
+            self._driving(False, "")
+        except Exception as exc:  # it lapses by itself after lease_s
+            log.error(
+                "rollouts: giving the lease back failed (it lapses in %g s): %s",
+                self.lease_s,
+                one_line(str(exc)),
+            )
 
     @property
     def thread(self) -> threading.Thread | None:
@@ -93,8 +125,45 @@ class RolloutDriver:
             self._stop.wait(self.poll_s)
 
     # -- one pass --------------------------------------------------------------------------
+    def hold(self) -> bool:
+        """Take or renew the lease; True while this driver holds it. The holder is who the
+        store says after the upsert, which takes the row only when it is this driver's or has
+        lapsed (the row's lock orders two drivers that ask at once)."""
+        now = self.clock()
+        with self.store.transaction() as db:
+            db.execute(
+                "INSERT INTO leases (name, holder, until) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET holder=excluded.holder, until=excluded.until "
+                "WHERE leases.holder=excluded.holder OR leases.until<?",
+                (LEASE, self.holder, now + self.lease_s, now),
+            )
+            row = db.execute("SELECT holder, until FROM leases WHERE name=?", (LEASE,)).fetchone()
+        mine = row is not None and row["holder"] == self.holder
+        self._driving(
+            mine, "" if mine or row is None else f"{row['holder']} until {row['until']:.0f}"
+        )
+        return mine
+
+    def _driving(self, mine: bool, other: str) -> None:
+        """Say once when this driver starts or stops driving, and keep the gauge."""
+        if mine != self.driving:
+            if mine:
+                log.info("rollouts: this gateway drives the rollouts (lease %s)", self.holder)
+            elif other:
+                log.warning(
+                    "rollouts: another gateway worker drives the rollouts (lease held by %s); "
+                    "this one stands by and takes over if it stops",
+                    other,
+                )
+            self.driving = mine
+        if self.metrics is not None:
+            self.metrics.driving.set(1 if mine else 0)
+
     def tick(self) -> None:
-        """One pass over the active rollouts (running, paused, aborting), oldest first."""
+        """One pass over the active rollouts (running, paused, aborting), oldest first, if
+        this driver holds the lease."""
+        if not self.hold():
+            return
         active = rollouts(self.store, status=ACTIVE)
         for r in sorted(active, key=lambda r: int(r["id"])):
             RolloutPass(self, r).run()  # updates r["status"] as it changes it

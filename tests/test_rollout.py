@@ -244,11 +244,39 @@ class Fleet:
             self._send(name, "state", {"state": "online", "bundle": doc["to"]})
 
 
-@contextmanager
-def fog(
-    tmp_path: Path, site_dir: Path, mosquitto: Any, opener: Any
-) -> Iterator[tuple[Store, Gateway, GatewayConfig, Path]]:
-    """A store, a gateway on the broker, its config (with a rollouts: section) on disk."""
+class Fog:
+    """A store, a gateway on the broker, its config (with a rollouts: section) on disk, and
+    the simulated fleet (with the bundle it runs, ``old``, and the candidate, ``new``)."""
+
+    def __init__(
+        self, store: Store, gw: Gateway, cfg: GatewayConfig, yaml: Path, fleet: Fleet, bundle: Path
+    ) -> None:
+        self.store, self.gw, self.cfg, self.yaml, self.fleet = store, gw, cfg, yaml, fleet
+        self.bundle = bundle  # the candidate's directory
+        self.old, self.new = fleet.old, fleet.new
+
+    def rollout(self, group: str, devices: list[str], plan: Plan) -> int:
+        """Group ``devices`` as ``group`` and create a rollout of the candidate to it."""
+        set_group(self.store, group, [(SITE, n) for n in devices])
+        trusted = [self.fleet.public]
+        return create_rollout(
+            self.store, self.bundle, group, plan, self.cfg.rollout_bundles(), SITE, trusted
+        )
+
+    @contextmanager
+    def driving(self) -> Iterator[Any]:
+        """The rollout driver and bundle server of gateway.node, between start and stop."""
+        service = start_rollouts(self.cfg, self.store, self.gw)
+        try:
+            yield service
+        finally:
+            service.stop()
+
+
+@pytest.fixture
+def fog(  # type: ignore[no-untyped-def]
+    bundle_dir, new_bundle, site_dir, mosquitto, opener, sealer, tmp_path
+) -> Iterator[Fog]:
     db = tmp_path / "gw.sqlite"
     yaml = tmp_path / "gateway.yaml"
     yaml.write_text(
@@ -257,8 +285,13 @@ def fog(
         f"  rollouts: {{http_host: 127.0.0.1, http_port: 0, poll_s: {POLL}}}\n"
     )
     cfg = load_gateway_config(yaml)
+    old, new = Bundle.load(bundle_dir).id, Bundle.load(new_bundle).id
     with Store(db) as store, Gateway(store, opener, mosquitto.host, mosquitto.port) as gw:
-        yield store, gw, cfg, yaml
+        fleet = Fleet(mosquitto, sealer, site_dir, old, new)
+        try:
+            yield Fog(store, gw, cfg, yaml, fleet, new_bundle)
+        finally:
+            fleet.close()
 
 
 def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
@@ -277,352 +310,228 @@ def rollout_status(store: Store, rid: int) -> str:
 
 
 # -- a whole rollout ---------------------------------------------------------------------------
-def test_a_rollout_goes_canary_then_each_step_behind_its_gates(  # type: ignore[no-untyped-def]
-    bundle_dir, new_bundle, site_dir, mosquitto, opener, sealer, tmp_path, capsys
+def test_a_rollout_goes_canary_then_each_step_behind_its_gates(
+    fog: Fog, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    old, new = Bundle.load(bundle_dir).id, Bundle.load(new_bundle).id
+    store, fleet, yaml = fog.store, fog.fleet, str(fog.yaml)
     names = [f"r1-{i:02d}" for i in range(10)]
-    with fog(tmp_path, site_dir, mosquitto, opener) as (store, gw, cfg, yaml):
-        fleet = Fleet(mosquitto, sealer, site_dir, old, new)
-        try:
-            for n in names:
-                fleet.add(n)
-            wait_for(lambda: sum(d["state"] == "online" for d in store.devices()) == 10)
-            out = cli(
-                capsys, "gateway", "group", "set", "ward", "--match", "r1-*", "--config", str(yaml)
-            )
-            assert out.strip() == "group ward: set to 10 device(s); it has 10"
-            out = cli(
-                capsys,
-                "gateway",
-                "rollout",
-                "start",
-                str(new_bundle),
-                "--group",
-                "ward",
-                "--config",
-                str(yaml),
-                "--canary",
-                "2",
-                "--steps",
-                "10%,50%,100%",
-                "--gate",
-                "agreement>=0.98,alerts_per_hour<=2",
-                "--min-results",
-                "5",
-            )
-            assert (
-                out.splitlines()[0]
-                == f"rollout 1: {new} to group ward: running, stage 1/3 canary (shadow)"
-            )
-            assert (
-                "  stage 1 canary: 2 device(s), current; agreement>=0.98: -; alerts_per_hour<=2: -"
-                in out
-            )
-            service = start_rollouts(cfg, store, gw)
-            try:
-                wait_for(
-                    lambda: rollout_status(store, 1) == "completed", 30, lambda: status(store, 1)
-                )
-            finally:
-                service.stop()
-            assert fleet.errors == []
-            assert set(devices_by_state(store, 1).values()) == {"done"}
-            # each device: shadow, switch, stop the shadow; once each, in that order
-            for n in names:
-                assert [c["cmd"] for c in fleet.got(n)] == [
-                    "shadow-bundle",
-                    "update-bundle",
-                    "shadow-stop",
-                ]
-            # stage by stage: no device of a later stage heard anything before the earlier
-            # stage's devices had all switched
-            order = {n: i for i, n in enumerate(names)}
-            stage_of = lambda n: 0 if order[n] < 2 else 1 if order[n] < 5 else 2  # noqa: E731
-            first = {}
-            switched = {}
-            for t, n, c in fleet.commands:
-                first.setdefault(n, t)
-                if c["cmd"] == "update-bundle":
-                    switched[n] = t
-            for n in names:
-                for m in names:
-                    if stage_of(m) < stage_of(n):
-                        assert switched[m] < first[n], (m, n)
-            doc = json.loads(
-                cli(capsys, "gateway", "rollout", "status", "1", "--json", "--config", str(yaml))
-            )
-            assert [(s["name"], s["devices"], s["state"]) for s in doc["stages"]] == [
-                ("canary", 2, "done"),
-                ("50%", 3, "done"),
-                ("100%", 5, "done"),
-            ]
-            g = doc["stages"][0]["gates"]
-            assert g[0]["gate"] == "agreement>=0.98" and g[0]["value"] == pytest.approx(0.99)
-            assert g[0]["holds"] is True and g[1]["value"] == 0.0 and g[1]["holds"] is True
-            assert doc["stages"][0]["measured"]["shadow"]["samples_min"] == 5
-            assert doc["stages"][2]["measured"]["after"]["results_min"] == 5
-            assert all(d["previous"] == old and d["running"] == new for d in doc["devices"])
-            audit = [a["detail"] for a in store.audit("rollout", 500)]
-            assert sum("update-bundle sent" in a for a in audit) == 10
-            assert any("stage canary: the shadow gates hold; switching" in a for a in audit)
-            assert any("completed" in a for a in audit)
-            text = gw.metrics.exposition().decode()
-            assert 'medge_gateway_rollout_commands_total{cmd="update-bundle"} 10.0' in text
-            assert 'medge_gateway_rollouts{status="running"} 0.0' in text
-        finally:
-            fleet.close()
+    for n in names:
+        fleet.add(n)
+    wait_for(lambda: sum(d["state"] == "online" for d in store.devices()) == 10)
+    out = cli(capsys, "gateway", "group", "set", "ward", "--match", "r1-*", "--config", yaml)
+    assert out.strip() == "group ward: set to 10 device(s); it has 10"
+    out = cli(
+        capsys,
+        "gateway",
+        "rollout",
+        "start",
+        str(fog.bundle),
+        "--group",
+        "ward",
+        "--config",
+        yaml,
+        "--canary",
+        "2",
+        "--steps",
+        "10%,50%,100%",
+        "--gate",
+        "agreement>=0.98,alerts_per_hour<=2",
+        "--min-results",
+        "5",
+    )
+    assert (
+        out.splitlines()[0]
+        == f"rollout 1: {fog.new} to group ward: running, stage 1/3 canary (shadow)"
+    )
+    assert (
+        "  stage 1 canary: 2 device(s), current; agreement>=0.98: -; alerts_per_hour<=2: -" in out
+    )
+    with fog.driving():
+        wait_for(lambda: rollout_status(store, 1) == "completed", 30, lambda: status(store, 1))
+    assert fleet.errors == []
+    assert set(devices_by_state(store, 1).values()) == {"done"}
+    # each device: shadow, switch, stop the shadow; once each, in that order
+    for n in names:
+        assert [c["cmd"] for c in fleet.got(n)] == ["shadow-bundle", "update-bundle", "shadow-stop"]
+    # stage by stage: no device of a later stage heard anything before the earlier stage's
+    # devices had all switched
+    order = {n: i for i, n in enumerate(names)}
+    stage_of = lambda n: 0 if order[n] < 2 else 1 if order[n] < 5 else 2  # noqa: E731
+    first = {}
+    switched = {}
+    for t, n, c in fleet.commands:
+        first.setdefault(n, t)
+        if c["cmd"] == "update-bundle":
+            switched[n] = t
+    for n in names:
+        for m in names:
+            if stage_of(m) < stage_of(n):
+                assert switched[m] < first[n], (m, n)
+    doc = json.loads(cli(capsys, "gateway", "rollout", "status", "1", "--json", "--config", yaml))
+    assert [(s["name"], s["devices"], s["state"]) for s in doc["stages"]] == [
+        ("canary", 2, "done"),
+        ("50%", 3, "done"),
+        ("100%", 5, "done"),
+    ]
+    g = doc["stages"][0]["gates"]
+    assert g[0]["gate"] == "agreement>=0.98" and g[0]["value"] == pytest.approx(0.99)
+    assert g[0]["holds"] is True and g[1]["value"] == 0.0 and g[1]["holds"] is True
+    assert doc["stages"][0]["measured"]["shadow"]["samples_min"] == 5
+    assert doc["stages"][2]["measured"]["after"]["results_min"] == 5
+    assert all(d["previous"] == fog.old and d["running"] == fog.new for d in doc["devices"])
+    audit = [a["detail"] for a in store.audit("rollout", 500)]
+    assert sum("update-bundle sent" in a for a in audit) == 10
+    assert any("stage canary: the shadow gates hold; switching" in a for a in audit)
+    assert any("completed" in a for a in audit)
+    text = fog.gw.metrics.exposition().decode()
+    assert 'medge_gateway_rollout_commands_total{cmd="update-bundle"} 10.0' in text
+    assert 'medge_gateway_rollouts{status="running"} 0.0' in text
 
 
-def test_a_failing_agreement_gate_pauses_with_the_reason(  # type: ignore[no-untyped-def]
-    bundle_dir, new_bundle, site_dir, mosquitto, opener, sealer, tmp_path, capsys
+def test_a_failing_agreement_gate_pauses_with_the_reason(
+    fog: Fog, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    old, new = Bundle.load(bundle_dir).id, Bundle.load(new_bundle).id
-    with fog(tmp_path, site_dir, mosquitto, opener) as (store, gw, cfg, yaml):
-        fleet = Fleet(mosquitto, sealer, site_dir, old, new)
-        try:
-            fleet.add("r2-01", agreement=0.9)
-            fleet.add("r2-02", agreement=0.9)
-            wait_for(lambda: len(store.devices()) == 2)
-            set_group(store, "g2", [(SITE, "r2-01"), (SITE, "r2-02")])
-            plan = Plan(canary=2, steps=[100], gates=parse_gates("agreement>=0.98"), min_results=5)
-            rid = create_rollout(
-                store,
-                new_bundle,
-                "g2",
-                plan,
-                cfg.rollout_bundles(),
-                SITE,
-                [signer_key(site_dir).public_key()],
-            )
-            service = start_rollouts(cfg, store, gw)
-            try:
-                wait_for(lambda: rollout_status(store, rid) == "paused", 20)
-                doc = status(store, rid)
-                assert doc["reason"] == (
-                    "stage canary: gate agreement>=0.98 failed: measured 0.9 "
-                    "(shadow run on 2 device(s))"
-                )
-                time.sleep(5 * POLL)  # a few passes: it stays paused, nothing is switched
-                assert fleet.got(cmd="update-bundle") == []
-                # resumed, the gate is read again: still failing, paused again
-                control(store, rid, "resume")
-                wait_for(lambda: rollout_status(store, rid) == "paused", 10)
-                assert fleet.got(cmd="update-bundle") == []
-                out = cli(capsys, "gateway", "rollout", "status", str(rid), "--config", str(yaml))
-                assert (
-                    "paused, stage 1/1 canary (shadow): stage canary: gate agreement>=0.98 failed"
-                    in (out.splitlines()[0])
-                )
-                assert "agreement>=0.98: 0.9 (FAILS)" in out
-            finally:
-                service.stop()
-        finally:
-            fleet.close()
+    store, fleet = fog.store, fog.fleet
+    fleet.add("r2-01", agreement=0.9)
+    fleet.add("r2-02", agreement=0.9)
+    wait_for(lambda: len(store.devices()) == 2)
+    plan = Plan(canary=2, steps=[100], gates=parse_gates("agreement>=0.98"), min_results=5)
+    rid = fog.rollout("g2", ["r2-01", "r2-02"], plan)
+    with fog.driving():
+        wait_for(lambda: rollout_status(store, rid) == "paused", 20)
+        doc = status(store, rid)
+        assert doc["reason"] == (
+            "stage canary: gate agreement>=0.98 failed: measured 0.9 (shadow run on 2 device(s))"
+        )
+        time.sleep(5 * POLL)  # a few passes: it stays paused, nothing is switched
+        assert fleet.got(cmd="update-bundle") == []
+        # resumed, the gate is read again: still failing, paused again
+        control(store, rid, "resume")
+        wait_for(lambda: rollout_status(store, rid) == "paused", 10)
+        assert fleet.got(cmd="update-bundle") == []
+        out = cli(capsys, "gateway", "rollout", "status", str(rid), "--config", str(fog.yaml))
+        assert (
+            "paused, stage 1/1 canary (shadow): stage canary: gate agreement>=0.98 failed"
+            in (out.splitlines()[0])
+        )
+        assert "agreement>=0.98: 0.9 (FAILS)" in out
 
 
-def test_abort_rolls_back_exactly_the_devices_that_took_it(  # type: ignore[no-untyped-def]
-    bundle_dir, new_bundle, site_dir, mosquitto, opener, sealer, tmp_path, capsys
+def test_abort_rolls_back_exactly_the_devices_that_took_it(
+    fog: Fog, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    old, new = Bundle.load(bundle_dir).id, Bundle.load(new_bundle).id
-    with fog(tmp_path, site_dir, mosquitto, opener) as (store, gw, cfg, yaml):
-        fleet = Fleet(mosquitto, sealer, site_dir, old, new)
-        try:
-            fleet.add("r3-01")
-            fleet.add("r3-02")
-            fleet.add("r3-03", samples=1)  # stage 2 never gets enough shadow samples
-            fleet.add("r3-04", samples=1)
-            fleet.add("r3-05")
-            fleet.offline("r3-05")  # its turn never comes: it hears nothing
-            wait_for(lambda: len(store.devices()) == 5)
-            set_group(store, "g3", [(SITE, f"r3-0{i}") for i in range(1, 6)])
-            plan = Plan(canary=2, steps=[80, 100], min_results=5)
-            rid = create_rollout(
-                store,
-                new_bundle,
-                "g3",
-                plan,
-                cfg.rollout_bundles(),
-                SITE,
-                [signer_key(site_dir).public_key()],
-            )
-            service = start_rollouts(cfg, store, gw)
-            try:
-                wait_for(lambda: len(fleet.got(cmd="shadow-bundle")) == 4, 20)
-                wait_for(
-                    lambda: (
-                        status(store, rid)["phase"] == "shadow" and status(store, rid)["stage"] == 1
-                    )
-                )
-                out = cli(capsys, "gateway", "rollout", "abort", str(rid), "--config", str(yaml))
-                assert "aborting" in out
-                wait_for(
-                    lambda: rollout_status(store, rid) == "aborted", 20, lambda: status(store, rid)
-                )
-            finally:
-                service.stop()
-            rollbacks = fleet.got(cmd="rollback-bundle")
-            assert sorted(c["device"] for c in rollbacks) == ["r3-01", "r3-02"]
-            assert {c["to"] for c in rollbacks} == {old}
-            assert sorted(c["device"] for c in fleet.got(cmd="shadow-stop")) == [
-                "r3-01",
-                "r3-02",
-                "r3-03",
-                "r3-04",
-            ]
-            assert fleet.got("r3-05") == []
-            assert devices_by_state(store, rid) == {
-                "r3-01": "rolled_back",
-                "r3-02": "rolled_back",
-                "r3-03": "stopped",
-                "r3-04": "stopped",
-                "r3-05": "pending",
-            }
-            assert {fleet.devices[n]["running"] for n in fleet.devices} == {old}
-            assert fleet.errors == []
-        finally:
-            fleet.close()
+    store, fleet = fog.store, fog.fleet
+    fleet.add("r3-01")
+    fleet.add("r3-02")
+    fleet.add("r3-03", samples=1)  # stage 2 never gets enough shadow samples
+    fleet.add("r3-04", samples=1)
+    fleet.add("r3-05")
+    fleet.offline("r3-05")  # its turn never comes: it hears nothing
+    wait_for(lambda: len(store.devices()) == 5)
+    rid = fog.rollout(
+        "g3", [f"r3-0{i}" for i in range(1, 6)], Plan(canary=2, steps=[80, 100], min_results=5)
+    )
+    with fog.driving():
+        wait_for(lambda: len(fleet.got(cmd="shadow-bundle")) == 4, 20)
+        wait_for(
+            lambda: status(store, rid)["phase"] == "shadow" and status(store, rid)["stage"] == 1
+        )
+        out = cli(capsys, "gateway", "rollout", "abort", str(rid), "--config", str(fog.yaml))
+        assert "aborting" in out
+        wait_for(lambda: rollout_status(store, rid) == "aborted", 20, lambda: status(store, rid))
+    rollbacks = fleet.got(cmd="rollback-bundle")
+    assert sorted(c["device"] for c in rollbacks) == ["r3-01", "r3-02"]
+    assert {c["to"] for c in rollbacks} == {fog.old}
+    assert sorted(c["device"] for c in fleet.got(cmd="shadow-stop")) == [
+        "r3-01",
+        "r3-02",
+        "r3-03",
+        "r3-04",
+    ]
+    assert fleet.got("r3-05") == []
+    assert devices_by_state(store, rid) == {
+        "r3-01": "rolled_back",
+        "r3-02": "rolled_back",
+        "r3-03": "stopped",
+        "r3-04": "stopped",
+        "r3-05": "pending",
+    }
+    assert {fleet.devices[n]["running"] for n in fleet.devices} == {fog.old}
+    assert fleet.errors == []
 
 
-def test_a_device_offline_at_its_turn_gets_its_command_when_it_comes_back(  # type: ignore[no-untyped-def]
-    bundle_dir, new_bundle, site_dir, mosquitto, opener, sealer, tmp_path
+def test_a_device_offline_at_its_turn_gets_its_command_when_it_comes_back(fog: Fog) -> None:
+    store, fleet = fog.store, fog.fleet
+    fleet.add("r4-01")
+    fleet.add("r4-02")
+    fleet.offline("r4-02")
+    wait_for(
+        lambda: (
+            {d["device"]: d["state"] for d in store.devices()}
+            == {"r4-01": "online", "r4-02": "offline"}
+        )
+    )
+    plan = Plan(canary=2, steps=[100], min_results=5, shadow=False)
+    rid = fog.rollout("g4", ["r4-01", "r4-02"], plan)
+    with fog.driving():
+        wait_for(lambda: devices_by_state(store, rid)["r4-01"] == "done", 20)
+        time.sleep(5 * POLL)
+        assert fleet.got("r4-02") == []
+        doc = status(store, rid)
+        [d2] = [d for d in doc["devices"] if d["device"] == "r4-02"]
+        assert (d2["state"], d2["command"], d2["command_sent"], d2["online"]) == (
+            "updating",
+            "update-bundle",
+            None,
+            False,
+        )
+        fleet.online("r4-02")
+        wait_for(lambda: rollout_status(store, rid) == "completed", 20)
+    assert [c["cmd"] for c in fleet.got("r4-02")] == ["update-bundle"]
+    assert fleet.errors == []
+
+
+def test_pause_holds_resume_goes_on_and_a_restarted_driver_resumes(
+    fog: Fog, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    old, new = Bundle.load(bundle_dir).id, Bundle.load(new_bundle).id
-    with fog(tmp_path, site_dir, mosquitto, opener) as (store, gw, cfg, _):
-        fleet = Fleet(mosquitto, sealer, site_dir, old, new)
-        try:
-            fleet.add("r4-01")
-            fleet.add("r4-02")
-            fleet.offline("r4-02")
-            wait_for(
-                lambda: (
-                    {d["device"]: d["state"] for d in store.devices()}
-                    == {"r4-01": "online", "r4-02": "offline"}
-                )
-            )
-            set_group(store, "g4", [(SITE, "r4-01"), (SITE, "r4-02")])
-            plan = Plan(canary=2, steps=[100], min_results=5, shadow=False)
-            rid = create_rollout(
-                store,
-                new_bundle,
-                "g4",
-                plan,
-                cfg.rollout_bundles(),
-                SITE,
-                [signer_key(site_dir).public_key()],
-            )
-            service = start_rollouts(cfg, store, gw)
-            try:
-                wait_for(lambda: devices_by_state(store, rid)["r4-01"] == "done", 20)
-                time.sleep(5 * POLL)
-                assert fleet.got("r4-02") == []
-                doc = status(store, rid)
-                [d2] = [d for d in doc["devices"] if d["device"] == "r4-02"]
-                assert (d2["state"], d2["command"], d2["command_sent"], d2["online"]) == (
-                    "updating",
-                    "update-bundle",
-                    None,
-                    False,
-                )
-                fleet.online("r4-02")
-                wait_for(lambda: rollout_status(store, rid) == "completed", 20)
-            finally:
-                service.stop()
-            assert [c["cmd"] for c in fleet.got("r4-02")] == ["update-bundle"]
-            assert fleet.errors == []
-        finally:
-            fleet.close()
+    store, fleet, yaml = fog.store, fog.fleet, str(fog.yaml)
+    names = [f"r5-0{i}" for i in range(1, 5)]
+    for n in names:
+        fleet.add(n)
+    wait_for(lambda: len(store.devices()) == 4)
+    rid = fog.rollout("g5", names, Plan(canary=1, steps=[50, 100], min_results=5))
+    cli(capsys, "gateway", "rollout", "pause", str(rid), "--config", yaml)
+    with fog.driving():
+        time.sleep(5 * POLL)
+        assert fleet.commands == [], "paused: nothing is sent"
+        cli(capsys, "gateway", "rollout", "resume", str(rid), "--config", yaml)
+        wait_for(lambda: status(store, rid)["stage"] == 1, 20)  # the canary is done
+    # the gateway stopped mid-rollout
+    before = len(fleet.commands)
+    time.sleep(5 * POLL)
+    assert len(fleet.commands) == before, "no driver, no command"
+    with fog.driving():  # a new driver (and server port) goes on
+        wait_for(lambda: rollout_status(store, rid) == "completed", 20, lambda: status(store, rid))
+    for n in names:  # nothing twice across the restart
+        assert [c["cmd"] for c in fleet.got(n)] == ["shadow-bundle", "update-bundle", "shadow-stop"]
+    assert fleet.errors == []
 
 
-def test_pause_holds_resume_goes_on_and_a_restarted_driver_resumes(  # type: ignore[no-untyped-def]
-    bundle_dir, new_bundle, site_dir, mosquitto, opener, sealer, tmp_path, capsys
-) -> None:
-    old, new = Bundle.load(bundle_dir).id, Bundle.load(new_bundle).id
-    with fog(tmp_path, site_dir, mosquitto, opener) as (store, gw, cfg, yaml):
-        fleet = Fleet(mosquitto, sealer, site_dir, old, new)
-        try:
-            names = [f"r5-0{i}" for i in range(1, 5)]
-            for n in names:
-                fleet.add(n)
-            wait_for(lambda: len(store.devices()) == 4)
-            set_group(store, "g5", [(SITE, n) for n in names])
-            plan = Plan(canary=1, steps=[50, 100], min_results=5)
-            rid = create_rollout(
-                store,
-                new_bundle,
-                "g5",
-                plan,
-                cfg.rollout_bundles(),
-                SITE,
-                [signer_key(site_dir).public_key()],
-            )
-            cli(capsys, "gateway", "rollout", "pause", str(rid), "--config", str(yaml))
-            service = start_rollouts(cfg, store, gw)
-            try:
-                time.sleep(5 * POLL)
-                assert fleet.commands == [], "paused: nothing is sent"
-                cli(capsys, "gateway", "rollout", "resume", str(rid), "--config", str(yaml))
-                wait_for(lambda: status(store, rid)["stage"] == 1, 20)  # the canary is done
-            finally:
-                service.stop()  # the gateway stops mid-rollout
-            before = len(fleet.commands)
-            time.sleep(5 * POLL)
-            assert len(fleet.commands) == before, "no driver, no command"
-            service = start_rollouts(cfg, store, gw)  # a new driver (and server port) goes on
-            try:
-                wait_for(
-                    lambda: rollout_status(store, rid) == "completed",
-                    20,
-                    lambda: status(store, rid),
-                )
-            finally:
-                service.stop()
-            for n in names:  # nothing twice across the restart
-                assert [c["cmd"] for c in fleet.got(n)] == [
-                    "shadow-bundle",
-                    "update-bundle",
-                    "shadow-stop",
-                ]
-            assert fleet.errors == []
-        finally:
-            fleet.close()
-
-
-def test_a_rejected_update_pauses_the_rollout(  # type: ignore[no-untyped-def]
-    bundle_dir, new_bundle, site_dir, mosquitto, opener, sealer, tmp_path
-) -> None:
-    old, new = Bundle.load(bundle_dir).id, Bundle.load(new_bundle).id
-    with fog(tmp_path, site_dir, mosquitto, opener) as (store, gw, cfg, _):
-        fleet = Fleet(mosquitto, sealer, site_dir, old, new)
-        try:
-            fleet.add("r6-01", reject="self-test: scores are not finite")
-            fleet.add("r6-02")
-            wait_for(lambda: len(store.devices()) == 2)
-            set_group(store, "g6", [(SITE, "r6-01"), (SITE, "r6-02")])
-            plan = Plan(canary=1, steps=[100], min_results=5, shadow=False)
-            rid = create_rollout(
-                store,
-                new_bundle,
-                "g6",
-                plan,
-                cfg.rollout_bundles(),
-                SITE,
-                [signer_key(site_dir).public_key()],
-            )
-            service = start_rollouts(cfg, store, gw)
-            try:
-                wait_for(lambda: rollout_status(store, rid) == "paused", 20)
-                time.sleep(5 * POLL)
-            finally:
-                service.stop()
-            doc = status(store, rid)
-            assert (
-                doc["reason"] == "ward-a/r6-01: update rejected: self-test: scores are not finite"
-            )
-            assert devices_by_state(store, rid) == {"r6-01": "failed", "r6-02": "pending"}
-            assert fleet.got("r6-02") == []
-        finally:
-            fleet.close()
+def test_a_rejected_update_pauses_the_rollout(fog: Fog) -> None:
+    store, fleet = fog.store, fog.fleet
+    fleet.add("r6-01", reject="self-test: scores are not finite")
+    fleet.add("r6-02")
+    wait_for(lambda: len(store.devices()) == 2)
+    rid = fog.rollout(
+        "g6", ["r6-01", "r6-02"], Plan(canary=1, steps=[100], min_results=5, shadow=False)
+    )
+    with fog.driving():
+        wait_for(lambda: rollout_status(store, rid) == "paused", 20)
+        time.sleep(5 * POLL)
+    doc = status(store, rid)
+    assert doc["reason"] == "ward-a/r6-01: update rejected: self-test: scores are not finite"
+    assert devices_by_state(store, rid) == {"r6-01": "failed", "r6-02": "pending"}
+    assert fleet.got("r6-02") == []
 
 
 # -- the store part, on both engines -----------------------------------------------------------
@@ -779,3 +688,60 @@ def test_a_failing_pass_is_counted_every_time_and_said_once(
         assert driver.thread is not None and driver.thread.is_alive()
     lines = [r for r in caplog.records if "a pass failed" in r.getMessage()]
     assert len(lines) == 1 and lines[0].levelname == "ERROR"
+
+
+def test_one_driver_drives_at_a_time_and_a_standby_takes_over(  # type: ignore[no-untyped-def]
+    any_store: Store, new_bundle, bundle_dir, site_dir, tmp_path, caplog
+) -> None:
+    """Two gateway workers with a rollouts: section on one store: the lease lets one drive;
+    the other stands by, says so once, and takes over when the first stops renewing it (dead)
+    or gives it back (stopped), without sending what was sent again."""
+    from gateway.metrics import RolloutMetrics
+    from gateway.rollout import RolloutDriver
+
+    store = any_store
+    old = Bundle.load(bundle_dir).id
+    for n in ("l-a", "l-b"):
+        store.set_state(SITE, n, "online", time.time(), old)
+    set_group(store, "lease", [(SITE, "l-a"), (SITE, "l-b")])
+    plan = Plan(canary=1, steps=[100], min_results=2, shadow=False)
+    trusted = [signer_key(site_dir).public_key()]
+    create_rollout(store, new_bundle, "lease", plan, tmp_path / "bundles", SITE, trusted)
+    later = [0.0]  # how far the drivers' clock is ahead of the wall clock
+    sent: list[tuple[str, str]] = []
+
+    def driver(name: str) -> tuple[RolloutDriver, RolloutMetrics]:
+        metrics = RolloutMetrics()
+        d = RolloutDriver(
+            store,
+            lambda t, p: sent.append((name, json.loads(p)["device"])) or True,
+            signer_key(site_dir),
+            lambda n: f"http://fog/{n}",
+            metrics=metrics,
+            clock=lambda: time.time() + later[0],
+            lease_s=10,
+        )
+        return d, metrics
+
+    (a, ma), (b, mb) = driver("a"), driver("b")
+    a.tick()
+    b.tick()
+    b.tick()
+    assert sent == [("a", "l-a")]
+    assert (a.driving, b.driving) == (True, False)
+    assert (ma.driving._value.get(), mb.driving._value.get()) == (1, 0)
+    standby = [r.getMessage() for r in caplog.records if "stands by" in r.getMessage()]
+    assert len(standby) == 1 and a.holder in standby[0]
+    # a dies without giving the lease back: b waits for it to lapse, then drives
+    later[0] = 9
+    b.tick()
+    assert not b.driving
+    later[0] = 11
+    b.tick()
+    assert b.driving and mb.driving._value.get() == 1
+    assert sent == [("a", "l-a")], "l-a had its command on this connection: not sent again"
+    a.tick()  # a is back: b holds the lease now
+    assert not a.driving and ma.driving._value.get() == 0
+    b.release()  # b stops: a takes over at its next pass
+    a.tick()
+    assert a.driving
