@@ -29,6 +29,7 @@ __all__ = [
     "fleet_of",
     "measure_after",
     "measure_shadow",
+    "retry",
     "rollout_devices",
     "rollouts",
     "shadow_of",
@@ -166,6 +167,71 @@ def control(store: Store, rid: int, action: str) -> dict[str, Any]:
         )
     store.add_audit("rollout", f"rollout {rid}: {action} ({row['status']} -> {target})")
     return rollouts(store, rid)[0]
+
+
+def retry(store: Store, rid: int, devices: list[str] | None = None) -> list[str]:
+    """Give failed devices of rollout ``rid`` another try: each goes back to ``pending`` in
+    the current stage (its own if that is later), with no command owed, and the running
+    driver sends it the current phase's command at its next pass. ``devices``: names
+    (``device`` or ``site/device``), or None for every failed one. A paused rollout stays
+    paused until resumed. Returns the ``site/device`` names retried; RolloutError when the
+    rollout is not running or paused, a named device is not in it or not failed, or none is."""
+    now = time.time()
+    with store.transaction() as db:
+        row = db.execute("SELECT status, stage, plan FROM rollouts WHERE id=?", (rid,)).fetchone()
+        if row is None:
+            raise RolloutError(f"no rollout {rid}")
+        if row["status"] not in ("running", "paused"):
+            raise RolloutError(
+                f"rollout {rid} is {row['status']}: cannot retry its devices (start a new one)"
+            )
+        devs = db.execute(
+            "SELECT site, device, stage, state, reason FROM rollout_devices WHERE rollout=?",
+            (rid,),
+        ).fetchall()
+        plan = Plan.of_json(json.loads(row["plan"]))
+        last = len(stage_sizes(len(devs), plan.canary, plan.steps)) - 1
+        if int(row["stage"]) > last:
+            raise RolloutError(f"rollout {rid} has been through every stage: start a new one")
+        chosen = _failed(rid, devs, devices)
+        for d in chosen:
+            db.execute(
+                "UPDATE rollout_devices SET state='pending', reason=?, stage=?, cmd=NULL, "
+                "cmd_sent=NULL, cmd_conn=NULL, cmd_mark=NULL, update_mark=NULL, since=? "
+                "WHERE rollout=? AND site=? AND device=?",
+                (
+                    one_line(f"retried (it had failed: {d['reason']})", 300),
+                    max(int(d["stage"]), int(row["stage"])),
+                    now,
+                    rid,
+                    d["site"],
+                    d["device"],
+                ),
+            )
+    names = [f"{d['site']}/{d['device']}" for d in chosen]
+    for d in chosen:
+        store.add_audit(
+            "rollout", f"rollout {rid}: retry (failed: {d['reason']})", d["site"], d["device"]
+        )
+    return names
+
+
+def _failed(rid: int, devs: list[dict[str, Any]], names: list[str] | None) -> list[dict[str, Any]]:
+    """The rows of ``names`` (every failed one for None), each checked to be failed."""
+    if names is None:
+        chosen = [d for d in devs if d["state"] == "failed"]
+        if not chosen:
+            raise RolloutError(f"rollout {rid} has no failed device")
+        return chosen
+    chosen = []
+    for name in names:
+        found = [d for d in devs if name in (f"{d['site']}/{d['device']}", d["device"])]
+        if len(found) != 1:
+            raise RolloutError(f"rollout {rid} has no device {name!r}")
+        if found[0]["state"] != "failed":
+            raise RolloutError(f"{name} is {found[0]['state']} in rollout {rid}, not failed")
+        chosen.append(found[0])
+    return chosen
 
 
 # -- the measures gates read ---------------------------------------------------------------

@@ -46,6 +46,7 @@ examples:
   medge gateway rollout status --config gateway.yaml            every rollout, one a line
   medge gateway rollout status 3 --config gateway.yaml --json   all of rollout 3
   medge gateway rollout pause 3 --config gateway.yaml
+  medge gateway rollout retry 3 bed-7 --config gateway.yaml    a failed device again
   medge gateway rollout abort 3 --config gateway.yaml"""
 
 
@@ -130,35 +131,53 @@ def _site_of(cfg: Any) -> str:
 
 # -- rollouts ------------------------------------------------------------------------------
 def cmd_rollout(a: argparse.Namespace) -> int:
-    """start/status/pause/resume/abort."""
+    """start/status/pause/resume/abort/retry."""
     from gateway import rollout_store as rs
 
     if a.action == "start":
         return _start(a)
     store, _ = _open(a)
     with store:
-        if a.action == "status":
-            if a.id is None:
-                rows = [rs.status(store, int(r["id"])) for r in rs.rollouts(store)]
-                if a.json:
-                    print(json.dumps({"rollouts": rows}))
-                else:
-                    for doc in rows:
-                        print(_headline(doc))
-                    if not rows:
-                        print("no rollouts (medge gateway rollout start BUNDLE --group G)")
-                return 0
-            doc = rs.status(store, a.id)
-        else:
-            rs.control(store, a.id, a.action)
-            doc = rs.status(store, a.id)
+        if a.action == "status" and a.id is None:
+            return _list(store, a.json)
+        retried = None if a.action == "status" else _act(store, a)
+        doc = rs.status(store, a.id)
+    if retried is not None:
+        doc["retried"] = retried
     if a.json:
         print(json.dumps(doc))
     elif a.action == "status":
         print("\n".join(status_lines(doc)))
     else:
+        if retried is not None:
+            print(f"rollout {a.id}: retrying {', '.join(retried)}")
         print(f"{_headline(doc)}; the running gateway acts on it within a poll")
     return 0
+
+
+def _list(store: Any, as_json: bool) -> int:
+    """Every rollout: a headline each, or one JSON document."""
+    from gateway import rollout_store as rs
+
+    rows = [rs.status(store, int(r["id"])) for r in rs.rollouts(store)]
+    if as_json:
+        print(json.dumps({"rollouts": rows}))
+        return 0
+    for doc in rows:
+        print(_headline(doc))
+    if not rows:
+        print("no rollouts (medge gateway rollout start BUNDLE --group G)")
+    return 0
+
+
+def _act(store: Any, a: argparse.Namespace) -> list[str] | None:
+    """pause, resume, abort (None) or retry (the devices retried) rollout ``a.id``."""
+    from gateway import rollout_store as rs
+
+    if a.action == "retry":
+        return rs.retry(store, a.id, a.devices or None)
+    rs.control(store, a.id, a.action)
+    return None
 
 
 def _start(a: argparse.Namespace) -> int:
@@ -365,7 +384,7 @@ def _register_rollout(gsub: Any, common: Callable[..., None]) -> None:
     st.set_defaults(func=cmd_rollout)
     for name, text in (
         ("pause", "stop advancing (devices keep what they run)"),
-        ("resume", "go on (gates are read again; failed devices stay out)"),
+        ("resume", "go on (gates are read again; failed devices stay out until 'retry')"),
         ("abort", "roll back every device that took the bundle, stop every shadow"),
     ):
         p = actions.add_parser(name, help=text, description=text)
@@ -373,3 +392,18 @@ def _register_rollout(gsub: Any, common: Callable[..., None]) -> None:
         _store_flags(p)
         common(p, json_flag=True)
         p.set_defaults(func=cmd_rollout)
+    text = (
+        "give failed devices another try: back to pending in the current stage, sent the "
+        "current phase's command at the driver's next pass (a paused rollout stays paused)"
+    )
+    r = actions.add_parser("retry", help=text, description=text)
+    r.add_argument("id", type=int, metavar="ID", help="the rollout")
+    r.add_argument(
+        "devices",
+        nargs="*",
+        metavar="DEVICE",
+        help="device or site/device to retry (default: every failed one)",
+    )
+    _store_flags(r)
+    common(r, json_flag=True)
+    r.set_defaults(func=cmd_rollout)

@@ -517,21 +517,44 @@ def test_pause_holds_resume_goes_on_and_a_restarted_driver_resumes(
     assert fleet.errors == []
 
 
-def test_a_rejected_update_pauses_the_rollout(fog: Fog) -> None:
-    store, fleet = fog.store, fog.fleet
+def test_a_rejected_update_pauses_the_rollout_and_retry_sends_it_again(
+    fog: Fog, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store, fleet, yaml = fog.store, fog.fleet, str(fog.yaml)
     fleet.add("r6-01", reject="self-test: scores are not finite")
     fleet.add("r6-02")
     wait_for(lambda: len(store.devices()) == 2)
-    rid = fog.rollout(
-        "g6", ["r6-01", "r6-02"], Plan(canary=1, steps=[100], min_results=5, shadow=False)
-    )
+    plan = Plan(canary=1, steps=[100], min_results=5, shadow=False)
+    rid = fog.rollout("g6", ["r6-01", "r6-02"], plan)
     with fog.driving():
         wait_for(lambda: rollout_status(store, rid) == "paused", 20)
         time.sleep(5 * POLL)
-    doc = status(store, rid)
-    assert doc["reason"] == "ward-a/r6-01: update rejected: self-test: scores are not finite"
-    assert devices_by_state(store, rid) == {"r6-01": "failed", "r6-02": "pending"}
-    assert fleet.got("r6-02") == []
+        doc = status(store, rid)
+        assert doc["reason"] == "ward-a/r6-01: update rejected: self-test: scores are not finite"
+        assert devices_by_state(store, rid) == {"r6-01": "failed", "r6-02": "pending"}
+        assert fleet.got("r6-02") == []
+        # what retry refuses: a device that did not fail, one not in the rollout
+        for argv, said in (
+            (["r6-02"], "r6-02 is pending in rollout"),
+            (["r9-99"], "has no device 'r9-99'"),
+        ):
+            assert main(["gateway", "rollout", "retry", str(rid), *argv, "--config", yaml]) == 2
+            assert said in capsys.readouterr().err
+        # the device is mended; retried, it gets the update again once the rollout resumes
+        fleet.devices["r6-01"]["reject"] = None
+        out = cli(capsys, "gateway", "rollout", "retry", str(rid), "--config", yaml)
+        assert out.splitlines()[0] == f"rollout {rid}: retrying ward-a/r6-01"
+        time.sleep(5 * POLL)
+        assert [c["cmd"] for c in fleet.got("r6-01")] == ["update-bundle"], "still paused"
+        cli(capsys, "gateway", "rollout", "resume", str(rid), "--config", yaml)
+        wait_for(lambda: rollout_status(store, rid) == "completed", 20, lambda: status(store, rid))
+    assert [c["cmd"] for c in fleet.got("r6-01")] == ["update-bundle", "update-bundle"]
+    assert devices_by_state(store, rid) == {"r6-01": "done", "r6-02": "done"}
+    assert main(["gateway", "rollout", "retry", str(rid), "--config", yaml]) == 2
+    assert "is completed: cannot retry" in capsys.readouterr().err
+    audit = [a["detail"] for a in store.audit("rollout", 500)]
+    assert any("retry (failed: update rejected: self-test" in a for a in audit)
+    assert fleet.errors == []
 
 
 # -- the store part, on both engines -----------------------------------------------------------
@@ -745,3 +768,50 @@ def test_one_driver_drives_at_a_time_and_a_standby_takes_over(  # type: ignore[n
     b.release()  # b stops: a takes over at its next pass
     a.tick()
     assert a.driving
+
+
+def test_retry_brings_a_device_failed_in_an_earlier_stage_into_the_current_one(  # type: ignore[no-untyped-def]
+    any_store: Store, new_bundle, bundle_dir, site_dir, tmp_path
+) -> None:
+    """The retry's SQL on both engines: a device that failed in the canary, the rollout
+    resumed past it, is retried in the stage now running and sent the update again."""
+    from gateway.rollout import RolloutDriver
+    from gateway.rollout_store import retry
+
+    store = any_store
+    old = Bundle.load(bundle_dir).id
+    names = ["t-a", "t-b", "t-c"]
+    for n in names:
+        store.set_state(SITE, n, "online", time.time(), old)
+    set_group(store, "t", [(SITE, n) for n in names])
+    plan = Plan(canary=1, steps=[100], min_results=1, shadow=False)
+    trusted = [signer_key(site_dir).public_key()]
+    rid = create_rollout(store, new_bundle, "t", plan, tmp_path / "bundles", SITE, trusted)
+    sent: list[str] = []
+    driver = RolloutDriver(
+        store,
+        lambda t, p: sent.append(json.loads(p)["device"]) or True,
+        signer_key(site_dir),
+        lambda name: f"http://fog/{name}",
+    )
+    driver.tick()
+    assert sent == ["t-a"]
+    body = {"update": "rejected", "bundle": None, "running": old, "reason": "disk full"}
+    store.add_result(Envelope("event", SITE, "t-a", 1, time.time(), body))
+    driver.tick()
+    assert status(store, rid)["status"] == "paused"
+    with pytest.raises(RolloutError, match="t-b is pending in rollout"):
+        retry(store, rid, ["t-b"])
+    control(store, rid, "resume")
+    driver.tick()  # the canary has no live device left: on to the next stage
+    driver.tick()
+    assert status(store, rid)["stage"] == 1 and sorted(sent) == ["t-a", "t-b", "t-c"]
+    assert retry(store, rid) == [f"{SITE}/t-a"]
+    with pytest.raises(RolloutError, match="has no failed device"):
+        retry(store, rid)
+    [row] = [d for d in rollout_devices(store, rid) if d["device"] == "t-a"]
+    assert (row["state"], row["stage"]) == ("pending", 1)
+    assert row["reason"] == "retried (it had failed: update rejected: disk full)"
+    driver.tick()
+    assert sent[-1] == "t-a" and len(sent) == 4
+    assert devices_by_state(store, rid)["t-a"] == "updating"
