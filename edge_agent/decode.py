@@ -29,6 +29,8 @@ __all__ = [
     "class_scores",
     "classify",
     "components",
+    "dice",
+    "foreground",
     "image_stats",
     "segment",
     "simplify_polygon",
@@ -200,6 +202,25 @@ def _largest_contour(lab: np.ndarray, n: int) -> list[list[int]]:
     return simplify_polygon(trace_contour(blob))
 
 
+def _foreground(prob: np.ndarray, threshold: float) -> np.ndarray:
+    """(H, W) bool: one channel, its probability >= threshold; K channels, the most probable
+    class is not the first (background) and its probability >= threshold."""
+    if prob.shape[-1] == 1:
+        return np.asarray(prob[..., 0] >= threshold)
+    return np.asarray((prob.argmax(axis=-1) > 0) & (prob.max(axis=-1) >= threshold))
+
+
+def foreground(out: np.ndarray, spec: Decode) -> np.ndarray:
+    """The (H, W) bool mask a segmentation output decodes to (as :func:`segment` finds it)."""
+    return _foreground(_probabilities(out, spec.activation), spec.mask_threshold)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap of two bool masks of one shape; 1.0 when both are empty."""
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
 def segment(out: np.ndarray, spec: Decode, labels: list[str]) -> Segmentation:
     """A segmentation output -> mask -> its area, bbox, components and largest contour.
 
@@ -209,11 +230,9 @@ def segment(out: np.ndarray, spec: Decode, labels: list[str]) -> Segmentation:
     prob = _probabilities(out, spec.activation)
     h, w, k = prob.shape
     class_px: dict[str, int] = {}
-    if k == 1:
-        mask = prob[..., 0] >= spec.mask_threshold
-    else:
+    mask = _foreground(prob, spec.mask_threshold)
+    if k > 1:
         best = prob.argmax(axis=-1)
-        mask = (best > 0) & (prob.max(axis=-1) >= spec.mask_threshold)
         counts = np.bincount(best[mask].ravel(), minlength=k)
         class_px = {labels[i] if i < len(labels) else str(i): int(counts[i]) for i in range(1, k)}
     area = int(mask.sum())

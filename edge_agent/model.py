@@ -13,7 +13,7 @@ import numpy as np
 from edge_agent.backends import Backend, open_backend
 from edge_agent.bundle import Artifact, Bundle
 from edge_agent.chain import FeatureStage
-from edge_agent.decode import Decoded, classify, image_stats, segment
+from edge_agent.decode import Decoded, classify, foreground, image_stats, segment
 from edge_agent.errors import BundleError
 from edge_agent.preprocess import byte_table, dequantize, normalize, to_input
 
@@ -108,11 +108,19 @@ class LoadedModel:
         m = self.bundle.manifest
         if m.task == "classification":
             return classify(output, m.decode, m.labels, self._positive)
-        shape = self._output.shape
-        out = np.asarray(output).reshape(shape) if -1 not in shape else np.asarray(output)
+        out = self._shaped(output)
         if m.task == "segmentation":
             return segment(out, m.decode, m.labels)
         return image_stats(out, m.labels)
+
+    def foreground(self, output: np.ndarray) -> np.ndarray | None:
+        """The (H, W) bool mask a segmentation output decodes to; None for other tasks."""
+        m = self.bundle.manifest
+        return foreground(self._shaped(output), m.decode) if m.task == "segmentation" else None
+
+    def _shaped(self, output: np.ndarray) -> np.ndarray:
+        shape = self._output.shape
+        return np.asarray(output).reshape(shape) if -1 not in shape else np.asarray(output)
 
     def predict(self, sample: np.ndarray) -> Decoded:
         return self.decode(self.infer(self.prepare(sample)))

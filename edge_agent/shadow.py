@@ -10,6 +10,10 @@ Two uses, one mechanism:
   ships a float artifact, that artifact runs on a small share of samples, so a quantization
   problem that only real inputs show is seen; telemetry ``float_check``.
 
+Both models' predicted labels are compared; for a segmentation model, also their masks:
+the Dice overlap of the candidate's mask with the published one, per sample (``dice``: mean,
+lowest, how many), since two masks can carry one label and differ in shape.
+
 A :class:`ShadowRun` takes whole samples deterministically (every 1/share-th, by an
 accumulator, so 25 % is exactly one sample in four) and keeps within a CPU budget: the
 candidate may spend at most ``cpu_budget`` times what the current model spent on inference
@@ -27,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.decode import dice
 from edge_agent.graph import Work
 from edge_agent.model import Model
 
@@ -58,6 +63,7 @@ class ShadowRun:
         self.last_failure: str | None = None
         self._pairs: Counter[str] = Counter()
         self._lat: deque[float] = deque(maxlen=_LATENCIES)
+        self._dice: list[float] = []  # [sum, lowest, n] once a mask pair was compared
 
     @property
     def bundle_id(self) -> str:
@@ -79,7 +85,9 @@ class ShadowRun:
             return
         t0 = time.perf_counter()
         try:
-            mine = self.model.decode(self.model.infer(self.model.prepare(w.sample.data)))
+            out = self.model.infer(self.model.prepare(w.sample.data))
+            mine = self.model.decode(out)
+            overlap = _overlap(w, self.model, out)
         except Exception as exc:  # the candidate's fault, counted; the stream goes on
             with self._lock:
                 self.failures += 1
@@ -88,13 +96,16 @@ class ShadowRun:
         finally:
             took = time.perf_counter() - t0
             self._own_s += took
-        self._compare(w.decoded, mine, took)
+        self._compare(w.decoded, mine, took, overlap)
 
-    def _compare(self, published: Any, mine: Any, took: float) -> None:
+    def _compare(self, published: Any, mine: Any, took: float, overlap: float | None) -> None:
         a, b = _label(published), _label(mine)
         with self._lock:
             self.samples += 1
             self._lat.append(took * 1000.0)
+            if overlap is not None:
+                d = self._dice or [0.0, 1.0, 0.0]
+                self._dice = [d[0] + overlap, min(d[1], overlap), d[2] + 1]
             if a == b:
                 self.agreed += 1
             else:
@@ -123,10 +134,26 @@ class ShadowRun:
                 "share": self.share,
                 "since": round(self.since, 3),
             }
+            if self._dice:
+                total, lowest, n = self._dice
+                body["dice"] = {"mean": round(total / n, 6), "min": round(lowest, 6), "n": int(n)}
             if self.failures:
                 body["failures"] = self.failures
                 body["last_failure"] = self.last_failure
             return body
+
+
+def _overlap(w: Work, model: Model, out: Any) -> float | None:
+    """Dice of the candidate's mask with the published one, for a segmentation model whose
+    mask has the published one's shape; None otherwise (not compared, not counted)."""
+    mask_of = getattr(model, "foreground", None)
+    published_of = getattr(w.model, "foreground", None)
+    if mask_of is None or published_of is None or w.y is None:
+        return None
+    mine, theirs = mask_of(out), published_of(w.y)
+    if mine is None or theirs is None or mine.shape != theirs.shape:
+        return None
+    return dice(theirs, mine)
 
 
 def _label(decoded: Any) -> str:

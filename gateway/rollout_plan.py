@@ -5,8 +5,9 @@ Plain functions and values: the driver (gateway.rollout) and the status read the
 - stages: ``canary`` devices first, then each step, a cumulative share of the group
   (``10%,50%,100%``); a step that adds no device is left out;
 - gates: ``agreement>=0.98,alerts_per_hour<=2``; a gate names one measure, one of
-  ``>= <= > <`` and a number. ``agreement`` and ``shadow_p99_ms`` are measured on the
-  shadow run (before the switch), ``alerts_per_hour`` after it.
+  ``>= <= > <`` and a number. ``agreement``, ``dice`` (segmentation models) and
+  ``shadow_p99_ms`` are measured on the shadow run (before the switch), ``alerts_per_hour``
+  after it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ __all__ = [
 ]
 
 # measure -> the phase it is measured in
-GATE_MEASURES = {"agreement": "shadow", "shadow_p99_ms": "shadow", "alerts_per_hour": "after"}
+GATE_MEASURES = {
+    "agreement": "shadow",
+    "dice": "shadow",  # segmentation: the candidate's masks against the published ones
+    "shadow_p99_ms": "shadow",
+    "alerts_per_hour": "after",
+}
 _GATE = re.compile(r"^\s*([a-z_0-9]+)\s*(>=|<=|>|<)\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*$")
 
 

@@ -259,10 +259,12 @@ def measure_shadow(
 ) -> dict[str, Any]:
     """Over ``devices`` (rollout_devices rows) as their latest telemetry tells: ``samples``
     per device, ``samples_min``, ``agreement`` (all compared samples together: the
-    sample-weighted mean of the devices' agreement), ``shadow_p99_ms`` (the highest
-    candidate p99 of any device), ``skipped`` (samples over the CPU budget, summed)."""
+    sample-weighted mean of the devices' agreement), ``dice`` (segmentation: the mean Dice
+    of the candidate's masks with the published ones over every compared pair; None for other
+    models), ``shadow_p99_ms`` (the highest candidate p99 of any device), ``skipped`` (samples
+    over the CPU budget, summed)."""
     per: dict[str, int] = {}
-    agreeing = compared = skipped = 0.0
+    agreeing = compared = skipped = overlap = pairs = 0.0
     p99: float | None = None
     for d in devices:
         key = (d["site"], d["device"])
@@ -274,6 +276,15 @@ def measure_shadow(
             agreeing += agreement * n
             compared += n
         skipped += _num(sh.get("skipped")) or 0
+        d_sh = sh.get("dice")
+        mean, n_pairs = (
+            (_num(d_sh.get("mean")), _num(d_sh.get("n")))
+            if isinstance(d_sh, dict)
+            else (None, None)
+        )
+        if mean is not None and n_pairs:
+            overlap += mean * n_pairs
+            pairs += n_pairs
         lat = sh.get("latency_ms")
         q = _num(lat.get("p99")) if isinstance(lat, dict) else None
         if q is not None:
@@ -283,6 +294,7 @@ def measure_shadow(
         "samples": per,
         "samples_min": min(per.values()) if per else 0,
         "agreement": round(agreeing / compared, 6) if compared else None,
+        "dice": round(overlap / pairs, 6) if pairs else None,
         "shadow_p99_ms": p99,
         "skipped": int(skipped),
     }

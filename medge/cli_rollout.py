@@ -263,6 +263,8 @@ def status_lines(doc: dict[str, Any]) -> list[str]:
         sh = d["shadow"]
         if sh is not None and d["state"] == "shadowing":
             line += f"; shadow {sh.get('samples')} samples, agreement {_value(sh.get('agreement'))}"
+            if isinstance(sh.get("dice"), dict):
+                line += f", Dice {_value(sh['dice'].get('mean'))}"
         if d["command"]:
             sent = "sent, answer awaited" if d["command_sent"] else "waits for it to be online"
             line += f"; {d['command']} {sent}"
@@ -341,7 +343,8 @@ def _register_rollout(gsub: Any, common: Callable[..., None]) -> None:
         "--gate",
         default="",
         help="gates every stage must pass, e.g. agreement>=0.98,alerts_per_hour<=2 "
-        "(agreement, shadow_p99_ms: on the shadow run; alerts_per_hour: after the switch)",
+        "(agreement, dice, shadow_p99_ms: on the shadow run; alerts_per_hour: after the "
+        "switch)",
     )
     s.add_argument(
         "--min-results",

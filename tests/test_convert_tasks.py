@@ -107,6 +107,52 @@ def test_segmentation_bundle_keeps_dice_and_runs_on_the_agent(
     assert seg.area_px == pytest.approx(int(mask.sum()), rel=0.5)
 
 
+def test_a_segmentation_shadow_reports_the_dice_of_its_masks(
+    data: Path, bundles: dict[str, object], tmp_path: Path
+) -> None:
+    """A U-Net's shadow run (and float check) compares masks, not only labels: the same
+    model gives Dice 1.0 on every sample; a candidate that thresholds its probabilities
+    lower (the same weights, the manifest's mask_threshold 0.5 -> 0.1) draws larger masks
+    under the same labels, and its Dice is the overlap numpy finds on the raw outputs."""
+    from edge_agent.bundle import MANIFEST_NAME, Manifest, write_manifest
+    from edge_agent.graph import Work
+    from edge_agent.shadow import ShadowRun
+    from edge_agent.sources import Sample
+
+    _, out = _bundle(bundles, "segmentation")
+    current = LoadedModel(Bundle.load(out))
+    tight = tmp_path / "tight"
+    shutil.copytree(out, tight)
+    m = Manifest.model_validate_json((tight / MANIFEST_NAME).read_text())
+    assert m.decode.activation == "sigmoid" and m.decode.mask_threshold == 0.5
+    write_manifest(
+        tight, m.model_copy(update={"decode": m.decode.model_copy(update={"mask_threshold": 0.1})})
+    )
+    candidate = LoadedModel(Bundle.load(tight))
+    with np.load(data) as d:
+        images = d["val_images"][:24]
+    same, other = ShadowRun(current, 1.0, 1000.0), ShadowRun(candidate, 1.0, 1000.0)
+    expected = []
+    for i, x in enumerate(images):
+        w = Work(Sample(f"s{i}", x), current)
+        w.y = current.infer(current.prepare(x))
+        w.decoded = current.decode(w.y)
+        w.latency["infer"] = 0.001
+        same.observe(w)
+        other.observe(w)
+        a = w.y >= 0.5  # the probabilities, flat: one channel, sigmoid
+        b = candidate.infer(candidate.prepare(x)) >= 0.1
+        total = int(a.sum() + b.sum())
+        expected.append(1.0 if total == 0 else 2 * int((a & b).sum()) / total)
+    assert same.snapshot()["dice"] == {"mean": 1.0, "min": 1.0, "n": 24}
+    got = other.snapshot()
+    assert got["dice"]["n"] == 24
+    assert got["dice"]["mean"] == pytest.approx(np.mean(expected), abs=1e-6)
+    assert got["dice"]["min"] == pytest.approx(min(expected), abs=1e-6)
+    assert got["dice"]["mean"] < 0.99 and got["dice"]["min"] < 0.95, "larger masks at 0.1"
+    assert got["agreement"] > got["dice"]["mean"], "labels alone hide the difference"
+
+
 def test_image_to_image_bundle_reports_psnr_and_ssim(
     data: Path, bundles: dict[str, object]
 ) -> None:

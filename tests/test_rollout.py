@@ -86,6 +86,30 @@ def test_stages_and_gates_parse_exactly() -> None:
         Plan(cpu_budget=5).check()
 
 
+def test_the_dice_gate_reads_the_pair_weighted_mean_of_the_devices_masks() -> None:
+    """A U-Net's shadow telemetry carries dice {mean, min, n}; the gate reads the mean over
+    every compared mask pair of the stage's devices; no device with masks: not measured."""
+    from gateway.rollout_store import measure_shadow
+
+    target = "unet@1#x"
+    devs = [{"site": SITE, "device": n} for n in ("a", "b", "c")]
+
+    def tel(dice: dict[str, float]) -> str:
+        shadow = {"bundle": target, "samples": 10, "agreement": 1.0}
+        return json.dumps({"bundle": "old", "shadow": {**shadow, "dice": dice}})
+
+    fleet = {
+        (SITE, "a"): {"telemetry": tel({"mean": 0.9, "min": 0.5, "n": 30})},
+        (SITE, "b"): {"telemetry": tel({"mean": 0.8, "min": 0.7, "n": 10})},
+        (SITE, "c"): {"telemetry": json.dumps({"shadow": {"bundle": target, "samples": 10}})},
+    }
+    m = measure_shadow(target, devs, fleet)
+    assert m["dice"] == pytest.approx(0.875) and m["agreement"] == 1.0
+    [gate] = parse_gates("dice>=0.9")
+    assert gate.phase == "shadow" and not gate.holds(m["dice"]) and gate.holds(0.9)
+    assert measure_shadow(target, devs[2:], fleet)["dice"] is None
+
+
 # -- a new version of the test bundle ---------------------------------------------------------
 @pytest.fixture(scope="module")
 def new_bundle(bundle_dir: Path, site_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:

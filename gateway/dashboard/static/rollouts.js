@@ -10,6 +10,7 @@
   const OPS = { ">=": "≥", "<=": "≤", ">": ">", "<": "<" };
   const MEASURES = {  // how each measure is named and how many decimals its value gets
     agreement: ["agreement", 3],
+    dice: ["Dice", 3],
     alerts_per_hour: ["alerts/h", 1],
     shadow_p99_ms: ["shadow p99 ms", 1],
   };
