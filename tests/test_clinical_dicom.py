@@ -32,12 +32,12 @@ from gateway.clinical.dicom_objects import (
     MedgeResult,
     cam_capture,
     dicom_objects,
-    fill_contour,
     label_code,
     segmentation,
     structured_report,
 )
 from gateway.clinical.pacs import PacsConfig, PacsError, c_store, fetch_header, stow
+from gateway.clinical.pixels import fill_contour
 
 __all__ = ["orthanc"]  # the fixture, imported to be used here
 
