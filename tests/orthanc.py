@@ -134,10 +134,30 @@ def start_orthanc(
     password: str | None = None,
 ) -> OrthancServer:
     """Start Orthanc in ``folder`` and wait until its REST API and DICOMweb answer; on free
-    ports with a new password unless ``ports`` (HTTP, DICOM) and ``password`` are given."""
+    ports with a new password unless ``ports`` (HTTP, DICOM) and ``password`` are given.
+    Free ports found here may be taken by another process (another pytest worker) before
+    Orthanc binds them: then it exits, and new ones are tried (3 times in all)."""
     if not ORTHANC.is_file() or not DICOMWEB_PLUGIN.is_file():
         raise RuntimeError(INSTALL_HINT)
-    http_port, dicom_port = ports if ports is not None else (_free_port(), _free_port())
+    if ports is not None:
+        return _start_orthanc(folder, timeout, ports, password)
+    for attempt in range(3):
+        try:
+            return _start_orthanc(folder, timeout, (_free_port(), _free_port()), password)
+        except OrthancExited:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+class OrthancExited(RuntimeError):
+    """Orthanc ended before it answered (a port it was given was taken, a bad config)."""
+
+
+def _start_orthanc(
+    folder: Path, timeout: float, ports: tuple[int, int], password: str | None
+) -> OrthancServer:
+    http_port, dicom_port = ports
     password = password if password is not None else secrets.token_urlsafe(18)
     config = folder / "orthanc.json"
     config.write_text(json.dumps(_config(folder, http_port, dicom_port, password), indent=2))
@@ -158,7 +178,7 @@ def start_orthanc(
             tail = "".join(
                 (folder / "orthanc.log").read_text(errors="replace").splitlines(True)[-20:]
             )
-            raise RuntimeError(f"Orthanc exited with {proc.returncode}:\n{tail}")
+            raise OrthancExited(f"Orthanc exited with {proc.returncode}:\n{tail}")
         try:
             server.rest("GET", "/system")
             server.rest("GET", "/dicom-web/studies")
