@@ -107,6 +107,7 @@ def start_rollouts(cfg: GatewayConfig, store: Store, gw: Gateway) -> RolloutServ
         server.url,
         poll_s=ro.poll_s,
         metrics=RolloutMetrics.of(gw.metrics.registry),
+        on_alert=gw.metrics.alert,
     ).start()
     log.info("rollouts: serving %s at %s", folder, server.url(""))
     return RolloutService(server, driver)

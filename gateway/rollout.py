@@ -29,6 +29,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from edge_agent.errors import one_line
+from gateway.alerts import open_alert, resolve_alerts
 from gateway.ota import command
 from gateway.rollout_pass import RolloutPass
 from gateway.rollout_store import ACTIVE, rollouts
@@ -41,6 +42,7 @@ log = logging.getLogger("medge.gateway.rollout")
 Publish = Callable[[str, bytes], bool]  # (topic, payload) -> published (QoS 1, acknowledged)
 
 LEASE = "rollout-driver"  # the row of the leases table the drivers take turns on
+PAUSED_RULE = "rollout_paused"  # the alert a rollout the driver paused raises
 
 
 class RolloutDriver:
@@ -59,12 +61,15 @@ class RolloutDriver:
         metrics: Any | None = None,
         clock: Callable[[], float] = time.time,
         lease_s: float | None = None,
+        on_alert: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         """``lease_s``: how long a pass's hold on the lease lasts (default 10 poll periods, at
-        least 10 s): a standby driver takes over that long after the holder died."""
+        least 10 s): a standby driver takes over that long after the holder died.
+        ``on_alert``: called with each alert this driver raises (the gateway's metrics)."""
         self.store, self.publish, self.key, self.url_for = store, publish, key, url_for
         self.poll_s, self.metrics, self.clock = poll_s, metrics, clock
         self.lease_s = lease_s if lease_s is not None else max(10.0, 10 * poll_s)
+        self.on_alert = on_alert
         # who holds the lease: this host and process, and this driver among its restarts
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.driving: bool | None = None  # None until the first pass asked
@@ -184,6 +189,53 @@ class RolloutDriver:
         if ok and self.metrics is not None:
             self.metrics.command(cmd)
         return ok
+
+    def alert_paused(self, rid: int, site: str, reason: str) -> None:
+        """A warning alert on the dashboard for a rollout this driver paused (a gate failed,
+        a device refused or rolled back): half a group runs the new bundle until someone acts.
+        Its device is ``rollout-ID``; it resolves once the rollout no longer is paused."""
+        message = one_line(f"rollout {rid} paused: {reason}", 500)
+        try:
+            alert_id, new = open_alert(
+                self.store,
+                site,
+                f"rollout-{rid}",
+                PAUSED_RULE,
+                "warning",
+                message,
+                {"rollout": rid, "reason": reason},
+                self.clock(),
+            )
+        except Exception as exc:  # the pause stands, in the audit log and the status
+            log.error(
+                "rollouts: the alert for paused rollout %d failed: %s", rid, one_line(str(exc))
+            )
+            return
+        if new:
+            log.warning("alert %d (warning): %s", alert_id, message)
+            if self.on_alert is not None:
+                self.on_alert(
+                    {
+                        "id": alert_id,
+                        "site": site,
+                        "device": f"rollout-{rid}",
+                        "rule": PAUSED_RULE,
+                        "severity": "warning",
+                        "message": message,
+                    }
+                )
+
+    def clear_paused(self, rid: int, site: str) -> None:
+        """Resolve the paused alert of a rollout that runs, aborts or ended again."""
+        device = f"rollout-{rid}"
+        active = self.store.query(
+            "SELECT id FROM alerts WHERE site=? AND device=? AND rule=? "
+            "AND state IN ('open','acknowledged')",
+            (site, device, PAUSED_RULE),
+        )
+        if active:
+            ids = resolve_alerts(self.store, site, device, PAUSED_RULE, self.clock())
+            log.info("rollouts: rollout %d no longer paused: alert(s) %s resolved", rid, ids)
 
     def audit(
         self, rid: int, text: str, site: str | None = None, device: str | None = None

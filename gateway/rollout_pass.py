@@ -59,6 +59,8 @@ class RolloutPass:
         if self.r["status"] in ("running", "aborting"):
             for dev in self.devs:
                 self._deliver(dev)
+        if self.r["status"] != "paused":
+            self.d.clear_paused(self.rid, self._site())
 
     # -- rows ------------------------------------------------------------------------------
     def _here(self, dev: Row) -> Row:
@@ -97,6 +99,11 @@ class RolloutPass:
     def _pause(self, reason: str) -> None:
         if self._rollout("running", status="paused", reason=reason):
             self.d.audit(self.rid, f"paused: {reason}")
+            self.d.alert_paused(self.rid, self._site(), reason)
+
+    def _site(self) -> str:
+        """The site the rollout's alert is shown under: its first device's."""
+        return str(self.devs[0]["site"]) if self.devs else "-"
 
     def _events(self, dev: Row, after: int | None) -> list[Row]:
         """The device's ``update`` events stored after results id ``after``."""

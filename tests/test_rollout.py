@@ -36,6 +36,7 @@ from edge_agent.envelope import Envelope
 from edge_agent.keys import key_id
 from edge_agent.topics import ROOT, topic
 from gateway import Gateway, Store
+from gateway.alerts import list_alerts
 from gateway.config import GatewayConfig, load_gateway_config
 from gateway.groups import group_members, list_groups, match_devices, set_group
 from gateway.node import start_rollouts
@@ -429,6 +430,15 @@ def test_a_failing_agreement_gate_pauses_with_the_reason(
         )
         time.sleep(5 * POLL)  # a few passes: it stays paused, nothing is switched
         assert fleet.got(cmd="update-bundle") == []
+        [alert] = [a for a in list_alerts(store) if a["rule"] == "rollout_paused"]
+        assert (alert["site"], alert["device"], alert["severity"], alert["state"]) == (
+            SITE,
+            f"rollout-{rid}",
+            "warning",
+            "open",
+        )
+        assert alert["message"] == f"rollout {rid} paused: {doc['reason']}"
+        assert alert["count"] == 1, "raised once, not once a pass"
         # resumed, the gate is read again: still failing, paused again
         control(store, rid, "resume")
         wait_for(lambda: rollout_status(store, rid) == "paused", 10)
@@ -573,6 +583,10 @@ def test_a_rejected_update_pauses_the_rollout_and_retry_sends_it_again(
         cli(capsys, "gateway", "rollout", "resume", str(rid), "--config", yaml)
         wait_for(lambda: rollout_status(store, rid) == "completed", 20, lambda: status(store, rid))
     assert [c["cmd"] for c in fleet.got("r6-01")] == ["update-bundle", "update-bundle"]
+    [alert] = [a for a in list_alerts(store) if a["rule"] == "rollout_paused"]
+    assert alert["state"] == "resolved" and "r6-01: update rejected" in alert["message"]
+    text = fog.gw.metrics.exposition().decode()
+    assert 'medge_gateway_alerts_raised_total{rule="rollout_paused",severity="warning"} 1.0' in text
     assert devices_by_state(store, rid) == {"r6-01": "done", "r6-02": "done"}
     assert main(["gateway", "rollout", "retry", str(rid), "--config", yaml]) == 2
     assert "is completed: cannot retry" in capsys.readouterr().err
