@@ -29,9 +29,9 @@ from edge_agent.link import DeviceLink
 from edge_agent.model import LoadedModel
 from edge_agent.model_slot import ModelSlot, Probation
 from edge_agent.outbox import Outbox
-from edge_agent.pipeline import build_graph
+from edge_agent.pipeline import SealSource, build_graph
 from edge_agent.shadow import ShadowRun
-from edge_agent.source_ids import SourceSealer
+from edge_agent.source_ids import SourceSealer, no_source_key
 from edge_agent.sources import open_source
 from edge_agent.supervisor import Supervisor
 from edge_agent.telemetry import PipelineStats, device_health
@@ -119,20 +119,22 @@ class Agent:
         self._float = (bundle, run)
         return run
 
-    def _source_sealer(self) -> SourceSealer | None:
+    def _source_sealer(self) -> SealSource | None:
         """Seals the UIDs of DICOM sources to the fog node's source key, when the identity
-        has one; without it a DICOM source's results name no source image (told once)."""
+        has one; without it a DICOM source's results say in ``source`` that they carry no
+        UIDs, and why (told here once; the fog node parks each with that reason)."""
         key, cfg = self.identity.source_recipient, self.cfg
         if key is not None:
             return SourceSealer(key, cfg.site, cfg.device)
-        if cfg.source.kind == "dicom":
-            log.warning(
-                "%s: results will carry no source UIDs: the identity has no %s (medge site "
-                "source-key, then provision); the gateway cannot write DICOM objects for them",
-                cfg.device,
-                SOURCE_RECIPIENT,
-            )
-        return None
+        if cfg.source.kind != "dicom":
+            return None
+        log.warning(
+            "%s: results will carry no source UIDs: the identity has no %s (medge site "
+            "source-key, then provision); the gateway cannot write DICOM objects for them",
+            cfg.device,
+            SOURCE_RECIPIENT,
+        )
+        return no_source_key
 
     def run(self, stop: threading.Event, drain_timeout: float = 10.0) -> AgentReport:
         """Stream until the source ends or ``stop`` is set, then wait for acks to drain."""

@@ -204,16 +204,23 @@ MAX_SEALED_SOURCE_CHARS = 4096
 
 def _sealed_source(v: Any, where: str) -> None:
     """A result's sealed source UIDs (edge_agent.source_ids): ``kid``, ``suite`` and ``ct``
-    text (``ct`` bounded), ``frame`` a frame number or absent; opened on the fog node only."""
+    text (``ct`` bounded), ``frame`` a frame number or absent; opened on the fog node only.
+    Or, from a device without the fog's source key, ``missing`` (why there are no UIDs) and
+    ``frame``, nothing else."""
     if type(v) is not dict:
         raise _bad(f"{where} must be an object {{kid, suite, ct, frame}}")
-    for name in ("kid", "suite"):
-        _text(v.get(name), f"{where}.{name}")
-    ct = v.get("ct")
-    if type(ct) is not str or len(ct) > MAX_SEALED_SOURCE_CHARS:
-        raise _bad(
-            f"{where}.ct must be base64 text of at most {MAX_SEALED_SOURCE_CHARS} characters"
-        )
+    if "missing" in v:
+        _text(v["missing"], f"{where}.missing")
+        if set(v) - {"missing", "frame"}:
+            raise _bad(f"{where} with 'missing' has only 'frame' beside it")
+    else:
+        for name in ("kid", "suite"):
+            _text(v.get(name), f"{where}.{name}")
+        ct = v.get("ct")
+        if type(ct) is not str or len(ct) > MAX_SEALED_SOURCE_CHARS:
+            raise _bad(
+                f"{where}.ct must be base64 text of at most {MAX_SEALED_SOURCE_CHARS} characters"
+            )
     if "frame" in v:
         _nonneg(v["frame"], f"{where}.frame")
     _container(v, 1, where, MAX_DEPTH, MAX_STRING)

@@ -35,11 +35,19 @@ from typing import Any
 from cryptography.hazmat.primitives import hpke
 
 from edge_agent.envelope_header import KEMS, canonical
-from edge_agent.errors import EnvelopeError
+from edge_agent.errors import EnvelopeError, one_line
 from edge_agent.keys import RecipientKey
 from edge_agent.reasons import Reason
 
-__all__ = ["USE", "SourceSealer", "SourceUids", "open_source", "seal_source"]
+__all__ = [
+    "NO_SOURCE_KEY",
+    "USE",
+    "SourceSealer",
+    "SourceUids",
+    "no_source_key",
+    "open_source",
+    "seal_source",
+]
 
 USE = "source-uids"
 _VERSION = 1
@@ -118,6 +126,19 @@ class SourceSealer:
         return {**sealed, "frame": frame} if frame is not None else dict(sealed)
 
 
+NO_SOURCE_KEY = (
+    "the device's identity has no source key, so it sealed no source UIDs "
+    "(medge site source-key, then medge device provision again)"
+)
+
+
+def no_source_key(uids: SourceUids, frame: int | None = None) -> dict[str, Any]:
+    """The ``source`` field of a DICOM sample's result on a device without the fog's source
+    key: no UID, only why, so that the fog node parks the result with that reason (seen in
+    ``medge gateway outputs --parked`` and its metrics) instead of never hearing of it."""
+    return {"missing": NO_SOURCE_KEY, **({"frame": frame} if frame is not None else {})}
+
+
 def open_source(
     field: Any, site: str, device: str, keys: Mapping[str, RecipientKey]
 ) -> tuple[SourceUids, int | None]:
@@ -128,6 +149,9 @@ def open_source(
     who = f"{site}/{device}"
     if not isinstance(field, Mapping):
         raise EnvelopeError(f"{who}: 'source' is not an object", Reason.SCHEMA)
+    missing = field.get("missing")
+    if isinstance(missing, str):
+        raise EnvelopeError(f"{who}: no source UIDs: {one_line(missing, 200)}", Reason.SCHEMA)
     kid, suite, ct, frame = (
         field.get("kid"),
         field.get("suite"),

@@ -25,7 +25,7 @@ from edge_agent.errors import EnvelopeError
 from edge_agent.identity import SOURCE_RECIPIENT
 from edge_agent.keys import generate_recipient, load_recipient, write_secret
 from edge_agent.reasons import Reason
-from edge_agent.source_ids import open_source
+from edge_agent.source_ids import NO_SOURCE_KEY, open_source
 from gateway import Gateway, Store
 from gateway.broker import RunningBroker
 from gateway.clinical.fhir import FALL, StoredRow, event_key, site_system
@@ -182,6 +182,60 @@ def test_a_cine_through_an_agent_reaches_the_pacs_once_per_frame_through_a_pacs_
         _sealed_for_the_fog_alone(tmp_path / "gw.sqlite", rows, opener, site_dir, key_file)
     finally:
         server.stop()
+
+
+def test_a_dicom_device_without_the_source_key_gets_its_results_parked_with_the_reason(
+    bundle_dir: Path,
+    identity: Any,
+    opener: Any,
+    mosquitto: RunningBroker,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A DICOM device provisioned before the fog's source key existed seals no UIDs. Each of
+    its results says so in ``source`` (no UID in it), and the fog parks each for the PACS with
+    that reason: the gap shows in ``outputs --parked`` and the metrics, not only in one line
+    of the device's log. The PACS is never asked."""
+    ident = identity("us-33")
+    assert not (ident / SOURCE_RECIPIENT).exists()
+    _, private = generate_recipient()
+    key_file = tmp_path / "fog" / "source.json"
+    write_secret(key_file, json.dumps(private).encode())
+    settings = OutputsSettings(
+        source_key=[key_file],
+        pacs=PacsSettings(url="http://127.0.0.1:9/dicom-web", timeout_s=1.0),  # never asked
+    )
+    sender = ClinicalSender(ClinicalOutbox(tmp_path / "clinical.sqlite"), settings)
+    cfg = AgentConfig(
+        site="ward-a",
+        device="us-33",
+        bundle=bundle_dir,
+        identity=ident,
+        broker={"host": mosquitto.host, "port": mosquitto.port},
+        source={"kind": "dicom", "path": CINE, "color": "grey", "size": [28, 28], "limit": 4},
+        outbox={"path": tmp_path / "outbox.sqlite"},
+    )
+    source = pydicom.dcmread(CINE, stop_before_pixels=True)
+    with (
+        Store(tmp_path / "gw.sqlite") as store,
+        Gateway(store, opener, mosquitto.host, mosquitto.port, clinical=sender),
+    ):
+        report = Agent(cfg).run(threading.Event())
+        assert report.pending == 0
+        wait_for(lambda: sender.outbox.parked_count().get("pacs") == 4, 20, "four parked")
+        stored = json.dumps(store.results(limit=100))
+    said = [r for r in caplog.records if "results will carry no source UIDs" in r.getMessage()]
+    assert len(said) == 1
+    assert sender.stats["pacs"].parked == 4 and sender.stats["pacs"].sent == 0
+    assert source.SOPInstanceUID not in stored and source.StudyInstanceUID not in stored
+    parked = sorted(sender.outbox.parked("pacs"), key=lambda p: p.item.seq)
+    assert [p.item.body["source"] for p in parked] == [
+        {"missing": NO_SOURCE_KEY, "frame": f} for f in range(4)
+    ]
+    assert {p.reason for p in parked} == {
+        "ward-a/us-33: no source UIDs: the device's identity has no source key, so it "
+        "sealed no source UIDs (medge site source-key, then medge device provision again)"
+    }
 
 
 # the zoo's wrist LSTM: converted once per session (conftest)
