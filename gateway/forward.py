@@ -33,6 +33,7 @@ from edge_agent.errors import MedgeError
 from edge_agent.mqtt_session import MqttSession
 from edge_agent.reasons import Reason
 from edge_agent.topics import ROOT, parse, topic
+from gateway.outbox_lock import OutboxLock
 
 if TYPE_CHECKING:
     from gateway.store import Store
@@ -210,6 +211,7 @@ class Forwarder:
             logger=log,
         )
         self._pump = threading.Thread(target=self._run_pump, name="forward-pump", daemon=True)
+        self._file_lock = OutboxLock(outbox.path, "forward outbox")
 
     def __enter__(self) -> Forwarder:
         return self.start()
@@ -218,6 +220,8 @@ class Forwarder:
         self.stop()
 
     def start(self) -> Forwarder:
+        """Start sending; MedgeError when another process sends from the same outbox."""
+        self._file_lock.acquire()
         self.session.start()
         self._pump.start()
         return self
@@ -227,8 +231,10 @@ class Forwarder:
             return
         self._stop.set()
         self._wake.set()
-        self._pump.join(timeout=5)
+        if self._pump.ident is not None:  # started (a start refused by the lock did not)
+            self._pump.join(timeout=5)
         self.session.stop()
+        self._file_lock.release()
 
     @property
     def connected(self) -> bool:

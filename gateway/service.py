@@ -199,16 +199,23 @@ class Gateway:
 
     def start(self, timeout: float = 10.0) -> Gateway:
         """Start every worker; wait up to ``timeout`` s for the broker. One that is not there
-        yet is one warning line, and the session keeps trying with back-off."""
+        yet is one warning line, and the session keeps trying with back-off. The outboxes'
+        senders start first: each refuses (MedgeError) when another process sends from its
+        file, and then nothing of this gateway runs."""
+        if self.forward is not None:
+            self.forward.start()
+        if self.clinical is not None:
+            try:
+                self.clinical.start()
+            except BaseException:
+                if self.forward is not None:
+                    self.forward.stop()
+                raise
         self._writer.start()
         self.session.start()
         if not self.session.wait_connected(timeout):
             log.warning("gateway: no broker at %s:%d yet; still trying", self.host, self.port)
         self.alerts.start()  # the silence watchdog
-        if self.forward is not None:
-            self.forward.start()
-        if self.clinical is not None:
-            self.clinical.start()
         return self
 
     @property

@@ -433,3 +433,59 @@ def test_settings_say_what_is_missing_and_resolve_paths(tmp_path: Path) -> None:
     assert resolved.source_key == [tmp_path / "k.json", Path("/abs.json")]
     assert resolved.pacs is not None and resolved.pacs.password_file == tmp_path / "pw"
     assert resolved.pacs.config().password_file == tmp_path / "pw"
+
+
+def test_one_process_sends_from_an_outbox_and_a_second_is_refused_by_name(
+    tmp_path: Path,
+) -> None:
+    """Two gateway workers given one outbox file would both send every item: the second
+    sender refuses to start, naming the process that holds it; once that one stops, a new
+    sender starts. The forwarder's outbox is guarded the same way. In another process (as a
+    second worker is) the refusal names its pid."""
+    import os
+    import subprocess
+    import sys
+
+    from edge_agent.errors import MedgeError
+    from gateway.forward import Forwarder, ForwardOutbox
+
+    model = FhirModel(signal="ecg", labels=["N", "V"], positive_label="V")
+    settings = OutputsSettings(
+        fhir=FhirSettings(base_url="http://127.0.0.1:9/fhir", models={"ecg": model})
+    )
+    first = ClinicalSender(ClinicalOutbox(tmp_path / "clinical.sqlite"), settings)
+    first.start()
+    try:
+        second = ClinicalSender(ClinicalOutbox(tmp_path / "clinical.sqlite"), settings)
+        said = r"clinical outbox .*clinical.sqlite is already being sent from by pid \d+: give"
+        with pytest.raises(MedgeError, match=said):
+            second.start()
+        code = (
+            "import sys; from pathlib import Path; from gateway.outbox_lock import OutboxLock\n"
+            "try:\n    OutboxLock(Path(sys.argv[1]), 'clinical outbox').acquire()\n"
+            "except Exception as exc:\n    print(exc)\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path / "clinical.sqlite")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        assert f"already being sent from by pid {os.getpid()}" in out
+    finally:
+        first.stop()
+    third = ClinicalSender(ClinicalOutbox(tmp_path / "clinical.sqlite"), settings)
+    third.start()
+    third.stop()
+    assert (tmp_path / "clinical.sqlite.lock").stat().st_mode & 0o777 == 0o600
+
+    fwd = Forwarder(ForwardOutbox(tmp_path / "forward.sqlite"), "127.0.0.1", 9)
+    fwd.start()
+    try:
+        again = Forwarder(ForwardOutbox(tmp_path / "forward.sqlite"), "127.0.0.1", 9)
+        with pytest.raises(MedgeError, match="forward outbox .* is already being sent from"):
+            again.start()
+        again.stop()  # as a gateway stopping after a refused start does: no error
+    finally:
+        fwd.stop()

@@ -24,6 +24,7 @@ from gateway.clinical.delivery import FhirDelivery, Outcome, PacsDelivery
 from gateway.clinical.fhir import StoredRow, is_clinical
 from gateway.clinical.outbox import ClinicalItem, ClinicalOutbox
 from gateway.clinical.settings import OutputsSettings, model_name
+from gateway.outbox_lock import OutboxLock
 
 if TYPE_CHECKING:
     from gateway.metrics import ClinicalMetrics
@@ -183,6 +184,7 @@ class ClinicalSender:
             fhir = FhirDelivery(settings.fhir)
             self._add("fhir", fhir.send, settings.fhir.batch, settings.fhir.timeout_s)
         self.stats = {t: TargetStats() for t in self._workers}
+        self._file_lock = OutboxLock(outbox.path, "clinical outbox")
 
     def _add(self, target: str, deliver: Callable[..., Outcome], batch: int, t: float) -> None:
         self._workers[target] = _Worker(target, deliver, batch, t, self)
@@ -235,6 +237,8 @@ class ClinicalSender:
         return len(items)
 
     def start(self) -> None:
+        """Start the senders; MedgeError when another process sends from the same outbox."""
+        self._file_lock.acquire()
         for w in self._workers.values():
             self.gauges(w.target)
             w.thread.start()
@@ -247,6 +251,7 @@ class ClinicalSender:
         for w in self._workers.values():
             if w.thread.is_alive():
                 w.thread.join(timeout=w.timeout_s + 5)
+        self._file_lock.release()
 
     def workers(self) -> dict[str, threading.Thread]:
         """The threads that must stay alive (for a Supervisor), by name."""
