@@ -69,6 +69,34 @@ def _frames_referenced(sr: pydicom.Dataset, instance: str) -> set[int]:
     return frames
 
 
+def _cine_agent(
+    device: str,
+    bundle: Path,
+    identity: Path,
+    broker: RunningBroker,
+    tmp_path: Path,
+    frames: int,
+    **source: Any,
+) -> AgentConfig:
+    """An agent on the ultrasound cine fixture, its first ``frames`` frames, grey 28x28."""
+    return AgentConfig(
+        site="ward-a",
+        device=device,
+        bundle=bundle,
+        identity=identity,
+        broker={"host": broker.host, "port": broker.port},
+        source={
+            "kind": "dicom",
+            "path": CINE,
+            "color": "grey",
+            "size": [28, 28],
+            "limit": frames,
+            **source,
+        },
+        outbox={"path": tmp_path / "outbox.sqlite"},
+    )
+
+
 def _sealed_for_the_fog_alone(
     db: Path, rows: list[dict[str, Any]], opener: Any, site_dir: Path, key_file: Path
 ) -> None:
@@ -127,22 +155,7 @@ def test_a_cine_through_an_agent_reaches_the_pacs_once_per_frame_through_a_pacs_
             retry_max_s=0.5,
         )
         sender = ClinicalSender(ClinicalOutbox(tmp_path / "clinical.sqlite"), settings)
-        cfg = AgentConfig(
-            site="ward-a",
-            device="us-31",
-            bundle=bundle_dir,
-            identity=ident,
-            broker={"host": mosquitto.host, "port": mosquitto.port},
-            source={
-                "kind": "dicom",
-                "path": CINE,
-                "color": "grey",
-                "size": [28, 28],
-                "rate_hz": 8,
-                "limit": FRAMES,
-            },
-            outbox={"path": tmp_path / "outbox.sqlite"},
-        )
+        cfg = _cine_agent("us-31", bundle_dir, ident, mosquitto, tmp_path, FRAMES, rate_hz=8)
         with (
             Store(tmp_path / "gw.sqlite") as store,
             Gateway(store, opener, mosquitto.host, mosquitto.port, clinical=sender),
@@ -206,15 +219,7 @@ def test_a_dicom_device_without_the_source_key_gets_its_results_parked_with_the_
         pacs=PacsSettings(url="http://127.0.0.1:9/dicom-web", timeout_s=1.0),  # never asked
     )
     sender = ClinicalSender(ClinicalOutbox(tmp_path / "clinical.sqlite"), settings)
-    cfg = AgentConfig(
-        site="ward-a",
-        device="us-33",
-        bundle=bundle_dir,
-        identity=ident,
-        broker={"host": mosquitto.host, "port": mosquitto.port},
-        source={"kind": "dicom", "path": CINE, "color": "grey", "size": [28, 28], "limit": 4},
-        outbox={"path": tmp_path / "outbox.sqlite"},
-    )
+    cfg = _cine_agent("us-33", bundle_dir, ident, mosquitto, tmp_path, 4)
     source = pydicom.dcmread(CINE, stop_before_pixels=True)
     with (
         Store(tmp_path / "gw.sqlite") as store,
