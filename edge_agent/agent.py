@@ -40,6 +40,7 @@ from edge_agent.window import split_window
 
 __all__ = ["Agent", "AgentReport"]
 
+_NOT_WATCHED = {"watched": False, "why": "the agent config turns input watching off (drift: null)"}
 log = logging.getLogger("medge.agent")
 
 FLOAT_CHECK_BUDGET = 0.25  # the float check spends at most this share of the inference time
@@ -332,7 +333,7 @@ class Agent:
         body["source_errors"] = dict(getattr(self.source, "errors", {}) or {})
         body["sent"] = self.sent
         body["bundle"] = self.bundle.id
-        inputs = self._watch.snapshot() if self._watch is not None else None
+        inputs = self._watch.snapshot() if self._watch is not None else dict(_NOT_WATCHED)
         if inputs is not None:
             body["inputs"] = inputs
         shadow = self._updater.shadow if self._updater is not None else None

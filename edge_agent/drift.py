@@ -24,6 +24,7 @@ quality"). The per-sample signal-quality checks are in :mod:`edge_agent.signal_q
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -44,6 +45,8 @@ from edge_agent.signal_quality import (
     last_frame,
     signal_flags,
 )
+
+log = logging.getLogger("medge.agent.drift")
 
 __all__ = ["EVENTS", "MESSAGE", "DriftMonitor", "DriftSettings", "WatchInputs"]
 
@@ -313,6 +316,7 @@ class WatchInputs:
         hz = (settings or DriftSettings()).max_hz
         self._period, self._clock, self._next = (1.0 / hz if hz else 0.0), clock, 0.0
         self.unwatched = 0  # samples passed over by max_hz
+        self.not_watched: str | None = None  # why the running bundle's inputs are not watched
 
     def _due(self) -> bool:
         """Whether this sample is watched (at most max_hz a second)."""
@@ -326,10 +330,11 @@ class WatchInputs:
         return True
 
     def snapshot(self) -> dict[str, Any] | None:
-        """The current monitor's telemetry section; None when nothing is watched."""
+        """The current monitor's telemetry section; ``{"watched": false, "why"}`` when the
+        running bundle cannot be watched; None before the first sample."""
         monitor = self.monitor
         if monitor is None:
-            return None
+            return None if self.not_watched is None else {"watched": False, "why": self.not_watched}
         snap = monitor.snapshot()
         return {**snap, "unwatched": self.unwatched} if self.unwatched else snap
 
@@ -343,6 +348,7 @@ class WatchInputs:
                     w.messages += [("event", self._tagged(b, w)) for b in ended]
                     self.monitor = DriftMonitor.for_manifest(bundle.manifest, self.settings)
                     watched, self._bundle = bundle, bundle.id
+                    self._say_if_unwatched(bundle.id)
                 if self.monitor is not None and w.rejected is None and self._due():
                     scores = getattr(w.decoded, "scores", None)
                     self.monitor.observe(w.sample.data, scores)
@@ -352,6 +358,19 @@ class WatchInputs:
             if self.monitor is not None:
                 for body in self.monitor.close():
                     self.emit("event", self._tagged(body, None))
+
+    def _say_if_unwatched(self, bundle: str) -> None:
+        """One warning line per bundle whose inputs cannot be watched, and why (telemetry
+        ``inputs`` says it too, so the dashboard shows it)."""
+        if self.monitor is not None:
+            self.not_watched = None
+            return
+        self.not_watched = (
+            f"bundle {bundle} has no reference summary of its calibration data (converted "
+            "before manifest 1.4): its inputs are not watched for drift or signal quality; "
+            "convert it again"
+        )
+        log.warning("%s", self.not_watched)
 
     def _tagged(self, body: dict[str, Any], w: Work | None) -> dict[str, Any]:
         """An event body with the bundle whose monitor made it, and the sample that did."""

@@ -1175,6 +1175,9 @@ def test_page_shows_the_rollout_its_gates_and_the_device_checks(
     from gateway.rollout_store import control
 
     done, paused = rollout_store(store, bundle_dir, site_dir, tmp_path / "bundles")
+    why = "bundle b@1 has no reference summary of its calibration data"
+    store.set_state(SITE, "us-03", "online", time.time(), BUNDLE)
+    store.set_telemetry(SITE, "us-03", {**telemetry(), "inputs": {"watched": False, "why": why}})
     with DashboardServer(store.path, port=0, users=users) as dash:
         sign_in(page, dash)
         block = page.locator(f'.rollout[data-rollout-id="{paused}"]')
@@ -1212,6 +1215,10 @@ def test_page_shows_the_rollout_its_gates_and_the_device_checks(
         expect(checks.locator(".float-check")).to_have_text("float check 0.970 (n=40)")
         calm = page.locator(f'#devices tr[data-device="{SITE}/us-02"] td.checks')
         expect(calm.locator(".inputs")).to_have_text("inputs ok")
+        blind = page.locator(f'#devices tr[data-device="{SITE}/us-03"] td.checks .inputs')
+        expect(blind).to_have_text("inputs not watched")
+        expect(blind).to_have_attribute("title", why)
+        expect(blind).to_have_class("check-badge inputs check-off")
         expect(calm.locator(".shadow-bundle")).to_have_text(HOSTILE)  # text, not markup
         expect(page.locator("td.checks img")).to_have_count(0)
         shoot(page, "rollouts")

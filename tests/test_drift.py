@@ -321,8 +321,41 @@ def test_a_bundle_without_reference_is_not_watched(bundle_copy: Path) -> None:
     doc.pop("reference")
     doc["schema_version"] = "1.3"
     path.write_text(json.dumps(doc))
-    manifest = Bundle.load(bundle_copy).manifest
+    bundle = Bundle.load(bundle_copy)
+    manifest = bundle.manifest
     assert manifest.reference is None and DriftMonitor.for_manifest(manifest) is None
+
+
+def test_an_unwatched_bundle_says_so_once_and_in_its_telemetry(
+    bundle_copy: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The stage over a bundle without a reference: samples go through untouched, one warning
+    line says why its inputs are not watched, and the telemetry section says it too (the
+    dashboard shows "inputs not watched"), where it used to be absent."""
+    import json
+
+    path = bundle_copy / "manifest.json"
+    doc = json.loads(path.read_text())
+    doc.pop("reference")
+    doc["schema_version"] = "1.3"
+    path.write_text(json.dumps(doc))
+    model = LoadedModel(Bundle.load(bundle_copy))
+    with np.load(breast_cnn.DATA) as d:
+        images = d["val_images"][:5]
+    stage = WatchInputs(lambda k, b: None, IMAGE_SETTINGS)
+    assert stage.snapshot() is None  # before the first sample: nothing to say yet
+    works = []
+    for i, x in enumerate(images):
+        w = Work(Sample(f"s{i}", x), model)
+        w.decoded = model.decode(model.infer(model.prepare(x)))
+        works.append(w)
+    out = list(stage(iter(works)))
+    assert out == works and all(w.messages == [] for w in out)
+    snap = stage.snapshot()
+    assert snap is not None and snap["watched"] is False
+    assert snap["why"].startswith(f"bundle {model.bundle.id} has no reference summary")
+    said = [r for r in caplog.records if "are not watched" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "WARNING"
 
 
 class _Inverted:

@@ -277,7 +277,15 @@
   function checksCell(t) {
     const cell = el("td", { cls: "checks" });
     const inputs = obj(t.inputs);
-    if (inputs) {
+    if (inputs && inputs.watched === false) {  // the bundle has no reference, or watching is off
+      cell.append(el("div", { cls: "check-line" }, [
+        el("span", {
+          cls: "check-badge inputs check-off",
+          text: "inputs not watched",
+          title: typeof inputs.why === "string" ? inputs.why : "inputs not watched",
+        }),
+      ]));
+    } else if (inputs) {
       const states = obj(inputs.state) || {};
       const warned = Object.keys(states).filter((k) => states[k] === "warning").sort();
       const count = isNum(inputs.warning) ? inputs.warning : warned.length;
