@@ -312,17 +312,21 @@ def test_at_most_max_hz_samples_a_second_are_watched(
     assert snap is not None and snap["samples"] == 10 and "unwatched" not in snap
 
 
-def test_a_bundle_without_reference_is_not_watched(bundle_copy: Path) -> None:
-    """A bundle from before schema 1.4 loads, and is not watched."""
+def _without_reference(bundle: Path) -> Bundle:
+    """The bundle at ``bundle`` rewritten as from before schema 1.4: no reference summary."""
     import json
 
-    path = bundle_copy / "manifest.json"
+    path = bundle / "manifest.json"
     doc = json.loads(path.read_text())
     doc.pop("reference")
     doc["schema_version"] = "1.3"
     path.write_text(json.dumps(doc))
-    bundle = Bundle.load(bundle_copy)
-    manifest = bundle.manifest
+    return Bundle.load(bundle)
+
+
+def test_a_bundle_without_reference_is_not_watched(bundle_copy: Path) -> None:
+    """A bundle from before schema 1.4 loads, and is not watched."""
+    manifest = _without_reference(bundle_copy).manifest
     assert manifest.reference is None and DriftMonitor.for_manifest(manifest) is None
 
 
@@ -332,14 +336,7 @@ def test_an_unwatched_bundle_says_so_once_and_in_its_telemetry(
     """The stage over a bundle without a reference: samples go through untouched, one warning
     line says why its inputs are not watched, and the telemetry section says it too (the
     dashboard shows "inputs not watched"), where it used to be absent."""
-    import json
-
-    path = bundle_copy / "manifest.json"
-    doc = json.loads(path.read_text())
-    doc.pop("reference")
-    doc["schema_version"] = "1.3"
-    path.write_text(json.dumps(doc))
-    model = LoadedModel(Bundle.load(bundle_copy))
+    model = LoadedModel(_without_reference(bundle_copy))
     with np.load(breast_cnn.DATA) as d:
         images = d["val_images"][:5]
     stage = WatchInputs(lambda k, b: None, IMAGE_SETTINGS)
